@@ -1,0 +1,225 @@
+"""DICOM reader (pydicom; compressed transfer syntaxes through the pylibjpeg plugins).
+
+What it does to the stored values, in DICOM's order: decode (YBR -> RGB is done by pydicom),
+PALETTE COLOR -> RGB, Modality LUT / Rescale Slope+Intercept (HU for CT). The window
+(recipe or file), percentile clipping and MONOCHROME1 inversion are applied later by
+``beitdomain.io.intensity.normalize``; the reader only records the file's window and
+whether to invert.
+
+Privacy: metadata is built from an allow-list of technical attributes (below). Nothing from
+the patient, study or equipment modules (names, IDs, dates, UIDs, institution) is copied, so
+nothing written from ``meta`` can carry it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from beitdomain.io.base import BaseReader, check_size, is_dicom
+from beitdomain.io.errors import MissingCodecError, ReaderError
+
+CODEC_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise MissingCodecError(
+            "<dicom>", "reading DICOM needs pydicom: pip install pydicom"
+        ) from None
+    return pydicom
+
+
+def _float_list(value: Any) -> list[float]:
+    if value is None:
+        return []
+    try:
+        return [float(v) for v in value]
+    except TypeError:
+        return [float(value)]
+
+
+def _first_window(ds: Any) -> tuple[float, float] | None:
+    """The file's first Window Center/Width, also from Enhanced multi-frame functional groups."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None and "SharedFunctionalGroupsSequence" in ds:
+        try:
+            voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+            center, width = voi.WindowCenter, voi.WindowWidth
+        except (AttributeError, IndexError):
+            return None
+    centers, widths = _float_list(center), _float_list(width)
+    if not centers or not widths or not widths[0] > 0:
+        return None
+    return centers[0], widths[0]
+
+
+def _pixel_spacing(ds: Any) -> list[float] | None:
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        if key in ds:
+            values = _float_list(ds.get(key))
+            if len(values) == 2:
+                return values
+    return None
+
+
+def _safe_meta(ds: Any, path: str) -> dict[str, Any]:
+    """Technical attributes only (allow-list); see module docstring."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    meta: dict[str, Any] = {
+        "reader": "dicom",
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "")) or None,
+        "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
+        "bits_stored": int(ds.BitsStored) if ds.get("BitsStored") is not None else None,
+        "signed": bool(ds.get("PixelRepresentation", 0)),
+        "pixel_spacing": _pixel_spacing(ds),
+        "transfer_syntax": ts.name if ts is not None else None,
+    }
+    return meta
+
+
+def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decodes pixels of an already-read dataset into raw ``[S, C, H, W]`` plus meta."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        raise ReaderError(
+            path,
+            "DICOM file has no pixel data (e.g. a report, RT structure set or DICOMDIR); "
+            "remove it from the image folder or use --on-error skip",
+        )
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    check_size(path, rows * cols * frames * samples)
+    meta = _safe_meta(ds, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as e:
+        msg = str(e)
+        ts = meta["transfer_syntax"] or "unknown transfer syntax"
+        if "missing" in msg.lower() and ("plugin" in msg.lower() or "dependenc" in msg.lower()):
+            raise MissingCodecError(
+                path, f"no installed codec decodes {ts}: {CODEC_HINT}"
+            ) from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise ReaderError(path, f"cannot decode DICOM pixel data ({ts}): {first}") from None
+
+    photometric = (meta["photometric"] or "").upper()
+    meta["dtype"] = (
+        str(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder == ">" else str(arr.dtype)
+    )
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        meta["dtype"] = str(arr.dtype)
+        meta["bits_stored"] = 16 if arr.dtype.itemsize == 2 else 8
+        meta["signed"] = False
+    rgb = arr.ndim == (4 if frames > 1 else 3)
+    if not rgb:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        arr = apply_modality_lut(arr, ds)
+        meta["rescale"] = [slope, intercept]
+        meta["window"] = list(w) if (w := _first_window(ds)) else None
+        meta["invert"] = photometric == "MONOCHROME1"
+    else:
+        meta["window"] = None
+        meta["invert"] = False
+    # [H, W] | [F, H, W] | [H, W, 3] | [F, H, W, 3] -> [S, C, H, W]
+    if frames == 1:
+        arr = arr[None]
+    arr = np.moveaxis(arr, -1, 1) if rgb else arr[:, None]
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    meta["frames"] = int(arr.shape[0])
+    meta["shape"] = list(arr.shape)
+    return arr, meta
+
+
+def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reads one DICOM file into raw ``[S, C, H, W]`` values (HU for CT) and safe metadata."""
+    pydicom = _pydicom()
+    path = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+    except Exception as e:
+        raise ReaderError(path, f"not a readable DICOM file: {type(e).__name__}: {e}") from None
+    return read_dataset_pixels(ds, path)
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reads a folder holding one DICOM series as slices ``[S, 1, H, W]``.
+
+    Slices are ordered along the slice normal (Image Position/Orientation Patient) when
+    present, else by Instance Number. All slices must share rows and columns.
+    """
+    pydicom = _pydicom()
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    slices = []
+    for p in files:
+        with open(p, "rb") as f:
+            if not is_dicom(f.read(256)):
+                continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(p, force=True)
+        except Exception as e:
+            raise ReaderError(p, f"not a readable DICOM file: {e}") from None
+        if any(k in ds for k in PIXEL_KEYWORDS):
+            slices.append((p, ds))
+    if not slices:
+        raise ReaderError(folder, "folder holds no DICOM files with pixel data")
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+    if len(series) > 1:
+        raise ReaderError(
+            folder, f"folder mixes {len(series)} series; put each series in its own folder"
+        )
+
+    def position(item: tuple[Path, Any]) -> float:
+        ds = item[1]
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if ipp is not None and iop is not None and len(iop) == 6:
+            normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+            return float(np.dot(normal, np.array(ipp, float)))
+        return float(ds.get("InstanceNumber", 0) or 0)
+
+    slices.sort(key=position)
+    arrays, meta = [], None
+    for p, ds in slices:
+        arr, m = read_dataset_pixels(ds, str(p))
+        if meta is None:
+            meta = m
+        elif arr.shape[1:] != arrays[0].shape[1:]:
+            raise ReaderError(p, f"slice shape {arr.shape[1:]} differs from {arrays[0].shape[1:]}")
+        arrays.append(arr.astype(np.float32, copy=False))
+    volume = np.concatenate(arrays, axis=0)
+    meta = dict(meta or {})
+    meta.update(reader="dicom-series", frames=int(volume.shape[0]), shape=list(volume.shape))
+    return volume, meta
+
+
+class DicomReader(BaseReader):
+    """DICOM Part 10 files and preamble-less datasets, by content."""
+
+    name = "dicom"
+    description = "DICOM (pydicom; JPEG/JPEG-LS/JPEG 2000 via pylibjpeg plugins)"
+    requires = (("pydicom", "pydicom"),)
+
+    def can_read(self, path: str, head: bytes) -> bool:
+        return is_dicom(head)
+
+    def read(self, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+        return read_dicom(path)

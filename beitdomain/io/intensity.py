@@ -1,0 +1,284 @@
+"""Intensity normalization to [0, 1] and the channel policy.
+
+Readers return raw physical values (Hounsfield units for CT after Rescale Slope/Intercept,
+counts for 16-bit TIFFs, 0-255 for photos). This module turns them into what the model sees:
+float32 in [0, 1] with the number of channels the model expects. Keeping the two steps apart
+lets the cache, the contact sheet and the training loader share one definition of "normalized".
+
+Why not MONAI's ``ScaleIntensityRangePercentiles``/``ScaleIntensityRange``: they are three lines
+of numpy here, and importing MONAI costs seconds of start-up in every loader worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from beitdomain.io.errors import ReaderError
+
+# (center, width) in Hounsfield units; the usual radiology display presets.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "ct-lung": (-600.0, 1500.0),
+    "ct-mediastinum": (50.0, 350.0),
+    "ct-soft-tissue": (50.0, 400.0),
+    "ct-abdomen": (40.0, 400.0),
+    "ct-liver": (60.0, 160.0),
+    "ct-bone": (400.0, 1800.0),
+    "ct-brain": (40.0, 80.0),
+    "ct-subdural": (75.0, 215.0),
+    "ct-stroke": (40.0, 40.0),
+}
+
+NORMALIZE_MODES = ("auto", "window", "percentile", "dtype")
+NONFINITE_POLICIES = ("error", "zero")
+FRAME_POLICIES = ("all", "middle", "first")
+
+# ITU-R BT.601 luma weights, the same as Pillow's "L" conversion.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensitySpec:
+    """How raw pixel values become model input.
+
+    Attributes:
+        normalize: 'auto' (DICOM: recipe window, else the file's window, else percentile;
+            other formats: percentile unless a window is given), 'window', 'percentile' or
+            'dtype' (divide by the full range of the stored integer type / bits stored).
+        window: A preset name from ``WINDOW_PRESETS`` or ``(center, width)``; None = not set.
+        percentiles: Low and high percentile clipped to 0 and 1 in 'percentile' mode.
+        in_chans: Channels the model takes: 1 (RGB -> luminance) or 3 (grayscale replicated).
+        channels: Samples to keep from files with more than 3 (e.g. multispectral TIFF).
+        nonfinite: NaN/Inf in float images: 'error' raises, 'zero' sets those pixels to 0.
+        frames: Multi-frame files: 'all' keeps ``[S, C, H, W]``, 'middle'/'first' pick one.
+    """
+
+    normalize: str = "auto"
+    window: str | tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    in_chans: int = 1
+    channels: tuple[int, ...] | None = None
+    nonfinite: str = "error"
+    frames: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize={self.normalize!r}; valid: {', '.join(NORMALIZE_MODES)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={self.nonfinite!r}; valid: 'error', 'zero'")
+        if self.frames not in FRAME_POLICIES:
+            raise ValueError(f"frames={self.frames!r}; valid: {', '.join(FRAME_POLICIES)}")
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans={self.in_chans}; must be >= 1 (usually 1 or 3)")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles={self.percentiles}; need 0 <= low < high <= 100")
+        if self.window is not None:
+            object.__setattr__(self, "window", _parse_window(self.window))
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "percentiles", (float(lo), float(hi)))
+
+    @property
+    def window_range(self) -> tuple[float, float] | None:
+        """The recipe window as (low, high) in physical units, or None."""
+        if self.window is None:
+            return None
+        center, width = resolve_window(self.window)
+        return center - width / 2.0, center + width / 2.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> IntensitySpec:
+        """Builds a spec from any object (or mapping) with the same field names.
+
+        ``window`` may be a preset name, ``(center, width)`` or ``{center: .., width: ..}``.
+        Missing attributes keep their defaults.
+        """
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d: getattr(cfg, k, d))
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            value = get(field.name, None)
+            if value is not None:
+                kwargs[field.name] = value
+        if "percentiles" in kwargs:
+            kwargs["percentiles"] = tuple(kwargs["percentiles"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form; used by the cache to notice changed settings."""
+        out = dataclasses.asdict(self)
+        out["window"] = list(self.window) if isinstance(self.window, tuple) else self.window
+        out["percentiles"] = list(self.percentiles)
+        out["channels"] = list(self.channels) if self.channels is not None else None
+        return out
+
+
+def _parse_window(window: Any) -> str | tuple[float, float]:
+    if isinstance(window, str):
+        text = window.strip()
+        if text in WINDOW_PRESETS:
+            return text
+        parts = text.split(",")
+        if len(parts) == 2:
+            try:
+                return _check_width(float(parts[0]), float(parts[1]))
+            except ValueError:
+                pass
+        raise ValueError(
+            f"window={window!r} is neither a preset ({', '.join(sorted(WINDOW_PRESETS))}) "
+            "nor 'CENTER,WIDTH' like '40,400'"
+        )
+    if isinstance(window, Mapping):
+        if set(window) != {"center", "width"}:
+            raise ValueError(f"window mapping {dict(window)!r} needs exactly keys center, width")
+        return _check_width(float(window["center"]), float(window["width"]))
+    try:
+        center, width = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window={window!r}: expected a preset name or (center, width)") from None
+    return _check_width(float(center), float(width))
+
+
+def _check_width(center: float, width: float) -> tuple[float, float]:
+    if not width > 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    return (center, width)
+
+
+def resolve_window(window: str | tuple[float, float]) -> tuple[float, float]:
+    """Returns (center, width) for a preset name or a (center, width) pair."""
+    if isinstance(window, str):
+        return WINDOW_PRESETS[window]
+    return float(window[0]), float(window[1])
+
+
+def normalize(
+    raw: np.ndarray, meta: Mapping[str, Any], spec: IntensitySpec, path: str = "<array>"
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Scales raw values to float32 [0, 1], applies inversion and the channel policy.
+
+    Args:
+        raw: Reader output, ``[S, C, H, W]`` of any real dtype.
+        meta: Reader metadata (uses 'format', 'window', 'dtype', 'bits_stored', 'invert').
+        spec: The normalization recipe.
+        path: For error messages.
+
+    Returns:
+        ``(array, info)``: float32 ``[S, C', H, W]`` in [0, 1] and a dict describing what
+        was done (mode, low, high) for the metadata.
+    """
+    x = np.asarray(raw)
+    if x.ndim != 4:
+        raise ReaderError(path, f"reader returned shape {x.shape}; expected [S, C, H, W]")
+    x = _select_channels(x, spec, path)
+    is_float = x.dtype.kind == "f"
+    x = x.astype(np.float32, copy=False)
+
+    finite = None
+    if is_float:
+        finite_mask = np.isfinite(x)
+        if not finite_mask.all():
+            bad = int(x.size - finite_mask.sum())
+            if spec.nonfinite == "error":
+                raise ReaderError(
+                    path,
+                    f"{bad} of {x.size} pixel values are NaN or Inf (set nonfinite: zero in the "
+                    "recipe or --nonfinite zero to set them to 0, or fix the file)",
+                )
+            finite = finite_mask
+    values = x[finite] if finite is not None else x
+    if values.size == 0:
+        raise ReaderError(path, "no finite pixel values to normalize")
+
+    mode, lo, hi = _resolve_range(values, meta, spec, path)
+    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+    out = np.subtract(x, np.float32(lo), dtype=np.float32)
+    out *= scale
+    np.clip(out, 0.0, 1.0, out=out)
+    if meta.get("invert"):
+        # MONOCHROME1 / TIFF min-is-white: high stored values are dark.
+        np.subtract(np.float32(1.0), out, out=out)
+    if finite is not None:
+        out[~finite] = 0.0
+    out = apply_channel_policy(out, spec.in_chans, path)
+    return out, {"mode": mode, "low": float(lo), "high": float(hi)}
+
+
+def _select_channels(x: np.ndarray, spec: IntensitySpec, path: str) -> np.ndarray:
+    c = x.shape[1]
+    if spec.channels is not None:
+        bad = [i for i in spec.channels if not 0 <= i < c]
+        if bad:
+            raise ReaderError(path, f"channels={list(spec.channels)} but the file has {c} samples")
+        return x[:, list(spec.channels)]
+    if c > 3:
+        raise ReaderError(
+            path,
+            f"{c} samples per pixel; choose up to 3 with channels: [i, j, k] in the recipe",
+        )
+    return x
+
+
+def _resolve_range(
+    values: np.ndarray, meta: Mapping[str, Any], spec: IntensitySpec, path: str
+) -> tuple[str, float, float]:
+    mode = spec.normalize
+    file_window = meta.get("window")
+    if mode == "auto":
+        dicom_window = meta.get("format") == "dicom" and file_window is not None
+        mode = "window" if spec.window is not None or dicom_window else "percentile"
+    if mode == "window":
+        if spec.window is not None:
+            center, width = resolve_window(spec.window)
+        elif file_window is not None:
+            center, width = float(file_window[0]), float(file_window[1])
+        else:
+            raise ReaderError(
+                path,
+                "normalize: window but no window given and the file has none "
+                "(set window: ct-lung or window: {center: 40, width: 400})",
+            )
+        return "window", center - width / 2.0, center + width / 2.0
+    if mode == "percentile":
+        lo, hi = np.percentile(values, spec.percentiles)
+        return "percentile", float(lo), float(hi)
+    # dtype: the full range of what the file could store.
+    lo, hi = dtype_range(meta, values)
+    return "dtype", lo, hi
+
+
+def dtype_range(meta: Mapping[str, Any], values: np.ndarray) -> tuple[float, float]:
+    """The value range of the stored type: bits stored for integers, [0, 1] for floats."""
+    dtype = np.dtype(meta.get("dtype", "float32"))
+    if dtype.kind in "ui":
+        bits = int(meta.get("bits_stored") or dtype.itemsize * 8)
+        if dtype.kind == "u" or not meta.get("signed", dtype.kind == "i"):
+            lo, hi = 0.0, float(2**bits - 1)
+        else:
+            lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+        # Rescale slope/intercept (DICOM) maps the stored range into physical units.
+        slope, intercept = meta.get("rescale", (1.0, 0.0))
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+        return lo, hi
+    if dtype.kind == "b":
+        return 0.0, 1.0
+    # Float files have no intrinsic range; assume [0, 1] (what float TIFF exports usually mean).
+    return 0.0, 1.0
+
+
+def apply_channel_policy(x: np.ndarray, in_chans: int, path: str = "<array>") -> np.ndarray:
+    """Maps ``[S, C, H, W]`` to ``[S, in_chans, H, W]``: luminance for 1, replication for 3."""
+    c = x.shape[1]
+    if c == in_chans:
+        return x
+    if in_chans == 1 and c == 3:
+        # [S, 3, H, W] -> [S, 1, H, W]
+        return np.einsum("schw,c->shw", x, _LUMA, dtype=np.float32)[:, None]
+    if c == 1:
+        return np.repeat(x, in_chans, axis=1)
+    raise ReaderError(
+        path, f"image has {c} channels but in_chans={in_chans}; use channels: [...] to pick them"
+    )
