@@ -1,0 +1,155 @@
+"""The `beitdomain` command: global options and the command groups.
+
+beitdomain env                       what this machine can do (device, bf16, codecs)
+beitdomain data scan|cache|inspect   look at and prepare images
+beitdomain tokenizer train|inspect|encode
+beitdomain pretrain [export]
+beitdomain finetune / predict
+beitdomain curve
+beitdomain demo
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+from typing import Annotated
+
+import typer
+
+from beitdomain import __version__
+from beitdomain.cli.common import GlobalOptions, global_options, print_kv, setup_logging
+
+app = typer.Typer(
+    name="beitdomain",
+    help=(
+        "BEiT masked image modeling for your own images (DICOM, TIFF, RGB).\n\n"
+        "The chain: retrain the tokenizer on your domain, continue BEiT pre-training without "
+        "labels, fine-tune with 1% or 10% of the labels, and plot how many labels pre-training "
+        "saved. Start with `beitdomain demo` or `beitdomain data scan DIR`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")
+    ] = "auto",
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for everything (overrides recipe).")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")
+    ] = False,
+) -> None:
+    ctx.obj = GlobalOptions(device=device, seed=seed, quiet=quiet)
+    setup_logging(quiet)
+
+
+@app.command()
+def version() -> None:
+    """Print the beitdomain version."""
+    typer.echo(f"beitdomain {__version__}")
+
+
+_OPTIONAL_MODULES = {
+    "pylibjpeg": "JPEG/JPEG-LS/JPEG 2000 DICOM (pylibjpeg)",
+    "libjpeg": "pylibjpeg-libjpeg: JPEG lossless / JPEG-LS DICOM",
+    "openjpeg": "pylibjpeg-openjpeg: JPEG 2000 DICOM",
+    "imagecodecs": "TIFF LZW/deflate/JPEG/zstd (imagecodecs)",
+    "elpv_dataset": "the demo's solar-cell images (pip install -e '.[demo]')",
+    "tensorboard": "TensorBoard event files (pip install tensorboard)",
+    "transformers": "Hugging Face reference for benchmarks (pip install -e '.[dev]')",
+}
+
+
+def environment_report(device_name: str = "auto") -> dict[str, str]:
+    """Versions, device, CUDA/bf16 support and which optional codecs import."""
+    import torch
+
+    from beitdomain.engine.distributed import resolve_device
+    from beitdomain.engine.rundir import versions
+
+    rows: dict[str, str] = dict(versions())
+    rows["platform"] = platform.platform()
+    try:
+        rows["device"] = str(resolve_device(device_name))
+    except (RuntimeError, ValueError) as e:
+        rows["device"] = f"unavailable ({e})"
+    rows["cuda available"] = str(torch.cuda.is_available())
+    if torch.cuda.is_available():
+        rows["cuda version"] = str(torch.version.cuda)
+        rows["gpus"] = ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
+        rows["bf16"] = str(torch.cuda.is_bf16_supported())
+    else:
+        rows["bf16"] = "CPU autocast only (training runs in fp32 on CPU)"
+    rows["cpu threads"] = str(torch.get_num_threads())
+    for module, what in _OPTIONAL_MODULES.items():
+        try:
+            importlib.import_module(module)
+            try:
+                ver = importlib.metadata.version(module.replace("_", "-"))
+            except importlib.metadata.PackageNotFoundError:
+                ver = "installed"
+            rows[f"{module}"] = f"{ver} — {what}"
+        except Exception:
+            rows[f"{module}"] = f"missing — {what}"
+    return rows
+
+
+@app.command()
+def env(ctx: typer.Context) -> None:
+    """Show versions, the device that would be used, CUDA/bf16 support and optional codecs."""
+    print_kv("beitdomain environment", environment_report(global_options(ctx).device))
+
+
+def _add_groups() -> None:
+    """Registers the command groups that exist (each lives in its own module)."""
+    groups = [
+        ("beitdomain.cli.data", "app", "data", "Scan, cache and inspect image folders."),
+        (
+            "beitdomain.cli.data",
+            "readers_app",
+            "readers",
+            "List image readers (built-in, plugins).",
+        ),
+        ("beitdomain.cli.tokenizer", "app", "tokenizer", "Train, inspect and use the tokenizer."),
+        ("beitdomain.cli.pretrain", "app", "pretrain", None),
+        ("beitdomain.cli.finetune", "app", None, None),
+        ("beitdomain.cli.curve", "app", None, None),
+        ("beitdomain.cli.demo", "app", None, None),
+    ]
+    for module, attr, name, help_text in groups:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # that command group is not part of this build
+            raise
+        sub = getattr(mod, attr, None)
+        if sub is None:
+            continue
+        if name is None:  # top-level commands (finetune, predict, curve, demo)
+            for cmd in sub.registered_commands:
+                app.registered_commands.append(cmd)
+        else:
+            app.add_typer(sub, name=name, help=help_text)
+
+
+_add_groups()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

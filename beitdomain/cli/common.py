@@ -1,0 +1,131 @@
+"""Options shared by the commands, and the one place that turns known errors into messages.
+
+Commands are thin: flags -> recipe -> one library call. Heavy imports (torch, timm) happen inside
+commands, so `beitdomain --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class GlobalOptions:
+    device: str = "auto"
+    seed: int | None = None
+    quiet: bool = False
+
+
+def global_options(ctx: typer.Context) -> GlobalOptions:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
+
+
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Recipe YAML file, or the name of a shipped one (e.g. elpv-cpu). "
+        "Precedence: defaults < extends < recipe < options < --set.",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override any recipe value, repeatable: --set optim.lr=3e-4 --set train.steps=500.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")
+]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is enough for the user: printed without a traceback."""
+    from beitdomain.config import RecipeError
+    from beitdomain.fileio import WriteError
+
+    errors: list[type[BaseException]] = [RecipeError, WriteError, FileNotFoundError]
+    for mod, name in [
+        ("beitdomain.engine.rundir", "RunDirError"),
+        ("beitdomain.engine.checkpoint", "CheckpointError"),
+        ("beitdomain.engine.loop", "NonFiniteLossError"),
+        ("beitdomain.io", "ReaderError"),
+        ("beitdomain.data.index", "DataError"),
+        ("beitdomain.data.splits", "LabelSubsetError"),
+        ("beitdomain.models.convert", "WeightsError"),
+        ("beitdomain.tokenizer.io", "TokenizerFileError"),
+        ("beitdomain.user", "UserError"),
+    ]:
+        try:
+            module = __import__(mod, fromlist=[name])
+            errors.append(getattr(module, name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def handle_errors(fn: F) -> F:
+    """Prints known errors as one clear line and exits 2; Ctrl-C exits 130 after saving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt as e:
+            console.print(f"[yellow]interrupted[/]: {e}" if str(e) else "[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if isinstance(e, user_errors()):
+                console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+                raise typer.Exit(2) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    # Third-party chatter is not the user's concern unless it is a warning.
+    for name in ("PIL", "matplotlib", "timm", "monai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def print_kv(title: str, rows: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    for k, v in rows.items():
+        table.add_row(escape(str(k)), escape(str(v)))
+    Console(file=sys.stdout).print(table)

@@ -1,0 +1,545 @@
+"""Recipes: typed dataclasses loaded from YAML, with `extends:` and dotted overrides.
+
+A recipe is one YAML file whose top-level sections map onto the dataclasses below. Values are
+merged in this order, later winning:
+
+    dataclass defaults < `extends:` base recipe(s) < the recipe file < typed CLI options < `--set`
+
+Every key is checked against the dataclass it lands in; an unknown or mistyped key is an error
+that names the key, the file it came from and the keys that would be valid. `None` in a field
+means "not set": the command derives a value (e.g. warmup from epochs) instead of guessing here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "RECIPES_DIR",
+    "CurveConfig",
+    "DataConfig",
+    "FinetuneConfig",
+    "MaskConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Recipe",
+    "RecipeError",
+    "TokenizerConfig",
+    "TrainConfig",
+    "dump_recipe",
+    "find_recipe",
+    "load_recipe",
+    "parse_set",
+    "recipe_to_dict",
+]
+
+# A source checkout (or editable install) keeps its shipped recipes beside the package.
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message says where and what would be valid."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how their intensities become [0, 1]."""
+
+    root: str | None = None  # folder of images (scanned recursively); ImageFolder labels if any
+    labels: str | None = None  # CSV `path,label[,split]`; paths relative to `root`
+    manifest: str | None = None  # manifest written by `beitdomain data scan`
+    cache: str | None = None  # cache folder written by `beitdomain data cache`
+    in_chans: int = 1  # 1: RGB -> luminance; 3: grayscale replicated
+    image_size: int = 224  # backbone view
+    tokenizer_size: int = 112  # tokenizer view (pre-training); token grid = this / downsample
+    normalize: Literal["auto", "window", "percentile", "dtype"] = "auto"
+    window: str | dict[str, float] | None = None  # preset ('ct-lung') or {center: 40, width: 400}
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    channels: list[int] | None = None  # sample indices for TIFFs with more than 3 samples
+    nonfinite: Literal["error", "zero"] = "error"  # NaN/Inf in float images
+    frames: Literal["all", "middle", "first"] = "all"  # multi-frame files, stacks, series
+    on_error: Literal["fail", "skip"] = "fail"
+    allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
+    num_workers: int | None = None  # None: min(8, cores - 1)
+    # augmentation
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    intensity_jitter: float = 0.1
+    # labelled splits when the data has none: stratified, seeded
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine decay after a linear warm-up."""
+
+    lr: float | None = None  # None: base_lr * batch / 256 (the linear scaling rule)
+    base_lr: float = 1.5e-3 * 256 / 2048  # BEiT: 1.5e-3 at batch 2048
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int | None = None  # None: warmup_fraction of the run
+    warmup_fraction: float = 0.1
+    grad_clip: float | None = 3.0
+    layer_decay: float | None = None  # fine-tuning: 0.65
+
+
+@dataclass
+class TrainConfig:
+    """How long and how a job runs; shared by tokenizer, pre-training and fine-tuning."""
+
+    epochs: float | None = None
+    steps: int | None = None  # overrides epochs when set
+    min_steps: int = 0  # small label subsets still get this many optimizer steps
+    batch_size: int = 64  # per process, per micro-step
+    accum_steps: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200  # optimizer steps between checkpoints
+    keep_checkpoints: int = 3
+    eval_every: int | None = None  # fine-tuning: steps between validations (None: each epoch)
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    deterministic: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    """The discrete VAE: architecture, where it starts from, and how it is trained."""
+
+    path: str | None = None  # trained tokenizer used by `pretrain` (dir or tokenizer.safetensors)
+    preset: str = "small"
+    vocab_size: int | None = None  # None: the preset's
+    downsample: int | None = None  # 4 or 8; None: the preset's
+    recon_loss: Literal["logit_laplace", "l1", "mse"] | None = None
+    init: str | None = None  # previous tokenizer dir to continue from
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    kl_weight: float = 1e-3
+    kl_warmup_fraction: float = 0.1
+    dead_code_every: int | None = 200  # steps between dead-code re-initialisations; None: off
+    dead_code_min_usage: float = 0.0  # a code used less often than this fraction counts as dead
+    sample_every: int = 500  # steps between reconstruction-grid PNGs
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(base_lr=1e-3, min_lr=1e-5, weight_decay=0.01)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=64))
+
+
+@dataclass
+class MaskConfig:
+    """BEiT masking: blockwise by default; `random` for the paper's ablation."""
+
+    kind: Literal["block", "random"] = "block"
+    ratio: float = 0.4
+    min_num_patches: int | None = None  # None: 16 at 14x14, scaled with the grid
+
+
+@dataclass
+class ModelConfig:
+    """The BEiT backbone (timm) and the pre-training target."""
+
+    preset: str = "vit-base"
+    img_size: int | None = None  # None: data.image_size
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1
+    layer_scale_init: float | None = 0.1
+    init: str | None = None  # checkpoint file/dir to start from; None: random
+    trust_pickle: bool = False
+    target: Literal["tokens", "pixels"] = "tokens"
+
+
+@dataclass
+class FinetuneConfig:
+    """Low-label fine-tuning: which labels, which head, how regularised."""
+
+    labels: str = "100%"  # '1%', '0.01', '200', '5/class'
+    init: str | None = None  # pre-training run dir, exported/official checkpoint; None: scratch
+    linear_probe: bool = False
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    class_weighting: Literal["none", "loss", "sampler"] = "none"
+    early_stopping: int | None = None  # validations without improvement before stopping
+    select_metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1", "loss"] = (
+        "balanced_accuracy"
+    )
+    head_init_scale: float = 0.001
+    drop_path: float = 0.1
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            base_lr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65, grad_clip=None
+        )
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=30, min_steps=300, batch_size=64)
+    )
+
+
+@dataclass
+class CurveConfig:
+    """The grid of fine-tunes behind a label-efficiency curve."""
+
+    fractions: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "25%", "100%"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    inits: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
+    metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
+
+
+@dataclass
+class Recipe:
+    """A whole recipe; each command reads the sections it needs."""
+
+    name: str | None = None
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # pre-training
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """Resolves a recipe path, or a shipped recipe name (`elpv-cpu` -> recipes/elpv-cpu.yaml).
+
+    Raises:
+        RecipeError: if neither exists; the message lists the shipped recipes.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    for candidate in (RECIPES_DIR / p, RECIPES_DIR / f"{p}.yaml", RECIPES_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise RecipeError(
+        f"recipe '{name_or_path}' not found: not a file, and not a shipped recipe "
+        f"(shipped: {', '.join(shipped) or 'none found'})"
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _is_free_mapping(k):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _is_free_mapping(key: str) -> bool:
+    # Fields whose value is a user mapping, replaced whole rather than merged key by key.
+    return key in {"inits", "window"}
+
+
+def _raw_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe file merged over its `extends:` chain, keys checked against the schema."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise RecipeError(f"{path}: `extends:` forms a cycle: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop("extends", None)
+    _build(Recipe, data, str(path), prefix="")  # keys and types, blamed on this file
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        base_path = Path(base)
+        if not base_path.is_absolute() and (path.parent / base_path).is_file():
+            base_path = path.parent / base_path
+        try:
+            base_path = find_recipe(base_path)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: extends: {e}") from None
+        merged = _deep_merge(merged, _raw_recipe(base_path, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Recipe:
+    """Builds a recipe from defaults, a YAML file, typed CLI options and `--set` overrides.
+
+    Args:
+        path: recipe file or shipped recipe name; None for defaults only.
+        options: dotted key -> value from typed CLI options; None values mean "not given".
+        sets: `section.key=value` strings; values are parsed as YAML, then checked by type.
+
+    Returns:
+        The resolved, validated recipe.
+
+    Raises:
+        RecipeError: unknown keys, wrong types or invalid values, naming where they came from.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _raw_recipe(find_recipe(path))
+    for key, value in (options or {}).items():
+        if value is not None:
+            raw = _set_dotted(raw, key, value, source="command-line option")
+    for item in sets or []:
+        key, value = parse_set(item)
+        raw = _set_dotted(raw, key, value, source=f"--set {item}")
+    return _build(Recipe, raw, source=str(path) if path else "defaults", prefix="")
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Splits `section.key=value`; the value is YAML (`[1, 2]`, `true`, `null`, `3e-4`)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> dict[str, Any]:
+    parts = key.split(".")
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        fields = _fields(cls)
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise RecipeError(_unknown_key_message(".".join(parts[: i + 1]), source, where, fields))
+        hint = fields[part]
+        inner = _dataclass_in(hint)
+        if i < len(parts) - 1:
+            if inner is None:
+                raise RecipeError(
+                    f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section; "
+                    f"it has no key '{parts[i + 1]}'"
+                )
+            cls = inner
+        elif inner is None or not isinstance(value, dict):
+            value = _coerce(hint, value, source, key)  # type errors blamed on this option
+    out = copy.deepcopy(raw)
+    node = out
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Typed construction
+# --------------------------------------------------------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg  # type: ignore[return-value]
+    return None
+
+
+def _unknown_key_message(key: str, source: str, where: str, fields: dict[str, Any]) -> str:
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, list(fields), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return (
+        f"{source}: unknown key '{key}' in {where}.{hint} "
+        f"Valid keys there: {', '.join(sorted(fields))}."
+    )
+
+
+def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str) -> None:
+    fields = _fields(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+            raise RecipeError(_unknown_key_message(dotted, source, where, fields))
+        inner = _dataclass_in(fields[key])
+        if inner is not None and isinstance(value, dict):
+            _check_keys(inner, value, source, prefix=f"{dotted}.")
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        section = prefix[:-1] or "recipe"
+        raise RecipeError(f"{source}: '{section}' must be a mapping, got {data!r}")
+    _check_keys(cls, data, source, prefix)
+    # Sections merge over their field's own defaults (fine-tuning's optimizer keeps its
+    # fine-tuning defaults when a recipe sets only `finetune.optim.lr`).
+    return _merge_dataclass(cls(), data, source, prefix)
+
+
+def _merge_dataclass(default: Any, data: dict[str, Any], source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: '{prefix[:-1]}' must be a mapping, got {data!r}")
+    fields = _fields(type(default))
+    updates = {}
+    for k, v in data.items():
+        inner = _dataclass_in(fields[k])
+        if inner is not None and isinstance(v, dict):
+            updates[k] = _merge_dataclass(getattr(default, k), v, source, f"{prefix}{k}.")
+        else:
+            updates[k] = _coerce(fields[k], v, source, f"{prefix}{k}")
+    return dataclasses.replace(default, **updates)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return str(hint).replace("typing.", "")
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    """Checks `value` against `hint`, converting the few safe cases (int -> float, str -> float)."""
+
+    def bad(extra: str = "") -> RecipeError:
+        return RecipeError(
+            f"{source}: '{key}' = {value!r} is not a valid {_type_name(hint)}{extra}"
+        )
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise bad()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise bad(f"; choose one of {', '.join(repr(a) for a in args)}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, f"{key}.")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads `3e-4` as a string
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad(f"; expected {len(args)} values")
+            return tuple(
+                _coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+            )
+        item = args[0] if args else Any
+        items = [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = args if args else (Any, Any)
+        return {
+            _coerce(kt, k, source, f"{key}.{k}"): _coerce(vt, v, source, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    raise bad()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain-data form of a recipe (tuples as lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Writes the fully resolved recipe; it loads back into an equal `Recipe`."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

@@ -1,0 +1,171 @@
+"""Device, precision and process-group helpers; one process per GPU under `torchrun`.
+
+`torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything runs as a single process.
+CUDA processes use NCCL, CPU processes use gloo (which is how the CPU tests exercise DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size of this process (1 process when not under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        )
+    return DistInfo(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> this process's CUDA device when available, else CPU."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        if name == "cuda":
+            name = f"cuda:{dist_info().local_rank}"
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Joins the process group when launched by torchrun; a no-op for a single process."""
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        info = dist_info()
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Averages scalar metrics over ranks (for logging)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seeds Python, NumPy and torch; `deterministic` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA (when 'auto' or 'bf16'), None (fp32) otherwise."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("train.precision=bf16, but this GPU does not support bfloat16")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device when `dtype` is set; a null context otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP and torch.compile wrappers (whose state_dict has clean keys)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    """DDP-wraps `model` when more than one process runs."""
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@contextlib.contextmanager
+def maybe_no_sync(model: nn.Module, skip_sync: bool) -> Iterator[None]:
+    """Skips DDP's gradient all-reduce on the micro-steps before the last of an accumulation."""
+    if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def default_num_workers() -> int:
+    """Loader workers per process: the cores this process may use, minus one for the trainer."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    per_proc = max(1, cores // max(1, dist_info().world_size))
+    return max(0, min(8, per_proc - 1))

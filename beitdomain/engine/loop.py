@@ -1,0 +1,436 @@
+"""The training loop every job shares: steps, accumulation, bf16, clipping, logging, checkpoints.
+
+A job (tokenizer, pre-training, fine-tuning) builds its model, optimizer and loader, and gives
+`Trainer` a `step_fn(model, batch) -> (loss, metrics)`. The trainer owns everything that must be
+the same for all of them: the lr schedule applied per parameter group (times the group's
+`lr_scale`, used by layer-wise decay), gradient accumulation with DDP's no_sync, non-finite loss
+skipping, gradient clipping, metrics.jsonl, a progress bar, atomic checkpoints and exact resume.
+
+Resume is exact: a checkpoint holds the model, optimizer, loop position (epoch, batch within
+epoch), torch RNG states and the hooks' states; batches are a pure function of (seed, epoch),
+so on CPU with deterministic kernels a resumed run ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from beitdomain.config import TrainConfig
+from beitdomain.data.sampler import ResumableBatchSampler
+from beitdomain.engine import distributed as D
+from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
+from beitdomain.engine.rundir import MetricsLog, RunDir
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed
+    nonfinite_streak: int = 0
+    nonfinite_total: int = 0
+    stop: bool = False  # set by a hook (early stopping)
+    stop_reason: str | None = None
+
+
+class Hook(Protocol):
+    """Called after every optimizer step; may log, evaluate, save artefacts or stop the run.
+
+    Hooks with `state_dict`/`load_state_dict` have their state checkpointed and restored.
+    """
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class Trainer:
+    """Runs `total_steps` optimizer steps of `step_fn` over `loader`.
+
+    Args:
+        model: the module to train (DDP-wrapped by the caller when distributed).
+        optimizer: its optimizer; groups may carry `lr_scale` (layer-wise decay).
+        loader: a DataLoader whose `batch_sampler` is a `ResumableBatchSampler`.
+        step_fn: computes (loss, metrics) for one micro-batch, called under autocast.
+        lr_at: the base learning rate for an optimizer step (a pure function).
+        total_steps: length of the run.
+        train: accumulation, precision, logging and checkpoint settings.
+        grad_clip: max gradient norm, or None.
+        device: where batches go.
+        run: the run directory (None: no files written, e.g. in tests).
+        hooks: called after each step.
+        desc: the progress bar's label.
+        quiet: no progress bar.
+        tensorboard: also write TensorBoard events, when tensorboard is installed.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    step_fn: StepFn
+    lr_at: Callable[[int], float]
+    total_steps: int
+    train: TrainConfig
+    grad_clip: float | None
+    device: torch.device
+    run: RunDir | None = None
+    hooks: Sequence[Any] = ()
+    desc: str = "train"
+    quiet: bool = False
+    tensorboard: bool = False
+    state: LoopState = field(default_factory=LoopState)
+    metrics: MetricsLog | None = None
+    amp_dtype: torch.dtype | None = None
+    dist: D.DistInfo = field(default_factory=D.dist_info)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loader.batch_sampler, ResumableBatchSampler):
+            raise TypeError("Trainer needs a DataLoader built with a ResumableBatchSampler")
+        self.amp_dtype = D.resolve_precision(self.train.precision, self.device)
+        self.ckpt = (
+            CheckpointManager(self.run.checkpoints, keep=self.train.keep_checkpoints)
+            if self.run is not None
+            else None
+        )
+        self._stop_signal = threading.Event()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        hooks = {
+            f"{i}:{type(h).__name__}": h.state_dict()
+            for i, h in enumerate(self.hooks)
+            if hasattr(h, "state_dict")
+        }
+        return {
+            "format": "beitdomain-checkpoint/1",
+            "step": self.state.step,
+            "model": D.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loop": dataclasses.asdict(self.state),
+            "rng": rng_state(),
+            "hooks": hooks,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt is not None and self.dist.is_main:
+            self.ckpt.save(self.checkpoint_state(), self.state.step)
+        D.barrier()
+
+    def resume(self) -> bool:
+        """Restores the newest usable checkpoint; False when there is none (a fresh start)."""
+        if self.ckpt is None:
+            return False
+        found = self.ckpt.load_latest(map_location="cpu")
+        if found is None:
+            return False
+        step, ck = found
+        D.unwrap(self.model).load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.state = LoopState(**ck["loop"])
+        self.state.stop, self.state.stop_reason = False, None
+        for i, h in enumerate(self.hooks):
+            key = f"{i}:{type(h).__name__}"
+            if hasattr(h, "load_state_dict") and key in ck["hooks"]:
+                h.load_state_dict(ck["hooks"][key])
+        if self.dist.world_size == 1:
+            set_rng_state(ck["rng"])  # per-rank RNG streams differ; only restored single-process
+        else:
+            torch.manual_seed(hash((step, self.dist.rank)) % 2**31)
+        log.info("resumed from step %d (epoch %d)", step, self.state.epoch)
+        return True
+
+    # ---- data -----------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler: ResumableBatchSampler = self.loader.batch_sampler  # type: ignore[assignment]
+        while True:
+            if self.state.batch_in_epoch >= len(sampler):
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
+            ds = self.loader.dataset
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(self.state.epoch)
+            yield from self.loader
+            if self.state.batch_in_epoch < len(sampler):
+                raise RuntimeError("the data loader ended before the sampler's epoch did")
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    # ---- the loop -------------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def log(self, **values: Any) -> None:
+        """Writes a metrics record for the current step (rank 0 only)."""
+        if self.metrics is not None and self.dist.is_main:
+            self.metrics.log(self.state.step, epoch=self.state.epoch, **values)
+
+    def fit(self, resume: bool = False) -> LoopState:
+        """Trains until `total_steps` (or a hook stops the run); returns the final loop state.
+
+        Raises:
+            NonFiniteLossError: `train.max_nonfinite` non-finite losses in a row.
+            Interrupted: on SIGINT/SIGTERM, after checkpointing the last finished step.
+        """
+        resumed = self.resume() if resume else False
+        if self.run is not None and self.dist.is_main:
+            self.metrics = MetricsLog(
+                self.run.path / "metrics.jsonl",
+                resume_step=self.state.step if resumed else None,
+                tensorboard=self.tensorboard,
+            )
+        accum = max(1, self.train.accum_steps)
+        batches = self._batches()
+        window: dict[str, float] = {}
+        window_n = 0
+        images = 0
+        t_window = time.perf_counter()
+        progress = _Progress(
+            self.desc, self.total_steps, self.state.step, self.quiet or not self.dist.is_main
+        )
+        self.model.train()
+        with progress, _stop_on_signals(self._stop_signal):
+            while self.state.step < self.total_steps and not self.state.stop:
+                lr = self.set_lr(self.state.step)
+                losses = []
+                metrics_sum: dict[str, float] = {}
+                for micro in range(accum):
+                    batch = self._to_device(next(batches))
+                    self.state.batch_in_epoch += 1
+                    images += _batch_len(batch)
+                    with (
+                        D.maybe_no_sync(self.model, micro < accum - 1),
+                        D.autocast(self.device, self.amp_dtype),
+                    ):
+                        loss, m = self.step_fn(self.model, batch)
+                    (loss.float() / accum).backward()
+                    losses.append(loss.detach().float())
+                    for k, v in m.items():
+                        metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
+                loss_value = torch.stack(losses).mean()
+                finite = torch.isfinite(loss_value).float()
+                if self.dist.enabled:
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                grad_norm = None
+                if finite.item() > 0 and self.grad_clip is not None:
+                    grad_norm = float(
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                    )
+                    if not math.isfinite(grad_norm):
+                        finite.zero_()
+                if finite.item() == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state.nonfinite_streak += 1
+                    self.state.nonfinite_total += 1
+                    log.warning(
+                        "non-finite loss or gradient at step %d: step skipped", self.state.step
+                    )
+                    if self.state.nonfinite_streak >= self.train.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{self.state.nonfinite_streak} non-finite losses in a row at step "
+                            f"{self.state.step}; stopping. The last good checkpoint is intact in "
+                            f"{self.ckpt.folder if self.ckpt else '(no run folder)'}. Lower the lr "
+                            "(optim.lr), set optim.grad_clip, or look at the data with "
+                            "`beitdomain data inspect`."
+                        )
+                    continue
+                self.state.nonfinite_streak = 0
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                metrics_sum["loss"] = float(loss_value)
+                if grad_norm is not None:
+                    metrics_sum["grad_norm"] = grad_norm
+                for k, v in metrics_sum.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                self.last_metrics = metrics_sum
+                progress.update(
+                    self.state.step,
+                    metrics_sum.get("loss"),
+                    images / max(1e-9, time.perf_counter() - t_window),
+                )
+                last = self.state.step == self.total_steps
+                if self.state.step % self.train.log_every == 0 or last:
+                    elapsed = time.perf_counter() - t_window
+                    avg = {k: v / window_n for k, v in window.items()}
+                    avg = D.all_reduce_mean(avg, self.device)
+                    self.log(
+                        lr=lr,
+                        **avg,
+                        img_per_s=images * self.dist.world_size / max(elapsed, 1e-9),
+                        nonfinite_skipped=self.state.nonfinite_total,
+                    )
+                    window, window_n, images, t_window = {}, 0, 0, time.perf_counter()
+                for h in self.hooks:
+                    h.on_step_end(self)
+                done = last or self.state.stop
+                if done or self.state.step % self.train.ckpt_every == 0:
+                    self.save_checkpoint()
+                if self._stop_signal.is_set():
+                    if not (done or self.state.step % self.train.ckpt_every == 0):
+                        self.save_checkpoint()
+                    raise Interrupted(
+                        f"interrupted at step {self.state.step}; checkpoint saved, "
+                        f"continue with --resume"
+                    )
+        if self.metrics is not None:
+            self.metrics.close()
+        return self.state
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0])
+    return 1
+
+
+class _stop_on_signals:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.flag.is_set():  # second signal: stop now
+            raise KeyboardInterrupt
+        self.flag.set()
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _Progress:
+    """A rich progress bar with loss, img/s and ETA; silent when `quiet`."""
+
+    def __init__(self, desc: str, total: int, start: int, quiet: bool) -> None:
+        self.quiet = quiet
+        self.desc, self.total, self.start = desc, total, start
+
+    def __enter__(self) -> _Progress:
+        if self.quiet:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.bar.__enter__()
+        self.task = self.bar.add_task(
+            self.desc, total=self.total, completed=self.start, loss="-", ips="-"
+        )
+        return self
+
+    def update(self, step: int, loss: float | None, ips: float) -> None:
+        if self.quiet:
+            return
+        self.bar.update(
+            self.task,
+            completed=step,
+            loss=f"{loss:.4f}" if loss is not None else "-",
+            ips=f"{ips:,.0f}",
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.quiet:
+            self.bar.__exit__(*exc)
+
+
+def build_loader(
+    dataset: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int | None = None,
+    weights: Sequence[float] | None = None,
+    dist: D.DistInfo | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over a `ResumableBatchSampler` (what `Trainer` needs).
+
+    The loader gets its own torch.Generator so creating an iterator mid-epoch (on resume) does
+    not consume the global RNG, which the model's dropout and drop-path draw from.
+    """
+    dist = dist or D.dist_info()
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        weights=weights,
+    )
+    workers = D.default_num_workers() if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )

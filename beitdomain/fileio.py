@@ -1,0 +1,88 @@
+"""Crash-safe file writing: a file either has its old content or its complete new content.
+
+Every artefact a run depends on (checkpoints, weights, manifests, result tables) is written to a
+temporary file in the same folder, flushed and fsynced, then renamed over the target; the rename
+is atomic on POSIX file systems, so a kill -9 or a full disk never leaves a half-written file
+under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class WriteError(OSError):
+    """A write that failed (disk full, permissions); the previous file is intact."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Opens a temporary sibling of `path` for writing; renames it over `path` on success.
+
+    Raises:
+        WriteError: when writing fails; the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteError(
+            e.errno, f"could not write {path}: {e.strerror or e} (the previous version is intact)"
+        ) from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def atomic_save(path: str | Path, save: Callable[[IO[bytes]], None]) -> None:
+    """Atomically writes what `save(file)` writes (e.g. `lambda f: torch.save(obj, f)`)."""
+    with atomic_open(path, "wb") as f:
+        save(f)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

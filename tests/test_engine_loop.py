@@ -1,0 +1,152 @@
+"""The shared training loop: exact resume, checkpoint safety, non-finite handling."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from beitdomain.config import TrainConfig
+from beitdomain.engine.checkpoint import CheckpointManager
+from beitdomain.engine.loop import NonFiniteLossError, Trainer, build_loader
+from beitdomain.engine.rundir import RunDir, RunDirError, read_metrics
+from beitdomain.engine.schedule import cosine_lr
+
+
+class Noisy(torch.utils.data.Dataset):
+    """Items depend on (seed, epoch, index) only, like the real datasets."""
+
+    def __init__(self, n=40):
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(1000 * self.epoch + i)
+        x = torch.randn(8, generator=g)
+        return {"x": x, "y": (x[:2].sum() > 0).long()}
+
+
+def make(tmp_path, steps=20, hooks=(), train_kw=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = build_loader(Noisy(), 6, seed=3, num_workers=0)
+    cfg = TrainConfig(
+        steps=steps, log_every=2, ckpt_every=5, keep_checkpoints=2, **(train_kw or {})
+    )
+
+    def step_fn(m, b):
+        loss = nn.functional.cross_entropy(m(b["x"]), b["y"])
+        return loss, {"acc": (m(b["x"]).argmax(1) == b["y"]).float().mean()}
+
+    run = RunDir.open(tmp_path, resume=True)
+    return Trainer(
+        model=model,
+        optimizer=opt,
+        loader=loader,
+        step_fn=step_fn,
+        lr_at=lambda s: cosine_lr(s, steps, 1e-2, 1e-4, 3),
+        total_steps=steps,
+        train=cfg,
+        grad_clip=1.0,
+        device=torch.device("cpu"),
+        run=run,
+        hooks=hooks,
+        quiet=True,
+    )
+
+
+class KillAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            raise SystemExit("simulated kill")
+
+
+@pytest.mark.parametrize("kill_step", [3, 7, 13])
+def test_resume_is_bitwise_identical(tmp_path, kill_step):
+    ref = make(tmp_path / "ref")
+    ref.fit()
+    a = make(tmp_path / "a", hooks=[KillAt(kill_step)])
+    with pytest.raises(SystemExit):
+        a.fit()
+    b = make(tmp_path / "a")
+    b.fit(resume=True)
+    for (k, p), q in zip(ref.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), k
+    # the resumed run's log has every step once
+    steps = [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    t = make(tmp_path, steps=10)
+    t.fit()
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert mgr.steps() == [5, 10]
+    p = mgr.path_for(10)
+    p.write_bytes(p.read_bytes()[:100])  # truncated
+    step, state = mgr.load_latest()
+    assert step == 5 and state["step"] == 5
+    assert "truncated" in caplog.text
+
+
+def test_checkpoint_without_checksum_is_not_trusted(tmp_path):
+    t = make(tmp_path, steps=10)
+    t.fit()
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step-00000010.pt.json").unlink()
+    assert mgr.load_latest()[0] == 5
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
+    t = make(tmp_path, steps=10, train_kw={"max_nonfinite": 3})
+    inner = t.step_fn
+    calls = {"n": 0}
+
+    def sometimes_nan(m, b):
+        calls["n"] += 1
+        loss, mets = inner(m, b)
+        return (loss * float("nan") if calls["n"] in (2, 4) else loss), mets
+
+    t.step_fn = sometimes_nan
+    t.fit()
+    assert t.state.step == 10 and t.state.nonfinite_total == 2
+    t2 = make(tmp_path / "b", steps=10, train_kw={"max_nonfinite": 3})
+    t2.step_fn = lambda m, b: (torch.tensor(float("inf"), requires_grad=True), {})
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        t2.fit()
+
+
+def test_rundir_refuses_overwrite_without_flag(tmp_path):
+    run = RunDir.open(tmp_path / "r")
+    run.start("test", None, "cpu")
+    with pytest.raises(RunDirError, match="--resume.*--overwrite"):
+        RunDir.open(tmp_path / "r")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    with pytest.raises(RunDirError, match="not a beitdomain run"):
+        RunDir.open(tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "precious.txt").exists()
+    assert RunDir.open(tmp_path / "r", overwrite=True).path.exists()
+    manifest = (
+        json.loads((tmp_path / "r").joinpath("manifest.json").read_text())
+        if (tmp_path / "r" / "manifest.json").exists()
+        else {}
+    )
+    assert manifest == {}  # overwrite removed the old run
+
+
+def test_cosine_schedule_shape():
+    lrs = [cosine_lr(s, 100, 1.0, 0.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-1] < 0.01
