@@ -1,0 +1,43 @@
+"""Discrete-VAE visual tokenizer (model, schedules, codebook health, weight I/O).
+
+Training lives in :mod:`beitdomain.engine`; this package only defines the model and its tools.
+"""
+
+from beitdomain.tokenizer.codebook import (
+    CodebookCollapseWarning,
+    CodeUsage,
+    check_codebook_usage,
+    reinit_dead_codes,
+    reset_optimizer_rows,
+)
+from beitdomain.tokenizer.dvae import (
+    TOKENIZER_PRESETS,
+    DiscreteVAE,
+    DVAEConfig,
+    DVAEOutput,
+    create_tokenizer,
+    psnr,
+    tokenizer_config,
+)
+from beitdomain.tokenizer.flops import count_params, decoder_gflops, encoder_gflops
+from beitdomain.tokenizer.schedule import gumbel_temperature, kl_weight
+
+__all__ = [
+    "TOKENIZER_PRESETS",
+    "CodeUsage",
+    "CodebookCollapseWarning",
+    "DVAEConfig",
+    "DVAEOutput",
+    "DiscreteVAE",
+    "check_codebook_usage",
+    "count_params",
+    "create_tokenizer",
+    "decoder_gflops",
+    "encoder_gflops",
+    "gumbel_temperature",
+    "kl_weight",
+    "psnr",
+    "reinit_dead_codes",
+    "reset_optimizer_rows",
+    "tokenizer_config",
+]
