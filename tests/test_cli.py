@@ -1,0 +1,62 @@
+"""The command line: every command's --help, env, version, and clean errors."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from beitdomain import __version__
+from beitdomain.cli.app import app
+
+runner = CliRunner()
+
+
+def _command_paths(typer_app: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for cmd in typer_app.registered_commands:
+        name = cmd.name or cmd.callback.__name__.replace("_", "-")
+        paths.append((*prefix, name))
+    for group in typer_app.registered_groups:
+        name = group.name or group.typer_instance.info.name
+        paths.append((*prefix, name))
+        paths.extend(_command_paths(group.typer_instance, (*prefix, name)))
+    return paths
+
+
+COMMANDS = _command_paths(app)
+
+
+def test_core_commands_are_registered():
+    assert ("version",) in COMMANDS and ("env",) in COMMANDS
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p))
+def test_every_command_has_help(path):
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    # help that teaches: more than a usage line
+    assert len(result.output.strip().splitlines()) > 4
+
+
+def test_version():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_env_reports_device_and_codecs():
+    result = runner.invoke(app, ["--device", "cpu", "env"])
+    assert result.exit_code == 0, result.output
+    for needle in ("torch", "timm", "device", "cpu", "bf16", "pylibjpeg", "imagecodecs"):
+        assert needle in result.output
+
+
+def test_env_with_unavailable_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(app, ["--device", "cuda", "env"])
+    assert result.exit_code == 0
+    assert "unavailable" in result.output
