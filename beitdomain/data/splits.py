@@ -1,0 +1,408 @@
+"""Labelled splits and label subsets: the fixed train/val/test split and the `--labels` subset.
+
+Two promises make label-efficiency curves compare like with like:
+
+* The train/val/test split is a pure function of (labels, fractions, seed), stratified, with every
+  class in every non-empty split, so all fine-tunes of a curve are scored on the same test images.
+* Label subsets of the train split are **nested** for a given seed: the 1% subset lies inside the
+  5% subset, which lies inside the 10% subset, and so on up to 100%. Each class gets one seeded
+  permutation of its members, fixed by the seed alone; a subset takes a prefix of every class's
+  permutation. How long each prefix is comes from a priority order over all train items (see
+  `label_priority_order`): a subset of `n` labels is the first `n` items of that order, so a
+  larger subset always contains a smaller one.
+
+Why not largest-remainder (Hamilton) rounding of per-class quotas: it is not monotone in the total
+(the "Alabama paradox": asking for one more label can take one away from a class), which would
+break nesting. The priority order is the Sainte-Laguë/Webster divisor method, the house-monotone
+relative of largest remainder: class `c` with `n_c` train images receives its `k`-th label
+(k = 0, 1, ...) at priority `(k + 1/2) / n_c`, and the first label of every class comes before all
+others, so each class has at least one example.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from beitdomain.user import UserError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+
+LABELS_FORMS = (
+    "a percentage ('1%'), a fraction in (0, 1] ('0.01'), a count of images ('200') "
+    "or a count per class ('5/class')"
+)
+
+
+class LabelSubsetError(UserError):
+    """A `--labels` request or a split that cannot be met by the labelled data."""
+
+
+# --------------------------------------------------------------------------------------------
+# --labels syntax
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A parsed `--labels` value.
+
+    Attributes:
+        kind: 'fraction' (from '1%' or '0.01'), 'count' ('200') or 'per_class' ('5/class').
+        value: the fraction in (0, 1], or the count (>= 1).
+        text: what the user wrote, for messages and the run folder.
+    """
+
+    kind: Literal["fraction", "count", "per_class"]
+    value: float | int
+    text: str
+
+    @property
+    def fraction(self) -> float | None:
+        """The requested fraction of the train split, or None for counts."""
+        return float(self.value) if self.kind == "fraction" else None
+
+
+_PER_CLASS = re.compile(r"^(\d+)\s*/\s*class$", re.IGNORECASE)
+_PERCENT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*%$")
+_INT = re.compile(r"^\d+$")
+_FLOAT = re.compile(r"^(\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][-+]?\d+)$")
+
+
+def parse_labels_spec(spec: str | LabelSpec) -> LabelSpec:
+    """Parses a `--labels` value: '1%', '0.01', '200' or '5/class'.
+
+    A whole number without '%' is a count ('1' is one image); write '1.0' or '100%' for all.
+
+    Raises:
+        LabelSubsetError: for anything else; the message lists the four accepted forms.
+    """
+    if isinstance(spec, LabelSpec):
+        return spec
+    text = str(spec).strip()
+
+    def bad(why: str) -> LabelSubsetError:
+        return LabelSubsetError(f"--labels {spec!r}: {why}. Use {LABELS_FORMS}.")
+
+    if m := _PER_CLASS.match(text):
+        n = int(m.group(1))
+        if n < 1:
+            raise bad("a per-class count must be at least 1")
+        return LabelSpec("per_class", n, text)
+    if m := _PERCENT.match(text):
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise bad("a percentage must be in (0%, 100%]")
+        return LabelSpec("fraction", pct / 100.0, text)
+    if _INT.match(text):
+        n = int(text)
+        if n < 1:
+            raise bad("a count must be at least 1")
+        return LabelSpec("count", n, text)
+    if _FLOAT.match(text):
+        f = float(text)
+        if not 0 < f <= 1:
+            raise bad("a fraction must be in (0, 1]; for a percentage add '%'")
+        return LabelSpec("fraction", f, text)
+    raise bad("not a recognised form")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _class_members(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
+    """Indices of each class, classes in sorted order (so the result does not depend on the
+    order in which classes first appear)."""
+    members: dict[Hashable, list[int]] = {}
+    for i, y in enumerate(labels):
+        members.setdefault(y, []).append(i)
+    try:
+        order = sorted(members)
+    except TypeError:  # mixed label types: fall back to a stable string order
+        order = sorted(members, key=repr)
+    return {c: np.asarray(members[c], dtype=np.int64) for c in order}
+
+
+def _class_permutations(labels: Sequence[Hashable], seed: int) -> dict[Hashable, np.ndarray]:
+    """One seeded permutation of each class's members; it depends on the seed and the class
+    list only, never on how many labels are later requested (the root of nesting)."""
+    rng = np.random.default_rng(seed)
+    return {c: rng.permutation(idx) for c, idx in _class_members(labels).items()}
+
+
+def _fmt_counts(counts: dict[Hashable, int]) -> str:
+    return ", ".join(f"'{c!s}' ({n} image{'s' if n != 1 else ''})" for c, n in counts.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Train / val / test
+# --------------------------------------------------------------------------------------------
+
+
+def _apportion(
+    quotas: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray, tiebreak: np.ndarray
+) -> np.ndarray:
+    """Integer counts near `quotas` that sum to `total` with lo <= count <= hi (largest remainder).
+
+    Used once per split (not for nested subsets, where monotonicity matters).
+    """
+    counts = np.clip(np.floor(quotas), lo, hi).astype(np.int64)
+    total = int(min(max(total, lo.sum()), hi.sum()))
+    while counts.sum() < total:  # give a seat to the class furthest below its quota
+        room = counts < hi
+        score = np.where(room, quotas - counts, -np.inf)
+        best = np.flatnonzero(score == score.max())
+        counts[best[np.argmax(tiebreak[best])]] += 1
+    while counts.sum() > total:  # take a seat from the class furthest above its quota
+        room = counts > lo
+        score = np.where(room, counts - quotas, -np.inf)
+        best = np.flatnonzero(score == score.max())
+        counts[best[np.argmax(tiebreak[best])]] -= 1
+    return counts
+
+
+def _split_from_column(
+    labels: Sequence[Hashable], split_column: Sequence[str | None]
+) -> dict[str, np.ndarray]:
+    if len(split_column) != len(labels):
+        raise LabelSubsetError(
+            f"split column has {len(split_column)} values for {len(labels)} labelled images"
+        )
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, raw in enumerate(split_column):
+        name = _SPLIT_ALIASES.get(str(raw).strip().lower()) if raw is not None else None
+        if name is None:
+            raise LabelSubsetError(
+                f"split column, row {i + 1}: {raw!r} is not a split; use train, val or test "
+                "(or leave the column out for a seeded stratified split)"
+            )
+        out[name].append(i)
+    in_train = {labels[i] for i in out["train"]}
+    missing = [str(c) for c in _class_members(labels) if c not in in_train]
+    if missing:
+        raise LabelSubsetError(
+            f"the split column puts no image of class(es) {', '.join(missing)} in train; "
+            "every class needs at least one training image"
+        )
+    return {s: np.asarray(v, dtype=np.int64) for s, v in out.items()}
+
+
+def stratified_split(
+    labels: Sequence[Hashable],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    split_column: Sequence[str | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """A fixed, seeded, stratified train/val/test split of labelled images.
+
+    Every class is present in train, and in val and test whenever their fraction is non-zero
+    (so every class is scored). Split sizes are `round(fraction * n)` images, raised to one per
+    class when that is smaller; per-class sizes follow each class's share (largest remainder).
+
+    sklearn's two-step `train_test_split(stratify=...)` is not used because it fails on classes
+    with two or three images in the second step and does not promise every class in train.
+
+    Args:
+        labels: one label per labelled image.
+        val_fraction: share of images for validation (best-checkpoint selection), in [0, 1).
+        test_fraction: share of images for the test set, in [0, 1).
+        seed: the split seed (`data.split_seed`); the same seed gives the same split.
+        split_column: the user's own split ('train'/'val'/'test' per image); used as given.
+
+    Returns:
+        {'train': idx, 'val': idx, 'test': idx}, sorted int64 indices into `labels`.
+
+    Raises:
+        LabelSubsetError: bad fractions, a class with too few images, or a bad split column.
+    """
+    if split_column is not None:
+        return _split_from_column(labels, split_column)
+    for name, f in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise LabelSubsetError(f"{name} = {f} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1:
+        raise LabelSubsetError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
+            "no images for training; their sum must be below 1"
+        )
+    if len(labels) == 0:
+        raise LabelSubsetError("no labelled images to split")
+    perms = _class_permutations(labels, seed)
+    classes = list(perms)
+    sizes = np.array([len(perms[c]) for c in classes], dtype=np.int64)
+    held_out = [(s, f) for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
+    need = 1 + len(held_out)
+    small = {c: int(n) for c, n in zip(classes, sizes) if n < need}
+    if small:
+        wanted = ", ".join(["train", *[s for s, _ in held_out]])
+        raise LabelSubsetError(
+            f"class(es) with too few images for a stratified split ({_fmt_counts(small)}): each "
+            f"class needs at least {need} images (one each for {wanted}). Add labelled images, "
+            "merge or drop the class, set data.val_fraction/test_fraction to 0, or give a "
+            "split column in the labels CSV"
+        )
+    rng = np.random.default_rng([seed, 1])
+    tiebreak = rng.random(len(classes))
+    n = int(sizes.sum())
+    remaining = sizes.copy()
+    out: dict[str, np.ndarray] = {}
+    taken = np.zeros(len(classes), dtype=np.int64)
+    for i, (name, f) in enumerate(held_out):
+        later = len(held_out) - i - 1  # held-out splits still to fill after this one
+        lo = np.ones(len(classes), dtype=np.int64)
+        hi = remaining - 1 - later  # keep one image per class for train and later splits
+        counts = _apportion(f * sizes, round(f * n), lo, hi, tiebreak)
+        out[name] = np.concatenate(
+            [perms[c][taken[j] : taken[j] + counts[j]] for j, c in enumerate(classes)]
+        )
+        taken += counts
+        remaining -= counts
+    out["train"] = np.concatenate([perms[c][taken[j] :] for j, c in enumerate(classes)])
+    return {s: np.sort(out.get(s, np.empty(0, dtype=np.int64))) for s in SPLITS}
+
+
+# --------------------------------------------------------------------------------------------
+# Nested label subsets
+# --------------------------------------------------------------------------------------------
+
+
+def label_priority_order(train_labels: Sequence[Hashable], seed: int) -> np.ndarray:
+    """All train indices in the order labels are added as the budget grows (nested subsets).
+
+    The first `n` entries are the `n`-label subset. The first K entries hold one image of each of
+    the K classes; after that class `c` (with `n_c` images) gets its `k`-th image at priority
+    `(k + 1/2) / n_c` (Webster), so every prefix is close to proportional; ties between classes
+    are broken by a seeded class order.
+
+    Returns:
+        int64 indices into `train_labels`, a permutation of range(len(train_labels)).
+    """
+    perms = _class_permutations(train_labels, seed)
+    class_rank = np.random.default_rng([seed, 2]).permutation(len(perms))
+    keys, ranks, items = [], [], []
+    for j, perm in enumerate(perms.values()):
+        k = np.arange(len(perm))
+        # (2k+1)/(2n_c) is an exact rational rounded once, so equal ratios compare equal.
+        key = (2 * k + 1) / (2 * len(perm))
+        key[0] = -1.0  # one image of every class before any class gets a second
+        keys.append(key)
+        ranks.append(np.full(len(perm), class_rank[j]))
+        items.append(perm)
+    key_all, rank_all = np.concatenate(keys), np.concatenate(ranks)
+    order = np.lexsort((rank_all, key_all))  # by key, then by the seeded class rank
+    return np.concatenate(items)[order].astype(np.int64)
+
+
+def subset_size(spec: str | LabelSpec, train_labels: Sequence[Hashable]) -> int | None:
+    """How many labels `spec` asks for on this train split (None for per-class counts).
+
+    Raises:
+        LabelSubsetError: when the request is impossible (fewer labels than classes, more than
+            there are); the message says what it would give and what to ask for instead.
+    """
+    spec = parse_labels_spec(spec)
+    counts = Counter(train_labels)
+    n, k = len(train_labels), len(counts)
+    if spec.kind == "per_class":
+        return None
+    if spec.kind == "count":
+        want = int(spec.value)
+        if want > n:
+            raise LabelSubsetError(
+                f"--labels {spec.text} asks for {want} images but the train split has only {n}; "
+                f"use at most {n} or '100%'"
+            )
+        if want < k:
+            raise LabelSubsetError(
+                f"--labels {spec.text} is fewer images than the {k} classes; every class needs "
+                f"at least one example. Use at least {k}, or '1/class'"
+            )
+        return want
+    raw = float(spec.value) * n
+    if raw < k:
+        smallest = math.ceil(k / n * 1000) / 10  # smallest workable percentage, rounded up
+        raise LabelSubsetError(
+            f"--labels {spec.text} of {n} training images would give {raw:g} images, fewer than "
+            f"the {k} classes (every class needs at least one example). Use '1/class', a count "
+            f"of at least {k}, or a fraction of at least {smallest:g}%"
+        )
+    # Round half up, never below one per class or above everything.
+    return min(n, max(k, math.floor(raw + 0.5)))
+
+
+def label_subset(train_labels: Sequence[Hashable], spec: str | LabelSpec, seed: int) -> np.ndarray:
+    """The labelled subset of the train split that a fine-tune may use.
+
+    Stratified, at least one image per class, and nested for a fixed seed: for specs asking for
+    `a <= b` labels, subset(a) is inside subset(b); per-class counts are nested the same way.
+
+    Args:
+        train_labels: labels of the train split.
+        spec: a `--labels` value ('1%', '0.01', '200', '5/class') or a parsed `LabelSpec`.
+        seed: the subset seed (the run's seed); it fixes which images each class contributes.
+
+    Returns:
+        sorted int64 indices into `train_labels`.
+
+    Raises:
+        LabelSubsetError: impossible requests, before any training starts.
+    """
+    spec = parse_labels_spec(spec)
+    if len(train_labels) == 0:
+        raise LabelSubsetError("the train split is empty; there are no labels to subset")
+    if spec.kind == "per_class":
+        per = int(spec.value)
+        perms = _class_permutations(train_labels, seed)
+        short = {c: len(p) for c, p in perms.items() if len(p) < per}
+        if short:
+            raise LabelSubsetError(
+                f"--labels {spec.text} asks for {per} images per class, but the train split has "
+                f"fewer for class(es) {_fmt_counts(short)}; use at most "
+                f"'{min(len(p) for p in perms.values())}/class', or a fraction or a count"
+            )
+        return np.sort(np.concatenate([p[:per] for p in perms.values()]))
+    size = subset_size(spec, train_labels)
+    assert size is not None
+    return np.sort(label_priority_order(train_labels, seed)[:size])
+
+
+def describe_subset(
+    train_labels: Sequence[Hashable],
+    indices: Sequence[int] | np.ndarray,
+    spec: str | LabelSpec | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Per-class counts of a label subset, for the run folder (`labels.json`).
+
+    Returns:
+        {'spec', 'seed', 'n_labels', 'n_train', 'fraction', 'per_class': {class: n},
+         'per_class_available': {class: n}}; class keys are strings (JSON keys).
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    available = {str(c): len(m) for c, m in _class_members(train_labels).items()}
+    chosen = Counter(str(train_labels[i]) for i in idx)
+    return {
+        "spec": None if spec is None else parse_labels_spec(spec).text,
+        "seed": seed,
+        "n_labels": len(idx),
+        "n_train": len(train_labels),
+        "fraction": len(idx) / len(train_labels) if len(train_labels) else 0.0,
+        "per_class": {c: chosen.get(c, 0) for c in available},
+        "per_class_available": available,
+    }
