@@ -1,0 +1,436 @@
+"""Decode once: every image normalized, resized and stored in one memory-mapped array.
+
+Layout of a cache folder::
+
+    images.npy   [N, C, size, size] uint8 | uint16 | float16   (np.load(mmap_mode="r"))
+    items.npy    [N, 3] int64: row in images.npy, file index, frame index
+    cache.json   settings (size, dtype, fit, intensity spec), per-file size/mtime(/sha256),
+                 labels and splits; written last, so its presence means the cache is complete
+
+Working resolution: each frame is resized to ``size x size``. ``fit`` says how non-square
+images get there: 'squash' (default; keeps all content, the aspect change is within what
+random-resized-crop does anyway), 'crop' (shorter side to ``size``, center crop) or 'pad'
+(longer side to ``size``, zero padding). Pick ``size`` a bit above the training size (256 for
+224 training) so random crops still have detail. uint8 is plenty after windowing; uint16 keeps
+16-bit detail for wide windows/percentile ranges; float16 when values must stay continuous.
+
+Invalidation: opening a cache compares every file's size and mtime (and sha256 when the cache
+was built with ``hash_files``) and the normalization settings, and refuses a stale cache with
+a message naming what changed. ``build_cache`` reuses a fresh cache and rebuilds a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from beitdomain.data.index import Manifest, ScanError, scan
+from beitdomain.fileio import atomic_write_json, sha256_file
+from beitdomain.io import IntensitySpec, ReaderError, load_image
+
+CACHE_VERSION = 1
+DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
+FITS = ("squash", "crop", "pad")
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, stale or was built with other settings; says what changed."""
+
+
+def resize_square(image: np.ndarray, size: int, fit: str = "squash") -> np.ndarray:
+    """Resizes ``[C, H, W]`` float32 to ``[C, size, size]`` (see module docstring for ``fit``)."""
+    c, h, w = image.shape
+    hwc = np.ascontiguousarray(image.transpose(1, 2, 0))  # cv2 wants [H, W, C]
+    if fit == "squash":
+        new_h = new_w = size
+    elif fit == "crop":
+        s = size / min(h, w)
+        new_h, new_w = max(size, round(h * s)), max(size, round(w * s))
+    elif fit == "pad":
+        s = size / max(h, w)
+        new_h, new_w = max(1, round(h * s)), max(1, round(w * s))
+    else:
+        raise ValueError(f"fit={fit!r}; valid: {', '.join(FITS)}")
+    # INTER_AREA averages when shrinking (no aliasing); linear when enlarging.
+    interp = cv2.INTER_AREA if new_h * new_w < h * w else cv2.INTER_LINEAR
+    if c <= 4:
+        out = cv2.resize(hwc, (new_w, new_h), interpolation=interp).reshape(new_h, new_w, c)
+    else:
+        out = np.stack(
+            [cv2.resize(hwc[..., k], (new_w, new_h), interpolation=interp) for k in range(c)], -1
+        )
+    out = out.transpose(2, 0, 1)  # [C, new_h, new_w]
+    if fit == "crop":
+        y, x = (new_h - size) // 2, (new_w - size) // 2
+        return np.ascontiguousarray(out[:, y : y + size, x : x + size])
+    if fit == "pad":
+        padded = np.zeros((c, size, size), np.float32)
+        y, x = (size - new_h) // 2, (size - new_w) // 2
+        padded[:, y : y + new_h, x : x + new_w] = out
+        return padded
+    return np.ascontiguousarray(out)
+
+
+def quantize(image: np.ndarray, dtype: str) -> np.ndarray:
+    """[0, 1] float32 -> uint8 (x255) / uint16 (x65535) with rounding, or float16."""
+    if dtype == "float16":
+        return image.astype(np.float16)
+    top = np.float32(255.0 if dtype == "uint8" else 65535.0)
+    return (image * top + np.float32(0.5)).astype(DTYPES[dtype])
+
+
+def dequantize_scale(dtype: np.dtype) -> float:
+    """Factor that maps cached values back to [0, 1]."""
+    return {np.dtype(np.uint8): 1 / 255.0, np.dtype(np.uint16): 1 / 65535.0}.get(
+        np.dtype(dtype), 1.0
+    )
+
+
+def _decode_file(args: tuple) -> tuple[int, np.ndarray | None, str | None]:
+    """Worker: one file -> ``[k, C, size, size]`` in the cache dtype. Module-level for pickling."""
+    index, path, spec_dict, size, dtype, fit, frames = args
+    try:
+        image, _ = load_image(path, IntensitySpec.from_config(spec_dict))
+    except ReaderError as e:
+        return index, None, e.reason
+    if image.ndim == 3:
+        image = image[None]
+    if image.shape[0] != frames:
+        return index, None, f"has {image.shape[0]} frames but the manifest says {frames}; re-scan"
+    out = np.stack([quantize(resize_square(f, size, fit), dtype) for f in image])
+    return index, out, None
+
+
+def _settings(spec: IntensitySpec, size: int, dtype: str, fit: str) -> dict[str, Any]:
+    return {"size": int(size), "dtype": dtype, "fit": fit, "spec": spec.to_dict()}
+
+
+def _diff_settings(cached: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("size", "dtype", "fit"):
+        if cached.get(key) != wanted.get(key):
+            out.append(f"{key}: {cached.get(key)!r} in the cache, {wanted.get(key)!r} requested")
+    cspec, wspec = cached.get("spec", {}), wanted.get("spec", {})
+    for key in sorted(set(cspec) | set(wspec)):
+        if cspec.get(key) != wspec.get(key):
+            out.append(f"{key}: {cspec.get(key)!r} in the cache, {wspec.get(key)!r} requested")
+    return out
+
+
+def _changed_files(root: Path, files: Sequence[dict[str, Any]]) -> list[str]:
+    changes = []
+    for f in files:
+        p = Path(f["path"])
+        p = p if p.is_absolute() else root / p
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            changes.append(f"{f['path']}: deleted")
+            continue
+        if st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]:
+            continue
+        if f.get("sha256") and st.st_size == f["size"] and sha256_file(p) == f["sha256"]:
+            continue  # touched or copied, content identical
+        changes.append(
+            f"{f['path']}: size {f['size']} -> {st.st_size}"
+            if st.st_size != f["size"]
+            else f"{f['path']}: modified (mtime changed)"
+        )
+    return changes
+
+
+def check_cache(
+    cache_dir: str | os.PathLike,
+    spec: IntensitySpec | None = None,
+    size: int | None = None,
+    dtype: str | None = None,
+    fit: str | None = None,
+    manifest: Manifest | None = None,
+) -> list[str]:
+    """Reasons the cache cannot be used as is; empty when it is complete and fresh.
+
+    Settings left as None are not compared. With ``manifest``, files added to or removed
+    from the dataset since the cache was built are reported too.
+    """
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / "cache.json"
+    if not meta_path.is_file():
+        return [
+            f"{cache_dir}: no cache here (cache.json missing; build it with beitdomain data cache)"
+        ]
+    info = json.loads(meta_path.read_text())
+    if info.get("cache_version") != CACHE_VERSION:
+        return [f"cache format {info.get('cache_version')} != {CACHE_VERSION}; rebuild it"]
+    reasons = []
+    cached = info["settings"]
+    wanted = {
+        "size": size if size is not None else cached["size"],
+        "dtype": dtype if dtype is not None else cached["dtype"],
+        "fit": fit if fit is not None else cached["fit"],
+        "spec": spec.to_dict() if spec is not None else cached["spec"],
+    }
+    reasons += [f"setting changed: {d}" for d in _diff_settings(cached, wanted)]
+    changes = _changed_files(Path(info["root"]), info["files"])
+    if changes:
+        shown = changes[:10] + ([f"... and {len(changes) - 10} more"] if len(changes) > 10 else [])
+        reasons.append(
+            f"{len(changes)} file(s) changed since the cache was built: " + "; ".join(shown)
+        )
+    if manifest is not None:
+        cached_paths = {f["path"] for f in info["files"]} | {p for p, _ in info.get("errors", [])}
+        added = [e.path for e in manifest.entries if e.path not in cached_paths]
+        if added:
+            reasons.append(f"{len(added)} file(s) not in the cache, e.g. {added[0]}")
+    return reasons
+
+
+def build_cache(
+    source: Manifest | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    size: int = 256,
+    dtype: str = "uint8",
+    spec: IntensitySpec | None = None,
+    fit: str = "squash",
+    workers: int = 0,
+    hash_files: bool = False,
+    on_error: str = "fail",
+    progress: bool = False,
+    force: bool = False,
+) -> CachedImages:
+    """Decodes every image of ``source`` once into ``out_dir`` (see the module docstring).
+
+    Args:
+        source: A Manifest, a manifest file (.jsonl/.csv) or a data folder (scanned first).
+        out_dir: Cache folder; created if needed.
+        size: Working resolution (square side in pixels).
+        dtype: 'uint8', 'uint16' or 'float16'.
+        spec: Normalization applied before storing; defaults to ``IntensitySpec()``.
+        fit: 'squash', 'crop' or 'pad' for non-square images.
+        workers: Decoding processes (0 = this process).
+        hash_files: Also store each file's sha256 (slower; makes invalidation content-exact).
+        on_error: 'fail' raises listing every bad file; 'skip' leaves them out, listed in
+            cache.json under "errors".
+        progress: Show a rich progress bar.
+        force: Rebuild even if a fresh cache with the same settings exists.
+
+    Returns:
+        The opened cache.
+    """
+    spec = spec or IntensitySpec()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r}; valid: {', '.join(FITS)}")
+    if size < 8:
+        raise ValueError(f"size={size}; the working resolution should be >= the training size")
+    out_dir = Path(out_dir)
+    manifest = _as_manifest(source, on_error, workers, progress)
+    fresh = (out_dir / "cache.json").is_file() and not check_cache(
+        out_dir, spec, size, dtype, fit, manifest
+    )
+    if fresh and not force:
+        cached = CachedImages(out_dir, verify=False)
+        cached.reused = True
+        return cached
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
+
+    per_file = [e.frames if spec.frames == "all" else 1 for e in manifest.entries]
+    offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
+    total = int(offsets[-1])
+    shape = (total, spec.in_chans, size, size)
+    partial = out_dir / ".images.partial.npy"
+    images = np.lib.format.open_memmap(partial, mode="w+", dtype=DTYPES[dtype], shape=shape)
+    spec_dict = spec.to_dict()
+    jobs = [
+        (i, str(manifest.abspath(e)), spec_dict, size, dtype, fit, per_file[i])
+        for i, e in enumerate(manifest.entries)
+    ]
+    failed: dict[int, str] = {}
+    for i, arr, reason in _run(jobs, workers, progress):
+        if arr is None:
+            failed[i] = reason or "unreadable"
+            continue
+        images[offsets[i] : offsets[i + 1]] = arr
+    images.flush()
+    del images
+    errors = list(manifest.errors) + [
+        (manifest.entries[i].path, r) for i, r in sorted(failed.items())
+    ]
+    if failed and on_error == "fail":
+        partial.unlink()
+        raise ScanError(
+            f"{manifest.root}: {len(failed)} file(s) could not be cached:",
+            [(manifest.entries[i].path, r) for i, r in sorted(failed.items())],
+            "Fix or remove them, or pass --on-error skip.",
+        )
+    items, files = [], []
+    for i, e in enumerate(manifest.entries):
+        if i in failed:
+            continue
+        record = {
+            "path": e.path,
+            "size": e.size,
+            "mtime_ns": e.mtime_ns,
+            "label": e.label,
+            "split": e.split,
+            "frames": per_file[i],
+        }
+        if hash_files:
+            record["sha256"] = sha256_file(manifest.abspath(e))
+        file_index = len(files)
+        files.append(record)
+        # Frame index within the source file; 'middle'/'first' store which one was kept.
+        frame0 = {"all": 0, "first": 0, "middle": e.frames // 2}[spec.frames]
+        for k in range(per_file[i]):
+            items.append((int(offsets[i]) + k, file_index, frame0 + k))
+    os.replace(partial, out_dir / "images.npy")
+    np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
+    atomic_write_json(
+        out_dir / "cache.json",
+        {
+            "cache_version": CACHE_VERSION,
+            "settings": _settings(spec, size, dtype, fit),
+            "root": str(Path(manifest.root).resolve()),
+            "count": len(items),
+            "shape": [len(items), spec.in_chans, size, size],
+            "manifest_fingerprint": manifest.fingerprint(),
+            "files": files,
+            "errors": [list(x) for x in errors],
+        },
+    )
+    cached = CachedImages(out_dir, verify=False)
+    cached.reused = False
+    return cached
+
+
+def _as_manifest(source: Any, on_error: str, workers: int, progress: bool) -> Manifest:
+    if isinstance(source, Manifest):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return scan(path, on_error=on_error, workers=workers, progress=progress)
+    return Manifest.load(path)
+
+
+def _run(jobs: list[tuple], workers: int, progress: bool):
+    if workers > 0 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        results = pool.map(
+            _decode_file, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))
+        )
+    else:
+        pool = None
+        results = map(_decode_file, jobs)
+    try:
+        if progress:
+            from rich.progress import track
+
+            results = track(results, total=len(jobs), description="Decoding into the cache")
+        yield from results
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+class CachedImages:
+    """Read access to a cache: ``cache[i]`` is a zero-copy ``[C, size, size]`` view.
+
+    Pickles without the mapped array (each DataLoader worker maps the file itself).
+
+    Attributes:
+        root: Data root the cache was built from.
+        settings: size, dtype, fit and the intensity spec used.
+        reused: Set by ``build_cache``: True when an existing fresh cache was returned.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        spec: IntensitySpec | None = None,
+        size: int | None = None,
+        dtype: str | None = None,
+        fit: str | None = None,
+        verify: bool = True,
+    ) -> None:
+        """Opens a cache; with ``verify`` refuses it when files or requested settings differ.
+
+        Raises:
+            CacheError: naming what changed and how to rebuild.
+        """
+        self.cache_dir = Path(cache_dir)
+        if verify:
+            reasons = check_cache(self.cache_dir, spec, size, dtype, fit)
+            if reasons:
+                raise CacheError(
+                    f"{self.cache_dir}: cache cannot be used:\n  "
+                    + "\n  ".join(reasons)
+                    + "\nRebuild it with: beitdomain data cache ... --out "
+                    + str(self.cache_dir)
+                )
+        elif not (self.cache_dir / "cache.json").is_file():
+            raise CacheError(f"{self.cache_dir}: no cache here (cache.json missing)")
+        info = json.loads((self.cache_dir / "cache.json").read_text())
+        self.root = info["root"]
+        self.settings = info["settings"]
+        self.files: list[dict[str, Any]] = info["files"]
+        self.errors = [tuple(e) for e in info.get("errors", [])]
+        self.items = np.load(self.cache_dir / "items.npy")  # [N, 3]: row, file, frame
+        self._rows = self.items[:, 0]
+        self.reused = False
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        """The whole mapped array ``[rows, C, size, size]`` (opened lazily, read-only)."""
+        if self._images is None:
+            self._images = np.load(self.cache_dir / "images.npy", mmap_mode="r")
+        return self._images
+
+    @property
+    def spec(self) -> IntensitySpec:
+        return IntensitySpec.from_config(self.settings["spec"])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        # np.asarray drops the memmap subclass but keeps the zero-copy view.
+        return np.asarray(self.images[self._rows[i]])
+
+    def source(self, i: int) -> tuple[str, int]:
+        """(path relative to the root, frame index) of item ``i``."""
+        _, f, frame = self.items[i]
+        return self.files[f]["path"], int(frame)
+
+    def label(self, i: int) -> str | None:
+        return self.files[self.items[i, 1]]["label"]
+
+    def split(self, i: int) -> str | None:
+        return self.files[self.items[i, 1]]["split"]
+
+    @property
+    def labels(self) -> list[str | None]:
+        """Label of every item (frames inherit their file's label)."""
+        per_file = [f["label"] for f in self.files]
+        return [per_file[f] for f in self.items[:, 1]]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({f["label"] for f in self.files if f["label"] is not None})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_images"] = None  # never pickle the mapped data; re-map in the worker
+        return state

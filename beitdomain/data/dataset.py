@@ -1,0 +1,140 @@
+"""``ImageDataset``: a source of images + a transform -> dicts of tensors, reproducibly.
+
+A *source* is anything with ``__len__``, ``__getitem__(i) -> [C, H, W]`` and ``label(i)``:
+``CachedImages`` (decoded once; the fast path for training) or ``ManifestImages`` (decodes
+files on every access; fine for small sets and evaluation).
+
+Randomness: item ``i`` in epoch ``e`` uses ``np.random.default_rng([seed, e, i])`` (``i`` is the
+index in the source, so subsets keep their items' augmentations). Results are therefore the
+same with 0, 2 or 16 loader workers and after a resume. ``set_epoch`` must be called before
+each epoch's DataLoader iterator is created; with ``persistent_workers=True`` the workers keep
+the epoch they started with, so leave it off (the default) when using ``set_epoch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from beitdomain.data.index import Manifest
+from beitdomain.io import IntensitySpec, load_image
+
+
+class ManifestImages:
+    """Reads images straight from the files of a manifest (no cache).
+
+    Multi-frame files contribute one item per frame when ``spec.frames == 'all'``.
+    """
+
+    def __init__(self, manifest: Manifest, spec: IntensitySpec | None = None) -> None:
+        self.manifest = manifest
+        self.spec = spec or IntensitySpec()
+        self.items: list[tuple[int, int]] = []  # (entry index, frame index within the load)
+        for k, e in enumerate(manifest.entries):
+            n = e.frames if self.spec.frames == "all" else 1
+            self.items.extend((k, f) for f in range(n))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, frame = self.items[i]
+        image, _ = load_image(self.manifest.abspath(self.manifest.entries[k]), self.spec)
+        return image[frame] if image.ndim == 4 else image
+
+    def label(self, i: int) -> str | None:
+        return self.manifest.entries[self.items[i][0]].label
+
+    def source(self, i: int) -> tuple[str, int]:
+        k, frame = self.items[i]
+        return self.manifest.entries[k].path, frame
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [self.manifest.entries[k].label for k, _ in self.items]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+
+class ImageDataset(Dataset):
+    """Images through a transform, as dicts of tensors.
+
+    Pre-training (the transform returns two views): ``{'image': [C, H, W] float32,
+    'tok_image': [C, h, w] float32}`` plus ``'mask': [gh * gw] bool`` (True = masked) when a
+    ``mask_generator`` is given. Fine-tuning (one view): ``{'image', 'label': int64 (-1 when
+    unlabelled), 'index': int64}``.
+
+    Args:
+        source: ``CachedImages``, ``ManifestImages`` or a ``Manifest`` (wrapped with ``spec``).
+        transform: ``PretrainTransform`` / ``FinetuneTransform`` or any
+            ``(image, rng) -> view | (view, tok_view)``.
+        seed: Base seed of the per-item random generators.
+        mask_generator: ``gen(rng) -> bool [gh, gw]``, e.g. ``BlockMaskGenerator.gen``.
+        indices: Use only these source indices (a split or label fraction).
+        classes: Class names defining label indices; default: the source's sorted labels.
+        spec: Intensity spec when ``source`` is a Manifest.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable[[np.ndarray, np.random.Generator], Any],
+        seed: int = 0,
+        mask_generator: Callable[[np.random.Generator], np.ndarray] | None = None,
+        indices: Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
+        spec: IntensitySpec | None = None,
+    ) -> None:
+        self.source = ManifestImages(source, spec) if isinstance(source, Manifest) else source
+        self.transform = transform
+        self.seed = int(seed)
+        self.mask_generator = mask_generator
+        self.indices = np.arange(len(self.source)) if indices is None else np.asarray(indices)
+        self.classes = list(classes) if classes is not None else list(self.source.classes)
+        self._class_index = {c: k for k, c in enumerate(self.classes)}
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose augmentations ``__getitem__`` produces."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def rng(self, i: int) -> np.random.Generator:
+        """The generator for dataset position ``i`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
+
+    def label_index(self, label: str | None) -> int:
+        if label is None:
+            return -1
+        try:
+            return self._class_index[label]
+        except KeyError:
+            raise KeyError(f"label {label!r} is not one of the classes {self.classes}") from None
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        src = int(self.indices[i])
+        image = self.source[src]
+        rng = self.rng(i)
+        out = self.transform(image, rng)
+        if isinstance(out, tuple):
+            view, tok = out
+            item = {"image": torch.from_numpy(view), "tok_image": torch.from_numpy(tok)}
+            if self.mask_generator is not None:
+                # Own stream, so changing the mask settings leaves the crops unchanged.
+                mask_rng = np.random.default_rng([self.seed, self.epoch, src, 1])
+                mask = np.asarray(self.mask_generator(mask_rng), dtype=bool)
+                item["mask"] = torch.from_numpy(mask.reshape(-1))  # [gh * gw], True = masked
+            return item
+        return {
+            "image": torch.from_numpy(out),
+            "label": torch.tensor(self.label_index(self.source.label(src)), dtype=torch.int64),
+            "index": torch.tensor(src, dtype=torch.int64),
+        }
