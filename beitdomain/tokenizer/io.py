@@ -19,6 +19,7 @@ stand-ins that only hold attributes, tensors are rebuilt by torch, and any other
 
 from __future__ import annotations
 
+import _compat_pickle
 import json
 import logging
 import os
@@ -249,6 +250,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals (see ``_ALLOWED_GLOBALS``)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles spell Python 2 names (__builtin__.set, copy_reg); pickle's own
+        # find_class renames them, and so must we before checking the allow-list.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if _STANDIN_MODULES.match(module):
             return _standin(module, name)
         if (module, name) in _ALLOWED_GLOBALS:
