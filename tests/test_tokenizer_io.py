@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import types
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -229,16 +230,20 @@ def _fake_dall_e() -> dict[str, types.ModuleType]:
     return mods
 
 
-@pytest.fixture
-def dalle_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Pickled fake DALL-E encoder/decoder; `dall_e` is unimportable again when loading."""
+@pytest.fixture(params=["zip", "legacy"])
+def dalle_pickles(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Pickled fake DALL-E encoder/decoder in torch's zip or legacy (pre-1.6) format; `dall_e`
+    is unimportable again when loading."""
     torch.manual_seed(0)
-    with monkeypatch.context() as mp:
+    zip_format = request.param == "zip"
+    with monkeypatch.context() as mp, warnings.catch_warnings():
+        # Saving whole modules in the legacy format warns that their source cannot be stored.
+        warnings.simplefilter("ignore", UserWarning)
         for name, mod in _fake_dall_e().items():
             mp.setitem(sys.modules, name, mod)
         enc, dec = sys.modules["dall_e.encoder"].Encoder(), sys.modules["dall_e.decoder"].Decoder()
-        torch.save(enc, tmp_path / "encoder.pkl")
-        torch.save(dec, tmp_path / "decoder.pkl")
+        for module, name in ((enc, "encoder.pkl"), (dec, "decoder.pkl")):
+            torch.save(module, tmp_path / name, _use_new_zipfile_serialization=zip_format)
     assert "dall_e" not in sys.modules
     return enc, dec, tmp_path / "encoder.pkl", tmp_path / "decoder.pkl"
 
