@@ -32,7 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from beitdomain.data.index import Manifest, ScanError, scan
+from beitdomain.data.index import DataError, Manifest, ScanError, scan
 from beitdomain.fileio import atomic_write_json, sha256_file
 from beitdomain.io import IntensitySpec, ReaderError, load_image
 
@@ -41,7 +41,7 @@ DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
 FITS = ("squash", "crop", "pad")
 
 
-class CacheError(RuntimeError):
+class CacheError(DataError):
     """The cache is missing, stale or was built with other settings; says what changed."""
 
 

@@ -34,7 +34,11 @@ ON_ERROR = ("fail", "skip")
 MANIFEST_VERSION = 1
 
 
-class ScanError(ValueError):
+class DataError(ValueError):
+    """A problem with the user's data or data settings; the message says what and where."""
+
+
+class ScanError(DataError):
     """Files that could not be read or labels that do not fit; lists every problem at once.
 
     Attributes:

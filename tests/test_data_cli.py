@@ -1,0 +1,78 @@
+"""``beitdomain data ...`` and ``readers list`` through Typer's CliRunner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from beitdomain.cli.data import app, readers_app
+from beitdomain.data.cache import CachedImages
+from beitdomain.data.index import Manifest
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    for label in ("ok", "bad"):
+        (root / label).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((24, 24), 50 * k, np.uint8)).save(root / label / f"{k}.png")
+    return root
+
+
+def test_scan_writes_manifest_and_summary(folder: Path, tmp_path: Path):
+    out = tmp_path / "m.jsonl"
+    result = runner.invoke(app, ["scan", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output and "by label" in result.output
+    assert len(Manifest.load(out)) == 4
+
+
+def test_scan_fails_listing_bad_files_then_skip(folder: Path, tmp_path: Path):
+    (folder / "ok" / "zero.png").write_bytes(b"")
+    result = runner.invoke(app, ["scan", str(folder)])
+    assert result.exit_code == 2
+    assert "ok/zero.png" in result.output and "file is empty" in result.output
+    out = tmp_path / "m.jsonl"
+    result = runner.invoke(app, ["scan", str(folder), "--on-error", "skip", "-o", str(out)])
+    assert result.exit_code == 0 and "1 unreadable" in result.output
+    assert (tmp_path / "m.errors.csv").read_text().count("zero.png") == 1
+
+
+def test_cache_then_inspect(folder: Path, tmp_path: Path):
+    cache_dir = tmp_path / "cache"
+    args = ["cache", str(folder), "--out", str(cache_dir), "--size", "16", "--window", "100,50"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "cache written" in result.output
+    assert CachedImages(cache_dir).settings["spec"]["window"] == [100.0, 50.0]
+    result = runner.invoke(app, args)
+    assert "cache up to date" in result.output
+    sheet = tmp_path / "sheet.png"
+    result = runner.invoke(app, ["inspect", str(cache_dir), "--out", str(sheet), "--n", "2"])
+    assert result.exit_code == 0, result.output
+    assert sheet.stat().st_size > 1000
+
+
+def test_bad_option_values(folder: Path, tmp_path: Path):
+    result = runner.invoke(app, ["cache", str(folder), "-o", str(tmp_path / "c"), "--window", "x"])
+    assert result.exit_code != 0 and "neither a preset" in result.output
+
+
+def test_readers_list():
+    result = runner.invoke(readers_app, ["list"])
+    assert result.exit_code == 0
+    for name in ("dicom", "tiff", "pillow", "built-in"):
+        assert name in result.output
+
+
+def test_help_has_examples():
+    for cmd in ("scan", "cache", "inspect"):
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "beitdomain data" in result.output
