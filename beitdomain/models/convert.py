@@ -1,0 +1,639 @@
+"""Load BEiT weights from local files (unilm, timm, Hugging Face, beitdomain) and export to timm.
+
+Every source is first rewritten into one *canonical* key space, timm's `Beit` keys plus unilm's
+pre-training extras `mask_token` and `lm_head.*` (and `head.*` for a classifier), then adapted to
+the target model:
+
+* patch embedding: other channel count (RGB -> 1 sums the three filters, 1 -> C replicates and
+  divides by C; both via timm's `adapt_input_conv`) and other patch size (timm's
+  `resample_patch_embed`);
+* relative position bias tables for another patch grid: bicubic on the `(2h-1) x (2w-1)` table,
+  the 3 cls entries kept; a shared table is copied into every block when the target has one
+  table per block; absolute position embeddings resampled with timm's `resample_abs_pos_embed`;
+* heads of another size (vocabulary or classes) are left freshly initialized and reported.
+
+Nothing is silently dropped: the returned `LoadReport` lists what was loaded, reshaped, missing
+and unused. Files are read with `safetensors` or `torch.load(weights_only=True)` only, unless the
+caller opts into full pickle with `trust_pickle=True` (the CLI's `--trust-pickle`).
+
+Why summing (not averaging) for RGB -> 1 channel: on a gray image copied into R, G and B, each
+normalized with the same mean/std (BEiT uses 0.5/0.5 for every channel), the RGB filter responds
+with `sum_c w_c * x`, which is exactly the summed filter applied to the single channel. Averaging
+would shrink every patch embedding by 3x, far from the scale the following blocks were trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
+from timm.models.beit import Beit
+from torch import nn
+
+from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+
+RPB = "relative_position_bias_table"
+SHARED_RPB = f"rel_pos_bias.{RPB}"
+# Target keys that are expected to be absent from a backbone checkpoint (fresh heads / norms).
+_FRESH = re.compile(r"^(head\.|lm_head\.|fc_norm\.|norm\.|mask_token$)")
+_BLOCK_RPB = re.compile(rf"^blocks\.(\d+)\.attn\.{RPB}$")
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_backbone_weights` did, key by key (target keys in canonical, timm-style names).
+
+    Attributes:
+        source: the file, folder or "<state dict>".
+        format: detected layout: "unilm", "timm", "hf" or "beitdomain".
+        loaded: target keys filled from the checkpoint (as is or reshaped).
+        missing: target keys the checkpoint did not provide (left as initialized).
+        unexpected: checkpoint keys (their own names) that were not used.
+        reshaped: "key: (old shape) -> (new shape), how" for adapted tensors.
+        mismatched: "key: checkpoint (shape) vs model (shape)" for tensors that could not be
+            adapted (not loaded).
+        ignored: derived checkpoint entries that are recomputed, e.g. relative_position_index.
+        notes: other things worth knowing (new head, shared bias copied, config differences).
+    """
+
+    source: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def missing_backbone(self) -> list[str]:
+        """Missing keys other than heads, final norms and the mask token."""
+        return [k for k in self.missing if not _FRESH.match(k)]
+
+    def problems(self) -> list[str]:
+        """Reasons this load does not give a pre-trained backbone (empty when it does)."""
+        out = []
+        if self.missing_backbone:
+            out.append(
+                f"backbone keys missing from the checkpoint: {_short(self.missing_backbone)}"
+            )
+        bad = [m for m in self.mismatched if not _FRESH.match(m.split(":")[0])]
+        if bad:
+            out.append(f"backbone keys with incompatible shapes: {_short(bad)}")
+        extra_blocks = [k for k in self.unexpected if re.search(r"(blocks|layers?)\.\d+\.", k)]
+        if extra_blocks:
+            out.append(f"checkpoint blocks the model does not have: {_short(extra_blocks)}")
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"Loaded {len(self.loaded)} tensors from {self.source} ({self.format} format)",
+        ]
+        sections = [
+            ("reshaped", self.reshaped),
+            ("missing (kept initialization)", self.missing),
+            ("unexpected (not used)", self.unexpected),
+            ("incompatible shapes (not loaded)", self.mismatched),
+            ("ignored (recomputed)", self.ignored),
+            ("notes", self.notes),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"  {title}: {len(items)}")
+                lines.extend(f"    - {item}" for item in items)
+        return "\n".join(lines)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        # unilm checkpoints may carry their argparse.Namespace; it holds only plain values.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointLoadError(
+                f"{path} cannot be read as plain tensors (weights_only=True): {reason}. "
+                "Loading it needs full pickle, which can run arbitrary code; if you trust the "
+                "file, pass --trust-pickle (trust_pickle=True), or convert it to safetensors."
+            ) from None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(
+    path_or_state: str | Path | Mapping[str, Any], *, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
+    """Reads a checkpoint into a flat `{name: tensor}` dict.
+
+    Args:
+        path_or_state: a `.safetensors` / `.pth` / `.pt` / `.bin` file, a Hugging Face model
+            folder (`model.safetensors` or `pytorch_model.bin`, plus `config.json`), or an
+            in-memory state dict.
+        trust_pickle: allow full pickle for files that are not plain tensors.
+
+    Returns:
+        `(state, hf_config, source)`: tensors, the HF `config.json` contents if any, and a
+        description of the source for reports.
+
+    Raises:
+        CheckpointLoadError: missing file, unreadable pickle, no tensors found.
+    """
+    hf_config = None
+    if isinstance(path_or_state, Mapping):
+        raw: Any = path_or_state
+        source = "<state dict>"
+    else:
+        path = Path(path_or_state)
+        source = str(path)
+        if path.is_dir():
+            cfg_path = path / "config.json"
+            if cfg_path.is_file():
+                hf_config = json.loads(cfg_path.read_text())
+            for name in ("model.safetensors", "pytorch_model.bin"):
+                if (path / name).is_file():
+                    path = path / name
+                    break
+            else:
+                found = sorted(p.name for p in path.iterdir())[:10]
+                raise CheckpointLoadError(
+                    f"{path} is a folder without model.safetensors or pytorch_model.bin "
+                    f"(found: {found}); pass the weights file itself"
+                )
+        elif not path.is_file():
+            raise CheckpointLoadError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            raw = load_file(str(path))
+        else:
+            raw = _torch_load(path, trust_pickle)
+    state = _unwrap(raw)
+    if not state:
+        raise CheckpointLoadError(f"no tensors found in {source}")
+    return state, hf_config, source
+
+
+def _unwrap(raw: Any) -> dict[str, torch.Tensor]:
+    # Training checkpoints nest the weights: {'model': ..., 'optimizer': ...} (unilm, ours),
+    # {'module': ...} (DeepSpeed / BEiT v2), {'state_dict': ...} (Lightning).
+    if isinstance(raw, Mapping):
+        for key in ("model", "module", "state_dict"):
+            inner = raw.get(key)
+            if isinstance(inner, Mapping) and any(torch.is_tensor(v) for v in inner.values()):
+                return _unwrap(inner)
+        return {str(k): v for k, v in raw.items() if torch.is_tensor(v)}
+    raise CheckpointLoadError(f"checkpoint holds a {type(raw).__name__}, not a state dict")
+
+
+# ----------------------------------------------------------------------------- key mapping
+
+# Per-layer suffixes of Hugging Face BEiT: the classic layout that `save_pretrained` writes and the
+# hub holds (`attention.attention.query`) and transformers 5's in-memory layout (`q_proj`).
+_HF_LAYER = [
+    (r"attention\.attention\.query\.weight|attention\.q_proj\.weight", "attn.q.weight"),
+    (r"attention\.attention\.key\.weight|attention\.k_proj\.weight", "attn.k.weight"),
+    (r"attention\.attention\.value\.weight|attention\.v_proj\.weight", "attn.v.weight"),
+    (r"attention\.attention\.query\.bias|attention\.q_proj\.bias", "attn.q_bias"),
+    (r"attention\.attention\.value\.bias|attention\.v_proj\.bias", "attn.v_bias"),
+    (
+        r"attention\.attention\.relative_position_bias\.relative_position_bias_table"
+        r"|relative_position_bias\.relative_position_bias_table",
+        f"attn.{RPB}",
+    ),
+    (r"attention\.output\.dense\.(weight|bias)|attention\.o_proj\.(weight|bias)", "attn.proj."),
+    (r"intermediate\.dense\.(weight|bias)|mlp\.fc1\.(weight|bias)", "mlp.fc1."),
+    (r"output\.dense\.(weight|bias)|mlp\.fc2\.(weight|bias)", "mlp.fc2."),
+    (r"layernorm_before\.(weight|bias)", "norm1."),
+    (r"layernorm_after\.(weight|bias)", "norm2."),
+    (r"lambda_1", "gamma_1"),
+    (r"lambda_2", "gamma_2"),
+]
+_HF_TOP = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.mask_token", "mask_token"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", "patch_embed.proj."),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (
+        r"encoder\.relative_position_bias\.relative_position_bias_table"
+        r"|shared_position_bias\.relative_position_bias_table",
+        SHARED_RPB,
+    ),
+    (r"layernorm\.(weight|bias)", "norm."),
+    (r"pooler\.layernorm\.(weight|bias)", "fc_norm."),
+    (r"lm_head\.(weight|bias)", "lm_head."),
+    (r"classifier\.(weight|bias)", "head."),
+]
+_HF_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+
+
+def _hf_name(key: str) -> str | None:
+    key = key.removeprefix("beit.")
+    m = _HF_LAYER_RE.match(key)
+    table = _HF_LAYER if m else _HF_TOP
+    rest = m.group(2) if m else key
+    for pattern, target in table:
+        hit = re.fullmatch(pattern, rest)
+        if hit:
+            suffix = next((g for g in hit.groups() if g), "") if target.endswith(".") else ""
+            name = target + suffix
+            return f"blocks.{m.group(1)}.{name}" if m else name
+    return None
+
+
+def _is_hf(keys: list[str]) -> bool:
+    return any(
+        k.startswith("beit.") or _HF_LAYER_RE.match(k) or k.startswith("embeddings.") for k in keys
+    )
+
+
+def to_canonical(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str, list[str], list[str]]:
+    """Rewrites a checkpoint's keys into timm `Beit` names (+ `mask_token`, `lm_head`, `head`).
+
+    Returns:
+        `(tensors, origin, format, ignored, unmapped)`: canonical tensors, canonical name ->
+        original name, the detected format, derived entries skipped, and keys with no mapping.
+    """
+    keys = list(state)
+    stripped: dict[str, str] = {}
+    for k in keys:
+        name = k
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+            name = name.removeprefix(prefix)
+        stripped[k] = name
+    fmt = "timm"
+    if _is_hf(list(stripped.values())):
+        fmt = "hf"
+    elif any(n.startswith("backbone.") for n in stripped.values()):
+        fmt = "beitdomain"
+    elif any(
+        "relative_position_index" in n or n.startswith(("lm_head.", "rel_pos_bias."))
+        for n in stripped.values()
+    ):
+        fmt = "unilm"
+
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    ignored: list[str] = []
+    unmapped: list[str] = []
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, name in stripped.items():
+        if "relative_position_index" in name:
+            ignored.append(k)
+            continue
+        if fmt == "hf":
+            canon = _hf_name(name)
+            if canon is None:
+                unmapped.append(k)
+                continue
+        else:
+            canon = name.removeprefix("backbone.") if fmt == "beitdomain" else name
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.([qkv])\.weight", canon)
+        if m:  # HF keeps q, k, v apart; timm fuses them into one qkv matrix
+            qkv.setdefault(m.group(1), {})[m.group(2)] = state[k]
+            origin.setdefault(f"{m.group(1)}.qkv.weight", k)
+            continue
+        out[canon] = state[k]
+        origin[canon] = k
+    for prefix, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            unmapped.extend(f"{prefix}.{p}.weight" for p in parts)
+            continue
+        out[f"{prefix}.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out, origin, fmt, ignored, unmapped
+
+
+# ----------------------------------------------------------------------------- adapting
+
+
+def _target_state(model: nn.Module) -> tuple[Beit, dict[str, str], dict[str, torch.Tensor]]:
+    """Canonical name -> model name, and canonical name -> current tensor."""
+    if isinstance(model, Beit):
+        backbone, prefix = model, ""
+    elif isinstance(getattr(model, "backbone", None), Beit):
+        backbone, prefix = model.backbone, "backbone."
+    else:
+        raise TypeError(
+            f"cannot load BEiT weights into {type(model).__name__}: expected a timm Beit, "
+            "BeitMIM or BeitClassifier"
+        )
+    names: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for full, tensor in model.state_dict().items():
+        canon = full[len(prefix) :] if prefix and full.startswith(prefix) else full
+        names[canon] = full
+        tensors[canon] = tensor
+    return backbone, names, tensors
+
+
+def _grid_of_table(rows: int) -> tuple[int, int] | None:
+    side = round((rows - 3) ** 0.5)
+    if side * side == rows - 3 and side % 2 == 1:
+        return (side + 1) // 2, (side + 1) // 2
+    return None
+
+
+def resize_rel_pos_bias_table(
+    table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resizes a BEiT relative position bias table to another patch grid.
+
+    Args:
+        table: `[(2h-1)*(2w-1) + 3, heads]`; rows are row-major over (dy, dx) offsets, the last 3
+            are cls->token, token->cls and cls->cls.
+        src_grid: the table's patch grid `(h, w)`.
+        dst_grid: the new patch grid.
+
+    Returns:
+        `[(2h'-1)*(2w'-1) + 3, heads]`: bicubic resize of the offset table, cls entries kept.
+    """
+    sh, sw = 2 * src_grid[0] - 1, 2 * src_grid[1] - 1
+    dh, dw = 2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1
+    heads = table.shape[1]
+    if table.shape[0] != sh * sw + 3:
+        raise ValueError(
+            f"table with {table.shape[0]} rows does not belong to a {src_grid} grid "
+            f"(expected {sh * sw + 3})"
+        )
+    core, cls_rows = table[:-3], table[-3:]
+    grid = core.float().t().reshape(1, heads, sh, sw)  # [1, heads, 2h-1, 2w-1]
+    grid = F.interpolate(grid, size=(dh, dw), mode="bicubic", align_corners=False)
+    core = grid.reshape(heads, dh * dw).t().to(table.dtype)
+    return torch.cat([core, cls_rows], dim=0)
+
+
+def _adapt(
+    key: str,
+    value: torch.Tensor,
+    target: torch.Tensor,
+    backbone: Beit,
+    src_grid: tuple[int, int] | None,
+    report: LoadReport,
+) -> torch.Tensor | None:
+    """`value` reshaped to `target`'s shape, or None (reported) when it cannot be."""
+    old = tuple(value.shape)
+    new = tuple(target.shape)
+    how = None
+    if key == "patch_embed.proj.weight" and value.ndim == 4:
+        if value.shape[1] != target.shape[1]:
+            try:
+                value = adapt_input_conv(target.shape[1], value, base_chans=value.shape[1])
+            except NotImplementedError:
+                pass
+            else:
+                rule = "summed" if target.shape[1] == 1 else "replicated and scaled"
+                how = f"{old[1]} -> {new[1]} input channels ({rule})"
+        if value.shape[-2:] != target.shape[-2:] and value.shape[:2] == target.shape[:2]:
+            value = resample_patch_embed(value, list(target.shape[-2:]), verbose=False)
+            how = (how + "; " if how else "") + "patch size resampled"
+    elif key.endswith(RPB) and value.ndim == 2 and value.shape[1] == target.shape[1]:
+        grid = src_grid or _grid_of_table(value.shape[0])
+        if grid is None:
+            report.notes.append(
+                f"{key}: cannot infer the source grid of a non-square table "
+                f"({value.shape[0]} rows); pass source_grid"
+            )
+            return None
+        dst = tuple(backbone.patch_embed.grid_size)
+        value = resize_rel_pos_bias_table(value, grid, dst)  # type: ignore[arg-type]
+        how = f"bicubic {grid} -> {dst} grid, cls entries kept"
+    elif key == "pos_embed" and value.ndim == 3 and value.shape[2] == target.shape[2]:
+        value = resample_abs_pos_embed(
+            value,
+            new_size=list(backbone.patch_embed.grid_size),
+            old_size=list(src_grid) if src_grid else None,
+            num_prefix_tokens=1,
+        )
+        how = "bicubic resample"
+    if tuple(value.shape) != new:
+        report.mismatched.append(f"{key}: checkpoint {old} vs model {new}")
+        if key.startswith(("lm_head.", "head.")) and key.endswith("weight"):
+            report.notes.append(
+                f"new head {key.rsplit('.', 1)[0]}: checkpoint has {old[0]} outputs, model "
+                f"{new[0]}; it keeps its fresh initialization"
+            )
+        return None
+    report.reshaped.append(f"{key}: {old} -> {new}, {how}")
+    return value
+
+
+def load_backbone_weights(
+    model: nn.Module,
+    path_or_state: str | Path | Mapping[str, Any],
+    *,
+    in_chans: int | None = None,
+    strict_report: bool = True,
+    trust_pickle: bool = False,
+    source_grid: tuple[int, int] | None = None,
+) -> LoadReport:
+    """Loads BEiT weights from a local checkpoint into a `Beit`, `BeitMIM` or `BeitClassifier`.
+
+    Args:
+        model: the target; its architecture decides shapes (weights are adapted to it).
+        path_or_state: unilm `.pth`, timm `.safetensors`/`.pth`, a Hugging Face
+            `BeitForMaskedImageModeling` (or `BeitModel`) folder, a beitdomain checkpoint, or an
+            in-memory state dict.
+        in_chans: channels the caller expects the model to take; checked against the model.
+        strict_report: raise `CheckpointLoadError` (with the full report) when the checkpoint
+            does not provide a complete backbone: missing or incompatible backbone tensors, or
+            blocks the model does not have. Heads, final norms and the mask token may be
+            missing either way. False = load what fits and only report.
+        trust_pickle: allow full pickle for `.pth` files that are not plain tensors.
+        source_grid: the checkpoint's patch grid, needed only to resize non-square relative
+            position tables (taken from `config.json` for HF folders).
+
+    Returns:
+        The `LoadReport`; `str(report)` is a readable summary.
+    """
+    backbone, names, target = _target_state(model)
+    model_chans = backbone.patch_embed.proj.in_channels
+    if in_chans is not None and in_chans != model_chans:
+        raise CheckpointLoadError(
+            f"in_chans={in_chans} but the model takes {model_chans} channels; build the model "
+            f"with in_chans={in_chans}"
+        )
+    state, hf_config, source = read_checkpoint(path_or_state, trust_pickle=trust_pickle)
+    canon, origin, fmt, ignored, unmapped = to_canonical(state)
+    report = LoadReport(source=source, format=fmt, ignored=ignored, unexpected=list(unmapped))
+    if hf_config is not None:
+        source_grid = source_grid or _hf_grid(hf_config)
+        _compare_hf_config(hf_config, backbone, report)
+
+    used: set[str] = set()
+    new_state: dict[str, torch.Tensor] = {}
+    shared_copied = False
+    for key, tensor in target.items():
+        value = canon.get(key)
+        src_key = key
+        if value is None and _BLOCK_RPB.match(key) and SHARED_RPB in canon:
+            value, src_key, shared_copied = canon[SHARED_RPB], SHARED_RPB, True
+        if value is None:
+            report.missing.append(key)
+            continue
+        used.add(src_key)
+        if tuple(value.shape) != tuple(tensor.shape):
+            value = _adapt(key, value, tensor, backbone, source_grid, report)
+            if value is None:
+                continue
+        new_state[names[key]] = value.to(dtype=tensor.dtype)
+        report.loaded.append(key)
+    if shared_copied:
+        report.notes.append("shared relative position bias copied into every block's table")
+    if any(_BLOCK_RPB.match(k) for k in canon) and SHARED_RPB in report.missing:
+        report.notes.append(
+            "checkpoint has one relative position table per block but the model shares one; "
+            "build the backbone with use_shared_rel_pos_bias=False"
+        )
+    report.unexpected.extend(origin.get(k, k) for k in canon if k not in used)
+
+    problems = report.problems()
+    if strict_report and problems:
+        raise CheckpointLoadError(
+            f"{source} does not fit the model: " + "; ".join(problems) + f"\n{report}"
+        )
+    result = model.load_state_dict(new_state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # names come from the model
+    return report
+
+
+def _hf_grid(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    img, patch = config.get("image_size"), config.get("patch_size")
+    if img is None or patch is None:
+        return None
+    ih, iw = (img, img) if isinstance(img, int) else img
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return ih // ph, iw // pw
+
+
+def _compare_hf_config(config: Mapping[str, Any], backbone: Beit, report: LoadReport) -> None:
+    cfg = backbone_config_of(backbone)
+    expected = {
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": int(cfg.embed_dim * cfg.mlp_ratio),
+    }
+    for field_name, value in expected.items():
+        if field_name in config and config[field_name] != value:
+            report.notes.append(f"config.json {field_name}={config[field_name]}, model {value}")
+    eps = config.get("layer_norm_eps")
+    model_eps = backbone.blocks[0].norm1.eps
+    if eps is not None and abs(eps - model_eps) > 1e-12:
+        report.notes.append(
+            f"config.json layer_norm_eps={eps:g}, the timm model uses {model_eps:g} "
+            "(negligible for trained weights)"
+        )
+    act = config.get("hidden_act")
+    if act is not None and act != "gelu":
+        report.notes.append(f"config.json hidden_act={act!r}; timm's Beit uses exact 'gelu'")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class TimmExport:
+    """Where an exported backbone is and how timm builds a matching model for it.
+
+    Attributes:
+        path: the `.safetensors` file.
+        model_name: a registered timm BEiT name; `model_kwargs` override its dimensions.
+        model_kwargs: keyword arguments for `timm.create_model` describing the architecture.
+    """
+
+    path: Path
+    model_name: str
+    model_kwargs: dict[str, Any]
+
+    @property
+    def pretrained_cfg_overlay(self) -> dict[str, Any]:
+        """Overlay for `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=...)`.
+
+        `input_size` declares the exported channel count, so timm adapts the patch embedding
+        correctly when `in_chans` differs; `num_classes=0` says the file has no head.
+        """
+        size = self.model_kwargs["img_size"]
+        return {
+            "file": str(self.path),
+            "input_size": (self.model_kwargs["in_chans"], size, size),
+            "num_classes": 0,
+        }
+
+    def create_model(self, num_classes: int = 0, **overrides: Any) -> nn.Module:
+        """Builds the timm model with these weights (offline; reads only `path`)."""
+        import timm
+
+        kwargs = {**self.model_kwargs, **overrides}
+        return timm.create_model(
+            self.model_name,
+            pretrained=True,
+            pretrained_cfg_overlay=self.pretrained_cfg_overlay,
+            num_classes=num_classes,
+            **kwargs,
+        )
+
+
+def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
+    """Writes a backbone as timm BEiT safetensors (no MIM head, no mask token).
+
+    The layout is that of timm's registered BEiT models: one relative position table per block
+    (a shared table is copied into each), `fc_norm` after mean pooling and no token `norm`. A
+    MIM backbone's token norm is not carried over (unilm and MAE fine-tuning also start `fc_norm`
+    fresh); `fc_norm` is written as a fresh LayerNorm (weight 1, bias 0) so timm finds every key.
+
+    Args:
+        model: a `BeitMIM`, `BeitClassifier` or timm `Beit`.
+        out_path: the `.safetensors` file to write.
+
+    Returns:
+        A `TimmExport`; `export.create_model(num_classes=N)` or
+        `timm.create_model(export.model_name, pretrained=True,
+        pretrained_cfg_overlay=export.pretrained_cfg_overlay, num_classes=N,
+        **export.model_kwargs)` loads it with only the new head missing.
+    """
+    backbone, _, _ = _target_state(model)
+    cfg = backbone_config_of(backbone)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+    shared = state.pop(SHARED_RPB, None)
+    if shared is not None:
+        for i in range(cfg.depth):
+            state[f"blocks.{i}.attn.{RPB}"] = shared.clone()
+    if "fc_norm.weight" not in state:
+        state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
+        state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
+    kwargs = beit_kwargs(cfg.replace(use_shared_rel_pos_bias=False, drop_path_rate=0.0))
+    kwargs.pop("drop_path_rate")
+    # Any registered BEiT works as the template: every dimension is overridden by kwargs.
+    name = "beit_base_patch16_224"
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        state,
+        str(out),
+        metadata={"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})},
+    )
+    return TimmExport(path=out, model_name=name, model_kwargs=kwargs)

@@ -1,0 +1,211 @@
+"""BEiT masked image modeling on a timm `Beit`: mask tokens in, predictions for masked patches out.
+
+Flow per batch:
+    images [B, C, H, W] --patch_embed--> [B, L, D] --masked -> mask_token--> + cls, pos
+    --timm blocks (shared or per-block rel. pos. bias)--> norm --gather masked--> [N, D]
+    --lm_head--> [N, V] (visual-token logits) or [N, P] (normalized pixels, the paper's ablation)
+
+Only masked positions reach the head (`N = mask.sum()`), so with a 40% mask and an 8192-word
+vocabulary the head costs 40% of a full-sequence head, and no logits are computed that the loss
+would throw away.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.beit import Beit
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from beitdomain.models.backbone import BackboneConfig, create_backbone
+
+MimTarget = Literal["tokens", "pixels"]
+
+
+class BeitMIM(nn.Module):
+    """BEiT pre-training model: a timm `Beit` with a mask token and a head on masked patches.
+
+    The backbone must put its final LayerNorm on every token (`create_backbone(cfg,
+    final_norm="tokens")`, key `norm.*`), as unilm's pre-training model does. State-dict keys are
+    `backbone.<timm Beit keys>`, `mask_token` and `lm_head.*` (the head keeps unilm's name for
+    both targets).
+
+    Args:
+        backbone: the timm `Beit`.
+        target: "tokens" = classify each masked patch into `vocab_size` visual tokens
+            (cross-entropy); "pixels" = regress each masked patch's pixels (MSE).
+        vocab_size: tokenizer vocabulary size (target="tokens").
+        norm_pix_loss: for target="pixels", normalize each target patch by its own mean and
+            variance (MAE); otherwise regress raw (already input-normalized) pixels.
+    """
+
+    def __init__(
+        self,
+        backbone: Beit,
+        *,
+        target: MimTarget = "tokens",
+        vocab_size: int = 8192,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        if target not in ("tokens", "pixels"):
+            raise ValueError(f"target must be 'tokens' or 'pixels', got {target!r}")
+        if isinstance(backbone.norm, nn.Identity):
+            raise ValueError(
+                "BeitMIM needs a backbone with a LayerNorm on every token; build it with "
+                "create_backbone(cfg, final_norm='tokens') (this one pools before its norm)"
+            )
+        self.backbone = backbone
+        self.target = target
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size: int = backbone.patch_embed.patch_size[0]
+        self.in_chans: int = backbone.patch_embed.proj.in_channels
+        dim = backbone.embed_dim
+        out_dim = vocab_size if target == "tokens" else self.patch_size**2 * self.in_chans
+        self.vocab_size = vocab_size if target == "tokens" else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.lm_head = nn.Linear(dim, out_dim)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: BackboneConfig,
+        *,
+        target: MimTarget = "tokens",
+        vocab_size: int = 8192,
+        norm_pix_loss: bool = True,
+    ) -> BeitMIM:
+        """Builds the backbone from `cfg` (token-level final norm) and wraps it."""
+        backbone = create_backbone(cfg, final_norm="tokens")
+        return cls(backbone, target=target, vocab_size=vocab_size, norm_pix_loss=norm_pix_loss)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (L)."""
+        return self.backbone.patch_embed.num_patches
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward (timm's flag, honoured by `encode`)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def _flat_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        # mask: [B, L] or [B, gh, gw], True = masked  ->  [B, L] bool
+        mask = mask.reshape(mask.shape[0], -1)
+        if mask.shape != (batch, self.num_patches):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}, expected ({batch}, {self.num_patches}) "
+                f"(batch, patches) or ({batch}, *grid) for {self.backbone.patch_embed.grid_size}"
+            )
+        return mask.bool()
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs the backbone with masked patches replaced by the mask token.
+
+        Args:
+            images: `[B, C, H, W]`.
+            mask: `[B, L]` (or `[B, gh, gw]`) bool, True = masked; None = nothing masked.
+
+        Returns:
+            Normalized tokens `[B, 1 + L, D]`, cls first.
+        """
+        bb = self.backbone
+        x = bb.patch_embed(images)  # [B, L, D]
+        if mask is not None:
+            mask = self._flat_mask(mask, x.shape[0])
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        # As timm's Beit.forward_features, with the mask tokens swapped in before cls/pos.
+        x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        if bb.pos_embed is not None:
+            x = x + bb.pos_embed
+        x = bb.pos_drop(x)
+        # rel_pos_bias: [heads, 1 + L, 1 + L]. timm's Attention adds it as SDPA's float
+        # `attn_mask`; an additive float mask rules out the FlashAttention kernel, so on CUDA
+        # SDPA runs the memory-efficient (or cuDNN) kernel, which supports a bias and its grad.
+        rel_pos_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        for blk in bb.blocks:
+            if bb.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return bb.norm(x)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predictions for the masked patches, in row-major (batch, patch) order.
+
+        Args:
+            images: `[B, C, H, W]`.
+            mask: `[B, L]` (or `[B, gh, gw]`) bool, True = masked.
+
+        Returns:
+            `[N, V]` token logits or `[N, P]` pixel predictions, `N = mask.sum()`,
+            `P = patch_size**2 * in_chans` (pixels ordered (py, px, c)).
+        """
+        mask = self._flat_mask(mask, images.shape[0])
+        tokens = self.encode(images, mask)[:, 1:]  # [B, L, D]
+        # Boolean gather: one index op for the whole batch (a host sync on CUDA for the count).
+        return self.lm_head(tokens[mask])  # [N, D] -> [N, V or P]
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]` -> `[B, L, p*p*C]` in the patch order of `patch_embed`."""
+        b, c, h, w = images.shape
+        p = self.patch_size
+        x = images.reshape(b, c, h // p, p, w // p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-patch regression targets `[B, L, P]` (float32), normalized per patch if set."""
+        target = self.patchify(images.float())
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return target
+
+    def loss(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MIM loss on masked patches only.
+
+        Args:
+            images: `[B, C, H, W]`.
+            mask: `[B, L]` (or `[B, gh, gw]`) bool, True = masked.
+            targets: target="tokens": visual-token ids, either for every patch `[B, L]` (or
+                `[B, gh, gw]`) or already for the masked ones `[N]`. target="pixels": unused
+                (None), targets are computed from `images`.
+
+        Returns:
+            `(loss, metrics)`; metrics are detached 0-dim tensors (no host sync):
+            "loss", "acc" (masked-token accuracy, tokens only), "mse" (pixels only),
+            "num_masked".
+        """
+        mask = self._flat_mask(mask, images.shape[0])
+        preds = self(images, mask)  # [N, V or P]
+        num_masked = torch.tensor(preds.shape[0], device=preds.device)
+        if self.target == "pixels":
+            target = self.pixel_targets(images)[mask]  # [N, P]
+            loss = F.mse_loss(preds.float(), target)
+            return loss, {"loss": loss.detach(), "mse": loss.detach(), "num_masked": num_masked}
+
+        if targets is None:
+            raise ValueError("target='tokens' needs visual-token targets, got None")
+        if targets.shape[0] == mask.shape[0] and targets.numel() == mask.numel():
+            targets = targets.reshape(mask.shape)[mask]  # [B, L] -> [N]
+        elif targets.shape != (preds.shape[0],):
+            raise ValueError(
+                f"targets has shape {tuple(targets.shape)}; expected {tuple(mask.shape)} "
+                f"(every patch) or ({preds.shape[0]},) (masked patches only)"
+            )
+        targets = targets.long()
+        loss = F.cross_entropy(preds.float(), targets)
+        acc = (preds.detach().argmax(dim=-1) == targets).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc, "num_masked": num_masked}
