@@ -1,0 +1,46 @@
+"""Recipe -> models and mask generators: the few decisions pre-training and fine-tuning share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beitdomain.config import Recipe
+from beitdomain.data.masking import build_mask_generator
+from beitdomain.models.backbone import BackboneConfig, get_preset
+from beitdomain.user import UserError
+
+
+def backbone_config(recipe: Recipe, *, drop_path: float | None = None) -> BackboneConfig:
+    """The backbone of `model.preset` with the recipe's overrides (size, channels, drop path).
+
+    Overriding a dimension of a named timm architecture makes the config `custom`, so the
+    exported name never claims dimensions it does not have.
+    """
+    m = recipe.model
+    changes: dict[str, Any] = {
+        "in_chans": recipe.data.in_chans,
+        "img_size": m.img_size or recipe.data.image_size,
+        "drop_path_rate": m.drop_path if drop_path is None else drop_path,
+        "layer_scale_init": m.layer_scale_init,
+        "grad_checkpointing": recipe.train.grad_checkpointing,
+    }
+    dims = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+    dims = {k: v for k, v in dims.items() if v is not None}
+    try:
+        cfg = get_preset(m.preset)
+    except KeyError as e:
+        raise UserError(f"model.preset: {e.args[0]}") from None
+    if dims and any(getattr(cfg, k) != v for k, v in dims.items()):
+        changes["arch"] = "custom"
+    try:
+        return cfg.replace(**changes, **dims)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+
+
+def mask_generator(recipe: Recipe, grid: tuple[int, int]) -> Any:
+    """BEiT blockwise (or random) masking over the backbone's patch grid."""
+    mk = recipe.mask
+    if not 0.0 < mk.ratio < 1.0:
+        raise UserError(f"mask.ratio={mk.ratio} must be between 0 and 1 (BEiT: 0.4)")
+    return build_mask_generator(mk.kind, grid, mk.ratio, min_num_patches=mk.min_num_patches)

@@ -1,0 +1,253 @@
+"""Recipe -> datasets: which images, which views, which labels and splits.
+
+Images come from a cache (`data.cache`, decoded once: the fast path), a manifest
+(`data.manifest`) or a folder scanned now (`data.root`). Labelled work splits by *file*, so the
+frames of one multi-frame DICOM never land on both sides of a split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from beitdomain.config import Recipe
+from beitdomain.data.cache import CachedImages
+from beitdomain.data.dataset import ImageDataset, ManifestImages
+from beitdomain.data.index import Manifest, scan
+from beitdomain.data.splits import describe_subset, label_subset, stratified_split
+from beitdomain.data.transforms import FinetuneTransform, PretrainTransform
+from beitdomain.engine.distributed import dist_info
+from beitdomain.io import IntensitySpec
+from beitdomain.user import UserError
+
+
+def image_source(recipe: Recipe, progress: bool = True) -> tuple[Any, str]:
+    """The recipe's images as an indexable source, and a fingerprint of the data.
+
+    Raises:
+        UserError: no data configured.
+        ScanError / CacheError: unreadable files, a stale cache (named, with the fix).
+    """
+    d = recipe.data
+    spec = IntensitySpec.from_config(d)
+    if d.cache:
+        src = CachedImages(d.cache, spec=spec)
+        info = (Path(d.cache) / "cache.json").read_bytes()
+        return src, "cache:" + hashlib.sha256(info).hexdigest()
+    if d.manifest:
+        manifest = Manifest.load(d.manifest, root=d.root)
+    elif d.root:
+        manifest = scan(
+            d.root,
+            d.labels,
+            on_error=d.on_error,
+            allow_outside_root=d.allow_outside_root,
+            progress=progress and dist_info().is_main,
+        )
+        if manifest.errors:
+            manifest.save_errors(Path(d.root).resolve().parent / f"{Path(d.root).name}-errors.csv")
+    else:
+        raise UserError(
+            "no images given: set data.root to a folder (e.g. --data /path/to/images), "
+            "data.manifest to a `beitdomain data scan` manifest, or data.cache to a "
+            "`beitdomain data cache` folder"
+        )
+    return ManifestImages(manifest, spec), manifest.fingerprint()
+
+
+class EvalViews:
+    """Deterministic (view, tokenizer view) pair: resize + center crop, no augmentation."""
+
+    def __init__(self, image_size: int, tokenizer_size: int) -> None:
+        self.view = FinetuneTransform(train=False, image_size=image_size)
+        self.tok = FinetuneTransform(train=False, image_size=tokenizer_size)
+
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.view(image), self.tok(image)
+
+
+def holdout_indices(n: int, seed: int, max_items: int = 64, fraction: float = 0.05) -> np.ndarray:
+    """A fixed small set of items kept out of tokenizer training, to measure it honestly."""
+    k = max(1, min(max_items, round(fraction * n)))
+    if n <= 1:
+        return np.arange(0)
+    return np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
+
+
+def unlabeled_dataset(
+    recipe: Recipe,
+    kind: str,
+    mask_generator: Any = None,
+    holdout: bool = False,
+) -> tuple[ImageDataset, ImageDataset | None, str]:
+    """Training images for the tokenizer (`kind='tokenizer'`) or pre-training (`'pretrain'`).
+
+    Returns:
+        (train dataset, held-out dataset or None, data fingerprint). Items are
+        `{'image', 'tok_image'[, 'mask']}`; for the tokenizer both views are tokenizer-sized.
+    """
+    d = recipe.data
+    source, fingerprint = image_source(recipe)
+    size = d.tokenizer_size if kind == "tokenizer" else d.image_size
+    transform = PretrainTransform(
+        image_size=size,
+        tokenizer_size=d.tokenizer_size,
+        scale=tuple(d.crop_scale),
+        hflip=d.hflip,
+        vflip=d.vflip,
+        intensity=d.intensity_jitter,
+    )
+    n = len(source)
+    if n == 0:
+        raise UserError("the data holds no images")
+    held = holdout_indices(n, d.split_seed) if holdout else np.arange(0)
+    train_idx = np.setdiff1d(np.arange(n), held)
+    train = ImageDataset(
+        source,
+        transform,
+        seed=recipe.seed,
+        mask_generator=mask_generator,
+        indices=train_idx,
+        classes=[],
+    )
+    held_ds = None
+    if holdout:
+        held_ds = ImageDataset(
+            source,
+            EvalViews(size, d.tokenizer_size),
+            seed=recipe.seed,
+            indices=held if len(held) else train_idx[:1],
+            classes=[],
+        )
+    return train, held_ds, fingerprint
+
+
+@dataclass
+class LabeledData:
+    """Everything a fine-tune needs to know about its labels."""
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset | None
+    classes: list[str]
+    fingerprint: str
+    train_items: np.ndarray  # source indices used for training (the label subset)
+    subset: dict[str, Any]  # per-class counts of the subset (labels.json)
+    files: dict[str, list[str]] = field(default_factory=dict)  # split -> files used
+    class_counts: list[int] = field(default_factory=list)  # training items per class
+
+
+def _item_split(source: Any, i: int) -> str | None:
+    if hasattr(source, "split"):
+        return source.split(i)
+    k, _ = source.items[i]
+    return source.manifest.entries[k].split
+
+
+def labeled_data(recipe: Recipe, labels: str | None = None, seed: int | None = None) -> LabeledData:
+    """Train (label subset), val and test datasets from the recipe's labelled images.
+
+    Args:
+        recipe: data and fine-tuning settings.
+        labels: `--labels` spec; default `finetune.labels`.
+        seed: subset seed; default the recipe's seed. Subsets are nested for a fixed seed.
+
+    Raises:
+        UserError / LabelSubsetError: unlabelled data, impossible label requests.
+    """
+    d = recipe.data
+    spec = labels or recipe.finetune.labels
+    seed = recipe.seed if seed is None else seed
+    source, fingerprint = image_source(recipe)
+    n = len(source)
+    item_labels = [source.label(i) for i in range(n)]
+    if any(lab is None for lab in item_labels):
+        unlabeled = sum(lab is None for lab in item_labels)
+        raise UserError(
+            f"{unlabeled} of {n} images have no label. Fine-tuning needs labels: put images in "
+            f"one subfolder per class (ImageFolder layout) or give data.labels, a CSV with "
+            f"columns path,label[,split]"
+        )
+    classes = sorted({str(lab) for lab in item_labels})
+    if len(classes) < 2:
+        raise UserError(f"fine-tuning needs at least 2 classes, found {classes}")
+    # Split by file: items (frames) of one file share its split.
+    file_of = [source.source(i)[0] for i in range(n)]
+    files = sorted(set(file_of))
+    file_label: dict[str, str] = {}
+    file_split: dict[str, str | None] = {}
+    for i, f in enumerate(file_of):
+        file_label.setdefault(f, str(item_labels[i]))
+        file_split.setdefault(f, _item_split(source, i))
+    splits_given = [file_split[f] for f in files]
+    split_column = splits_given if any(s is not None for s in splits_given) else None
+    if split_column is not None and any(s is None for s in split_column):
+        missing = [f for f in files if file_split[f] is None][:5]
+        raise UserError(
+            f"the labels give a split for some images but not for {missing}...; give a split "
+            f"for every image or for none"
+        )
+    flabels = [file_label[f] for f in files]
+    split = stratified_split(flabels, d.val_fraction, d.test_fraction, d.split_seed, split_column)
+    train_files = [files[i] for i in split["train"]]
+    train_flabels = [flabels[i] for i in split["train"]]
+    chosen = label_subset(train_flabels, spec, seed)
+    subset_files = {train_files[i] for i in chosen}
+    subset = describe_subset(train_flabels, chosen, spec, seed)
+
+    def items_of(fileset: set[str]) -> np.ndarray:
+        return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
+
+    train_items = items_of(subset_files)
+    ft = FinetuneTransform(
+        train=True,
+        image_size=d.image_size,
+        scale=tuple(d.crop_scale),
+        hflip=d.hflip,
+        vflip=d.vflip,
+        intensity=d.intensity_jitter,
+    )
+    ev = FinetuneTransform(train=False, image_size=d.image_size)
+    train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)
+    out: dict[str, ImageDataset | None] = {}
+    for name in ("val", "test"):
+        idx = items_of({files[i] for i in split[name]})
+        out[name] = (
+            ImageDataset(source, ev, seed=seed, indices=idx, classes=classes) if len(idx) else None
+        )
+    counts = np.bincount(
+        [classes.index(str(item_labels[i])) for i in train_items], minlength=len(classes)
+    ).tolist()
+    return LabeledData(
+        train=train,
+        val=out["val"],
+        test=out["test"],
+        classes=classes,
+        fingerprint=fingerprint,
+        train_items=train_items,
+        subset=subset,
+        files={
+            "train": sorted(subset_files),
+            "val": sorted(files[i] for i in split["val"]),
+            "test": sorted(files[i] for i in split["test"]),
+        },
+        class_counts=counts,
+    )
+
+
+def dataset_summary(data: LabeledData) -> str:
+    return json.dumps(
+        {
+            "classes": data.classes,
+            "train": len(data.train),
+            "val": len(data.val) if data.val else 0,
+            "test": len(data.test) if data.test else 0,
+        }
+    )

@@ -1,0 +1,425 @@
+"""`beitdomain finetune`: a classifier from a few labels, and `beitdomain predict`.
+
+Mean-pooled patch features -> LayerNorm -> linear head (small init), layer-wise lr decay, drop
+path, label smoothing; the validation split picks the best checkpoint; the test split is scored
+once, at the end, with the best weights. The exact images used are written into the run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beitdomain.config import Recipe, load_recipe
+from beitdomain.engine import distributed as D
+from beitdomain.engine.build import backbone_config
+from beitdomain.engine.data import LabeledData, labeled_data
+from beitdomain.engine.loop import Trainer, build_loader
+from beitdomain.engine.optim import build_adamw, lr_schedule
+from beitdomain.engine.pretrain import BACKBONE_FILE
+from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.schedule import steps_for
+from beitdomain.eval.metrics import classification_metrics
+from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
+from beitdomain.fileio import atomic_save, atomic_write_json, atomic_write_text
+from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
+from beitdomain.models.convert import load_backbone_weights
+from beitdomain.user import UserError
+
+log = logging.getLogger(__name__)
+BEST_FILE = "best.safetensors"
+SCRATCH = ("scratch", "none", "random")
+
+
+def resolve_init(init: str | None) -> str | None:
+    """`scratch` -> None; a pre-training run folder -> its exported backbone; else the path."""
+    if init is None or init.lower() in SCRATCH:
+        return None
+    p = Path(init)
+    if p.is_dir() and (p / BACKBONE_FILE).is_file():
+        return str(p / BACKBONE_FILE)
+    if p.is_dir() and (p / "recipe.yaml").is_file() and not (p / "config.json").is_file():
+        raise UserError(
+            f"{p} is a run folder without {BACKBONE_FILE}: it has not finished pre-training. "
+            f"Resume it (beitdomain pretrain --out {p} --resume) or export its newest checkpoint "
+            f"(beitdomain pretrain export {p})"
+        )
+    if not p.exists():
+        raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
+    return str(p)
+
+
+def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier:
+    ft = recipe.finetune
+    # Fine-tuning gives every block its own relative position table (BEiT's recipe); a shared
+    # pre-trained table is copied into each by the weight loader.
+    cfg = backbone_config(recipe, drop_path=ft.drop_path).replace(use_shared_rel_pos_bias=False)
+    return BeitClassifier.from_config(cfg, num_classes, head_init_scale=ft.head_init_scale)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int = 64,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities for a dataset, in order: (probs [N, K], labels [N], source index [N])."""
+    was = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=0
+    )
+    probs, labels, index = [], [], []
+    for b in loader:
+        with D.autocast(device, amp_dtype):
+            logits = model(b["image"].to(device, non_blocking=True))
+        probs.append(logits.float().softmax(-1).cpu())
+        labels.append(b["label"])
+        index.append(b["index"])
+    model.train(was)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+
+@dataclass
+class EvalHook:
+    """Validates every `every` steps; keeps the best weights; optional early stopping."""
+
+    model: BeitClassifier
+    val: Any
+    classes: list[str]
+    metric: str
+    every: int
+    out: Path | None
+    patience: int | None
+    device: torch.device
+    batch_size: int
+    best: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
+        probs, y, _ = predict_probs(
+            self.model, self.val, self.device, self.batch_size, trainer.amp_dtype
+        )
+        m = classification_metrics(y, probs, self.classes)
+        m["loss"] = float(
+            F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y))
+        )
+        return m
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.val is None or not (step % self.every == 0 or step == trainer.total_steps):
+            return
+        m = self.evaluate(trainer)
+        score = -m["loss"] if self.metric == "loss" else m.get(self.metric)
+        if score is None:  # e.g. AUROC undefined on this validation split
+            score = m["balanced_accuracy"]
+        trainer.log(
+            **{
+                f"val_{k}": m[k]
+                for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
+                if m.get(k) is not None
+            }
+        )
+        self.history.append({"step": step, "score": score})
+        if self.best is None or score > self.best:
+            self.best, self.best_step, self.bad_evals = score, step, 0
+            if self.out is not None and trainer.dist.is_main:
+                save_weights(self.model, self.out / BEST_FILE)
+        else:
+            self.bad_evals += 1
+            if self.patience is not None and self.bad_evals >= self.patience:
+                trainer.state.stop = True
+                trainer.state.stop_reason = (
+                    f"early stopping: no better validation {self.metric} for {self.bad_evals} "
+                    f"evaluations (best {self.best:.4f} at step {self.best_step})"
+                )
+                log.info("%s", trainer.state.stop_reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.best, self.best_step, self.bad_evals = s["best"], s["best_step"], s["bad_evals"]
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in D.unwrap(model).state_dict().items()}
+    atomic_save(path, lambda f: f.write(save(state)))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    D.unwrap(model).load_state_dict(load_file(str(path)))
+
+
+def _write_labels_used(data: LabeledData, folder: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "split"])
+    for split, files in data.files.items():
+        for f in files:
+            w.writerow([f, split])
+    atomic_write_text(folder / "labels_used.csv", buf.getvalue())
+    atomic_write_json(folder / "labels.json", {**data.subset, "classes": data.classes})
+
+
+def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
+    ft = recipe.finetune
+    weight = None
+    if ft.class_weighting == "loss":
+        counts = torch.tensor(data.class_counts, dtype=torch.float32).clamp_min(1)
+        weight = (counts.sum() / (len(counts) * counts)).to(device)
+    mixup = None
+    if ft.mixup > 0 or ft.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=ft.mixup,
+            cutmix_alpha=ft.cutmix,
+            label_smoothing=ft.label_smoothing,
+            num_classes=len(data.classes),
+        )
+
+    def loss(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = b["image"], b["label"]
+        if mixup is not None and x.shape[0] % 2 == 0:
+            x, soft = mixup(x, y)
+            logits = model(x)
+            per = -(soft * F.log_softmax(logits.float(), -1))
+            if weight is not None:
+                per = per * weight
+            return per.sum(-1).mean(), {}
+        logits = model(x)
+        ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=ft.label_smoothing)
+        return ce, {"train_acc": (logits.argmax(-1) == y).float().mean().detach()}
+
+    return loss
+
+
+def finetune(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Fine-tunes on `finetune.labels` of the train split; returns the test metrics.
+
+    Writes `results.json`, `confusion_matrix.png`, `test_predictions.csv`, `labels_used.csv`,
+    `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
+    """
+    ft = recipe.finetune
+    dev = D.resolve_device(device)
+    info = D.init_distributed(dev)
+    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    D.seed_everything(recipe.seed, ft.train.deterministic)
+    data = labeled_data(recipe)  # impossible label requests fail here, before any training
+    init = resolve_init(ft.init)
+    model = build_classifier(recipe, len(data.classes))
+    report = None
+    if init is not None:
+        report = load_backbone_weights(
+            model, init, in_chans=recipe.data.in_chans, trust_pickle=recipe.model.trust_pickle
+        )
+        log.info("%s", report)
+    if ft.linear_probe:
+        freeze_backbone(model)
+    model.to(dev)
+    if info.is_main:
+        run.start(
+            "finetune", recipe, str(dev), data_fingerprint=data.fingerprint, init=init or "scratch"
+        )
+        _write_labels_used(data, run.path)
+        if report is not None:
+            atomic_write_json(run.path / "init_report.json", report.__dict__)
+
+    t = ft.train
+    batch = min(t.batch_size, max(1, len(data.train) // info.world_size))
+    weights = None
+    if ft.class_weighting == "sampler":
+        counts = np.asarray(data.class_counts, dtype=float)
+        labels = [
+            data.train.label_index(data.train.source.label(int(i))) for i in data.train.indices
+        ]
+        weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
+    loader = build_loader(
+        data.train,
+        batch,
+        seed=recipe.seed,
+        num_workers=recipe.data.num_workers,
+        weights=weights,
+        pin_memory=dev.type == "cuda",
+    )
+    total = steps_for(
+        epochs=t.epochs,
+        steps=t.steps,
+        batches_per_epoch=len(loader),
+        accum_steps=t.accum_steps,
+        min_steps=t.min_steps,
+    )
+    global_batch = batch * info.world_size * t.accum_steps
+    groups = layer_decay_param_groups(
+        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
+    )
+    optimizer = build_adamw(groups, ft.optim, dev)
+    every = t.eval_every or max(len(loader), total // 20)
+    hook = EvalHook(
+        model,
+        data.val,
+        data.classes,
+        ft.select_metric,
+        every,
+        run.path,
+        ft.early_stopping,
+        dev,
+        max(batch, 32),
+    )
+    train_model: nn.Module = D.wrap_ddp(model, dev, info)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    trainer = Trainer(
+        model=train_model,
+        optimizer=optimizer,
+        loader=loader,
+        step_fn=_loss_fn(recipe, data, dev),
+        lr_at=lr_schedule(ft.optim, total, global_batch),
+        total_steps=total,
+        train=t,
+        grad_clip=ft.optim.grad_clip,
+        device=dev,
+        run=run,
+        hooks=[hook],
+        desc="finetune",
+        quiet=quiet,
+    )
+    state = trainer.fit(resume=resume)
+
+    results: dict[str, Any] = {}
+    if info.is_main:
+        if (run.path / BEST_FILE).is_file():
+            load_weights(model, run.path / BEST_FILE)
+        else:  # no validation split: the final weights are the result
+            save_weights(model, run.path / BEST_FILE)
+        results = {
+            "init": init or "scratch",
+            "labels": data.subset["spec"],
+            "n_labels": data.subset["n_labels"],
+            "n_train": data.subset["n_train"],
+            "fraction": data.subset["fraction"],
+            "seed": recipe.seed,
+            "steps": state.step,
+            "best_step": hook.best_step or state.step,
+            "stopped_early": state.stop_reason,
+            "classes": data.classes,
+        }
+        if data.test is not None:
+            probs, y, idx = predict_probs(model, data.test, dev, max(batch, 32), trainer.amp_dtype)
+            metrics = classification_metrics(y, probs, data.classes)
+            results["test"] = metrics
+            plot_confusion_matrix(
+                metrics["confusion_matrix"], data.classes, run.path / "confusion_matrix.png"
+            )
+            _write_predictions(
+                run.path / "test_predictions.csv", data.test, idx, probs, data.classes
+            )
+        atomic_write_json(run.path / "results.json", results)
+        try:
+            plot_training_curves(
+                run.path / "metrics.jsonl",
+                run.path / "training_curves.png",
+                ["loss", "val_balanced_accuracy"],
+            )
+        except Exception as e:  # a plot must never fail a finished run
+            log.warning("could not draw training curves: %s", e)
+        run.finish(result={k: v for k, v in results.items() if k != "classes"})
+    D.barrier()
+    return results
+
+
+def _write_predictions(
+    path: Path, dataset: Any, idx: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "frame", "label", "predicted", *[f"p_{c}" for c in classes]])
+    for i, p in zip(idx, probs):
+        path_i, frame = dataset.source.source(int(i))
+        w.writerow(
+            [
+                path_i,
+                frame,
+                dataset.source.label(int(i)),
+                classes[int(p.argmax())],
+                *[f"{v:.6f}" for v in p],
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str = "auto") -> Path:
+    """Writes a CSV of predicted class and probabilities for images, files or folders.
+
+    Images go through the run's own reader settings and evaluation transform.
+    """
+    from beitdomain.data.index import scan
+    from beitdomain.data.transforms import FinetuneTransform
+    from beitdomain.io import IntensitySpec, load_image
+
+    run = Path(run)
+    if not (run / "results.json").is_file() or not (run / BEST_FILE).is_file():
+        raise UserError(f"{run} is not a finished fine-tuning run (no results.json / {BEST_FILE})")
+    recipe = load_recipe(run / "recipe.yaml")
+    classes = json.loads((run / "results.json").read_text())["classes"]
+    dev = D.resolve_device(device)
+    model = build_classifier(
+        replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
+    )
+    load_weights(model, run / BEST_FILE)
+    model.to(dev).eval()
+    spec = IntensitySpec.from_config(recipe.data)
+    ev = FinetuneTransform(train=False, image_size=recipe.data.image_size)
+    files: list[tuple[str, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            m = scan(p, on_error="skip")
+            files += [(e.path, m.abspath(e)) for e in m.entries]
+            for bad, why in m.errors:
+                log.warning("skipped %s: %s", bad, why)
+        elif p.is_file():
+            files.append((str(p), p))
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "frame", "predicted", *[f"p_{c}" for c in classes]])
+    with torch.no_grad():
+        for name, path in files:
+            image, _ = load_image(path, spec)
+            frames = image if image.ndim == 4 else image[None]
+            x = torch.stack([torch.from_numpy(ev(f)) for f in frames]).to(dev)
+            probs = model(x).float().softmax(-1).cpu().numpy()
+            for k, p in enumerate(probs):
+                w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    atomic_write_text(out_csv, buf.getvalue())
+    return Path(out_csv)

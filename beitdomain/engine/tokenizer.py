@@ -1,0 +1,340 @@
+"""`beitdomain tokenizer train`: fit a discrete VAE to the user's images.
+
+The job: images at the tokenizer's size (random resized crops of the same kind pre-training
+uses) -> Gumbel-softmax dVAE with annealed temperature and a warmed-up KL weight to the uniform
+prior -> `tokenizer.safetensors` + `tokenizer.json` in the run folder, which `pretrain` loads by
+path. Code usage is tracked over a sliding window; codes that died are re-seeded by splitting
+live ones (see `beitdomain.tokenizer.codebook`), and a collapse below 10% usage is warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from beitdomain.config import Recipe
+from beitdomain.engine import distributed as D
+from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.loop import Trainer, build_loader
+from beitdomain.engine.optim import build_adamw, lr_schedule
+from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.schedule import steps_for
+from beitdomain.fileio import atomic_save, atomic_write_json
+from beitdomain.tokenizer import (
+    CodeUsage,
+    DiscreteVAE,
+    check_codebook_usage,
+    count_params,
+    create_tokenizer,
+    encoder_gflops,
+    gumbel_temperature,
+    kl_weight,
+    psnr,
+    reinit_dead_codes,
+    reset_optimizer_rows,
+)
+from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizer(recipe: Recipe) -> DiscreteVAE:
+    """A fresh tokenizer from the recipe's preset and overrides, or the one in `tokenizer.init`."""
+    t = recipe.tokenizer
+    if t.init:
+        model = load_tokenizer(t.init)
+        if model.config.in_chans != recipe.data.in_chans:
+            raise ValueError(
+                f"tokenizer.init {t.init} expects in_chans={model.config.in_chans}, but "
+                f"data.in_chans={recipe.data.in_chans}"
+            )
+        return model
+    overrides: dict[str, Any] = {
+        "in_chans": recipe.data.in_chans,
+        "input_size": recipe.data.tokenizer_size,
+    }
+    for key in ("vocab_size", "downsample", "recon_loss"):
+        if getattr(t, key) is not None:
+            overrides[key] = getattr(t, key)
+    return create_tokenizer(t.preset, **overrides)
+
+
+@dataclass
+class TokenizerMonitor:
+    """Per-step schedule values, code-usage window, dead-code re-seeding and sample grids."""
+
+    model: DiscreteVAE
+    recipe: Recipe
+    total_steps: int
+    seed: int
+    out: Path | None
+    preview: torch.Tensor | None = None  # fixed held-out images for reconstruction grids
+    usage: CodeUsage = field(init=False)
+    last_batch: torch.Tensor | None = None
+    revived_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.usage = CodeUsage(self.model.vocab_size)
+
+    def temperature(self, step: int) -> float:
+        t = self.recipe.tokenizer
+        return gumbel_temperature(step, self.total_steps, t.temperature_start, t.temperature_end)
+
+    def kl_weight(self, step: int) -> float:
+        t = self.recipe.tokenizer
+        warm = math.ceil(t.kl_warmup_fraction * self.total_steps)
+        return kl_weight(step, warm, t.kl_weight)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        t = self.recipe.tokenizer
+        every = t.dead_code_every
+        if (
+            every
+            and step % every == 0
+            and step < trainer.total_steps
+            and self.last_batch is not None
+        ):
+            if trainer.dist.enabled:  # every rank must decide on the same counts
+                torch.distributed.all_reduce(self.usage.counts)
+            dead = self.usage.dead_codes(
+                min_count=1 + int(t.dead_code_min_usage * self.usage.total)
+            )
+            if len(dead):
+                g = torch.Generator().manual_seed(self.seed * 7919 + step)
+                model = D.unwrap(trainer.model)
+                revived = reinit_dead_codes(model, dead, samples=self.last_batch, generator=g)
+                if trainer.dist.enabled:  # rank 0's split wins; the ranks' weights stay equal
+                    revived = D.broadcast_object(revived)
+                    for p in (
+                        model.encoder.logits_conv.weight,
+                        model.encoder.logits_conv.bias,
+                        model.codebook.weight,
+                    ):
+                        torch.distributed.broadcast(p.data, src=0)
+                reset_optimizer_rows(trainer.optimizer, model, revived)
+                self.revived_total += len(revived)
+                trainer.log(codes_revived=len(revived), codes_dead=len(dead))
+            self.usage.reset()
+        if step % trainer.train.log_every == 0 and self.usage.total:
+            check_codebook_usage(self.usage)
+        sample_now = step % t.sample_every == 0 or step == trainer.total_steps
+        if (
+            sample_now
+            and self.out is not None
+            and self.preview is not None
+            and trainer.dist.is_main
+        ):
+            save_reconstruction_grid(
+                D.unwrap(trainer.model), self.preview, self.out / "samples" / f"step-{step:08d}.png"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.usage.counts.clone(), "revived_total": self.revived_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.usage.counts.copy_(state["counts"])
+        self.revived_total = int(state["revived_total"])
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path: Path) -> Path:
+    """A PNG with originals (top row of each pair) over their reconstructions from tokens."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = images.to(device)
+    recon = model.decode_tokens(model.encode(x)).float().clamp(0, 1)
+    model.train(was_training)
+    n = x.shape[0]
+    per_row = min(8, n)
+    rows = []
+    for i in range(0, n, per_row):
+        rows += [x[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
+    grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
+    arr = (grid.clamp(0, 1) * 255).round().byte()
+    arr = arr[0] if arr.shape[0] == 1 or model.config.in_chans == 1 else arr.permute(1, 2, 0)
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr.numpy())
+    atomic_save(path, lambda f: img.save(f, format="PNG"))
+    return path
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64
+) -> dict[str, float]:
+    """PSNR (from hard tokens, as pre-training sees them) and code usage on `images`."""
+    model.eval()
+    device = next(model.parameters()).device
+    usage = CodeUsage(model.vocab_size)
+    total_psnr, n = 0.0, 0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device)
+        tokens = model.encode(x)
+        usage.update(tokens)
+        recon = model.decode_tokens(tokens).float()
+        total_psnr += float(psnr(recon, x.float())) * x.shape[0]
+        n += x.shape[0]
+    return {
+        "psnr": total_psnr / max(n, 1),
+        "fraction_used": usage.fraction_used,
+        "perplexity": usage.perplexity,
+        "images": float(n),
+        "usage_counts": usage.counts.tolist(),
+    }
+
+
+def plot_code_usage(counts: list[int] | np.ndarray, path: Path, title: str = "") -> Path:
+    """Histogram of code frequencies, sorted, with the fraction in use."""
+    from matplotlib.figure import Figure
+
+    c = np.sort(np.asarray(counts, dtype=float))[::-1]
+    used = (c > 0).mean()
+    fig = Figure(figsize=(7, 3.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(np.arange(len(c)), c / max(c.sum(), 1), width=1.0, color="#3b6ea5")
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"{title} {100 * used:.1f}% of {len(c)} codes used".strip())
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
+def train_tokenizer(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Trains a tokenizer; returns its held-out evaluation. Files land in `out`.
+
+    Writes `tokenizer.safetensors`, `tokenizer.json`, `eval.json`, `reconstructions.png`,
+    `code_usage.png`, `samples/step-*.png`, `metrics.jsonl` and checkpoints.
+    """
+    dev = D.resolve_device(device)
+    info = D.init_distributed(dev)
+    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    D.seed_everything(recipe.seed, recipe.tokenizer.train.deterministic)
+    t = recipe.tokenizer
+    train_cfg = t.train
+
+    dataset, preview_ds, fingerprint = unlabeled_dataset(recipe, kind="tokenizer", holdout=True)
+    if info.is_main:
+        run.start("tokenizer train", recipe, str(dev), data_fingerprint=fingerprint)
+    model = build_tokenizer(recipe).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    batch = min(train_cfg.batch_size, max(1, len(dataset) // info.world_size))
+    loader = build_loader(
+        dataset,
+        batch,
+        seed=recipe.seed,
+        num_workers=recipe.data.num_workers,
+        pin_memory=dev.type == "cuda",
+    )
+    total = steps_for(
+        epochs=train_cfg.epochs,
+        steps=train_cfg.steps,
+        batches_per_epoch=len(loader),
+        accum_steps=train_cfg.accum_steps,
+        min_steps=train_cfg.min_steps,
+    )
+    global_batch = batch * info.world_size * train_cfg.accum_steps
+    optimizer = build_adamw(_decay_groups(model, t.optim.weight_decay), t.optim, dev)
+    preview = torch.stack([preview_ds[i]["tok_image"] for i in range(min(16, len(preview_ds)))])
+    monitor = TokenizerMonitor(model, recipe, total, recipe.seed, run.path, preview)
+    train_model: nn.Module = D.wrap_ddp(model, dev, info)
+    if train_cfg.compile:
+        train_model = torch.compile(train_model)
+
+    def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = b["tok_image"]
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        step = trainer.state.step
+        temp, beta = monitor.temperature(step), monitor.kl_weight(step)
+        o = m(x, temperature=temp)
+        monitor.usage.update(o.logits.detach().argmax(1))
+        monitor.last_batch = x.detach()
+        return o.loss(beta), {
+            "recon_loss": o.recon_loss.detach(),
+            "kl": o.kl.detach(),
+            "psnr": psnr(o.recon.detach(), x.float()),
+            "temperature": temp,
+            "kl_weight": beta,
+            "code_usage": monitor.usage.fraction_used,
+        }
+
+    trainer = Trainer(
+        model=train_model,
+        optimizer=optimizer,
+        loader=loader,
+        step_fn=step_fn,
+        lr_at=lr_schedule(t.optim, total, global_batch),
+        total_steps=total,
+        train=train_cfg,
+        grad_clip=t.optim.grad_clip,
+        device=dev,
+        run=run,
+        hooks=[monitor],
+        desc="tokenizer",
+        quiet=quiet,
+    )
+    trainer.fit(resume=resume)
+
+    result: dict[str, Any] = {}
+    if info.is_main:
+        held = torch.stack([preview_ds[i]["tok_image"] for i in range(len(preview_ds))])
+        result = evaluate_tokenizer(model, held)
+        counts = result.pop("usage_counts")
+        result.update(
+            steps=total,
+            params=count_params(model),
+            encoder_gflops=encoder_gflops(model),
+            codes_revived=monitor.revived_total,
+            heldout_images=len(preview_ds),
+        )
+        save_tokenizer(
+            model, run.path, extra={"trained_steps": total, "data": fingerprint, **result}
+        )
+        save_reconstruction_grid(model, preview, run.path / "reconstructions.png")
+        plot_code_usage(counts, run.path / "code_usage.png", "held-out:")
+        atomic_write_json(run.path / "eval.json", result)
+        run.finish(result=result)
+        if result["fraction_used"] < 0.1:
+            log.warning(
+                "only %.1f%% of the codes are used on held-out images; see code_usage.png",
+                100 * result["fraction_used"],
+            )
+    D.barrier()
+    return result
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; none on biases, norms and the codebook."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "codebook" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
