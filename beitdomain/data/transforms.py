@@ -100,20 +100,35 @@ class IntensityJitter:
         return math.exp(u[0]), 1.0 + u[1], u[2]
 
     @staticmethod
-    def apply(image: np.ndarray, params: tuple[float, float, float] | None) -> np.ndarray:
-        """Applies jitter to an image in cv2 layout of any cached dtype; float32 out."""
+    def uint8_table(params: tuple[float, float, float] | None) -> np.ndarray:
+        """The jitter as a 256-entry float32 lookup table for uint8 images."""
+        lut = _UINT8_GRID if params is None else _curve(_UINT8_GRID.copy(), params)
+        return lut.reshape(256, 1)
+
+    @staticmethod
+    def apply(
+        image: np.ndarray,
+        params: tuple[float, float, float] | None,
+        table: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Applies jitter to an image in cv2 layout of any cached dtype; float32 out.
+
+        ``table`` (from ``uint8_table(params)``) saves rebuilding it for a second view.
+        """
         if image.dtype == np.uint8:
-            grid = np.arange(256, dtype=np.float32) / np.float32(255.0)
-            lut = grid if params is None else _curve(grid, params)
+            table = IntensityJitter.uint8_table(params) if table is None else table
             # One pass: lookup + convert to float32 (cv2.LUT keeps the table's depth).
-            return cv2.LUT(image, lut.reshape(256, 1)).reshape(image.shape)
+            return cv2.LUT(image, table).reshape(image.shape)
         x = image.astype(np.float32) * np.float32(_scale_of(image.dtype))
         return x if params is None else _curve(x, params)
 
 
+_UINT8_GRID = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def _curve(x: np.ndarray, params: tuple[float, float, float]) -> np.ndarray:
     gamma, contrast, brightness = params
-    y = np.power(np.clip(x, 0.0, 1.0), np.float32(gamma))
+    y = np.power(np.clip(x, 0.0, 1.0, out=x), np.float32(gamma))
     y -= np.float32(0.5)
     y *= np.float32(contrast)
     y += np.float32(0.5 + brightness)
@@ -162,8 +177,9 @@ class PretrainTransform:
             view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
         tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
         params = self.jitter.sample(rng)
-        view = IntensityJitter.apply(view, params)
-        tok = IntensityJitter.apply(tok, params)
+        table = IntensityJitter.uint8_table(params) if view.dtype == np.uint8 else None
+        view = IntensityJitter.apply(view, params, table)
+        tok = IntensityJitter.apply(tok, params, table)
         if view.dtype != np.uint8 and params is None:
             np.clip(view, 0.0, 1.0, out=view)  # bicubic overshoot on float input
             np.clip(tok, 0.0, 1.0, out=tok)
