@@ -122,7 +122,12 @@ def _add_groups() -> None:
             "List image readers (built-in, plugins).",
         ),
         ("beitdomain.cli.tokenizer", "app", "tokenizer", "Train, inspect and use the tokenizer."),
-        ("beitdomain.cli.pretrain", "app", "pretrain", None),
+        (
+            "beitdomain.cli.pretrain",
+            "app",
+            "pretrain",
+            "BEiT masked image modeling on unlabeled images; export.",
+        ),
         ("beitdomain.cli.finetune", "app", None, None),
         ("beitdomain.cli.curve", "app", None, None),
         ("beitdomain.cli.demo", "app", None, None),

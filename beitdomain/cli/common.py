@@ -129,3 +129,49 @@ def print_kv(title: str, rows: dict[str, Any]) -> None:
     for k, v in rows.items():
         table.add_row(escape(str(k)), escape(str(v)))
     Console(file=sys.stdout).print(table)
+
+
+def load(
+    ctx: typer.Context,
+    recipe: str | None,
+    sets: list[str] | None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """The recipe from a file (or shipped name), typed options and --set, plus --seed."""
+    from beitdomain.config import load_recipe
+
+    opts = dict(options or {})
+    seed = global_options(ctx).seed
+    if seed is not None:
+        opts["seed"] = seed
+    return load_recipe(recipe, opts, sets)
+
+
+def default_out(recipe: Any, command: str) -> Path:
+    """runs/<recipe name>-<command>, or runs/<command> for an unnamed recipe."""
+    name = getattr(recipe, "name", None)
+    return Path("runs") / (f"{name}-{command}" if name else command)
+
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", "-d", help="Folder of images (sets data.root); labels from subfolders."),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option("--cache", help="Cache folder from `beitdomain data cache` (sets data.cache)."),
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
+]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs over the data.")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow pickle-based weight files (loading them can run code: trusted files only).",
+    ),
+]

@@ -338,3 +338,36 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def encode_files(model: DiscreteVAE, paths: list[Path], out: Path, png: bool = False) -> list[Path]:
+    """Token maps `[gh, gw]` for image files, saved as `<name>.npy` (one per frame)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from beitdomain.data.transforms import FinetuneTransform
+    from beitdomain.io import IntensitySpec, load_image
+
+    cfg = model.config
+    view = FinetuneTransform(train=False, image_size=cfg.input_size)
+    spec = IntensitySpec(in_chans=cfg.in_chans)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if cfg.vocab_size <= 65536 else np.int32
+    cmap = colormaps["nipy_spectral"]
+    written = []
+    model.eval()
+    for path in paths:
+        image, _ = load_image(path, spec)
+        frames = image if image.ndim == 4 else image[None]
+        x = torch.stack([torch.from_numpy(view(f)) for f in frames])
+        tokens = model.encode(x).numpy().astype(dtype)  # [S, gh, gw]
+        for k, t in enumerate(tokens):
+            stem = Path(path).stem + (f"-{k}" if len(tokens) > 1 else "")
+            target = out / f"{stem}.npy"
+            atomic_save(target, lambda f, t=t: np.save(f, t))
+            written.append(target)
+            if png:
+                rgb = (cmap(t / max(cfg.vocab_size - 1, 1))[..., :3] * 255).astype(np.uint8)
+                img = Image.fromarray(rgb).resize((t.shape[1] * 16, t.shape[0] * 16), Image.NEAREST)
+                atomic_save(out / f"{stem}.png", lambda f, img=img: img.save(f, format="PNG"))
+    return written

@@ -1,0 +1,146 @@
+"""`beitdomain finetune` and `beitdomain predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from beitdomain.cli.common import (
+    BatchOpt,
+    CacheOpt,
+    DataOpt,
+    EpochsOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    ResumeOpt,
+    SetOpt,
+    StepsOpt,
+    TrustPickleOpt,
+    console,
+    default_out,
+    global_options,
+    handle_errors,
+    load,
+    print_kv,
+)
+
+app = typer.Typer()
+
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        "-l",
+        help="How many training labels to use: 1% | 0.01 | 200 | 5/class. Subsets are "
+        "stratified and nested for a seed (1% inside 10%).",
+    ),
+]
+
+
+@app.command()
+@handle_errors
+def finetune(
+    ctx: typer.Context,
+    labels: LabelsOpt = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Backbone: a pretrain run folder, an exported/official BEiT checkpoint "
+            "(.safetensors/.pth/HF folder) or 'scratch'."
+        ),
+    ] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    cache: CacheOpt = None,
+    labels_csv: Annotated[
+        Path | None, typer.Option("--labels-csv", help="CSV path,label[,split] (sets data.labels).")
+    ] = None,
+    linear_probe: Annotated[
+        bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
+    ] = False,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Fine-tune a classifier on a few labels and score it on the held-out test split.
+
+    The split (train/val/test) is fixed and stratified (data.split_seed) unless the labels CSV
+    has a split column; --labels takes a stratified subset of the train split. Validation picks
+    the best checkpoint; results.json holds accuracy, balanced accuracy, macro-F1, AUROC,
+    per-class scores and the confusion matrix (also confusion_matrix.png).
+
+    Examples:
+
+        beitdomain finetune --data /data/cells --init runs/pre --labels 1% --out runs/ft-1
+
+        beitdomain finetune -r elpv-cpu --init scratch --labels 5/class
+
+        beitdomain finetune --data /data/xr --labels-csv labels.csv --init beit.pth --linear-probe
+    """
+    from beitdomain.engine.finetune import finetune as run_finetune
+
+    r = load(
+        ctx,
+        recipe,
+        sets,
+        {
+            "data.root": str(data) if data else None,
+            "data.cache": str(cache) if cache else None,
+            "data.labels": str(labels_csv) if labels_csv else None,
+            "finetune.labels": labels,
+            "finetune.init": init,
+            "finetune.linear_probe": linear_probe or None,
+            "model.trust_pickle": trust_pickle or None,
+            "finetune.train.steps": steps,
+            "finetune.train.epochs": epochs,
+            "finetune.train.batch_size": batch_size,
+        },
+    )
+    g = global_options(ctx)
+    out = out or default_out(r, "finetune")
+    res = run_finetune(r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet)
+    if res:
+        rows = {
+            "init": res["init"],
+            "labels": f"{res['n_labels']} of {res['n_train']} ({res['labels']})",
+        }
+        test = res.get("test")
+        if test:
+            for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+                if test.get(k) is not None:
+                    rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
+            rows["test images"] = test["n"]
+        print_kv(f"finetune -> {out}", rows)
+
+
+@app.command()
+@handle_errors
+def predict(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(help="A finished fine-tuning run folder.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write.")] = Path(
+        "predictions.csv"
+    ),
+) -> None:
+    """Predict classes for new images with a fine-tuned run (same readers and normalization).
+
+    Writes one CSV row per image (per frame for multi-frame files): path, frame, predicted
+    class and one probability column per class.
+
+    Example:
+
+        beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
+    """
+    from beitdomain.engine.finetune import predict as run_predict
+
+    path = run_predict(run, inputs, out, device=global_options(ctx).device)
+    console.print(f"wrote {path}")

@@ -1,0 +1,144 @@
+"""`beitdomain pretrain` and `beitdomain pretrain export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from beitdomain.cli.common import (
+    BatchOpt,
+    CacheOpt,
+    DataOpt,
+    EpochsOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    ResumeOpt,
+    SetOpt,
+    StepsOpt,
+    TrustPickleOpt,
+    console,
+    default_out,
+    global_options,
+    handle_errors,
+    load,
+    print_kv,
+)
+
+app = typer.Typer(
+    help="BEiT masked image modeling on unlabeled images (continued pre-training).",
+    invoke_without_command=True,
+)
+
+
+@app.callback()
+@handle_errors
+def pretrain(
+    ctx: typer.Context,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    cache: CacheOpt = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from weights: official BEiT .pth, timm .safetensors/.pth, a Hugging Face "
+            "BeitForMaskedImageModeling folder or a beitdomain run (sets model.init)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Backbone: tiny, vit-tiny, vit-small, vit-base.")
+    ] = None,
+    mask_kind: Annotated[
+        str | None, typer.Option(help="block (BEiT) or random: the masking ablation.")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="tokens (BEiT) or pixels: the target ablation.")
+    ] = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Continue BEiT pre-training on your unlabeled images; no labels needed.
+
+    About 40% of each image's patches are masked in blocks and the backbone learns to predict
+    their visual tokens from the tokenizer. Writes checkpoints, mim.safetensors and
+    backbone.safetensors (timm layout: what `beitdomain finetune --init RUN` loads).
+
+    Examples:
+
+        beitdomain pretrain --data /data/ct --tokenizer runs/tok --out runs/pre
+
+        beitdomain pretrain -r continue-official-beit --init beit_base_patch16_224_pt22k.pth
+
+        beitdomain pretrain -r ct-dicom --mask-kind random --out runs/ablate-random
+
+        torchrun --nproc_per_node=8 -m beitdomain.cli.app pretrain -r elpv-gpu --out runs/pre
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from beitdomain.engine.pretrain import pretrain as run_pretrain
+
+    r = load(
+        ctx,
+        recipe,
+        sets,
+        {
+            "data.root": str(data) if data else None,
+            "data.cache": str(cache) if cache else None,
+            "tokenizer.path": str(tokenizer) if tokenizer else None,
+            "model.init": str(init) if init else None,
+            "model.preset": preset,
+            "mask.kind": mask_kind,
+            "model.target": target,
+            "model.trust_pickle": trust_pickle or None,
+            "train.steps": steps,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+        },
+    )
+    g = global_options(ctx)
+    out = out or default_out(r, "pretrain")
+    result = run_pretrain(
+        r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet
+    )
+    if result:
+        rows = {"steps": result["steps"], "global batch": result["global_batch"]}
+        if "acc" in result:
+            rows["masked-token accuracy (last step)"] = f"{100 * result['acc']:.1f}%"
+        rows["loss (last step)"] = f"{result.get('loss', float('nan')):.4f}"
+        rows["backbone"] = result.get("backbone", "")
+        print_kv(f"pretrain -> {out}", rows)
+
+
+@app.command()
+@handle_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="A pre-training run folder.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder (default: the run).")
+    ] = None,
+) -> None:
+    """Export a run's newest checkpoint as timm-compatible safetensors.
+
+    The file has no MIM head and no mask token, and the shared relative position bias is
+    copied into every block, so timm loads it with no missing keys:
+
+        timm.create_model('beit_base_patch16_224', pretrained=True,
+            pretrained_cfg_overlay=dict(file='runs/pre/backbone.safetensors'), num_classes=N)
+
+    (backbone.json beside it holds the exact model name and keyword arguments.)
+    """
+    from beitdomain.engine.pretrain import export_run
+
+    path = export_run(run, out)
+    console.print(f"wrote {path} and {path.with_name('backbone.json')}")

@@ -1,0 +1,222 @@
+"""`beitdomain tokenizer train|inspect|encode|import-dalle`: flags -> recipe -> one library call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from beitdomain.cli.common import (
+    BatchOpt,
+    CacheOpt,
+    DataOpt,
+    EpochsOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    ResumeOpt,
+    SetOpt,
+    StepsOpt,
+    TrustPickleOpt,
+    console,
+    default_out,
+    global_options,
+    handle_errors,
+    load,
+    print_kv,
+)
+
+app = typer.Typer(
+    help="Train, inspect and use the discrete-VAE tokenizer (BEiT's visual vocabulary).",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+@handle_errors
+def train(
+    ctx: typer.Context,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    cache: CacheOpt = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Size preset: tiny, small (CPU), base (GPU), dalle.")
+    ] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Number of visual tokens K.")] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Continue from a previous tokenizer folder on new data.")
+    ] = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a discrete VAE on your images, so BEiT's targets speak your domain's language.
+
+    Writes tokenizer.safetensors + tokenizer.json (what `beitdomain pretrain --tokenizer`
+    loads), reconstructions.png, code_usage.png, eval.json (held-out PSNR, codes used) and
+    samples/ every tokenizer.sample_every steps.
+
+    Examples:
+
+        beitdomain tokenizer train --data /data/ct --out runs/tok
+
+        beitdomain tokenizer train -r ct-dicom --cache /data/ct-cache --preset base --steps 20000
+
+        beitdomain tokenizer train --data /new/scans --init runs/tok --out runs/tok2
+    """
+    from beitdomain.engine.tokenizer import train_tokenizer
+
+    r = load(
+        ctx,
+        recipe,
+        sets,
+        {
+            "data.root": str(data) if data else None,
+            "data.cache": str(cache) if cache else None,
+            "tokenizer.preset": preset,
+            "tokenizer.vocab_size": vocab_size,
+            "tokenizer.init": str(init) if init else None,
+            "tokenizer.train.steps": steps,
+            "tokenizer.train.epochs": epochs,
+            "tokenizer.train.batch_size": batch_size,
+        },
+    )
+    g = global_options(ctx)
+    out = out or default_out(r, "tokenizer")
+    result = train_tokenizer(
+        r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet
+    )
+    if result:
+        print_kv(
+            f"tokenizer -> {out}",
+            {
+                "held-out PSNR (dB)": f"{result['psnr']:.2f}",
+                "codes used": f"{100 * result['fraction_used']:.1f}%",
+                "perplexity": f"{result['perplexity']:.1f}",
+                "parameters": f"{result['params']:,}",
+                "encoder GFLOP/image": f"{result['encoder_gflops']:.3f}",
+            },
+        )
+
+
+@app.command()
+@handle_errors
+def inspect(
+    ctx: typer.Context,
+    tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
+    data: DataOpt = None,
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+    n: Annotated[int, typer.Option(help="Images to evaluate on (sampled with the seed).")] = 256,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and inspect.json.")] = None,
+) -> None:
+    """Parameters and GFLOPs of a tokenizer; with --data, its code usage and PSNR on images.
+
+    Example:
+
+        beitdomain tokenizer inspect runs/tok --data /data/ct/test --out runs/tok/inspect
+    """
+    import torch
+
+    from beitdomain.engine.data import EvalViews, image_source
+    from beitdomain.engine.tokenizer import (
+        evaluate_tokenizer,
+        plot_code_usage,
+        save_reconstruction_grid,
+    )
+    from beitdomain.fileio import atomic_write_json
+    from beitdomain.tokenizer import count_params, decoder_gflops, encoder_gflops
+    from beitdomain.tokenizer.io import load_tokenizer
+
+    model = load_tokenizer(tokenizer)
+    cfg = model.config
+    rows = {
+        "vocabulary": cfg.vocab_size,
+        "input": f"{cfg.in_chans} x {cfg.input_size} x {cfg.input_size}",
+        "token grid": f"{cfg.grid_size} x {cfg.grid_size}",
+        "parameters": f"{count_params(model):,}",
+        "encoder GFLOP/image": f"{encoder_gflops(model):.3f}",
+        "decoder GFLOP/image": f"{decoder_gflops(model):.3f}",
+    }
+    if data is not None:
+        import numpy as np
+
+        r = load(ctx, recipe, sets, {"data.root": str(data), "data.in_chans": cfg.in_chans})
+        source, _ = image_source(r)
+        idx = np.random.default_rng(r.seed).permutation(len(source))[:n]
+        views = EvalViews(cfg.input_size, cfg.input_size)
+        images = torch.stack([torch.from_numpy(views(source[int(i)], None)[1]) for i in idx])
+        result = evaluate_tokenizer(model, images)
+        counts = result.pop("usage_counts")
+        rows.update(
+            {
+                "images": len(idx),
+                "PSNR (dB)": f"{result['psnr']:.2f}",
+                "codes used": f"{100 * result['fraction_used']:.1f}%",
+                "perplexity": f"{result['perplexity']:.1f}",
+            }
+        )
+        folder = (
+            out
+            or Path(tokenizer if Path(tokenizer).is_dir() else Path(tokenizer).parent) / "inspect"
+        )
+        save_reconstruction_grid(model, images[:16], folder / "reconstructions.png")
+        plot_code_usage(counts, folder / "code_usage.png")
+        atomic_write_json(
+            folder / "inspect.json", {**result, **{k: str(v) for k, v in rows.items()}}
+        )
+        rows["written"] = str(folder)
+    print_kv(f"tokenizer {tokenizer}", rows)
+
+
+@app.command()
+@handle_errors
+def encode(
+    tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (DICOM, TIFF, PNG, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>.npy token maps.")],
+    png: Annotated[
+        bool, typer.Option(help="Also write a coloured token-map PNG per image.")
+    ] = False,
+) -> None:
+    """Token maps [gh, gw] (int16/int32 .npy) for images, through the same readers as training.
+
+    Example:
+
+        beitdomain tokenizer encode runs/tok scan1.dcm scan2.dcm --out tokens/ --png
+    """
+    from beitdomain.engine.tokenizer import encode_files
+    from beitdomain.tokenizer.io import load_tokenizer
+
+    written = encode_files(load_tokenizer(tokenizer), images, out, png=png)
+    console.print(f"wrote {len(written)} token maps to {out}")
+
+
+@app.command("import-dalle")
+@handle_errors
+def import_dalle_cmd(
+    encoder: Annotated[Path, typer.Argument(help="DALL-E encoder.pkl (local file).")],
+    decoder: Annotated[Path, typer.Argument(help="DALL-E decoder.pkl (local file).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the converted tokenizer.")],
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Convert OpenAI's DALL-E dVAE pickles once into a safetensors tokenizer.
+
+    Pickles can run code when loaded, so this needs --trust-pickle; the result is plain
+    safetensors that later commands load safely (e.g. --init for tokenizer train, or
+    tokenizer.path for pretrain).
+
+    Example:
+
+        beitdomain tokenizer import-dalle encoder.pkl decoder.pkl --out dalle-tok --trust-pickle
+    """
+    from beitdomain.tokenizer.io import import_dalle, save_tokenizer
+
+    model = import_dalle(encoder, decoder, trust_pickle=trust_pickle)
+    save_tokenizer(model, out, extra={"source": "OpenAI DALL-E dVAE", "encoder": encoder.name})
+    console.print(f"converted to {out}/tokenizer.safetensors (load it without --trust-pickle)")

@@ -1,0 +1,200 @@
+"""`beitdomain curve`: the grid of fine-tunes behind a label-efficiency curve.
+
+Cells are (initialization, label fraction, seed). Each cell is an ordinary fine-tuning run in
+`cells/<init>-<labels>-s<seed>/`; its `results.json` is the record that the cell is done, so a
+re-run skips finished cells and resumes a cell that was cut off from its newest checkpoint.
+`curve.csv`, `summary.csv`, `curve.png` and `report.md` are rebuilt from the cells after each one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beitdomain.config import Recipe, recipe_to_dict
+from beitdomain.engine.finetune import finetune, resolve_init
+from beitdomain.engine.rundir import RunDir
+from beitdomain.eval.plots import plot_label_efficiency
+from beitdomain.eval.report import label_efficiency, summarize, write_csv, write_report
+from beitdomain.fileio import atomic_write_json
+from beitdomain.user import UserError
+
+log = logging.getLogger(__name__)
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+
+
+def cell_name(init: str, labels: str, seed: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", labels.replace("%", "pct").replace("/", "per"))
+    return f"{init}-{safe}-s{seed}"
+
+
+def _cell_recipe(recipe: Recipe, init: str | None, labels: str, seed: int) -> Recipe:
+    return replace(recipe, seed=seed, finetune=replace(recipe.finetune, labels=labels, init=init))
+
+
+def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) -> None:
+    """One fine-tune (in a worker process when the grid is spread over GPUs)."""
+    from beitdomain.config import load_recipe
+
+    recipe_dict, out, init, labels, seed, device, _name = args
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(recipe_dict, f)
+    recipe = load_recipe(f.name)
+    Path(f.name).unlink()
+    finetune(_cell_recipe(recipe, init, labels, seed), out, device=device, resume=True, quiet=True)
+
+
+def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """One row per finished cell, from its results.json."""
+    rows = []
+    for init, labels, seed in cells:
+        res_path = out / "cells" / cell_name(init, labels, seed) / "results.json"
+        if not res_path.is_file():
+            continue
+        res = json.loads(res_path.read_text())
+        test = res.get("test", {})
+        rows.append(
+            {
+                "init": init,
+                "labels": labels,
+                "fraction": res["fraction"],
+                "seed": seed,
+                "n_labels": res["n_labels"],
+                "n_train": res["n_train"],
+                "steps": res["steps"],
+                "best_step": res["best_step"],
+                "n_test": test.get("n"),
+                **{m: test.get(m) for m in METRICS},
+            }
+        )
+    return rows
+
+
+def write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    metric: str,
+    inits: dict[str, str | None],
+    seeds: Sequence[int],
+) -> dict[str, Any]:
+    """curve.csv, summary.csv, curve.png and report.md from the finished rows."""
+    write_csv(rows, out / "curve.csv")
+    if not rows:
+        return {}
+    summary = summarize(rows)
+    write_csv(summary, out / "summary.csv")
+    n_train = max(int(r["n_train"]) for r in rows)
+    plot_label_efficiency(summary, out / "curve.png", metric, n_train_total=n_train)
+    effs = []
+    if "scratch" in inits:
+        for name in inits:
+            if name != "scratch" and any(r["init"] == name for r in rows):
+                try:
+                    effs.append(label_efficiency(summary, metric, "scratch", name))
+                except UserError as e:
+                    log.warning("label efficiency of %s: %s", name, e)
+    context = {
+        "seeds": list(seeds),
+        "n_test": rows[0].get("n_test"),
+        "n_train": n_train,
+        "inits": {k: (v or "random initialization") for k, v in inits.items()},
+        "figure": "curve.png",
+    }
+    write_report(out / "report.md", summary, effs, metric, context)
+    return {"summary": summary, "efficiency": effs}
+
+
+def run_curve(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    quiet: bool = False,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Runs (or continues) the grid; returns the summary and label-efficiency results.
+
+    Args:
+        recipe: `curve.fractions`, `curve.seeds`, `curve.inits` ({name: path or None}),
+            `curve.metric`, and the fine-tuning settings every cell shares.
+        out: run folder; re-running with the same folder continues the grid.
+        workers: parallel cells; default one per visible GPU (1 on CPU).
+    """
+    c = recipe.curve
+    if not c.inits:
+        raise UserError("curve.inits is empty: give at least one --init (e.g. --init scratch)")
+    out = Path(out)
+    inits = {name: resolve_init(path) for name, path in c.inits.items()}
+    grid = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
+    grid_file = out / "grid.json"
+    if grid_file.is_file() and not overwrite:
+        previous = json.loads(grid_file.read_text())
+        if previous != grid:
+            raise UserError(
+                f"{out} holds a different grid ({previous}); continue it with the same "
+                f"settings, or pass --overwrite / another --out"
+            )
+    run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
+    run.start("curve", recipe, device)
+    atomic_write_json(grid_file, grid)
+    cells = [(i, f, s) for i in inits for f in c.fractions for s in c.seeds]
+    todo = [
+        cell for cell in cells if not (out / "cells" / cell_name(*cell) / "results.json").is_file()
+    ]
+    log.info("curve: %d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    n_gpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    workers = workers or max(1, n_gpu)
+    if workers > 1 and todo:
+        base = recipe_to_dict(recipe)
+        jobs = []
+        for k, (init, labels, seed) in enumerate(todo):
+            dev = f"cuda:{k % n_gpu}" if n_gpu else "cpu"
+            jobs.append(
+                (
+                    base,
+                    str(out / "cells" / cell_name(init, labels, seed)),
+                    inits[init],
+                    labels,
+                    seed,
+                    dev,
+                    init,
+                )
+            )
+        # One process per device; cells of a device run one after another in its process.
+        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+            for _ in pool.imap_unordered(_run_cell, jobs):
+                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds)
+    else:
+        from rich.progress import Progress
+
+        with Progress(disable=quiet) as bar:
+            task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
+            for init, labels, seed in todo:
+                bar.update(task, description=f"curve: {init} {labels} seed {seed}")
+                cell_dir = out / "cells" / cell_name(init, labels, seed)
+                finetune(
+                    _cell_recipe(recipe, inits[init], labels, seed),
+                    cell_dir,
+                    device=device,
+                    resume=True,
+                    quiet=True,
+                )
+                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds)
+                bar.advance(task)
+    rows = collect_rows(out, cells)
+    result = write_outputs(out, rows, c.metric, inits, c.seeds)
+    run.finish(cells=len(rows))
+    return {"rows": rows, **result}
