@@ -80,6 +80,7 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    model_depth: int | None = field(default=None, repr=False)
 
     @property
     def missing_backbone(self) -> list[str]:
@@ -96,7 +97,12 @@ class LoadReport:
         bad = [m for m in self.mismatched if not _FRESH.match(m.split(":")[0])]
         if bad:
             out.append(f"backbone keys with incompatible shapes: {_short(bad)}")
-        extra_blocks = [k for k in self.unexpected if re.search(r"(blocks|layers?)\.\d+\.", k)]
+        extra_blocks = [
+            k
+            for k in self.unexpected
+            if (m := re.search(r"(?:blocks|layers?)\.(\d+)\.", k))
+            and (self.model_depth is None or int(m.group(1)) >= self.model_depth)
+        ]
         if extra_blocks:
             out.append(f"checkpoint blocks the model does not have: {_short(extra_blocks)}")
         return out
@@ -478,6 +484,7 @@ def load_backbone_weights(
     state, hf_config, source = read_checkpoint(path_or_state, trust_pickle=trust_pickle)
     canon, origin, fmt, ignored, unmapped = to_canonical(state)
     report = LoadReport(source=source, format=fmt, ignored=ignored, unexpected=list(unmapped))
+    report.model_depth = len(backbone.blocks)
     if hf_config is not None:
         source_grid = source_grid or _hf_grid(hf_config)
         _compare_hf_config(hf_config, backbone, report)

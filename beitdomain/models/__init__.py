@@ -1,0 +1,41 @@
+"""BEiT models on timm's `Beit`: backbone presets, the MIM model, the classifier, conversion."""
+
+from beitdomain.models.backbone import (
+    BACKBONE_PRESETS,
+    BackboneConfig,
+    backbone_config_of,
+    create_backbone,
+    get_preset,
+)
+from beitdomain.models.classifier import (
+    BeitClassifier,
+    freeze_backbone,
+    layer_decay_param_groups,
+    param_groups_weight_decay,
+)
+from beitdomain.models.convert import (
+    CheckpointLoadError,
+    LoadReport,
+    TimmExport,
+    export_timm_backbone,
+    load_backbone_weights,
+)
+from beitdomain.models.mim import BeitMIM
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "BackboneConfig",
+    "BeitClassifier",
+    "BeitMIM",
+    "CheckpointLoadError",
+    "LoadReport",
+    "TimmExport",
+    "backbone_config_of",
+    "create_backbone",
+    "export_timm_backbone",
+    "freeze_backbone",
+    "get_preset",
+    "layer_decay_param_groups",
+    "load_backbone_weights",
+    "param_groups_weight_decay",
+]
