@@ -27,6 +27,16 @@ from beitdomain.tokenizer.io import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs gain nothing from intra-op threads, and on a shared 2-core machine their
+    spin-waiting made the training test ~10x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[nn.Module, Path]:
     torch.manual_seed(0)

@@ -20,6 +20,13 @@ from beitdomain.tokenizer.dvae import (
     tokenizer_config,
 )
 from beitdomain.tokenizer.flops import count_params, decoder_gflops, encoder_gflops
+from beitdomain.tokenizer.io import (
+    UntrustedPickleError,
+    import_dalle,
+    load_tokenizer,
+    load_tokenizer_config,
+    save_tokenizer,
+)
 from beitdomain.tokenizer.schedule import gumbel_temperature, kl_weight
 
 __all__ = [
@@ -29,15 +36,20 @@ __all__ = [
     "DVAEConfig",
     "DVAEOutput",
     "DiscreteVAE",
+    "UntrustedPickleError",
     "check_codebook_usage",
     "count_params",
     "create_tokenizer",
     "decoder_gflops",
     "encoder_gflops",
     "gumbel_temperature",
+    "import_dalle",
     "kl_weight",
+    "load_tokenizer",
+    "load_tokenizer_config",
     "psnr",
     "reinit_dead_codes",
     "reset_optimizer_rows",
+    "save_tokenizer",
     "tokenizer_config",
 ]

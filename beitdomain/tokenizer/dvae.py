@@ -302,14 +302,14 @@ class Encoder(nn.Module):
                 blocks.append(nn.MaxPool2d(kernel_size=2))
             groups.append(nn.Sequential(*blocks))
         self.groups = nn.Sequential(*groups)
-        self.head = nn.Sequential(
-            OrderedDict(relu=nn.ReLU(), conv=_conv(widths[-1], cfg.vocab_size, 1))
-        )
+        # Logits head: 1x1 conv on ReLU(features); the ReLU lives in `features` so that the
+        # dead-code remedy sees exactly what this conv sees.
+        self.head = _conv(widths[-1], cfg.vocab_size, 1)
 
     @property
     def logits_conv(self) -> nn.Conv2d:
         """The final 1x1 conv whose row k scores code k."""
-        return self.head.conv
+        return self.head
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Features seen by the logits conv (after its ReLU): ``[B, F, gh, gw]``."""
@@ -319,7 +319,7 @@ class Encoder(nn.Module):
         """Float32 logits ``[B, K, gh, gw]`` from :meth:`features` output."""
         # Run outside autocast: in bf16 near-tied logits would flip argmax between runs/devices.
         with _float32_region(h.device):
-            return self.head.conv(h.float())
+            return self.head(h.float())
 
 
 class Decoder(nn.Module):

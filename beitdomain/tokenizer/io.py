@@ -335,7 +335,9 @@ def _map_dalle_keys(src: dict[str, torch.Tensor], part: str, path: Path) -> dict
             sub = "skip" if id_path else f"res.{conv}"
             out[f"{part}.groups.{int(g) - 1}.{int(i) - 1}.{sub}.{_PARAM[p]}"] = t
         elif key in ("blocks.output.conv.w", "blocks.output.conv.b"):
-            out[f"{part}.head.conv.{_PARAM[key[-1]]}"] = t
+            # The encoder's head is the bare logits conv; the decoder's is (ReLU, conv).
+            head = "head" if part == "encoder" else "head.conv"
+            out[f"{part}.{head}.{_PARAM[key[-1]]}"] = t
         elif key in ("blocks.input.w", "blocks.input.b"):
             pass  # handled by the caller: encoder stem or decoder codebook
         else:
