@@ -148,7 +148,7 @@ class DVAEConfig:
 # 0.49 / 0.58 GFLOP encoder / decoder; base 29.5 M, 14.9 / 15.1; dalle 97.6 M (53.8 M encoder),
 # 52.1 / 59.0 -- the DALL-E encoder's published ~52 GFLOP at 112 px.
 TOKENIZER_PRESETS: dict[str, DVAEConfig] = {
-    # Unit tests: 32 px -> 8x8 grid, 64 codes, ~0.1 M parameters.
+    # Unit tests: 32 px -> 8x8 grid, 64 codes, 0.05 M parameters.
     "tiny": DVAEConfig(
         vocab_size=64,
         hidden=16,
