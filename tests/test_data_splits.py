@@ -102,7 +102,7 @@ def test_subset_sizes_and_proportional_counts():
     assert subset_size("7/class", LABELS_30) is None
     idx = label_subset(LABELS_30, "50%", seed=0)
     counts = Counter(LABELS_30[i] for i in idx)
-    # quotas 5, 6, 2.5, 1.5: Webster rounding gives 5, 6, and 3 + 1 or 2 + 2
+    # quotas 5, 6, 2.5, 1.5: 5 and 6 exactly, the remaining 4 split 3 + 1 or 2 + 2
     assert counts["cat"] == 5 and counts["dog"] == 6
     assert counts["fox"] + counts["owl"] == 4 and min(counts["fox"], counts["owl"]) >= 1
     assert sorted(label_subset(LABELS_30, "100%", seed=0).tolist()) == list(range(30))
@@ -136,7 +136,7 @@ def test_describe_subset_counts():
 class_sizes = st.lists(st.integers(min_value=1, max_value=25), min_size=1, max_size=6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     sizes=class_sizes,
     seed=st.integers(0, 2**31 - 1),
@@ -162,7 +162,7 @@ def test_subsets_are_nested_and_stratified(sizes, seed, totals):
         # minimum forces onto classes whose share is below one image
         share = c * np.asarray(sizes) / n
         forced = np.clip(1.0 - share, 0.0, None).sum()
-        assert np.all(np.abs(per_class - share) <= 1.0 + forced + 1e-9)
+        assert np.all(np.abs(per_class - share) < 1.0 + forced + 1e-9)
         previous, previous_per_class = chosen, per_class
 
 
