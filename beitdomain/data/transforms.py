@@ -43,14 +43,16 @@ def random_resized_crop_box(
     """
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
+    # All draws in one call: per-call overhead of Generator methods dominates at this size.
+    u = rng.random(40).tolist()
+    for k in range(0, 40, 4):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[k])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[k + 1])
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = min(int(u[k + 2] * (height - h + 1)), height - h)
+            left = min(int(u[k + 3] * (width - w + 1)), width - w)
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -96,8 +98,8 @@ class IntensityJitter:
         s = self.strength
         if s == 0:
             return None
-        u = rng.uniform(-s, s, size=3)
-        return math.exp(u[0]), 1.0 + u[1], u[2]
+        g, c, b = (s * (2.0 * x - 1.0) for x in rng.random(3).tolist())
+        return math.exp(g), 1.0 + c, b
 
     @staticmethod
     def uint8_table(params: tuple[float, float, float] | None) -> np.ndarray:
@@ -128,11 +130,12 @@ _UINT8_GRID = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 def _curve(x: np.ndarray, params: tuple[float, float, float]) -> np.ndarray:
     gamma, contrast, brightness = params
-    y = np.power(np.clip(x, 0.0, 1.0, out=x), np.float32(gamma))
-    y -= np.float32(0.5)
+    # np.maximum/np.minimum instead of np.clip: same result, less Python overhead per call.
+    y = np.power(np.maximum(x, 0.0, out=x), np.float32(gamma), out=x)
     y *= np.float32(contrast)
-    y += np.float32(0.5 + brightness)
-    return np.clip(y, 0.0, 1.0, out=y)
+    y += np.float32(0.5 - 0.5 * contrast + brightness)  # (y - 0.5) * c + 0.5 + b
+    np.maximum(y, 0.0, out=y)
+    return np.minimum(y, 1.0, out=y)
 
 
 class PretrainTransform:
