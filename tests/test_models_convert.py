@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from beitdomain.models.backbone import create_backbone, get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import (
-    CheckpointLoadError,
+    WeightsError,
     export_timm_backbone,
     load_backbone_weights,
     resize_rel_pos_bias_table,
@@ -210,7 +210,7 @@ def test_rgb_to_gray_and_gray_to_rgb() -> None:
     report = load_backbone_weights(back, gray.state_dict())
     assert "1 -> 3 input channels (replicated and scaled)" in report.reshaped[0]
     torch.testing.assert_close(back(x3, mask), gray(x1, mask), atol=1e-5, rtol=1e-5)
-    with pytest.raises(CheckpointLoadError, match="in_chans=3 but the model takes 1 channels"):
+    with pytest.raises(WeightsError, match="in_chans=3 but the model takes 1 channels"):
         load_backbone_weights(gray, _unilm_state(src), in_chans=3)
 
 
@@ -250,7 +250,7 @@ def test_other_vocab_and_abs_pos_emb() -> None:
 def test_strict_report_raises_on_incomplete_backbone(tmp_path: Path) -> None:
     src = _source_mim()
     deeper = BeitMIM.from_config(CFG.replace(depth=3), vocab_size=VOCAB)
-    with pytest.raises(CheckpointLoadError, match=r"backbone keys missing.*blocks\.2\."):
+    with pytest.raises(WeightsError, match=r"backbone keys missing.*blocks\.2\."):
         load_backbone_weights(deeper, _unilm_state(src))
     before = deeper.backbone.blocks[2].attn.qkv.weight.clone()
     report = load_backbone_weights(deeper, _unilm_state(src), strict_report=False)
@@ -260,11 +260,11 @@ def test_strict_report_raises_on_incomplete_backbone(tmp_path: Path) -> None:
         deeper.backbone.blocks[0].attn.qkv.weight, src.backbone.blocks[0].attn.qkv.weight
     )
     shallow = BeitMIM.from_config(CFG.replace(depth=1), vocab_size=VOCAB)
-    with pytest.raises(CheckpointLoadError, match="blocks the model does not have"):
+    with pytest.raises(WeightsError, match="blocks the model does not have"):
         load_backbone_weights(shallow, _unilm_state(src))
     # Per-block tables cannot become one shared table: say what to change.
     per_block = BeitClassifier.from_config(CFG.replace(use_shared_rel_pos_bias=False), 3)
-    with pytest.raises(CheckpointLoadError, match="use_shared_rel_pos_bias=False"):
+    with pytest.raises(WeightsError, match="use_shared_rel_pos_bias=False"):
         load_backbone_weights(src, per_block.state_dict())
 
 
@@ -281,12 +281,12 @@ def test_own_checkpoint_and_pickle_policy(tmp_path: Path) -> None:
     # A file that needs full pickle: refused with a pointer to --trust-pickle.
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": src.state_dict(), "where": pathlib.PurePosixPath("/data")}, unsafe)
-    with pytest.raises(CheckpointLoadError, match="--trust-pickle"):
+    with pytest.raises(WeightsError, match="--trust-pickle"):
         load_backbone_weights(dst, unsafe)
     assert load_backbone_weights(dst, unsafe, trust_pickle=True).missing == []
-    with pytest.raises(CheckpointLoadError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         load_backbone_weights(dst, tmp_path / "nope.pth")
-    with pytest.raises(CheckpointLoadError, match="without model.safetensors"):
+    with pytest.raises(WeightsError, match="without model.safetensors"):
         load_backbone_weights(dst, tmp_path)
 
 

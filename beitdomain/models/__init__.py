@@ -14,9 +14,9 @@ from beitdomain.models.classifier import (
     param_groups_weight_decay,
 )
 from beitdomain.models.convert import (
-    CheckpointLoadError,
     LoadReport,
     TimmExport,
+    WeightsError,
     export_timm_backbone,
     load_backbone_weights,
 )
@@ -27,9 +27,9 @@ __all__ = [
     "BackboneConfig",
     "BeitClassifier",
     "BeitMIM",
-    "CheckpointLoadError",
     "LoadReport",
     "TimmExport",
+    "WeightsError",
     "backbone_config_of",
     "create_backbone",
     "export_timm_backbone",

@@ -50,7 +50,7 @@ _FRESH = re.compile(r"^(head\.|lm_head\.|fc_norm\.|norm\.|mask_token$)")
 _BLOCK_RPB = re.compile(rf"^blocks\.(\d+)\.attn\.{RPB}$")
 
 
-class CheckpointLoadError(ValueError):
+class WeightsError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model."""
 
 
@@ -142,7 +142,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointLoadError(
+            raise WeightsError(
                 f"{path} cannot be read as plain tensors (weights_only=True): {reason}. "
                 "Loading it needs full pickle, which can run arbitrary code; if you trust the "
                 "file, pass --trust-pickle (trust_pickle=True), or convert it to safetensors."
@@ -166,7 +166,7 @@ def read_checkpoint(
         description of the source for reports.
 
     Raises:
-        CheckpointLoadError: missing file, unreadable pickle, no tensors found.
+        WeightsError: missing file, unreadable pickle, no tensors found.
     """
     hf_config = None
     if isinstance(path_or_state, Mapping):
@@ -185,19 +185,19 @@ def read_checkpoint(
                     break
             else:
                 found = sorted(p.name for p in path.iterdir())[:10]
-                raise CheckpointLoadError(
+                raise WeightsError(
                     f"{path} is a folder without model.safetensors or pytorch_model.bin "
                     f"(found: {found}); pass the weights file itself"
                 )
         elif not path.is_file():
-            raise CheckpointLoadError(f"checkpoint {path} does not exist")
+            raise WeightsError(f"checkpoint {path} does not exist")
         if path.suffix == ".safetensors":
             raw = load_file(str(path))
         else:
             raw = _torch_load(path, trust_pickle)
     state = _unwrap(raw)
     if not state:
-        raise CheckpointLoadError(f"no tensors found in {source}")
+        raise WeightsError(f"no tensors found in {source}")
     return state, hf_config, source
 
 
@@ -210,7 +210,7 @@ def _unwrap(raw: Any) -> dict[str, torch.Tensor]:
             if isinstance(inner, Mapping) and any(torch.is_tensor(v) for v in inner.values()):
                 return _unwrap(inner)
         return {str(k): v for k, v in raw.items() if torch.is_tensor(v)}
-    raise CheckpointLoadError(f"checkpoint holds a {type(raw).__name__}, not a state dict")
+    raise WeightsError(f"checkpoint holds a {type(raw).__name__}, not a state dict")
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -463,7 +463,7 @@ def load_backbone_weights(
             `BeitForMaskedImageModeling` (or `BeitModel`) folder, a beitdomain checkpoint, or an
             in-memory state dict.
         in_chans: channels the caller expects the model to take; checked against the model.
-        strict_report: raise `CheckpointLoadError` (with the full report) when the checkpoint
+        strict_report: raise `WeightsError` (with the full report) when the checkpoint
             does not provide a complete backbone: missing or incompatible backbone tensors, or
             blocks the model does not have. Heads, final norms and the mask token may be
             missing either way. False = load what fits and only report.
@@ -477,7 +477,7 @@ def load_backbone_weights(
     backbone, names, target = _target_state(model)
     model_chans = backbone.patch_embed.proj.in_channels
     if in_chans is not None and in_chans != model_chans:
-        raise CheckpointLoadError(
+        raise WeightsError(
             f"in_chans={in_chans} but the model takes {model_chans} channels; build the model "
             f"with in_chans={in_chans}"
         )
@@ -518,7 +518,7 @@ def load_backbone_weights(
 
     problems = report.problems()
     if strict_report and problems:
-        raise CheckpointLoadError(
+        raise WeightsError(
             f"{source} does not fit the model: " + "; ".join(problems) + f"\n{report}"
         )
     result = model.load_state_dict(new_state, strict=False)
