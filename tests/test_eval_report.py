@@ -1,0 +1,289 @@
+"""Curve summaries, the label-efficiency factor, report.md, CSVs and the figures."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+
+from beitdomain.eval.plots import (
+    plot_confusion_matrix,
+    plot_label_efficiency,
+    plot_training_curves,
+)
+from beitdomain.eval.report import (
+    label_efficiency,
+    read_csv,
+    summarize,
+    write_csv,
+    write_report,
+)
+from beitdomain.user import UserError
+
+FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
+N_TRAIN = 400
+
+
+def _summary(scratch: list[float], domain: list[float], std: float = 0.02) -> list[dict]:
+    """A hand-made summary: one mean per fraction for each init."""
+    rows = []
+    for init, means in (("scratch", scratch), ("domain", domain)):
+        for f, m in zip(FRACTIONS, means):
+            rows.append(
+                {
+                    "init": init,
+                    "fraction": f,
+                    "n_runs": 3,
+                    "n_labels": round(f * N_TRAIN),
+                    "balanced_accuracy_mean": m,
+                    "balanced_accuracy_std": std,
+                }
+            )
+    return rows
+
+
+SCRATCH = [0.50, 0.55, 0.60, 0.66, 0.75]
+
+
+# --------------------------------------------------------------------------------------------
+# The label-efficiency factor
+# --------------------------------------------------------------------------------------------
+
+
+def test_factor_matches_at_ten_percent():
+    eff = label_efficiency(_summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85]), "balanced_accuracy")
+    assert eff["pretrained_init"] == "domain" and eff["reference_init"] == "scratch"
+    assert eff["reference_value"] == pytest.approx(0.75)
+    assert eff["matching_fraction"] == pytest.approx(0.1)
+    assert eff["factor"] == pytest.approx(10.0)
+    assert eff["matching_n_labels"] == 40
+    assert "10% of the labels" in eff["statement"] and "10× fewer labels" in eff["statement"]
+
+
+def test_factor_matches_at_one_percent():
+    eff = label_efficiency(_summary(SCRATCH, [0.80, 0.82, 0.84, 0.86, 0.9]), "balanced_accuracy")
+    assert eff["matching_fraction"] == pytest.approx(0.01)
+    assert eff["factor"] == pytest.approx(100.0)
+    assert "100× fewer labels" in eff["statement"]
+
+
+def test_factor_never_matches():
+    eff = label_efficiency(_summary(SCRATCH, [0.40, 0.45, 0.50, 0.60, 0.74]), "balanced_accuracy")
+    assert eff["factor"] is None and eff["matching_fraction"] is None
+    assert "does not match" in eff["statement"]
+    assert "0.740 at 100%" in eff["statement"]  # its best, said in words
+
+
+def test_ties_count_as_matching():
+    # 1.13 - 0.38 is 0.7499999999999999 in floating point: a tie that must still count
+    tie = 1.13 - 0.38
+    assert tie < 0.75
+    eff = label_efficiency(_summary(SCRATCH, [0.5, 0.6, 0.7, tie, 0.8]), "balanced_accuracy")
+    assert eff["matching_fraction"] == pytest.approx(0.25)
+    assert eff["factor"] == pytest.approx(4.0)
+
+
+def test_smallest_fraction_wins_even_if_a_later_one_dips():
+    eff = label_efficiency(_summary(SCRATCH, [0.6, 0.76, 0.74, 0.8, 0.8]), "balanced_accuracy")
+    assert eff["matching_fraction"] == pytest.approx(0.05)
+    assert eff["factor"] == pytest.approx(20.0)
+
+
+def test_gain_points_at_each_fraction():
+    domain = [0.60, 0.70, 0.76, 0.80, 0.85]
+    eff = label_efficiency(_summary(SCRATCH, domain), "balanced_accuracy")
+    gains = {g["fraction"]: g["gain_points"] for g in eff["gains"]}
+    assert list(gains) == list(FRACTIONS)
+    assert gains[0.01] == pytest.approx(10.0)
+    assert gains[0.05] == pytest.approx(15.0)
+    assert gains[1.0] == pytest.approx(10.0)
+    assert [g["n_labels"] for g in eff["gains"]] == [4, 20, 40, 100, 400]
+
+
+def test_no_reference_at_full_labels():
+    rows = [
+        r for r in _summary(SCRATCH, SCRATCH) if not (r["init"] == "scratch" and r["fraction"] == 1)
+    ]
+    eff = label_efficiency(rows, "balanced_accuracy")
+    assert eff["factor"] is None and "100% of the labels" in eff["statement"]
+    assert eff["gains"][-1]["gain_points"] is None  # no scratch at 100% to subtract
+
+
+def test_pretrained_init_must_be_named_when_ambiguous():
+    imagenet = {"init": "imagenet", "fraction": 1.0, "n_runs": 1, "balanced_accuracy_mean": 0.9}
+    rows = [*_summary(SCRATCH, SCRATCH), imagenet]
+    with pytest.raises(UserError, match="pretrained_init"):
+        label_efficiency(rows, "balanced_accuracy")
+    eff = label_efficiency(rows, "balanced_accuracy", pretrained_init="imagenet")
+    assert eff["factor"] == pytest.approx(1.0)
+    with pytest.raises(UserError, match="'nope' is not in the summary"):
+        label_efficiency(rows, "balanced_accuracy", pretrained_init="nope")
+
+
+# --------------------------------------------------------------------------------------------
+# summarize and CSV
+# --------------------------------------------------------------------------------------------
+
+
+def _runs() -> list[dict]:
+    rows = []
+    for init, base in (("scratch", 0.5), ("domain", 0.7)):
+        for f in (0.1, 1.0):
+            for seed, noise in zip((0, 1, 2), (-0.01, 0.0, 0.01)):
+                rows.append(
+                    {
+                        "init": init,
+                        "fraction": f,
+                        "seed": seed,
+                        "n_labels": round(f * N_TRAIN),
+                        "accuracy": base + f / 10 + noise,
+                        "balanced_accuracy": base + f / 10 + 2 * noise,
+                        "auroc": None if (f == 0.1 and seed == 0) else 0.9,
+                        "run": f"runs/{init}-{f}-{seed}",
+                    }
+                )
+    return rows
+
+
+def test_summarize_mean_std_counts():
+    summary = summarize(_runs())
+    assert [(r["init"], r["fraction"]) for r in summary] == [
+        ("domain", 0.1),
+        ("domain", 1.0),
+        ("scratch", 0.1),
+        ("scratch", 1.0),
+    ]
+    cell = summary[2]
+    assert cell["n_runs"] == 3 and cell["n_labels"] == 40
+    assert cell["accuracy_mean"] == pytest.approx(0.51)
+    assert cell["accuracy_std"] == pytest.approx(0.01)  # sample std of -0.01, 0, 0.01
+    assert cell["balanced_accuracy_std"] == pytest.approx(0.02)
+    assert cell["auroc_mean"] == pytest.approx(0.9)  # the missing value is left out
+    assert "run_mean" not in cell and "seed_mean" not in cell  # text and ids are not metrics
+
+
+def test_summarize_single_run_has_no_std():
+    summary = summarize([{"init": "scratch", "fraction": 1.0, "seed": 0, "accuracy": 0.8}])
+    assert summary[0]["accuracy_mean"] == pytest.approx(0.8)
+    assert summary[0]["accuracy_std"] is None
+
+
+def test_csv_round_trip(tmp_path):
+    rows = _runs()
+    path = write_csv(rows, tmp_path / "curve.csv")
+    back = read_csv(path)
+    assert len(back) == len(rows)
+    for a, b in zip(rows, back):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert b[k] == pytest.approx(a[k])
+            else:
+                assert b[k] == a[k]
+    # the summary of rows read back equals the summary of the originals
+    s1, s2 = summarize(back), summarize(rows)
+    assert [x.keys() for x in s1] == [y.keys() for y in s2]
+    for x, y in zip(s1, s2):
+        for k in x:
+            assert x[k] == (pytest.approx(y[k]) if isinstance(y[k], float) else y[k])
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
+
+
+# --------------------------------------------------------------------------------------------
+# report.md
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_states_the_factor_and_table(tmp_path):
+    summary = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
+    eff = label_efficiency(summary, "balanced_accuracy")
+    out = write_report(
+        tmp_path / "report.md",
+        summary,
+        eff,
+        "balanced_accuracy",
+        {
+            "seeds": [0, 1, 2],
+            "n_test": 120,
+            "n_train": N_TRAIN,
+            "inits": {"domain": "runs/pretrain", "scratch": None},
+            "figure": "curve.png",
+            "device": "cpu",
+        },
+    )
+    text = out.read_text()
+    assert "Label-efficiency factor: 10" in text
+    assert "10% of the labels" in text
+    assert "| 10% | 40 | 0.600 ± 0.020 | 0.760 ± 0.020 | +16.0 |" in text
+    assert "| 1% | 4 | 0.500 ± 0.020 | 0.600 ± 0.020 | +10.0 |" in text
+    assert "Seeds: 0, 1, 2" in text and "120 images" in text
+    assert "`scratch`: random (from scratch)" in text
+    assert "](curve.png)" in text and "- device: cpu" in text
+
+
+def test_report_never_matches(tmp_path):
+    summary = _summary(SCRATCH, [0.40, 0.45, 0.50, 0.60, 0.74])
+    eff = label_efficiency(summary, "balanced_accuracy")
+    text = write_report(tmp_path / "r.md", summary, [eff], "balanced_accuracy", {}).read_text()
+    assert "does not match" in text and "No label-efficiency factor" in text
+    assert "| 100% | 400 | 0.750 ± 0.020 | 0.740 ± 0.020 | -1.0 |" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_real_png(path, min_w=300, min_h=200):
+    assert path.is_file() and path.stat().st_size > 5_000
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width >= min_w and im.height >= min_h
+        pixels = np.asarray(im.convert("L"), dtype=np.float64)
+    assert pixels.std() > 10  # not blank: lines, text and fills
+    assert (pixels < 100).mean() > 0.005  # some dark ink
+
+
+def test_label_efficiency_png(tmp_path):
+    figures_before = plt.get_fignums()
+    summary = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
+    out = plot_label_efficiency(summary, tmp_path / "curve.png", "balanced_accuracy")
+    _assert_real_png(out)
+    assert plt.get_fignums() == figures_before  # no pyplot figures leaked
+
+
+def test_label_efficiency_png_single_seed_and_missing_values(tmp_path):
+    summary = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
+    for r in summary:
+        r["balanced_accuracy_std"] = None
+    summary[0]["balanced_accuracy_mean"] = None
+    out = plot_label_efficiency(summary, tmp_path / "c.png", "balanced_accuracy", N_TRAIN)
+    _assert_real_png(out)
+    with pytest.raises(ValueError, match="auroc_mean"):
+        plot_label_efficiency(summary, tmp_path / "x.png", "auroc")
+
+
+def test_confusion_matrix_png(tmp_path):
+    out = plot_confusion_matrix(
+        [[5, 1, 0], [2, 7, 1], [0, 0, 3]], ["a", "b", "c"], tmp_path / "cm.png"
+    )
+    _assert_real_png(out)
+    raw = plot_confusion_matrix([[5, 1], [0, 0]], ["a", "b"], tmp_path / "raw.png", normalize=False)
+    _assert_real_png(raw)
+    with pytest.raises(ValueError, match="shape"):
+        plot_confusion_matrix([[1, 2]], ["a", "b"], tmp_path / "bad.png")
+
+
+def test_training_curves_png(tmp_path):
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    records = [{"step": s, "epoch": 0, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 40)]
+    records += [{"step": s, "val_balanced_accuracy": 0.5 + s / 100} for s in (10, 20, 30)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = plot_training_curves(log, tmp_path / "train.png", ["loss", "val_balanced_accuracy"])
+    _assert_real_png(out)
+    with pytest.raises(ValueError, match="logged keys: epoch, loss, lr"):
+        plot_training_curves(log, tmp_path / "x.png", ["nope"])
