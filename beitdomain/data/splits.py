@@ -392,6 +392,8 @@ def label_subset(train_labels: Sequence[Hashable], spec: str | LabelSpec, seed: 
         return np.sort(np.concatenate([p[:per] for p in perms.values()]))
     size = subset_size(spec, train_labels)
     assert size is not None
+    if size == len(train_labels):
+        return np.arange(size, dtype=np.int64)  # everything; no need to walk the order
     return np.sort(label_priority_order(train_labels, seed, limit=size))
 
 
