@@ -196,6 +196,12 @@ def labeled_data(recipe: Recipe, labels: str | None = None, seed: int | None = N
         )
     flabels = [file_label[f] for f in files]
     split = stratified_split(flabels, d.val_fraction, d.test_fraction, d.split_seed, split_column)
+    if split_column is not None and len(split["val"]) == 0 and d.val_fraction > 0:
+        # The user's split has no validation images: carve them from train (stratified,
+        # seeded), so checkpoint selection never looks at the test split.
+        tr = split["train"]
+        carve = stratified_split([flabels[i] for i in tr], d.val_fraction, 0.0, d.split_seed)
+        split = {"train": tr[carve["train"]], "val": tr[carve["val"]], "test": split["test"]}
     train_files = [files[i] for i in split["train"]]
     train_flabels = [flabels[i] for i in split["train"]]
     chosen = label_subset(train_flabels, spec, seed)
