@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from beitdomain.engine.rundir import RunDir
 from beitdomain.engine.schedule import steps_for
 from beitdomain.fileio import atomic_save, atomic_write_json
 from beitdomain.tokenizer import (
+    CodebookCollapseWarning,
     CodeUsage,
     DiscreteVAE,
     check_codebook_usage,
@@ -104,6 +106,12 @@ class TokenizerMonitor:
         ):
             if trainer.dist.enabled:  # every rank must decide on the same counts
                 torch.distributed.all_reduce(self.usage.counts)
+            if trainer.dist.is_main:
+                with warnings.catch_warnings():  # logged once here; no second copy
+                    warnings.simplefilter("ignore", CodebookCollapseWarning)
+                    collapsed = check_codebook_usage(self.usage)
+                if collapsed:
+                    trainer.log(collapse_warning=1)
             dead = self.usage.dead_codes(
                 min_count=1 + int(t.dead_code_min_usage * self.usage.total)
             )
@@ -123,8 +131,6 @@ class TokenizerMonitor:
                 self.revived_total += len(revived)
                 trainer.log(codes_revived=len(revived), codes_dead=len(dead))
             self.usage.reset()
-        if step % trainer.train.log_every == 0 and self.usage.total:
-            check_codebook_usage(self.usage)
         sample_now = step % t.sample_every == 0 or step == trainer.total_steps
         if (
             sample_now
