@@ -119,6 +119,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int | None = None  # fine-tuning: steps between validations (None: each epoch)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
     deterministic: bool = False
 
 

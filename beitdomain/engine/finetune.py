@@ -311,6 +311,7 @@ def finetune(
         hooks=[hook],
         desc="finetune",
         quiet=quiet,
+        tensorboard=t.tensorboard,
     )
     state = trainer.fit(resume=resume)
 

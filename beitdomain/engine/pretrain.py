@@ -182,6 +182,7 @@ def pretrain(
         run=run,
         desc="pretrain",
         quiet=quiet,
+        tensorboard=t.tensorboard,
     )
     trainer.fit(resume=resume)
 

@@ -302,6 +302,7 @@ def train_tokenizer(
         hooks=[monitor],
         desc="tokenizer",
         quiet=quiet,
+        tensorboard=train_cfg.tensorboard,
     )
     trainer.fit(resume=resume)
 
