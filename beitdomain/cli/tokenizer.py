@@ -47,6 +47,14 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Continue from a previous tokenizer folder on new data.")
     ] = None,
+    dalle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from OpenAI's DALL-E dVAE: a folder with encoder.pkl and decoder.pkl "
+            "(needs --trust-pickle; converted once to safetensors in the run folder)."
+        ),
+    ] = None,
+    trust_pickle: TrustPickleOpt = False,
     steps: StepsOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
@@ -68,6 +76,8 @@ def train(
         beitdomain tokenizer train -r ct-dicom --cache /data/ct-cache --preset base --steps 20000
 
         beitdomain tokenizer train --data /new/scans --init runs/tok --out runs/tok2
+
+        beitdomain tokenizer train --data /data/rgb --dalle ~/dall_e --trust-pickle
     """
     from beitdomain.engine.tokenizer import train_tokenizer
 
@@ -88,6 +98,21 @@ def train(
     )
     g = global_options(ctx)
     out = out or default_out(r, "tokenizer")
+    if dalle is not None:
+        from dataclasses import replace
+
+        from beitdomain.tokenizer.io import import_dalle, save_tokenizer
+
+        converted = Path(out).parent / f"{Path(out).name}-dalle-init"
+        if not (converted / "tokenizer.safetensors").is_file():
+            model = import_dalle(
+                dalle / "encoder.pkl", dalle / "decoder.pkl", trust_pickle=trust_pickle
+            )
+            save_tokenizer(
+                model, converted, extra={"source": "OpenAI DALL-E dVAE", "from": str(dalle)}
+            )
+            console.print(f"converted the DALL-E pickles once to {converted} (safetensors)")
+        r = replace(r, tokenizer=replace(r.tokenizer, init=str(converted)))
     result = train_tokenizer(
         r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet
     )
