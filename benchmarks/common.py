@@ -322,9 +322,11 @@ def fmt_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; numbers right-aligned, first column left-aligned."""
-    align = ["---"] + ["---:"] * (len(headers) - 1)
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], left: Sequence[int] = (0,)
+) -> str:
+    """A GitHub markdown table; columns in `left` left-aligned (text), the others right."""
+    align = ["---" if i in left else "---:" for i in range(len(headers))]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(align) + " |",
