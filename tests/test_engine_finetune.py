@@ -1,0 +1,191 @@
+"""`finetune` and `predict` end to end: learns a separable set, records its labels, reproduces
+its test predictions, refuses impossible label requests up front, resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from helpers import (
+    FINETUNE_SETS,
+    assert_same_tensors,
+    flat,
+    list_images,
+    load_tensors,
+    recipe,
+    sets_to_args,
+    write_separable_set,
+)
+from typer.testing import CliRunner
+
+from beitdomain.cli.app import app
+from beitdomain.data.splits import LabelSubsetError
+from beitdomain.engine.checkpoint import CheckpointManager
+from beitdomain.engine.finetune import finetune, predict
+from beitdomain.engine.rundir import read_metrics
+
+runner = CliRunner()
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_separable_set(tmp_path_factory.mktemp("ft") / "data", per_class=16)
+
+
+@pytest.fixture(scope="module")
+def ft_run(data, tmp_path_factory):
+    """A scratch fine-tune on horizontal-vs-vertical stripes, reading files directly (no cache)."""
+    out = tmp_path_factory.mktemp("ftrun") / "run"
+    r = recipe([*FINETUNE_SETS, "finetune.train.steps=20"], **{"data.root": str(data)})
+    res = finetune(r, out, device="cpu", quiet=True)
+    return out, res
+
+
+def test_beats_chance_on_the_test_split(ft_run):
+    out, res = ft_run
+    test = res["test"]
+    assert test["n"] >= 8
+    assert test["accuracy"] >= 0.8, test  # chance is 0.5
+    assert test["balanced_accuracy"] >= 0.75
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test"]["accuracy"] == test["accuracy"] and saved["init"] == "scratch"
+    for name in ("confusion_matrix.png", "best.safetensors", "labels.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    val = [m for m in read_metrics(out / "metrics.jsonl") if "val_balanced_accuracy" in m]
+    assert val, "validation was never logged"
+
+
+def test_labels_used_lists_exactly_the_images_used(ft_run, data):
+    out, res = ft_run
+    rows = _rows(out / "labels_used.csv")
+    by_split: dict[str, set[str]] = {}
+    for r in rows:
+        by_split.setdefault(r["split"], set()).add(r["path"])
+    assert len(rows) == sum(len(v) for v in by_split.values())  # no path listed twice
+    everything = {p.relative_to(data).as_posix() for p in list_images(data)}
+    assert set().union(*by_split.values()) == everything  # 100% labels: every file is used
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["val"] & by_split["test"])
+    assert len(by_split["train"]) == res["n_labels"] == res["n_train"]
+    # the test split in labels_used.csv is the one that was scored
+    scored = {r["path"] for r in _rows(out / "test_predictions.csv")}
+    assert scored == by_split["test"]
+
+
+def test_label_subset_is_recorded(data, tmp_path):
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=2", "finetune.labels=4/class"],
+        **{"data.root": str(data)},
+    )
+    res = finetune(r, tmp_path / "run", device="cpu", quiet=True)
+    rows = _rows(tmp_path / "run" / "labels_used.csv")
+    train = [r["path"] for r in rows if r["split"] == "train"]
+    assert res["n_labels"] == len(train) == 8 and res["n_train"] > 8
+    assert sorted(p.split("/")[0] for p in train) == ["horizontal"] * 4 + ["vertical"] * 4
+    labels = json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert labels["per_class"] == {"horizontal": 4, "vertical": 4}
+
+
+def test_predict_reproduces_the_test_predictions(ft_run, data, tmp_path):
+    out, _ = ft_run
+    expected = _rows(out / "test_predictions.csv")
+    files = [str(data / r["path"]) for r in expected]
+    predict(out, files, tmp_path / "pred.csv", device="cpu")
+    got = {r["path"]: r for r in _rows(tmp_path / "pred.csv")}
+    assert len(got) == len(expected)
+    for e in expected:
+        g = got[str(data / e["path"])]
+        assert g["predicted"] == e["predicted"]
+        for c in ("p_horizontal", "p_vertical"):
+            assert float(g[c]) == pytest.approx(float(e[c]), abs=1e-5), (e["path"], c)
+    # a folder works too, through the CLI
+    res = runner.invoke(
+        app, ["--device", "cpu", "predict", str(out), str(data), "--out", str(tmp_path / "d.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    assert len(_rows(tmp_path / "d.csv")) == len(list_images(data))
+
+
+@pytest.fixture(scope="module")
+def four_classes(tmp_path_factory):
+    """30 images in 4 classes: too few for 1% of the labels to hold one of each class."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("four") / "data"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(8 if c < 2 else 7):
+            img = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_impossible_label_request_fails_before_training(four_classes, tmp_path):
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=2", "finetune.labels=1%"],
+        **{"data.root": str(four_classes)},
+    )
+    with pytest.raises(LabelSubsetError) as err:
+        finetune(r, tmp_path / "run", device="cpu", quiet=True)
+    message = str(err.value)
+    assert "1%" in message and "fewer than the 4 classes" in message
+    # nothing trained: no checkpoints, no metrics, no results
+    for name in ("checkpoints", "metrics.jsonl", "results.json", "best.safetensors"):
+        assert not (tmp_path / "run" / name).exists(), name
+    res = runner.invoke(
+        app,
+        [
+            "--device",
+            "cpu",
+            "finetune",
+            "--data",
+            str(four_classes),
+            "--labels",
+            "1%",
+            "--init",
+            "scratch",
+            "--out",
+            str(tmp_path / "cli"),
+            *sets_to_args(FINETUNE_SETS),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "fewer than the 4 classes" in flat(res.output) and "Traceback" not in res.output
+    assert not (tmp_path / "cli" / "checkpoints").exists()
+
+
+def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
+    r = recipe(
+        [
+            *FINETUNE_SETS,
+            "finetune.train.steps=8",
+            "finetune.train.ckpt_every=3",
+            "finetune.train.deterministic=true",
+        ],
+        **{"data.root": str(data)},
+    )
+    run = tmp_path / "run"
+    first_res = finetune(r, run, device="cpu", quiet=True)
+    first = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    mgr = CheckpointManager(run / "checkpoints")
+    final = mgr.load_latest()[1]["model"]
+    best = load_tensors(run / "best.safetensors")
+    assert mgr.steps() == [3, 6, 8]
+    mgr.path_for(8).unlink()
+    (run / "checkpoints" / "step-00000008.pt.json").unlink()
+    (run / "results.json").unlink()
+    res = finetune(r, run, device="cpu", quiet=True, resume=True)
+    again = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in again] == list(range(1, 9))
+    for a, b in zip(first, again):
+        assert (a["step"], a["lr"], a["loss"]) == (b["step"], b["lr"], b["loss"])
+    assert res["steps"] == 8 and res["test"] == first_res["test"]
+    assert_same_tensors(mgr.load_latest()[1]["model"], final, "final weights")
+    assert_same_tensors(load_tensors(run / "best.safetensors"), best, "best weights")
