@@ -1,0 +1,144 @@
+"""`run_curve`: a tiny grid finishes with all four outputs; an interrupted grid re-runs only the
+cells that were missing."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from helpers import FINETUNE_SETS, PRETRAIN_SETS, recipe, write_separable_set
+from PIL import Image
+
+import beitdomain.engine.curve as curve_engine
+from beitdomain.engine.curve import cell_name, run_curve
+from beitdomain.engine.pretrain import pretrain
+
+FRACTIONS = ["50%", "100%"]
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Stripes data and a 2-step pixel-target pre-training run as the 'domain' init."""
+    tmp = tmp_path_factory.mktemp("curve")
+    root = write_separable_set(tmp / "data", per_class=12)
+    pre = recipe(
+        [*PRETRAIN_SETS, "train.steps=2", "model.target=pixels"], **{"data.root": str(root)}
+    )
+    pretrain(pre, tmp / "pre", device="cpu", quiet=True)
+    return root, tmp / "pre"
+
+
+def _curve_recipe(root, pre, seeds=(0,)):
+    return recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=4", "finetune.train.ckpt_every=2"],
+        **{
+            "data.root": str(root),
+            "curve.fractions": FRACTIONS,
+            "curve.seeds": list(seeds),
+            "curve.inits": {"scratch": None, "domain": str(pre)},
+            "curve.metric": "accuracy",
+        },
+    )
+
+
+def _results(out):
+    return {p.parent.name: p for p in (out / "cells").glob("*/results.json")}
+
+
+@pytest.fixture(scope="module")
+def grid(setup, tmp_path_factory):
+    """The 2 fractions x 1 seed x {scratch, domain} grid, cut off in its third cell (the cell
+    has started and may hold checkpoints, but has no results), then run again to completion,
+    then once more. Records which cells each run fine-tuned and the finished cells' mtimes."""
+    root, pre = setup
+    out = tmp_path_factory.mktemp("grid") / "curve"
+    real = curve_engine.finetune
+    calls: list[str] = []
+
+    def dies_in_third_cell(r, cell_dir, **kw):
+        calls.append(cell_dir.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(r, cell_dir, **kw)
+
+    record: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(curve_engine, "finetune", dies_in_third_cell)
+        with pytest.raises(KeyboardInterrupt):
+            run_curve(_curve_recipe(root, pre), out, device="cpu", quiet=True)
+        record["first"] = list(calls)
+        record["done_after_kill"] = {n: p.stat().st_mtime_ns for n, p in _results(out).items()}
+        record["rows_after_kill"] = len(_rows(out / "curve.csv"))
+        calls.clear()
+        record["result"] = run_curve(_curve_recipe(root, pre), out, device="cpu", quiet=True)
+        record["second"] = list(calls)
+        calls.clear()
+        run_curve(_curve_recipe(root, pre), out, device="cpu", quiet=True)
+        record["third"] = list(calls)
+    return out, record
+
+
+def test_tiny_grid_writes_all_outputs(grid):
+    out, record = grid
+    result = record["result"]
+    rows = _rows(out / "curve.csv")
+    cells = {(r["init"], r["labels"], r["seed"]) for r in rows}
+    assert cells == {(i, f, "0") for i in ("scratch", "domain") for f in FRACTIONS}
+    assert len(rows) == 4 and len(result["rows"]) == 4
+    for r in rows:
+        # the realised fraction of the train split
+        assert float(r["fraction"]) == pytest.approx(int(r["n_labels"]) / int(r["n_train"]))
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["steps"]) == 4
+    half = {int(r["n_labels"]) for r in rows if r["labels"] == "50%"}
+    full = {int(r["n_labels"]) for r in rows if r["labels"] == "100%"}
+    assert len(half) == 1 and len(full) == 1 and half.pop() < full.pop()  # same subset per init
+    summary = _rows(out / "summary.csv")
+    assert len(summary) == 4
+    fractions = {float(r["fraction"]) for r in rows}
+    assert {(s["init"], float(s["fraction"])) for s in summary} == {
+        (i, f) for i in ("scratch", "domain") for f in fractions
+    }
+    assert all(s["n_runs"] == "1" for s in summary)
+    for s in summary:  # the mean of one seed is that seed's value
+        (row,) = [r for r in rows if (r["init"], r["fraction"]) == (s["init"], s["fraction"])]
+        assert float(s["accuracy_mean"]) == pytest.approx(float(row["accuracy"]))
+    with Image.open(out / "curve.png") as im:
+        im.verify()
+    with Image.open(out / "curve.png") as im:
+        assert im.width >= 300 and im.height >= 200
+    assert (out / "curve.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "domain" in report and "scratch" in report and "curve.png" in report
+    expected = {cell_name(i, f, 0) for i in ("scratch", "domain") for f in FRACTIONS}
+    assert set(_results(out)) == expected
+
+
+def test_interrupted_grid_reruns_only_missing_cells(grid):
+    out, record = grid
+    assert len(record["first"]) == 3 and len(record["done_after_kill"]) == 2
+    assert record["rows_after_kill"] == 2  # outputs are rebuilt after every finished cell
+    # the re-run fine-tuned exactly the two missing cells (the cut-off one among them)
+    assert sorted(record["second"]) == sorted(
+        set(record["first"][2:]) | (set(_results(out)) - set(record["first"]))
+    )
+    assert len(record["second"]) == 2 and not set(record["second"]) & set(record["done_after_kill"])
+    after = _results(out)
+    for name, mtime in record["done_after_kill"].items():
+        assert after[name].stat().st_mtime_ns == mtime, f"{name} was re-run"
+    assert record["third"] == []  # nothing left to do
+
+
+def test_a_different_grid_in_the_same_folder_is_refused(grid, setup):
+    from beitdomain.user import UserError
+
+    out, _ = grid
+    root, pre = setup
+    r = _curve_recipe(root, pre)
+    r.curve.fractions = ["100%"]
+    with pytest.raises(UserError, match="different grid"):
+        run_curve(r, out, device="cpu", quiet=True)
