@@ -4,13 +4,16 @@ cells that were missing."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from helpers import FINETUNE_SETS, PRETRAIN_SETS, recipe, write_separable_set
 from PIL import Image
 
 import beitdomain.engine.curve as curve_engine
+from beitdomain.engine.checkpoint import CheckpointManager
 from beitdomain.engine.curve import cell_name, run_curve
+from beitdomain.engine.loop import Trainer
 from beitdomain.engine.pretrain import pretrain
 
 FRACTIONS = ["50%", "100%"]
@@ -52,9 +55,9 @@ def _results(out):
 
 @pytest.fixture(scope="module")
 def grid(setup, tmp_path_factory):
-    """The 2 fractions x 1 seed x {scratch, domain} grid, cut off in its third cell (the cell
-    has started and may hold checkpoints, but has no results), then run again to completion,
-    then once more. Records which cells each run fine-tuned and the finished cells' mtimes."""
+    """The 2 fractions x 1 seed x {scratch, domain} grid, cut off in its third cell right after
+    that cell's first checkpoint (no results yet), then run again to completion, then once more.
+    Records which cells each run fine-tuned and the finished cells' mtimes."""
     root, pre = setup
     out = tmp_path_factory.mktemp("grid") / "curve"
     real = curve_engine.finetune
@@ -62,9 +65,17 @@ def grid(setup, tmp_path_factory):
 
     def dies_in_third_cell(r, cell_dir, **kw):
         calls.append(cell_dir.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(r, cell_dir, **kw)
+        if len(calls) != 3:
+            return real(r, cell_dir, **kw)
+        save = Trainer.save_checkpoint
+
+        def save_then_die(self):
+            save(self)
+            raise KeyboardInterrupt("simulated kill after the first checkpoint")
+
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(Trainer, "save_checkpoint", save_then_die)
+            return real(r, cell_dir, **kw)
 
     record: dict = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -72,6 +83,8 @@ def grid(setup, tmp_path_factory):
         with pytest.raises(KeyboardInterrupt):
             run_curve(_curve_recipe(root, pre), out, device="cpu", quiet=True)
         record["first"] = list(calls)
+        cut = out / "cells" / calls[2]
+        record["cut_checkpoints"] = CheckpointManager(cut / "checkpoints").steps()
         record["done_after_kill"] = {n: p.stat().st_mtime_ns for n, p in _results(out).items()}
         record["rows_after_kill"] = len(_rows(out / "curve.csv"))
         calls.clear()
@@ -131,6 +144,10 @@ def test_interrupted_grid_reruns_only_missing_cells(grid):
     for name, mtime in record["done_after_kill"].items():
         assert after[name].stat().st_mtime_ns == mtime, f"{name} was re-run"
     assert record["third"] == []  # nothing left to do
+    # the cut-off cell held its step-2 checkpoint and was resumed from it, not restarted
+    assert record["cut_checkpoints"] == [2]
+    cut = json.loads((out / "cells" / record["first"][2] / "manifest.json").read_text())
+    assert len(cut["starts"]) == 2 and cut["status"] == "completed"
 
 
 def test_a_different_grid_in_the_same_folder_is_refused(grid, setup):
