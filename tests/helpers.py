@@ -262,3 +262,10 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def flat(text: str) -> str:
     """CLI output with rich's line wrapping undone (for substring checks)."""
     return " ".join(text.split())
+
+
+def said(output: str, *needles: str) -> bool:
+    """Whether CLI output contains every needle, ignoring whitespace (rich wraps long paths
+    mid-word at the terminal width)."""
+    squashed = "".join(output.split())
+    return all("".join(n.split()) in squashed for n in needles)
