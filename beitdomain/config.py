@@ -135,7 +135,10 @@ class TokenizerConfig:
     init: str | None = None  # previous tokenizer dir to continue from
     temperature_start: float = 1.0
     temperature_end: float = 1.0 / 16
-    kl_weight: float = 1e-3
+    # KL to the uniform prior, per token cell, against a per-pixel reconstruction loss. DALL-E's
+    # beta = 6.6 weighs sums (pixels vs cells); per element that is 6.6 / (pixels per cell):
+    # 6.6 / 64 = 0.1 at 8x downsampling of one channel. Much weaker and codes collapse early.
+    kl_weight: float = 0.1
     kl_warmup_fraction: float = 0.1
     dead_code_every: int | None = 200  # steps between dead-code re-initialisations; None: off
     dead_code_min_usage: float = 0.0  # a code used less often than this fraction counts as dead
