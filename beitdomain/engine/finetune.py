@@ -24,11 +24,10 @@ from beitdomain.config import Recipe, load_recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.build import backbone_config
 from beitdomain.engine.data import LabeledData, labeled_data
-from beitdomain.engine.loop import Trainer, build_loader
+from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
 from beitdomain.engine.optim import build_adamw, lr_schedule
 from beitdomain.engine.pretrain import BACKBONE_FILE
 from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.schedule import steps_for
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.fileio import atomic_save, atomic_write_json, atomic_write_text
@@ -254,7 +253,6 @@ def finetune(
             atomic_write_json(run.path / "init_report.json", report.__dict__)
 
     t = ft.train
-    batch = min(t.batch_size, max(1, len(data.train) // info.world_size))
     weights = None
     if ft.class_weighting == "sampler":
         counts = np.asarray(data.class_counts, dtype=float)
@@ -262,22 +260,16 @@ def finetune(
             data.train.label_index(data.train.source.label(int(i))) for i in data.train.indices
         ]
         weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
-    loader = build_loader(
+    plan = plan_run(
         data.train,
-        batch,
+        t,
         seed=recipe.seed,
         num_workers=recipe.data.num_workers,
+        device=dev,
         weights=weights,
-        pin_memory=dev.type == "cuda",
     )
-    total = steps_for(
-        epochs=t.epochs,
-        steps=t.steps,
-        batches_per_epoch=len(loader),
-        accum_steps=t.accum_steps,
-        min_steps=t.min_steps,
-    )
-    global_batch = batch * info.world_size * t.accum_steps
+    total, global_batch, loader = plan.total_steps, plan.global_batch, plan.loader
+    batch = loader.batch_sampler.batch_size
     groups = layer_decay_param_groups(
         model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
     )
@@ -294,9 +286,7 @@ def finetune(
         dev,
         max(batch, 32),
     )
-    train_model: nn.Module = D.wrap_ddp(model, dev, info)
-    if t.compile:
-        train_model = torch.compile(train_model)
+    train_model = prepare_for_training(model, t, dev)
     trainer = Trainer(
         model=train_model,
         optimizer=optimizer,

@@ -434,3 +434,51 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
+
+
+@dataclass
+class RunPlan:
+    """How a job's data becomes optimizer steps: the loader, the run length, the global batch."""
+
+    loader: DataLoader
+    total_steps: int
+    global_batch: int  # images per optimizer step, over all processes
+
+
+def plan_run(
+    dataset: Any,
+    train: TrainConfig,
+    *,
+    seed: int,
+    num_workers: int | None,
+    device: torch.device,
+    weights: Sequence[float] | None = None,
+) -> RunPlan:
+    """The loader (batch capped by the data, per process) and the run length in steps."""
+    from beitdomain.engine.schedule import steps_for
+
+    dist = D.dist_info()
+    batch = min(train.batch_size, max(1, len(dataset) // dist.world_size))
+    loader = build_loader(
+        dataset,
+        batch,
+        seed=seed,
+        num_workers=num_workers,
+        weights=weights,
+        dist=dist,
+        pin_memory=device.type == "cuda",
+    )
+    total = steps_for(
+        epochs=train.epochs,
+        steps=train.steps,
+        batches_per_epoch=len(loader),
+        accum_steps=train.accum_steps,
+        min_steps=train.min_steps,
+    )
+    return RunPlan(loader, total, batch * dist.world_size * train.accum_steps)
+
+
+def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
+    """DDP-wraps the module when several processes run, and compiles it when asked."""
+    wrapped = D.wrap_ddp(model, device, D.dist_info())
+    return torch.compile(wrapped) if train.compile else wrapped

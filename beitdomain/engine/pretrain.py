@@ -21,10 +21,9 @@ from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.loop import Trainer, build_loader
+from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
 from beitdomain.engine.optim import build_adamw, lr_schedule
 from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.schedule import steps_for
 from beitdomain.fileio import atomic_save, atomic_write_json
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
@@ -133,28 +132,12 @@ def pretrain(
             atomic_write_json(run.path / "init_report.json", report.__dict__)
 
     t = recipe.train
-    batch = min(t.batch_size, max(1, len(dataset) // info.world_size))
-    loader = build_loader(
-        dataset,
-        batch,
-        seed=recipe.seed,
-        num_workers=recipe.data.num_workers,
-        pin_memory=dev.type == "cuda",
-    )
-    total = steps_for(
-        epochs=t.epochs,
-        steps=t.steps,
-        batches_per_epoch=len(loader),
-        accum_steps=t.accum_steps,
-        min_steps=t.min_steps,
-    )
-    global_batch = batch * info.world_size * t.accum_steps
+    plan = plan_run(dataset, t, seed=recipe.seed, num_workers=recipe.data.num_workers, device=dev)
+    total, global_batch = plan.total_steps, plan.global_batch
     optimizer = build_adamw(
         param_groups_weight_decay(model, recipe.optim.weight_decay), recipe.optim, dev
     )
-    objective: nn.Module = D.wrap_ddp(MIMObjective(model), dev, info)
-    if t.compile:
-        objective = torch.compile(objective)
+    objective = prepare_for_training(MIMObjective(model), t, dev)
 
     def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         targets = None
@@ -172,7 +155,7 @@ def pretrain(
     trainer = Trainer(
         model=objective,
         optimizer=optimizer,
-        loader=loader,
+        loader=plan.loader,
         step_fn=step_fn,
         lr_at=lr_schedule(recipe.optim, total, global_batch),
         total_steps=total,

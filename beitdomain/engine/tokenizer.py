@@ -23,10 +23,9 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.loop import Trainer, build_loader
+from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
 from beitdomain.engine.optim import build_adamw, lr_schedule
 from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.schedule import steps_for
 from beitdomain.fileio import atomic_save, atomic_write_json
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
@@ -247,28 +246,14 @@ def train_tokenizer(
     model = build_tokenizer(recipe).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    batch = min(train_cfg.batch_size, max(1, len(dataset) // info.world_size))
-    loader = build_loader(
-        dataset,
-        batch,
-        seed=recipe.seed,
-        num_workers=recipe.data.num_workers,
-        pin_memory=dev.type == "cuda",
+    plan = plan_run(
+        dataset, train_cfg, seed=recipe.seed, num_workers=recipe.data.num_workers, device=dev
     )
-    total = steps_for(
-        epochs=train_cfg.epochs,
-        steps=train_cfg.steps,
-        batches_per_epoch=len(loader),
-        accum_steps=train_cfg.accum_steps,
-        min_steps=train_cfg.min_steps,
-    )
-    global_batch = batch * info.world_size * train_cfg.accum_steps
+    total, global_batch = plan.total_steps, plan.global_batch
     optimizer = build_adamw(_decay_groups(model, t.optim.weight_decay), t.optim, dev)
     preview = torch.stack([preview_ds[i]["tok_image"] for i in range(min(16, len(preview_ds)))])
     monitor = TokenizerMonitor(model, recipe, total, recipe.seed, run.path, preview)
-    train_model: nn.Module = D.wrap_ddp(model, dev, info)
-    if train_cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = prepare_for_training(model, train_cfg, dev)
 
     def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = b["tok_image"]
@@ -291,7 +276,7 @@ def train_tokenizer(
     trainer = Trainer(
         model=train_model,
         optimizer=optimizer,
-        loader=loader,
+        loader=plan.loader,
         step_fn=step_fn,
         lr_at=lr_schedule(t.optim, total, global_batch),
         total_steps=total,
