@@ -17,12 +17,12 @@ from beitdomain.engine.rundir import read_metrics
 from beitdomain.tokenizer import gumbel_temperature, kl_weight
 from beitdomain.tokenizer.io import load_tokenizer
 
-STEPS = 30
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
 def tok_run(tmp_path_factory):
-    """One 30-step run of the tiny tokenizer on 24 real ELPV cells (shared by the tests)."""
+    """One 20-step run of the tiny tokenizer on 24 real ELPV cells (shared by the tests)."""
     from beitdomain.engine.tokenizer import train_tokenizer
 
     tmp = tmp_path_factory.mktemp("tok")
