@@ -30,9 +30,7 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_precedence_defaults_extends_file_options_set(tmp_path):
-    write(
-        tmp_path / "base.yaml", {"optim": {"lr": 1.0, "min_lr": 0.5}, "train": {"steps": 10}}
-    )
+    write(tmp_path / "base.yaml", {"optim": {"lr": 1.0, "min_lr": 0.5}, "train": {"steps": 10}})
     child = write(
         tmp_path / "child.yaml",
         {"extends": "base.yaml", "optim": {"lr": 2.0}, "train": {"batch_size": 8}},

@@ -319,6 +319,8 @@ def test_nonfinite_losses_stop_with_a_clear_message_and_a_good_checkpoint(
     good = torch.load(reference / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert_same_tensors(state["model"], good["model"], "last good checkpoint")
     assert not (run / "mim.safetensors").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "NonFiniteLossError" in manifest["error"]
 
 
 def test_isolated_nonfinite_losses_are_skipped_and_counted(data, tmp_path, monkeypatch):
@@ -398,7 +400,7 @@ def test_bad_files_are_quarantined_with_on_error_skip(dirty, tmp_path):
         _pixels_recipe(root, "data.on_error=skip"), tmp_path / "run", device="cpu", quiet=True
     )
     assert result["steps"] == 2
-    report = root.parent / f"{root.name}-errors.csv"  # beside the data folder
+    report = tmp_path / "run" / "quarantine.csv"  # in the run folder, not the data mount
     with open(report, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {Path(r["path"]).name for r in rows} == set(bad)
@@ -418,15 +420,6 @@ def _with_nan_tiff(root: Path) -> Path:
     return root
 
 
-NAN_SCAN_BUG = (
-    "data.index.scan/_probe decode pixels but do not check NaN/Inf, so a float TIFF with NaN "
-    "passes the scan and raises ReaderError from the DataLoader mid-training (with --on-error "
-    "skip too). Fix: scan(..., nonfinite=d.nonfinite) and in _probe report "
-    "'N pixel values are NaN or Inf' when nonfinite == 'error'."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NAN_SCAN_BUG)
 def test_nan_tiff_is_reported_before_training(tmp_path):
     root = _with_nan_tiff(write_separable_set(tmp_path / "data", per_class=8))
     with pytest.raises(ScanError, match="horizontal/nan.tif.*NaN or Inf"):
@@ -434,12 +427,11 @@ def test_nan_tiff_is_reported_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=NAN_SCAN_BUG)
 def test_nan_tiff_is_quarantined_with_on_error_skip(tmp_path):
     root = _with_nan_tiff(write_separable_set(tmp_path / "data", per_class=8))
     r = _pixels_recipe(root, "train.steps=4", "data.on_error=skip")
     assert pretrain(r, tmp_path / "run", device="cpu", quiet=True)["steps"] == 4
-    assert "nan.tif" in (tmp_path / "data-errors.csv").read_text()
+    assert "nan.tif" in (tmp_path / "run" / "quarantine.csv").read_text()
 
 
 def test_label_csv_problems_are_all_reported_before_training(tmp_path):

@@ -96,11 +96,19 @@ def handle_errors(fn: F) -> F:
         except typer.Exit:
             raise
         except KeyboardInterrupt as e:
-            console.print(f"[yellow]interrupted[/]: {e}" if str(e) else "[yellow]interrupted[/]")
+            from rich.markup import escape
+
+            msg = (
+                f"[yellow]interrupted[/]: {escape(str(e))}" if str(e) else "[yellow]interrupted[/]"
+            )
+            console.print(msg)
             raise typer.Exit(130) from None
         except Exception as e:
             if isinstance(e, user_errors()):
-                console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+                from rich.markup import escape
+
+                # escape: messages hold paths and commands like `pip install -e ".[demo]"`
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
                 raise typer.Exit(2) from None
             raise
 

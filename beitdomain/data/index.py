@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.fileio import atomic_write_text
-from beitdomain.io import ReaderError, read_raw
+from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
 IGNORED_SUFFIXES = frozenset(
@@ -197,10 +198,19 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield p
 
 
-def _probe(path: str) -> tuple[str, dict[str, Any] | None, str | None]:
-    """Decodes one file; returns (path, info, None) or (path, None, reason). Runs in workers."""
+def _probe(
+    path: str, spec: IntensitySpec | None = None
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    """Decodes one file; returns (path, info, None) or (path, None, reason). Runs in workers.
+
+    With `spec`, the pixels also go through the normalization training will apply, so what
+    only fails there (NaN/Inf under nonfinite='error', a missing channel) fails here, before
+    any training starts.
+    """
     try:
         raw, meta = read_raw(path)
+        if spec is not None:
+            normalize(select_frames(raw, spec.frames), dict(meta), spec, path)
     except ReaderError as e:
         return path, None, e.reason
     st = os.stat(path)
@@ -215,16 +225,19 @@ def _probe(path: str) -> tuple[str, dict[str, Any] | None, str | None]:
     return path, info, None
 
 
-def _probe_all(paths: list[str], workers: int, progress: bool) -> Iterable[tuple]:
+def _probe_all(
+    paths: list[str], workers: int, progress: bool, spec: IntensitySpec | None = None
+) -> Iterable[tuple]:
+    probe = functools.partial(_probe, spec=spec)
     if workers > 0 and len(paths) > 1:
         import multiprocessing as mp
 
         # spawn: safe even when the parent already holds threads (torch, BLAS).
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-        results: Iterable[tuple] = pool.map(_probe, paths, chunksize=max(1, len(paths) // 256))
+        results: Iterable[tuple] = pool.map(probe, paths, chunksize=max(1, len(paths) // 256))
     else:
         pool = None
-        results = map(_probe, paths)
+        results = map(probe, paths)
     try:
         if progress:
             from rich.progress import track
@@ -299,6 +312,7 @@ def scan(
     allow_outside_root: bool = False,
     workers: int = 0,
     progress: bool = False,
+    spec: IntensitySpec | None = None,
 ) -> Manifest:
     """Builds a manifest for a folder tree by reading every image once.
 
@@ -311,6 +325,8 @@ def scan(
         allow_outside_root: Let CSV paths point outside ``root``.
         workers: Decoding processes (0 = in this process).
         progress: Show a rich progress bar.
+        spec: Also normalize each image as training will (NaN/Inf, channels), so files that
+            would fail mid-training are reported now.
 
     Raises:
         ScanError: no images, bad labels CSV, or (with on_error='fail') unreadable files.
@@ -337,7 +353,7 @@ def scan(
     root_resolved = root.resolve()
     entries: list[ManifestEntry] = []
     errors = [(p, r) for p, r in missing]
-    for path, info, reason in _probe_all(paths, workers, progress):
+    for path, info, reason in _probe_all(paths, workers, progress, spec):
         rel = _relative(Path(path), root, root_resolved)
         if info is None:
             errors.append((rel, reason or "unreadable"))

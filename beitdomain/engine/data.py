@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,16 @@ from beitdomain.engine.distributed import dist_info
 from beitdomain.io import IntensitySpec
 from beitdomain.user import UserError
 
+log = logging.getLogger(__name__)
 
-def image_source(recipe: Recipe, progress: bool = True) -> tuple[Any, str]:
+
+def image_source(
+    recipe: Recipe, progress: bool = True, report_dir: Path | None = None
+) -> tuple[Any, str]:
     """The recipe's images as an indexable source, and a fingerprint of the data.
+
+    With `data.on_error: skip`, unreadable files are listed in `report_dir/quarantine.csv`
+    (the run folder), or beside the data folder when no run folder is given.
 
     Raises:
         UserError: no data configured.
@@ -48,9 +56,16 @@ def image_source(recipe: Recipe, progress: bool = True) -> tuple[Any, str]:
             on_error=d.on_error,
             allow_outside_root=d.allow_outside_root,
             progress=progress and dist_info().is_main,
+            spec=spec,
         )
-        if manifest.errors:
-            manifest.save_errors(Path(d.root).resolve().parent / f"{Path(d.root).name}-errors.csv")
+        if manifest.errors and dist_info().is_main:
+            report = (
+                Path(report_dir) / "quarantine.csv"
+                if report_dir is not None
+                else Path(d.root).resolve().parent / f"{Path(d.root).name}-errors.csv"
+            )
+            manifest.save_errors(report)
+            log.warning("%d unreadable files skipped; listed in %s", len(manifest.errors), report)
     else:
         raise UserError(
             "no images given: set data.root to a folder (e.g. --data /path/to/images), "
@@ -86,6 +101,8 @@ def unlabeled_dataset(
     kind: str,
     mask_generator: Any = None,
     holdout: bool = False,
+    progress: bool = True,
+    report_dir: Path | None = None,
 ) -> tuple[ImageDataset, ImageDataset | None, str]:
     """Training images for the tokenizer (`kind='tokenizer'`) or pre-training (`'pretrain'`).
 
@@ -94,7 +111,7 @@ def unlabeled_dataset(
         `{'image', 'tok_image'[, 'mask']}`; for the tokenizer both views are tokenizer-sized.
     """
     d = recipe.data
-    source, fingerprint = image_source(recipe)
+    source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
     transform = PretrainTransform(
         image_size=size,
@@ -151,13 +168,21 @@ def _item_split(source: Any, i: int) -> str | None:
     return source.manifest.entries[k].split
 
 
-def labeled_data(recipe: Recipe, labels: str | None = None, seed: int | None = None) -> LabeledData:
+def labeled_data(
+    recipe: Recipe,
+    labels: str | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    report_dir: Path | None = None,
+) -> LabeledData:
     """Train (label subset), val and test datasets from the recipe's labelled images.
 
     Args:
         recipe: data and fine-tuning settings.
         labels: `--labels` spec; default `finetune.labels`.
         seed: subset seed; default the recipe's seed. Subsets are nested for a fixed seed.
+        progress: show the scan's progress bar.
+        report_dir: where the quarantine report goes (the run folder).
 
     Raises:
         UserError / LabelSubsetError: unlabelled data, impossible label requests.
@@ -165,7 +190,7 @@ def labeled_data(recipe: Recipe, labels: str | None = None, seed: int | None = N
     d = recipe.data
     spec = labels or recipe.finetune.labels
     seed = recipe.seed if seed is None else seed
-    source, fingerprint = image_source(recipe)
+    source, fingerprint = image_source(recipe, progress, report_dir)
     n = len(source)
     item_labels = [source.label(i) for i in range(n)]
     if any(lab is None for lab in item_labels):

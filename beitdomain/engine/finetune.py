@@ -232,7 +232,9 @@ def finetune(
     info = D.init_distributed(dev)
     run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
     D.seed_everything(recipe.seed, ft.train.deterministic)
-    data = labeled_data(recipe)  # impossible label requests fail here, before any training
+    data = labeled_data(
+        recipe, progress=not quiet, report_dir=run.path
+    )  # impossible label requests fail here, before any training
     init = resolve_init(ft.init)
     model = build_classifier(recipe, len(data.classes))
     report = None
@@ -303,7 +305,8 @@ def finetune(
         quiet=quiet,
         tensorboard=t.tensorboard,
     )
-    state = trainer.fit(resume=resume)
+    with run.recording_failures(info.is_main):
+        state = trainer.fit(resume=resume)
 
     results: dict[str, Any] = {}
     if info.is_main:

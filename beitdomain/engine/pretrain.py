@@ -125,7 +125,9 @@ def pretrain(
     model, report = build_mim(recipe, vocab)
     model.to(dev)
     gen = mask_generator(recipe, grid_cfg.grid)
-    dataset, _, fingerprint = unlabeled_dataset(recipe, kind="pretrain", mask_generator=gen)
+    dataset, _, fingerprint = unlabeled_dataset(
+        recipe, kind="pretrain", mask_generator=gen, progress=not quiet, report_dir=run.path
+    )
     if info.is_main:
         run.start("pretrain", recipe, str(dev), data_fingerprint=fingerprint)
         if report is not None:
@@ -167,7 +169,8 @@ def pretrain(
         quiet=quiet,
         tensorboard=t.tensorboard,
     )
-    trainer.fit(resume=resume)
+    with run.recording_failures(info.is_main):
+        trainer.fit(resume=resume)
 
     result: dict[str, Any] = {"steps": total, "global_batch": global_batch, **trainer.last_metrics}
     if info.is_main:

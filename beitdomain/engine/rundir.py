@@ -10,12 +10,14 @@ runs/<name>/
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,20 @@ class RunDir:
 
     def finish(self, status: str = "completed", **fields: Any) -> None:
         self.write_manifest(status=status, ended=_now(), **fields)
+
+    @contextlib.contextmanager
+    def recording_failures(self, is_main: bool = True) -> Iterator[None]:
+        """Marks the manifest `interrupted` or `failed` (with the reason) when the body raises."""
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            if is_main:
+                self.finish("interrupted", error=str(e) or "interrupted")
+            raise
+        except Exception as e:
+            if is_main:
+                self.finish("failed", error=f"{type(e).__name__}: {e}")
+            raise
 
     @property
     def checkpoints(self) -> Path:

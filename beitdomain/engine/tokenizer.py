@@ -240,7 +240,9 @@ def train_tokenizer(
     t = recipe.tokenizer
     train_cfg = t.train
 
-    dataset, preview_ds, fingerprint = unlabeled_dataset(recipe, kind="tokenizer", holdout=True)
+    dataset, preview_ds, fingerprint = unlabeled_dataset(
+        recipe, kind="tokenizer", holdout=True, progress=not quiet, report_dir=run.path
+    )
     if info.is_main:
         run.start("tokenizer train", recipe, str(dev), data_fingerprint=fingerprint)
     model = build_tokenizer(recipe).to(dev)
@@ -289,7 +291,8 @@ def train_tokenizer(
         quiet=quiet,
         tensorboard=train_cfg.tensorboard,
     )
-    trainer.fit(resume=resume)
+    with run.recording_failures(info.is_main):
+        trainer.fit(resume=resume)
 
     result: dict[str, Any] = {}
     if info.is_main:

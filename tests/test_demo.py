@@ -1,0 +1,71 @@
+"""The demo's export (an ordinary labelled folder with the papers' 75/25 split) and its errors."""
+
+import builtins
+import csv
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from beitdomain.cli.app import app
+from beitdomain.engine import demo
+
+
+def read_rows(path):
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def fake_elpv(tmp_path, n=40):
+    root = tmp_path / "pkg"
+    (root / "images").mkdir(parents=True)
+    probs = [0.0, 1 / 3, 2 / 3, 1.0]
+    lines = []
+    for i in range(n):
+        name = f"cell{i:04d}.png"
+        Image.fromarray(np.full((30, 30), i * 5, np.uint8)).save(root / "images" / name)
+        lines.append(f"images/{name}  {probs[i % 4]}  {'mono' if i % 2 else 'poly'}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_export_labels_threshold_and_stratified_split(tmp_path, monkeypatch):
+    pkg = fake_elpv(tmp_path)
+    monkeypatch.setattr(demo, "elpv_folder", lambda: pkg)
+    images = demo.export_elpv(tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / "labels.csv")
+    assert len(rows) == 40
+    # defective = probability >= 0.5 (2/3 and 1), functional = 0 and 1/3
+    assert Counter(r["label"] for r in rows) == {"defective": 20, "functional": 20}
+    assert Counter(r["split"] for r in rows) == {"train": 30, "test": 10}
+    for label in ("defective", "functional"):  # stratified: 25% of each class in test
+        assert sum(r["split"] == "test" and r["label"] == label for r in rows) == 5
+    assert all((images / r["path"]).is_file() for r in rows)
+    again = read_rows(tmp_path / "out" / "labels.csv")
+    demo.export_elpv(tmp_path / "out")  # idempotent: same split on a re-run
+    assert read_rows(tmp_path / "out" / "labels.csv") == again
+
+
+def test_demo_without_the_package_names_the_install_command(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_elpv(name, *args, **kwargs):
+        if name == "elpv_dataset":
+            raise ImportError("No module named 'elpv_dataset'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_elpv)
+    result = CliRunner().invoke(app, ["demo", "--out", "unused"])
+    assert result.exit_code == 2
+    assert 'pip install -e ".[demo]"' in result.output
+
+
+@pytest.mark.skipif(
+    pytest.importorskip("importlib").util.find_spec("elpv_dataset") is None,
+    reason="elpv-dataset is not installed (pip install -e '.[demo]')",
+)
+def test_real_package_is_found():
+    folder = demo.elpv_folder()
+    assert (folder / "labels.csv").is_file()
+    assert len(list((folder / "images").glob("*.png"))) == 2624
