@@ -242,7 +242,7 @@ def finetune(
         report = load_backbone_weights(
             model, init, in_chans=recipe.data.in_chans, trust_pickle=recipe.model.trust_pickle
         )
-        log.info("%s", report)
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s", report)
     if ft.linear_probe:
         freeze_backbone(model)
     model.to(dev)
