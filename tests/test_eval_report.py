@@ -287,3 +287,47 @@ def test_training_curves_png(tmp_path):
     _assert_real_png(out)
     with pytest.raises(ValueError, match="logged keys: epoch, loss, lr"):
         plot_training_curves(log, tmp_path / "x.png", ["nope"])
+
+
+def _two_init_summary(domain_10, domain_std, scratch_100, scratch_std):
+    return [
+        {
+            "init": "scratch",
+            "fraction": 1.0,
+            "n_labels": 100,
+            "balanced_accuracy_mean": scratch_100,
+            "balanced_accuracy_std": scratch_std,
+        },
+        {
+            "init": "domain",
+            "fraction": 0.1,
+            "n_labels": 10,
+            "balanced_accuracy_mean": domain_10,
+            "balanced_accuracy_std": domain_std,
+        },
+        {
+            "init": "domain",
+            "fraction": 1.0,
+            "n_labels": 100,
+            "balanced_accuracy_mean": 0.9,
+            "balanced_accuracy_std": 0.01,
+        },
+    ]
+
+
+def test_a_match_within_the_seed_spread_is_called_tentative():
+    eff = label_efficiency(_two_init_summary(0.646, 0.026, 0.622, 0.003), "balanced_accuracy")
+    assert eff["factor"] == pytest.approx(10)
+    assert (
+        "within the seed-to-seed spread" in eff["statement"] and "+2.4 points" in eff["statement"]
+    )
+
+
+def test_a_clear_match_carries_no_caution():
+    eff = label_efficiency(_two_init_summary(0.80, 0.01, 0.62, 0.01), "balanced_accuracy")
+    assert eff["factor"] == pytest.approx(10) and "tentative" not in eff["statement"]
+
+
+def test_a_single_seed_match_is_called_tentative():
+    eff = label_efficiency(_two_init_summary(0.80, None, 0.62, None), "balanced_accuracy")
+    assert "One run per cell" in eff["statement"]

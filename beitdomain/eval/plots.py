@@ -181,7 +181,7 @@ def plot_label_efficiency(
         )
     ax.set_xscale("log")
     ticks = sorted(all_fracs)
-    ax.set_xticks(ticks, [f"{100 * t:g}%" for t in ticks])
+    ax.set_xticks(ticks, [f"{100 * t:.3g}%" for t in ticks])  # 18/1771 -> 1.02%
     ax.minorticks_off()
     lo, hi = min(ticks), max(ticks)
     ax.set_xlim(lo / 1.3, hi * 1.3)

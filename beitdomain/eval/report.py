@@ -158,7 +158,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _pct(fraction: float) -> str:
-    return f"{100 * fraction:g}%"
+    return f"{100 * fraction:.3g}%"  # the realised fraction: 18 of 1,771 labels -> 1.02%
 
 
 def _cells(summary: Iterable[Mapping[str, Any]], init: str, metric: str) -> dict[float, dict]:
@@ -281,8 +281,27 @@ def label_efficiency(
         f"'{pretrained_init}' matches or beats '{reference_init}' trained on 100% of the labels "
         f"({name} {target:.3f}) with {_pct(match)} of the labels{images}: "
         f"{pre[match]['mean']:.3f} — {saving}. Label-efficiency factor: {factor:.3g}."
+        + _margin_caution(pre[match], ref_full)
     )
     return result
+
+
+def _margin_caution(pre: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """A warning when the matching margin is within the seed-to-seed spread of either side."""
+    margin = 100.0 * (pre["mean"] - ref["mean"])
+    stds = [s for s in (pre.get("std"), ref.get("std")) if s is not None]
+    if not stds:
+        return (
+            " One run per cell, so the seed-to-seed spread is unknown: treat the factor as "
+            "tentative and run more seeds."
+        )
+    spread = 100.0 * max(stds)
+    if margin < spread:
+        return (
+            f" The margin ({margin:+.1f} points) is within the seed-to-seed spread "
+            f"(std up to {spread:.1f} points): treat the factor as tentative and run more seeds."
+        )
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
