@@ -1,0 +1,37 @@
+"""The runnable examples run (the quick ones, on the CPU)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_pretrain_on_a_folder_of_real_dicoms(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "pretrain_dicom_folder.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pre-training: 10 steps" in out.stdout
+    assert (tmp_path / "pretrain" / "backbone.safetensors").is_file()
+    # the deliberately broken bundled files are quarantined with reasons, not silently dropped
+    rows = (tmp_path / "tokenizer" / "quarantine.csv").read_text().splitlines()[1:]
+    assert rows and all(r.count(",") >= 1 and r.split(",", 1)[1].strip() for r in rows)
+
+
+def test_elpv_chain_example_is_valid_python():
+    pytest.importorskip("elpv_dataset")
+    source = (EXAMPLES / "elpv_chain.py").read_text()
+    compile(source, "elpv_chain.py", "exec")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "elpv_chain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "--quick" in out.stdout
