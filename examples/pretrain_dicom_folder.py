@@ -34,12 +34,16 @@ TINY = [
 
 
 def bundled_dicoms(dst: Path) -> Path:
-    """Copies pydicom's bundled test files (those present locally) into `dst`."""
-    from pydicom.data import get_testdata_files
+    """Copies the DICOMs that ship inside the pydicom package into `dst`.
+
+    The folder is listed directly: `pydicom.data.get_testdata_files("*.dcm")` would also try to
+    download pydicom's online test files, which hangs on a machine without network access.
+    """
+    from pydicom.data import DATA_ROOT
 
     dst.mkdir(parents=True, exist_ok=True)
-    for f in get_testdata_files("*.dcm"):
-        shutil.copy(f, dst / Path(f).name)
+    for f in sorted((Path(DATA_ROOT) / "test_files").glob("*.dcm")):
+        shutil.copy(f, dst / f.name)
     return dst
 
 
