@@ -72,23 +72,34 @@ def data(tmp_path_factory):
 # kill -9 at random moments, resume, compare bit for bit
 # --------------------------------------------------------------------------------------------
 
-KILL_STEPS = 12
+KILL_STEPS = 20  # headroom: a fast first run may pass several checkpoints in the kill delay
 
 
 def _command(kind: str, data: dict, out: Path) -> tuple[list[str], str, list[str]]:
     """(argv, checkpoint folder, weight files to compare) for a deterministic tiny run."""
     if kind == "tokenizer":
         sets = [*TOKENIZER_SETS, "tokenizer.dead_code_every=4"]
-        sets += [f"tokenizer.train.{k}" for k in ("steps=12", "ckpt_every=2", "deterministic=true")]
+        sets += [
+            f"tokenizer.train.{k}"
+            for k in (f"steps={KILL_STEPS}", "ckpt_every=2", "deterministic=true")
+        ]
         argv = ["tokenizer", "train", "--data", str(data["cells"])]
         files = ["tokenizer.safetensors"]
     elif kind == "pretrain":
-        sets = [*PRETRAIN_SETS, "train.steps=12", "train.ckpt_every=2", "train.deterministic=true"]
+        sets = [
+            *PRETRAIN_SETS,
+            f"train.steps={KILL_STEPS}",
+            "train.ckpt_every=2",
+            "train.deterministic=true",
+        ]
         argv = ["pretrain", "--data", str(data["cells"]), "--tokenizer", str(data["tok"])]
         files = ["mim.safetensors", "backbone.safetensors"]
     else:
         sets = [*FINETUNE_SETS]
-        sets += [f"finetune.train.{k}" for k in ("steps=12", "ckpt_every=2", "deterministic=true")]
+        sets += [
+            f"finetune.train.{k}"
+            for k in (f"steps={KILL_STEPS}", "ckpt_every=2", "deterministic=true")
+        ]
         argv = ["finetune", "--data", str(data["stripes"]), "--init", "scratch"]
         files = ["best.safetensors"]
     return [*argv, "--out", str(out), *sets_to_args(sets)], str(out / "checkpoints"), files
@@ -139,9 +150,15 @@ def test_kill9_then_resume_is_bitwise_identical(kind, data, tmp_path):
     rng = random.Random(f"{kind}-kill")  # fixed kill moments per command, different per command
     kills = []
     # kill 1 in the first run, kill 2 in the resumed run: at a random moment within about a
-    # step after checkpoints 4 and 8 appear (possibly mid-way through writing its checksum)
-    for i, step in enumerate((4, 8)):
+    # step after a checkpoint appears (possibly mid-way through writing its checksum). Each kill
+    # waits for a checkpoint the current process writes itself: a fast first run can get past
+    # step 8 in the kill delay, and waiting for a step-8 file that already exists would kill the
+    # resumed run before it started.
+    for i in range(2):
         resume = ["--resume"] if i else []
+        done_steps = CheckpointManager(ckpt_dir).steps()
+        step = max(4, (max(done_steps) if done_steps else 0) + 2)
+        assert step < KILL_STEPS, f"the first run got to step {step - 2} before its kill"
         ckpt = Path(ckpt_dir) / f"step-{step:08d}.pt"
         kills.append(
             _kill_after_checkpoint([*argv, *resume], ckpt, rng.uniform(0, 0.3), tmp_path / "log")
