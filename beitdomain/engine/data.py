@@ -8,7 +8,6 @@ frames of one multi-frame DICOM never land on both sides of a split.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,15 +269,4 @@ def labeled_data(
             "test": sorted(files[i] for i in split["test"]),
         },
         class_counts=counts,
-    )
-
-
-def dataset_summary(data: LabeledData) -> str:
-    return json.dumps(
-        {
-            "classes": data.classes,
-            "train": len(data.train),
-            "val": len(data.val) if data.val else 0,
-            "test": len(data.test) if data.test else 0,
-        }
     )

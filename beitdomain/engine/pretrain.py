@@ -8,7 +8,6 @@ and `model.target: pixels` re-run the paper's two ablations on the user's data.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -222,7 +221,3 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     path = write_pretrain_outputs(model, folder)
     log.info("exported %s", path)
     return path
-
-
-def read_backbone_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "backbone.json").read_text())
