@@ -150,3 +150,18 @@ def test_cosine_schedule_shape():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] < 0.01
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from beitdomain.engine import distributed as D
+
+    cpu = torch.device("cpu")
+    assert D.resolve_precision("fp32", cpu) is None
+    assert D.resolve_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: True)
+    assert D.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: False)
+    assert D.resolve_precision("auto", cpu) is None
+    # The probe itself answers without raising on any CPU.
+    monkeypatch.undo()
+    assert isinstance(D.cpu_has_native_bf16(), bool)

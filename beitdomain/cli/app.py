@@ -90,7 +90,13 @@ def environment_report(device_name: str = "auto") -> dict[str, str]:
         )
         rows["bf16"] = str(torch.cuda.is_bf16_supported())
     else:
-        rows["bf16"] = "CPU autocast only (training runs in fp32 on CPU)"
+        from beitdomain.engine.distributed import cpu_has_native_bf16
+
+        rows["bf16"] = (
+            "native on this CPU (precision=auto trains in bf16 autocast)"
+            if cpu_has_native_bf16()
+            else "not native on this CPU (precision=auto trains in fp32)"
+        )
     rows["cpu threads"] = str(torch.get_num_threads())
     for module, what in _OPTIONAL_MODULES.items():
         try:

@@ -390,6 +390,7 @@ def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str
     )
     load_weights(model, run / BEST_FILE)
     model.to(dev).eval()
+    amp_dtype = D.resolve_precision(recipe.finetune.train.precision, dev)
     spec = IntensitySpec.from_config(recipe.data)
     ev = FinetuneTransform(train=False, image_size=recipe.data.image_size)
     files: list[tuple[str, Path]] = []
@@ -412,7 +413,8 @@ def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str
             image, _ = load_image(path, spec)
             frames = image if image.ndim == 4 else image[None]
             x = torch.stack([torch.from_numpy(ev(f)) for f in frames]).to(dev)
-            probs = model(x).float().softmax(-1).cpu().numpy()
+            with D.autocast(dev, amp_dtype):  # the precision the test split was scored in
+                probs = model(x).float().softmax(-1).cpu().numpy()
             for k, p in enumerate(probs):
                 w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
     atomic_write_text(out_csv, buf.getvalue())
