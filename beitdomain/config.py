@@ -111,7 +111,8 @@ class TrainConfig:
     min_steps: int = 0  # small label subsets still get this many optimizer steps
     batch_size: int = 64  # per process, per micro-step
     accum_steps: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
     log_every: int = 10
@@ -140,6 +141,12 @@ class TokenizerConfig:
     # 6.6 / 64 = 0.1 at 8x downsampling of one channel. Much weaker and codes collapse early.
     kl_weight: float = 0.1
     kl_warmup_fraction: float = 0.1
+    # KL of the batch-average code distribution to uniform: spreads the codes over the
+    # codebook without making each cell's choice uncertain (see DVAEOutput.loss); 0 = off.
+    usage_weight: float = 0.0
+    # Straight-through Gumbel: the decoder sees one-hot codes (as it will at inference), the
+    # gradient flows through the soft sample.
+    straight_through: bool = False
     dead_code_every: int | None = 200  # steps between dead-code re-initialisations; None: off
     dead_code_min_usage: float = 0.0  # a code used less often than this fraction counts as dead
     sample_every: int = 500  # steps between reconstruction-grid PNGs

@@ -18,6 +18,7 @@ from beitdomain.tokenizer import (
     count_params,
     create_tokenizer,
     encoder_gflops,
+    gumbel_softmax,
     gumbel_temperature,
     kl_weight,
     psnr,
@@ -111,6 +112,62 @@ def test_kl_to_uniform_limits() -> None:
     assert float(DiscreteVAE.kl_to_uniform(peaked)) == pytest.approx(math.log(16), rel=1e-5)
 
 
+def test_usage_kl_sees_the_batch_not_the_cell() -> None:
+    k = 16
+    # Every cell certain, the batch spread evenly over all 16 codes: no usage penalty, while
+    # the per-cell KL is at its maximum log K.
+    spread = torch.full((4, k, 2, 2), -1e4)
+    for i in range(k):
+        spread[i // 4, i, (i % 4) // 2, i % 2] = 0.0
+    assert float(DiscreteVAE.usage_kl_to_uniform(spread)) == pytest.approx(0.0, abs=1e-6)
+    assert float(DiscreteVAE.kl_to_uniform(spread)) == pytest.approx(math.log(k), rel=1e-5)
+    # Every cell on code 3: usage KL log K.
+    same = torch.full((4, k, 2, 2), -1e4)
+    same[:, 3] = 0.0
+    assert float(DiscreteVAE.usage_kl_to_uniform(same)) == pytest.approx(math.log(k), rel=1e-5)
+    # Convexity: the batch-average distribution is never further from uniform than the cells.
+    logits = torch.randn(3, k, 4, 4) * 3
+    assert DiscreteVAE.usage_kl_to_uniform(logits) <= DiscreteVAE.kl_to_uniform(logits) + 1e-6
+
+
+def test_loss_adds_the_weighted_usage_term(tiny: DiscreteVAE) -> None:
+    out = tiny(structured_images(4), temperature=0.5)
+    expected = out.recon_loss + 0.2 * out.kl + 0.7 * out.usage_kl
+    assert float(out.loss(0.2, 0.7)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(out.loss(0.2)) == pytest.approx(float(out.recon_loss + 0.2 * out.kl), rel=1e-6)
+
+
+def test_gumbel_softmax_samples_the_softmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).view(1, 4, 1, 1).expand(20000, 4, 1, 1)
+    y = gumbel_softmax(logits, tau=1.0)
+    assert y.shape == logits.shape
+    torch.testing.assert_close(y.sum(1), torch.ones(20000, 1, 1))
+    # argmax of logits + Gumbel noise is a draw from softmax(logits) (the Gumbel-max trick).
+    freq = torch.bincount(y.argmax(1).flatten(), minlength=4).float() / 20000
+    torch.testing.assert_close(freq, logits[0, :, 0, 0].softmax(0), atol=0.015, rtol=0)
+    # Low temperature -> nearly one-hot samples.
+    assert float(gumbel_softmax(logits[:100], tau=0.01).amax(1).mean()) > 0.99
+
+
+def test_gumbel_softmax_straight_through() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(8, 5, 2, 2, requires_grad=True)
+    weights = torch.randn(8, 5, 2, 2)
+    torch.manual_seed(2)
+    hard = gumbel_softmax(logits, tau=0.7, hard=True)
+    assert set(hard.detach().unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(hard.detach().sum(1), torch.ones(8, 2, 2))
+    (hard * weights).sum().backward()
+    grad_hard = logits.grad.clone()
+    logits.grad = None
+    torch.manual_seed(2)  # the same noise: the soft sample the straight-through one came from
+    soft = gumbel_softmax(logits, tau=0.7)
+    assert torch.equal(soft.detach().argmax(1), hard.detach().argmax(1))
+    (soft * weights).sum().backward()
+    torch.testing.assert_close(grad_hard, logits.grad)
+
+
 def test_logit_laplace_loss_is_the_density_nll() -> None:
     torch.manual_seed(1)
     model = create_tokenizer("tiny")
@@ -154,6 +211,31 @@ def test_tiny_tokenizer_overfits_a_few_images(tiny: DiscreteVAE) -> None:
     with torch.inference_mode():
         tokens_psnr = float(psnr(tiny.decode_tokens(tiny.encode(x)), x))
     assert tokens_psnr > first[1] + 1.0
+
+
+def _usage_after_training(usage_weight: float, straight_through: bool = False) -> float:
+    """Share of the 64 codes the tiny tokenizer uses on its 8 training images after 40 steps.
+
+    Built to collapse: no per-cell KL and a high lr, so a few codes take over early.
+    """
+    torch.manual_seed(0)
+    model = create_tokenizer("tiny")
+    x = structured_images(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        out = model(x, gumbel_temperature(step, 40, 1.0, 0.25), hard=straight_through)
+        opt.zero_grad()
+        out.loss(0.0, usage_weight).backward()
+        opt.step()
+    usage = CodeUsage(64)
+    usage.update(model.encode(x))
+    return usage.fraction_used
+
+
+def test_usage_weight_keeps_more_codes_alive() -> None:
+    without, with_usage = _usage_after_training(0.0), _usage_after_training(1.0)
+    assert with_usage >= without + 0.15, (without, with_usage)
+    assert _usage_after_training(1.0, straight_through=True) >= without + 0.15
 
 
 def test_encode_decode_contract(tiny: DiscreteVAE) -> None:

@@ -76,9 +76,7 @@ def load_frozen_tokenizer(
             f"{grid[0] * cfg.downsample}"
         )
     tok.eval().requires_grad_(False)
-    if device.type == "cuda":
-        tok = tok.to(memory_format=torch.channels_last)
-    return tok
+    return tok.to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU
 
 
 def build_mim(recipe: Recipe, vocab_size: int) -> tuple[BeitMIM, Any]:
@@ -144,9 +142,7 @@ def pretrain(
         targets = None
         if tokenizer is not None:
             with torch.inference_mode():
-                x = b["tok_image"]
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = b["tok_image"].contiguous(memory_format=torch.channels_last)
                 targets = tokenizer.encode(x).flatten(1)  # [B, gh*gw] visual tokens
             targets = targets.clone()  # leave inference mode for autograd
         loss, metrics = m(b["image"], b["mask"], targets)

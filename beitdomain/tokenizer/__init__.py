@@ -16,6 +16,7 @@ from beitdomain.tokenizer.dvae import (
     DVAEConfig,
     DVAEOutput,
     create_tokenizer,
+    gumbel_softmax,
     psnr,
     tokenizer_config,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "create_tokenizer",
     "decoder_gflops",
     "encoder_gflops",
+    "gumbel_softmax",
     "gumbel_temperature",
     "import_dalle",
     "kl_weight",
