@@ -165,3 +165,15 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     # The probe itself answers without raising on any CPU.
     monkeypatch.undo()
     assert isinstance(D.cpu_has_native_bf16(), bool)
+
+
+def test_short_epochs_load_in_the_main_process(monkeypatch):
+    from beitdomain.engine import distributed as D
+    from beitdomain.engine.loop import MIN_BATCHES_FOR_WORKERS
+
+    monkeypatch.setattr(D, "default_num_workers", lambda: 3)
+    short = build_loader(Noisy(n=6 * (MIN_BATCHES_FOR_WORKERS - 1)), 6, seed=0)
+    long = build_loader(Noisy(n=6 * MIN_BATCHES_FOR_WORKERS), 6, seed=0)
+    assert short.num_workers == 0 and long.num_workers == 3
+    # An explicit data.num_workers is obeyed whatever the epoch length.
+    assert build_loader(Noisy(n=6), 6, seed=0, num_workers=2).num_workers == 2

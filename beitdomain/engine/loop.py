@@ -397,6 +397,9 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
+MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)
+
+
 def build_loader(
     dataset: Any,
     batch_size: int,
@@ -426,6 +429,13 @@ def build_loader(
         weights=weights,
     )
     workers = D.default_num_workers() if num_workers is None else num_workers
+    if num_workers is None and len(sampler) < MIN_BATCHES_FOR_WORKERS:
+        # Workers are started afresh each epoch (the epoch reaches the dataset through
+        # `set_epoch`, which persistent workers would not see). An epoch of one or two batches,
+        # e.g. 18 labels at 1%, then pays a worker start per step: 250 steps took 75 s instead
+        # of 15 s. Loading a few batches in the main process costs less; the batches are the
+        # same either way (augmentation is a function of seed, epoch and index).
+        workers = 0
     return DataLoader(
         dataset,
         batch_sampler=sampler,
