@@ -63,6 +63,36 @@ def test_output_is_masked_positions_only() -> None:
         model(images, torch.zeros(2, 15, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("target", ["tokens", "pixels"])
+def test_masked_tail_equals_the_full_last_block(target: str) -> None:
+    """forward() runs the last MLP and norm on masked tokens only; nothing else may change."""
+    torch.manual_seed(0)
+    cfg = CFG.replace(drop_path_rate=0.3)
+    model = BeitMIM.from_config(cfg, vocab_size=VOCAB, target=target)  # type: ignore[arg-type]
+    images, mask, _ = _batch(b=4)
+    for train in (False, True):  # train: drop path draws one value per image on both paths
+        model.train(train)
+        torch.manual_seed(1)
+        fast = model(images, mask)
+        torch.manual_seed(1)
+        full = model.lm_head(model.encode(images, mask)[:, 1:][mask])
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    # Gradients agree too.
+    model.eval()
+    model(images, mask).square().sum().backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.lm_head(model.encode(images, mask)[:, 1:][mask]).square().sum().backward()
+    for a, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+    # Unequal masked counts: the full last block runs, same result.
+    ragged = mask.clone()
+    ragged[0, ~mask[0]] = torch.tensor([True] + [False] * 9)
+    torch.testing.assert_close(
+        model(images, ragged), model.lm_head(model.encode(images, ragged)[:, 1:][ragged])
+    )
+
+
 def test_masked_patch_content_is_invisible() -> None:
     model = _model()
     images, mask, _ = _batch()

@@ -7,11 +7,13 @@ Flow per batch:
 
 Only masked positions reach the head (`N = mask.sum()`), so with a 40% mask and an 8192-word
 vocabulary the head costs 40% of a full-sequence head, and no logits are computed that the loss
-would throw away.
+would throw away. For the same reason the last block's MLP and the final norm run on the masked
+tokens only (its attention still reads every token); see `BeitMIM.forward`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -105,6 +107,35 @@ class BeitMIM(nn.Module):
             )
         return mask.bool()
 
+    def _embed(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch embedding with masked patches swapped for the mask token, + cls (+ pos)."""
+        bb = self.backbone
+        x = bb.patch_embed(images)  # [B, L, D]
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        # As timm's Beit.forward_features, with the mask tokens swapped in before cls/pos.
+        x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        if bb.pos_embed is not None:
+            x = x + bb.pos_embed
+        return bb.pos_drop(x)  # [B, 1 + L, D]
+
+    def _run_blocks(
+        self, x: torch.Tensor, blocks: Sequence[nn.Module], rel_pos_bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        for blk in blocks:
+            if self.backbone.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return x
+
+    def _rel_pos_bias(self) -> torch.Tensor | None:
+        # [heads, 1 + L, 1 + L]. timm's Attention adds it as SDPA's float `attn_mask`; an
+        # additive float mask rules out the FlashAttention kernel, so on CUDA SDPA runs the
+        # memory-efficient (or cuDNN) kernel, which supports a bias and its gradient.
+        bb = self.backbone
+        return bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Runs the backbone with masked patches replaced by the mask token.
 
@@ -115,29 +146,22 @@ class BeitMIM(nn.Module):
         Returns:
             Normalized tokens `[B, 1 + L, D]`, cls first.
         """
-        bb = self.backbone
-        x = bb.patch_embed(images)  # [B, L, D]
         if mask is not None:
-            mask = self._flat_mask(mask, x.shape[0])
-            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        # As timm's Beit.forward_features, with the mask tokens swapped in before cls/pos.
-        x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        if bb.pos_embed is not None:
-            x = x + bb.pos_embed
-        x = bb.pos_drop(x)
-        # rel_pos_bias: [heads, 1 + L, 1 + L]. timm's Attention adds it as SDPA's float
-        # `attn_mask`; an additive float mask rules out the FlashAttention kernel, so on CUDA
-        # SDPA runs the memory-efficient (or cuDNN) kernel, which supports a bias and its grad.
-        rel_pos_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
-        for blk in bb.blocks:
-            if bb.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        return bb.norm(x)
+            mask = self._flat_mask(mask, images.shape[0])
+        x = self._embed(images, mask)
+        x = self._run_blocks(x, self.backbone.blocks, self._rel_pos_bias())
+        return self.backbone.norm(x)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Predictions for the masked patches, in row-major (batch, patch) order.
+
+        The head only needs the last block's outputs at masked positions. Attention must still
+        see every token (keys and values), so the last block's attention half runs on all of
+        them, through timm's own module; its MLP half and the final norm are per-token, so they
+        run on the masked tokens only (40% of them with BEiT's mask). The result equals
+        `lm_head(encode(images, mask)[:, 1:][mask])`; drop path draws one value per image either
+        way. It needs the same masked count in every image (what both mask generators give);
+        otherwise the full last block runs.
 
         Args:
             images: `[B, C, H, W]`.
@@ -147,10 +171,24 @@ class BeitMIM(nn.Module):
             `[N, V]` token logits or `[N, P]` pixel predictions, `N = mask.sum()`,
             `P = patch_size**2 * in_chans` (pixels ordered (py, px, c)).
         """
-        mask = self._flat_mask(mask, images.shape[0])
-        tokens = self.encode(images, mask)[:, 1:]  # [B, L, D]
-        # Boolean gather: one index op for the whole batch (a host sync on CUDA for the count).
-        return self.lm_head(tokens[mask])  # [N, D] -> [N, V or P]
+        bb = self.backbone
+        b = images.shape[0]
+        mask = self._flat_mask(mask, b)
+        x = self._embed(images, mask)
+        rel_pos_bias = self._rel_pos_bias()
+        x = self._run_blocks(x, bb.blocks[:-1], rel_pos_bias)
+        counts = mask.sum(1)
+        if bool((counts != counts[0]).any()):
+            x = self._run_blocks(x, bb.blocks[-1:], rel_pos_bias)
+            return self.lm_head(bb.norm(x)[:, 1:][mask])  # [N, D] -> [N, V or P]
+        last = bb.blocks[-1]
+        g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
+        g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
+        # Boolean gather keeps (batch, patch) row-major order: [B, 1 + L, D] -> [B, M, D].
+        x = x + last.drop_path1(g1 * last.attn(last.norm1(x), shared_rel_pos_bias=rel_pos_bias))
+        x = x[:, 1:][mask].view(b, -1, x.shape[-1])
+        x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
+        return self.lm_head(bb.norm(x).flatten(0, 1))  # [N, D] -> [N, V or P]
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, L, p*p*C]` in the patch order of `patch_embed`."""
