@@ -149,3 +149,26 @@ def test_resize_fits():
     np.testing.assert_allclose(crop[0, :, :5], 1.0)
     pad = resize_square(img, 10, "pad")  # 5x10 image centered, zero rows above/below
     assert pad[0, 0].max() == 0.0 and pad[0, 5, 0] == 1.0
+
+
+def test_labels_csv_beside_a_cache_must_match_it(tmp_path: Path) -> None:
+    """A cache keeps its manifest's labels; a different data.labels is refused, not ignored."""
+    from helpers import recipe, write_labels_csv, write_separable_set
+
+    from beitdomain.engine.data import labeled_data
+    from beitdomain.user import UserError
+
+    root = write_separable_set(tmp_path / "data", per_class=6, size=32)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    rows = [(f, f.split("/")[0]) for f in files]
+    good = write_labels_csv(tmp_path / "labels.csv", rows)
+    build_cache(scan(root, good), tmp_path / "cache", size=32)
+    r = recipe([], **{"data.cache": str(tmp_path / "cache"), "data.labels": str(good)})
+    r.data.root = str(root)
+    assert sorted(labeled_data(r, progress=False).classes) == ["horizontal", "vertical"]
+
+    swapped = [(rows[0][0], "vertical"), *rows[1:]]
+    r.data.labels = str(write_labels_csv(tmp_path / "other.csv", swapped))
+    with pytest.raises(UserError, match=r"does not match.*1 file\(s\) differ") as e:
+        labeled_data(r, progress=False)
+    assert rows[0][0] in str(e.value) and "beitdomain data scan" in str(e.value)

@@ -18,7 +18,7 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ImageDataset, ManifestImages
-from beitdomain.data.index import Manifest, scan
+from beitdomain.data.index import Manifest, read_labels_csv, scan
 from beitdomain.data.splits import describe_subset, label_subset, stratified_split
 from beitdomain.data.transforms import FinetuneTransform, PretrainTransform
 from beitdomain.engine.distributed import dist_info
@@ -44,6 +44,8 @@ def image_source(
     spec = IntensitySpec.from_config(d)
     if d.cache:
         src = CachedImages(d.cache, spec=spec)
+        if d.labels:
+            check_cache_labels(src, d.labels, Path(d.root or src.root), d.cache)
         info = (Path(d.cache) / "cache.json").read_bytes()
         return src, "cache:" + hashlib.sha256(info).hexdigest()
     if d.manifest:
@@ -72,6 +74,36 @@ def image_source(
             "`beitdomain data cache` folder"
         )
     return ManifestImages(manifest, spec), manifest.fingerprint()
+
+
+def check_cache_labels(src: CachedImages, labels_csv: str, root: Path, cache: str) -> None:
+    """A cache carries the labels and splits of the manifest it was built from; `data.labels`
+    beside `data.cache` must agree with them, or the CSV would be silently ignored.
+
+    Raises:
+        UserError: naming how many files differ, a few examples, and the commands that rebuild
+            the cache with these labels.
+    """
+    rows, _ = read_labels_csv(labels_csv, root)
+    root_resolved = root.resolve()
+    wanted = {p.relative_to(root_resolved).as_posix(): (lab, split) for p, lab, split in rows}
+    cached = {f["path"]: (f["label"], f["split"]) for f in src.files}
+    differ = [
+        f"{path}: cache has {cached.get(path, ('-', '-'))}, CSV has {want}"
+        for path, want in wanted.items()
+        if cached.get(path) != want
+    ]
+    differ += [f"{path}: in the cache, not in the CSV" for path in cached if path not in wanted]
+    if differ:
+        raise UserError(
+            f"data.labels {labels_csv} does not match the labels and splits stored in the cache "
+            f"{cache} ({len(differ)} file(s) differ), and a cache's own labels are the ones "
+            "used. First differences:\n  "
+            + "\n  ".join(differ[:5])
+            + f"\nRebuild the cache from a manifest with these labels:\n  beitdomain data scan "
+            f"{root} --labels {labels_csv} --out manifest.jsonl\n  beitdomain data cache "
+            f"manifest.jsonl --out {cache} ...\nor leave data.labels unset to use the cache's."
+        )
 
 
 class EvalViews:
