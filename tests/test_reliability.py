@@ -625,3 +625,19 @@ def test_tampered_checkpoint_is_never_unpickled(data, reference, tmp_path):
     )
     step, _ = mgr.load_latest()
     assert step == 4 and not marker.exists()
+
+
+def test_atomic_writes_get_an_ordinary_files_permissions(tmp_path):
+    """Weights in a shared run folder must be readable like any file the user writes (mkstemp
+    alone would leave them 0600, private to the writer)."""
+    from beitdomain.fileio import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
