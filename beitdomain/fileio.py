@@ -32,7 +32,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    """The process umask, read without changing it where Linux allows (other threads writing
+    files meanwhile would otherwise see a umask of 0)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it; put it back at once
     os.umask(mask)
     return mask
 
