@@ -172,3 +172,11 @@ def test_labels_csv_beside_a_cache_must_match_it(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"does not match.*1 file\(s\) differ") as e:
         labeled_data(r, progress=False)
     assert rows[0][0] in str(e.value) and "beitdomain data scan" in str(e.value)
+
+    # A file the cache quarantined (unreadable, data.on_error=skip) is not a mismatch.
+    (root / "horizontal" / "broken.png").write_bytes(b"not a png")
+    with_broken = write_labels_csv(tmp_path / "all.csv", [*rows, ("horizontal/broken.png", "h")])
+    build_cache(scan(root, with_broken, on_error="skip"), tmp_path / "cache2", size=32)
+    assert [p for p, _ in CachedImages(tmp_path / "cache2").errors] == ["horizontal/broken.png"]
+    r.data.cache, r.data.labels = str(tmp_path / "cache2"), str(with_broken)
+    assert len(labeled_data(r, progress=False).files["train"]) > 0

@@ -86,7 +86,12 @@ def check_cache_labels(src: CachedImages, labels_csv: str, root: Path, cache: st
     """
     rows, _ = read_labels_csv(labels_csv, root)
     root_resolved = root.resolve()
-    wanted = {p.relative_to(root_resolved).as_posix(): (lab, split) for p, lab, split in rows}
+    quarantined = {path for path, _ in src.errors}  # unreadable files the cache skipped
+    wanted = {
+        rel: (lab, split)
+        for p, lab, split in rows
+        if (rel := p.relative_to(root_resolved).as_posix()) not in quarantined
+    }
     cached = {f["path"]: (f["label"], f["split"]) for f in src.files}
     differ = [
         f"{path}: cache has {cached.get(path, ('-', '-'))}, CSV has {want}"
