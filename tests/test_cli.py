@@ -40,6 +40,42 @@ def test_every_command_has_help(path):
     assert len(result.output.strip().splitlines()) > 4
 
 
+def test_help_paragraphs_wrap_to_the_terminal_and_keep_brackets():
+    # A docstring hard-wrapped at 96 columns must not come out ragged: its prose paragraphs are
+    # joined (the terminal wraps them), example lines stay apart, and `.[demo]` is not eaten as
+    # a rich style tag.
+    result = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "unless the labels CSV has a split column" in result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert "beitdomain finetune -r elpv-cpu --init scratch --labels 5/class" in lines
+    demo = runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "200"})
+    assert 'pip install -e ".[demo]"' in demo.output
+
+
+def test_reflow_help_keeps_examples_and_list_items():
+    from beitdomain.cli.app import reflow_help
+
+    text = """First line.
+
+    A paragraph wrapped
+    over lines.
+
+    - item one
+      continued
+    - item two
+
+    Example:
+
+        beitdomain demo
+        beitdomain curve
+    """
+    out = reflow_help(text)
+    assert "A paragraph wrapped over lines." in out
+    assert "- item one\n  continued\n- item two" in out
+    assert "    beitdomain demo\n    beitdomain curve" in out
+
+
 def test_version():
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0 and __version__ in result.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import platform
 from typing import Annotated
 
@@ -155,7 +156,49 @@ def _add_groups() -> None:
             app.add_typer(sub, name=name, help=help_text)
 
 
+def reflow_help(text: str) -> str:
+    """Joins the hard-wrapped lines of each prose paragraph so the terminal wraps them.
+
+    Typer's rich help keeps every newline of a docstring past its first paragraph, so a docstring
+    wrapped at 96 columns comes out ragged in an 80-column terminal. Indented lines (examples)
+    and list items ("- ...") keep their own lines; a line that continues a list item is joined
+    to it. Square brackets are escaped: rich would read `pip install -e ".[demo]"` as a style tag
+    and print `pip install -e "."`.
+    """
+    from rich.markup import escape
+
+    paragraphs = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in para.split("\n"):
+            keep = (
+                not lines
+                or line.startswith((" ", "\t", "- ", "* ", "\b"))
+                or (lines[-1].startswith((" ", "\t", "\b")))
+            )
+            if keep:
+                lines.append(line)
+            else:
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+        paragraphs.append("\n".join(lines))
+    return escape("\n\n".join(paragraphs))
+
+
+def _reflow_commands(typer_app: typer.Typer) -> None:
+    for cmd in typer_app.registered_commands:
+        doc = cmd.help or (cmd.callback.__doc__ if cmd.callback else None)
+        if doc:
+            cmd.help = reflow_help(doc)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_commands(group.typer_instance)
+    info = typer_app.registered_callback
+    if info is not None and info.callback is not None and info.callback.__doc__ and not info.help:
+        info.help = reflow_help(info.callback.__doc__)
+
+
 _add_groups()
+_reflow_commands(app)
 
 
 def main() -> None:
