@@ -198,6 +198,12 @@ class FinetuneConfig:
         "balanced_accuracy"
     )
     head_init_scale: float = 0.001
+    # "random": BEiT's small random head. "probe": LP-FT (Kumar et al., ICLR 2022): the head
+    # starts as a logistic regression fitted on the frozen backbone's features of the training
+    # labels (L2 strength 1 / probe_c on standardized features), so the first fine-tuning
+    # gradients do not come from a random head and distort the pre-trained features.
+    head_init: Literal["random", "probe"] = "random"
+    probe_c: float = 0.1
     drop_path: float = 0.1
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -189,3 +190,101 @@ def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
     assert res["steps"] == 8 and res["test"] == first_res["test"]
     assert_same_tensors(mgr.load_latest()[1]["model"], final, "final weights")
     assert_same_tensors(load_tensors(run / "best.safetensors"), best, "best weights")
+
+
+def _probe_model(num_classes: int):
+    from beitdomain.models.backbone import get_preset
+    from beitdomain.models.classifier import BeitClassifier
+
+    cfg = get_preset("tiny", img_size=32, patch_size=8, in_chans=1, embed_dim=16, depth=1)
+    return BeitClassifier.from_config(cfg, num_classes)
+
+
+def test_probe_head_is_the_fitted_logistic_regression_on_raw_features():
+    # LP-FT's head: the standardization of the fit is folded into the head, so the head applied
+    # to the raw features gives sklearn's decision function (binary: logit difference).
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from beitdomain.engine.finetune import fit_probe_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, [0.5, 4.0] * 8, size=(40, 16))  # shifted, unequal scales
+    y = (X[:, 0] - 3.0 + 0.1 * rng.normal(size=40) > 0).astype(int)
+    model = _probe_model(2)
+    info = fit_probe_head(model, X, y, c=0.5, balanced=True)
+    assert info["fitted"] and info["train_accuracy"] >= 0.9
+    z = (X - X.mean(0)) / (X.std(0) + 1e-6)
+    ref = LogisticRegression(C=0.5, max_iter=5000, class_weight="balanced").fit(z, y)
+    with torch.no_grad():
+        logits = model.head(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], ref.decision_function(z), atol=1e-4)
+    assert (logits.argmax(1) == ref.predict(z)).all()
+
+
+def test_probe_head_multiclass_and_a_class_without_labels():
+    import torch
+
+    from beitdomain.engine.finetune import fit_probe_head
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(0, 3, size=(3, 16))
+    y = np.repeat([0, 1, 3], 10)  # class 2 of 4 has no training label
+    X = centers[np.searchsorted([0, 1, 3], y)] + rng.normal(size=(30, 16))
+    model = _probe_model(4)
+    info = fit_probe_head(model, X, y, c=1.0)
+    assert info["train_accuracy"] == 1.0
+    with torch.no_grad():
+        pred = model.head(torch.as_tensor(X, dtype=torch.float32)).argmax(1).numpy()
+    assert (pred == y).all()  # and class 2 is never predicted
+    one = fit_probe_head(_probe_model(2), X[:5], np.zeros(5, dtype=int))
+    assert not one["fitted"] and "one class" in one["reason"]
+
+
+def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
+    # At lr 0 nothing moves, so the saved head must be exactly the probe fitted on the frozen
+    # (here random) backbone's features of the training labels, seen without augmentation.
+    import copy
+
+    import torch
+
+    from beitdomain.data.transforms import FinetuneTransform
+    from beitdomain.engine import distributed as D
+    from beitdomain.engine.data import labeled_data
+    from beitdomain.engine.finetune import (
+        build_classifier,
+        fit_probe_head,
+        load_weights,
+        pooled_features,
+    )
+
+    r = recipe(
+        [
+            *FINETUNE_SETS,
+            "finetune.train.steps=2",
+            "finetune.optim.lr=0",
+            "finetune.optim.min_lr=0",
+            "finetune.head_init=probe",
+            "finetune.probe_c=1.0",
+            "finetune.class_weighting=loss",
+        ],
+        **{"data.root": str(data)},
+    )
+    run = tmp_path / "probe"
+    finetune(r, run, device="cpu", quiet=True)
+    saved = json.loads((run / "head_probe.json").read_text())
+    assert saved["fitted"] and saved["c"] == 1.0
+
+    model = build_classifier(r, 2)
+    load_weights(model, run / "best.safetensors")
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    train = copy.copy(labeled_data(r, progress=False).train)
+    train.transform = FinetuneTransform(train=False, image_size=r.data.image_size)
+    amp = D.resolve_precision(r.finetune.train.precision, torch.device("cpu"))
+    X, y = pooled_features(model, train, torch.device("cpu"), amp_dtype=amp)
+    assert len(y) == saved["n"] == json.loads((run / "labels.json").read_text())["n_labels"]
+    again = fit_probe_head(model, X, y, c=1.0, balanced=True)
+    assert again["train_accuracy"] == saved["train_accuracy"]
+    for k, v in model.head.state_dict().items():
+        torch.testing.assert_close(v, head[k], rtol=1e-4, atol=1e-5)
+    assert head["weight"].abs().max() > 0.05  # not the small random init (scale 0.01)

@@ -7,6 +7,7 @@ once, at the end, with the best weights. The exact images used are written into 
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.config import Recipe, load_recipe
+from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine import distributed as D
 from beitdomain.engine.build import backbone_config
 from beitdomain.engine.data import LabeledData, labeled_data
@@ -89,6 +91,73 @@ def predict_probs(
         index.append(b["index"])
     model.train(was)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+
+@torch.no_grad()
+def pooled_features(
+    model: BeitClassifier,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int = 64,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The head's inputs (pooled, normalized features) for a dataset in eval mode: (X [N, D], y)."""
+    was = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=0
+    )
+    feats, labels = [], []
+    for b in loader:
+        with D.autocast(device, amp_dtype):
+            feats.append(model.forward_features(b["image"].to(device)).float().cpu())
+        labels.append(b["label"])
+    model.train(was)
+    return torch.cat(feats).numpy().astype(np.float64), torch.cat(labels).numpy()
+
+
+def fit_probe_head(
+    model: BeitClassifier,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    c: float = 0.1,
+    balanced: bool = False,
+) -> dict[str, Any]:
+    """Sets the head to an L2-regularized logistic regression fitted on frozen features.
+
+    The features are standardized for the fit and the standardization is folded into the
+    head's weights, so `head(x) = w . (x - mu) / sigma + b` exactly. With two classes, the
+    binary model's logit `z` becomes the logits `(-z/2, z/2)`, the same softmax. Returns what
+    was fitted (accuracy on the features it was fitted on); leaves the head untouched, with a
+    reason, when the labels hold a single class.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return {"fitted": False, "reason": f"one class only in {len(labels)} labels"}
+    mu = features.mean(0)
+    sigma = features.std(0) + 1e-6
+    z = (features - mu) / sigma
+    clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None).fit(
+        z, labels
+    )
+    k = model.num_classes
+    coef = np.zeros((k, features.shape[1]))
+    bias = np.full(k, -30.0)  # a class with no training label starts (almost) never predicted
+    if clf.coef_.shape[0] == 1:  # binary: one logit for classes_[1] against classes_[0]
+        coef[classes[1]], bias[classes[1]] = clf.coef_[0] / 2, clf.intercept_[0] / 2
+        coef[classes[0]], bias[classes[0]] = -clf.coef_[0] / 2, -clf.intercept_[0] / 2
+    else:
+        coef[classes], bias[classes] = clf.coef_, clf.intercept_
+    weight = coef / sigma
+    bias = bias - weight @ mu
+    head = model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    return {"fitted": True, "c": c, "n": len(labels), "train_accuracy": float(clf.score(z, labels))}
 
 
 @dataclass
@@ -246,6 +315,16 @@ def finetune(
     if ft.linear_probe:
         freeze_backbone(model)
     model.to(dev)
+    if ft.head_init == "probe":  # (a resumed run then loads its checkpoint over this head)
+        plain = copy.copy(data.train)  # the training labels without augmentation
+        plain.transform = FinetuneTransform(train=False, image_size=recipe.data.image_size)
+        X, y = pooled_features(
+            model, plain, dev, amp_dtype=D.resolve_precision(ft.train.precision, dev)
+        )
+        probe = fit_probe_head(model, X, y, c=ft.probe_c, balanced=ft.class_weighting != "none")
+        log.log(logging.DEBUG if quiet else logging.INFO, "head from a linear probe: %s", probe)
+        if info.is_main:
+            atomic_write_json(run.path / "head_probe.json", probe)
     if info.is_main:
         run.start(
             "finetune", recipe, str(dev), data_fingerprint=data.fingerprint, init=init or "scratch"
@@ -376,7 +455,6 @@ def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str
     Images go through the run's own reader settings and evaluation transform.
     """
     from beitdomain.data.index import scan
-    from beitdomain.data.transforms import FinetuneTransform
     from beitdomain.io import IntensitySpec, load_image
 
     run = Path(run)
