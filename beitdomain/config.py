@@ -222,6 +222,10 @@ class CurveConfig:
     fractions: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "25%", "100%"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     inits: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
+    # Per-initialization `--set` overrides, e.g. {domain: ["finetune.optim.lr=1e-4"]}: a
+    # pre-trained backbone and a random one rarely want the same fine-tuning lr, and a fair
+    # comparison gives each the setting its validation split prefers.
+    init_sets: dict[str, list[str]] = field(default_factory=dict)
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
 
 
@@ -291,7 +295,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _is_free_mapping(key: str) -> bool:
     # Fields whose value is a user mapping, replaced whole rather than merged key by key.
-    return key in {"inits", "window"}
+    return key in {"inits", "init_sets", "window"}
 
 
 def _raw_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -344,6 +348,15 @@ def load_recipe(
         key, value = parse_set(item)
         raw = _set_dotted(raw, key, value, source=f"--set {item}")
     return _build(Recipe, raw, source=str(path) if path else "defaults", prefix="")
+
+
+def apply_sets(recipe: Recipe, sets: list[str], source: str = "--set") -> Recipe:
+    """The recipe with `section.key=value` overrides applied, checked like `--set`."""
+    raw = recipe_to_dict(recipe)
+    for item in sets:
+        key, value = parse_set(item)
+        raw = _set_dotted(raw, key, value, source=f"{source} {item}")
+    return _build(Recipe, raw, source=source, prefix="")
 
 
 def parse_set(item: str) -> tuple[str, Any]:

@@ -96,3 +96,15 @@ def test_env_with_unavailable_cuda_says_so():
     result = runner.invoke(app, ["--device", "cuda", "env"])
     assert result.exit_code == 0
     assert "unavailable" in result.output
+
+
+def test_curve_init_set_option_parses_and_refuses_malformed_values():
+    from beitdomain.cli.curve import parse_init_sets
+
+    assert parse_init_sets(
+        ["domain:finetune.optim.lr=1e-4", "domain:finetune.head_init=probe", "s:seed=1"]
+    ) == {"domain": ["finetune.optim.lr=1e-4", "finetune.head_init=probe"], "s": ["seed=1"]}
+    result = runner.invoke(
+        app, ["curve", "--init", "scratch", "--init-set", "finetune.optim.lr=1e-4"]
+    )
+    assert result.exit_code == 2 and "NAME:section.key=value" in result.output

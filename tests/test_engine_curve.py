@@ -159,3 +159,45 @@ def test_a_different_grid_in_the_same_folder_is_refused(grid, setup):
     r.curve.fractions = ["100%"]
     with pytest.raises(UserError, match="different grid"):
         run_curve(r, out, device="cpu", quiet=True)
+
+
+def test_init_sets_fine_tune_each_initialization_with_its_own_settings(setup, tmp_path):
+    # curve.init_sets gives one initialization its own fine-tuning settings; the cells' saved
+    # recipes show them, the other initialization keeps the shared ones, the report names them.
+    import yaml
+
+    root, pre = setup
+    r = _curve_recipe(root, pre)
+    r.curve.fractions = ["100%"]
+    r.curve.init_sets = {"domain": ["finetune.optim.lr=1.0e-4", "finetune.head_init=probe"]}
+    out = tmp_path / "curve"
+    run_curve(r, out, device="cpu", quiet=True)
+    dom = yaml.safe_load(
+        (out / "cells" / cell_name("domain", "100%", 0) / "recipe.yaml").read_text()
+    )
+    scr = yaml.safe_load(
+        (out / "cells" / cell_name("scratch", "100%", 0) / "recipe.yaml").read_text()
+    )
+    assert dom["finetune"]["optim"]["lr"] == 1.0e-4 and dom["finetune"]["head_init"] == "probe"
+    assert scr["finetune"]["optim"]["lr"] == r.finetune.optim.lr
+    assert scr["finetune"]["head_init"] == "random"
+    assert (out / "cells" / cell_name("domain", "100%", 0) / "head_probe.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "fine-tuned with finetune.optim.lr=1.0e-4, finetune.head_init=probe" in report
+    grid = json.loads((out / "grid.json").read_text())
+    assert grid["init_sets"] == {"domain": r.curve.init_sets["domain"]}
+
+
+def test_init_sets_are_checked_before_any_cell_runs(setup, tmp_path):
+    from beitdomain.config import RecipeError
+    from beitdomain.user import UserError
+
+    root, pre = setup
+    r = _curve_recipe(root, pre)
+    r.curve.init_sets = {"imagenet": ["finetune.optim.lr=1e-4"]}
+    with pytest.raises(UserError, match="not among the initializations"):
+        run_curve(r, tmp_path / "a", device="cpu", quiet=True)
+    r.curve.init_sets = {"domain": ["finetune.optim.lrr=1e-4"]}
+    with pytest.raises(RecipeError, match="curve.init_sets.domain.*Did you mean 'lr'"):
+        run_curve(r, tmp_path / "b", device="cpu", quiet=True)
+    assert not (tmp_path / "a" / "cells").exists() and not (tmp_path / "b" / "cells").exists()

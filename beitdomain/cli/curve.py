@@ -40,6 +40,20 @@ def parse_inits(values: list[str]) -> dict[str, str | None]:
     return out
 
 
+def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
+    """`NAME:section.key=value` -> {NAME: ["section.key=value", ...]}."""
+    out: dict[str, list[str]] = {}
+    for v in values:
+        name, sep, item = v.partition(":")
+        if not sep or not name or "=" not in item:
+            raise typer.BadParameter(
+                f"--init-set {v!r}: expected NAME:section.key=value, "
+                f"e.g. --init-set domain:finetune.optim.lr=1e-4"
+            )
+        out.setdefault(name, []).append(item)
+    return out
+
+
 @app.command()
 @handle_errors
 def curve(
@@ -49,6 +63,14 @@ def curve(
         typer.Option(
             help="Repeatable: NAME=PATH (a pretrain run or checkpoint) or 'scratch'. "
             "E.g. --init domain=runs/pre --init scratch --init imagenet=beit.pth"
+        ),
+    ] = None,
+    init_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--init-set",
+            help="Repeatable: NAME:section.key=value, a fine-tuning setting for one --init "
+            "only (sets curve.init_sets). E.g. --init-set domain:finetune.optim.lr=1e-4",
         ),
     ] = None,
     fractions: Annotated[
@@ -75,9 +97,15 @@ def curve(
     summary.csv (mean ± std), curve.png and report.md, which states the label-efficiency factor:
     the smallest fraction at which the pre-trained model matches from-scratch on 100%.
 
-    Example:
+    A pre-trained backbone and a random one rarely want the same fine-tuning learning rate;
+    --init-set gives one initialization its own settings (pick them on the validation split,
+    never on the test split: each cell's metrics.jsonl holds its validation scores).
+
+    Examples:
 
         beitdomain curve -r elpv-cpu --init domain=runs/pre --init scratch --fractions 1%,10%,100%
+
+        beitdomain curve --init d=runs/pre --init scratch --init-set d:finetune.optim.lr=1e-4
     """
     from beitdomain.engine.curve import run_curve
 
@@ -85,6 +113,7 @@ def curve(
         "data.root": str(data) if data else None,
         "data.cache": str(cache) if cache else None,
         "curve.inits": parse_inits(init) if init else None,
+        "curve.init_sets": parse_init_sets(init_set) if init_set else None,
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
         "curve.seeds": list(range(seeds)) if seeds else None,
         "curve.metric": metric,

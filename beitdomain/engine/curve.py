@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from beitdomain.config import Recipe, recipe_to_dict
+from beitdomain.config import Recipe, apply_sets, recipe_to_dict
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.plots import plot_label_efficiency
@@ -36,7 +36,12 @@ def cell_name(init: str, labels: str, seed: int) -> str:
     return f"{init}-{safe}-s{seed}"
 
 
-def _cell_recipe(recipe: Recipe, init: str | None, labels: str, seed: int) -> Recipe:
+def _cell_recipe(
+    recipe: Recipe, init: str | None, labels: str, seed: int, name: str | None = None
+) -> Recipe:
+    sets = recipe.curve.init_sets.get(name, []) if name is not None else []
+    if sets:
+        recipe = apply_sets(recipe, sets, source=f"curve.init_sets.{name}:")
     return replace(recipe, seed=seed, finetune=replace(recipe.finetune, labels=labels, init=init))
 
 
@@ -44,7 +49,7 @@ def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) 
     """One fine-tune (in a worker process when the grid is spread over GPUs)."""
     from beitdomain.config import load_recipe
 
-    recipe_dict, out, init, labels, seed, device, _name = args
+    recipe_dict, out, init, labels, seed, device, name = args
     import tempfile
 
     import yaml
@@ -53,7 +58,9 @@ def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) 
         yaml.safe_dump(recipe_dict, f)
     recipe = load_recipe(f.name)
     Path(f.name).unlink()
-    finetune(_cell_recipe(recipe, init, labels, seed), out, device=device, resume=True, quiet=True)
+    finetune(
+        _cell_recipe(recipe, init, labels, seed, name), out, device=device, resume=True, quiet=True
+    )
 
 
 def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
@@ -88,6 +95,7 @@ def write_outputs(
     metric: str,
     inits: dict[str, str | None],
     seeds: Sequence[int],
+    init_sets: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """curve.csv, summary.csv, curve.png and report.md from the finished rows."""
     write_csv(rows, out / "curve.csv")
@@ -109,7 +117,15 @@ def write_outputs(
         "seeds": list(seeds),
         "n_test": rows[0].get("n_test"),
         "n_train": n_train,
-        "inits": {k: (v or "random initialization") for k, v in inits.items()},
+        "inits": {
+            k: (v or "random initialization")
+            + (
+                f"; fine-tuned with {', '.join((init_sets or {})[k])}"
+                if (init_sets or {}).get(k)
+                else ""
+            )
+            for k, v in inits.items()
+        },
         "figure": "curve.png",
     }
     write_report(out / "report.md", summary, effs, metric, context)
@@ -138,7 +154,17 @@ def run_curve(
         raise UserError("curve.inits is empty: give at least one --init (e.g. --init scratch)")
     out = Path(out)
     inits = {name: resolve_init(path) for name, path in c.inits.items()}
-    grid = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
+    unknown = sorted(set(c.init_sets) - set(inits))
+    if unknown:
+        raise UserError(
+            f"curve.init_sets names {unknown}, which are not among the initializations "
+            f"{sorted(inits)} (give them with --init NAME=PATH)"
+        )
+    for name in c.init_sets:  # a bad override fails now, not after hours of other cells
+        _cell_recipe(recipe, inits[name], c.fractions[0], c.seeds[0], name)
+    grid: dict[str, Any] = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
+    if c.init_sets:
+        grid["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
     grid_file = out / "grid.json"
     if grid_file.is_file() and not overwrite:
         previous = json.loads(grid_file.read_text())
@@ -176,7 +202,7 @@ def run_curve(
         # One process per device; cells of a device run one after another in its process.
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
             for _ in pool.imap_unordered(_run_cell, jobs):
-                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds)
+                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds, c.init_sets)
     else:
         from rich.progress import Progress
 
@@ -186,15 +212,15 @@ def run_curve(
                 bar.update(task, description=f"curve: {init} {labels} seed {seed}")
                 cell_dir = out / "cells" / cell_name(init, labels, seed)
                 finetune(
-                    _cell_recipe(recipe, inits[init], labels, seed),
+                    _cell_recipe(recipe, inits[init], labels, seed, init),
                     cell_dir,
                     device=device,
                     resume=True,
                     quiet=True,
                 )
-                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds)
+                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds, c.init_sets)
                 bar.advance(task)
     rows = collect_rows(out, cells)
-    result = write_outputs(out, rows, c.metric, inits, c.seeds)
+    result = write_outputs(out, rows, c.metric, inits, c.seeds, c.init_sets)
     run.finish(cells=len(rows))
     return {"rows": rows, **result}
