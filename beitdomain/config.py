@@ -221,6 +221,9 @@ class CurveConfig:
 
     fractions: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "25%", "100%"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # More seeds where labels are scarcest, e.g. {"1%": [0, 1, 2, 3, 4, 5]}: there the spread
+    # between seeds is largest and each fine-tune is cheapest.
+    fraction_seeds: dict[str, list[int]] = field(default_factory=dict)
     inits: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
     # Per-initialization `--set` overrides, e.g. {domain: ["finetune.optim.lr=1e-4"]}: a
     # pre-trained backbone and a random one rarely want the same fine-tuning lr, and a fair
@@ -295,7 +298,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _is_free_mapping(key: str) -> bool:
     # Fields whose value is a user mapping, replaced whole rather than merged key by key.
-    return key in {"inits", "init_sets", "window"}
+    return key in {"inits", "init_sets", "fraction_seeds", "window"}
 
 
 def _raw_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

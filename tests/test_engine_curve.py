@@ -201,3 +201,23 @@ def test_init_sets_are_checked_before_any_cell_runs(setup, tmp_path):
     with pytest.raises(RecipeError, match="curve.init_sets.domain.*Did you mean 'lr'"):
         run_curve(r, tmp_path / "b", device="cpu", quiet=True)
     assert not (tmp_path / "a" / "cells").exists() and not (tmp_path / "b" / "cells").exists()
+
+
+def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path):
+    root, pre = setup
+    r = _curve_recipe(root, pre)
+    r.curve.inits = {"scratch": None}
+    r.curve.fraction_seeds = {"50%": [0, 1, 2]}
+    out = tmp_path / "curve"
+    run_curve(r, out, device="cpu", quiet=True)
+    assert sorted(_results(out)) == sorted(
+        [cell_name("scratch", "50%", s) for s in (0, 1, 2)] + [cell_name("scratch", "100%", 0)]
+    )
+    runs = {row["fraction"]: row["n_runs"] for row in _rows(out / "summary.csv")}
+    assert sorted(runs.values()) == ["1", "3"]
+    assert "at 50%: 0, 1, 2 (3)" in (out / "report.md").read_text()
+    r.curve.fraction_seeds = {"5%": [0, 1]}
+    from beitdomain.user import UserError
+
+    with pytest.raises(UserError, match="not among curve.fractions"):
+        run_curve(r, tmp_path / "other", device="cpu", quiet=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from beitdomain.config import Recipe, apply_sets, recipe_to_dict
+from beitdomain.config import CurveConfig, Recipe, apply_sets, recipe_to_dict
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.plots import plot_label_efficiency
@@ -89,15 +89,16 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
     return rows
 
 
+def seeds_of(c: CurveConfig, fraction: str) -> list[int]:
+    """The seeds a fraction runs: `curve.fraction_seeds[fraction]`, else `curve.seeds`."""
+    return list(c.fraction_seeds.get(fraction, c.seeds))
+
+
 def write_outputs(
-    out: Path,
-    rows: list[dict[str, Any]],
-    metric: str,
-    inits: dict[str, str | None],
-    seeds: Sequence[int],
-    init_sets: dict[str, list[str]] | None = None,
+    out: Path, rows: list[dict[str, Any]], c: CurveConfig, inits: dict[str, str | None]
 ) -> dict[str, Any]:
     """curve.csv, summary.csv, curve.png and report.md from the finished rows."""
+    metric, seeds, init_sets = c.metric, c.seeds, c.init_sets
     write_csv(rows, out / "curve.csv")
     if not rows:
         return {}
@@ -115,6 +116,7 @@ def write_outputs(
                     log.warning("label efficiency of %s: %s", name, e)
     context = {
         "seeds": list(seeds),
+        "fraction_seeds": {f: seeds_of(c, f) for f in c.fraction_seeds},
         "n_test": rows[0].get("n_test"),
         "n_train": n_train,
         "inits": {
@@ -160,11 +162,19 @@ def run_curve(
             f"curve.init_sets names {unknown}, which are not among the initializations "
             f"{sorted(inits)} (give them with --init NAME=PATH)"
         )
+    stray = sorted(set(c.fraction_seeds) - set(c.fractions))
+    if stray:
+        raise UserError(
+            f"curve.fraction_seeds names {stray}, which are not among curve.fractions "
+            f"{list(c.fractions)}; use the same spelling (e.g. '1%')"
+        )
     for name in c.init_sets:  # a bad override fails now, not after hours of other cells
         _cell_recipe(recipe, inits[name], c.fractions[0], c.seeds[0], name)
     grid: dict[str, Any] = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
     if c.init_sets:
         grid["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
+    if c.fraction_seeds:
+        grid["fraction_seeds"] = {f: seeds_of(c, f) for f in c.fraction_seeds}
     grid_file = out / "grid.json"
     if grid_file.is_file() and not overwrite:
         previous = json.loads(grid_file.read_text())
@@ -176,7 +186,7 @@ def run_curve(
     run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
     run.start("curve", recipe, device)
     atomic_write_json(grid_file, grid)
-    cells = [(i, f, s) for i in inits for f in c.fractions for s in c.seeds]
+    cells = [(i, f, s) for i in inits for f in c.fractions for s in seeds_of(c, f)]
     todo = [
         cell for cell in cells if not (out / "cells" / cell_name(*cell) / "results.json").is_file()
     ]
@@ -202,7 +212,7 @@ def run_curve(
         # One process per device; cells of a device run one after another in its process.
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
             for _ in pool.imap_unordered(_run_cell, jobs):
-                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds, c.init_sets)
+                write_outputs(out, collect_rows(out, cells), c, inits)
     else:
         from rich.progress import Progress
 
@@ -218,9 +228,9 @@ def run_curve(
                     resume=True,
                     quiet=True,
                 )
-                write_outputs(out, collect_rows(out, cells), c.metric, inits, c.seeds, c.init_sets)
+                write_outputs(out, collect_rows(out, cells), c, inits)
                 bar.advance(task)
     rows = collect_rows(out, cells)
-    result = write_outputs(out, rows, c.metric, inits, c.seeds, c.init_sets)
+    result = write_outputs(out, rows, c, inits)
     run.finish(cells=len(rows))
     return {"rows": rows, **result}

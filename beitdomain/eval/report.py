@@ -378,12 +378,18 @@ def write_report(
 
     lines += ["## How these numbers were obtained", ""]
     seeds = ctx.pop("seeds", None)
+    fraction_seeds = ctx.pop("fraction_seeds", None) or {}
     n_runs = sorted({int(r["n_runs"]) for r in summary if r.get("n_runs") is not None})
     if seeds is not None:
+        extra = "".join(
+            f"; at {f}: {', '.join(str(s) for s in fs)} ({len(fs)})"
+            for f, fs in fraction_seeds.items()
+        )
         lines.append(
-            f"- Seeds: {', '.join(str(s) for s in seeds)} ({len(seeds)} fine-tunes per cell); "
-            "the seed fixes the label subset and the training order. Subsets are nested: the "
-            "images of a smaller fraction are part of every larger one for the same seed."
+            f"- Seeds: {', '.join(str(s) for s in seeds)} ({len(seeds)} fine-tunes per cell"
+            f"{extra}); the seed fixes the label subset and the training order. Subsets are "
+            "nested: the images of a smaller fraction are part of every larger one for the "
+            "same seed."
         )
     if n_runs:
         lines.append(f"- Runs per cell: {', '.join(map(str, n_runs))}; ± is the sample std.")
