@@ -188,19 +188,26 @@ def test_init_sets_fine_tune_each_initialization_with_its_own_settings(setup, tm
     assert grid["init_sets"] == {"domain": r.curve.init_sets["domain"]}
 
 
-def test_init_sets_are_checked_before_any_cell_runs(setup, tmp_path):
+def test_init_sets_are_checked_before_any_cell_runs(setup, tmp_path, monkeypatch, caplog):
     from beitdomain.config import RecipeError
-    from beitdomain.user import UserError
 
     root, pre = setup
     r = _curve_recipe(root, pre)
-    r.curve.init_sets = {"imagenet": ["finetune.optim.lr=1e-4"]}
-    with pytest.raises(UserError, match="not among the initializations"):
-        run_curve(r, tmp_path / "a", device="cpu", quiet=True)
     r.curve.init_sets = {"domain": ["finetune.optim.lrr=1e-4"]}
     with pytest.raises(RecipeError, match="curve.init_sets.domain.*Did you mean 'lr'"):
         run_curve(r, tmp_path / "b", device="cpu", quiet=True)
-    assert not (tmp_path / "a" / "cells").exists() and not (tmp_path / "b" / "cells").exists()
+    assert not (tmp_path / "b" / "cells").exists()
+    # Settings for an initialization this curve does not have (a recipe's `domain`, a curve
+    # that calls it `pre`) are named in a warning and left unused; the cells still run.
+    r.curve.init_sets = {"imagenet": ["finetune.optim.lrr=1e-4"]}
+    r.curve.inits = {"scratch": None}
+    r.curve.fractions = ["100%"]
+    ran = []
+    monkeypatch.setattr(curve_engine, "finetune", lambda rr, d, **kw: ran.append(rr))
+    with caplog.at_level("WARNING"):
+        run_curve(r, tmp_path / "a", device="cpu", quiet=True)
+    assert "['imagenet']" in caplog.text and "not used" in caplog.text
+    assert len(ran) == 1 and ran[0].finetune.optim.lr == r.finetune.optim.lr
 
 
 def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path):

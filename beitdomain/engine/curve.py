@@ -157,10 +157,12 @@ def run_curve(
     out = Path(out)
     inits = {name: resolve_init(path) for name, path in c.inits.items()}
     unknown = sorted(set(c.init_sets) - set(inits))
-    if unknown:
-        raise UserError(
-            f"curve.init_sets names {unknown}, which are not among the initializations "
-            f"{sorted(inits)} (give them with --init NAME=PATH)"
+    if unknown:  # a recipe's settings for `domain` must not block a curve that names it `pre`
+        log.warning(
+            "curve.init_sets names %s, which are not among the initializations %s (--init "
+            "NAME=PATH): those settings are not used",
+            unknown,
+            sorted(inits),
         )
     stray = sorted(set(c.fraction_seeds) - set(c.fractions))
     if stray:
@@ -168,7 +170,7 @@ def run_curve(
             f"curve.fraction_seeds names {stray}, which are not among curve.fractions "
             f"{list(c.fractions)}; use the same spelling (e.g. '1%')"
         )
-    for name in c.init_sets:  # a bad override fails now, not after hours of other cells
+    for name in set(c.init_sets) & set(inits):  # a bad override fails now, not hours later
         _cell_recipe(recipe, inits[name], c.fractions[0], c.seeds[0], name)
     grid: dict[str, Any] = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
     if c.init_sets:
