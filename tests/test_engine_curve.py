@@ -210,7 +210,7 @@ def test_init_sets_are_checked_before_any_cell_runs(setup, tmp_path, monkeypatch
     assert len(ran) == 1 and ran[0].finetune.optim.lr == r.finetune.optim.lr
 
 
-def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path):
+def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path, monkeypatch, caplog):
     root, pre = setup
     r = _curve_recipe(root, pre)
     r.curve.inits = {"scratch": None}
@@ -223,8 +223,12 @@ def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path):
     runs = {row["fraction"]: row["n_runs"] for row in _rows(out / "summary.csv")}
     assert sorted(runs.values()) == ["1", "3"]
     assert "at 50%: 0, 1, 2 (3)" in (out / "report.md").read_text()
+    # A fraction the curve does not run (a recipe's 1% seeds, --fractions 50%,100%): warned
+    # about, not used.
     r.curve.fraction_seeds = {"5%": [0, 1]}
-    from beitdomain.user import UserError
-
-    with pytest.raises(UserError, match="not among curve.fractions"):
+    ran = []
+    monkeypatch.setattr(curve_engine, "finetune", lambda rr, d, **kw: ran.append(d.name))
+    with caplog.at_level("WARNING"):
         run_curve(r, tmp_path / "other", device="cpu", quiet=True)
+    assert "['5%']" in caplog.text and "not used" in caplog.text
+    assert sorted(ran) == [cell_name("scratch", f, 0) for f in ("100%", "50%")]

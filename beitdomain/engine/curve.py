@@ -165,10 +165,12 @@ def run_curve(
             sorted(inits),
         )
     stray = sorted(set(c.fraction_seeds) - set(c.fractions))
-    if stray:
-        raise UserError(
-            f"curve.fraction_seeds names {stray}, which are not among curve.fractions "
-            f"{list(c.fractions)}; use the same spelling (e.g. '1%')"
+    if stray:  # a recipe's extra 1% seeds must not block `--fractions 10%,100%`
+        log.warning(
+            "curve.fraction_seeds names %s, which are not among curve.fractions %s: those "
+            "seeds are not used (spell the fraction the same way, e.g. '1%%')",
+            stray,
+            list(c.fractions),
         )
     for name in set(c.init_sets) & set(inits):  # a bad override fails now, not hours later
         _cell_recipe(recipe, inits[name], c.fractions[0], c.seeds[0], name)
