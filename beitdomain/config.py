@@ -204,6 +204,9 @@ class FinetuneConfig:
     # gradients do not come from a random head and distort the pre-trained features.
     head_init: Literal["random", "probe"] = "random"
     probe_c: float = 0.1
+    # Learning rates to try, e.g. [1.0e-4, 1.0e-3]: one fine-tune each (in lr-<value>/), and the
+    # one with the best validation `select_metric` is the result. Empty: just `optim.lr`.
+    lr_grid: list[float] = field(default_factory=list)
     drop_path: float = 0.1
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(

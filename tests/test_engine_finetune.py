@@ -287,3 +287,40 @@ def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
     for k, v in model.head.state_dict().items():
         torch.testing.assert_close(v, head[k], rtol=1e-4, atol=1e-5)
     assert head["weight"].abs().max() > 0.05  # not the small random init (scale 0.01)
+
+
+def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
+    # lr 0 cannot learn the stripes, 2e-3 can: validation must pick 2e-3, and the grid's folder
+    # must then hold that run's weights and metrics, readable by predict like any run.
+    from beitdomain.user import UserError
+
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.lr_grid=[0.0, 2.0e-3]"],
+        **{"data.root": str(data)},
+    )
+    run = tmp_path / "grid"
+    res = finetune(r, run, device="cpu", quiet=True)
+    assert res["lr"] == 2.0e-3 and [t["lr"] for t in res["lr_grid"]] == [0.0, 2.0e-3]
+    scores = [t["val_best"] for t in res["lr_grid"]]
+    assert scores[1] > scores[0]
+    chosen = run / "lr-0.002"
+    assert json.loads((chosen / "results.json").read_text())["test"] == res["test"]
+    assert json.loads((run / "results.json").read_text())["lr"] == 2.0e-3
+    assert_same_tensors(
+        load_tensors(run / "best.safetensors"), load_tensors(chosen / "best.safetensors"), "best"
+    )
+    out_csv = tmp_path / "pred.csv"
+    predict(run, [str(list_images(data)[0])], out_csv, device="cpu")
+    assert len(_rows(out_csv)) == 1
+    # Without a validation split there is nothing to choose on: a clear error.
+    no_val = recipe(
+        [
+            *FINETUNE_SETS,
+            "finetune.train.steps=2",
+            "finetune.lr_grid=[1e-3]",
+            "data.val_fraction=0",
+        ],
+        **{"data.root": str(data)},
+    )
+    with pytest.raises(UserError, match="validation split"):
+        finetune(no_val, tmp_path / "noval", device="cpu", quiet=True)

@@ -69,6 +69,30 @@ def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier:
 
 
 @torch.no_grad()
+def _eval_outputs(
+    forward: Any,
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """`forward(images)` over a dataset in eval mode, in order: (outputs, labels, source index)."""
+    was = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=0
+    )
+    outs, labels, index = [], [], []
+    for b in loader:
+        with D.autocast(device, amp_dtype):
+            outs.append(forward(b["image"].to(device, non_blocking=True)).float().cpu())
+        labels.append(b["label"])
+        index.append(b["index"])
+    model.train(was)
+    return torch.cat(outs), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+
 def predict_probs(
     model: nn.Module,
     dataset: Any,
@@ -77,23 +101,10 @@ def predict_probs(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class probabilities for a dataset, in order: (probs [N, K], labels [N], source index [N])."""
-    was = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=0
-    )
-    probs, labels, index = [], [], []
-    for b in loader:
-        with D.autocast(device, amp_dtype):
-            logits = model(b["image"].to(device, non_blocking=True))
-        probs.append(logits.float().softmax(-1).cpu())
-        labels.append(b["label"])
-        index.append(b["index"])
-    model.train(was)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+    logits, labels, index = _eval_outputs(model, model, dataset, device, batch_size, amp_dtype)
+    return logits.softmax(-1).numpy(), labels, index
 
 
-@torch.no_grad()
 def pooled_features(
     model: BeitClassifier,
     dataset: Any,
@@ -102,18 +113,10 @@ def pooled_features(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The head's inputs (pooled, normalized features) for a dataset in eval mode: (X [N, D], y)."""
-    was = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=0
+    feats, labels, _ = _eval_outputs(
+        model.forward_features, model, dataset, device, batch_size, amp_dtype
     )
-    feats, labels = [], []
-    for b in loader:
-        with D.autocast(device, amp_dtype):
-            feats.append(model.forward_features(b["image"].to(device)).float().cpu())
-        labels.append(b["label"])
-    model.train(was)
-    return torch.cat(feats).numpy().astype(np.float64), torch.cat(labels).numpy()
+    return feats.numpy().astype(np.float64), labels
 
 
 def fit_probe_head(
@@ -297,6 +300,10 @@ def finetune(
     `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
     """
     ft = recipe.finetune
+    if ft.lr_grid:
+        return _finetune_lr_grid(
+            recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
+        )
     dev = D.resolve_device(device)
     info = D.init_distributed(dev)
     run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
@@ -402,6 +409,8 @@ def finetune(
             "seed": recipe.seed,
             "steps": state.step,
             "best_step": hook.best_step or state.step,
+            "val_best": hook.best,  # the selection score (-loss when select_metric is loss)
+            "select_metric": ft.select_metric,
             "stopped_early": state.stop_reason,
             "classes": data.classes,
         }
@@ -424,6 +433,73 @@ def finetune(
             )
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not draw training curves: %s", e)
+        run.finish(result={k: v for k, v in results.items() if k != "classes"})
+    D.barrier()
+    return results
+
+
+# What a grid's chosen fine-tune leaves in the grid's own folder, so `predict` and `curve` read
+# it like any fine-tuning run.
+_CHOSEN_FILES = (
+    BEST_FILE,
+    "test_predictions.csv",
+    "confusion_matrix.png",
+    "labels_used.csv",
+    "labels.json",
+    "training_curves.png",
+    "head_probe.json",
+)
+
+
+def _finetune_lr_grid(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> dict[str, Any]:
+    """One fine-tune per `finetune.lr_grid` value in `out/lr-<value>/`; the best on validation
+    is the result (its weights, predictions and metrics are copied into `out`)."""
+    import shutil
+
+    ft = recipe.finetune
+    info = D.init_distributed(D.resolve_device(device))
+    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    if info.is_main:
+        run.start("finetune", recipe, device)
+    tried: list[dict[str, Any]] = []
+    chosen: tuple[float, Path, dict[str, Any]] | None = None
+    for lr in ft.lr_grid:
+        sub = run.path / f"lr-{lr:g}"
+        one = replace(recipe, finetune=replace(ft, lr_grid=[], optim=replace(ft.optim, lr=lr)))
+        if (sub / "results.json").is_file():  # finished before an interruption
+            res = json.loads((sub / "results.json").read_text())
+        else:
+            res = finetune(one, sub, device=device, resume=True, quiet=quiet)
+        if res.get("val_best") is None and info.is_main:
+            raise UserError(
+                "finetune.lr_grid picks the learning rate on the validation split, and this "
+                "run has none: set data.val_fraction > 0, or give val rows in the labels CSV"
+            )
+        tried.append({"lr": lr, "val_best": res.get("val_best"), "best_step": res.get("best_step")})
+        if info.is_main and (chosen is None or res["val_best"] > chosen[2]["val_best"]):
+            chosen = (lr, sub, res)
+    results: dict[str, Any] = {}
+    if info.is_main and chosen is not None:
+        lr, sub, res = chosen
+        for name in _CHOSEN_FILES:
+            if (sub / name).is_file():
+                shutil.copyfile(sub / name, run.path / name)
+        results = {**res, "lr": lr, "lr_grid": tried}
+        atomic_write_json(run.path / "results.json", results)
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "lr grid: %s -> lr %g",
+            ", ".join(f"{t['lr']:g}: {t['val_best']:.4f}" for t in tried),
+            lr,
+        )
         run.finish(result={k: v for k, v in results.items() if k != "classes"})
     D.barrier()
     return results
