@@ -324,3 +324,4 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
     )
     with pytest.raises(UserError, match="validation split"):
         finetune(no_val, tmp_path / "noval", device="cpu", quiet=True)
+    assert not list((tmp_path / "noval").glob("lr-*"))  # refused before any training

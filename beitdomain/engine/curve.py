@@ -121,11 +121,7 @@ def write_outputs(
         "n_train": n_train,
         "inits": {
             k: (v or "random initialization")
-            + (
-                f"; fine-tuned with {', '.join((init_sets or {})[k])}"
-                if (init_sets or {}).get(k)
-                else ""
-            )
+            + (f"; fine-tuned with {', '.join(init_sets[k])}" if init_sets.get(k) else "")
             for k, v in inits.items()
         },
         "figure": "curve.png",

@@ -467,6 +467,11 @@ def _finetune_lr_grid(
     ft = recipe.finetune
     info = D.init_distributed(D.resolve_device(device))
     run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    if labeled_data(recipe, progress=False, report_dir=run.path).val is None:  # before training
+        raise UserError(
+            "finetune.lr_grid picks the learning rate on the validation split, and this run has "
+            "none: set data.val_fraction > 0, or give val rows in the labels CSV"
+        )
     if info.is_main:
         run.start("finetune", recipe, device)
     tried: list[dict[str, Any]] = []
@@ -478,11 +483,6 @@ def _finetune_lr_grid(
             res = json.loads((sub / "results.json").read_text())
         else:
             res = finetune(one, sub, device=device, resume=True, quiet=quiet)
-        if res.get("val_best") is None and info.is_main:
-            raise UserError(
-                "finetune.lr_grid picks the learning rate on the validation split, and this "
-                "run has none: set data.val_fraction > 0, or give val rows in the labels CSV"
-            )
         tried.append({"lr": lr, "val_best": res.get("val_best"), "best_step": res.get("best_step")})
         if info.is_main and (chosen is None or res["val_best"] > chosen[2]["val_best"]):
             chosen = (lr, sub, res)
