@@ -1,6 +1,6 @@
 """The demo's chain through the library API (no CLI): tokenizer -> pre-training -> curve.
 
-    python examples/elpv_chain.py --out runs/elpv-api            # the CPU recipe, ~17 minutes
+    python examples/elpv_chain.py --out runs/elpv-api            # the CPU recipe, ~18 minutes
     python examples/elpv_chain.py --out runs/elpv-api --quick    # a few steps per stage, ~2 min
 
 Needs the ELPV images: pip install -e ".[demo]".
