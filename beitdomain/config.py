@@ -350,19 +350,20 @@ def load_recipe(
     for key, value in (options or {}).items():
         if value is not None:
             raw = _set_dotted(raw, key, value, source="command-line option")
-    for item in sets or []:
-        key, value = parse_set(item)
-        raw = _set_dotted(raw, key, value, source=f"--set {item}")
+    raw = _with_sets(raw, sets or [], "--set")
     return _build(Recipe, raw, source=str(path) if path else "defaults", prefix="")
 
 
 def apply_sets(recipe: Recipe, sets: list[str], source: str = "--set") -> Recipe:
     """The recipe with `section.key=value` overrides applied, checked like `--set`."""
-    raw = recipe_to_dict(recipe)
+    return _build(Recipe, _with_sets(recipe_to_dict(recipe), sets, source), source, prefix="")
+
+
+def _with_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, Any]:
     for item in sets:
         key, value = parse_set(item)
         raw = _set_dotted(raw, key, value, source=f"{source} {item}")
-    return _build(Recipe, raw, source=source, prefix="")
+    return raw
 
 
 def parse_set(item: str) -> tuple[str, Any]:

@@ -189,12 +189,9 @@ def _reflow_commands(typer_app: typer.Typer) -> None:
         doc = cmd.help or (cmd.callback.__doc__ if cmd.callback else None)
         if doc:
             cmd.help = reflow_help(doc)
-    for group in typer_app.registered_groups:
+    for group in typer_app.registered_groups:  # group help is one line, given to add_typer
         if group.typer_instance is not None:
             _reflow_commands(group.typer_instance)
-    info = typer_app.registered_callback
-    if info is not None and info.callback is not None and info.callback.__doc__ and not info.help:
-        info.help = reflow_help(info.callback.__doc__)
 
 
 _add_groups()
