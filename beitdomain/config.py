@@ -232,6 +232,11 @@ class CurveConfig:
     # pre-trained backbone and a random one rarely want the same fine-tuning lr, and a fair
     # comparison gives each the setting its validation split prefers.
     init_sets: dict[str, list[str]] = field(default_factory=dict)
+    # Where a cell's settings have a `finetune.lr_grid`: "all" runs the grid in every cell;
+    # "first" runs it for the first seed of each (initialization, fraction) only, and the other
+    # seeds fine-tune once at the lr that seed's validation split chose (tune once, then
+    # repeat over seeds: the grid's cost is paid once per fraction, not once per seed).
+    lr_grid_seeds: Literal["all", "first"] = "all"
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
 
 

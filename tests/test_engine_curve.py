@@ -232,3 +232,36 @@ def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path, monkeypatch,
         run_curve(r, tmp_path / "other", device="cpu", quiet=True)
     assert "['5%']" in caplog.text and "not used" in caplog.text
     assert sorted(ran) == [cell_name("scratch", f, 0) for f in ("100%", "50%")]
+
+
+def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
+    # With curve.lr_grid_seeds 'first', seed 0 runs the lr grid and seed 1 fine-tunes once at
+    # the lr seed 0's validation split chose, not at the shared finetune.optim.lr.
+    import yaml
+
+    from beitdomain.user import UserError
+
+    root, pre = setup
+    r = _curve_recipe(root, pre, seeds=(0, 1))
+    r.curve.fractions = ["100%"]
+    r.curve.inits = {"scratch": None}
+    r.curve.init_sets = {"scratch": ["finetune.lr_grid=[0.0, 2.0e-3]"]}
+    r.curve.lr_grid_seeds = "first"
+    r.finetune.optim.lr = 5.0e-4
+    out = tmp_path / "curve"
+    run_curve(r, out, device="cpu", quiet=True)
+    lead, follower = (out / "cells" / cell_name("scratch", "100%", s) for s in (0, 1))
+    assert sorted(p.name for p in lead.glob("lr-*")) == ["lr-0", "lr-0.002"]
+    chosen = json.loads((lead / "results.json").read_text())["lr"]
+    assert chosen in (0.0, 2.0e-3)
+    assert not list(follower.glob("lr-*"))
+    saved = yaml.safe_load((follower / "recipe.yaml").read_text())["finetune"]
+    assert saved["optim"]["lr"] == chosen and saved["lr_grid"] == []
+    assert json.loads((follower / "results.json").read_text())["lr"] == chosen
+    assert [float(row["lr"]) for row in _rows(out / "curve.csv")] == [chosen, chosen]
+    assert f"scratch {chosen:.0e} (all) (where an lr grid ran" in (out / "report.md").read_text()
+    assert json.loads((out / "grid.json").read_text())["lr_grid_seeds"] == "first"
+    # A follower whose first seed has no result cannot guess its lr: a clear error.
+    (lead / "results.json").unlink()
+    with pytest.raises(UserError, match="takes its learning rate from .*is missing"):
+        curve_engine._cell_recipe(r, None, "100%", 1, "scratch", out)

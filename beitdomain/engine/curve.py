@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing as mp
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,12 +38,34 @@ def cell_name(init: str, labels: str, seed: int) -> str:
 
 
 def _cell_recipe(
-    recipe: Recipe, init: str | None, labels: str, seed: int, name: str | None = None
+    recipe: Recipe,
+    init: str | None,
+    labels: str,
+    seed: int,
+    name: str | None = None,
+    out: Path | None = None,
 ) -> Recipe:
-    sets = recipe.curve.init_sets.get(name, []) if name is not None else []
+    """The fine-tuning recipe of one cell: the shared settings, the initialization's
+    `curve.init_sets`, and (with `curve.lr_grid_seeds: first`, for a seed after the first) the
+    learning rate the first seed's lr grid chose, read from its results in `out`."""
+    c = recipe.curve
+    sets = c.init_sets.get(name, []) if name is not None else []
     if sets:
         recipe = apply_sets(recipe, sets, source=f"curve.init_sets.{name}:")
-    return replace(recipe, seed=seed, finetune=replace(recipe.finetune, labels=labels, init=init))
+    ft = recipe.finetune
+    first = seeds_of(c, labels)[0]
+    if ft.lr_grid and c.lr_grid_seeds == "first" and seed != first and out is not None:
+        lead = out / "cells" / cell_name(name or "", labels, first) / "results.json"
+        lr = json.loads(lead.read_text()).get("lr") if lead.is_file() else None
+        if lr is None:
+            why = "has no lr" if lead.is_file() else "is missing"
+            raise UserError(
+                f"curve.lr_grid_seeds is 'first': seed {seed} of {name} at {labels} takes its "
+                f"learning rate from {lead}, which {why} (delete that cell's folder to run its "
+                "lr grid again)"
+            )
+        ft = replace(ft, lr_grid=[], optim=replace(ft.optim, lr=float(lr)))
+    return replace(recipe, seed=seed, finetune=replace(ft, labels=labels, init=init))
 
 
 def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) -> None:
@@ -58,9 +81,8 @@ def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) 
         yaml.safe_dump(recipe_dict, f)
     recipe = load_recipe(f.name)
     Path(f.name).unlink()
-    finetune(
-        _cell_recipe(recipe, init, labels, seed, name), out, device=device, resume=True, quiet=True
-    )
+    cell = _cell_recipe(recipe, init, labels, seed, name, Path(out).parent.parent)
+    finetune(cell, out, device=device, resume=True, quiet=True)
 
 
 def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
@@ -78,6 +100,7 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
                 "labels": labels,
                 "fraction": res["fraction"],
                 "seed": seed,
+                "lr": res.get("lr"),
                 "n_labels": res["n_labels"],
                 "n_train": res["n_train"],
                 "steps": res["steps"],
@@ -92,6 +115,31 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
 def seeds_of(c: CurveConfig, fraction: str) -> list[int]:
     """The seeds a fraction runs: `curve.fraction_seeds[fraction]`, else `curve.seeds`."""
     return list(c.fraction_seeds.get(fraction, c.seeds))
+
+
+def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
+    """E.g. "domain 1% 1e-03 (5), 1e-04 (1); scratch 3e-03 (all)": which peak lr each
+    initialization's cells fine-tuned at, per fraction where they differ."""
+    parts = []
+    for init in dict.fromkeys(r["init"] for r in rows):
+        mine = [r for r in rows if r["init"] == init and r.get("lr") is not None]
+        if not mine:
+            continue
+        if len({r["lr"] for r in mine}) == 1:
+            parts.append(f"{init} {mine[0]['lr']:.0e} (all)")
+            continue
+        per = []
+        for labels in dict.fromkeys(r["labels"] for r in mine):
+            count = Counter(r["lr"] for r in mine if r["labels"] == labels)
+            per.append(f"{labels} " + ", ".join(f"{lr:.0e} ({n})" for lr, n in count.items()))
+        parts.append(f"{init} " + "; ".join(per))
+    text = "; ".join(parts)
+    if text and c.lr_grid_seeds == "first":
+        text += (
+            " (where an lr grid ran, it ran for the first seed of each fraction, on validation;"
+            " the other seeds reused its choice)"
+        )
+    return text
 
 
 def write_outputs(
@@ -124,6 +172,7 @@ def write_outputs(
             + (f"; fine-tuned with {', '.join(init_sets[k])}" if init_sets.get(k) else "")
             for k, v in inits.items()
         },
+        "learning_rates": _lr_summary(rows, c),
         "figure": "curve.png",
     }
     write_report(out / "report.md", summary, effs, metric, context)
@@ -175,6 +224,8 @@ def run_curve(
         grid["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
     if c.fraction_seeds:
         grid["fraction_seeds"] = {f: seeds_of(c, f) for f in c.fraction_seeds}
+    if c.lr_grid_seeds != "all":
+        grid["lr_grid_seeds"] = c.lr_grid_seeds
     grid_file = out / "grid.json"
     if grid_file.is_file() and not overwrite:
         previous = json.loads(grid_file.read_text())
@@ -210,9 +261,14 @@ def run_curve(
                 )
             )
         # One process per device; cells of a device run one after another in its process.
+        # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
+        # other seeds read the learning rate they chose.
+        first = [j for j in jobs if c.lr_grid_seeds == "all" or j[4] == seeds_of(c, j[3])[0]]
+        waves = [first, [j for j in jobs if j not in first]]
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            for _ in pool.imap_unordered(_run_cell, jobs):
-                write_outputs(out, collect_rows(out, cells), c, inits)
+            for wave in waves:
+                for _ in pool.imap_unordered(_run_cell, wave):
+                    write_outputs(out, collect_rows(out, cells), c, inits)
     else:
         from rich.progress import Progress
 
@@ -222,7 +278,7 @@ def run_curve(
                 bar.update(task, description=f"curve: {init} {labels} seed {seed}")
                 cell_dir = out / "cells" / cell_name(init, labels, seed)
                 finetune(
-                    _cell_recipe(recipe, inits[init], labels, seed, init),
+                    _cell_recipe(recipe, inits[init], labels, seed, init, out),
                     cell_dir,
                     device=device,
                     resume=True,

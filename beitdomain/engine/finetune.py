@@ -407,6 +407,7 @@ def finetune(
             "n_train": data.subset["n_train"],
             "fraction": data.subset["fraction"],
             "seed": recipe.seed,
+            "lr": ft.optim.lr,  # the peak learning rate (an lr grid's choice, in a grid's run)
             "steps": state.step,
             "best_step": hook.best_step or state.step,
             "val_best": hook.best,  # the selection score (-loss when select_metric is loss)

@@ -20,7 +20,7 @@ from beitdomain.fileio import atomic_write_text
 from beitdomain.user import UserError
 
 # Columns that identify a run or a cell rather than measure it.
-ID_COLUMNS = ("init", "fraction", "seed", "n_labels", "labels")
+ID_COLUMNS = ("init", "fraction", "seed", "n_labels", "labels", "lr")  # settings, not metrics
 # Tolerance for "matches": means of the same numbers can differ in the last bits.
 _TIE_EPS = 1e-9
 
@@ -409,6 +409,9 @@ def write_report(
     if init_sources:
         for k, v in init_sources.items():
             lines.append(f"- Initialization `{k}`: {v if v else 'random (from scratch)'}")
+    lrs = ctx.pop("learning_rates", None)
+    if lrs:
+        lines.append(f"- Fine-tuning learning rate (peak) per cell: {lrs}")
     lines.append(
         f"- Metric: {name} on the test set. The label-efficiency factor is 1 / f for the "
         f"smallest fraction f at which the pre-trained mean matches or beats the "
