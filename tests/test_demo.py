@@ -69,3 +69,19 @@ def test_real_package_is_found():
     folder = demo.elpv_folder()
     assert (folder / "labels.csv").is_file()
     assert len(list((folder / "images").glob("*.png"))) == 2624
+
+
+def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
+    from beitdomain.config import load_recipe
+    from beitdomain.engine import distributed
+
+    r = load_recipe("elpv-cpu")
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    notice = demo.fp32_cpu_notice(r, "cpu")
+    assert notice and "30 minutes" in notice and "curve.seeds=[0,1]" in notice
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    assert demo.fp32_cpu_notice(r, "cpu") is None  # auto -> bf16 here
+    r.train.precision = r.tokenizer.train.precision = r.finetune.train.precision = "fp32"
+    assert demo.fp32_cpu_notice(r, "cpu") is not None  # asked for fp32
+    r.name = "my-recipe"
+    assert demo.fp32_cpu_notice(r, "cpu") is None  # times measured for elpv-cpu only

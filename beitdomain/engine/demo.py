@@ -84,6 +84,27 @@ def export_elpv(out: Path) -> Path:
     return images
 
 
+def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
+    """What to tell a user whose CPU will run the CPU recipe in fp32 (no native bf16), or None.
+
+    The recipe's 17.5 minutes assume bf16 autocast; the same run in fp32 took 30 minutes on the
+    2-core EPYC where both were measured (BENCHMARKS.md).
+    """
+    from beitdomain.engine import distributed as D
+
+    if recipe.name != "elpv-cpu" or D.resolve_device(device).type != "cpu":
+        return None
+    precisions = {p.train.precision for p in (recipe, recipe.tokenizer, recipe.finetune)}
+    if "bf16" in precisions or ("auto" in precisions and D.cpu_has_native_bf16()):
+        return None
+    return (
+        "this CPU trains in fp32 (it has no native bf16, or the recipe asks for fp32): the demo "
+        "takes about 30 minutes on 2 cores instead of 17.5, 20 of them fine-tuning. Fewer seeds "
+        "(wider error bars) run 6 fine-tuning cells per initialization instead of 12: "
+        "--set 'curve.seeds=[0,1]' --set 'curve.fraction_seeds={}'"
+    )
+
+
 def _done(folder: Path) -> bool:
     import json
 
@@ -103,6 +124,9 @@ def run_demo(
     from beitdomain.io import IntensitySpec
 
     out = Path(out)
+    notice = fp32_cpu_notice(recipe, device)
+    if notice:
+        log.warning(notice)
     log.info("1/5 exporting the ELPV images to %s", out / "data")
     images = export_elpv(out / "data")
     d = replace(recipe.data, root=str(images), labels=str(out / "data" / "labels.csv"))
