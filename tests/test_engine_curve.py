@@ -127,6 +127,11 @@ def test_tiny_grid_writes_all_outputs(grid):
     assert (out / "curve.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
     assert "domain" in report and "scratch" in report and "curve.png" in report
+    # the paired table: one seed per cell, so one gain and no standard error per fraction
+    by = {(r["init"], r["fraction"]): float(r["accuracy"]) for r in rows}
+    gain = 100 * (by[("domain", rows[0]["fraction"])] - by[("scratch", rows[0]["fraction"])])
+    assert "## Paired by seed: domain vs scratch" in report
+    assert f"| 1 | {gain:+.1f} | " in report
     expected = {cell_name(i, f, 0) for i in ("scratch", "domain") for f in FRACTIONS}
     assert set(_results(out)) == expected
 

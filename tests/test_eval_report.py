@@ -16,6 +16,7 @@ from beitdomain.eval.plots import (
 )
 from beitdomain.eval.report import (
     label_efficiency,
+    paired_gains,
     read_csv,
     summarize,
     write_csv,
@@ -222,6 +223,36 @@ def test_report_states_the_factor_and_table(tmp_path):
     assert "Seeds: 0, 1, 2" in text and "120 images" in text
     assert "`scratch`: random (from scratch)" in text
     assert "](curve.png)" in text and "- device: cpu" in text
+
+
+def test_paired_gains_pair_runs_by_seed_and_report_their_standard_error(tmp_path):
+    def row(init, seed, score, fraction=0.01):
+        return {"init": init, "fraction": fraction, "seed": seed, "balanced_accuracy": score}
+
+    rows = [
+        *(row("scratch", s, v) for s, v in enumerate([0.50, 0.60, 0.55, 0.58])),
+        *(row("domain", s, v) for s, v in enumerate([0.56, 0.62, 0.61])),  # seed 3 missing
+        row("domain", 0, 0.70, 0.1),  # no scratch run at 10%: nothing to pair
+    ]
+    (g,) = paired_gains(rows, "balanced_accuracy", "scratch", "domain")
+    assert g["seeds"] == [0, 1, 2] and g["ahead"] == 3
+    assert g["gains"] == pytest.approx([6.0, 2.0, 6.0])
+    assert g["mean"] == pytest.approx(14 / 3)
+    assert g["se"] == pytest.approx(np.std([6.0, 2.0, 6.0], ddof=1) / np.sqrt(3))
+    # Rows read back from curve.csv (strings) pair the same way.
+    back = read_csv(write_csv(rows, tmp_path / "curve.csv"))
+    assert paired_gains(back, "balanced_accuracy", "scratch", "domain")[0]["mean"] == g["mean"]
+    summary = summarize(rows)
+    out = write_report(
+        tmp_path / "report.md",
+        summary,
+        [],
+        "balanced_accuracy",
+        {"paired": {"domain": [g]}},
+    )
+    text = out.read_text()
+    assert "## Paired by seed: domain vs scratch" in text
+    assert "| 1% | 3 | +4.7 ± 1.3 | 3 of 3 | +6.0, +2.0, +6.0 |" in text
 
 
 def test_report_never_matches(tmp_path):

@@ -24,7 +24,13 @@ from beitdomain.config import CurveConfig, Recipe, apply_sets, recipe_to_dict
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.plots import plot_label_efficiency
-from beitdomain.eval.report import label_efficiency, summarize, write_csv, write_report
+from beitdomain.eval.report import (
+    label_efficiency,
+    paired_gains,
+    summarize,
+    write_csv,
+    write_report,
+)
 from beitdomain.fileio import atomic_write_json
 from beitdomain.user import UserError
 
@@ -173,6 +179,11 @@ def write_outputs(
             for k, v in inits.items()
         },
         "learning_rates": _lr_summary(rows, c),
+        "paired": {
+            name: paired_gains(rows, metric, "scratch", name)
+            for name in inits
+            if name != "scratch" and "scratch" in inits
+        },
         "figure": "curve.png",
     }
     write_report(out / "report.md", summary, effs, metric, context)

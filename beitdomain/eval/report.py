@@ -309,6 +309,71 @@ def _margin_caution(pre: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def paired_gains(
+    rows: Sequence[Mapping[str, Any]], metric: str, reference: str, init: str
+) -> list[dict[str, Any]]:
+    """The gain of `init` over `reference` per fraction, paired by seed.
+
+    A seed fixes the label subset, so both initializations of one seed saw the same labelled
+    images; the per-seed differences remove the subset-to-subset spread that dominates with
+    few labels, and their standard error says whether the mean gain is beyond noise.
+
+    Returns:
+        One dict per fraction both ran with a common seed, by fraction: `fraction`, `seeds`,
+        `gains` (points per seed), `mean` (points), `se` (standard error of the mean, None for
+        one seed), `ahead` (seeds on which `init` scored higher).
+    """
+    score: dict[tuple[str, float, int], float] = {}
+    for r in rows:
+        v, f, seed = _number(r.get(metric)), _number(r.get("fraction")), _number(r.get("seed"))
+        if v is not None and f is not None and seed is not None:
+            score[(str(r["init"]), f, int(seed))] = v
+    out = []
+    for f in sorted({k[1] for k in score if k[0] == init}):
+        seeds = sorted(
+            s for i, ff, s in score if i == init and ff == f and (reference, f, s) in score
+        )
+        if not seeds:
+            continue
+        gains = [100 * (score[(init, f, s)] - score[(reference, f, s)]) for s in seeds]
+        se = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else None
+        out.append(
+            {
+                "fraction": f,
+                "seeds": seeds,
+                "gains": gains,
+                "mean": statistics.fmean(gains),
+                "se": se,
+                "ahead": sum(g > 0 for g in gains),
+            }
+        )
+    return out
+
+
+def _paired_lines(paired: Mapping[str, Sequence[Mapping[str, Any]]], reference: str) -> list[str]:
+    lines = []
+    for init, per_fraction in paired.items():
+        if not per_fraction:
+            continue
+        lines += [
+            f"## Paired by seed: {init} vs {reference}",
+            "",
+            "Each seed's two runs saw the same labelled images; the gain is their difference.",
+            "",
+            "| labelled fraction | seeds | mean gain ± s.e. (points) | ahead on | gain per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for g in per_fraction:
+            se = "" if g["se"] is None else f" ± {g['se']:.1f}"
+            per_seed = ", ".join(f"{x:+.1f}" for x in g["gains"])
+            lines.append(
+                f"| {_pct(g['fraction'])} | {len(g['seeds'])} | {g['mean']:+.1f}{se} | "
+                f"{g['ahead']} of {len(g['seeds'])} | {per_seed} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _mean_std(mean: Any, std: Any) -> str:
     m = _number(mean)
     if m is None:
@@ -333,7 +398,9 @@ def write_report(
         metric: the metric of the table and the factor.
         context: how the numbers were obtained; known keys are written in words: `seeds`
             (list), `n_test` (test images), `n_train` (train images at 100%), `data`, `inits`
-            ({name: source}), `command`, `figure` (PNG file name); others are listed as is.
+            ({name: source}), `command`, `figure` (PNG file name), `paired` ({init:
+            `paired_gains(...)`}, a table per pre-trained initialization); others are listed
+            as is.
 
     Returns:
         The written path.
@@ -375,6 +442,7 @@ def write_report(
         lines += [f"![{name} vs labelled fraction]({ctx.pop('figure')})", ""]
     else:
         ctx.pop("figure", None)
+    lines += _paired_lines(ctx.pop("paired", None) or {}, reference)
 
     lines += ["## How these numbers were obtained", ""]
     seeds = ctx.pop("seeds", None)
