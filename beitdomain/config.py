@@ -144,6 +144,11 @@ class TokenizerConfig:
     # KL of the batch-average code distribution to uniform: spreads the codes over the
     # codebook without making each cell's choice uncertain (see DVAEOutput.loss); 0 = off.
     usage_weight: float = 0.0
+    # L1 between the image gradients (finite differences along x and y) of the reconstruction
+    # and of the input, added to the reconstruction loss with this weight; 0 = off. A per-pixel
+    # loss barely notices a 1-px crack (it is a few pixels of the image); its gradient is large
+    # exactly there, so this term keeps thin lines and edges sharp.
+    edge_weight: float = 0.0
     # Straight-through Gumbel: the decoder sees one-hot codes (as it will at inference), the
     # gradient flows through the soft sample.
     straight_through: bool = False

@@ -28,7 +28,12 @@ def tok_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tok")
     root = write_elpv_subset(tmp / "data", per_class=12)
     r = recipe(
-        [*TOKENIZER_SETS, f"tokenizer.train.steps={STEPS}", "tokenizer.kl_warmup_fraction=0.25"],
+        [
+            *TOKENIZER_SETS,
+            f"tokenizer.train.steps={STEPS}",
+            "tokenizer.kl_warmup_fraction=0.25",
+            "tokenizer.edge_weight=0.5",
+        ],
         **{"data.root": str(root)},
     )
     with warnings.catch_warnings():
@@ -69,6 +74,17 @@ def test_reconstruction_improves(tok_run):
     # a few dozen steps on real cells: clearly better than the start
     assert psnr[-5:].mean() > psnr[:5].mean() + 1.0, psnr
     assert recon[-5:].mean() < recon[:5].mean(), recon
+
+
+def test_edge_term_enters_the_objective(tok_run):
+    # tokenizer.edge_weight adds the L1 of image gradients to what is minimised; the logged loss
+    # is the sum of the logged terms with their weights.
+    r, run, _ = tok_run
+    t = r.tokenizer
+    for m in _steps(run):
+        assert np.isfinite(m["edge_loss"]) and m["edge_loss"] > 0
+        terms = m["recon_loss"] + m["kl_weight"] * m["kl"] + t.usage_weight * m["usage_kl"]
+        assert m["loss"] == pytest.approx(terms + t.edge_weight * m["edge_loss"], rel=1e-4)
 
 
 def test_run_folder_loads_as_a_tokenizer(tok_run):

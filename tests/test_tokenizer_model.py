@@ -192,6 +192,22 @@ def test_pixel_losses(loss: str) -> None:
     )
 
 
+def test_edge_loss_sees_a_missing_thin_line_that_mse_weighs_like_an_offset() -> None:
+    from beitdomain.tokenizer.dvae import edge_loss
+
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 16, :] = 1.0  # a 1-px crack across the image
+    no_line = torch.zeros_like(x)  # the crack lost
+    offset = x + math.sqrt(F.mse_loss(no_line, x))  # as far from x in MSE, crack kept
+    assert float(F.mse_loss(offset, x)) == pytest.approx(float(F.mse_loss(no_line, x)))
+    assert float(edge_loss(x, x)) == 0.0 and float(edge_loss(offset, x)) < 1e-6
+    # Two row-differences of size 1 (into and out of the line) over 31 x 32 of them, halved.
+    assert float(edge_loss(no_line, x)) == pytest.approx(0.5 * 2 * 32 / (31 * 32))
+    # Symmetric in H and W: the same line turned by 90 degrees costs the same.
+    xt = x.transpose(-1, -2)
+    assert float(edge_loss(torch.zeros_like(xt), xt)) == pytest.approx(float(edge_loss(no_line, x)))
+
+
 def test_tiny_tokenizer_overfits_a_few_images(tiny: DiscreteVAE) -> None:
     x = structured_images(8)
     opt = torch.optim.Adam(tiny.parameters(), lr=1e-2)

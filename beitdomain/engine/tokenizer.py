@@ -41,6 +41,7 @@ from beitdomain.tokenizer import (
     reinit_dead_codes,
     reset_optimizer_rows,
 )
+from beitdomain.tokenizer.dvae import edge_loss
 from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,14 @@ def train_tokenizer(
         o = m(x, temperature=temp, hard=t.straight_through)
         monitor.usage.update(o.logits.detach().argmax(1))
         monitor.last_batch = x.detach()
-        return o.loss(beta, t.usage_weight), {
+        loss = o.loss(beta, t.usage_weight)
+        extra = {}
+        if t.edge_weight:
+            edges = edge_loss(o.recon, x)
+            loss = loss + t.edge_weight * edges
+            extra["edge_loss"] = edges.detach()
+        return loss, {
+            **extra,
             "recon_loss": o.recon_loss.detach(),
             "kl": o.kl.detach(),
             "usage_kl": o.usage_kl.detach(),
