@@ -146,8 +146,9 @@ class TokenizerConfig:
     usage_weight: float = 0.0
     # L1 between the image gradients (finite differences along x and y) of the reconstruction
     # and of the input, added to the reconstruction loss with this weight; 0 = off. A per-pixel
-    # loss barely notices a 1-px crack (it is a few pixels of the image); its gradient is large
-    # exactly there, so this term keeps thin lines and edges sharp.
+    # loss barely notices a 1-px crack (a few pixels of the image); the gradient is large exactly
+    # there. On 64 px ELPV cells weight 1 sharpened edges (+0.9 dB) but isolated thin cracks
+    # stayed lost (BENCHMARKS.md).
     edge_weight: float = 0.0
     # Straight-through Gumbel: the decoder sees one-hot codes (as it will at inference), the
     # gradient flows through the soft sample.

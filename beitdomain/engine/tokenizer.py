@@ -266,7 +266,7 @@ def train_tokenizer(
         monitor.usage.update(o.logits.detach().argmax(1))
         monitor.last_batch = x.detach()
         loss = o.loss(beta, t.usage_weight)
-        extra = {}
+        extra: dict[str, Any] = {}
         if t.edge_weight:
             edges = edge_loss(o.recon, x)
             loss = loss + t.edge_weight * edges
