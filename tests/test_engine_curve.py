@@ -270,3 +270,24 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
     (lead / "results.json").unlink()
     with pytest.raises(UserError, match="takes its learning rate from .*is missing"):
         curve_engine._cell_recipe(r, None, "100%", 1, "scratch", out)
+
+
+def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
+    # With parallel workers the first seeds run in a wave of their own, so the other seeds find
+    # the lr they chose (two CPU worker processes stand in for two GPUs).
+    import yaml
+
+    root, pre = setup
+    r = _curve_recipe(root, pre, seeds=(0, 1))
+    r.curve.fractions = ["100%"]
+    r.curve.inits = {"scratch": None}
+    r.curve.init_sets = {"scratch": ["finetune.lr_grid=[0.0, 2.0e-3]"]}
+    r.curve.lr_grid_seeds = "first"
+    r.finetune.optim.lr = 5.0e-4
+    out = tmp_path / "curve"
+    run_curve(r, out, device="cpu", quiet=True, workers=2)
+    lead, follower = (out / "cells" / cell_name("scratch", "100%", s) for s in (0, 1))
+    chosen = json.loads((lead / "results.json").read_text())["lr"]
+    assert chosen in (0.0, 2.0e-3) and not list(follower.glob("lr-*"))
+    saved = yaml.safe_load((follower / "recipe.yaml").read_text())["finetune"]
+    assert saved["optim"]["lr"] == chosen and saved["lr_grid"] == []

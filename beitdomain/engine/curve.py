@@ -274,8 +274,11 @@ def run_curve(
         # One process per device; cells of a device run one after another in its process.
         # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
         # other seeds read the learning rate they chose.
-        first = [j for j in jobs if c.lr_grid_seeds == "all" or j[4] == seeds_of(c, j[3])[0]]
-        waves = [first, [j for j in jobs if j not in first]]
+        leads = [c.lr_grid_seeds == "all" or j[4] == seeds_of(c, j[3])[0] for j in jobs]
+        waves = [
+            [j for j, lead in zip(jobs, leads) if lead],
+            [j for j, lead in zip(jobs, leads) if not lead],
+        ]
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
             for wave in waves:
                 for _ in pool.imap_unordered(_run_cell, wave):
