@@ -239,13 +239,9 @@ def test_fraction_seeds_run_more_seeds_where_asked(setup, tmp_path, monkeypatch,
     assert sorted(ran) == [cell_name("scratch", f, 0) for f in ("100%", "50%")]
 
 
-def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
-    # With curve.lr_grid_seeds 'first', seed 0 runs the lr grid and seed 1 fine-tunes once at
-    # the lr seed 0's validation split chose, not at the shared finetune.optim.lr.
-    import yaml
-
-    from beitdomain.user import UserError
-
+def _lr_grid_first(setup):
+    """Scratch at 100%, seeds 0 and 1, an lr grid [0, 2e-3] and curve.lr_grid_seeds 'first';
+    the shared lr (5e-4) is in neither, so a follower that ran at it would show."""
     root, pre = setup
     r = _curve_recipe(root, pre, seeds=(0, 1))
     r.curve.fractions = ["100%"]
@@ -253,7 +249,17 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
     r.curve.init_sets = {"scratch": ["finetune.lr_grid=[0.0, 2.0e-3]"]}
     r.curve.lr_grid_seeds = "first"
     r.finetune.optim.lr = 5.0e-4
-    out = tmp_path / "curve"
+    return r
+
+
+def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
+    # With curve.lr_grid_seeds 'first', seed 0 runs the lr grid and seed 1 fine-tunes once at
+    # the lr seed 0's validation split chose, not at the shared finetune.optim.lr.
+    import yaml
+
+    from beitdomain.user import UserError
+
+    r, out = _lr_grid_first(setup), tmp_path / "curve"
     run_curve(r, out, device="cpu", quiet=True)
     lead, follower = (out / "cells" / cell_name("scratch", "100%", s) for s in (0, 1))
     assert sorted(p.name for p in lead.glob("lr-*")) == ["lr-0", "lr-0.002"]
@@ -277,14 +283,7 @@ def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
     # the lr they chose (two CPU worker processes stand in for two GPUs).
     import yaml
 
-    root, pre = setup
-    r = _curve_recipe(root, pre, seeds=(0, 1))
-    r.curve.fractions = ["100%"]
-    r.curve.inits = {"scratch": None}
-    r.curve.init_sets = {"scratch": ["finetune.lr_grid=[0.0, 2.0e-3]"]}
-    r.curve.lr_grid_seeds = "first"
-    r.finetune.optim.lr = 5.0e-4
-    out = tmp_path / "curve"
+    r, out = _lr_grid_first(setup), tmp_path / "curve"
     run_curve(r, out, device="cpu", quiet=True, workers=2)
     lead, follower = (out / "cells" / cell_name("scratch", "100%", s) for s in (0, 1))
     chosen = json.loads((lead / "results.json").read_text())["lr"]
