@@ -2,6 +2,7 @@
 
 import builtins
 import csv
+import re
 from collections import Counter
 
 import numpy as np
@@ -72,13 +73,19 @@ def test_real_package_is_found():
 
 
 def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
-    from beitdomain.config import load_recipe
+    from beitdomain.config import apply_sets, load_recipe
     from beitdomain.engine import distributed
 
     r = load_recipe("elpv-cpu")
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
     notice = demo.fp32_cpu_notice(r, "cpu")
-    assert notice and "30 minutes" in notice and "curve.seeds=[0,1]" in notice
+    assert notice and "23 minutes" in notice
+    # The suggested --set values are valid and run half the cells of the recipe's grid.
+    sets = re.findall(r"--set '([^']+)'", notice)
+    assert sets == demo.FP32_FEWER_SEEDS
+    assert demo.cells_per_init(r) == 10  # 6 seeds at 1%, 3 at 10%, 1 at 100%
+    assert demo.cells_per_init(apply_sets(r, sets)) == 5
+    assert "5 fine-tuning cells per initialization instead of 10" in notice
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
     assert demo.fp32_cpu_notice(r, "cpu") is None  # auto -> bf16 here
     r.train.precision = r.tokenizer.train.precision = r.finetune.train.precision = "fp32"

@@ -27,8 +27,8 @@ def demo(
     Exports the images to an ordinary folder, caches them, trains a domain tokenizer,
     pre-trains BEiT on all images without labels, then fine-tunes at 1%, 10% and 100% of the
     training labels from the pre-trained backbone and from scratch, and writes report.md and
-    curve.png. The CPU recipe (elpv-cpu) takes 17.5 minutes on 2 cores with native bf16
-    (30 in fp32); with a GPU the GPU recipe (elpv-gpu: ViT-B/16 at 224 px) is used unless
+    curve.png. The CPU recipe (elpv-cpu) takes about 14 minutes on 2 cores with native bf16
+    (23 in fp32); with a GPU the GPU recipe (elpv-gpu: ViT-B/16 at 224 px) is used unless
     --recipe says otherwise.
     Re-running skips finished stages and resumes an interrupted one.
 

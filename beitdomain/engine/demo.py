@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from beitdomain.config import Recipe
+from beitdomain.config import Recipe, apply_sets
 from beitdomain.fileio import atomic_write_text
 from beitdomain.user import UserError
 
@@ -32,6 +32,8 @@ INSTALL = 'pip install -e ".[demo]"   (or: pip install elpv-dataset)'
 DEFECT_THRESHOLD = 0.5
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
+# What the fp32 notice suggests: two seeds at 1% and 10%, one at 100% (the recipe's: 6, 3, 1).
+FP32_FEWER_SEEDS = ["curve.seeds=[0,1]", 'curve.fraction_seeds={"100%": [0]}']
 
 
 def elpv_folder() -> Path:
@@ -87,8 +89,9 @@ def export_elpv(out: Path) -> Path:
 def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     """What to tell a user whose CPU will run the CPU recipe in fp32 (no native bf16), or None.
 
-    The recipe's 17.5 minutes assume bf16 autocast; the same run in fp32 took 30 minutes on the
-    2-core EPYC where both were measured (BENCHMARKS.md).
+    The recipe's 14 minutes assume bf16 autocast; the same grid in fp32 takes 23 minutes on the
+    2-core EPYC where both were measured (BENCHMARKS.md). The notice names the seeds to drop
+    for a run of about 18 minutes there.
     """
     from beitdomain.engine import distributed as D
 
@@ -97,12 +100,21 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     precisions = {p.train.precision for p in (recipe, recipe.tokenizer, recipe.finetune)}
     if "bf16" in precisions or ("auto" in precisions and D.cpu_has_native_bf16()):
         return None
+    fewer = apply_sets(recipe, FP32_FEWER_SEEDS)
     return (
         "this CPU trains in fp32 (it has no native bf16, or the recipe asks for fp32): the demo "
-        "takes about 30 minutes on 2 cores instead of 17.5, 20 of them fine-tuning. Fewer seeds "
-        "(wider error bars) run 6 fine-tuning cells per initialization instead of 12: "
-        "--set 'curve.seeds=[0,1]' --set 'curve.fraction_seeds={}'"
+        "takes about 23 minutes on 2 cores instead of 14, most of them fine-tuning. Fewer seeds "
+        f"(wider error bars) run {cells_per_init(fewer)} fine-tuning cells per initialization "
+        f"instead of {cells_per_init(recipe)}, about 18 minutes: "
+        + " ".join(f"--set '{s}'" for s in FP32_FEWER_SEEDS)
     )
+
+
+def cells_per_init(recipe: Recipe) -> int:
+    """How many (fraction, seed) fine-tuning cells the curve runs for each initialization."""
+    from beitdomain.engine.curve import seeds_of
+
+    return sum(len(seeds_of(recipe.curve, f)) for f in recipe.curve.fractions)
 
 
 def _done(folder: Path) -> bool:
