@@ -9,6 +9,7 @@ under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -89,10 +90,33 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+# Below this much free space, a writer's failure is taken for a full disk.
+FULL_DISK_BYTES = 64 << 20
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged process may still write on `folder`'s file system."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
 def atomic_save(path: str | Path, save: Callable[[IO[bytes]], None]) -> None:
-    """Atomically writes what `save(file)` writes (e.g. `lambda f: torch.save(obj, f)`)."""
+    """Atomically writes what `save(file)` writes (e.g. `lambda f: torch.save(obj, f)`).
+
+    torch.save's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not
+    as ENOSPC; with the file system (nearly) full, that becomes the same `WriteError` as any
+    other full-disk write, naming the file.
+    """
+    path = Path(path)
     with atomic_open(path, "wb") as f:
-        save(f)
+        try:
+            save(f)
+        except RuntimeError as e:
+            free = free_bytes(path.parent)
+            if free >= FULL_DISK_BYTES:
+                raise
+            why = f"No space left on device ({free >> 20} MiB free; the writer said: {e})"
+            raise OSError(errno.ENOSPC, why) from e
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

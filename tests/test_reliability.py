@@ -255,6 +255,44 @@ def test_all_checkpoints_damaged_is_a_clear_error(data, reference, tmp_path):
     assert said(res.output, "no usable checkpoint", "step-00000002.pt", "step-00000006.pt")
 
 
+class _DiskFillsAfter:
+    """A writable file that fails with ENOSPC once `limit` bytes are written, as a full disk."""
+
+    def __init__(self, f, limit):
+        self.f, self.left = f, limit
+
+    def write(self, b):
+        if len(b) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+@pytest.mark.parametrize("free_mib", [8, 10_000])
+def test_torch_save_on_a_full_disk_is_a_write_error(tmp_path, monkeypatch, free_mib):
+    # torch.save turns the file's ENOSPC into RuntimeError("... unexpected pos ..."); with the
+    # file system nearly full that is reported as a full disk naming the file, and otherwise
+    # left alone. Either way the previous file is intact and no temporary file is left.
+    from beitdomain import fileio
+
+    path = tmp_path / "step-00000004.pt"
+    path.write_bytes(b"previous")
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: free_mib << 20)
+    obj = {"w": torch.randn(10_000)}
+    expected = fileio.WriteError if free_mib < 64 else RuntimeError
+    with pytest.raises(expected) as info:
+        fileio.atomic_save(path, lambda f: torch.save(obj, _DiskFillsAfter(f, 5000)))
+    if expected is fileio.WriteError:
+        assert info.value.errno == errno.ENOSPC
+        assert said(str(info.value), str(path), "No space left on device", "8 MiB free")
+        assert said(str(info.value), "previous version is intact")
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
     data, reference, tmp_path, monkeypatch
 ):
