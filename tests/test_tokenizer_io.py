@@ -66,6 +66,33 @@ def test_round_trip_gives_identical_tokens(saved: tuple[nn.Module, Path]) -> Non
     assert load_tokenizer_config(out) == model.config
 
 
+def test_failed_save_keeps_the_previous_tokenizer(
+    saved: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk often shows only at fsync (delayed allocation): the new weights never
+    # replace the old ones, the error names the file, and no temporary file is left.
+    import errno
+    import os
+
+    from beitdomain.fileio import WriteError
+
+    model, out = saved
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.manual_seed(1)
+    other = create_tokenizer("tiny", in_chans=1)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=f"{WEIGHTS_FILE}.*No space left on device"):
+        save_tokenizer(other, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(load_tokenizer(out).encode(x), model.encode(x))
+
+
 def test_save_channels_last_model(tmp_path: Path) -> None:
     model = create_tokenizer("tiny").to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32)

@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from torch import nn
 
+from beitdomain.fileio import atomic_save
 from beitdomain.models.backbone import backbone_config_of, beit_kwargs
 
 RPB = "relative_position_bias_table"
@@ -637,10 +638,8 @@ def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
     # Any registered BEiT works as the template: every dimension is overridden by kwargs.
     name = "beit_base_patch16_224"
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        state,
-        str(out),
-        metadata={"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})},
+    blob = save(
+        state, metadata={"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})}
     )
+    atomic_save(out, lambda f: f.write(blob))
     return TimmExport(path=out, model_name=name, model_kwargs=kwargs)

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from beitdomain.fileio import atomic_save, atomic_write_text
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
 
 __all__ = [
@@ -89,12 +90,11 @@ def save_tokenizer(
         },
         "extra": extra or {},
     }
-    # Write to temporary names and rename, so a crash never leaves a half-written pair.
-    weights_tmp, config_tmp = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-    save_file(state, str(weights_tmp), metadata={"format": FORMAT_NAME})
-    config_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(weights_tmp, out / WEIGHTS_FILE)
-    os.replace(config_tmp, out / CONFIG_FILE)
+    # Each file written whole or not at all (a crash or a full disk leaves the previous one, and
+    # a clear WriteError naming the file).
+    weights = save(state, metadata={"format": FORMAT_NAME})
+    atomic_save(out / WEIGHTS_FILE, lambda f: f.write(weights))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 
