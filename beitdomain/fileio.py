@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,8 +97,7 @@ FULL_DISK_BYTES = 64 << 20
 
 def free_bytes(folder: str | Path) -> int:
     """Bytes an unprivileged process may still write on `folder`'s file system."""
-    st = os.statvfs(folder)
-    return st.f_bavail * st.f_frsize
+    return shutil.disk_usage(folder).free
 
 
 def atomic_save(path: str | Path, save: Callable[[IO[bytes]], None]) -> None:

@@ -32,7 +32,7 @@ from beitdomain.engine.pretrain import BACKBONE_FILE
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
-from beitdomain.fileio import atomic_save, atomic_write_json, atomic_write_text
+from beitdomain.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
 from beitdomain.models.convert import load_backbone_weights
 from beitdomain.user import UserError
@@ -232,7 +232,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in D.unwrap(model).state_dict().items()}
-    atomic_save(path, lambda f: f.write(save(state)))
+    atomic_write_bytes(path, save(state))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

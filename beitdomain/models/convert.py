@@ -41,7 +41,7 @@ from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from torch import nn
 
-from beitdomain.fileio import atomic_save
+from beitdomain.fileio import atomic_write_bytes
 from beitdomain.models.backbone import backbone_config_of, beit_kwargs
 
 RPB = "relative_position_bias_table"
@@ -641,5 +641,5 @@ def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
     blob = save(
         state, metadata={"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})}
     )
-    atomic_save(out, lambda f: f.write(blob))
+    atomic_write_bytes(out, blob)
     return TimmExport(path=out, model_name=name, model_kwargs=kwargs)

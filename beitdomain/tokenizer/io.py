@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from beitdomain.fileio import atomic_save, atomic_write_text
+from beitdomain.fileio import atomic_write_bytes, atomic_write_text
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
 
 __all__ = [
@@ -92,8 +92,7 @@ def save_tokenizer(
     }
     # Each file written whole or not at all (a crash or a full disk leaves the previous one, and
     # a clear WriteError naming the file).
-    weights = save(state, metadata={"format": FORMAT_NAME})
-    atomic_save(out / WEIGHTS_FILE, lambda f: f.write(weights))
+    atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": FORMAT_NAME}))
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
