@@ -6,6 +6,7 @@ beitdomain tokenizer train|inspect|encode
 beitdomain pretrain [export]
 beitdomain finetune / predict
 beitdomain curve
+beitdomain eval knn|probe RUN         frozen features: k-NN / linear probe on the labelled splits
 beitdomain demo
 """
 
@@ -36,6 +37,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"beitdomain {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -46,10 +53,26 @@ def main_options(
         int | None, typer.Option(help="Seed for everything (overrides recipe).")
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")
+        bool,
+        typer.Option("--quiet", "-q", help="No progress, no info logs: warnings, errors, results."),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print each command's result as JSON on stdout (logs stay on stderr)."
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
+    from beitdomain.cli.output import set_json
+
     ctx.obj = GlobalOptions(device=device, seed=seed, quiet=quiet)
+    set_json(json_output)
     setup_logging(quiet)
 
 
@@ -66,6 +89,8 @@ _OPTIONAL_MODULES = {
     "imagecodecs": "TIFF LZW/deflate/JPEG/zstd (imagecodecs)",
     "elpv_dataset": "the demo's solar-cell images (pip install -e '.[demo]')",
     "tensorboard": "TensorBoard event files (pip install tensorboard)",
+    "mlflow": "MLflow tracking (pip install mlflow-skinny)",
+    "wandb": "Weights & Biases tracking (pip install wandb)",
     "transformers": "Hugging Face reference for benchmarks (pip install -e '.[dev]')",
 }
 
@@ -113,8 +138,16 @@ def environment_report(device_name: str = "auto") -> dict[str, str]:
 
 
 @app.command()
-def env(ctx: typer.Context) -> None:
+def env(
+    ctx: typer.Context,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="As JSON on stdout (same as the global --json).")
+    ] = False,
+) -> None:
     """Show versions, the device that would be used, CUDA/bf16 support and optional codecs."""
+    from beitdomain.cli.output import request_json
+
+    request_json(json_output)
     print_kv("beitdomain environment", environment_report(global_options(ctx).device))
 
 
@@ -136,6 +169,12 @@ def _add_groups() -> None:
             "BEiT masked image modeling on unlabeled images; export.",
         ),
         ("beitdomain.cli.finetune", "app", None, None),
+        (
+            "beitdomain.cli.eval",
+            "app",
+            "eval",
+            "Check frozen features: k-NN and linear probe on the labelled splits.",
+        ),
         ("beitdomain.cli.curve", "app", None, None),
         ("beitdomain.cli.demo", "app", None, None),
     ]

@@ -116,12 +116,22 @@ def handle_errors(fn: F) -> F:
 
 
 def setup_logging(quiet: bool) -> None:
-    from rich.logging import RichHandler
+    """Logs on stderr: rich on a terminal; timestamped plain lines in batch jobs (files, pipes)."""
+    from beitdomain.progress import stderr_is_terminal
 
+    if stderr_is_terminal():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        format=fmt,
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[handler],
         force=True,
     )
     # Third-party chatter is not the user's concern unless it is a warning.
@@ -129,9 +139,16 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_kv(title: str, rows: dict[str, Any]) -> None:
+def print_kv(title: str, rows: dict[str, Any], result: Any = None) -> None:
+    """A two-column table on stdout; with the global --json, `result` (or `rows`) as JSON."""
     from rich.markup import escape
     from rich.table import Table
+
+    from beitdomain.cli.output import json_requested, print_json
+
+    if json_requested():
+        print_json(rows if result is None else result)
+        return
 
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in rows.items():

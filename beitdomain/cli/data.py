@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from beitdomain.cli.common import handle_errors
+from beitdomain.cli.common import global_options, handle_errors
+from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
 app = typer.Typer(
     help="Scan, cache and inspect image folders (DICOM, TIFF, PNG/JPEG/BMP, plugins).",
@@ -78,33 +79,68 @@ def _out():
     return Console(file=sys.stdout, highlight=False)
 
 
-def _counter_table(title: str, counts: Counter, limit: int = 12):
+def _counter_table(title: str, counts: Counter, limit: int = 12, frames: Counter | None = None):
+    """Files per key; with `frames`, a second column of frames (items training will see)."""
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     table.add_column(title.split(" ")[-1])
     table.add_column("files", justify="right")
+    if frames is not None:
+        table.add_column("frames", justify="right")
     for key, n in counts.most_common(limit):
-        table.add_row(escape(str(key)), str(n))
+        row = [escape(str(key)), str(n)]
+        table.add_row(*row, *([str(frames[key])] if frames is not None else []))
     if len(counts) > limit:
-        table.add_row(f"... {len(counts) - limit} more", "")
+        table.add_row(f"... {len(counts) - limit} more", "", *([""] if frames is not None else []))
     return table
 
 
-def print_manifest_summary(manifest: Any) -> None:
-    """Counts per reader, label and raw shape, and the unreadable files."""
+def manifest_summary(manifest: Any) -> dict[str, Any]:
+    """What `data scan` reports, as plain data: files and frames, by reader/label/shape, errors."""
+    entries = manifest.entries
+    by_label_frames: Counter = Counter()
+    for e in entries:
+        if e.label is not None:
+            by_label_frames[str(e.label)] += e.frames
+    return {
+        "root": str(manifest.root),
+        "n_files": len(entries),
+        "n_frames": sum(e.frames for e in entries),
+        "n_unreadable": len(manifest.errors),
+        "by_reader": dict(Counter(e.reader for e in entries)),
+        "by_label_files": dict(Counter(str(e.label) for e in entries if e.label is not None)),
+        "by_label_frames": dict(by_label_frames),
+        "by_shape": dict(Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)),
+        "unreadable": [{"path": p, "reason": r} for p, r in manifest.errors],
+    }
+
+
+def print_manifest_summary(manifest: Any, extra: dict[str, Any] | None = None) -> None:
+    """Counts per reader, label and raw shape, and the unreadable files (JSON with --json)."""
     from rich.markup import escape
 
+    if json_requested():
+        print_json({**manifest_summary(manifest), **(extra or {})})
+        return
     out = _out()
     entries = manifest.entries
     out.print(
-        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames) "
-        f"under {escape(str(manifest.root))}, [bold]{len(manifest.errors)}[/] unreadable"
+        f"[bold]{len(entries)}[/] images (files), {sum(e.frames for e in entries)} frames "
+        f"(each frame is one training item) under {escape(str(manifest.root))}, "
+        f"[bold]{len(manifest.errors)}[/] unreadable"
     )
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):
-        out.print(_counter_table("by label", Counter(e.label for e in entries)))
+        summary = manifest_summary(manifest)
+        out.print(
+            _counter_table(
+                "by label",
+                Counter(summary["by_label_files"]),
+                frames=Counter(summary["by_label_frames"]),
+            )
+        )
     shapes = Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)
     out.print(_counter_table("by S x C x H x W dtype", shapes))
     for path, reason in manifest.errors[:20]:
@@ -113,7 +149,9 @@ def print_manifest_summary(manifest: Any) -> None:
         out.print(f"... and {len(manifest.errors) - 20} more (see the errors report)")
 
 
-def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int = 0) -> Any:
+def _open_source(
+    source: Path, spec: Any, on_error: str = "fail", workers: int = 0, quiet: bool = False
+) -> Any:
     """A cache folder, a manifest file or a data folder (scanned)."""
     from beitdomain.data.cache import CachedImages
     from beitdomain.data.index import Manifest, scan
@@ -121,7 +159,7 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
     if source.is_dir() and (source / "cache.json").is_file():
         return CachedImages(source)
     if source.is_dir():
-        return scan(source, on_error=on_error, workers=workers, progress=True)
+        return scan(source, on_error=on_error, workers=workers, progress=not quiet)
     if source.is_file():
         return Manifest.load(source)
     raise FileNotFoundError(f"{source}: no such folder, manifest or cache")
@@ -130,6 +168,7 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
 @app.command()
 @handle_errors
 def scan(
+    ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Data folder, scanned recursively.")],
     labels: Annotated[
         Path | None, typer.Option("--labels", help="CSV path,label[,split]; paths inside DIR.")
@@ -142,6 +181,9 @@ def scan(
         bool, typer.Option("--allow-outside-root", help="Let CSV paths leave DIR.")
     ] = False,
     workers: WorkersOpt = 0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="The summary as JSON on stdout (as the global --json).")
+    ] = False,
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
@@ -156,12 +198,18 @@ def scan(
     from beitdomain.data.index import errors_path
     from beitdomain.data.index import scan as scan_folder
 
+    request_json(json_output)
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
-    manifest = scan_folder(root, labels, on_error, allow_outside_root, workers, progress=True)
-    print_manifest_summary(manifest)
+    quiet = global_options(ctx).quiet
+    manifest = scan_folder(root, labels, on_error, allow_outside_root, workers, progress=not quiet)
     if out is not None:
         manifest.save(out)
+    written = {"manifest": str(out) if out else None}
+    if out is not None and manifest.errors:
+        written["errors_csv"] = str(errors_path(out))
+    print_manifest_summary(manifest, written)
+    if out is not None and not json_requested():
         _out().print(f"manifest written to {out}")
         if manifest.errors:
             _out().print(f"unreadable files listed in {errors_path(out)}")
@@ -170,6 +218,7 @@ def scan(
 @app.command()
 @handle_errors
 def cache(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder or manifest (.jsonl/.csv).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to write.")],
     size: Annotated[
@@ -205,11 +254,12 @@ def cache(
     from beitdomain.data.cache import build_cache
 
     spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    quiet = global_options(ctx).quiet
     source_obj: Any = source
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
 
-        source_obj = scan_folder(source, on_error=on_error, workers=workers, progress=True)
+        source_obj = scan_folder(source, on_error=on_error, workers=workers, progress=not quiet)
     cached = build_cache(
         source_obj,
         out,
@@ -220,19 +270,31 @@ def cache(
         workers=workers,
         hash_files=hash_files,
         on_error=on_error,
-        progress=True,
+        progress=not quiet,
         force=force,
     )
     verb = "up to date" if cached.reused else "written"
     shape = "x".join(map(str, cached.images.shape[1:]))
-    _out().print(f"cache {verb}: {out} ({len(cached)} items of {shape} {cached.images.dtype})")
-    for path, reason in cached.errors[:20]:
-        _out().print(f"[red]skipped[/] {path}: {reason}")
+    result = {
+        "cache": str(out),
+        "reused": bool(cached.reused),
+        "n_items": len(cached),
+        "item_shape": list(cached.images.shape[1:]),
+        "dtype": str(cached.images.dtype),
+        "skipped": [{"path": p, "reason": r} for p, r in cached.errors],
+    }
+    print_result(
+        f"cache {verb}: {out} ({len(cached)} items of {shape} {cached.images.dtype})", result
+    )
+    if not json_requested():
+        for path, reason in cached.errors[:20]:
+            _out().print(f"[red]skipped[/] {path}: {reason}")
 
 
 @app.command()
 @handle_errors
 def inspect(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder, manifest or cache folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("sheet.png"),
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
@@ -256,9 +318,9 @@ def inspect(
     from beitdomain.data.inspect import contact_sheet
 
     spec = _spec(normalize, window, in_chans, frames, nonfinite)
-    src = _open_source(source, spec, on_error="skip")
+    src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
     path = contact_sheet(src, spec, out, n=n, seed=seed)
-    _out().print(f"contact sheet written to {path}")
+    print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})
 
 
 @readers_app.callback()

@@ -335,7 +335,7 @@ def _run(jobs: list[tuple], workers: int, progress: bool):
         results = map(_decode_file, jobs)
     try:
         if progress:
-            from rich.progress import track
+            from beitdomain.progress import track
 
             results = track(results, total=len(jobs), description="Decoding into the cache")
         yield from results

@@ -240,7 +240,7 @@ def _probe_all(
         results = map(probe, paths)
     try:
         if progress:
-            from rich.progress import track
+            from beitdomain.progress import track
 
             results = track(results, total=len(paths), description="Reading headers and pixels")
         yield from results

@@ -284,9 +284,10 @@ def run_curve(
                 for _ in pool.imap_unordered(_run_cell, wave):
                     write_outputs(out, collect_rows(out, cells), c, inits)
     else:
+        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(disable=quiet) as bar:
+        with Progress(disable=quiet, console=Console(stderr=True)) as bar:
             task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
             for init, labels, seed in todo:
                 bar.update(task, description=f"curve: {init} {labels} seed {seed}")
