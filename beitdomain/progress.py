@@ -43,13 +43,15 @@ def _console() -> Any:
 
 
 def format_duration(seconds: float) -> str:
-    """`75` -> `1m15s`, `4000` -> `1h06m`; the ETA format of the plain lines."""
+    """`75` -> `1m15s`, `4000` -> `1h06m`, `200000` -> `2d07h`: the ETA format of the logs."""
     s = round(max(0.0, seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
 class PlainLines:

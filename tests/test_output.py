@@ -81,6 +81,7 @@ def test_plain_progress_lines_have_step_loss_rate_and_eta(caplog):
         lines.update(30, 0.5, 100.0)
     assert "pretrain 30/100" in caplog.text
     assert format_duration(75) == "1m15s" and format_duration(4000) == "1h06m"
+    assert format_duration(200000) == "2d07h"
 
 
 def test_plain_progress_is_rate_limited(caplog, monkeypatch):

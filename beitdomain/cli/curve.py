@@ -14,12 +14,12 @@ from beitdomain.cli.common import (
     OverwriteOpt,
     RecipeOpt,
     SetOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
 )
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
 
@@ -124,6 +124,6 @@ def curve(
     g = global_options(ctx)
     out = out or default_out(r, "curve")
     result = run_curve(r, out, device=g.device, overwrite=overwrite, quiet=g.quiet, workers=workers)
-    for eff in result.get("efficiency", []):
-        console.print(eff["statement"])
-    console.print(f"curve.png, summary.csv and report.md in {out}")
+    lines = [eff["statement"] for eff in result.get("efficiency", [])]
+    lines.append(f"curve.png, summary.csv and report.md in {out}")
+    print_result("\n".join(lines), {"out": str(out), **result})

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from beitdomain.cli.common import RecipeOpt, SetOpt, console, global_options, handle_errors, load
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
 
@@ -54,6 +55,6 @@ def demo(
     r = load(ctx, recipe, sets)
     console.print(f"beitdomain demo: recipe {recipe}, output in {out}")
     result = run_demo(r, out, device=g.device, quiet=g.quiet)
-    for eff in result.get("efficiency", []):
-        console.print(eff["statement"])
-    console.print(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")
+    lines = [eff["statement"] for eff in result.get("efficiency", [])]
+    lines.append(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")
+    print_result("\n".join(lines), {"out": str(out), **result})

@@ -19,13 +19,13 @@ from beitdomain.cli.common import (
     SetOpt,
     StepsOpt,
     TrustPickleOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
     print_kv,
 )
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
 
@@ -118,7 +118,7 @@ def finetune(
                 if test.get(k) is not None:
                     rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
             rows["test images"] = test["n"]
-        print_kv(f"finetune -> {out}", rows)
+        print_kv(f"finetune -> {out}", rows, result={"out": str(out), **res})
 
 
 @app.command()
@@ -143,4 +143,4 @@ def predict(
     from beitdomain.engine.finetune import predict as run_predict
 
     path = run_predict(run, inputs, out, device=global_options(ctx).device)
-    console.print(f"wrote {path}")
+    print_result(f"wrote {path}", {"predictions": str(path)})

@@ -19,13 +19,13 @@ from beitdomain.cli.common import (
     SetOpt,
     StepsOpt,
     TrustPickleOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
     print_kv,
 )
+from beitdomain.cli.output import print_result
 
 app = typer.Typer(
     help="BEiT masked image modeling on unlabeled images (continued pre-training).",
@@ -117,7 +117,7 @@ def pretrain(
             rows["masked-token accuracy (last step)"] = f"{100 * result['acc']:.1f}%"
         rows["loss (last step)"] = f"{result.get('loss', float('nan')):.4f}"
         rows["backbone"] = result.get("backbone", "")
-        print_kv(f"pretrain -> {out}", rows)
+        print_kv(f"pretrain -> {out}", rows, result={"out": str(out), **result})
 
 
 @app.command()
@@ -141,4 +141,7 @@ def export(
     from beitdomain.engine.pretrain import export_run
 
     path = export_run(run, out)
-    console.print(f"wrote {path} and {path.with_name('backbone.json')}")
+    print_result(
+        f"wrote {path} and {path.with_name('backbone.json')}",
+        {"backbone": str(path), "backbone_json": str(path.with_name("backbone.json"))},
+    )
