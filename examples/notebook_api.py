@@ -37,7 +37,8 @@ for f in sorted((Path(DATA_ROOT) / "test_files").glob("*.dcm")):
         rows.append((f.name, f.name[:2].lower()))
 with open(OUT / "labels.csv", "w", newline="") as fh:
     csv.writer(fh).writerows([("path", "label"), *rows])
-print(f"{len(rows)} files: {sum(r[1] == 'mr' for r in rows)} MR, {sum(r[1] == 'sc' for r in rows)} SC")
+n_mr = sum(label == "mr" for _, label in rows)
+print(f"{len(rows)} files: {n_mr} MR, {len(rows) - n_mr} SC")
 
 # %% [markdown]
 # ## 2. A recipe: the laptop one, with a few steps per stage
