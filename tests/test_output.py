@@ -179,3 +179,37 @@ def test_wandb_tracker_runs_offline_into_the_run_folder(tmp_path, monkeypatch):
     m.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def _all_commands():
+    """(path, click command) for every command of the app, groups walked."""
+    import typer
+
+    from beitdomain.cli.app import app
+
+    root = typer.main.get_command(app)
+    out = []
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+        if not subs or getattr(cmd, "invoke_without_command", False):
+            out.append((path, cmd))
+
+    walk(root, [])
+    return out
+
+
+def test_flags_show_no_value_placeholder_in_help():
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    commands = _all_commands()
+    assert len(commands) > 10
+    for path, _ in commands:
+        res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, (path, res.output)
+        assert "<bool>" not in res.output, path

@@ -16,7 +16,7 @@ import importlib
 import importlib.metadata
 import inspect
 import platform
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -233,8 +233,27 @@ def _reflow_commands(typer_app: typer.Typer) -> None:
             _reflow_commands(group.typer_instance)
 
 
+def _flags_without_metavar() -> None:
+    """On/off flags show no `<bool>` in --help, as if they took a value (typer 0.2x's rich help
+    prints each option's type, flags included; plain click prints none)."""
+    core = importlib.import_module("typer.core")
+    option = getattr(core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_beitdomain", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._beitdomain = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
 _add_groups()
 _reflow_commands(app)
+_flags_without_metavar()
 
 
 def main() -> None:
