@@ -1,0 +1,58 @@
+"""Results that used to be wrong without a word: each now says so (or is drawn right)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def test_loss_plot_has_no_offset_notation(tmp_path, monkeypatch):
+    """A loss stuck at ln 2 reads as a flat line at 0.693, not '+6.931e-1' and wiggles."""
+    from beitdomain.eval import plots
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text(
+        "".join(
+            json.dumps({"step": s, "loss": math.log(2) + 1e-5 * (s % 3)}) + "\n"
+            for s in range(1, 40)
+        )
+    )
+    figures = []
+    real_save = plots._save
+
+    def keep(fig, out):
+        fig.canvas.draw()
+        figures.append(fig)
+        return real_save(fig, out)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_training_curves(m, tmp_path / "curves.png", ["loss"])
+    ax = figures[0].axes[0]
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert any(lab.startswith("0.693") for lab in labels), labels
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_inspect_warns_when_a_ct_window_flattens_mr_frames(tmp_path, caplog):
+    import logging
+
+    from helpers import bundled_dicom
+
+    from beitdomain.data.inspect import contact_sheet, describe_spec
+    from beitdomain.io import IntensitySpec
+
+    mr = [bundled_dicom("MR_small.dcm"), bundled_dicom("MR_small_RLE.dcm")]
+    lung = IntensitySpec(window="ct-lung")
+    with caplog.at_level(logging.WARNING, logger="beitdomain.data.inspect"):
+        contact_sheet(mr, lung, tmp_path / "lung.png", n=2)
+    text = caplog.text
+    assert "2 of 2 images are flat after normalization (auto: window ct-lung)" in text
+    assert "Hounsfield" in text and "MR 2" in text and "--normalize percentile" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="beitdomain.data.inspect"):
+        contact_sheet(mr, IntensitySpec(normalize="percentile"), tmp_path / "p.png", n=2)
+    assert caplog.text == ""
+    # the sheet's title says what was applied, not just "auto"
+    assert describe_spec(lung) == "auto: window ct-lung"
+    assert describe_spec(IntensitySpec(normalize="percentile")) == "percentile 0.5-99.5"
