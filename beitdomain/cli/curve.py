@@ -19,6 +19,7 @@ from beitdomain.cli.common import (
     handle_errors,
     load,
 )
+from beitdomain.cli.options import LabelsCsvOpt
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
@@ -86,6 +87,7 @@ def curve(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    labels_csv: LabelsCsvOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -114,6 +116,7 @@ def curve(
     options = {
         "data.root": str(data) if data else None,
         "data.cache": str(cache) if cache else None,
+        "data.labels": str(labels_csv) if labels_csv else None,
         "curve.inits": parse_inits(init) if init else None,
         "curve.init_sets": parse_init_sets(init_set) if init_set else None,
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from beitdomain.cli.common import global_options, handle_errors
+from beitdomain.cli.common import SetOpt, global_options, handle_errors, load
+from beitdomain.cli.options import LabelsCsvOpt, deprecated
 from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
 app = typer.Typer(
@@ -24,7 +25,7 @@ readers_app = typer.Typer(
 )
 
 NormalizeOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--normalize",
         help="auto (DICOM: recipe/file window, else percentile), window, percentile, dtype.",
@@ -39,16 +40,17 @@ WindowOpt = Annotated[
     ),
 ]
 InChansOpt = Annotated[
-    int, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
+    int | None, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
 ]
 FramesOpt = Annotated[
-    str, typer.Option("--frames", help="Multi-frame files: all (one item each), middle, first.")
+    str | None,
+    typer.Option("--frames", help="Multi-frame files: all (one item each), middle, first."),
 ]
 NonfiniteOpt = Annotated[
-    str, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
+    str | None, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
 ]
 OnErrorOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--on-error",
         help="fail: stop and list every unreadable file; skip: quarantine them into "
@@ -170,9 +172,8 @@ def _open_source(
 def scan(
     ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Data folder, scanned recursively.")],
-    labels: Annotated[
-        Path | None, typer.Option("--labels", help="CSV path,label[,split]; paths inside DIR.")
-    ] = None,
+    labels_csv: LabelsCsvOpt = None,
+    labels_old: Annotated[Path | None, typer.Option("--labels", hidden=True)] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the manifest (.jsonl or .csv).")
     ] = None,
@@ -187,18 +188,25 @@ def scan(
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
-    Labels come from first-level subfolders (DIR/<label>/...) or from --labels.
+    Labels come from first-level subfolders (DIR/<label>/...) or from --labels-csv.
 
     Examples:
 
         beitdomain data scan data/ct --out ct.jsonl
 
-        beitdomain data scan data/cells --labels labels.csv --on-error skip -o cells.jsonl
+        beitdomain data scan data/cells --labels-csv labels.csv --on-error skip -o cells.jsonl
     """
     from beitdomain.data.index import errors_path
     from beitdomain.data.index import scan as scan_folder
 
     request_json(json_output)
+    labels = deprecated(
+        "--labels",
+        "--labels-csv",
+        labels_old,
+        labels_csv,
+        "--labels is the amount of labels in finetune and eval; the CSV is --labels-csv everywhere",
+    )
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
     quiet = global_options(ctx).quiet
@@ -222,22 +230,37 @@ def cache(
     source: Annotated[Path, typer.Argument(help="Data folder or manifest (.jsonl/.csv).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to write.")],
     size: Annotated[
-        int, typer.Option("--size", help="Working resolution; a bit above the training size.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            "--size",
+            help="Working resolution, a bit above the training size (default 256; with "
+            "--recipe 5/4 of data.image_size).",
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="uint8, uint16 or float16.")] = "uint8",
     fit: Annotated[
         str, typer.Option("--fit", help="Non-square images: squash, crop or pad.")
     ] = "squash",
-    normalize: NormalizeOpt = "auto",
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Build what this recipe's training will ask for: its normalization, window, "
+            "channels, frames and labels (flags may not contradict it).",
+        ),
+    ] = None,
+    sets: SetOpt = None,
+    normalize: NormalizeOpt = None,
     window: WindowOpt = None,
-    in_chans: InChansOpt = 1,
-    frames: FramesOpt = "all",
-    nonfinite: NonfiniteOpt = "error",
+    in_chans: InChansOpt = None,
+    frames: FramesOpt = None,
+    nonfinite: NonfiniteOpt = None,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
     ] = False,
-    on_error: OnErrorOpt = "fail",
+    on_error: OnErrorOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
 ) -> None:
     """Decode every image once into a memory-mapped cache so epochs never re-decode files.
@@ -249,17 +272,39 @@ def cache(
 
         beitdomain data cache data/ct --out cache/ct-lung --window ct-lung --size 256 -j 8
 
+        beitdomain data cache scan.jsonl --recipe cpu-dicom --out cache/ct
+
         beitdomain data cache cells.jsonl --out cache/cells --dtype uint16
     """
     from beitdomain.data.cache import build_cache
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    flags = {
+        "normalize": normalize,
+        "window": window,
+        "in_chans": in_chans,
+        "frames": frames,
+        "nonfinite": nonfinite,
+    }
+    labels_csv = None
+    if recipe is not None or sets:
+        r = load(ctx, recipe, sets)
+        spec, size, on_error, labels_csv = _cache_settings_from_recipe(
+            r, recipe, flags, size, on_error
+        )
+    else:
+        spec = _spec(
+            normalize or "auto", window, in_chans or 1, frames or "all", nonfinite or "error"
+        )
+    size = size or 256
+    on_error = on_error or "fail"
     quiet = global_options(ctx).quiet
     source_obj: Any = source
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
 
-        source_obj = scan_folder(source, on_error=on_error, workers=workers, progress=not quiet)
+        source_obj = scan_folder(
+            source, labels_csv, on_error=on_error, workers=workers, progress=not quiet
+        )
     cached = build_cache(
         source_obj,
         out,
@@ -289,6 +334,43 @@ def cache(
     if not json_requested():
         for path, reason in cached.errors[:20]:
             _out().print(f"[red]skipped[/] {path}: {reason}")
+
+
+def cache_size_for(image_size: int) -> int:
+    """The cache side a recipe wants: 5/4 of its crop size, a multiple of 8 (64 -> 80,
+    224 -> 280), so random crops have pixels to choose from."""
+    return max(8, round(image_size * 5 / 4 / 8) * 8)
+
+
+def _cache_settings_from_recipe(
+    r: Any, name: str | None, flags: dict[str, Any], size: int | None, on_error: str | None
+) -> tuple[Any, int, str, str | None]:
+    """(spec, size, on_error, labels CSV) for `data cache --recipe`: the recipe's data section,
+    so training with that recipe accepts the cache. A flag that contradicts it is an error."""
+    from beitdomain.io import IntensitySpec
+    from beitdomain.user import UserError
+
+    spec = IntensitySpec.from_config(r.data)
+    wanted = spec.to_dict()
+    given = _spec(
+        flags["normalize"] or spec.normalize,
+        flags["window"] if flags["window"] is not None else wanted["window"],
+        flags["in_chans"] or spec.in_chans,
+        flags["frames"] or spec.frames,
+        flags["nonfinite"] or spec.nonfinite,
+    )
+    clash = [
+        f"--{k.replace('_', '-')} {flags[k]} (the recipe has {k}: {wanted[k]})"
+        for k in flags
+        if flags[k] is not None and given.to_dict()[k] != wanted[k]
+    ]
+    if clash:
+        raise UserError(
+            f"data cache --recipe {name}: {'; '.join(clash)}. Training with this recipe would "
+            f"refuse such a cache. Drop the flag, or change the recipe (--set data.KEY=VALUE)."
+        )
+    labels = r.data.labels
+    return spec, size or cache_size_for(r.data.image_size), on_error or r.data.on_error, labels
 
 
 @app.command()

@@ -15,6 +15,7 @@ from beitdomain.cli.common import (
     handle_errors,
     load,
 )
+from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
 
 app = typer.Typer(
     help="Check frozen features: k-NN and linear probe on the labelled splits.",
@@ -25,19 +26,6 @@ RunArg = Annotated[
     Path,
     typer.Argument(
         help="A pretrain run, a finetune run or an exported backbone.safetensors.",
-    ),
-]
-LabelsCsvOpt = Annotated[
-    Path | None,
-    typer.Option("--labels-csv", help="CSV path,label[,split] (sets data.labels)."),
-]
-LabelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--labels",
-        "-l",
-        help="How many training labels the k-NN / probe gets: 1% | 0.01 | 200 | 5/class "
-        "(default 100%; the same subsets as finetune --labels).",
     ),
 ]
 RecipeOpt = Annotated[
@@ -154,7 +142,7 @@ def knn(
     data: DataOpt = None,
     cache: CacheOpt = None,
     labels_csv: LabelsCsvOpt = None,
-    labels: LabelsOpt = None,
+    labels: LabelsAmountOpt = None,
     baseline: BaselineOpt = True,
     sets: SetOpt = None,
     out: OutOpt = None,
@@ -185,7 +173,7 @@ def probe(
     data: DataOpt = None,
     cache: CacheOpt = None,
     labels_csv: LabelsCsvOpt = None,
-    labels: LabelsOpt = None,
+    labels: LabelsAmountOpt = None,
     baseline: BaselineOpt = True,
     sets: SetOpt = None,
     out: OutOpt = None,

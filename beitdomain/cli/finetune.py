@@ -25,26 +25,17 @@ from beitdomain.cli.common import (
     load,
     print_kv,
 )
+from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
-
-LabelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--labels",
-        "-l",
-        help="How many training labels to use: 1% | 0.01 | 200 | 5/class. Subsets are "
-        "stratified and nested for a seed (1% inside 10%).",
-    ),
-]
 
 
 @app.command()
 @handle_errors
 def finetune(
     ctx: typer.Context,
-    labels: LabelsOpt = None,
+    labels: LabelsAmountOpt = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -55,9 +46,7 @@ def finetune(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
-    labels_csv: Annotated[
-        Path | None, typer.Option("--labels-csv", help="CSV path,label[,split] (sets data.labels).")
-    ] = None,
+    labels_csv: LabelsCsvOpt = None,
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
