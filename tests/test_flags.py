@@ -81,3 +81,23 @@ def test_data_cache_recipe_builds_the_cache_the_recipe_accepts(tmp_path):
     assert res.returncode == 2
     assert "--normalize auto (the recipe has normalize: percentile)" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_beitdomain_set_applies_to_every_command_and_explicit_set_wins(monkeypatch):
+    from beitdomain.cli.common import load
+
+    class ctx:  # the root context of a command line without global options
+        obj = None
+
+        @classmethod
+        def find_root(cls):
+            return cls
+
+    monkeypatch.setenv("BEITDOMAIN_SET", "seed=7; data.image_size=32 ;")
+    r = load(ctx, "elpv-cpu", ["data.image_size=48"])
+    assert (r.seed, r.data.image_size, r.name) == (7, 48, "elpv-cpu")
+    monkeypatch.setenv("BEITDOMAIN_SET", "data.imge_size=32")
+    from beitdomain.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"\$BEITDOMAIN_SET.*Did you mean 'image_size'"):
+        load(ctx, None, None)

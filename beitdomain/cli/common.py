@@ -162,14 +162,32 @@ def load(
     sets: list[str] | None,
     options: dict[str, Any] | None = None,
 ) -> Any:
-    """The recipe from a file (or shipped name), typed options and --set, plus --seed."""
-    from beitdomain.config import load_recipe
+    """The recipe from a file (or shipped name), typed options and --set, plus --seed.
+
+    `BEITDOMAIN_SET` (overrides separated by `;`) applies to every command before its own
+    --set, e.g. to smoke-test a pipeline script with a few steps per stage.
+    """
+    from beitdomain.config import apply_sets, load_recipe
 
     opts = dict(options or {})
     seed = global_options(ctx).seed
     if seed is not None:
         opts["seed"] = seed
-    return load_recipe(recipe, opts, sets)
+    extra = env_sets()
+    if not extra:
+        return load_recipe(recipe, opts, sets)
+    r = apply_sets(load_recipe(recipe, opts), extra, source=f"${ENV_SETS}")
+    return apply_sets(r, sets or [])
+
+
+ENV_SETS = "BEITDOMAIN_SET"
+
+
+def env_sets() -> list[str]:
+    """The `section.key=value` overrides in $BEITDOMAIN_SET (`;`-separated)."""
+    import os
+
+    return [s.strip() for s in os.environ.get(ENV_SETS, "").split(";") if s.strip()]
 
 
 def default_out(recipe: Any, command: str) -> Path:
