@@ -213,3 +213,9 @@ def test_flags_show_no_value_placeholder_in_help():
         res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert res.exit_code == 0, (path, res.output)
         assert "<bool>" not in res.output, path
+
+
+def test_readers_list_json():
+    res = bd("--json", "readers", "list")
+    names = {r["name"] for r in json.loads(res.stdout)}
+    assert {"dicom", "tiff"} <= names

@@ -425,6 +425,14 @@ def list_readers() -> None:
 
     from beitdomain.io import READERS
 
+    if json_requested():
+        print_json(
+            [
+                {"name": i.name, "from": i.source, "status": i.status, "description": i.description}
+                for i in READERS.info()
+            ]
+        )
+        return
     table = Table(title="image readers", title_justify="left")
     for col in ("name", "from", "status", "description"):
         table.add_column(col)
