@@ -25,6 +25,7 @@ from typing import Any
 
 from beitdomain.fileio import atomic_write_text
 from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
+from beitdomain.user import MissingPathError, UserError
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
 IGNORED_SUFFIXES = frozenset(
@@ -35,7 +36,7 @@ ON_ERROR = ("fail", "skip")
 MANIFEST_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data or data settings; the message says what and where."""
 
 
@@ -139,7 +140,7 @@ class Manifest:
         """Reads a manifest written by ``save``. ``root`` overrides the stored/implied root."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{path}: manifest not found (write one with beitdomain data scan)"
             )
         errors: list[tuple[str, str]] = []
@@ -262,6 +263,8 @@ def read_labels_csv(
         ScanError: for malformed rows, duplicate paths, paths outside the root, bad splits.
     """
     csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise MissingPathError(f"labels CSV {csv_path} not found (data.labels / --labels-csv)")
     root_resolved = root.resolve()
     rows: list[tuple[Path, str, str | None]] = []
     problems: list[tuple[str, str]] = []
