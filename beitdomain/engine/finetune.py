@@ -15,7 +15,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from beitdomain.engine.job import (
     RECIPE_FILE,
     RESULTS_FILE,
     Job,
+    JobOptions,
     is_finished,
 )
 from beitdomain.engine.loop import Trainer
@@ -44,6 +45,9 @@ from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_
 from beitdomain.models.convert import load_backbone_weights
 from beitdomain.models.probe import fit_probe_head, pooled_features
 from beitdomain.user import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 SCRATCH = ("scratch", "none", "random")
@@ -182,7 +186,7 @@ def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
     return loss
 
 
-def _build_model(job: Job, data: LabeledData, trust_pickle: bool) -> tuple[BeitClassifier, Any]:
+def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier, Any]:
     """The classifier, its backbone loaded from `finetune.init`, its head from a probe if asked."""
     recipe, ft = job.recipe, job.recipe.finetune
     init = resolve_init(ft.init)
@@ -190,7 +194,7 @@ def _build_model(job: Job, data: LabeledData, trust_pickle: bool) -> tuple[BeitC
     report = None
     if init is not None:
         report = load_backbone_weights(
-            model, init, in_chans=recipe.data.in_chans, trust_pickle=trust_pickle
+            model, init, in_chans=recipe.data.in_chans, trust_pickle=job.trust_pickle
         )
         job.say("%s", report)
     if ft.linear_probe:
@@ -206,41 +210,23 @@ def _build_model(job: Job, data: LabeledData, trust_pickle: bool) -> tuple[BeitC
     return model, report
 
 
-def finetune(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    trust_pickle: bool = False,
-) -> dict[str, Any]:
+def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
     """Fine-tunes on `finetune.labels` of the train split; returns the test metrics.
 
     Writes `results.json`, `confusion_matrix.png`, `test_predictions.csv`, `labels_used.csv`,
     `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
-    `trust_pickle` allows a pickle-based `finetune.init` (it can run code: trusted files only).
+    `options` (`JobOptions`): device, resume, overwrite, quiet, and trust_pickle, which allows
+    a pickle-based `finetune.init` (it can run code: trusted files only).
     """
     ft = recipe.finetune
     if ft.lr_grid:
         from beitdomain.engine.lr_grid import finetune_lr_grid
 
-        return finetune_lr_grid(
-            recipe,
-            out,
-            device=device,
-            resume=resume,
-            overwrite=overwrite,
-            quiet=quiet,
-            trust_pickle=trust_pickle,
-        )
-    job = Job.open(
-        "finetune", recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+        return finetune_lr_grid(recipe, out, **options)
+    job = Job.open("finetune", recipe, out, **options)
     # impossible label requests fail here, before any training
-    data = labeled_data(recipe, progress=not quiet, report_dir=job.path)
-    model, report = _build_model(job, data, trust_pickle)
+    data = labeled_data(recipe, progress=not job.quiet, report_dir=job.path)
+    model, report = _build_model(job, data)
     init = resolve_init(ft.init) or "scratch"
     job.start(data.fingerprint, init=init)
     _write_labels_used(job, data)

@@ -2,7 +2,7 @@
 
 A job is its own `build` (data, model, loss) and `finish` (what it leaves behind) on top of this:
 
-    job = Job.open("pretrain", recipe, out, device=..., resume=..., overwrite=..., quiet=...)
+    job = Job.open("pretrain", recipe, out, **options)  # device, resume, overwrite, quiet
     dataset, fingerprint = ...                     # the job's data (errors before any write)
     job.start(fingerprint)                         # recipe.yaml + manifest (main process)
     plan = job.plan(dataset)                       # loader and run length, from its own `train`
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import nn
@@ -71,6 +71,17 @@ def is_finished(folder: str | Path, kind: JobKind) -> bool:
     return all((Path(folder) / name).is_file() for name in FINISHED_FILES[kind])
 
 
+class JobOptions(TypedDict, total=False):
+    """How a job runs, not what it computes: the keyword arguments every job function takes
+    (`train_tokenizer(recipe, out, **options)`, `pretrain(...)`, `finetune(...)`)."""
+
+    device: str  # auto | cpu | cuda | cuda:N
+    resume: bool  # continue the run in `out` from its newest checkpoint
+    overwrite: bool  # delete the run in `out` and start over
+    quiet: bool  # no progress bars; the job's info lines at debug level
+    trust_pickle: bool  # allow pickle-based weights (they can run code): trusted files only
+
+
 @dataclass
 class Job:
     """One run of a job in its run folder. Create it with `Job.open`."""
@@ -82,6 +93,7 @@ class Job:
     run: RunDir
     resume: bool
     quiet: bool
+    trust_pickle: bool = False  # from the caller only: a recipe never grants trust
     peak_lr: float | None = None  # set by `trainer`: the schedule's highest learning rate
 
     @classmethod
@@ -95,13 +107,14 @@ class Job:
         resume: bool = False,
         overwrite: bool = False,
         quiet: bool = False,
+        trust_pickle: bool = False,
     ) -> Job:
         """Resolves the device, joins the process group, opens the run folder and seeds."""
         dev = D.resolve_device(device)
         info = D.init_distributed(dev)
         run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
         D.seed_everything(recipe.seed, getattr(recipe, kind).train.deterministic)
-        return cls(kind, recipe, dev, info, run, resume, quiet)
+        return cls(kind, recipe, dev, info, run, resume, quiet, trust_pickle)
 
     @property
     def train_config(self) -> TrainConfig:

@@ -11,12 +11,15 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from beitdomain.config import Recipe
 from beitdomain.engine.data import labeled_data
-from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job
+from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.user import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # What a grid's chosen fine-tune leaves in the grid's own folder.
 CHOSEN_FILES = (
@@ -31,23 +34,14 @@ CHOSEN_FILES = (
 
 
 def finetune_lr_grid(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    trust_pickle: bool = False,
+    recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
 ) -> dict[str, Any]:
     """Runs the grid in `out/lr-<value>/`; returns the chosen fine-tune's results plus
     `lr_grid` (every learning rate's best validation score)."""
     from beitdomain.engine.finetune import finetune
 
     ft = recipe.finetune
-    job = Job.open(
-        "finetune", recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+    job = Job.open("finetune", recipe, out, **options)
     if labeled_data(recipe, progress=False, report_dir=job.path).val is None:  # before training
         raise UserError(
             "finetune.lr_grid picks the learning rate on the validation split, and this run has "
@@ -62,9 +56,7 @@ def finetune_lr_grid(
         if (sub / RESULTS_FILE).is_file():  # finished before an interruption
             res = json.loads((sub / RESULTS_FILE).read_text())
         else:
-            res = finetune(
-                one, sub, device=device, resume=True, quiet=quiet, trust_pickle=trust_pickle
-            )
+            res = finetune(one, sub, **{**options, "resume": True, "overwrite": False})
         tried.append({"lr": lr, "val_best": res.get("val_best"), "best_step": res.get("best_step")})
         if job.is_main and (chosen is None or res["val_best"] > chosen[2]["val_best"]):
             chosen = (lr, sub, res)

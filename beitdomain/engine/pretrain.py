@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,7 +19,14 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.job import BACKBONE_FILE, BACKBONE_META, MIM_FILE, RECIPE_FILE, Job
+from beitdomain.engine.job import (
+    BACKBONE_FILE,
+    BACKBONE_META,
+    MIM_FILE,
+    RECIPE_FILE,
+    Job,
+    JobOptions,
+)
 from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
@@ -27,6 +34,9 @@ from beitdomain.models.mim import BeitMIM
 from beitdomain.tokenizer import DiscreteVAE
 from beitdomain.tokenizer.io import load_tokenizer
 from beitdomain.user import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -90,37 +100,27 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
     return model, report
 
 
-def pretrain(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    trust_pickle: bool = False,
-) -> dict[str, Any]:
+def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
     """Runs BEiT pre-training; writes checkpoints, `mim.safetensors` and `backbone.safetensors`.
 
-    `trust_pickle` allows a pickle-based `model.init` (it can run code: trusted files only).
+    `options` (`JobOptions`): device, resume, overwrite, quiet, and trust_pickle, which allows
+    a pickle-based `model.init` (it can run code: trusted files only).
 
     Returns:
         Final metrics (loss, masked-token accuracy) and the export's path.
     """
-    job = Job.open(
-        "pretrain", recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+    job = Job.open("pretrain", recipe, out, **options)
     grid = backbone_config(recipe).grid
     tokenizer = None
     if recipe.model.target == "tokens":
         tokenizer = load_frozen_tokenizer(recipe, job.device, grid)
-    model, report = build_mim(recipe, tokenizer.vocab_size if tokenizer else 1, trust_pickle)
+    model, report = build_mim(recipe, tokenizer.vocab_size if tokenizer else 1, job.trust_pickle)
     model.to(job.device)
     dataset, _, fingerprint = unlabeled_dataset(
         recipe,
         kind="pretrain",
         mask_generator=mask_generator(recipe, grid),
-        progress=not quiet,
+        progress=not job.quiet,
         report_dir=job.path,
     )
     job.start(fingerprint)

@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.job import Job
+from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.loop import Trainer
 from beitdomain.fileio import atomic_save
 from beitdomain.tokenizer import (
@@ -48,6 +48,9 @@ from beitdomain.tokenizer.inspect import (
 )
 from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
 from beitdomain.user import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -156,25 +159,18 @@ class TokenizerMonitor:
 
 
 def train_tokenizer(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
+    recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
 ) -> dict[str, Any]:
     """Trains a tokenizer; returns its held-out evaluation. Files land in `out`.
 
     Writes `tokenizer.safetensors`, `tokenizer.json`, `eval.json`, `reconstructions.png`,
-    `code_usage.png`, `samples/step-*.png`, `metrics.jsonl` and checkpoints.
+    `code_usage.png`, `samples/step-*.png`, `metrics.jsonl` and checkpoints. `options`:
+    `JobOptions` (device, resume, overwrite, quiet).
     """
-    job = Job.open(
-        "tokenizer", recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+    job = Job.open("tokenizer", recipe, out, **options)
     t = recipe.tokenizer
     dataset, preview_ds, fingerprint = unlabeled_dataset(
-        recipe, kind="tokenizer", holdout=True, progress=not quiet, report_dir=job.path
+        recipe, kind="tokenizer", holdout=True, progress=not job.quiet, report_dir=job.path
     )
     job.start(fingerprint)
     # channels_last: cuDNN and oneDNN both run these convolutions faster in NHWC (CPU: 1.2x
