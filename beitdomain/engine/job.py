@@ -2,13 +2,13 @@
 
 A job is its own `build` (data, model, loss) and `finish` (what it leaves behind) on top of this:
 
-    job = Job.open("pretrain", recipe, out, **options)  # device, resume, overwrite, quiet
-    dataset, fingerprint = ...                     # the job's data (errors before any write)
-    job.start(fingerprint)                         # recipe.yaml + manifest (main process)
-    plan = job.plan(dataset)                       # loader and run length, from its own `train`
-    trainer = job.trainer(model, plan, groups, step_fn, hooks=[...])
-    job.fit(trainer)                               # a failure marks the manifest, then raises
-    job.finish(result)                             # manifest "completed" (main), then a barrier
+    job = Job.open("pretrain", recipe, out, **options)  # device, resume, overwrite, quiet, ...
+    dataset, fingerprint = ...           # the job's data (its errors come before any write)
+    job.start(fingerprint)               # recipe.yaml + manifest (main process)
+    plan = job.plan(dataset)             # loader and run length, from the job's own `train`
+    trainer = job.trainer(model, plan, groups, step_fn, hooks=[...])  # its own `optim`
+    job.fit(trainer)                     # a failure marks the manifest, then raises
+    job.finish(result)                   # manifest "completed" (main), then a barrier
 
 Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain`,
 `recipe.finetune`), which all have the same `train` + `optim` shape.
