@@ -164,7 +164,9 @@ def _open_source(
         return scan(source, on_error=on_error, workers=workers, progress=not quiet)
     if source.is_file():
         return Manifest.load(source)
-    raise FileNotFoundError(f"{source}: no such folder, manifest or cache")
+    from beitdomain.user import MissingPathError
+
+    raise MissingPathError(f"{source}: no such folder, manifest or cache")
 
 
 @app.command()
