@@ -30,7 +30,7 @@ _EXPORTS = {
     "train_tokenizer": "beitdomain.engine.tokenizer",
     "pretrain": "beitdomain.engine.pretrain",
     "finetune": "beitdomain.engine.finetune",
-    "predict": "beitdomain.engine.finetune",
+    "predict": "beitdomain.engine.predict",
     "run_curve": "beitdomain.engine.curve",
     "load_backbone": "beitdomain.engine.represent",
     "FrozenBackbone": "beitdomain.engine.represent",

@@ -51,3 +51,32 @@ def test_a_gpu_sized_run_on_a_cpu_warns_with_the_laptop_recipe(monkeypatch, capl
     quick = E.estimate_cpu_time("finetune", 10, 8, forward_gflops=0.1)
     assert not E.warn_if_slow_on_cpu(quick, torch.device("cpu"), "cpu-dicom")
     assert caplog.text == ""
+
+
+def test_a_gpu_recipe_on_the_cpu_warns_before_its_first_step(tmp_path, monkeypatch, caplog):
+    """The issue's case: `tokenizer train --recipe ct-dicom --steps 2` (minutes a step) warned
+    nothing. Now the estimate is said before training starts."""
+    from helpers import write_separable_set
+
+    from beitdomain.config import load_recipe
+    from beitdomain.engine import job as job_mod
+    from beitdomain.engine.tokenizer import train_tokenizer
+
+    data = write_separable_set(tmp_path / "d", per_class=2, size=16)
+    r = load_recipe(
+        "ct-dicom",
+        {"data.root": str(data), "data.normalize": "percentile", "data.window": None},
+        ["tokenizer.train.steps=1000", "data.num_workers=0"],
+    )
+    monkeypatch.setattr(E, "matmul_gflops", lambda dtype=torch.float32: 20.0)
+
+    def stop(*args, **kwargs):  # the estimate is made; no need to train
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_mod.Job, "trainer", stop)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train_tokenizer(r, tmp_path / "tok", device="cpu", quiet=True)
+    # 3 training images (batch capped by the data; one held out) x 89 GFLOP (the base dVAE at
+    # 112 px, x3 for training) x 1000 steps at 16 GFLOP/s: about 4.6 hours
+    assert "tokenizer with recipe 'ct-dicom' on a CPU: 1,000 steps x 3 images x 89" in caplog.text
+    assert "--recipe cpu-dicom" in caplog.text

@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 EFFICIENCY = 0.8  # measured training FLOP rate / measured matmul rate (see the docstring)
 WARN_SECONDS = 30 * 60  # a CPU run estimated longer than this is announced as a warning
+WARN_STEP_SECONDS = 60  # ...and so is one whose every step takes longer than this
 CPU_RECIPES = {"dicom": "cpu-dicom", "tiff": "cpu-tiff", "rgb": "cpu-rgb"}
 
 
@@ -53,6 +55,11 @@ def vit_forward_gflops(
     return 2 * (depth * macs_block + patch_macs) / 1e9
 
 
+def backbone_forward_gflops(cfg: Any) -> float:
+    """`vit_forward_gflops` of a `BackboneConfig`."""
+    return vit_forward_gflops(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+
+
 @dataclass
 class Estimate:
     stage: str
@@ -62,12 +69,16 @@ class Estimate:
     machine_gflops: float
     seconds: float
 
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, self.steps)
+
     def describe(self) -> str:
         return (
             f"{self.steps:,} steps x {self.images_per_step} images x "
             f"{self.train_gflops_per_image:.2f} GFLOP per image (forward + backward) at about "
             f"{self.machine_gflops * EFFICIENCY:.0f} GFLOP/s on this CPU: about "
-            f"{format_duration(self.seconds)}"
+            f"{format_duration(self.seconds)} ({format_duration(self.seconds_per_step)} a step)"
         )
 
 
@@ -106,7 +117,9 @@ def warn_if_slow_on_cpu(
 
     Returns whether it warned.
     """
-    if device.type != "cpu" or est.seconds <= WARN_SECONDS:
+    if device.type != "cpu":
+        return False
+    if est.seconds <= WARN_SECONDS and est.seconds_per_step <= WARN_STEP_SECONDS:
         return False
     name = f"recipe '{recipe_name}'" if recipe_name else "this recipe"
     log.warning(
@@ -119,3 +132,27 @@ def warn_if_slow_on_cpu(
         cpu_recipe_for(data_kind),
     )
     return True
+
+
+def data_kind(recipe: Any) -> str:
+    """'dicom', 'tiff' or 'rgb': which laptop recipe to suggest for this recipe's data."""
+    name = (recipe.name or "").lower()
+    if "tif" in name:
+        return "tiff"
+    if recipe.data.in_chans == 3 or "rgb" in name:
+        return "rgb"
+    return "dicom"
+
+
+def announce_cpu_time(
+    job: Any, steps: int, images_per_step: int, forward_gflops: float, frozen_gflops: float = 0.0
+) -> Estimate | None:
+    """Estimates a job's time on a CPU and warns when it is long (main process; None on GPU)."""
+    if job.device.type != "cpu" or not job.is_main:
+        return None
+    dtype = job.amp_dtype or torch.float32
+    est = estimate_cpu_time(
+        job.kind, steps, images_per_step, forward_gflops, dtype, frozen_gflops=frozen_gflops
+    )
+    warn_if_slow_on_cpu(est, job.device, job.recipe.name, data_kind(job.recipe))
+    return est

@@ -19,6 +19,7 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BACKBONE_META,
@@ -31,7 +32,7 @@ from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
 from beitdomain.models.mim import BeitMIM
-from beitdomain.tokenizer import DiscreteVAE
+from beitdomain.tokenizer import DiscreteVAE, encoder_gflops
 from beitdomain.tokenizer.io import load_tokenizer
 from beitdomain.user import UserError
 
@@ -138,6 +139,13 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
 
     plan = job.plan(dataset)
+    announce_cpu_time(
+        job,
+        plan.total_steps,
+        plan.global_batch,
+        backbone_forward_gflops(backbone_config(recipe)),
+        frozen_gflops=encoder_gflops(tokenizer) if tokenizer is not None else 0.0,
+    )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
     trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective)
     job.fit(trainer)

@@ -183,7 +183,7 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     Raises:
         UserError: the path holds none of these, naming what was looked for.
     """
-    from beitdomain.engine.pretrain import BACKBONE_FILE
+    from beitdomain.engine.job import BACKBONE_FILE, is_finished
     from beitdomain.models.convert import TimmExport
 
     path = Path(run)
@@ -191,7 +191,7 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     recipe = None
     if path.is_dir() and (path / BACKBONE_FILE).is_file():
         recipe, weights = _recipe_of(path), path / BACKBONE_FILE
-    elif path.is_dir() and (path / "best.safetensors").is_file() and _recipe_of(path):
+    elif path.is_dir() and is_finished(path, "finetune") and _recipe_of(path):
         return _from_finetune_run(path, dev, frames)
     elif path.is_file() and path.suffix == ".safetensors":
         weights = path
@@ -217,19 +217,19 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
 
 
 def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBackbone:
-    from beitdomain.engine.finetune import build_classifier, load_weights
+    from beitdomain.engine.build import build_classifier
+    from beitdomain.engine.job import BEST_FILE, RESULTS_FILE
+    from beitdomain.engine.predict import load_weights
 
     recipe = load_recipe(path / "recipe.yaml")
-    classes = json.loads((path / "results.json").read_text())["classes"]
+    classes = json.loads((path / RESULTS_FILE).read_text())["classes"]
     model = build_classifier(
         replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
     )
-    load_weights(model, path / "best.safetensors")
+    load_weights(model, path / BEST_FILE)
     spec = replace(IntensitySpec.from_config(recipe.data), frames=frames)
     bb = model.backbone.to(dev).eval()
-    return FrozenBackbone(
-        bb, spec, recipe.data.image_size, str(path / "best.safetensors"), recipe, dev
-    )
+    return FrozenBackbone(bb, spec, recipe.data.image_size, str(path / BEST_FILE), recipe, dev)
 
 
 def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:

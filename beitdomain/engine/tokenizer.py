@@ -23,6 +23,7 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.estimate import announce_cpu_time
 from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.loop import Trainer
 from beitdomain.fileio import atomic_save
@@ -33,6 +34,7 @@ from beitdomain.tokenizer import (
     check_codebook_usage,
     count_params,
     create_tokenizer,
+    decoder_gflops,
     encoder_gflops,
     gumbel_temperature,
     kl_weight,
@@ -177,6 +179,12 @@ def train_tokenizer(
     # for the demo tokenizer's training step).
     model = build_tokenizer(recipe).to(job.device).to(memory_format=torch.channels_last)
     plan = job.plan(dataset)
+    announce_cpu_time(
+        job,
+        plan.total_steps,
+        plan.global_batch,
+        encoder_gflops(model) + decoder_gflops(model),
+    )
     preview = torch.stack([preview_ds[i]["tok_image"] for i in range(min(16, len(preview_ds)))])
     monitor = TokenizerMonitor(model, recipe, plan.total_steps, recipe.seed, job.path, preview)
 
