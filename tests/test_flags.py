@@ -10,6 +10,7 @@ from test_output import _all_commands
 CSV_COMMANDS = {
     ("data", "scan"),
     ("finetune",),
+    ("pretrain",),
     ("curve",),
     ("eval", "knn"),
     ("eval", "probe"),

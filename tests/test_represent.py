@@ -153,3 +153,62 @@ def test_knn_monitor_logs_once_per_epoch(tmp_path):
         mon.on_step_end(t)
     assert [s for s, _ in logged] == [2, 4]
     assert set(logged[0][1]) == {"knn_balanced_accuracy", "knn_accuracy"}
+
+
+def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
+    from helpers import PRETRAIN_SETS, sets_to_args
+
+    from beitdomain.engine.rundir import read_metrics
+
+    data = write_separable_set(tmp_path / "data", per_class=8)
+    out = tmp_path / "pre"
+    # 16 images, val 15% -> the rest train; batch 8 -> 2 steps an epoch; 6 steps = 3 epochs
+    res = run_cli(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--target",
+            "pixels",
+            "--knn-every",
+            "1",
+            "--steps",
+            "6",
+            "--out",
+            str(out),
+            *sets_to_args([*PRETRAIN_SETS, "data.val_fraction=0.25", "data.test_fraction=0.25"]),
+        ]
+    )
+    assert res.returncode == 0, res.stderr
+    knn = [r for r in read_metrics(out / "metrics.jsonl") if "knn_balanced_accuracy" in r]
+    assert [r["step"] for r in knn] == [2, 4, 6]
+    assert all(0.0 <= r["knn_balanced_accuracy"] <= 1.0 for r in knn)
+
+
+def test_knn_monitor_without_labels_says_what_to_give(tmp_path):
+    from helpers import PRETRAIN_SETS, sets_to_args
+
+    data = tmp_path / "flat"
+    write_separable_set(tmp_path / "d", per_class=4)
+    data.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "d").rglob("*.png"))):
+        f.rename(data / f"{i}.png")  # no subfolders: no labels
+    res = run_cli(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--target",
+            "pixels",
+            "--knn-every",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "pre"),
+            *sets_to_args(PRETRAIN_SETS),
+        ]
+    )
+    assert res.returncode == 2
+    assert "pretrain.knn_every=1 needs labelled images" in res.stderr
+    assert "--labels-csv" in res.stderr

@@ -25,6 +25,7 @@ from beitdomain.cli.common import (
     load,
     print_kv,
 )
+from beitdomain.cli.options import LabelsCsvOpt
 from beitdomain.cli.output import print_result
 
 app = typer.Typer(
@@ -40,6 +41,15 @@ def pretrain(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    labels_csv: LabelsCsvOpt = None,
+    knn_every: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-every",
+            help="Every N epochs, log the k-NN accuracy of the frozen features on the labelled "
+            "images (pretrain.knn_every; labels from --labels-csv, the cache or subfolders).",
+        ),
+    ] = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
@@ -95,6 +105,8 @@ def pretrain(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.labels": str(labels_csv) if labels_csv else None,
+            "pretrain.knn_every": knn_every,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,

@@ -147,7 +147,8 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         frozen_gflops=encoder_gflops(tokenizer) if tokenizer is not None else 0.0,
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
-    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective)
+    hooks = [knn_monitor(recipe, quiet)] if recipe.pretrain.knn_every else []
+    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective, hooks=hooks)
     job.fit(trainer)
 
     result: dict[str, Any] = {
@@ -161,6 +162,34 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         result["backbone"] = str(job.path / BACKBONE_FILE)
     job.finish(result)
     return result
+
+
+def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
+    """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
+    the validation split (the test split when there is none) scored against it."""
+    from beitdomain.engine.data import labeled_data
+    from beitdomain.engine.represent import KnnMonitor
+
+    try:
+        data = labeled_data(recipe, labels="100%", progress=not quiet)
+    except UserError as e:
+        raise UserError(
+            f"pretrain.knn_every={recipe.pretrain.knn_every} needs labelled images for its k-NN "
+            f"check ({e}); give --labels-csv, or unset pretrain.knn_every"
+        ) from None
+    query = data.val if data.val is not None else data.test
+    if query is None:
+        raise UserError(
+            "pretrain.knn_every needs held-out labelled images: set data.val_fraction > 0"
+        )
+    return KnnMonitor(
+        lambda m: m.mim.backbone if hasattr(m, "mim") else m.backbone,
+        data.train,
+        query,
+        data.classes,
+        recipe.data.image_size,
+        every_epochs=recipe.pretrain.knn_every,
+    )
 
 
 def write_pretrain_outputs(model: BeitMIM, folder: Path) -> Path:
