@@ -76,6 +76,7 @@ def _dicom_folder(dst: Path) -> tuple[Path, Path]:
             rows.append((name, f.name[:2].lower()))
     for broken in ("MR_truncated.dcm", "rtplan.dcm"):  # truncated pixels; no pixels at all
         shutil.copy(src / broken, dst / broken)
+        rows.append((broken, "mr"))  # listed, as a user's CSV would: the scan skips them
     labels = dst.parent / "labels.csv"
     with open(labels, "w", newline="") as fh:
         csv.writer(fh).writerows([("path", "label"), *rows])
@@ -87,7 +88,7 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     data, labels = _dicom_folder(tmp_path / "data" / "ct")
     new = tmp_path / "new"
     new.mkdir()
-    for f in sorted(data.glob("MR_small-0.dcm")) + sorted(data.glob("SC_rgb-0.dcm")):
+    for f in [data / "MR_small-0.dcm", data / "SC_rgb_rle-0.dcm"]:
         shutil.copy(f, new / f.name)
     subst = {"/data/ct-new": str(new), "/data/ct": str(data), "labels.csv": str(labels)}
     env = cli_env(BEITDOMAIN_SET=SMOKE)
@@ -114,4 +115,5 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     assert json.loads((tmp_path / "runs" / "ft" / "results.json").read_text())["test"]
     assert (tmp_path / "runs" / "curve" / "report.md").is_file()
     preds = (tmp_path / "predictions.csv").read_text().splitlines()
-    assert preds[0].startswith("path,frame,predicted") and len(preds) > 2
+    assert preds[0] == "path,frame,predicted,p_mr,p_sc"
+    assert {row.split(",")[0] for row in preds[1:]} == {"MR_small-0.dcm", "SC_rgb_rle-0.dcm"}
