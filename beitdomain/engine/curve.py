@@ -23,6 +23,7 @@ import torch
 
 from beitdomain.config import CurveConfig, Recipe, apply_sets
 from beitdomain.data.splits import LabelSpec, parse_labels_spec
+from beitdomain.engine.distributed import resolve_device
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
@@ -255,6 +256,33 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
     }
 
 
+def _any_cell_started(out: Path) -> bool:
+    """Whether a cell of the grid in `out` started training (then its grid is binding); a grid
+    whose cells all failed before starting (bad data, impossible labels) can be replaced."""
+    cells = out / "cells"
+    return cells.is_dir() and any((d / "manifest.json").is_file() for d in cells.iterdir())
+
+
+def _cells_provenance(out: Path, cells: Sequence[Any]) -> dict[str, Any]:
+    """The data fingerprint and devices the cells recorded, for the curve's own manifest."""
+    prints, devices = set(), set()
+    for cell in cells:
+        m = out / "cells" / cell.name / "manifest.json"
+        if m.is_file():
+            d = json.loads(m.read_text())
+            prints.add(d.get("data_fingerprint"))
+            devices.add(d.get("device"))
+    prints.discard(None)
+    devices.discard(None)
+    out_fields: dict[str, Any] = {"cell_devices": sorted(devices)}
+    if len(prints) == 1:
+        out_fields["data_fingerprint"] = prints.pop()
+    elif prints:  # cells that saw different data cannot be compared: say so where it is read
+        out_fields["data_fingerprints"] = sorted(prints)
+        log.warning("the curve's cells saw %d different data fingerprints", len(prints))
+    return out_fields
+
+
 def run_curve(
     recipe: Recipe,
     out: str | Path,
@@ -291,13 +319,14 @@ def run_curve(
     grid_file = out / "grid.json"
     if grid_file.is_file() and not overwrite:
         previous = json.loads(grid_file.read_text())
-        if previous != record:
+        if previous != record and _any_cell_started(out):
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
                 f"settings, or pass --overwrite / another --out"
             )
     run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
-    run.start("curve", recipe, device)
+    resolved = str(resolve_device(device))  # "auto" says nothing about where it ran
+    run.start("curve", recipe, resolved, requested_device=device)
     atomic_write_json(grid_file, record)
     cells = grid.cells()
     todo = [cell for cell in cells if not (out / "cells" / cell.name / RESULTS_FILE).is_file()]
@@ -344,5 +373,5 @@ def run_curve(
                 bar.advance(task)
     rows = collect_rows(out, cells)
     result = write_outputs(out, rows, c, grid)
-    run.finish(cells=len(rows))
+    run.finish(cells=len(rows), **_cells_provenance(out, cells))
     return {"rows": rows, **result}
