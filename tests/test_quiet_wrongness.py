@@ -56,3 +56,31 @@ def test_inspect_warns_when_a_ct_window_flattens_mr_frames(tmp_path, caplog):
     # the sheet's title says what was applied, not just "auto"
     assert describe_spec(lung) == "auto: window ct-lung"
     assert describe_spec(IntensitySpec(normalize="percentile")) == "percentile 0.5-99.5"
+
+
+def test_a_tokenizer_used_at_another_size_than_it_was_trained_at_warns(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from beitdomain.config import load_recipe
+    from beitdomain.engine.pretrain import load_frozen_tokenizer
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.tokenizer.io import save_tokenizer
+
+    tok = create_tokenizer("tiny", in_chans=1, input_size=16, downsample=4)
+    save_tokenizer(tok, tmp_path / "tok16")
+    r = load_recipe(
+        None,
+        {"tokenizer.path": str(tmp_path / "tok16")},
+        ["data.tokenizer_size=32", "data.image_size=64", "model.preset=tiny"],
+    )
+    with caplog.at_level(logging.WARNING):
+        load_frozen_tokenizer(r, torch.device("cpu"), (8, 8))  # 32 / 4 = the 8x8 patch grid
+    assert "was trained on 16 px views but is used on 32 px views" in caplog.text
+    assert "data.tokenizer_size=16" in caplog.text
+    caplog.clear()
+    r16 = load_recipe(None, {"tokenizer.path": str(tmp_path / "tok16")}, ["data.tokenizer_size=16"])
+    with caplog.at_level(logging.WARNING):
+        load_frozen_tokenizer(r16, torch.device("cpu"), (4, 4))
+    assert caplog.text == ""

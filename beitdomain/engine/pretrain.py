@@ -33,7 +33,7 @@ from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
 from beitdomain.models.mim import BeitMIM
 from beitdomain.tokenizer import DiscreteVAE, encoder_gflops
-from beitdomain.tokenizer.io import load_tokenizer
+from beitdomain.tokenizer.io import load_tokenizer, warn_size_change
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def load_frozen_tokenizer(
             f"but the backbone has a {grid[0]}x{grid[1]} patch grid; set data.tokenizer_size="
             f"{grid[0] * cfg.downsample}"
         )
+    warn_size_change(cfg.input_size, recipe.data.tokenizer_size, str(path))
     tok.eval().requires_grad_(False)
     return tok.to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU
 

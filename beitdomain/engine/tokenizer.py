@@ -48,7 +48,7 @@ from beitdomain.tokenizer.inspect import (
     plot_code_usage,
     save_reconstruction_grid,
 )
-from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
+from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer, warn_size_change
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ def build_tokenizer(recipe: Recipe) -> DiscreteVAE:
                 f"tokenizer.init {t.init} expects in_chans={model.config.in_chans}, but "
                 f"data.in_chans={recipe.data.in_chans}"
             )
+        warn_size_change(model.config.input_size, recipe.data.tokenizer_size, t.init)
         return model
     overrides: dict[str, Any] = {
         "in_chans": recipe.data.in_chans,
