@@ -84,3 +84,38 @@ def test_a_tokenizer_used_at_another_size_than_it_was_trained_at_warns(tmp_path,
     with caplog.at_level(logging.WARNING):
         load_frozen_tokenizer(r16, torch.device("cpu"), (4, 4))
     assert caplog.text == ""
+
+
+def _summary(means):
+    return [
+        {"init": init, "fraction": f, "n_labels": 10, "n_runs": 1, "balanced_accuracy_mean": m}
+        for (init, f), m in means.items()
+    ]
+
+
+def test_report_warns_when_both_arms_sit_at_chance(tmp_path):
+    from beitdomain.eval.report import label_efficiency, write_report
+
+    summary = _summary(
+        {("scratch", 0.1): 0.5, ("scratch", 1.0): 0.5, ("domain", 0.1): 0.5, ("domain", 1.0): 0.5}
+    )
+    eff = label_efficiency(summary, "balanced_accuracy", "scratch", "domain")
+    assert "matches or beats" in eff["statement"]  # the sentence that misled
+    text = write_report(
+        tmp_path / "r.md", summary, eff, "balanced_accuracy", {"n_classes": 2}
+    ).read_text()
+    result = text.split("## Mean")[0]
+    assert "**Warning:** every model sits at chance level (balanced accuracy 0.500 for 2 " in result
+    assert "says nothing about pre-training" in result
+
+
+def test_report_names_the_arm_at_chance_and_stays_quiet_when_none_is(tmp_path):
+    from beitdomain.eval.report import chance_warnings
+
+    some = _summary({("scratch", 0.1): 0.34, ("scratch", 1.0): 0.7, ("domain", 0.1): 0.6})
+    (w,) = chance_warnings(some, "balanced_accuracy", 3)
+    assert w.startswith("'scratch' sits at chance level (balanced accuracy 0.333 for 3 classes)")
+    assert "10%" in w and "100%" not in w
+    fine = _summary({("scratch", 1.0): 0.8, ("domain", 1.0): 0.85})
+    assert chance_warnings(fine, "balanced_accuracy", 2) == []
+    assert chance_warnings(some, "accuracy", 3) == []  # chance depends on the class balance

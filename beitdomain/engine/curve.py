@@ -231,9 +231,19 @@ def write_outputs(
             if name != "scratch" and "scratch" in inits
         },
         "figure": "curve.png",
+        "n_classes": _n_classes(out, grid),
     }
     write_report(out / "report.md", summary, effs, metric, context)
     return {"summary": summary, "efficiency": effs}
+
+
+def _n_classes(out: Path, grid: CurveGrid) -> int | None:
+    """How many classes the cells learned (from the first finished cell), for chance level."""
+    for cell in grid.cells():
+        res = out / "cells" / cell.name / RESULTS_FILE
+        if res.is_file():
+            return len(json.loads(res.read_text()).get("classes") or []) or None
+    return None
 
 
 def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Recipe]:
