@@ -129,9 +129,9 @@ def print_manifest_summary(manifest: Any, extra: dict[str, Any] | None = None) -
     out = _out()
     entries = manifest.entries
     out.print(
-        f"[bold]{len(entries)}[/] images (files), {sum(e.frames for e in entries)} frames "
-        f"(each frame is one training item) under {escape(str(manifest.root))}, "
-        f"[bold]{len(manifest.errors)}[/] unreadable"
+        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames, one "
+        f"training item each), [bold]{len(manifest.errors)}[/] unreadable, under "
+        f"{escape(str(manifest.root))}"
     )
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):
