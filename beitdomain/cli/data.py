@@ -53,8 +53,8 @@ OnErrorOpt = Annotated[
     str | None,
     typer.Option(
         "--on-error",
-        help="fail: stop and list every unreadable file; skip: quarantine them into "
-        "<manifest>.errors.csv and go on.",
+        help="fail: stop and list every unreadable file; skip: go on without them, listed "
+        "beside the manifest (-o scan.jsonl -> scan.errors.csv).",
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
