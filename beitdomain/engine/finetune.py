@@ -242,7 +242,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         ]
         weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
     plan = job.plan(data.train, weights=weights)
-    if not quiet:  # a curve's cells run quietly; one warning per cell would drown the log
+    if not job.quiet:  # a curve's cells run quietly; one warning per cell would drown the log
         announce_cpu_time(
             job,
             plan.total_steps,

@@ -148,7 +148,7 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         frozen_gflops=encoder_gflops(tokenizer) if tokenizer is not None else 0.0,
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
-    hooks = [knn_monitor(recipe, quiet)] if recipe.pretrain.knn_every else []
+    hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
     trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective, hooks=hooks)
     job.fit(trainer)
 
