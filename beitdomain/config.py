@@ -183,9 +183,19 @@ class ModelConfig:
     num_heads: int | None = None
     drop_path: float = 0.1
     layer_scale_init: float | None = 0.1
-    init: str | None = None  # checkpoint file/dir to start from; None: random
+    # checkpoint file/dir, hf-hub:org/name or a timm BEiT name to start from; None: random
+    init: str | None = None
     trust_pickle: bool = False
     target: Literal["tokens", "pixels"] = "tokens"
+    # auto: one table per block when the init checkpoint has differing ones, else shared (BEiT)
+    rel_pos_bias: Literal["auto", "shared", "per_block"] = "auto"
+    # auto: reuse the init's MIM head only with the tokenizer it predicts (an imported DALL-E)
+    lm_head: Literal["auto", "reuse", "new"] = "auto"
+    # Mean/std of [0, 1] inputs (one value or one per channel). None: what the init checkpoint
+    # records (official BEiT: 0.5 / 0.5), or 0 / 1 from scratch. Set it for a .pth that was
+    # trained otherwise (BEiT v2: ImageNet's 0.485/0.456/0.406, 0.229/0.224/0.225).
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
 
 
 @dataclass
