@@ -136,9 +136,13 @@ class TokenizerConfig:
     init: str | None = None  # previous tokenizer dir to continue from
     temperature_start: float = 1.0
     temperature_end: float = 1.0 / 16
-    # KL to the uniform prior, per token cell, against a per-pixel reconstruction loss. DALL-E's
-    # beta = 6.6 weighs sums (pixels vs cells); per element that is 6.6 / (pixels per cell):
-    # 6.6 / 64 = 0.1 at 8x downsampling of one channel. Much weaker and codes collapse early.
+    # Anneal over this first part of the run, then hold temperature_end (DALL-E: 1/16 after 5%
+    # of 3M updates), so the decoder also trains on the near-hard codes pre-training uses.
+    temperature_anneal_fraction: float = 0.5
+    # KL to the uniform prior, per token cell, against a reconstruction loss per pixel. DALL-E's
+    # beta = 6.6 weighs sums (sub-pixels vs cells); per pixel that is 6.6 / (pixels per cell):
+    # 6.6 / 64 = 0.1 at 8x downsampling; divided by the channel count when applied, as the
+    # reconstruction loss averages channels too. Much weaker and codes collapse early.
     kl_weight: float = 0.1
     kl_warmup_fraction: float = 0.1
     # KL of the batch-average code distribution to uniform: spreads the codes over the
