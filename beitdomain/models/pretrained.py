@@ -6,7 +6,8 @@
 * the MIM head: reused only when its code ids are the new tokenizer's (an imported DALL-E),
   otherwise re-initialized, so continued pre-training starts near ln(vocab) instead of from a
   confidently wrong head whose large gradients would reach the pre-trained blocks;
-* the input convention: the checkpoint's, unless the caller states it.
+* the input convention: the checkpoint's, unless the caller states it;
+* from scratch, unilm's initialization (`models.init`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from beitdomain.models.convert import (
     to_canonical,
 )
 from beitdomain.models.hub import resolve_init
+from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM, MimTarget
 
 RelPos = Literal["auto", "shared", "per_block"]
@@ -81,6 +83,7 @@ def build_pretraining_model(
     cfg = cfg.replace(use_shared_rel_pos_bias=not per_block)
     model = BeitMIM.from_config(cfg, target=target, vocab_size=vocab_size)
     if resolved is None:
+        unilm_init_(model)  # from scratch: unilm's initialization (models.init)
         if input_mean is not None or input_std is not None:
             try:
                 model.input_norm.set(
