@@ -12,11 +12,15 @@ import timm
 import torch
 from helpers import PRETRAIN_SETS, write_elpv_subset
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from beitdomain.cli.app import app
 from beitdomain.config import load_recipe
 from beitdomain.engine.pretrain import export_run, pretrain
 from beitdomain.engine.rundir import read_metrics
 from beitdomain.models.backbone import beit_kwargs, get_preset
+from beitdomain.models.classifier import BeitClassifier
+from beitdomain.models.convert import load_backbone_weights
 from beitdomain.tokenizer import create_tokenizer
 from beitdomain.tokenizer.io import save_tokenizer
 
@@ -131,11 +135,18 @@ def test_continue_official_beit_from_each_layout(data, layout):
     assert backbone["input"] == {"in_chans": 1, "input_size": 64, "mean": [0.5], "std": [0.5]}
     folder = export_run(run, fmt="timm")
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    assert model.pretrained_cfg["mean"] == [0.5] and model.pretrained_cfg["input_size"] == (
-        1,
-        64,
-        64,
-    )
+    cfg = model.pretrained_cfg
+    assert cfg["mean"] == [0.5] and cfg["std"] == [0.5] and cfg["input_size"] == (1, 64, 64)
+    # Fine-tuning reads the run's backbone with its convention.
+    clf = BeitClassifier.from_config(RGB.replace(in_chans=1, use_shared_rel_pos_bias=False), 2)
+    assert load_backbone_weights(clf, run / "backbone.safetensors").input["mean"] == [0.5]
+    if layout == "hf":  # the CLI's Hugging Face export
+        transformers = pytest.importorskip("transformers")
+        result = CliRunner().invoke(app, ["pretrain", "export", str(run), "--format", "hf"])
+        assert result.exit_code == 0, result.output
+        proc = transformers.AutoImageProcessor.from_pretrained(run / "export-hf")
+        hf = transformers.BeitModel.from_pretrained(run / "export-hf")
+        assert list(proc.image_mean) == [0.5] and hf.config.num_channels == 1
 
 
 def test_reusing_the_confident_head_starts_far_above_ln_vocab(data):

@@ -243,7 +243,8 @@ def export_run(
     )
     model.load_state_dict(state)
     if fmt is not None:
-        folder = export_backbone(model, Path(out) if out is not None else run / f"export-{fmt}")
+        folder = Path(out) if out is not None else run / f"export-{fmt}"
+        folder = export_backbone(model, folder, fmt)
         log.info("exported %s", folder)
         return folder
     folder = Path(out) if out is not None else run
