@@ -115,3 +115,13 @@ def test_names_missing_offline_or_unknown_are_clear_errors(offline):
         resolve_init("no_such_model_or_file.pth")
     with pytest.raises(WeightsError, match="expected hf-hub:org/name"):
         resolve_init("hf-hub:justaname")
+
+
+def test_finetune_init_takes_hub_names(tmp_path, offline):
+    from beitdomain.engine.finetune import resolve_init as finetune_init
+
+    _, weights = _tiny_timm(tmp_path)
+    snap = _cache_repo(offline, "someorg/beit-ft", {"model.safetensors": weights})
+    assert Path(finetune_init("hf-hub:someorg/beit-ft")) == snap
+    with pytest.raises(WeightsError, match="local cache"):
+        finetune_init("hf-hub:someorg/not-cached")

@@ -35,6 +35,8 @@ from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
 from beitdomain.models.convert import load_backbone_weights
+from beitdomain.models.hub import HF_PREFIX
+from beitdomain.models.hub import resolve_init as resolve_hub_init
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def resolve_init(init: str | None) -> str | None:
             f"(beitdomain pretrain export {p})"
         )
     if not p.exists():
+        if init.startswith(HF_PREFIX) or init.startswith("beit"):  # hub / timm names
+            return resolve_hub_init(init).path
         raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
     return str(p)
 
@@ -316,7 +320,12 @@ def finetune(
     report = None
     if init is not None:
         report = load_backbone_weights(
-            model, init, in_chans=recipe.data.in_chans, trust_pickle=recipe.model.trust_pickle
+            model,
+            init,
+            in_chans=recipe.data.in_chans,
+            trust_pickle=recipe.model.trust_pickle,
+            source_mean=recipe.model.input_mean,
+            source_std=recipe.model.input_std,
         )
         log.log(logging.DEBUG if quiet else logging.INFO, "%s", report)
     if ft.linear_probe:

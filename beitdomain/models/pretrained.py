@@ -106,6 +106,8 @@ def build_pretraining_model(
     )
     if resolved.path != init:
         report.notes.append(resolved.note)
+    if input_mean is None and input_std is None and resolved.mean:
+        report.input["source"] = f"timm's pretrained_cfg of {resolved.name}"
     layout = "one table per block" if per_block else "one shared table"
     why = f"model.rel_pos_bias={rel_pos_bias}"
     if rel_pos_bias == "auto":
