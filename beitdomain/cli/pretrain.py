@@ -143,10 +143,10 @@ def export(
     Every export carries the input convention (channels, size, mean and std of [0, 1] images),
     so each library's own preprocessing feeds the weights what they were trained on:
 
-        beitdomain pretrain export runs/pre --format timm    # -> runs/pre/export-timm
+        beitdomain pretrain export runs/pre --format timm  (writes runs/pre/export-timm)
         timm.create_model('local-dir:runs/pre/export-timm', pretrained=True)
 
-        beitdomain pretrain export runs/pre --format hf      # -> runs/pre/export-hf
+        beitdomain pretrain export runs/pre --format hf  (writes runs/pre/export-hf)
         BeitModel.from_pretrained('runs/pre/export-hf')
         AutoImageProcessor.from_pretrained('runs/pre/export-hf')
 
