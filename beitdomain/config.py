@@ -71,7 +71,9 @@ class DataConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     channels: list[int] | None = None  # sample indices for TIFFs with more than 3 samples
     nonfinite: Literal["error", "zero"] = "error"  # NaN/Inf in float images
-    frames: Literal["all", "middle", "first"] = "all"  # multi-frame files, stacks, series
+    # multi-frame files, stacks, series, volumes: all | middle | first | every:K | range:A:B
+    frames: str = "all"
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"  # NIfTI, NRRD, MetaImage
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
     num_workers: int | None = None  # None: min(8, cores - 1)

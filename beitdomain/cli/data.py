@@ -41,7 +41,25 @@ InChansOpt = Annotated[
     int, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
 ]
 FramesOpt = Annotated[
-    str, typer.Option("--frames", help="Multi-frame files: all (one item each), middle, first.")
+    str,
+    typer.Option(
+        "--frames",
+        help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
+        "range:A:B (slices A to B-1).",
+    ),
+]
+SliceAxisOpt = Annotated[
+    str,
+    typer.Option(
+        "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
+    ),
+]
+ChannelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--channels",
+        help="Samples to keep from multi-band files (TIFF bands, 4D volumes), e.g. 0,1,2 or 3.",
+    ),
 ]
 NonfiniteOpt = Annotated[
     str, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
@@ -57,7 +75,27 @@ OnErrorOpt = Annotated[
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
 
 
-def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfinite: str):
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """``'0,1,2'`` -> ``(0, 1, 2)``; None stays None."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(c) for c in text.replace(" ", "").split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--channels {text!r}: give sample indices separated by commas, e.g. 0,1,2"
+        ) from None
+
+
+def _spec(
+    normalize: str,
+    window: str | None,
+    in_chans: int,
+    frames: str,
+    nonfinite: str,
+    channels: str | None = None,
+    slice_axis: str = "axial",
+):
     from beitdomain.io import IntensitySpec
 
     try:
@@ -67,6 +105,8 @@ def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfin
             in_chans=in_chans,
             frames=frames,
             nonfinite=nonfinite,
+            channels=parse_channels(channels),
+            slice_axis=slice_axis,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -121,7 +161,7 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
     if source.is_dir() and (source / "cache.json").is_file():
         return CachedImages(source)
     if source.is_dir():
-        return scan(source, on_error=on_error, workers=workers, progress=True)
+        return scan(source, on_error=on_error, workers=workers, progress=True, spec=spec)
     if source.is_file():
         return Manifest.load(source)
     raise FileNotFoundError(f"{source}: no such folder, manifest or cache")
@@ -142,10 +182,19 @@ def scan(
         bool, typer.Option("--allow-outside-root", help="Let CSV paths leave DIR.")
     ] = False,
     workers: WorkersOpt = 0,
+    normalize: NormalizeOpt = "auto",
+    window: WindowOpt = None,
+    in_chans: InChansOpt = 1,
+    frames: FramesOpt = "all",
+    nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
-    Labels come from first-level subfolders (DIR/<label>/...) or from --labels.
+    Labels come from first-level subfolders (DIR/<label>/...) or from --labels. Each image is
+    also normalized as `data cache` and training will (NaN/Inf, channel counts, the window),
+    so a file that would fail there is listed now, with the same options to fix it.
 
     Examples:
 
@@ -158,7 +207,10 @@ def scan(
 
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
-    manifest = scan_folder(root, labels, on_error, allow_outside_root, workers, progress=True)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    manifest = scan_folder(
+        root, labels, on_error, allow_outside_root, workers, progress=True, spec=spec
+    )
     print_manifest_summary(manifest)
     if out is not None:
         manifest.save(out)
@@ -184,6 +236,8 @@ def cache(
     in_chans: InChansOpt = 1,
     frames: FramesOpt = "all",
     nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
@@ -204,12 +258,15 @@ def cache(
     """
     from beitdomain.data.cache import build_cache
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     source_obj: Any = source
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
 
-        source_obj = scan_folder(source, on_error=on_error, workers=workers, progress=True)
+        # The scan normalizes too, so every bad file is named before the long cache pass.
+        source_obj = scan_folder(
+            source, on_error=on_error, workers=workers, progress=True, spec=spec
+        )
     cached = build_cache(
         source_obj,
         out,
@@ -242,6 +299,8 @@ def inspect(
     in_chans: InChansOpt = 1,
     frames: FramesOpt = "all",
     nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
 ) -> None:
     """Write a contact sheet: sampled images after normalization with intensity histograms.
 
@@ -255,7 +314,7 @@ def inspect(
     """
     from beitdomain.data.inspect import contact_sheet
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     src = _open_source(source, spec, on_error="skip")
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     _out().print(f"contact sheet written to {path}")

@@ -34,7 +34,7 @@ import numpy as np
 
 from beitdomain.data.index import DataError, Manifest, ScanError, scan
 from beitdomain.fileio import atomic_write_json, sha256_file
-from beitdomain.io import IntensitySpec, ReaderError, load_image
+from beitdomain.io import IntensitySpec, ReaderError, kept_frames, load_image
 
 CACHE_VERSION = 1
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
@@ -244,7 +244,8 @@ def build_cache(
     with contextlib.suppress(FileNotFoundError):
         (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
 
-    per_file = [e.frames if spec.frames == "all" else 1 for e in manifest.entries]
+    kept = [kept_frames(e.shape, e.reader, spec) for e in manifest.entries]
+    per_file = [len(k) for k in kept]
     offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
     total = int(offsets[-1])
     shape = (total, spec.in_chans, size, size)
@@ -289,10 +290,9 @@ def build_cache(
             record["sha256"] = sha256_file(manifest.abspath(e))
         file_index = len(files)
         files.append(record)
-        # Frame index within the source file; 'middle'/'first' store which one was kept.
-        frame0 = {"all": 0, "first": 0, "middle": e.frames // 2}[spec.frames]
+        # Frame (slice) index within the source file, so a selection records which were kept.
         for k in range(per_file[i]):
-            items.append((int(offsets[i]) + k, file_index, frame0 + k))
+            items.append((int(offsets[i]) + k, file_index, int(kept[i][k])))
     os.replace(partial, out_dir / "images.npy")
     np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
     atomic_write_json(

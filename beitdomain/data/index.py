@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.fileio import atomic_write_text
-from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
+from beitdomain.io import IntensitySpec, ReaderError, read_raw
+from beitdomain.io.load import prepare
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
 IGNORED_SUFFIXES = frozenset(
@@ -210,7 +211,7 @@ def _probe(
     try:
         raw, meta = read_raw(path)
         if spec is not None:
-            normalize(select_frames(raw, spec.frames), dict(meta), spec, path)
+            prepare(raw, dict(meta), spec, path)
     except ReaderError as e:
         return path, None, e.reason
     st = os.stat(path)
