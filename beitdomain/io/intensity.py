@@ -266,9 +266,17 @@ def normalize(
         raise ReaderError(path, "no finite pixel values to normalize")
 
     mode, lo, hi = _resolve_range(values, meta, spec, path)
-    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
-    out = np.subtract(x, np.float32(lo), dtype=np.float32)
-    out *= scale
+    per_frame = meta.get("window_frames")
+    if mode == "window" and spec.window is None and per_frame and len(per_frame) == x.shape[0]:
+        # Enhanced multi-frame: each frame's own VOI window from its functional group.
+        cw = np.asarray(per_frame, dtype=np.float32)  # [S, 2] center, width
+        low = (cw[:, 0] - cw[:, 1] / 2)[:, None, None, None]
+        out = np.subtract(x, low, dtype=np.float32)
+        out /= cw[:, 1, None, None, None]
+    else:
+        scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+        out = np.subtract(x, np.float32(lo), dtype=np.float32)
+        out *= scale
     np.clip(out, 0.0, 1.0, out=out)
     if meta.get("invert"):
         # MONOCHROME1 / TIFF min-is-white: high stored values are dark.
@@ -331,10 +339,11 @@ def dtype_range(meta: Mapping[str, Any], values: np.ndarray) -> tuple[float, flo
             lo, hi = 0.0, float(2**bits - 1)
         else:
             lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-        # Rescale slope/intercept (DICOM) maps the stored range into physical units.
-        slope, intercept = meta.get("rescale", (1.0, 0.0))
-        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
-        return lo, hi
+        # Rescale slope/intercept (DICOM) maps the stored range into physical units; with
+        # per-frame rescales (Enhanced multi-frame) the range covers every frame's.
+        pairs = meta.get("rescale_frames") or [meta.get("rescale", (1.0, 0.0))]
+        ends = [v * slope + intercept for slope, intercept in pairs for v in (lo, hi)]
+        return min(ends), max(ends)
     if dtype.kind == "b":
         return 0.0, 1.0
     # Float files have no intrinsic range; assume [0, 1] (what float TIFF exports usually mean).

@@ -151,6 +151,11 @@ def prepare(
         image, info = normalize(whole, meta, spec, path)
         image = image[kept]
     else:
+        if spec.frames != "all":
+            meta = dict(meta)
+            for key in ("window_frames", "rescale_frames"):  # per-frame lists follow the frames
+                if isinstance(meta.get(key), list) and len(meta[key]) == raw.shape[0]:
+                    meta[key] = [meta[key][i] for i in kept]
         image, info = normalize(select_frames(raw, spec.frames), meta, spec, path)
     meta = dict(meta)
     meta["normalization"] = info
