@@ -74,6 +74,7 @@ class DataConfig:
     # multi-frame files, stacks, series, volumes: all | middle | first | every:K | range:A:B
     frames: str = "all"
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"  # NIfTI, NRRD, MetaImage
+    dicom_series: bool = False  # a folder of only DICOMs is one volume, ordered by position
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
     num_workers: int | None = None  # None: min(8, cores - 1)
@@ -82,10 +83,17 @@ class DataConfig:
     hflip: float = 0.5
     vflip: float = 0.0
     intensity_jitter: float = 0.1
+    # the user's own pipeline instead of the four above: an albumentations file saved with
+    # albumentations.save (.json/.yaml) or 'package.module:name' of a (MONAI) transform or a
+    # function building one; reseeded per item from (seed, epoch, index)
+    augment: str | None = None
     # labelled splits when the data has none: stratified, seeded
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
+    # images of one group never sit in two splits; label subsets take whole groups
+    group_column: str = "group"  # labels-CSV column naming each image's patient/wafer/slide
+    patient_groups: bool = True  # DICOMs: group by PatientID (salted hash in memory only)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers import bundled_dicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -15,7 +16,6 @@ from pydicom.uid import generate_uid
 from beitdomain.data.dataset import ManifestImages
 from beitdomain.data.index import scan
 from beitdomain.io import IntensitySpec, ReaderError, load_image, read_raw
-from tests.helpers import bundled_dicom
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 

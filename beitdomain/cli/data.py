@@ -73,6 +73,20 @@ OnErrorOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
+GroupColumnOpt = Annotated[
+    str,
+    typer.Option(
+        "--group-column",
+        help="Labels-CSV column naming each image's patient/wafer/slide (kept in one split).",
+    ),
+]
+SeriesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dicom-series",
+        help="A folder holding only DICOMs is one volume (slices ordered by position).",
+    ),
+]
 
 
 def parse_channels(text: str | None) -> tuple[int, ...] | None:
@@ -145,6 +159,13 @@ def print_manifest_summary(manifest: Any) -> None:
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):
         out.print(_counter_table("by label", Counter(e.label for e in entries)))
+    if any(e.group is not None for e in entries):
+        groups = {e.group for e in entries if e.group is not None}
+        alone = sum(e.group is None for e in entries)
+        out.print(
+            f"{len(groups)} groups (patients, wafers, slides) hold "
+            f"{len(entries) - alone} images; {alone} images are their own group"
+        )
     shapes = Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)
     out.print(_counter_table("by S x C x H x W dtype", shapes))
     for path, reason in manifest.errors[:20]:
@@ -189,6 +210,8 @@ def scan(
     nonfinite: NonfiniteOpt = "error",
     channels: ChannelsOpt = None,
     slice_axis: SliceAxisOpt = "axial",
+    group_column: GroupColumnOpt = "group",
+    dicom_series: SeriesOpt = False,
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
@@ -209,7 +232,15 @@ def scan(
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
     spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     manifest = scan_folder(
-        root, labels, on_error, allow_outside_root, workers, progress=True, spec=spec
+        root,
+        labels,
+        on_error,
+        allow_outside_root,
+        workers,
+        progress=True,
+        spec=spec,
+        group_column=group_column,
+        dicom_series=dicom_series,
     )
     print_manifest_summary(manifest)
     if out is not None:
@@ -238,6 +269,7 @@ def cache(
     nonfinite: NonfiniteOpt = "error",
     channels: ChannelsOpt = None,
     slice_axis: SliceAxisOpt = "axial",
+    dicom_series: SeriesOpt = False,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
@@ -265,7 +297,12 @@ def cache(
 
         # The scan normalizes too, so every bad file is named before the long cache pass.
         source_obj = scan_folder(
-            source, on_error=on_error, workers=workers, progress=True, spec=spec
+            source,
+            on_error=on_error,
+            workers=workers,
+            progress=True,
+            spec=spec,
+            dicom_series=dicom_series,
         )
     cached = build_cache(
         source_obj,

@@ -32,7 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from beitdomain.data.index import DataError, Manifest, ScanError, scan
+from beitdomain.data.index import DataError, Manifest, ScanError, path_stat, scan
 from beitdomain.fileio import atomic_write_json, sha256_file
 from beitdomain.io import IntensitySpec, ReaderError, kept_frames, load_image
 
@@ -131,17 +131,17 @@ def _changed_files(root: Path, files: Sequence[dict[str, Any]]) -> list[str]:
         p = Path(f["path"])
         p = p if p.is_absolute() else root / p
         try:
-            st = p.stat()
+            st_size, st_mtime_ns = path_stat(p)  # a DICOM series folder: its files together
         except FileNotFoundError:
             changes.append(f"{f['path']}: deleted")
             continue
-        if st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]:
+        if st_size == f["size"] and st_mtime_ns == f["mtime_ns"]:
             continue
-        if f.get("sha256") and st.st_size == f["size"] and sha256_file(p) == f["sha256"]:
+        if f.get("sha256") and st_size == f["size"] and sha256_file(p) == f["sha256"]:
             continue  # touched or copied, content identical
         changes.append(
-            f"{f['path']}: size {f['size']} -> {st.st_size}"
-            if st.st_size != f["size"]
+            f"{f['path']}: size {f['size']} -> {st_size}"
+            if st_size != f["size"]
             else f"{f['path']}: modified (mtime changed)"
         )
     return changes
@@ -284,9 +284,10 @@ def build_cache(
             "mtime_ns": e.mtime_ns,
             "label": e.label,
             "split": e.split,
+            "group": e.group,
             "frames": per_file[i],
         }
-        if hash_files:
+        if hash_files and manifest.abspath(e).is_file():  # not for series folders
             record["sha256"] = sha256_file(manifest.abspath(e))
         file_index = len(files)
         files.append(record)
@@ -419,6 +420,10 @@ class CachedImages:
 
     def split(self, i: int) -> str | None:
         return self.files[self.items[i, 1]]["split"]
+
+    def group(self, i: int) -> str | None:
+        """The file's group (patient, wafer, slide); None: its own (caches before groups)."""
+        return self.files[self.items[i, 1]].get("group")
 
     @property
     def labels(self) -> list[str | None]:

@@ -84,6 +84,9 @@ class ManifestImages:
         k, frame = self.items[i]
         return self.manifest.entries[k].path, frame
 
+    def group(self, i: int) -> str | None:
+        return self.manifest.entries[self.items[i][0]].group
+
     @property
     def labels(self) -> list[str | None]:
         return [self.manifest.entries[k].label for k, _ in self.items]

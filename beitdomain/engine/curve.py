@@ -118,6 +118,24 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
     return rows
 
 
+def _splits_text(out: Path) -> str | None:
+    """Images and groups per split, in words, from a finished cell (all cells share the split)."""
+    for res_path in sorted((out / "cells").glob("*/results.json")):
+        splits = json.loads(res_path.read_text()).get("splits")
+        if splits:
+            return "; ".join(
+                f"{name} {row['images']} images in {row['groups']} groups"
+                + (
+                    f" ({row['items']} items)"
+                    if row.get("items", row["images"]) != row["images"]
+                    else ""
+                )
+                for name, row in splits.items()
+                if name != "subset" and row["images"]
+            )
+    return None
+
+
 def seeds_of(c: CurveConfig, fraction: str) -> list[int]:
     """The seeds a fraction runs: `curve.fraction_seeds[fraction]`, else `curve.seeds`."""
     return list(c.fraction_seeds.get(fraction, c.seeds))
@@ -186,6 +204,8 @@ def write_outputs(
         },
         "figure": "curve.png",
     }
+    if splits := _splits_text(out):
+        context["Splits (a group never spans two)"] = splits
     write_report(out / "report.md", summary, effs, metric, context)
     return {"summary": summary, "efficiency": effs}
 

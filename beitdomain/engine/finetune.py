@@ -406,6 +406,7 @@ def finetune(
             "n_labels": data.subset["n_labels"],
             "n_train": data.subset["n_train"],
             "fraction": data.subset["fraction"],
+            "splits": data.subset.get("splits"),  # images, items and groups per split
             "seed": recipe.seed,
             "lr": ft.optim.lr,  # the peak learning rate (an lr grid's choice, in a grid's run)
             "steps": state.step,

@@ -288,6 +288,37 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, 
     return volume, meta
 
 
+def patient_digest(path: str | os.PathLike, salt: bytes) -> str | None:
+    """HMAC-SHA256 of the file's PatientID under ``salt``, or None without a PatientID.
+
+    For grouping images by patient without holding the ID: the caller keeps the salt in memory
+    for one scan only and writes neither the ID nor the digest (it numbers the patients), so
+    nothing written can be matched against a list of IDs. A folder (one series) uses its first
+    DICOM file.
+    """
+    import hashlib
+    import hmac
+
+    pydicom = _pydicom()
+    path = Path(path)
+    if path.is_dir():
+        path = next(
+            (p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), path
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, force=True, specific_tags=["PatientID"]
+            )
+        pid = str(ds.get("PatientID", "") or "").strip()
+    except Exception:
+        return None
+    if not pid:
+        return None
+    return hmac.new(salt, pid.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
 class DicomReader(BaseReader):
     """DICOM Part 10 files and preamble-less datasets, by content."""
 
