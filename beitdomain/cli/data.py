@@ -152,9 +152,10 @@ def print_manifest_summary(manifest: Any) -> None:
 
     out = _out()
     entries = manifest.entries
+    # Counts first: a long root path then wraps after them, not through them.
     out.print(
-        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames) "
-        f"under {escape(str(manifest.root))}, [bold]{len(manifest.errors)}[/] unreadable"
+        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames), "
+        f"[bold]{len(manifest.errors)}[/] unreadable, under {escape(str(manifest.root))}"
     )
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):

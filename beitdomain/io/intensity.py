@@ -297,7 +297,8 @@ def _select_channels(x: np.ndarray, spec: IntensitySpec, path: str) -> np.ndarra
     if c > 3:
         raise ReaderError(
             path,
-            f"{c} samples per pixel; choose up to 3 with channels: [i, j, k] in the recipe",
+            f"{c} samples per pixel; choose up to 3 with data.channels: [i, j, k] in the recipe "
+            "or --channels i,j,k",
         )
     return x
 
@@ -361,5 +362,7 @@ def apply_channel_policy(x: np.ndarray, in_chans: int, path: str = "<array>") ->
     if c == 1:
         return np.repeat(x, in_chans, axis=1)
     raise ReaderError(
-        path, f"image has {c} channels but in_chans={in_chans}; use channels: [...] to pick them"
+        path,
+        f"image has {c} channels but in_chans={in_chans}; pick them with data.channels: [...] "
+        "in the recipe or --channels i,j",
     )
