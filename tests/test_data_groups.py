@@ -178,6 +178,10 @@ def test_group_column_in_labels_csv(tmp_path: Path):
         ("train", "W1"),
         (None, None),
     ]
+    short_header = tmp_path / "short.csv"  # header names two columns; split keeps its place
+    short_header.write_text("path,label\n0.png,ok,test\n2.png,bad,train,W9\n")
+    manifest_short = scan(root, labels_csv=short_header)
+    assert [(e.split, e.group) for e in manifest_short.entries] == [("test", None), ("train", "W9")]
     for suffix in (".jsonl", ".csv"):  # groups survive the manifest round trip
         out = tmp_path / f"m{suffix}"
         manifest.save(out)

@@ -303,8 +303,8 @@ def read_labels_csv(
     """Parses ``path,label[,split[,group]]`` rows (header optional).
 
     With a header, columns are found by name (``path``, ``label``, ``split`` and
-    ``group_column``; others are ignored), so ``path,label,patient`` with
-    ``group_column='patient'`` works too.
+    ``group_column``), so ``path,label,patient`` with ``group_column='patient'`` works too;
+    split and group, when the header does not name them, keep their places (3rd, 4th).
 
     Returns:
         ``(rows, missing)``: resolved (path, label, split, group) rows, and ``(path, reason)``
@@ -339,10 +339,13 @@ def read_labels_csv(
                 }
                 if "label" not in columns:
                     raise ScanError(f"{csv_path}: the header {row} has no 'label' column", [])
-                ncols = (len(row),)
+                for key, pos in (("split", 2), ("group", 3)):  # unnamed: by position
+                    if key not in columns and pos not in columns.values():
+                        columns[key] = pos
+                ncols = tuple(range(2, max(len(row), 4) + 1))
                 continue  # header
             where = f"{csv_path.name} line {lineno}"
-            if len(row) not in ncols and not (len(ncols) == 1 and len(row) >= 2):
+            if len(row) not in ncols:
                 problems.append(
                     (where, f"expected 'path,label[,split]' (or path,label,split,group), got {row}")
                 )
