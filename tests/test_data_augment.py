@@ -112,7 +112,12 @@ def test_pretrain_with_user_augment_resumes_to_the_same_batches(which, data, alb
     root, tok = data
     spec = str(albu_file) if which == "albumentations" else MONAI_CHAIN
     r = recipe(
-        [*PRETRAIN_SETS, "train.steps=6", "train.ckpt_every=3", "train.deterministic=true"],
+        [
+            *PRETRAIN_SETS,
+            "pretrain.train.steps=6",
+            "pretrain.train.ckpt_every=3",
+            "pretrain.train.deterministic=true",
+        ],
         **{"data.root": str(root), "tokenizer.path": str(tok), "data.augment": spec},
     )
     run = tmp_path / "run"
