@@ -105,7 +105,10 @@ class DataConfig:
     # sample indices for TIFFs with more than 3 samples
     channels: list[int] | None = bounded(None, ge=0)
     nonfinite: Literal["error", "zero"] = "error"  # NaN/Inf in float images
-    frames: Literal["all", "middle", "first"] = "all"  # multi-frame files, stacks, series
+    # multi-frame files, stacks, series, volumes: all | middle | first | every:K | range:A:B
+    frames: str = "all"
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"  # NIfTI, NRRD, MetaImage
+    dicom_series: bool = False  # a folder of only DICOMs is one volume, ordered by position
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
     num_workers: int | None = bounded(None, ge=0)  # None: min(8, cores - 1)
@@ -114,10 +117,17 @@ class DataConfig:
     hflip: float = bounded(0.5, ge=0, le=1)
     vflip: float = bounded(0.0, ge=0, le=1)
     intensity_jitter: float = bounded(0.1, ge=0, le=1)
+    # the user's own pipeline instead of the four above: an albumentations file saved with
+    # albumentations.save (.json/.yaml) or 'package.module:name' of a (MONAI) transform or a
+    # function building one; reseeded per item from (seed, epoch, index)
+    augment: str | None = None
     # labelled splits when the data has none: stratified, seeded
     val_fraction: float = bounded(0.1, ge=0, lt=1)
     test_fraction: float = bounded(0.2, ge=0, lt=1)
     split_seed: int = bounded(0, ge=0)
+    # images of one group never sit in two splits; label subsets take whole groups
+    group_column: str = "group"  # labels-CSV column naming each image's patient/wafer/slide
+    patient_groups: bool = True  # DICOMs: group by PatientID (salted hash in memory only)
 
 
 @dataclass

@@ -281,6 +281,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "n_labels": data.subset["n_labels"],
             "n_train": data.subset["n_train"],
             "fraction": data.subset["fraction"],
+            "splits": data.subset.get("splits"),  # images, items and groups per split
             "seed": recipe.seed,
             "lr": job.peak_lr,  # the schedule's peak learning rate
             "steps": state.step,
