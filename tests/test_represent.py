@@ -212,3 +212,23 @@ def test_knn_monitor_without_labels_says_what_to_give(tmp_path):
     assert res.returncode == 2
     assert "pretrain.knn_every=1 needs labelled images" in res.stderr
     assert "--labels-csv" in res.stderr
+
+
+def test_embed_applies_the_weights_input_convention(exported_run, tmp_path):
+    """Official-BEiT-style weights expect (x - 0.5) / 0.5: an export carries it, and `embed`
+    applies it (the timm model itself does not normalize)."""
+    from beitdomain.engine.represent import load_backbone, pooled_features
+    from beitdomain.models.convert import export_timm_backbone
+
+    run, mim = exported_run
+    plain = load_backbone(run)
+    assert plain.data_config["mean"] == (0.0,) and plain.data_config["std"] == (1.0,)
+    mim.input_norm.set(0.5, 0.5)
+    export_timm_backbone(mim, run / "backbone.safetensors")
+    bb = load_backbone(run)
+    assert bb.data_config["mean"] == (0.5,) and bb.data_config["std"] == (0.5,)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = pooled_features(bb.model, (x - 0.5) / 0.5)
+        assert torch.allclose(bb.features(x), expected)
+        assert not torch.allclose(plain.features(x), bb.features(x))

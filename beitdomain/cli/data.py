@@ -44,7 +44,24 @@ InChansOpt = Annotated[
 ]
 FramesOpt = Annotated[
     str | None,
-    typer.Option("--frames", help="Multi-frame files: all (one item each), middle, first."),
+    typer.Option(
+        "--frames",
+        help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
+        "range:A:B (slices A to B-1).",
+    ),
+]
+SliceAxisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
+    ),
+]
+ChannelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--channels",
+        help="Samples to keep from multi-band files (TIFF bands, 4D volumes), e.g. 0,1,2 or 3.",
+    ),
 ]
 NonfiniteOpt = Annotated[
     str | None, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
@@ -58,9 +75,43 @@ OnErrorOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
+GroupColumnOpt = Annotated[
+    str,
+    typer.Option(
+        "--group-column",
+        help="Labels-CSV column naming each image's patient/wafer/slide (kept in one split).",
+    ),
+]
+SeriesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dicom-series",
+        help="A folder holding only DICOMs is one volume (slices ordered by position).",
+    ),
+]
 
 
-def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfinite: str):
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """``'0,1,2'`` -> ``(0, 1, 2)``; None stays None."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(c) for c in text.replace(" ", "").split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--channels {text!r}: give sample indices separated by commas, e.g. 0,1,2"
+        ) from None
+
+
+def _spec(
+    normalize: str,
+    window: str | None,
+    in_chans: int,
+    frames: str,
+    nonfinite: str,
+    channels: str | None = None,
+    slice_axis: str = "axial",
+):
     from beitdomain.io import IntensitySpec
 
     try:
@@ -70,6 +121,8 @@ def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfin
             in_chans=in_chans,
             frames=frames,
             nonfinite=nonfinite,
+            channels=parse_channels(channels),
+            slice_axis=slice_axis,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -128,6 +181,7 @@ def print_manifest_summary(manifest: Any, extra: dict[str, Any] | None = None) -
         return
     out = _out()
     entries = manifest.entries
+    # Counts first: a long root path then wraps after them, not through them.
     out.print(
         f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames, one "
         f"training item each), [bold]{len(manifest.errors)}[/] unreadable, under "
@@ -142,6 +196,13 @@ def print_manifest_summary(manifest: Any, extra: dict[str, Any] | None = None) -
                 Counter(summary["by_label_files"]),
                 frames=Counter(summary["by_label_frames"]),
             )
+        )
+    if any(e.group is not None for e in entries):
+        groups = {e.group for e in entries if e.group is not None}
+        alone = sum(e.group is None for e in entries)
+        out.print(
+            f"{len(groups)} groups (patients, wafers, slides) hold "
+            f"{len(entries) - alone} images; {alone} images are their own group"
         )
     shapes = Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)
     out.print(_counter_table("by S x C x H x W dtype", shapes))
@@ -161,7 +222,7 @@ def _open_source(
     if source.is_dir() and (source / "cache.json").is_file():
         return CachedImages(source)
     if source.is_dir():
-        return scan(source, on_error=on_error, workers=workers, progress=not quiet)
+        return scan(source, on_error=on_error, workers=workers, progress=not quiet, spec=spec)
     if source.is_file():
         return Manifest.load(source)
     from beitdomain.user import MissingPathError
@@ -184,13 +245,24 @@ def scan(
         bool, typer.Option("--allow-outside-root", help="Let CSV paths leave DIR.")
     ] = False,
     workers: WorkersOpt = 0,
+    normalize: NormalizeOpt = "auto",
+    window: WindowOpt = None,
+    in_chans: InChansOpt = 1,
+    frames: FramesOpt = "all",
+    nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
+    group_column: GroupColumnOpt = "group",
+    dicom_series: SeriesOpt = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="The summary as JSON on stdout (as the global --json).")
     ] = False,
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
-    Labels come from first-level subfolders (DIR/<label>/...) or from --labels-csv.
+    Labels come from first-level subfolders (DIR/<label>/...) or from --labels-csv. Each image
+    is also normalized as `data cache` and training will (NaN/Inf, channel counts, the window),
+    so a file that would fail there is listed now, with the same options to fix it.
 
     Examples:
 
@@ -211,8 +283,18 @@ def scan(
     )
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
-    quiet = global_options(ctx).quiet
-    manifest = scan_folder(root, labels, on_error, allow_outside_root, workers, progress=not quiet)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    manifest = scan_folder(
+        root,
+        labels,
+        on_error,
+        allow_outside_root,
+        workers,
+        progress=not global_options(ctx).quiet,
+        spec=spec,
+        group_column=group_column,
+        dicom_series=dicom_series,
+    )
     if out is not None:
         manifest.save(out)
     written = {"manifest": str(out) if out else None}
@@ -258,6 +340,9 @@ def cache(
     in_chans: InChansOpt = None,
     frames: FramesOpt = None,
     nonfinite: NonfiniteOpt = None,
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = None,
+    dicom_series: SeriesOpt = False,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
@@ -286,6 +371,8 @@ def cache(
         "in_chans": in_chans,
         "frames": frames,
         "nonfinite": nonfinite,
+        "channels": channels,
+        "slice_axis": slice_axis,
     }
     labels_csv = None
     if recipe is not None or sets:
@@ -293,9 +380,16 @@ def cache(
         spec, size, on_error, labels_csv = _cache_settings_from_recipe(
             r, recipe, flags, size, on_error
         )
+        dicom_series = dicom_series or r.data.dicom_series
     else:
         spec = _spec(
-            normalize or "auto", window, in_chans or 1, frames or "all", nonfinite or "error"
+            normalize or "auto",
+            window,
+            in_chans or 1,
+            frames or "all",
+            nonfinite or "error",
+            channels,
+            slice_axis or "axial",
         )
     size = size or 256
     on_error = on_error or "fail"
@@ -304,8 +398,15 @@ def cache(
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
 
+        # The scan normalizes too, so every bad file is named before the long cache pass.
         source_obj = scan_folder(
-            source, labels_csv, on_error=on_error, workers=workers, progress=not quiet
+            source,
+            labels_csv,
+            on_error=on_error,
+            workers=workers,
+            progress=not quiet,
+            spec=spec,
+            dicom_series=dicom_series,
         )
     cached = build_cache(
         source_obj,
@@ -360,6 +461,10 @@ def _cache_settings_from_recipe(
         flags["in_chans"] or spec.in_chans,
         flags["frames"] or spec.frames,
         flags["nonfinite"] or spec.nonfinite,
+        flags["channels"]
+        if flags["channels"] is not None
+        else (",".join(map(str, spec.channels)) if spec.channels else None),
+        flags["slice_axis"] or spec.slice_axis,
     )
     clash = [
         f"--{k.replace('_', '-')} {flags[k]} (the recipe has {k}: {wanted[k]})"
@@ -388,6 +493,8 @@ def inspect(
     in_chans: InChansOpt = 1,
     frames: FramesOpt = "all",
     nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
 ) -> None:
     """Write a contact sheet: sampled images after normalization with intensity histograms.
 
@@ -401,7 +508,7 @@ def inspect(
     """
     from beitdomain.data.inspect import contact_sheet
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})

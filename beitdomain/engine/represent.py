@@ -65,6 +65,20 @@ class FrozenBackbone:
     recipe: Recipe | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crop_pct: float = 0.875
+    # The weights' input convention: [0, 1] images become (x - mean) / std before the model
+    # (official BEiT weights: 0.5 / 0.5; beitdomain's own from scratch: 0 / 1).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features `[B, D]` of a batch of [0, 1] images, the convention applied."""
+        x = images.to(self.device)
+        if self.mean is not None and self.std is not None:
+            c = x.shape[1]
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            x = (x - mean) / std
+        return pooled_features(self.model, x)
 
     @property
     def in_chans(self) -> int:
@@ -74,8 +88,8 @@ class FrozenBackbone:
     def data_config(self) -> dict[str, Any]:
         """timm-style preprocessing description (`timm.data.resolve_data_config` keys).
 
-        Inputs are intensities in [0, 1] as produced by `spec`; there is no mean/std
-        normalization on top (mean 0, std 1).
+        Inputs are intensities in [0, 1] as produced by `spec`, then `(x - mean) / std` with the
+        weights' own convention (`features` applies it).
         """
         c = self.in_chans
         return {
@@ -83,8 +97,8 @@ class FrozenBackbone:
             "interpolation": "bicubic",
             "crop_pct": self.crop_pct,
             "crop_mode": "center",
-            "mean": (0.0,) * c,
-            "std": (1.0,) * c,
+            "mean": tuple(self.mean) if self.mean is not None else (0.0,) * c,
+            "std": tuple(self.std) if self.std is not None else (1.0,) * c,
             "intensity": self.spec.to_dict(),
         }
 
@@ -139,8 +153,8 @@ class FrozenBackbone:
         items = list(items)
         out = []
         for i in range(0, len(items), batch_size):
-            x = self.preprocess(items[i : i + batch_size]).to(self.device)
-            out.append(pooled_features(self.model, x).float().cpu().numpy())
+            x = self.preprocess(items[i : i + batch_size])
+            out.append(self.features(x).float().cpu().numpy())
         width = int(getattr(self.model, "num_features", 0))
         return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
 
@@ -153,7 +167,7 @@ class FrozenBackbone:
         loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, num_workers=0)
         xs, ys = [], []
         for b in loader:
-            xs.append(pooled_features(self.model, b["image"].to(self.device)).float().cpu())
+            xs.append(self.features(b["image"]).float().cpu())
             ys.append(b["label"])
         return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
@@ -164,6 +178,18 @@ def _timm_meta(path: Path) -> dict[str, Any] | None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta[TIMM_META_KEY]) if TIMM_META_KEY in meta else None
+
+
+def _input_convention(path: Path) -> Any:
+    """The `InputConvention` an export carries in its metadata (None: written before it did)."""
+    from safetensors import safe_open
+
+    from beitdomain.models.convention import InputConvention
+    from beitdomain.models.convert import INPUT_META
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return InputConvention.from_dict(json.loads(meta[INPUT_META])) if INPUT_META in meta else None
 
 
 def _recipe_of(folder: Path) -> Recipe | None:
@@ -211,8 +237,16 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     model = TimmExport(weights, name, meta).create_model(num_classes=0)
     spec = IntensitySpec.from_config(recipe.data) if recipe else IntensitySpec()
     spec = replace(spec, in_chans=int(meta["in_chans"]), frames=frames)
+    conv = _input_convention(weights)
     return FrozenBackbone(
-        model.to(dev).eval(), spec, int(meta["img_size"]), str(weights), recipe, dev
+        model.to(dev).eval(),
+        spec,
+        int(meta["img_size"]),
+        str(weights),
+        recipe,
+        dev,
+        mean=conv.mean if conv else None,
+        std=conv.std if conv else None,
     )
 
 
@@ -220,6 +254,7 @@ def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBack
     from beitdomain.engine.build import build_classifier
     from beitdomain.engine.job import BEST_FILE, RESULTS_FILE
     from beitdomain.engine.predict import load_weights
+    from beitdomain.models.convention import convention_of
 
     recipe = load_recipe(path / "recipe.yaml")
     classes = json.loads((path / RESULTS_FILE).read_text())["classes"]
@@ -228,8 +263,18 @@ def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBack
     )
     load_weights(model, path / BEST_FILE)
     spec = replace(IntensitySpec.from_config(recipe.data), frames=frames)
+    conv = convention_of(model)
     bb = model.backbone.to(dev).eval()
-    return FrozenBackbone(bb, spec, recipe.data.image_size, str(path / BEST_FILE), recipe, dev)
+    return FrozenBackbone(
+        bb,
+        spec,
+        recipe.data.image_size,
+        str(path / BEST_FILE),
+        recipe,
+        dev,
+        mean=conv.mean,
+        std=conv.std,
+    )
 
 
 def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:
@@ -308,7 +353,8 @@ class KnnMonitor:
     curve during pre-training shows the features getting better before any fine-tune.
 
     Args:
-        backbone_of: the trained module -> its timm `Beit` (e.g. `lambda m: m.mim.backbone`).
+        backbone_of: the trained module -> the model that holds the timm `Beit` as `.backbone`
+            and its `input_norm` (e.g. `lambda m: m.mim` for pre-training).
         train: labelled dataset whose features form the k-NN memory (evaluation view).
         test: labelled dataset scored against it.
         classes: class names.
@@ -327,9 +373,22 @@ class KnnMonitor:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def measure(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
-        bb = D.unwrap(self.backbone_of(D.unwrap(model)))
+        from beitdomain.models.convention import convention_of
+
+        owner = D.unwrap(self.backbone_of(D.unwrap(model)))
+        bb = getattr(owner, "backbone", owner)
+        conv = convention_of(owner)
         was = bb.training
-        fb = FrozenBackbone(bb.eval(), IntensitySpec(), self.image_size, "training", None, device)
+        fb = FrozenBackbone(
+            bb.eval(),
+            IntensitySpec(),
+            self.image_size,
+            "training",
+            None,
+            device,
+            mean=conv.mean,
+            std=conv.std,
+        )
         try:
             scores = representation_scores(
                 "knn",
