@@ -32,6 +32,7 @@ from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine import distributed as D
 from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from beitdomain.engine.rundir import MetricsLog, RunDir
+from beitdomain.models.attention import select_attention_kernels
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +490,8 @@ def plan_run(
 
 
 def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
-    """DDP-wraps the module when several processes run, and compiles it when asked."""
+    """Picks the attention kernels for `device`, DDP-wraps the module when several processes
+    run, and compiles it when asked."""
+    select_attention_kernels(model, device)
     wrapped = D.wrap_ddp(model, device, D.dist_info())
     return torch.compile(wrapped) if train.compile else wrapped

@@ -7,8 +7,9 @@ Flow per batch:
 
 Only masked positions reach the head (`N = mask.sum()`), so with a 40% mask and an 8192-word
 vocabulary the head costs 40% of a full-sequence head, and no logits are computed that the loss
-would throw away. For the same reason the last block's MLP and the final norm run on the masked
-tokens only (its attention still reads every token); see `BeitMIM.forward`.
+would throw away. For the same reason the last block runs its queries, output projection, MLP
+and the final norm on the masked tokens only (keys and values still come from every token); see
+`BeitMIM.forward`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from beitdomain.models.attention import attention_at
 from beitdomain.models.backbone import BackboneConfig, create_backbone
 
 MimTarget = Literal["tokens", "pixels"]
@@ -156,9 +158,9 @@ class BeitMIM(nn.Module):
         """Predictions for the masked patches, in row-major (batch, patch) order.
 
         The head only needs the last block's outputs at masked positions. Attention must still
-        see every token (keys and values), so the last block's attention half runs on all of
-        them, through timm's own module; its MLP half and the final norm are per-token, so they
-        run on the masked tokens only (40% of them with BEiT's mask). The result equals
+        see every token as keys and values, but its queries, its output projection, the MLP
+        and the final norm are per-token, so they run on the masked tokens only (40% of them
+        with BEiT's mask; `models.attention.attention_at`). The result equals
         `lm_head(encode(images, mask)[:, 1:][mask])`; drop path draws one value per image either
         way. It needs the same masked count in every image (what both mask generators give);
         otherwise the full last block runs.
@@ -184,9 +186,11 @@ class BeitMIM(nn.Module):
         last = bb.blocks[-1]
         g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
         g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
-        # Boolean gather keeps (batch, patch) row-major order: [B, 1 + L, D] -> [B, M, D].
-        x = x + last.drop_path1(g1 * last.attn(last.norm1(x), shared_rel_pos_bias=rel_pos_bias))
-        x = x[:, 1:][mask].view(b, -1, x.shape[-1])
+        # Masked token positions in (batch, patch) row-major order, +1 for cls: [B, M].
+        idx = mask.nonzero()[:, 1].view(b, -1) + 1
+        xq = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
+        h = attention_at(last.attn, last.norm1(x), idx, rel_pos_bias)
+        x = xq + last.drop_path1(g1 * h)
         x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
         return self.lm_head(bb.norm(x).flatten(0, 1))  # [N, D] -> [N, V or P]
 
