@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "elpv-cpu.yaml"
+
+
+def _recipe_path() -> Path:
+    # The recipe of the checkout whose library is imported (an older one under --ab).
+    import beitdomain
+
+    return Path(beitdomain.__file__).resolve().parents[1] / "recipes" / "elpv-cpu.yaml"
 
 
 class _Synthetic(torch.utils.data.Dataset):
@@ -65,7 +71,7 @@ class _Clock:
 def _recipe(overrides: Sequence[str]) -> Any:
     from beitdomain.config import load_recipe
 
-    return load_recipe(RECIPE, sets=list(overrides))
+    return load_recipe(_recipe_path(), sets=list(overrides))
 
 
 def _section(recipe: Any, job: str, name: str) -> Any:
@@ -235,6 +241,8 @@ def ab(old: Path, args: argparse.Namespace) -> dict[str, Any]:
             env = {**os.environ, "PYTHONPATH": str(trees[name])}
             cmd = [sys.executable, __file__, "--job", args.job, "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--json-stdout"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             sets = args.set if name == "new" else args.old_set
             for s in sets:
                 cmd += ["--set", s]
