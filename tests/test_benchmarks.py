@@ -56,6 +56,7 @@ def test_finetune_step_main_prints_table(capsys):
     assert "Fine-tuning step: tiny" in out and "| BeitClassifier (timm Beit) |" in out
     r = res["finetune"]
     assert r["img_per_s"] > 0 and r["gflops_per_img"] > 0 and r["mfu"] is None
+    assert "share of matmul peak" in out and r["peak_share"] > 0
     # Counted FLOPs of the tiny model agree with the analytic 3 x forward within 25%
     # (the counter skips the patch embedding's input gradient, the analytic count has it).
     assert r["gflops_per_img"] == pytest.approx(res["analytic_gflops_per_img"], rel=0.25)
