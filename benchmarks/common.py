@@ -64,29 +64,36 @@ autocast = D.autocast  # what `Trainer` runs each step under
 
 
 def matmul_peak_gflops(
-    dtype: torch.dtype, device: torch.device, *, n: int = 2048, repeats: int = 5
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    n: int = 2048,
+    repeats: int = 5,
+    clock: str = "wall",
 ) -> float:
     """This machine's own dense matmul rate: the best of `repeats` `n x n` `torch.matmul`s.
 
     Measured in the calling process with its thread count, so a step's share of it says how
     close the step comes to what the hardware does on the one op it is made of. Best, not
     median: the peak is what an undisturbed matmul reaches (a shared machine only slows it).
+    `clock="cpu"` times by process CPU time (for one-thread runs on a loaded machine, where
+    the wall clock mostly measures the other jobs).
     """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
     best = float("inf")
     for _ in range(repeats):
-        wall, _ = timed(lambda: torch.matmul(a, b), device)
-        best = min(best, wall)
+        wall, cpu = timed(lambda: torch.matmul(a, b), device)
+        best = min(best, cpu if clock == "cpu" else wall)
     return 2 * n**3 / best / 1e9
 
 
-def matmul_peaks(device: torch.device) -> dict[str, float]:
+def matmul_peaks(device: torch.device, clock: str = "wall") -> dict[str, float]:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s} of `matmul_peak_gflops` on `device`."""
     return {
-        "fp32": matmul_peak_gflops(torch.float32, device),
-        "bf16": matmul_peak_gflops(torch.bfloat16, device),
+        "fp32": matmul_peak_gflops(torch.float32, device, clock=clock),
+        "bf16": matmul_peak_gflops(torch.bfloat16, device, clock=clock),
     }
 
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
 
 
 def _recipe_path() -> Path:
@@ -182,6 +184,19 @@ def build_trainer(job: str, overrides: Sequence[str], steps: int, hooks: Sequenc
     )
 
 
+def _step_flops(trainer: Any) -> int:
+    """Counted FLOPs (2 x MACs: tokenizer, forward, backward) of one step's loss."""
+    batch = next(iter(trainer.loader))
+
+    def run() -> None:
+        loss, _ = trainer.step_fn(trainer.model, batch)
+        loss.backward()
+
+    flops = C.count_flops(run)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return flops
+
+
 def time_steps(job: str, overrides: Sequence[str], steps: int, warmup: int) -> dict[str, Any]:
     """Builds, compiles (when the recipe says so) and times `steps` steps after `warmup`."""
     clock = _Clock()
@@ -192,6 +207,9 @@ def time_steps(job: str, overrides: Sequence[str], steps: int, warmup: int) -> d
     per_step = np.diff([t0, *clock.times])
     timed = per_step[warmup:]
     cpu = np.diff([c0, *clock.cpu])[warmup:]
+    flops = _step_flops(trainer)
+    peaks = {c: C.matmul_peaks(trainer.device, clock=c) for c in ("wall", "cpu")}
+    dtype = "bf16" if trainer.amp_dtype == torch.bfloat16 else "fp32"
     return {
         "job": job,
         "batch": int(batch),
@@ -200,6 +218,11 @@ def time_steps(job: str, overrides: Sequence[str], steps: int, warmup: int) -> d
         "median_step_s": float(np.median(timed)),
         "img_per_s": float(batch / np.median(timed)),
         "median_cpu_s": float(np.median(cpu)),
+        "gflop_per_step": flops / 1e9,
+        "matmul_peak_gflops": peaks,
+        # Counted FLOPs per second over the peak of the step's dtype, by each clock.
+        "peak_share_wall": flops / np.median(timed) / 1e9 / peaks["wall"][dtype],
+        "peak_share_cpu": flops / np.median(cpu) / 1e9 / peaks["cpu"][dtype],
         "amp": str(trainer.amp_dtype),
         "threads": torch.get_num_threads(),
     }
@@ -261,6 +284,9 @@ def ab(old: Path, args: argparse.Namespace) -> dict[str, Any]:
             "img_per_s": runs[name][0]["batch"] / statistics.median(meds),
             "median_cpu_s": statistics.median(cpus),
             "per_run_cpu_s": cpus,
+            "gflop_per_step": runs[name][0]["gflop_per_step"],
+            "peak_share_cpu": statistics.median(r["peak_share_cpu"] for r in runs[name]),
+            "matmul_peak_cpu_gflops": runs[name][0]["matmul_peak_gflops"]["cpu"],
             "first_steps_s": [r["first_steps_s"] for r in runs[name]],
         }
     # On a shared machine the wall clock mostly measures the other jobs; at one thread the
