@@ -172,7 +172,9 @@ def run(
     peak = peak_tflops if peak_tflops is not None else C.default_peak_tflops(dev, amp)
     r["mfu"] = C.mfu(flops, r["img_per_s"], peak)
     matmul_peaks = C.matmul_peaks(dev)  # this machine's own, with this run's threads
+    cpu_peaks = C.matmul_peaks(dev, clock="cpu")  # steadier on a shared machine, 1 thread
     r["peak_share"] = C.peak_share(flops, r["img_per_s"], matmul_peaks[C.dtype_name(amp)])
+    r["peak_share_cpu"] = C.peak_share(flops, batch / r["cpu_s"], cpu_peaks[C.dtype_name(amp)])
     r["peak_gib"] = r["mem_per_img_mib"] = None
     if dev.type == "cuda":
         C.free_memory(dev)
@@ -203,6 +205,7 @@ def run(
             "num_classes": num_classes,
             "batch": batch,
             "matmul_peak_gflops": matmul_peaks,
+            "matmul_peak_cpu_gflops": cpu_peaks,
             "steps": steps,
             "warmup": warmup,
             "dtype": C.dtype_name(amp),
@@ -233,6 +236,7 @@ def format_table(res: dict[str, Any]) -> str:
             "CPU ms (median)",
             "GFLOP/img (counted)",
             "share of matmul peak",
+            "same, CPU clock",
             "MFU",
             "peak GiB",
             "MiB/img",
@@ -247,6 +251,7 @@ def format_table(res: dict[str, Any]) -> str:
                 C.fmt(r["cpu_s"] * 1e3),
                 C.fmt(r["gflops_per_img"], ".2f"),
                 C.fmt_pct(r["peak_share"]),
+                C.fmt_pct(r["peak_share_cpu"]),
                 C.fmt_pct(r["mfu"]),
                 C.fmt(r["peak_gib"], ".2f"),
                 C.fmt(r["mem_per_img_mib"], ".1f"),

@@ -307,6 +307,7 @@ def run(
     peak = peak_tflops if peak_tflops is not None else C.default_peak_tflops(dev, amp)
     # The machine's own matmul peaks, measured now with this run's threads and load.
     matmul_peaks = C.matmul_peaks(dev)
+    cpu_peaks = C.matmul_peaks(dev, clock="cpu")  # steadier on a shared machine, 1 thread
     own_peak = matmul_peaks[C.dtype_name(amp)]
     # MFU counts the useful work (our FLOPs: the head on masked patches only) for both models,
     # so it stays a throughput measure; HF's extra head FLOPs on unmasked patches are waste.
@@ -316,6 +317,7 @@ def run(
         r.update(C.summarize(times[name], batch))
         r["mfu"] = C.mfu(useful, r["img_per_s"], peak)
         r["peak_share"] = C.peak_share(useful, r["img_per_s"], own_peak)
+        r["peak_share_cpu"] = C.peak_share(useful, batch / r["cpu_s"], cpu_peaks[C.dtype_name(amp)])
         mem = peak_step_memory(steps_fns[name], dev)
         r["peak_gib"] = mem["peak_gib"]
         r["mem_per_img_mib"] = (
@@ -354,6 +356,7 @@ def run(
             "compile": compile,
             "peak_tflops": peak,
             "matmul_peak_gflops": matmul_peaks,
+            "matmul_peak_cpu_gflops": cpu_peaks,
         },
         "env": C.env_info(dev),
         "analytic_gflops_per_img": {
@@ -396,6 +399,7 @@ def format_table(res: dict[str, Any]) -> str:
                 C.fmt(r["cpu_s"] * 1e3),
                 C.fmt(r["gflops_per_img"], ".2f"),
                 C.fmt_pct(r["peak_share"]),
+                C.fmt_pct(r["peak_share_cpu"]),
                 C.fmt_pct(r["mfu"]),
                 C.fmt(r["peak_gib"], ".2f"),
                 C.fmt(r["mem_per_img_mib"], ".1f"),
@@ -411,6 +415,7 @@ def format_table(res: dict[str, Any]) -> str:
             "CPU ms (median)",
             "GFLOP/img (counted)",
             "share of matmul peak",
+            "same, CPU clock",
             "MFU",
             "peak GiB",
             "MiB/img",
