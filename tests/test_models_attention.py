@@ -70,9 +70,38 @@ def test_mim_forward_equals_plain_path_in_fp32_with_both_kernels(shared: bool) -
             torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_selected_forward_equals_timm_forward(shared: bool) -> None:
+    model = _perturbed_mim(shared)
+    bb = model.backbone
+    x = torch.randn(2, 17, 64)
+    bias = bb.rel_pos_bias() if shared else None
+    for device_kind in ("cpu", "cuda"):  # explicit / fused path (run on the CPU here)
+        for blk in bb.blocks:
+            blk.attn.__dict__.pop("forward", None)
+            blk.attn.fused_attn = device_kind != "cpu"
+            want = blk.attn(x, shared_rel_pos_bias=bias)
+            select_attention_kernels(blk, torch.device(device_kind))
+            assert "forward" in blk.attn.__dict__
+            torch.testing.assert_close(
+                blk.attn(x, shared_rel_pos_bias=bias), want, rtol=1e-5, atol=1e-5
+            )
+    # Under bf16 autocast the bias joins the scores in bf16 and the output stays close.
+    select_attention_kernels(model, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bb.blocks[0].attn(x, shared_rel_pos_bias=bias)
+    assert got.dtype == torch.bfloat16
+    bb.blocks[0].attn.__dict__.pop("forward")
+    torch.testing.assert_close(
+        got.float(), bb.blocks[0].attn(x, shared_rel_pos_bias=bias), rtol=0.05, atol=0.05
+    )
+
+
 def test_select_attention_kernels_sets_every_block() -> None:
     model = _perturbed_mim(True)
     assert select_attention_kernels(model, torch.device("cpu")) == 2  # tiny preset: 2 blocks
     assert not any(b.attn.fused_attn for b in model.backbone.blocks)
     select_attention_kernels(model, torch.device("cuda"))
     assert all(b.attn.fused_attn for b in model.backbone.blocks)
+    # The state dict is untouched (checkpoints and exports keep timm's keys).
+    assert set(model.state_dict()) == set(_perturbed_mim(True).state_dict())
