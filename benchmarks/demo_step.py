@@ -77,10 +77,9 @@ def _recipe(overrides: Sequence[str]) -> Any:
 
 
 def _section(recipe: Any, job: str, name: str) -> Any:
-    # The recipe's train/optim sections: top level (d716b7f) or under the job (job layer).
-    own = getattr(getattr(recipe, job, None), name, None) if job == "pretrain" else None
-    if job == "finetune":
-        own = getattr(recipe.finetune, name)
+    # The job's train/optim section: under the job (the job layer; fine-tuning always), or at
+    # the top level for pre-training at d716b7f.
+    own = getattr(getattr(recipe, job, None), name, None)
     return own if own is not None else getattr(recipe, name)
 
 
@@ -131,9 +130,12 @@ def _pretrain_parts(recipe: Any, dev: torch.device, n: int) -> tuple[nn.Module, 
 
 
 def _finetune_parts(recipe: Any, dev: torch.device, n: int) -> tuple[nn.Module, Any, Any]:
-    from beitdomain.engine import finetune as FT
+    try:
+        from beitdomain.engine.build import build_classifier
+    except ImportError:  # d716b7f: it lived in engine/finetune.py
+        from beitdomain.engine.finetune import build_classifier
 
-    model = FT.build_classifier(recipe, 2).to(dev)
+    model = build_classifier(recipe, 2).to(dev)
     size, c = recipe.data.image_size, recipe.data.in_chans
     items = [{"image": torch.rand(c, size, size), "label": torch.tensor(i % 2)} for i in range(n)]
     weight = torch.tensor([0.7, 1.6], device=dev)  # ELPV's inverse class frequencies
