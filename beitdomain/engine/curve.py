@@ -8,12 +8,13 @@ re-run skips finished cells and resumes a cell that was cut off from its newest 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -238,14 +239,49 @@ def run_curve(
     if c.lr_grid_seeds != "all":
         grid["lr_grid_seeds"] = c.lr_grid_seeds
     grid_file = out / "grid.json"
-    if grid_file.is_file() and not overwrite:
+    # A re-run continues the grid; a folder holding anything but a curve run is refused.
+    run = RunDir.open(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
+    if grid_file.is_file():
         previous = json.loads(grid_file.read_text())
         if previous != grid:
+            run.close()
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
                 f"settings, or pass --overwrite / another --out"
             )
-    run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
+    with run.recording_failures(), _curve_interrupts(out):
+        rows = _run_cells(recipe, out, run, grid, inits, device, quiet, workers)
+        result = write_outputs(out, rows, c, inits)
+    run.finish(cells=len(rows))
+    return {"rows": rows, **result}
+
+
+@contextlib.contextmanager
+def _curve_interrupts(out: Path) -> Iterator[None]:
+    """Ctrl-C in a cell: the advice names what `curve` has (re-running it), not --resume."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(
+            f"curve interrupted ({e or 'Ctrl-C'}); finished cells are kept and a cut-off cell "
+            f"resumes from its checkpoint: run the same `beitdomain curve` command with "
+            f"--out {out} again to continue"
+        ) from None
+
+
+def _run_cells(
+    recipe: Recipe,
+    out: Path,
+    run: RunDir,
+    grid: dict[str, Any],
+    inits: dict[str, str | None],
+    device: str,
+    quiet: bool,
+    workers: int | None,
+) -> list[dict[str, Any]]:
+    """Runs the cells not finished yet; returns the rows of all finished cells."""
+    c = recipe.curve
+    grid_file = out / "grid.json"
     run.start("curve", recipe, device)
     atomic_write_json(grid_file, grid)
     cells = [(i, f, s) for i in inits for f in c.fractions for s in seeds_of(c, f)]
@@ -300,7 +336,4 @@ def run_curve(
                 )
                 write_outputs(out, collect_rows(out, cells), c, inits)
                 bar.advance(task)
-    rows = collect_rows(out, cells)
-    result = write_outputs(out, rows, c, inits)
-    run.finish(cells=len(rows))
-    return {"rows": rows, **result}
+    return collect_rows(out, cells)

@@ -306,7 +306,14 @@ def finetune(
         )
     dev = D.resolve_device(device)
     info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    run = RunDir.open(
+        out,
+        kind="finetune",
+        resume=resume,
+        overwrite=overwrite,
+        is_main=info.is_main,
+        recipe=recipe,
+    )
     D.seed_everything(recipe.seed, ft.train.deterministic)
     data = labeled_data(
         recipe, progress=not quiet, report_dir=run.path
@@ -467,7 +474,14 @@ def _finetune_lr_grid(
 
     ft = recipe.finetune
     info = D.init_distributed(D.resolve_device(device))
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    run = RunDir.open(
+        out,
+        kind="finetune",
+        resume=resume,
+        overwrite=overwrite,
+        is_main=info.is_main,
+        recipe=recipe,
+    )
     if labeled_data(recipe, progress=False, report_dir=run.path).val is None:  # before training
         raise UserError(
             "finetune.lr_grid picks the learning rate on the validation split, and this run has "

@@ -111,7 +111,14 @@ def pretrain(
     """
     dev = D.resolve_device(device)
     info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    run = RunDir.open(
+        out,
+        kind="pretrain",
+        resume=resume,
+        overwrite=overwrite,
+        is_main=info.is_main,
+        recipe=recipe,
+    )
     D.seed_everything(recipe.seed, recipe.train.deterministic)
     grid_cfg = backbone_config(recipe)
     tokenizer = None

@@ -236,7 +236,14 @@ def train_tokenizer(
     """
     dev = D.resolve_device(device)
     info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    run = RunDir.open(
+        out,
+        kind="tokenizer",
+        resume=resume,
+        overwrite=overwrite,
+        is_main=info.is_main,
+        recipe=recipe,
+    )
     D.seed_everything(recipe.seed, recipe.tokenizer.train.deterministic)
     t = recipe.tokenizer
     train_cfg = t.train
