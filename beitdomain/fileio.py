@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (held as surrogates, PEP 383) shown as
+    ``\\xff`` escapes, for titles, tables and messages that must be valid Unicode."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class WriteError(OSError):
     """A write that failed (disk full, permissions); the previous file is intact."""
 

@@ -183,3 +183,17 @@ TrustPickleOpt = Annotated[
         help="Allow pickle-based weight files (loading them can run code: trusted files only).",
     ),
 ]
+OnErrorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--on-error",
+        help="Unreadable images: fail (list them all and stop) or skip (quarantine report "
+        "and go on); sets data.on_error.",
+    ),
+]
+NonfiniteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--nonfinite", help="NaN/Inf in float images: error or zero (sets data.nonfinite)."
+    ),
+]

@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from beitdomain.fileio import atomic_write_text
+from beitdomain.fileio import atomic_write_text, printable
 from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
@@ -94,7 +94,8 @@ class Manifest:
         """sha256 over (path, size, mtime) of all entries: changes when any file changes."""
         h = hashlib.sha256()
         for e in sorted(self.entries, key=lambda e: e.path):
-            h.update(f"{e.path}\0{e.size}\0{e.mtime_ns}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
+            h.update(f"{e.path}\0{e.size}\0{e.mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
@@ -145,16 +146,16 @@ class Manifest:
         errors: list[tuple[str, str]] = []
         err_file = errors_path(path)
         if err_file.is_file():
-            with open(err_file, newline="") as f:
+            with open(err_file, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 errors = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
         entries = []
         if path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 for row in csv.DictReader(f):
                     entries.append(_entry_from_row(row, path))
             return cls(str(root or path.parent), entries, errors)
         stored_root = None
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f):
                 if not line.strip():
                     continue
@@ -267,7 +268,9 @@ def read_labels_csv(
     problems: list[tuple[str, str]] = []
     missing: list[tuple[str, str]] = []
     seen: dict[Path, int] = {}
-    with open(csv_path, newline="") as f:
+    # utf-8-sig: Excel starts its CSVs with a byte-order mark. surrogateescape: a path that is
+    # not UTF-8 keeps its bytes, so it still names a file of the same (legacy) name on disk.
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
@@ -275,10 +278,15 @@ def read_labels_csv(
                 continue  # header
             where = f"{csv_path.name} line {lineno}"
             if len(row) not in (2, 3) or not row[0].strip() or not row[1].strip():
-                problems.append((where, f"expected 'path,label[,split]', got {row}"))
+                problems.append(
+                    (where, f"expected 'path,label[,split]', got {printable(str(row))}")
+                )
                 continue
             rel, label = row[0].strip(), row[1].strip()
             split = row[2].strip() or None if len(row) == 3 else None
+            if not _is_utf8(label) or not _is_utf8(split or ""):
+                problems.append((where, f"label '{printable(label)}' {_NOT_UTF8}"))
+                continue
             if split is not None and split not in VALID_SPLITS:
                 problems.append((where, f"split {split!r} is not one of {', '.join(VALID_SPLITS)}"))
                 continue
@@ -297,12 +305,30 @@ def read_labels_csv(
                 continue
             seen[resolved] = lineno
             if not resolved.is_file():
-                missing.append((rel, f"listed in {where} but the file does not exist"))
+                why = f"listed in {where} but the file does not exist"
+                if not _is_utf8(rel):
+                    why += f"; the path {_NOT_UTF8}"
+                missing.append((rel, why))
                 continue
             rows.append((resolved, label, split))
     if problems:
         raise ScanError(f"{csv_path}: {len(problems)} problem(s) in the labels CSV:", problems)
     return rows, missing
+
+
+_NOT_UTF8 = (
+    "is not UTF-8 text (the CSV was saved in another encoding, e.g. Latin-1 / Windows-1252): "
+    "save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')"
+)
+
+
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds bytes that did not decode as UTF-8 (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def scan(
