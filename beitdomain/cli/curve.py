@@ -16,6 +16,7 @@ from beitdomain.cli.common import (
     OverwriteOpt,
     RecipeOpt,
     SetOpt,
+    TrustPickleOpt,
     console,
     default_out,
     global_options,
@@ -93,6 +94,7 @@ def curve(
     sets: SetOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Fine-tune at several label fractions x seeds x initializations and draw the curve.
 
@@ -125,6 +127,7 @@ def curve(
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
         "curve.seeds": list(range(seeds)) if seeds else None,
         "curve.metric": metric,
+        "model.trust_pickle": trust_pickle or None,
     }
     r = load(ctx, recipe, sets, options)
     g = global_options(ctx)

@@ -296,7 +296,9 @@ def read_labels_csv(
                     (
                         where,
                         f"{rel!r} resolves outside the data root {root} "
-                        "(use paths relative to the root, or --allow-outside-root)",
+                        "(use paths relative to the root, or allow them: "
+                        "data.allow_outside_root=true in the recipe, or "
+                        "`beitdomain data scan --allow-outside-root`)",
                     )
                 )
                 continue

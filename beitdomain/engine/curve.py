@@ -100,7 +100,13 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
         if not res_path.is_file():
             continue
         res = json.loads(res_path.read_text())
-        test = res.get("test", {})
+        if "test" not in res:
+            raise UserError(
+                f"{res_path.parent}: the cell has no test images, and a curve compares test "
+                f"scores: give the labels CSV's split column 'test' rows, or set "
+                f"data.test_fraction > 0 without a split column"
+            )
+        test = res["test"]
         rows.append(
             {
                 "init": init,
@@ -187,6 +193,16 @@ def write_outputs(
         },
         "figure": "curve.png",
     }
+    warnings = sorted(
+        {
+            w
+            for p in sorted((out / "cells").glob("*/results.json"))
+            for w in json.loads(p.read_text()).get("warnings", [])
+        }
+    )
+    if warnings:
+        context["Warning"] = "; ".join(warnings)
+        log.warning("curve: %s", "; ".join(warnings))
     write_report(out / "report.md", summary, effs, metric, context)
     return {"summary": summary, "efficiency": effs}
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
@@ -193,7 +194,14 @@ def read_checkpoint(
         elif not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
         if path.suffix == ".safetensors":
-            raw = load_file(str(path))
+            try:
+                raw = load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise WeightsError(
+                    f"{path} is not a readable safetensors file ({e}); nothing was loaded. A "
+                    f"PyTorch pickle renamed .safetensors is refused: give it its real .pth "
+                    f"name (loading a pickle needs --trust-pickle, for trusted files only)"
+                ) from None
         else:
             raw = _torch_load(path, trust_pickle)
     state = _unwrap(raw)

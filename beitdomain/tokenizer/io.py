@@ -36,12 +36,14 @@ from safetensors.torch import load_file, save
 
 from beitdomain.fileio import atomic_write_bytes, atomic_write_text
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
+from beitdomain.user import UserError
 
 __all__ = [
     "CONFIG_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
+    "TokenizerFileError",
     "UntrustedPickleError",
     "import_dalle",
     "load_tokenizer",
@@ -97,6 +99,10 @@ def save_tokenizer(
     return out
 
 
+class TokenizerFileError(UserError):
+    """A tokenizer file or folder that cannot be used (missing, malformed, not a tokenizer)."""
+
+
 def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Map a directory or either file to the ``(json, safetensors)`` pair."""
     p = Path(path)
@@ -107,7 +113,7 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     elif not p.exists():
         raise FileNotFoundError(f"tokenizer path {p} does not exist.")
     else:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{p} is not a tokenizer: pass the directory holding {CONFIG_FILE} and "
             f"{WEIGHTS_FILE}, or one of those files."
         )
@@ -135,22 +141,24 @@ def load_tokenizer_config(path: str | os.PathLike[str]) -> DVAEConfig:
     try:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path} is not valid JSON: {e}") from e
+        raise TokenizerFileError(f"{json_path} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{json_path}: field 'format' is {found!r}, expected {FORMAT_NAME!r}.")
+        raise TokenizerFileError(
+            f"{json_path}: field 'format' is {found!r}, expected {FORMAT_NAME!r}."
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{json_path}: format_version {version!r} is not supported by this beitdomain "
             f"(reads 1..{FORMAT_VERSION}); upgrade beitdomain to load it."
         )
     if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{json_path}: field 'config' is missing or not an object.")
+        raise TokenizerFileError(f"{json_path}: field 'config' is missing or not an object.")
     cfg = DVAEConfig.from_dict(meta["config"], source=str(json_path))
     for key in ("vocab_size", "input_size", "in_chans"):
         if key in meta and meta[key] != getattr(cfg, key):
-            raise ValueError(
+            raise TokenizerFileError(
                 f"{json_path}: field {key!r}={meta[key]!r} disagrees with "
                 f"config.{key}={getattr(cfg, key)!r}; the file was edited inconsistently."
             )
@@ -176,20 +184,20 @@ def load_tokenizer(
     try:
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        raise TokenizerFileError(f"{weights_path} is not a readable safetensors file: {e}") from e
     model = DiscreteVAE(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{weights_path} does not match the architecture in {json_path.name}: "
             f"missing {len(missing)} tensor(s) {missing[:5]}, unexpected {len(unexpected)} "
             f"{unexpected[:5]}."
         )
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(
+            raise TokenizerFileError(
                 f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config in "
                 f"{json_path.name} needs {tuple(expected[key].shape)}."
             )
@@ -201,7 +209,7 @@ def load_tokenizer(
 # DALL-E import
 
 
-class UntrustedPickleError(PermissionError):
+class UntrustedPickleError(UserError):
     """Raised when asked to unpickle a file without ``trust_pickle=True``."""
 
 
@@ -302,13 +310,15 @@ def _read_dalle_pickle(path: Path, expected_class: str) -> dict[str, torch.Tenso
                 path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False
             )
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise TokenizerFileError(f"{path}: {e}") from e
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         return dict(obj)  # already a state dict
     if not isinstance(obj, _StandIn):
-        raise ValueError(f"{path}: expected a pickled dall_e {expected_class}, found {type(obj)}.")
+        raise TokenizerFileError(
+            f"{path}: expected a pickled dall_e {expected_class}, found {type(obj)}."
+        )
     if obj.pickled_name.rsplit(".", 1)[-1] != expected_class:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{path} holds a {obj.pickled_name}, expected a dall_e {expected_class}; "
             "are the encoder and decoder files swapped?"
         )
@@ -342,13 +352,17 @@ def _map_dalle_keys(src: dict[str, torch.Tensor], part: str, path: Path) -> dict
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path}: unexpected tensors for a DALL-E {part}: {sorted(unknown)[:5]}.")
+        raise TokenizerFileError(
+            f"{path}: unexpected tensors for a DALL-E {part}: {sorted(unknown)[:5]}."
+        )
     return out
 
 
 def _require(src: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
     if key not in src:
-        raise ValueError(f"{path}: tensor {key!r} is missing; is this a DALL-E dVAE pickle?")
+        raise TokenizerFileError(
+            f"{path}: tensor {key!r} is missing; is this a DALL-E dVAE pickle?"
+        )
     return src[key]
 
 
@@ -400,18 +414,18 @@ def import_dalle(
     blocks = {int(m.group(2)) for k in enc if (m := _BLOCK_KEY.match(k)) and m.group(1) == "1"}
     n_groups = max(groups, default=0)
     if n_groups not in (3, 4) or groups != set(range(1, n_groups + 1)):
-        raise ValueError(
+        raise TokenizerFileError(
             f"{enc_path}: found encoder groups {sorted(groups)}; expected 1..4 (or 1..3)."
         )
     vocab = logits_w.shape[0]
     if dec_in_w.shape[1] != vocab:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{dec_path}: decoder vocabulary {dec_in_w.shape[1]} != encoder vocabulary {vocab} "
             f"in {enc_path}; the two files are from different models."
         )
     in_chans = stem_w.shape[1]
     if dec_out_w.shape[0] != 2 * in_chans:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{dec_path}: decoder outputs {dec_out_w.shape[0]} channels, expected {2 * in_chans} "
             "(logit-Laplace mu and log-scale per image channel)."
         )
@@ -442,7 +456,7 @@ def import_dalle(
     missing = sorted(set(expected) - set(state))
     bad_shapes = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or bad_shapes:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{enc_path} / {dec_path} do not fit the DALL-E layout: missing {missing[:5]}, "
             f"shape mismatches {bad_shapes[:5]}."
         )
