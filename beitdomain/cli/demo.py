@@ -55,10 +55,10 @@ def demo(
     console.print(f"beitdomain demo: recipe {recipe}, output in {out}")
     try:
         result = run_demo(r, out, device=g.device, quiet=g.quiet)
-    except KeyboardInterrupt as e:  # a stage's advice names --resume, which demo does not need
+    except KeyboardInterrupt:  # a stage's advice names --resume, which demo does not need
         raise KeyboardInterrupt(
-            f"demo interrupted ({e or 'Ctrl-C'}); run the same `beitdomain demo` command again: "
-            f"finished stages are skipped and the interrupted one resumes"
+            "demo interrupted; run the same `beitdomain demo` command again: finished stages "
+            "are skipped and the interrupted one resumes from its checkpoint"
         ) from None
     for eff in result.get("efficiency", []):
         console.print(eff["statement"])

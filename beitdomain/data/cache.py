@@ -241,15 +241,7 @@ def build_cache(
     if size < 8:
         raise ValueError(f"size={size}; the working resolution should be >= the training size")
     out_dir = Path(out_dir)
-    manifest = _as_manifest(source, on_error, workers, progress)
-    fresh = (out_dir / "cache.json").is_file() and not check_cache(
-        out_dir, spec, size, dtype, fit, manifest
-    )
-    if fresh and not force:
-        cached = CachedImages(out_dir, verify=False)
-        cached.reused = True
-        return cached
-    _check_cache_folder(out_dir)
+    _check_cache_folder(out_dir)  # before a long scan
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = FolderLock(out_dir).acquire("a cache")
@@ -257,6 +249,14 @@ def build_cache(
         raise CacheError(e.strerror or str(e)) from None
     partial = out_dir / ".images.partial.npy"
     try:
+        manifest = _as_manifest(source, on_error, workers, progress)
+        fresh = (out_dir / "cache.json").is_file() and not check_cache(
+            out_dir, spec, size, dtype, fit, manifest
+        )
+        if fresh and not force:
+            cached = CachedImages(out_dir, verify=False)
+            cached.reused = True
+            return cached
         write_marker(out_dir, "cache")
         with contextlib.suppress(FileNotFoundError):
             (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete

@@ -277,9 +277,9 @@ def _curve_interrupts(out: Path) -> Iterator[None]:
     """Ctrl-C in a cell: the advice names what `curve` has (re-running it), not --resume."""
     try:
         yield
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            f"curve interrupted ({e or 'Ctrl-C'}); finished cells are kept and a cut-off cell "
+            f"curve interrupted; finished cells are kept and the cut-off cell "
             f"resumes from its checkpoint: run the same `beitdomain curve` command with "
             f"--out {out} again to continue"
         ) from None
