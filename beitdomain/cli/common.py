@@ -54,10 +54,19 @@ OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
 ]
 ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out (a run of this command) from its newest checkpoint.",
+    ),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Delete the files the previous run in --out wrote and start over (refused when "
+        "the folder holds anything else).",
+    ),
 ]
 
 
