@@ -411,3 +411,20 @@ def test_folder_lock_error_is_an_os_error_naming_the_folder(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
+    pytest.importorskip("elpv_dataset")
+    from beitdomain.engine.demo import run_demo
+
+    site = user_folder(tmp_path / "site")
+    before = snapshot(site)
+    with pytest.raises(RunDirError, match="not a beitdomain run"):
+        run_demo(recipe([]), site, device="cpu", quiet=True)
+    assert snapshot(site) == before
+    # a demo folder made before markers existed is still the demo's
+    old = tmp_path / "old-demo"
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "labels.csv").write_text("path,label,split\n")
+    RunDir.open(old / "tokenizer", kind="tokenizer").close()
+    assert run_kind(old) == "demo" and foreign_files(old) == []

@@ -116,6 +116,7 @@ KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
     ),
     "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
     "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
+    "demo": ("data/*", "cache/*", "report.md", "curve.png"),  # its stages are runs of their own
     "run": (),  # a run of the Python API with no kind given
 }
 # The `command` a run's manifest.json recorded before runs had a marker (legacy runs).
@@ -131,6 +132,7 @@ _CLI = {
     "finetune": "beitdomain finetune",
     "curve": "beitdomain curve",
     "cache": "beitdomain data cache",
+    "demo": "beitdomain demo",
 }
 
 
@@ -145,6 +147,10 @@ def run_kind(path: str | Path) -> str | None:
     marker = read_marker(path)
     if marker is not None:
         return str(marker.get("kind") or "run")
+    if (path / "data" / "labels.csv").is_file() and any(
+        run_kind(path / stage) for stage in ("tokenizer", "pretrain", "curve")
+    ):
+        return "demo"  # a demo folder from before markers: its stages are runs
     try:
         m = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
