@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+from beitdomain.user import UserError
+
 
 def printable(text: str) -> str:
     """`text` with the bytes of a non-UTF-8 file name (held as surrogates, PEP 383) shown as
@@ -26,7 +28,7 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-class WriteError(OSError):
+class WriteError(OSError, UserError):
     """A write that failed (disk full, permissions); the previous file is intact."""
 
 
@@ -88,6 +90,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_write_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """Writes a state dict as safetensors, whole or not at all (tensors copied to CPU first).
+
+    safetensors needs contiguous CPU tensors; channels_last weights and CUDA tensors are not.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(state, metadata=metadata))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Writes `text` as UTF-8; file names that are not UTF-8 (held as surrogates, PEP 383)
     go back to their original bytes instead of failing with UnicodeEncodeError."""
@@ -141,7 +156,7 @@ RUN_MARKER = ".beitdomain-run.json"  # written only by beitdomain: this folder i
 LOCK_FILE = ".beitdomain.lock"
 
 
-class FolderLockedError(OSError):
+class FolderLockedError(OSError, UserError):
     """Another live process writes into this folder (its PID is in the message)."""
 
 

@@ -67,7 +67,7 @@ def test_cache_and_inspect_take_a_non_utf8_name(data, tmp_path):
 
 
 def test_pretrain_finetune_and_predict_take_a_non_utf8_name(data, tmp_path):
-    pre = [*PRETRAIN_SETS, "train.steps=1", "model.target=pixels"]
+    pre = [*PRETRAIN_SETS, "pretrain.train.steps=1", "model.target=pixels"]
     res = cli("pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), *sets_to_args(pre))
     assert res.exit_code == 0, res.output
     ft = [*FINETUNE_SETS, "finetune.train.steps=1"]

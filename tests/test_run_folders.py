@@ -85,7 +85,7 @@ def tok_args(data, out) -> list[str]:
 
 
 def pre_args(data, out) -> list[str]:
-    sets = [*PRETRAIN_SETS, "train.steps=2"]
+    sets = [*PRETRAIN_SETS, "pretrain.train.steps=2"]
     return [
         "pretrain",
         "--data",
@@ -306,14 +306,26 @@ def test_files_a_user_adds_before_a_resume_are_not_recorded_as_the_runs(tmp_path
 def test_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(data, tmp_path, capsys):
     out = tmp_path / "pre"
     args = pre_args(data, out)
-    assert cli(*args[:-2], "--set", "train.steps=4", "--set", "train.ckpt_every=2").exit_code == 0
+    assert (
+        cli(
+            *args[:-2], "--set", "pretrain.train.steps=4", "--set", "pretrain.train.ckpt_every=2"
+        ).exit_code
+        == 0
+    )
     metrics = out / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 5, "loss": 1.2, "l')  # a kill in the middle of a write
     capsys.readouterr()
     assert len(read_metrics(metrics)) == 4
     assert "line 5 is damaged" in " ".join(capsys.readouterr().err.split())
-    res = cli(*args[:-2], "--set", "train.steps=6", "--set", "train.ckpt_every=2", "--resume")
+    res = cli(
+        *args[:-2],
+        "--set",
+        "pretrain.train.steps=6",
+        "--set",
+        "pretrain.train.ckpt_every=2",
+        "--resume",
+    )
     assert res.exit_code == 0, res.output
     steps = [r["step"] for r in read_metrics(metrics)]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -104,7 +104,6 @@ def finetune(
             "finetune.labels": labels,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
-            "model.trust_pickle": trust_pickle or None,
             "finetune.train.steps": steps,
             "finetune.train.epochs": epochs,
             "finetune.train.batch_size": batch_size,
@@ -112,7 +111,15 @@ def finetune(
     )
     g = global_options(ctx)
     out = out or default_out(r, "finetune")
-    res = run_finetune(r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet)
+    res = run_finetune(
+        r,
+        out,
+        device=g.device,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=g.quiet,
+        trust_pickle=trust_pickle,
+    )
     if res:
         rows = {
             "init": res["init"],
@@ -155,7 +162,7 @@ def predict(
 
         beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
     """
-    from beitdomain.engine.finetune import predict_files
+    from beitdomain.engine.predict import predict_files
 
     path, skipped = predict_files(
         run, inputs, out, device=global_options(ctx).device, on_error=on_error, nonfinite=nonfinite

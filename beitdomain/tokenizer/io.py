@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from beitdomain.fileio import atomic_write_bytes, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
 from beitdomain.user import UserError
 
@@ -44,6 +44,7 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
     "TokenizerFileError",
+    "TokenizerFileMissing",
     "UntrustedPickleError",
     "import_dalle",
     "load_tokenizer",
@@ -75,8 +76,6 @@ def save_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    # safetensors needs contiguous tensors; channels_last weights are not.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -94,13 +93,17 @@ def save_tokenizer(
     }
     # Each file written whole or not at all (a crash or a full disk leaves the previous one, and
     # a clear WriteError naming the file).
-    atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": FORMAT_NAME}))
+    atomic_write_safetensors(out / WEIGHTS_FILE, model.state_dict(), {"format": FORMAT_NAME})
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 
 class TokenizerFileError(UserError):
-    """A tokenizer file or folder that cannot be used (missing, malformed, not a tokenizer)."""
+    """A tokenizer file (or DALL-E pickle) that cannot be used; the message names it."""
+
+
+class TokenizerFileMissing(FileNotFoundError, TokenizerFileError):
+    """A tokenizer file that does not exist."""
 
 
 def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -111,7 +114,7 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     elif p.name in (WEIGHTS_FILE, CONFIG_FILE) or p.suffix in (".json", ".safetensors"):
         base = p.parent
     elif not p.exists():
-        raise FileNotFoundError(f"tokenizer path {p} does not exist.")
+        raise TokenizerFileMissing(f"tokenizer path {p} does not exist.")
     else:
         raise TokenizerFileError(
             f"{p} is not a tokenizer: pass the directory holding {CONFIG_FILE} and "
@@ -120,7 +123,7 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     json_path, weights_path = base / CONFIG_FILE, base / WEIGHTS_FILE
     for f in (json_path, weights_path):
         if not f.is_file():
-            raise FileNotFoundError(
+            raise TokenizerFileMissing(
                 f"{f} not found: a saved tokenizer needs both {CONFIG_FILE} and {WEIGHTS_FILE} "
                 f"in {base} (written by beitdomain.tokenizer.io.save_tokenizer)."
             )
@@ -209,7 +212,7 @@ def load_tokenizer(
 # DALL-E import
 
 
-class UntrustedPickleError(UserError):
+class UntrustedPickleError(PermissionError, UserError):
     """Raised when asked to unpickle a file without ``trust_pickle=True``."""
 
 
@@ -300,7 +303,7 @@ def _collect_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Non
 
 def _read_dalle_pickle(path: Path, expected_class: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"DALL-E {expected_class.lower()} pickle {path} not found.")
+        raise TokenizerFileMissing(f"DALL-E {expected_class.lower()} pickle {path} not found.")
     try:
         with warnings.catch_warnings():
             # The legacy (pre-zip) format compares stored module source with the classes it
