@@ -44,7 +44,10 @@ SHOWN_BY = {
     "engine/data.py": {*TRAIN, "curve"},
     "engine/distributed.py": RECIPE | {"predict"},
     "engine/demo.py": {"demo"},
-    "engine/finetune.py": {"finetune", "predict", "curve"},
+    "engine/finetune.py": {"finetune", "curve"},
+    "engine/predict.py": {"predict"},
+    "engine/lr_grid.py": {"finetune", "curve"},
+    "engine/job.py": TRAIN,
     "engine/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
     "engine/pretrain.py": {"pretrain"},
     "engine/curve.py": {"curve"},
@@ -52,7 +55,8 @@ SHOWN_BY = {
     "models/convert.py": WEIGHTS,
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
 }
-# (module, flag, command): messages the command cannot reach, with why.
+# (module, flag, command): messages the command cannot reach (or whose advice does not
+# concern it), with why.
 UNREACHABLE = {
     # curve opens its folder with resume=True or overwrite=True only, so neither the
     # "pass --resume ..." advice nor the contradiction message can reach it.
@@ -63,8 +67,8 @@ UNREACHABLE = {
     ("data/cache.py", "--on-error", "data inspect"),
     # data scan reads headers and pixels but does not normalize them (no NaN check).
     ("io/intensity.py", "--nonfinite", "data scan"),
-    # resolve_init runs for fine-tuning (finetune, curve cells), not for predict.
-    ("engine/finetune.py", "--init", "predict"),
+    # The demo loads no weight files: the advice is for the commands that do.
+    ("config.py", "--trust-pickle", "demo"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MENTION = re.compile(r"beitdomain ((?:[a-z][a-z-]* ?){1,2})")

@@ -241,7 +241,10 @@ def read_labels_csv(
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise MissingPathError(f"labels CSV {csv_path} not found (data.labels / --labels-csv)")
+        raise MissingPathError(
+            f"labels CSV {csv_path} not found (it comes from data.labels, `beitdomain finetune "
+            f"--labels-csv` or `beitdomain data scan --labels`)"
+        )
     root_resolved = root.resolve()
     rows: list[tuple[Path, str, str | None]] = []
     problems: list[tuple[str, str]] = []
