@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,14 @@ from beitdomain.config import Recipe
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ImageDataset, ManifestImages
 from beitdomain.data.index import Manifest, read_labels_csv, scan
-from beitdomain.data.splits import describe_subset, label_subset, stratified_split
-from beitdomain.data.transforms import FinetuneTransform, PretrainTransform
+from beitdomain.data.splits import (
+    LabelSubsetError,
+    describe_subset,
+    group_label_subset,
+    group_split,
+    split_summary,
+)
+from beitdomain.data.transforms import FinetuneTransform, PretrainTransform, UserAugment
 from beitdomain.engine.distributed import dist_info
 from beitdomain.io import IntensitySpec
 from beitdomain.user import UserError
@@ -58,6 +65,9 @@ def image_source(
             allow_outside_root=d.allow_outside_root,
             progress=progress and dist_info().is_main,
             spec=spec,
+            group_column=d.group_column,
+            patient_groups=d.patient_groups,
+            dicom_series=d.dicom_series,
         )
         if manifest.errors and dist_info().is_main:
             report = (
@@ -85,6 +95,7 @@ def check_cache_labels(src: CachedImages, labels_csv: str, root: Path, cache: st
             the cache with these labels.
     """
     rows, _ = read_labels_csv(labels_csv, root)
+    rows = [(p, lab, split) for p, lab, split, _ in rows]  # groups are not compared
     root_resolved = root.resolve()
     quarantined = {path for path, _ in src.errors}  # unreadable files the cache skipped
     wanted = {
@@ -149,13 +160,17 @@ def unlabeled_dataset(
     d = recipe.data
     source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
-    transform = PretrainTransform(
-        image_size=size,
-        tokenizer_size=d.tokenizer_size,
-        scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        vflip=d.vflip,
-        intensity=d.intensity_jitter,
+    transform: Any = (
+        UserAugment(d.augment, size, d.tokenizer_size)
+        if d.augment
+        else PretrainTransform(
+            image_size=size,
+            tokenizer_size=d.tokenizer_size,
+            scale=tuple(d.crop_scale),
+            hflip=d.hflip,
+            vflip=d.vflip,
+            intensity=d.intensity_jitter,
+        )
     )
     n = len(source)
     if n == 0:
@@ -195,6 +210,13 @@ class LabeledData:
     subset: dict[str, Any]  # per-class counts of the subset (labels.json)
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> files used
     class_counts: list[int] = field(default_factory=list)  # training items per class
+
+
+_PATIENT = re.compile(r"patient-\d+")  # groups numbered by the scan from DICOM PatientIDs
+
+
+def _item_group(source: Any, i: int) -> str | None:
+    return source.group(i) if hasattr(source, "group") else None
 
 
 def _item_split(source: Any, i: int) -> str | None:
@@ -244,9 +266,11 @@ def labeled_data(
     files = sorted(set(file_of))
     file_label: dict[str, str] = {}
     file_split: dict[str, str | None] = {}
+    file_group: dict[str, str | None] = {}
     for i, f in enumerate(file_of):
         file_label.setdefault(f, str(item_labels[i]))
         file_split.setdefault(f, _item_split(source, i))
+        file_group.setdefault(f, _item_group(source, i))
     splits_given = [file_split[f] for f in files]
     split_column = splits_given if any(s is not None for s in splits_given) else None
     if split_column is not None and any(s is None for s in split_column):
@@ -256,30 +280,55 @@ def labeled_data(
             f"for every image or for none"
         )
     flabels = [file_label[f] for f in files]
-    split = stratified_split(flabels, d.val_fraction, d.test_fraction, d.split_seed, split_column)
+    fgroups = [file_group[f] for f in files]  # None: the file is its own group
+    try:
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
+    except LabelSubsetError as e:
+        # Patients found by the scan (not groups the user gave) too few to split by: say so
+        # loudly and split by file, as without patient grouping.
+        if not all(g is None or _PATIENT.fullmatch(g) for g in fgroups):
+            raise
+        log.warning("splitting by file, not by patient: %s", e)
+        fgroups = [None] * len(files)
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
     if split_column is not None and len(split["val"]) == 0 and d.val_fraction > 0:
         # The user's split has no validation images: carve them from train (stratified,
-        # seeded), so checkpoint selection never looks at the test split.
+        # seeded, whole groups), so checkpoint selection never looks at the test split.
         tr = split["train"]
-        carve = stratified_split([flabels[i] for i in tr], d.val_fraction, 0.0, d.split_seed)
+        carve = group_split(
+            [flabels[i] for i in tr], [fgroups[i] for i in tr], d.val_fraction, 0.0, d.split_seed
+        )
         split = {"train": tr[carve["train"]], "val": tr[carve["val"]], "test": split["test"]}
     train_files = [files[i] for i in split["train"]]
     train_flabels = [flabels[i] for i in split["train"]]
-    chosen = label_subset(train_flabels, spec, seed)
+    chosen = group_label_subset(train_flabels, [fgroups[i] for i in split["train"]], spec, seed)
     subset_files = {train_files[i] for i in chosen}
     subset = describe_subset(train_flabels, chosen, spec, seed)
+    per_file = np.bincount(np.searchsorted(files, file_of), minlength=len(files))
+    subset["splits"] = split_summary(split, fgroups, per_file)
+    subset["splits"]["subset"] = split_summary(
+        {"train": split["train"][chosen]}, fgroups, per_file
+    )["train"]
 
     def items_of(fileset: set[str]) -> np.ndarray:
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
 
     train_items = items_of(subset_files)
-    ft = FinetuneTransform(
-        train=True,
-        image_size=d.image_size,
-        scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        vflip=d.vflip,
-        intensity=d.intensity_jitter,
+    ft: Any = (
+        UserAugment(d.augment, d.image_size)
+        if d.augment
+        else FinetuneTransform(
+            train=True,
+            image_size=d.image_size,
+            scale=tuple(d.crop_scale),
+            hflip=d.hflip,
+            vflip=d.vflip,
+            intensity=d.intensity_jitter,
+        )
     )
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)

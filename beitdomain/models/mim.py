@@ -1,7 +1,8 @@
 """BEiT masked image modeling on a timm `Beit`: mask tokens in, predictions for masked patches out.
 
 Flow per batch:
-    images [B, C, H, W] --patch_embed--> [B, L, D] --masked -> mask_token--> + cls, pos
+    images [B, C, H, W] in [0, 1] --input_norm (the weights' own mean/std)--> patch_embed
+    --> [B, L, D] --masked -> mask_token--> + cls, pos
     --timm blocks (shared or per-block rel. pos. bias)--> norm --gather masked--> [N, D]
     --lm_head--> [N, V] (visual-token logits) or [N, P] (normalized pixels, the paper's ablation)
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from beitdomain.models.backbone import BackboneConfig, create_backbone
+from beitdomain.models.convention import InputNorm
 
 MimTarget = Literal["tokens", "pixels"]
 
@@ -33,8 +35,9 @@ class BeitMIM(nn.Module):
 
     The backbone must put its final LayerNorm on every token (`create_backbone(cfg,
     final_norm="tokens")`, key `norm.*`), as unilm's pre-training model does. State-dict keys are
-    `backbone.<timm Beit keys>`, `mask_token` and `lm_head.*` (the head keeps unilm's name for
-    both targets).
+    `backbone.<timm Beit keys>`, `mask_token`, `lm_head.*` (the head keeps unilm's name for
+    both targets) and `input_norm.mean` / `input_norm.std` (the input convention, see
+    `models.convention`; images arrive in [0, 1]).
 
     Args:
         backbone: the timm `Beit`.
@@ -69,6 +72,7 @@ class BeitMIM(nn.Module):
         dim = backbone.embed_dim
         out_dim = vocab_size if target == "tokens" else self.patch_size**2 * self.in_chans
         self.vocab_size = vocab_size if target == "tokens" else None
+        self.input_norm = InputNorm(self.in_chans)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, out_dim)
         trunc_normal_(self.mask_token, std=0.02)
@@ -110,7 +114,7 @@ class BeitMIM(nn.Module):
     def _embed(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Patch embedding with masked patches swapped for the mask token, + cls (+ pos)."""
         bb = self.backbone
-        x = bb.patch_embed(images)  # [B, L, D]
+        x = bb.patch_embed(self.input_norm(images))  # [B, L, D]
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         # As timm's Beit.forward_features, with the mask tokens swapped in before cls/pos.
