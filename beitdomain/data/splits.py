@@ -598,7 +598,7 @@ def group_label_subset(
             have = np.cumsum(sizes[order])
             if have[-1] < per:
                 raise LabelSubsetError(
-                    f"--labels {spec.text} asks for {per} images per class, but class '{c}' "
+                    f"labels {spec.text} asks for {per} images per class, but class '{c}' "
                     f"has {int(have[-1])} in the train split; ask for fewer per class"
                 )
             chosen += order[: int(np.searchsorted(have, per)) + 1].tolist()
