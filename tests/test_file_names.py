@@ -110,7 +110,7 @@ def test_label_csv_with_an_excel_byte_order_mark(data, tmp_path):
     (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
     got, missing = read_labels_csv(tmp_path / "labels.csv", data)
     assert len(got) == len(rows) and missing == []
-    assert sorted({lab for _, lab, _ in got}) == ["horizontal", "vertical"]
+    assert sorted({row[1] for row in got}) == ["horizontal", "vertical"]
 
 
 def test_latin1_label_csv_is_a_clear_error_naming_file_and_encoding(data, tmp_path):
@@ -131,7 +131,7 @@ def test_latin1_label_csv_is_a_clear_error_naming_file_and_encoding(data, tmp_pa
 def test_a_label_csv_can_name_a_non_utf8_file(data, tmp_path):
     (tmp_path / "l.csv").write_bytes(b"path,label\nhorizontal/bad\xff\xfe.png,horizontal\n")
     got, missing = read_labels_csv(tmp_path / "l.csv", data)
-    assert [p.name for p, _, _ in got] == [BAD] and missing == []
+    assert [row[0].name for row in got] == [BAD] and missing == []
 
 
 # --------------------------------------------------------------------------------------------
