@@ -106,7 +106,12 @@ def test_continue_official_beit_from_each_layout(data, layout):
     r = load_recipe(
         "continue-official-beit",
         {"data.root": str(root), "tokenizer.path": str(tok), "model.init": init},
-        [*PRETRAIN_SETS, "pretrain.train.steps=3", "pretrain.train.batch_size=4", "pretrain.optim.lr=1e-4"],
+        [
+            *PRETRAIN_SETS,
+            "pretrain.train.steps=3",
+            "pretrain.train.batch_size=4",
+            "pretrain.optim.lr=1e-4",
+        ],
     )
     run = tmp / f"run-{layout}"
     pretrain(r, run, device="cpu", quiet=True)
@@ -155,7 +160,12 @@ def test_reusing_the_confident_head_starts_far_above_ln_vocab(data):
     r = load_recipe(
         "continue-official-beit",
         {"data.root": str(root), "tokenizer.path": str(tok), "model.init": _unilm(tmp)},
-        [*PRETRAIN_SETS, "pretrain.train.steps=1", "pretrain.train.batch_size=4", "model.lm_head=reuse"],
+        [
+            *PRETRAIN_SETS,
+            "pretrain.train.steps=1",
+            "pretrain.train.batch_size=4",
+            "model.lm_head=reuse",
+        ],
     )
     pretrain(r, tmp / "run-reuse", device="cpu", quiet=True)
     report = json.loads((tmp / "run-reuse" / "init_report.json").read_text())

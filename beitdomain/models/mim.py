@@ -8,8 +8,9 @@ Flow per batch:
 
 Only masked positions reach the head (`N = mask.sum()`), so with a 40% mask and an 8192-word
 vocabulary the head costs 40% of a full-sequence head, and no logits are computed that the loss
-would throw away. For the same reason the last block's MLP and the final norm run on the masked
-tokens only (its attention still reads every token); see `BeitMIM.forward`.
+would throw away. For the same reason the last block runs its queries, output projection, MLP
+and the final norm on the masked tokens only (keys and values still come from every token); see
+`BeitMIM.forward`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from beitdomain.models.attention import attention_at
 from beitdomain.models.backbone import BackboneConfig, create_backbone
 from beitdomain.models.convention import InputNorm
 
@@ -138,7 +140,15 @@ class BeitMIM(nn.Module):
         # additive float mask rules out the FlashAttention kernel, so on CUDA SDPA runs the
         # memory-efficient (or cuDNN) kernel, which supports a bias and its gradient.
         bb = self.backbone
-        return bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        if bb.rel_pos_bias is None:
+            return None
+        bias = bb.rel_pos_bias()
+        kind = bias.device.type
+        if torch.is_autocast_enabled(kind):
+            # In the scores' dtype: a float32 bias would promote the add, the softmax and their
+            # backward to float32 (~2x slower attention on a CPU; SDPA casts it on CUDA anyway).
+            bias = bias.to(torch.get_autocast_dtype(kind))
+        return bias
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Runs the backbone with masked patches replaced by the mask token.
@@ -160,9 +170,9 @@ class BeitMIM(nn.Module):
         """Predictions for the masked patches, in row-major (batch, patch) order.
 
         The head only needs the last block's outputs at masked positions. Attention must still
-        see every token (keys and values), so the last block's attention half runs on all of
-        them, through timm's own module; its MLP half and the final norm are per-token, so they
-        run on the masked tokens only (40% of them with BEiT's mask). The result equals
+        see every token as keys and values, but its queries, its output projection, the MLP
+        and the final norm are per-token, so they run on the masked tokens only (40% of them
+        with BEiT's mask; `models.attention.attention_at`). The result equals
         `lm_head(encode(images, mask)[:, 1:][mask])`; drop path draws one value per image either
         way. It needs the same masked count in every image (what both mask generators give);
         otherwise the full last block runs.
@@ -188,9 +198,11 @@ class BeitMIM(nn.Module):
         last = bb.blocks[-1]
         g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
         g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
-        # Boolean gather keeps (batch, patch) row-major order: [B, 1 + L, D] -> [B, M, D].
-        x = x + last.drop_path1(g1 * last.attn(last.norm1(x), shared_rel_pos_bias=rel_pos_bias))
-        x = x[:, 1:][mask].view(b, -1, x.shape[-1])
+        # Masked token positions in (batch, patch) row-major order, +1 for cls: [B, M].
+        idx = mask.nonzero()[:, 1].view(b, -1) + 1
+        xq = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
+        h = attention_at(last.attn, last.norm1(x), idx, rel_pos_bias)
+        x = xq + last.drop_path1(g1 * h)
         x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
         return self.lm_head(bb.norm(x).flatten(0, 1))  # [N, D] -> [N, V or P]
 
