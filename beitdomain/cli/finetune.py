@@ -12,6 +12,8 @@ from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
     EpochsOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -46,6 +48,8 @@ def finetune(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     labels_csv: LabelsCsvOpt = None,
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
@@ -83,6 +87,8 @@ def finetune(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.on_error": on_error,
+            "data.nonfinite": nonfinite,
             "data.labels": str(labels_csv) if labels_csv else None,
             "finetune.labels": labels,
             "finetune.init": init,
@@ -126,6 +132,15 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write.")] = Path(
         "predictions.csv"
     ),
+    on_error: Annotated[
+        str,
+        typer.Option(
+            "--on-error",
+            help="Unreadable images: skip (predict the others; they are listed in "
+            "<out>.errors.csv) or fail.",
+        ),
+    ] = "skip",
+    nonfinite: NonfiniteOpt = None,
 ) -> None:
     """Predict classes for new images with a fine-tuned run (same readers and normalization).
 
@@ -136,7 +151,23 @@ def predict(
 
         beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
     """
-    from beitdomain.engine.predict import predict as run_predict
+    from beitdomain.engine.predict import predict_files
 
-    path = run_predict(run, inputs, out, device=global_options(ctx).device)
-    print_result(f"wrote {path}", {"predictions": str(path)})
+    path, skipped = predict_files(
+        run, inputs, out, device=global_options(ctx).device, on_error=on_error, nonfinite=nonfinite
+    )
+    from beitdomain.data.index import errors_path
+
+    lines = [f"wrote {path}"]
+    if skipped:
+        lines.append(
+            f"skipped {len(skipped)} file(s) that could not be used: see {errors_path(out)}"
+        )
+    print_result(
+        "\n".join(lines),
+        {
+            "predictions": str(path),
+            "skipped": len(skipped),
+            "errors_csv": str(errors_path(out)) if skipped else None,
+        },
+    )

@@ -12,6 +12,8 @@ from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
     EpochsOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -50,6 +52,8 @@ def pretrain(
             "images (pretrain.knn_every; labels from --labels-csv, the cache or subfolders).",
         ),
     ] = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
@@ -108,6 +112,8 @@ def pretrain(
             "data.cache": str(cache) if cache else None,
             "data.labels": str(labels_csv) if labels_csv else None,
             "pretrain.knn_every": knn_every,
+            "data.on_error": on_error,
+            "data.nonfinite": nonfinite,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,
