@@ -84,6 +84,8 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Pre-training and the tokenizer leave the test split's images out; true: use them too.
+    transductive: bool = False
 
 
 @dataclass
@@ -213,6 +215,10 @@ class FinetuneConfig:
     # Learning rates to try, e.g. [1.0e-4, 1.0e-3]: one fine-tune each (in lr-<value>/), and the
     # one with the best validation `select_metric` is the result. Empty: just `optim.lr`.
     lr_grid: list[float] = field(default_factory=list)
+    # What checkpoint and lr selection may look at: "none" (a fixed schedule, the final
+    # weights), "carve" (a fifth of the label subset validates, the rest trains), "outside"
+    # (the split's validation images: labels beyond the budget, only on request).
+    selection: Literal["none", "carve", "outside"] = "none"
     drop_path: float = 0.1
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(

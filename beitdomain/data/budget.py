@@ -24,6 +24,8 @@ import numpy as np
 from beitdomain.user import UserError
 
 SELECTION_MODES = ("carve", "kfold", "none", "outside")
+FINETUNE_SELECTIONS = ("none", "carve", "outside")  # kfold is for the baselines' C only
+CARVE_FRACTION = 0.2  # of each class's labels, for `carve`: 18 labels -> 3 or 4 validate
 SELECTION_HELP = (
     "carve (validation carved out of the label subset), kfold (folds inside the subset), "
     "none (fixed schedule, no selection) or outside (the split's validation images, which "

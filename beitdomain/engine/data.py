@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from beitdomain.config import Recipe
+from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ImageDataset, ManifestImages
+from beitdomain.data.heldout import pretraining_items
 from beitdomain.data.index import Manifest, read_labels_csv, scan
 from beitdomain.data.splits import describe_subset, label_subset, stratified_split
 from beitdomain.data.transforms import FinetuneTransform, PretrainTransform
@@ -160,8 +162,25 @@ def unlabeled_dataset(
     n = len(source)
     if n == 0:
         raise UserError("the data holds no images")
-    held = holdout_indices(n, d.split_seed) if holdout else np.arange(0)
-    train_idx = np.setdiff1d(np.arange(n), held)
+    # The test split's images stay out unless transductive pre-training is asked for: the
+    # curve scores every arm on them, and only this one would have seen them.
+    usable, record = pretraining_items(
+        source, d.val_fraction, d.test_fraction, d.split_seed, d.transductive
+    )
+    if len(usable) == 0:
+        raise UserError(
+            f"all {n} images are in the test split, which pre-training leaves out; give "
+            "unlabelled or train images, or set data.transductive: true (--transductive)"
+        )
+    if record["n_test_excluded"]:
+        log.info(
+            "%d test-split images left out of %s (data.transductive: false)",
+            record["n_test_excluded"],
+            kind,
+        )
+    pick = holdout_indices(len(usable), d.split_seed) if holdout else np.arange(0)
+    held = usable[pick]
+    train_idx = np.setdiff1d(usable, held)
     train = ImageDataset(
         source,
         transform,
@@ -179,6 +198,7 @@ def unlabeled_dataset(
             indices=held if len(held) else train_idx[:1],
             classes=[],
         )
+    train.pretraining_data = record  # for the run's manifest: transductive or not, how many
     return train, held_ds, fingerprint
 
 
@@ -210,13 +230,20 @@ def labeled_data(
     seed: int | None = None,
     progress: bool = True,
     report_dir: Path | None = None,
+    selection: str | None = None,
 ) -> LabeledData:
     """Train (label subset), val and test datasets from the recipe's labelled images.
+
+    Which labels validation holds follows `finetune.selection` (`beitdomain.data.budget`):
+    `none` no validation (a fixed schedule, the final weights), `carve` a share of the label
+    subset (training gets the rest), `outside` the split's own validation images (labels beyond
+    the budget; only on request).
 
     Args:
         recipe: data and fine-tuning settings.
         labels: `--labels` spec; default `finetune.labels`.
         seed: subset seed; default the recipe's seed. Subsets are nested for a fixed seed.
+        selection: overrides `finetune.selection`.
         progress: show the scan's progress bar.
         report_dir: where the quarantine report goes (the run folder).
 
@@ -266,8 +293,21 @@ def labeled_data(
     train_files = [files[i] for i in split["train"]]
     train_flabels = [flabels[i] for i in split["train"]]
     chosen = label_subset(train_flabels, spec, seed)
-    subset_files = {train_files[i] for i in chosen}
     subset = describe_subset(train_flabels, chosen, spec, seed)
+    # What selection may look at: by default only the subset's own labels (the budget).
+    mode = selection or recipe.finetune.selection
+    if mode not in FINETUNE_SELECTIONS:
+        raise UserError(f"finetune.selection {mode!r}: use one of {', '.join(FINETUNE_SELECTIONS)}")
+    fit, val_files = chosen, []
+    if mode == "carve":
+        sel = carve_validation(chosen, [train_flabels[i] for i in chosen], CARVE_FRACTION, seed)
+        fit, val_files = sel.fit, sorted(train_files[i] for i in sel.val)
+    elif mode == "outside":  # (a split without validation images: no selection, as before)
+        val_files = sorted(files[i] for i in split["val"])
+    subset_files = {train_files[i] for i in fit}
+    subset["selection"] = mode
+    subset["n_fit"] = len(subset_files)
+    subset["n_selection"] = len(val_files)
 
     def items_of(fileset: set[str]) -> np.ndarray:
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
@@ -284,8 +324,8 @@ def labeled_data(
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)
     out: dict[str, ImageDataset | None] = {}
-    for name in ("val", "test"):
-        idx = items_of({files[i] for i in split[name]})
+    for name, names in (("val", set(val_files)), ("test", {files[i] for i in split["test"]})):
+        idx = items_of(names)
         out[name] = (
             ImageDataset(source, ev, seed=seed, indices=idx, classes=classes) if len(idx) else None
         )
@@ -302,7 +342,7 @@ def labeled_data(
         subset=subset,
         files={
             "train": sorted(subset_files),
-            "val": sorted(files[i] for i in split["val"]),
+            "val": val_files,
             "test": sorted(files[i] for i in split["test"]),
         },
         class_counts=counts,
