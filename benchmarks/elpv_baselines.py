@@ -67,7 +67,7 @@ def load(
         size = round(d.image_size * 1.25)
         build_cache(m, demo / cache, size=size, dtype="uint8", spec=IntensitySpec.from_config(d))
     recipe = replace(recipe, data=d)
-    base = labeled_data(recipe, labels="100%", seed=0, progress=False)
+    base = labeled_data(recipe, labels="100%", seed=0, progress=False, selection="outside")
     source = base.train.source
     n = len(source)
     from beitdomain.data.dataset import ImageDataset

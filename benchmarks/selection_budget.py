@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", dest="sets", action="append", default=[])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cache", default="cache", help="cache folder inside --demo")
     a = p.parse_args(argv)
     name, _, path = a.init.partition("=")
     recipe = load_recipe(a.recipe)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             recipe.data,
             root=str(a.demo / "data" / "images"),
             labels=str(a.demo / "data" / "labels.csv"),
-            cache=str(a.demo / "cache"),
+            cache=str(a.demo / a.cache),
         ),
     )
     if a.sets:

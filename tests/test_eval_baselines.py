@@ -40,12 +40,15 @@ def test_choose_c_takes_the_best_out_of_fold_score_and_the_smaller_c_on_ties():
     y = np.arange(60) % 2
     x = rng.normal(size=(60, 200))
     x[:, 0] = y * 10.0 + rng.normal(size=60) * 0.1  # one clean feature among 199 noisy ones
-    chosen = B.choose_c(x, y, folds=5)
+    chosen = B.choose_c(x, y, folds=5, criterion="balanced_accuracy")
     assert set(chosen.scores) == set(B.C_GRID) and chosen.folds == 5
     assert chosen.scores[10.0] == pytest.approx(1.0)  # the clean feature separates the classes
     assert chosen.c == 1e-4  # every C ties here, and ties go to the simplest model
+    likely = B.choose_c(x, y)  # the default criterion: the out-of-fold likelihood
+    assert likely.c == 10.0  # no tie: the clean feature earns confidence with weaker penalty
+    assert likely.scores[10.0] > likely.scores[1e-4] and all(v < 0 for v in likely.scores.values())
     x[:, 0] = rng.normal(size=60)  # now only noise: no C can be right out of fold
-    assert max(B.choose_c(x, y).scores.values()) < 0.8
+    assert max(B.choose_c(x, y, criterion="balanced_accuracy").scores.values()) < 0.8
 
 
 def test_too_few_labels_to_cross_validate_falls_back_to_the_default_c():
