@@ -5,9 +5,16 @@ merged in this order, later winning:
 
     dataclass defaults < `extends:` base recipe(s) < the recipe file < typed CLI options < `--set`
 
-Every key is checked against the dataclass it lands in; an unknown or mistyped key is an error
-that names the key, the file it came from and the keys that would be valid. `None` in a field
-means "not set": the command derives a value (e.g. warmup from epochs) instead of guessing here.
+The sections mirror the jobs: `data`, `model`, `mask` describe the images and the backbone;
+`tokenizer`, `pretrain` and `finetune` are the three jobs, each with the same `train` (how long,
+how) and `optim` (AdamW, schedule) sub-sections, and each job reads only its own; `curve` is the
+grid of fine-tunes.
+
+Every key is checked against the dataclass it lands in; an unknown or mistyped key, or a value
+outside its field's range, is an error that names the key, the value, the file it came from and
+what would be valid. `None` in a field means "not set": the command derives a value (e.g. warmup
+from epochs) instead of guessing here. Trust (`--trust-pickle`) is not a recipe value: it comes
+from the person running the command, never from a file.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from beitdomain.user import UserError
 
 __all__ = [
     "RECIPES_DIR",
@@ -31,10 +41,12 @@ __all__ = [
     "MaskConfig",
     "ModelConfig",
     "OptimConfig",
+    "PretrainConfig",
     "Recipe",
     "RecipeError",
     "TokenizerConfig",
     "TrainConfig",
+    "bounded",
     "dump_recipe",
     "find_recipe",
     "load_recipe",
@@ -46,8 +58,28 @@ __all__ = [
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe or override that cannot be used; the message says where and what would be valid."""
+
+
+def bounded(
+    default: Any = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    ordered: bool = False,
+    default_factory: Any = None,
+) -> Any:
+    """A dataclass field whose numbers (each item, for a list or pair) must lie in a range.
+
+    `ordered`: a pair whose first value must not exceed the second (e.g. a crop scale).
+    """
+    meta = {"range": (ge, gt, le, lt), "ordered": ordered}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,27 +95,29 @@ class DataConfig:
     labels: str | None = None  # CSV `path,label[,split]`; paths relative to `root`
     manifest: str | None = None  # manifest written by `beitdomain data scan`
     cache: str | None = None  # cache folder written by `beitdomain data cache`
-    in_chans: int = 1  # 1: RGB -> luminance; 3: grayscale replicated
-    image_size: int = 224  # backbone view
-    tokenizer_size: int = 112  # tokenizer view (pre-training); token grid = this / downsample
+    in_chans: Literal[1, 3] = 1  # 1: RGB -> luminance; 3: grayscale replicated
+    image_size: int = bounded(224, ge=1)  # backbone view
+    # tokenizer view (pre-training); token grid = this / downsample
+    tokenizer_size: int = bounded(112, ge=1)
     normalize: Literal["auto", "window", "percentile", "dtype"] = "auto"
     window: str | dict[str, float] | None = None  # preset ('ct-lung') or {center: 40, width: 400}
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    channels: list[int] | None = None  # sample indices for TIFFs with more than 3 samples
+    percentiles: tuple[float, float] = bounded((0.5, 99.5), ge=0, le=100, ordered=True)
+    # sample indices for TIFFs with more than 3 samples
+    channels: list[int] | None = bounded(None, ge=0)
     nonfinite: Literal["error", "zero"] = "error"  # NaN/Inf in float images
     frames: Literal["all", "middle", "first"] = "all"  # multi-frame files, stacks, series
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
-    num_workers: int | None = None  # None: min(8, cores - 1)
+    num_workers: int | None = bounded(None, ge=0)  # None: min(8, cores - 1)
     # augmentation
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: float = 0.5
-    vflip: float = 0.0
-    intensity_jitter: float = 0.1
+    crop_scale: tuple[float, float] = bounded((0.2, 1.0), gt=0, le=1, ordered=True)
+    hflip: float = bounded(0.5, ge=0, le=1)
+    vflip: float = bounded(0.0, ge=0, le=1)
+    intensity_jitter: float = bounded(0.1, ge=0, le=1)
     # labelled splits when the data has none: stratified, seeded
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    val_fraction: float = bounded(0.1, ge=0, lt=1)
+    test_fraction: float = bounded(0.2, ge=0, lt=1)
+    split_seed: int = bounded(0, ge=0)
     # Pre-training and the tokenizer leave the test split's images out; true: use them too.
     transductive: bool = False
 
@@ -92,36 +126,37 @@ class DataConfig:
 class OptimConfig:
     """AdamW with cosine decay after a linear warm-up."""
 
-    lr: float | None = None  # None: base_lr * batch / 256 (the linear scaling rule)
-    base_lr: float = 1.5e-3 * 256 / 2048  # BEiT: 1.5e-3 at batch 2048
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int | None = None  # None: warmup_fraction of the run
-    warmup_fraction: float = 0.1
-    grad_clip: float | None = 3.0
-    layer_decay: float | None = None  # fine-tuning: 0.65
+    lr: float | None = bounded(None, ge=0)  # None: base_lr * batch / 256 (the linear scaling rule)
+    base_lr: float = bounded(1.5e-3 * 256 / 2048, gt=0)  # BEiT: 1.5e-3 at batch 2048
+    min_lr: float = bounded(1e-5, ge=0)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int | None = bounded(None, ge=0)  # None: warmup_fraction of the run
+    warmup_fraction: float = bounded(0.1, ge=0, le=1)
+    grad_clip: float | None = bounded(3.0, gt=0)
+    layer_decay: float | None = bounded(None, gt=0, le=1)  # fine-tuning: 0.65
 
 
 @dataclass
 class TrainConfig:
     """How long and how a job runs; shared by tokenizer, pre-training and fine-tuning."""
 
-    epochs: float | None = None
-    steps: int | None = None  # overrides epochs when set
-    min_steps: int = 0  # small label subsets still get this many optimizer steps
-    batch_size: int = 64  # per process, per micro-step
-    accum_steps: int = 1
+    epochs: float | None = bounded(None, gt=0)
+    steps: int | None = bounded(None, ge=1)  # overrides epochs when set
+    min_steps: int = bounded(0, ge=0)  # small label subsets still get this many optimizer steps
+    batch_size: int = bounded(64, ge=1)  # per process, per micro-step
+    accum_steps: int = bounded(1, ge=1)
     # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
-    log_every: int = 10
-    ckpt_every: int = 200  # optimizer steps between checkpoints
-    keep_checkpoints: int = 3
-    eval_every: int | None = None  # fine-tuning: steps between validations (None: each epoch)
-    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    log_every: int = bounded(10, ge=1)
+    ckpt_every: int = bounded(200, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = bounded(3, ge=1)
+    # fine-tuning: steps between validations (None: each epoch)
+    eval_every: int | None = bounded(None, ge=1)
+    max_nonfinite: int = bounded(5, ge=1)  # consecutive non-finite losses before the run stops
     tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
     deterministic: bool = False
 
@@ -132,32 +167,34 @@ class TokenizerConfig:
 
     path: str | None = None  # trained tokenizer used by `pretrain` (dir or tokenizer.safetensors)
     preset: str = "small"
-    vocab_size: int | None = None  # None: the preset's
-    downsample: int | None = None  # 4 or 8; None: the preset's
+    vocab_size: int | None = bounded(None, ge=2)  # None: the preset's
+    downsample: int | None = bounded(None, ge=1)  # 4 or 8; None: the preset's
     recon_loss: Literal["logit_laplace", "l1", "mse"] | None = None
     init: str | None = None  # previous tokenizer dir to continue from
-    temperature_start: float = 1.0
-    temperature_end: float = 1.0 / 16
+    temperature_start: float = bounded(1.0, gt=0)
+    temperature_end: float = bounded(1.0 / 16, gt=0)
     # KL to the uniform prior, per token cell, against a per-pixel reconstruction loss. DALL-E's
     # beta = 6.6 weighs sums (pixels vs cells); per element that is 6.6 / (pixels per cell):
     # 6.6 / 64 = 0.1 at 8x downsampling of one channel. Much weaker and codes collapse early.
-    kl_weight: float = 0.1
-    kl_warmup_fraction: float = 0.1
+    kl_weight: float = bounded(0.1, ge=0)
+    kl_warmup_fraction: float = bounded(0.1, ge=0, le=1)
     # KL of the batch-average code distribution to uniform: spreads the codes over the
     # codebook without making each cell's choice uncertain (see DVAEOutput.loss); 0 = off.
-    usage_weight: float = 0.0
+    usage_weight: float = bounded(0.0, ge=0)
     # L1 between the image gradients (finite differences along x and y) of the reconstruction
     # and of the input, added to the reconstruction loss with this weight; 0 = off. A per-pixel
     # loss barely notices a 1-px crack (a few pixels of the image); the gradient is large exactly
     # there. On 64 px ELPV cells weight 1 sharpened edges (+0.9 dB) but isolated thin cracks
     # stayed lost (BENCHMARKS.md).
-    edge_weight: float = 0.0
+    edge_weight: float = bounded(0.0, ge=0)
     # Straight-through Gumbel: the decoder sees one-hot codes (as it will at inference), the
     # gradient flows through the soft sample.
     straight_through: bool = False
-    dead_code_every: int | None = 200  # steps between dead-code re-initialisations; None: off
-    dead_code_min_usage: float = 0.0  # a code used less often than this fraction counts as dead
-    sample_every: int = 500  # steps between reconstruction-grid PNGs
+    # steps between dead-code re-initialisations; None: off
+    dead_code_every: int | None = bounded(200, ge=1)
+    # a code used less often than this fraction counts as dead
+    dead_code_min_usage: float = bounded(0.0, ge=0, le=1)
+    sample_every: int = bounded(500, ge=1)  # steps between reconstruction-grid PNGs
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(base_lr=1e-3, min_lr=1e-5, weight_decay=0.01)
     )
@@ -169,8 +206,8 @@ class MaskConfig:
     """BEiT masking: blockwise by default; `random` for the paper's ablation."""
 
     kind: Literal["block", "random"] = "block"
-    ratio: float = 0.4
-    min_num_patches: int | None = None  # None: 16 at 14x14, scaled with the grid
+    ratio: float = bounded(0.4, gt=0, lt=1)
+    min_num_patches: int | None = bounded(None, ge=1)  # None: 16 at 14x14, scaled with the grid
 
 
 @dataclass
@@ -178,15 +215,14 @@ class ModelConfig:
     """The BEiT backbone (timm) and the pre-training target."""
 
     preset: str = "vit-base"
-    img_size: int | None = None  # None: data.image_size
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    drop_path: float = 0.1
-    layer_scale_init: float | None = 0.1
+    img_size: int | None = bounded(None, ge=1)  # None: data.image_size
+    patch_size: int | None = bounded(None, ge=1)
+    embed_dim: int | None = bounded(None, ge=1)
+    depth: int | None = bounded(None, ge=1)
+    num_heads: int | None = bounded(None, ge=1)
+    drop_path: float = bounded(0.1, ge=0, lt=1)
+    layer_scale_init: float | None = bounded(0.1, gt=0)
     init: str | None = None  # checkpoint file/dir to start from; None: random
-    trust_pickle: bool = False
     target: Literal["tokens", "pixels"] = "tokens"
 
 
@@ -197,29 +233,30 @@ class FinetuneConfig:
     labels: str = "100%"  # '1%', '0.01', '200', '5/class'
     init: str | None = None  # pre-training run dir, exported/official checkpoint; None: scratch
     linear_probe: bool = False
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    label_smoothing: float = bounded(0.1, ge=0, lt=1)
+    mixup: float = bounded(0.0, ge=0)
+    cutmix: float = bounded(0.0, ge=0)
     class_weighting: Literal["none", "loss", "sampler"] = "none"
-    early_stopping: int | None = None  # validations without improvement before stopping
+    # validations without improvement before stopping
+    early_stopping: int | None = bounded(None, ge=1)
     select_metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1", "loss"] = (
         "balanced_accuracy"
     )
-    head_init_scale: float = 0.001
+    head_init_scale: float = bounded(0.001, ge=0)
     # "random": BEiT's small random head. "probe": LP-FT (Kumar et al., ICLR 2022): the head
     # starts as a logistic regression fitted on the frozen backbone's features of the training
     # labels (L2 strength 1 / probe_c on standardized features), so the first fine-tuning
     # gradients do not come from a random head and distort the pre-trained features.
     head_init: Literal["random", "probe"] = "random"
-    probe_c: float = 0.1
+    probe_c: float = bounded(0.1, gt=0)
     # Learning rates to try, e.g. [1.0e-4, 1.0e-3]: one fine-tune each (in lr-<value>/), and the
     # one with the best validation `select_metric` is the result. Empty: just `optim.lr`.
-    lr_grid: list[float] = field(default_factory=list)
+    lr_grid: list[float] = bounded(ge=0, default_factory=list)
     # What checkpoint and lr selection may look at: "none" (a fixed schedule, the final
     # weights), "carve" (a fifth of the label subset validates, the rest trains), "outside"
     # (the split's validation images: labels beyond the budget, only on request).
     selection: Literal["none", "carve", "outside"] = "none"
-    drop_path: float = 0.1
+    drop_path: float = bounded(0.1, ge=0, lt=1)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             base_lr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65, grad_clip=None
@@ -235,10 +272,10 @@ class CurveConfig:
     """The grid of fine-tunes behind a label-efficiency curve."""
 
     fractions: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "25%", "100%"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = bounded(ge=0, default_factory=lambda: [0, 1, 2])
     # More seeds where labels are scarcest, e.g. {"1%": [0, 1, 2, 3, 4, 5]}: there the spread
     # between seeds is largest and each fine-tune is cheapest.
-    fraction_seeds: dict[str, list[int]] = field(default_factory=dict)
+    fraction_seeds: dict[str, list[int]] = bounded(ge=0, default_factory=dict)
     inits: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
     # Per-initialization `--set` overrides, e.g. {domain: ["finetune.optim.lr=1e-4"]}: a
     # pre-trained backbone and a random one rarely want the same fine-tuning lr, and a fair
@@ -250,6 +287,22 @@ class CurveConfig:
     # repeat over seeds: the grid's cost is paid once per fraction, not once per seed).
     lr_grid_seeds: Literal["all", "first"] = "all"
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
+    # The classical arms on the same subsets: logistic regressions on pixels, on their PCA, and
+    # on each backbone's frozen features (seconds on a CPU); the verdict is against the
+    # strongest arm without pre-training.
+    baselines: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """BEiT masked image modeling: how long and with which optimizer (the masking is `mask`)."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
+
+
+# The sections that are jobs; each has `train` and `optim`, and each job reads only its own.
+JOBS = ("tokenizer", "pretrain", "finetune")
 
 
 @dataclass
@@ -257,15 +310,27 @@ class Recipe:
     """A whole recipe; each command reads the sections it needs."""
 
     name: str | None = None
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # pre-training
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+
+
+# Keys that a recipe used to have, and where they live now: named in the error, so an old
+# recipe or `--set train.steps=500` says what to write instead.
+MOVED_KEYS = {"train": "pretrain.train", "optim": "pretrain.optim"}
+# Keys a recipe may never hold: trust belongs to the person running the command.
+REFUSED_KEYS = {
+    "model.trust_pickle": (
+        "trust cannot come from a recipe (a file, `extends:`, --set or a saved run's "
+        "recipe.yaml). Pass --trust-pickle on the command line (trust_pickle=True in Python) "
+        "when you trust the weight file"
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +451,9 @@ def _with_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, A
 def parse_set(item: str) -> tuple[str, Any]:
     """Splits `section.key=value`; the value is YAML (`[1, 2]`, `true`, `null`, `3e-4`)."""
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+        raise RecipeError(
+            f"--set {item!r}: expected section.key=value, e.g. --set pretrain.optim.lr=3e-4"
+        )
     key, text = item.split("=", 1)
     key = key.strip()
     if not key:
@@ -400,6 +467,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> dict[str, Any]:
     parts = key.split(".")
+    _refuse(parts, source)
     cls: Any = Recipe
     for i, part in enumerate(parts):
         fields = _fields(cls)
@@ -417,6 +485,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> dict[
             cls = inner
         elif inner is None or not isinstance(value, dict):
             value = _coerce(hint, value, source, key)  # type errors blamed on this option
+            _check_range(_field_of(cls, part), value, source, key)
     out = copy.deepcopy(raw)
     node = out
     for part in parts[:-1]:
@@ -430,6 +499,60 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> dict[
 # --------------------------------------------------------------------------------------------
 # Typed construction
 # --------------------------------------------------------------------------------------------
+
+
+def _refuse(parts: list[str], source: str) -> None:
+    """A moved or refused key (`train.steps`, `model.trust_pickle`) as an error saying why."""
+    if parts[0] in MOVED_KEYS:
+        rest = ".".join(parts[1:])
+        new = f"{MOVED_KEYS[parts[0]]}.{rest}" if rest else MOVED_KEYS[parts[0]]
+        raise RecipeError(
+            f"{source}: '{'.'.join(parts)}' has moved to '{new}': the top-level '{parts[0]}' "
+            "section was pre-training's, and each job (tokenizer, pretrain, finetune) now has "
+            f"its own train and optim sections"
+        )
+    for n in range(1, len(parts) + 1):
+        dotted = ".".join(parts[:n])
+        if dotted in REFUSED_KEYS:
+            raise RecipeError(f"{source}: '{dotted}' is not a recipe key: {REFUSED_KEYS[dotted]}")
+
+
+def _field_of(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_range(f: dataclasses.Field, value: Any, source: str, key: str) -> None:
+    """Numbers must be finite and inside the field's `bounded(...)` range (each item of a list,
+    pair or mapping); the message names the key, the value and the valid range."""
+    ge, gt, le, lt = f.metadata.get("range", (None, None, None, None))
+
+    def numbers(v: Any) -> list[Any]:
+        if isinstance(v, dict):
+            return [x for item in v.values() for x in numbers(item)]
+        if isinstance(v, (list, tuple)):
+            return [x for item in v for x in numbers(item)]
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+
+    valid = " and ".join(
+        f"{op} {bound:g}"
+        for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+        if bound is not None
+    )
+    for x in numbers(value):
+        ok = (isinstance(x, int) or math.isfinite(x)) and not (
+            (ge is not None and x < ge)
+            or (gt is not None and x <= gt)
+            or (le is not None and x > le)
+            or (lt is not None and x >= lt)
+        )
+        if not ok:
+            need = f"a finite number {valid}" if valid else "a finite number"
+            raise RecipeError(f"{source}: '{key}' = {value!r} is out of range: need {need}")
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    if f.metadata.get("ordered") and pair and value[0] > value[1]:
+        raise RecipeError(
+            f"{source}: '{key}' = {list(value)!r}: the first value must not exceed the second"
+        )
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -460,6 +583,10 @@ def _check_keys(cls: type, data: dict[str, Any], source: str, prefix: str) -> No
     fields = _fields(cls)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        parts = dotted.split(".")
+        if not prefix and key in MOVED_KEYS and isinstance(value, dict) and value:
+            parts.append(str(next(iter(value))))  # name a whole key: 'train.steps'
+        _refuse(parts, source)
         if key not in fields:
             where = f"section '{prefix[:-1]}'" if prefix else "the top level"
             raise RecipeError(_unknown_key_message(dotted, source, where, fields))
@@ -489,6 +616,7 @@ def _merge_dataclass(default: Any, data: dict[str, Any], source: str, prefix: st
             updates[k] = _merge_dataclass(getattr(default, k), v, source, f"{prefix}{k}.")
         else:
             updates[k] = _coerce(fields[k], v, source, f"{prefix}{k}")
+            _check_range(_field_of(type(default), k), updates[k], source, f"{prefix}{k}")
     return dataclasses.replace(default, **updates)
 
 
@@ -523,7 +651,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
                 errors.append(e)
         raise bad()
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):  # True is not 1
             return value
         raise bad(f"; choose one of {', '.join(repr(a) for a in args)}")
     if dataclasses.is_dataclass(hint):
@@ -540,7 +668,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         raise bad()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond any float
+                raise bad() from None
         if isinstance(value, str):
             try:
                 return float(value)  # YAML 1.1 reads `3e-4` as a string

@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from beitdomain.user import UserError
 
-class WriteError(OSError):
+
+class WriteError(OSError, UserError):
     """A write that failed (disk full, permissions); the previous file is intact."""
 
 
@@ -80,6 +82,19 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def atomic_write_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """Writes a state dict as safetensors, whole or not at all (tensors copied to CPU first).
+
+    safetensors needs contiguous CPU tensors; channels_last weights and CUDA tensors are not.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

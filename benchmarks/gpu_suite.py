@@ -516,7 +516,7 @@ def format_suite(res: dict[str, Any]) -> str:
     table = C.markdown_table(
         ["measurement", "img/s", "ms", "MFU", "peak GiB", "MiB/img", "notes"], rows, left=(0, 6)
     )
-    return "\n".join(["GPU suite (issue 9)", C.header_lines(res["env"]), "", table])
+    return "\n".join(["GPU suite", C.header_lines(res["env"]), "", table])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from beitdomain.io import IntensitySpec
 
 QUICK = [
     "tokenizer.train.steps=20",
-    "train.steps=20",
+    "pretrain.train.steps=20",
     "finetune.train.epochs=1",
     "finetune.train.min_steps=10",
     "curve.seeds=[0]",

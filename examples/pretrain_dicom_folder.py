@@ -28,8 +28,8 @@ TINY = [
     "tokenizer.train.steps=10",
     "tokenizer.train.batch_size=16",
     "model.preset=tiny",
-    "train.steps=10",
-    "train.batch_size=16",
+    "pretrain.train.steps=10",
+    "pretrain.train.batch_size=16",
 ]
 
 

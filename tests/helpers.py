@@ -46,11 +46,11 @@ PRETRAIN_SETS = [
     *_COMMON,
     "model.preset=tiny",
     "model.drop_path=0.0",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.ckpt_every=5",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=2",
+    "pretrain.train.batch_size=8",
+    "pretrain.train.log_every=1",
+    "pretrain.train.ckpt_every=5",
+    "pretrain.optim.lr=1e-3",
+    "pretrain.optim.warmup_steps=2",
 ]
 
 FINETUNE_SETS = [

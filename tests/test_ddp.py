@@ -117,7 +117,7 @@ def test_two_gloo_ranks_hold_identical_weights(kind, data, tmp_path):
     cells, tok = data
     out = tmp_path / "run"
     if kind == "pretrain":
-        sets = [*PRETRAIN_SETS, "train.steps=4", "train.ckpt_every=2"]
+        sets = [*PRETRAIN_SETS, "pretrain.train.steps=4", "pretrain.train.ckpt_every=2"]
         args = ["pretrain", "--data", str(cells), "--tokenizer", str(tok)]
     else:
         # dead-code re-seeding every 2 steps: rank 0's decision must reach rank 1

@@ -88,7 +88,7 @@ def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
     assert "5 fine-tuning cells per initialization instead of 10" in notice
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
     assert demo.fp32_cpu_notice(r, "cpu") is None  # auto -> bf16 here
-    r.train.precision = r.tokenizer.train.precision = r.finetune.train.precision = "fp32"
+    r.pretrain.train.precision = r.tokenizer.train.precision = r.finetune.train.precision = "fp32"
     assert demo.fp32_cpu_notice(r, "cpu") is not None  # asked for fp32
     r.name = "my-recipe"
     assert demo.fp32_cpu_notice(r, "cpu") is None  # times measured for elpv-cpu only

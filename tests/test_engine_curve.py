@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curve")
     root = write_separable_set(tmp / "data", per_class=12)
     pre = recipe(
-        [*PRETRAIN_SETS, "train.steps=2", "model.target=pixels"], **{"data.root": str(root)}
+        [*PRETRAIN_SETS, "pretrain.train.steps=2", "model.target=pixels"],
+        **{"data.root": str(root)},
     )
     pretrain(pre, tmp / "pre", device="cpu", quiet=True)
     return root, tmp / "pre"
@@ -275,7 +276,10 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
     # A follower whose first seed has no result cannot guess its lr: a clear error.
     (lead / "results.json").unlink()
     with pytest.raises(UserError, match="takes its learning rate from .*is missing"):
-        curve_engine._cell_recipe(r, None, "100%", 1, "scratch", out)
+        grid = curve_engine.parse_grid(r.curve, {"scratch": None})
+        follower = curve_engine.Cell("scratch", curve_engine.parse_labels_spec("100%"), 1)
+        scratch = curve_engine._init_recipes(r, grid.inits)["scratch"]
+        curve_engine._cell_recipe(scratch, grid, follower, out)
 
 
 def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
@@ -290,3 +294,58 @@ def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
     assert chosen in (0.0, 2.0e-3) and not list(follower.glob("lr-*"))
     saved = yaml.safe_load((follower / "recipe.yaml").read_text())["finetune"]
     assert saved["optim"]["lr"] == chosen and saved["lr_grid"] == []
+
+
+def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
+    # '10%' and '0.1' are one label amount (as fractions and as fraction_seeds keys); a bad
+    # amount anywhere in the list fails before the first cell trains.
+    from beitdomain.config import load_recipe
+    from beitdomain.data.splits import LabelSubsetError, parse_labels_spec
+
+    c = load_recipe(
+        sets=[
+            "curve.fractions=['0.1', '100%']",
+            "curve.seeds=[0]",
+            "curve.fraction_seeds={'10%': [0, 1]}",
+        ]
+    ).curve
+    grid = curve_engine.parse_grid(c, {"scratch": None})
+    ten = parse_labels_spec("10%")
+    assert grid.fractions[0] == ten and hash(grid.fractions[0]) == hash(ten)
+    assert grid.seeds[ten] == (0, 1)
+    cells = grid.cells()
+    assert [(x.init, x.labels.text, x.seed) for x in cells] == [
+        ("scratch", "0.1", 0),
+        ("scratch", "0.1", 1),
+        ("scratch", "100%", 0),
+    ]
+    assert [grid.is_first_seed(x) for x in cells] == [True, False, True]
+    assert cells[0].name == cell_name("scratch", "0.1", 0)
+    c.fractions = ["10%", "0.1"]
+    with pytest.raises(Exception, match="twice"):
+        curve_engine.parse_grid(c, {"scratch": None})
+
+    ran = []
+    monkeypatch.setattr(curve_engine, "finetune", lambda r, d, **kw: ran.append(d))
+    r = load_recipe(sets=["curve.fractions=['100%', 'abc']", "curve.inits={scratch: null}"])
+    with pytest.raises(LabelSubsetError, match="'abc'"):
+        run_curve(r, tmp_path / "c", device="cpu", quiet=True)
+    assert ran == [] and not (tmp_path / "c").exists()
+
+
+def test_a_worker_receives_a_recipe_not_a_file(monkeypatch, tmp_path):
+    # The worker's argument pickles as it is (spawn), and it holds the Recipe object itself.
+    import pickle
+
+    from beitdomain.config import Recipe, load_recipe
+
+    r = load_recipe(sets=["curve.fractions=['100%']", "curve.seeds=[0]"])
+    grid = curve_engine.parse_grid(r.curve, {"scratch": None})
+    (cell,) = grid.cells()
+    args = (r, grid, cell, str(tmp_path), "cpu", False)
+    seen = []
+    monkeypatch.setattr(curve_engine, "finetune", lambda rr, d, **kw: seen.append((rr, d, kw)))
+    curve_engine._run_cell(pickle.loads(pickle.dumps(args)))
+    (got, folder, kw) = seen[0]
+    assert isinstance(got, Recipe) and got.finetune.labels == "100%" and got.seed == 0
+    assert folder == tmp_path / "cells" / cell.name and kw["trust_pickle"] is False

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from beitdomain.cli.app import app
 from beitdomain.data.splits import LabelSubsetError
 from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.finetune import finetune, predict
+from beitdomain.engine.finetune import finetune
+from beitdomain.engine.predict import predict
 from beitdomain.engine.rundir import read_metrics
 
 runner = CliRunner()
@@ -205,7 +206,7 @@ def test_probe_head_is_the_fitted_logistic_regression_on_raw_features():
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from beitdomain.engine.finetune import fit_probe_head
+    from beitdomain.models.probe import fit_probe_head
 
     rng = np.random.default_rng(0)
     X = rng.normal(3.0, [0.5, 4.0] * 8, size=(40, 16))  # shifted, unequal scales
@@ -224,7 +225,7 @@ def test_probe_head_is_the_fitted_logistic_regression_on_raw_features():
 def test_probe_head_multiclass_and_a_class_without_labels():
     import torch
 
-    from beitdomain.engine.finetune import fit_probe_head
+    from beitdomain.models.probe import fit_probe_head
 
     rng = np.random.default_rng(1)
     centers = rng.normal(0, 3, size=(3, 16))
@@ -249,13 +250,10 @@ def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
 
     from beitdomain.data.transforms import FinetuneTransform
     from beitdomain.engine import distributed as D
+    from beitdomain.engine.build import build_classifier
     from beitdomain.engine.data import labeled_data
-    from beitdomain.engine.finetune import (
-        build_classifier,
-        fit_probe_head,
-        load_weights,
-        pooled_features,
-    )
+    from beitdomain.engine.predict import load_weights
+    from beitdomain.models.probe import fit_probe_head, pooled_features
 
     r = recipe(
         [
@@ -325,3 +323,40 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
     with pytest.raises(UserError, match="validation split"):
         finetune(no_val, tmp_path / "noval", device="cpu", quiet=True)
     assert not list((tmp_path / "noval").glob("lr-*"))  # refused before any training
+
+
+def test_results_record_the_peak_learning_rate(ft_run, data, tmp_path):
+    # "lr" is the schedule's peak: optim.lr when set, else the linear scaling rule (never None).
+    from beitdomain.engine.optim import peak_lr
+
+    out, res = ft_run
+    assert res["lr"] == 2e-3 == json.loads((out / "results.json").read_text())["lr"]
+    top = max(m["lr"] for m in read_metrics(out / "metrics.jsonl") if "lr" in m)
+    assert top == pytest.approx(res["lr"])
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=2", "finetune.optim.lr=null"],
+        **{"data.root": str(data)},
+    )
+    scaled = finetune(r, tmp_path / "scaled", device="cpu", quiet=True)["lr"]
+    assert scaled is not None and scaled == pytest.approx(peak_lr(r.finetune.optim, 8))
+
+
+def test_each_job_builds_its_backbone_with_its_own_grad_checkpointing():
+    # Fine-tuning follows finetune.train.grad_checkpointing, pre-training its own section.
+    from beitdomain.engine.build import build_classifier
+    from beitdomain.engine.pretrain import build_mim
+
+    on, off = "grad_checkpointing=true", "grad_checkpointing=false"
+    ft_only = recipe([*FINETUNE_SETS, f"finetune.train.{on}", f"pretrain.train.{off}"])
+    pre_only = recipe([*FINETUNE_SETS, f"finetune.train.{off}", f"pretrain.train.{on}"])
+    assert build_classifier(ft_only, 2).backbone.grad_checkpointing is True
+    assert build_classifier(pre_only, 2).backbone.grad_checkpointing is False
+    flags = {
+        name: [
+            m.grad_checkpointing
+            for m in build_mim(r, 16)[0].modules()
+            if hasattr(m, "grad_checkpointing")
+        ]
+        for name, r in (("ft_only", ft_only), ("pre_only", pre_only))
+    }
+    assert flags["pre_only"] and all(flags["pre_only"]) and not any(flags["ft_only"])

@@ -50,7 +50,9 @@ def _recipe(data, *extra, **options):
 @pytest.fixture(scope="module")
 def pre_run(data):
     tmp = data[0]
-    result = pretrain(_recipe(data, f"train.steps={STEPS}"), tmp / "run", device="cpu", quiet=True)
+    result = pretrain(
+        _recipe(data, f"pretrain.train.steps={STEPS}"), tmp / "run", device="cpu", quiet=True
+    )
     return tmp / "run", result
 
 
@@ -113,7 +115,7 @@ def test_export_command_rebuilds_the_backbone(pre_run, tmp_path):
 
 
 def test_missing_tokenizer_is_a_clear_error(data, tmp_path):
-    r = _recipe(data, "train.steps=2", **{"tokenizer.path": None})
+    r = _recipe(data, "pretrain.train.steps=2", **{"tokenizer.path": None})
     with pytest.raises(UserError, match=r"tokenizer\.path.*model\.target=pixels"):
         pretrain(r, tmp_path / "a", device="cpu", quiet=True)
     assert not (tmp_path / "a" / "checkpoints").exists()
@@ -128,7 +130,7 @@ def test_missing_tokenizer_is_a_clear_error(data, tmp_path):
             str(root),
             "--out",
             str(tmp_path / "b"),
-            *sets_to_args([*PRETRAIN_SETS, "train.steps=2"]),
+            *sets_to_args([*PRETRAIN_SETS, "pretrain.train.steps=2"]),
         ],
     )
     assert res.exit_code == 2, res.output
@@ -136,7 +138,7 @@ def test_missing_tokenizer_is_a_clear_error(data, tmp_path):
 
 
 def test_tokenizer_grid_mismatch_is_a_clear_error(data, tmp_path):
-    r = _recipe(data, "train.steps=2", "data.tokenizer_size=48")  # 48 / 4 = 12x12 tokens
+    r = _recipe(data, "pretrain.train.steps=2", "data.tokenizer_size=48")  # 48 / 4 = 12x12 tokens
     with pytest.raises(UserError, match=r"12x12 token grid.*8x8 patch grid.*tokenizer_size=32"):
         pretrain(r, tmp_path / "a", device="cpu", quiet=True)
     assert not (tmp_path / "a" / "checkpoints").exists()
@@ -148,7 +150,7 @@ def test_tokenizer_grid_mismatch_is_a_clear_error(data, tmp_path):
     ids=["random-mask", "pixel-target"],
 )
 def test_ablations_run(data, tmp_path, sets, metric):
-    r = _recipe(data, "train.steps=4", *sets)
+    r = _recipe(data, "pretrain.train.steps=4", *sets)
     result = pretrain(r, tmp_path / "run", device="cpu", quiet=True)
     rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rec) == 4 and all(metric in m and np.isfinite(m["loss"]) for m in rec)
@@ -158,7 +160,12 @@ def test_ablations_run(data, tmp_path, sets, metric):
 def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
     """Lose the newest checkpoint, resume: steps 7-8 are re-run with the same lr and loss, and
     the final weights equal the uninterrupted run's bit for bit."""
-    r = _recipe(data, "train.steps=8", "train.ckpt_every=3", "train.deterministic=true")
+    r = _recipe(
+        data,
+        "pretrain.train.steps=8",
+        "pretrain.train.ckpt_every=3",
+        "pretrain.train.deterministic=true",
+    )
     run = tmp_path / "run"
     pretrain(r, run, device="cpu", quiet=True)
     first = read_metrics(run / "metrics.jsonl")

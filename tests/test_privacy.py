@@ -75,7 +75,7 @@ def dicom_runs(tmp_path_factory):
         str(out / "tok"),
         "--out",
         str(out / "pre"),
-        *sets_to_args([*PRETRAIN_SETS, "train.steps=3", "train.ckpt_every=2"]),
+        *sets_to_args([*PRETRAIN_SETS, "pretrain.train.steps=3", "pretrain.train.ckpt_every=2"]),
     )
     run(
         "finetune",

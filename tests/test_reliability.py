@@ -88,9 +88,9 @@ def _command(kind: str, data: dict, out: Path) -> tuple[list[str], str, list[str
     elif kind == "pretrain":
         sets = [
             *PRETRAIN_SETS,
-            f"train.steps={KILL_STEPS}",
-            "train.ckpt_every=2",
-            "train.deterministic=true",
+            f"pretrain.train.steps={KILL_STEPS}",
+            "pretrain.train.ckpt_every=2",
+            "pretrain.train.deterministic=true",
         ]
         argv = ["pretrain", "--data", str(data["cells"]), "--tokenizer", str(data["tok"])]
         files = ["mim.safetensors", "backbone.safetensors"]
@@ -183,7 +183,13 @@ def test_kill9_then_resume_is_bitwise_identical(kind, data, tmp_path):
 
 def _pre_recipe(data, *extra):
     return recipe(
-        [*PRETRAIN_SETS, "train.steps=6", "train.ckpt_every=2", "train.deterministic=true", *extra],
+        [
+            *PRETRAIN_SETS,
+            "pretrain.train.steps=6",
+            "pretrain.train.ckpt_every=2",
+            "pretrain.train.deterministic=true",
+            *extra,
+        ],
         **{"data.root": str(data["cells"]), "tokenizer.path": str(data["tok"])},
     )
 
@@ -321,7 +327,12 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
             "--out",
             str(run),
             *sets_to_args(
-                [*PRETRAIN_SETS, "train.steps=6", "train.ckpt_every=2", "train.deterministic=true"]
+                [
+                    *PRETRAIN_SETS,
+                    "pretrain.train.steps=6",
+                    "pretrain.train.ckpt_every=2",
+                    "pretrain.train.deterministic=true",
+                ]
             ),
         ],
     )
@@ -361,10 +372,10 @@ def test_nonfinite_losses_stop_with_a_clear_message_and_a_good_checkpoint(
     _nan_from_call(monkeypatch, first_bad=4)  # steps 1-3 fine, then NaN for ever
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as err:
-        pretrain(_pre_recipe(data, "train.max_nonfinite=3"), run, device="cpu", quiet=True)
+        pretrain(_pre_recipe(data, "pretrain.train.max_nonfinite=3"), run, device="cpu", quiet=True)
     msg = str(err.value)
     assert "3 non-finite losses in a row at step 3" in msg
-    assert str(run / "checkpoints") in msg and "optim.lr" in msg
+    assert str(run / "checkpoints") in msg and "pretrain.optim.lr" in msg
     mgr = CheckpointManager(run / "checkpoints")
     assert mgr.steps() == [2]
     _, state = mgr.load_latest()
@@ -381,7 +392,9 @@ def test_nonfinite_losses_stop_with_a_clear_message_and_a_good_checkpoint(
 def test_isolated_nonfinite_losses_are_skipped_and_counted(data, tmp_path, monkeypatch):
     _nan_from_call(monkeypatch, first_bad=3, last_bad=4)  # two bad micro-batches in a row
     run = tmp_path / "run"
-    result = pretrain(_pre_recipe(data, "train.max_nonfinite=3"), run, device="cpu", quiet=True)
+    result = pretrain(
+        _pre_recipe(data, "pretrain.train.max_nonfinite=3"), run, device="cpu", quiet=True
+    )
     rec = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in rec] == list(range(1, 7)) and result["steps"] == 6
     assert all(np.isfinite(m["loss"]) for m in rec)
@@ -429,7 +442,8 @@ def dirty(tmp_path_factory):
 
 def _pixels_recipe(root, *extra):
     return recipe(
-        [*PRETRAIN_SETS, "model.target=pixels", "train.steps=2", *extra], **{"data.root": str(root)}
+        [*PRETRAIN_SETS, "model.target=pixels", "pretrain.train.steps=2", *extra],
+        **{"data.root": str(root)},
     )
 
 
@@ -478,13 +492,18 @@ def _with_nan_tiff(root: Path) -> Path:
 def test_nan_tiff_is_reported_before_training(tmp_path):
     root = _with_nan_tiff(write_separable_set(tmp_path / "data", per_class=8))
     with pytest.raises(ScanError, match="horizontal/nan.tif.*NaN or Inf"):
-        pretrain(_pixels_recipe(root, "train.steps=4"), tmp_path / "run", device="cpu", quiet=True)
+        pretrain(
+            _pixels_recipe(root, "pretrain.train.steps=4"),
+            tmp_path / "run",
+            device="cpu",
+            quiet=True,
+        )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nan_tiff_is_quarantined_with_on_error_skip(tmp_path):
     root = _with_nan_tiff(write_separable_set(tmp_path / "data", per_class=8))
-    r = _pixels_recipe(root, "train.steps=4", "data.on_error=skip")
+    r = _pixels_recipe(root, "pretrain.train.steps=4", "data.on_error=skip")
     assert pretrain(r, tmp_path / "run", device="cpu", quiet=True)["steps"] == 4
     assert "nan.tif" in (tmp_path / "run" / "quarantine.csv").read_text()
 
@@ -575,7 +594,7 @@ class RunsCode:
 
 
 def _tiny_classifier():
-    from beitdomain.engine.finetune import build_classifier
+    from beitdomain.engine.build import build_classifier
 
     return build_classifier(recipe(FINETUNE_SETS), 2)
 

@@ -17,6 +17,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from beitdomain.user import UserError
+
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,7 +49,8 @@ SetOpt = Annotated[
     typer.Option(
         "--set",
         "-s",
-        help="Override any recipe value, repeatable: --set optim.lr=3e-4 --set train.steps=500.",
+        help="Override any recipe value, repeatable: --set pretrain.optim.lr=3e-4 "
+        "--set finetune.train.steps=500.",
     ),
 ]
 OutOpt = Annotated[
@@ -61,33 +64,11 @@ OverwriteOpt = Annotated[
 ]
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is enough for the user: printed without a traceback."""
-    from beitdomain.config import RecipeError
-    from beitdomain.fileio import WriteError
-
-    errors: list[type[BaseException]] = [RecipeError, WriteError, FileNotFoundError]
-    for mod, name in [
-        ("beitdomain.engine.rundir", "RunDirError"),
-        ("beitdomain.engine.checkpoint", "CheckpointError"),
-        ("beitdomain.engine.loop", "NonFiniteLossError"),
-        ("beitdomain.io", "ReaderError"),
-        ("beitdomain.data.index", "DataError"),
-        ("beitdomain.data.splits", "LabelSubsetError"),
-        ("beitdomain.models.convert", "WeightsError"),
-        ("beitdomain.tokenizer.io", "TokenizerFileError"),
-        ("beitdomain.user", "UserError"),
-    ]:
-        try:
-            module = __import__(mod, fromlist=[name])
-            errors.append(getattr(module, name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
 def handle_errors(fn: F) -> F:
-    """Prints known errors as one clear line and exits 2; Ctrl-C exits 130 after saving."""
+    """Prints a `UserError` as one clear line and exits 2; Ctrl-C exits 130 after saving.
+
+    Any other exception is a bug, and keeps its traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -103,14 +84,12 @@ def handle_errors(fn: F) -> F:
             )
             console.print(msg)
             raise typer.Exit(130) from None
-        except Exception as e:
-            if isinstance(e, user_errors()):
-                from rich.markup import escape
+        except UserError as e:
+            from rich.markup import escape
 
-                # escape: messages hold paths and commands like `pip install -e ".[demo]"`
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-                raise typer.Exit(2) from None
-            raise
+            # escape: messages hold paths and commands like `pip install -e ".[demo]"`
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -14,6 +14,7 @@ from beitdomain.cli.common import (
     OverwriteOpt,
     RecipeOpt,
     SetOpt,
+    TrustPickleOpt,
     console,
     default_out,
     global_options,
@@ -54,6 +55,17 @@ def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; one number is that one seed."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise typer.BadParameter(f"--seeds {text!r}: expected seeds >= 0 like 0,1,2")
+    return seeds
+
+
 @app.command()
 @handle_errors
 def curve(
@@ -76,7 +88,10 @@ def curve(
     fractions: Annotated[
         str | None, typer.Option(help="Comma-separated label amounts, e.g. 1%,5%,10%,25%,100%.")
     ] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per cell (0..N-1).")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
+    ] = None,
     metric: Annotated[
         str | None, typer.Option(help="balanced_accuracy (default), accuracy, auroc, macro_f1.")
     ] = None,
@@ -89,6 +104,7 @@ def curve(
     sets: SetOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Fine-tune at several label fractions x seeds x initializations and draw the curve.
 
@@ -117,13 +133,21 @@ def curve(
         "curve.inits": parse_inits(init) if init else None,
         "curve.init_sets": parse_init_sets(init_set) if init_set else None,
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-        "curve.seeds": list(range(seeds)) if seeds else None,
+        "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
         "curve.metric": metric,
     }
     r = load(ctx, recipe, sets, options)
     g = global_options(ctx)
     out = out or default_out(r, "curve")
-    result = run_curve(r, out, device=g.device, overwrite=overwrite, quiet=g.quiet, workers=workers)
+    result = run_curve(
+        r,
+        out,
+        device=g.device,
+        overwrite=overwrite,
+        quiet=g.quiet,
+        workers=workers,
+        trust_pickle=trust_pickle,
+    )
     for eff in result.get("efficiency", []):
         console.print(eff["statement"])
     console.print(f"curve.png, summary.csv and report.md in {out}")

@@ -124,7 +124,9 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
         return scan(source, on_error=on_error, workers=workers, progress=True)
     if source.is_file():
         return Manifest.load(source)
-    raise FileNotFoundError(f"{source}: no such folder, manifest or cache")
+    from beitdomain.user import MissingPathError
+
+    raise MissingPathError(f"{source}: no such folder, manifest or cache")
 
 
 @app.command()

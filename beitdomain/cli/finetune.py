@@ -98,7 +98,6 @@ def finetune(
             "finetune.labels": labels,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
-            "model.trust_pickle": trust_pickle or None,
             "finetune.train.steps": steps,
             "finetune.train.epochs": epochs,
             "finetune.train.batch_size": batch_size,
@@ -106,7 +105,15 @@ def finetune(
     )
     g = global_options(ctx)
     out = out or default_out(r, "finetune")
-    res = run_finetune(r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet)
+    res = run_finetune(
+        r,
+        out,
+        device=g.device,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=g.quiet,
+        trust_pickle=trust_pickle,
+    )
     if res:
         rows = {
             "init": res["init"],
@@ -140,7 +147,7 @@ def predict(
 
         beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
     """
-    from beitdomain.engine.finetune import predict as run_predict
+    from beitdomain.engine.predict import predict as run_predict
 
     path = run_predict(run, inputs, out, device=global_options(ctx).device)
     console.print(f"wrote {path}")

@@ -100,16 +100,21 @@ def pretrain(
             "model.preset": preset,
             "mask.kind": mask_kind,
             "model.target": target,
-            "model.trust_pickle": trust_pickle or None,
-            "train.steps": steps,
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
+            "pretrain.train.steps": steps,
+            "pretrain.train.epochs": epochs,
+            "pretrain.train.batch_size": batch_size,
         },
     )
     g = global_options(ctx)
     out = out or default_out(r, "pretrain")
     result = run_pretrain(
-        r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet
+        r,
+        out,
+        device=g.device,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=g.quiet,
+        trust_pickle=trust_pickle,
     )
     if result:
         rows = {"steps": result["steps"], "global batch": result["global_batch"]}

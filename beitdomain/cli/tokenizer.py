@@ -149,13 +149,13 @@ def inspect(
     import torch
 
     from beitdomain.engine.data import EvalViews, image_source
-    from beitdomain.engine.tokenizer import (
+    from beitdomain.fileio import atomic_write_json
+    from beitdomain.tokenizer import count_params, decoder_gflops, encoder_gflops
+    from beitdomain.tokenizer.inspect import (
         evaluate_tokenizer,
         plot_code_usage,
         save_reconstruction_grid,
     )
-    from beitdomain.fileio import atomic_write_json
-    from beitdomain.tokenizer import count_params, decoder_gflops, encoder_gflops
     from beitdomain.tokenizer.io import load_tokenizer
 
     model = load_tokenizer(tokenizer)

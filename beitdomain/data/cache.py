@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import cv2
 import numpy as np
 
 from beitdomain.data.index import DataError, Manifest, ScanError, scan
+from beitdomain.data.parallel import parallel_map
 from beitdomain.fileio import atomic_write_json, sha256_file
 from beitdomain.io import IntensitySpec, ReaderError, load_image
 
@@ -256,7 +256,14 @@ def build_cache(
         for i, e in enumerate(manifest.entries)
     ]
     failed: dict[int, str] = {}
-    for i, arr, reason in _run(jobs, workers, progress):
+    decoded = parallel_map(
+        _decode_file,
+        jobs,
+        workers=workers,
+        progress=progress,
+        description="Decoding into the cache",
+    )
+    for i, arr, reason in decoded:
         if arr is None:
             failed[i] = reason or "unreadable"
             continue
@@ -320,28 +327,6 @@ def _as_manifest(source: Any, on_error: str, workers: int, progress: bool) -> Ma
     if path.is_dir():
         return scan(path, on_error=on_error, workers=workers, progress=progress)
     return Manifest.load(path)
-
-
-def _run(jobs: list[tuple], workers: int, progress: bool):
-    if workers > 0 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-        results = pool.map(
-            _decode_file, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))
-        )
-    else:
-        pool = None
-        results = map(_decode_file, jobs)
-    try:
-        if progress:
-            from rich.progress import track
-
-            results = track(results, total=len(jobs), description="Decoding into the cache")
-        yield from results
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
 
 class CachedImages:

@@ -18,13 +18,14 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from beitdomain.data.parallel import parallel_map
 from beitdomain.fileio import atomic_write_text
 from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
+from beitdomain.user import MissingPathError, UserError
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
 IGNORED_SUFFIXES = frozenset(
@@ -35,7 +36,7 @@ ON_ERROR = ("fail", "skip")
 MANIFEST_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data or data settings; the message says what and where."""
 
 
@@ -139,7 +140,7 @@ class Manifest:
         """Reads a manifest written by ``save``. ``root`` overrides the stored/implied root."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{path}: manifest not found (write one with beitdomain data scan)"
             )
         errors: list[tuple[str, str]] = []
@@ -225,30 +226,6 @@ def _probe(
     return path, info, None
 
 
-def _probe_all(
-    paths: list[str], workers: int, progress: bool, spec: IntensitySpec | None = None
-) -> Iterable[tuple]:
-    probe = functools.partial(_probe, spec=spec)
-    if workers > 0 and len(paths) > 1:
-        import multiprocessing as mp
-
-        # spawn: safe even when the parent already holds threads (torch, BLAS).
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-        results: Iterable[tuple] = pool.map(probe, paths, chunksize=max(1, len(paths) // 256))
-    else:
-        pool = None
-        results = map(probe, paths)
-    try:
-        if progress:
-            from rich.progress import track
-
-            results = track(results, total=len(paths), description="Reading headers and pixels")
-        yield from results
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-
-
 def read_labels_csv(
     csv_path: str | os.PathLike, root: Path, allow_outside_root: bool = False
 ) -> tuple[list[tuple[Path, str, str | None]], list[tuple[str, str]]]:
@@ -262,6 +239,8 @@ def read_labels_csv(
         ScanError: for malformed rows, duplicate paths, paths outside the root, bad splits.
     """
     csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise MissingPathError(f"labels CSV {csv_path} not found (data.labels / --labels-csv)")
     root_resolved = root.resolve()
     rows: list[tuple[Path, str, str | None]] = []
     problems: list[tuple[str, str]] = []
@@ -353,7 +332,15 @@ def scan(
     root_resolved = root.resolve()
     entries: list[ManifestEntry] = []
     errors = [(p, r) for p, r in missing]
-    for path, info, reason in _probe_all(paths, workers, progress, spec):
+    probed = parallel_map(
+        functools.partial(_probe, spec=spec),
+        paths,
+        workers=workers,
+        progress=progress,
+        description="Reading headers and pixels",
+        chunksize=max(1, len(paths) // 256),
+    )
+    for path, info, reason in probed:
         rel = _relative(Path(path), root, root_resolved)
         if info is None:
             errors.append((rel, reason or "unreadable"))

@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -69,7 +69,7 @@ class LabelSpec:
 
     kind: Literal["fraction", "count", "per_class"]
     value: float | int
-    text: str
+    text: str = field(compare=False)  # '10%' and '0.1' are the same request
 
     @property
     def fraction(self) -> float | None:
@@ -107,7 +107,7 @@ def parse_labels_spec(spec: str | LabelSpec) -> LabelSpec:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
             raise bad("a percentage must be in (0%, 100%]")
-        return LabelSpec("fraction", pct / 100.0, text)
+        return LabelSpec("fraction", round(pct / 100.0, 12), text)  # 33.3% == 0.333
     if _INT.match(text):
         n = int(text)
         if n < 1:

@@ -7,11 +7,17 @@ from typing import Any
 from beitdomain.config import Recipe
 from beitdomain.data.masking import build_mask_generator
 from beitdomain.models.backbone import BackboneConfig, get_preset
+from beitdomain.models.classifier import BeitClassifier
 from beitdomain.user import UserError
 
 
-def backbone_config(recipe: Recipe, *, drop_path: float | None = None) -> BackboneConfig:
+def backbone_config(
+    recipe: Recipe, *, grad_checkpointing: bool = False, drop_path: float | None = None
+) -> BackboneConfig:
     """The backbone of `model.preset` with the recipe's overrides (size, channels, drop path).
+
+    `grad_checkpointing` comes from the job that trains it (`pretrain.train` or
+    `finetune.train`), never from another job's section.
 
     Overriding a dimension of a named timm architecture makes the config `custom`, so the
     exported name never claims dimensions it does not have.
@@ -22,7 +28,7 @@ def backbone_config(recipe: Recipe, *, drop_path: float | None = None) -> Backbo
         "img_size": m.img_size or recipe.data.image_size,
         "drop_path_rate": m.drop_path if drop_path is None else drop_path,
         "layer_scale_init": m.layer_scale_init,
-        "grad_checkpointing": recipe.train.grad_checkpointing,
+        "grad_checkpointing": grad_checkpointing,
     }
     dims = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
     dims = {k: v for k, v in dims.items() if v is not None}
@@ -44,3 +50,14 @@ def mask_generator(recipe: Recipe, grid: tuple[int, int]) -> Any:
     if not 0.0 < mk.ratio < 1.0:
         raise UserError(f"mask.ratio={mk.ratio} must be between 0 and 1 (BEiT: 0.4)")
     return build_mask_generator(mk.kind, grid, mk.ratio, min_num_patches=mk.min_num_patches)
+
+
+def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier:
+    """The fine-tuning classifier: the recipe's backbone with `finetune`'s drop path and head."""
+    ft = recipe.finetune
+    # Fine-tuning gives every block its own relative position table (BEiT's recipe); a shared
+    # pre-trained table is copied into each by the weight loader.
+    cfg = backbone_config(
+        recipe, grad_checkpointing=ft.train.grad_checkpointing, drop_path=ft.drop_path
+    ).replace(use_shared_rel_pos_bias=False)
+    return BeitClassifier.from_config(cfg, num_classes, head_init_scale=ft.head_init_scale)

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from beitdomain.fileio import atomic_save, atomic_write_json, sha256_file
+from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """No usable checkpoint, or one that cannot be used for this run."""
 
 

@@ -1,8 +1,9 @@
 """`beitdomain curve`: the grid of fine-tunes behind a label-efficiency curve.
 
-Cells are (initialization, label fraction, seed). Each cell is an ordinary fine-tuning run in
-`cells/<init>-<labels>-s<seed>/`; its `results.json` is the record that the cell is done, so a
-re-run skips finished cells and resumes a cell that was cut off from its newest checkpoint.
+Cells are `Cell(init, labels, seed)` values of a `CurveGrid` parsed once. Each cell is an
+ordinary fine-tuning run in `cells/<init>-<labels>-s<seed>/`; its `results.json` is the record
+that the cell is done, so a re-run skips finished cells and resumes a cell that was cut off
+from its newest checkpoint.
 `curve.csv`, `summary.csv`, `curve.png` and `report.md` are rebuilt from the cells after each one.
 """
 
@@ -14,14 +15,16 @@ import multiprocessing as mp
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from beitdomain.config import CurveConfig, Recipe, apply_sets, recipe_to_dict
+from beitdomain.config import CurveConfig, Recipe, apply_sets
+from beitdomain.data.splits import LabelSpec, parse_labels_spec
 from beitdomain.engine.finetune import finetune, resolve_init
+from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.plots import plot_label_efficiency
 from beitdomain.eval.report import (
@@ -38,74 +41,121 @@ log = logging.getLogger(__name__)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
-def cell_name(init: str, labels: str, seed: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", labels.replace("%", "pct").replace("/", "per"))
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tune of the grid: an initialization (by name), a label amount and a seed."""
+
+    init: str
+    labels: LabelSpec
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Its folder under `cells/`."""
+        return cell_name(self.init, self.labels, self.seed)
+
+
+@dataclass(frozen=True)
+class CurveGrid:
+    """The cells of a curve, from `curve` settings parsed once.
+
+    Label amounts are `LabelSpec`s, so '10%' and '0.1' are the same fraction everywhere (in
+    `curve.fractions` and as `curve.fraction_seeds` keys).
+    """
+
+    inits: dict[str, str | None]  # name -> resolved weights (None: random initialization)
+    fractions: tuple[LabelSpec, ...]
+    seeds: dict[LabelSpec, tuple[int, ...]]  # the seeds each fraction runs
+
+    def cells(self) -> list[Cell]:
+        return [Cell(i, f, s) for i in self.inits for f in self.fractions for s in self.seeds[f]]
+
+    def is_first_seed(self, cell: Cell) -> bool:
+        """The first seed of its (initialization, fraction): where a 'first' lr grid runs."""
+        return cell.seed == self.seeds[cell.labels][0]
+
+
+def cell_name(init: str, labels: str | LabelSpec, seed: int) -> str:
+    text = labels.text if isinstance(labels, LabelSpec) else labels
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("%", "pct").replace("/", "per"))
     return f"{init}-{safe}-s{seed}"
 
 
-def _cell_recipe(
-    recipe: Recipe,
-    init: str | None,
-    labels: str,
-    seed: int,
-    name: str | None = None,
-    out: Path | None = None,
-) -> Recipe:
-    """The fine-tuning recipe of one cell: the shared settings, the initialization's
-    `curve.init_sets`, and (with `curve.lr_grid_seeds: first`, for a seed after the first) the
+def parse_grid(c: CurveConfig, inits: dict[str, str | None]) -> CurveGrid:
+    """Parses every label amount before any cell runs (a bad one fails the whole grid now).
+
+    Raises:
+        LabelSubsetError: a label amount that is not one of the accepted forms.
+        UserError: a fraction listed twice, or no fractions or seeds.
+    """
+    fractions: list[LabelSpec] = []
+    for text in c.fractions:
+        spec = parse_labels_spec(text)
+        if spec in fractions:
+            same = fractions[fractions.index(spec)].text
+            raise UserError(f"curve.fractions lists one amount twice: {same!r} and {text!r}")
+        fractions.append(spec)
+    if not fractions or not c.seeds:
+        raise UserError("curve.fractions and curve.seeds must each name at least one value")
+    extra = {parse_labels_spec(k): list(v) for k, v in c.fraction_seeds.items()}
+    stray = sorted(spec.text for spec in extra if spec not in fractions)
+    if stray:  # a recipe's extra 1% seeds must not block `--fractions 10%,100%`
+        log.warning(
+            "curve.fraction_seeds names %s, which are not among curve.fractions %s: those "
+            "seeds are not used",
+            stray,
+            list(c.fractions),
+        )
+    seeds = {f: tuple(extra.get(f) or c.seeds) for f in fractions}
+    return CurveGrid(dict(inits), tuple(fractions), seeds)
+
+
+def _cell_recipe(recipe: Recipe, grid: CurveGrid, cell: Cell, out: Path | None = None) -> Recipe:
+    """The fine-tuning recipe of one cell: its initialization's recipe (`curve.init_sets`
+    already applied) and, with `curve.lr_grid_seeds: first` for a seed after the first, the
     learning rate the first seed's lr grid chose, read from its results in `out`."""
-    c = recipe.curve
-    sets = c.init_sets.get(name, []) if name is not None else []
-    if sets:
-        recipe = apply_sets(recipe, sets, source=f"curve.init_sets.{name}:")
-    ft = recipe.finetune
-    first = seeds_of(c, labels)[0]
-    if ft.lr_grid and c.lr_grid_seeds == "first" and seed != first and out is not None:
-        lead = out / "cells" / cell_name(name or "", labels, first) / "results.json"
+    c, ft = recipe.curve, recipe.finetune
+    if ft.lr_grid and c.lr_grid_seeds == "first" and not grid.is_first_seed(cell) and out:
+        first = grid.seeds[cell.labels][0]
+        lead = out / "cells" / cell_name(cell.init, cell.labels, first) / RESULTS_FILE
         lr = json.loads(lead.read_text()).get("lr") if lead.is_file() else None
         if lr is None:
             why = "has no lr" if lead.is_file() else "is missing"
             raise UserError(
-                f"curve.lr_grid_seeds is 'first': seed {seed} of {name} at {labels} takes its "
-                f"learning rate from {lead}, which {why} (delete that cell's folder to run its "
-                "lr grid again)"
+                f"curve.lr_grid_seeds is 'first': seed {cell.seed} of {cell.init} at "
+                f"{cell.labels.text} takes its learning rate from {lead}, which {why} (delete "
+                "that cell's folder to run its lr grid again)"
             )
         ft = replace(ft, lr_grid=[], optim=replace(ft.optim, lr=float(lr)))
-    return replace(recipe, seed=seed, finetune=replace(ft, labels=labels, init=init))
+    init = grid.inits[cell.init]
+    return replace(recipe, seed=cell.seed, finetune=replace(ft, labels=cell.labels.text, init=init))
 
 
-def _run_cell(args: tuple[dict[str, Any], str, str | None, str, int, str, str]) -> None:
-    """One fine-tune (in a worker process when the grid is spread over GPUs)."""
-    from beitdomain.config import load_recipe
-
-    recipe_dict, out, init, labels, seed, device, name = args
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(recipe_dict, f)
-    recipe = load_recipe(f.name)
-    Path(f.name).unlink()
-    cell = _cell_recipe(recipe, init, labels, seed, name, Path(out).parent.parent)
-    finetune(cell, out, device=device, resume=True, quiet=True)
+def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, str, bool]) -> None:
+    """One fine-tune in a worker process (when the grid is spread over GPUs)."""
+    recipe, grid, cell, out, device, trust_pickle = args
+    cell_recipe = _cell_recipe(recipe, grid, cell, Path(out))
+    cell_dir = Path(out) / "cells" / cell.name
+    finetune(
+        cell_recipe, cell_dir, device=device, resume=True, quiet=True, trust_pickle=trust_pickle
+    )
 
 
-def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
+def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """One row per finished cell, from its results.json."""
     rows = []
-    for init, labels, seed in cells:
-        res_path = out / "cells" / cell_name(init, labels, seed) / "results.json"
+    for cell in cells:
+        res_path = out / "cells" / cell.name / RESULTS_FILE
         if not res_path.is_file():
             continue
         res = json.loads(res_path.read_text())
         test = res.get("test", {})
         rows.append(
             {
-                "init": init,
-                "labels": labels,
+                "init": cell.init,
+                "labels": cell.labels.text,
                 "fraction": res["fraction"],
-                "seed": seed,
+                "seed": cell.seed,
                 "lr": res.get("lr"),
                 "n_labels": res["n_labels"],
                 "n_train": res["n_train"],
@@ -116,11 +166,6 @@ def collect_rows(out: Path, cells: Sequence[tuple[str, str, int]]) -> list[dict[
             }
         )
     return rows
-
-
-def seeds_of(c: CurveConfig, fraction: str) -> list[int]:
-    """The seeds a fraction runs: `curve.fraction_seeds[fraction]`, else `curve.seeds`."""
-    return list(c.fraction_seeds.get(fraction, c.seeds))
 
 
 def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
@@ -149,10 +194,10 @@ def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
 
 
 def write_outputs(
-    out: Path, rows: list[dict[str, Any]], c: CurveConfig, inits: dict[str, str | None]
+    out: Path, rows: list[dict[str, Any]], c: CurveConfig, grid: CurveGrid
 ) -> dict[str, Any]:
     """curve.csv, summary.csv, curve.png and report.md from the finished rows."""
-    metric, seeds, init_sets = c.metric, c.seeds, c.init_sets
+    metric, init_sets, inits = c.metric, c.init_sets, grid.inits
     write_csv(rows, out / "curve.csv")
     if not rows:
         return {}
@@ -169,8 +214,8 @@ def write_outputs(
                 except UserError as e:
                     log.warning("label efficiency of %s: %s", name, e)
     context = {
-        "seeds": list(seeds),
-        "fraction_seeds": {f: seeds_of(c, f) for f in c.fraction_seeds},
+        "seeds": list(c.seeds),
+        "fraction_seeds": {f: list(v) for f, v in c.fraction_seeds.items()},
         "n_test": rows[0].get("n_test"),
         "n_train": n_train,
         "inits": {
@@ -190,28 +235,10 @@ def write_outputs(
     return {"summary": summary, "efficiency": effs}
 
 
-def run_curve(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    overwrite: bool = False,
-    quiet: bool = False,
-    workers: int | None = None,
-) -> dict[str, Any]:
-    """Runs (or continues) the grid; returns the summary and label-efficiency results.
-
-    Args:
-        recipe: `curve.fractions`, `curve.seeds`, `curve.inits` ({name: path or None}),
-            `curve.metric`, and the fine-tuning settings every cell shares.
-        out: run folder; re-running with the same folder continues the grid.
-        workers: parallel cells; default one per visible GPU (1 on CPU).
-    """
+def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Recipe]:
+    """Each initialization's fine-tuning recipe: `curve.init_sets` applied once, checked now
+    (a bad override fails before any cell runs, not hours later)."""
     c = recipe.curve
-    if not c.inits:
-        raise UserError("curve.inits is empty: give at least one --init (e.g. --init scratch)")
-    out = Path(out)
-    inits = {name: resolve_init(path) for name, path in c.inits.items()}
     unknown = sorted(set(c.init_sets) - set(inits))
     if unknown:  # a recipe's settings for `domain` must not block a curve that names it `pre`
         log.warning(
@@ -220,87 +247,101 @@ def run_curve(
             unknown,
             sorted(inits),
         )
-    stray = sorted(set(c.fraction_seeds) - set(c.fractions))
-    if stray:  # a recipe's extra 1% seeds must not block `--fractions 10%,100%`
-        log.warning(
-            "curve.fraction_seeds names %s, which are not among curve.fractions %s: those "
-            "seeds are not used (spell the fraction the same way, e.g. '1%%')",
-            stray,
-            list(c.fractions),
-        )
-    for name in set(c.init_sets) & set(inits):  # a bad override fails now, not hours later
-        _cell_recipe(recipe, inits[name], c.fractions[0], c.seeds[0], name)
-    grid: dict[str, Any] = {"fractions": list(c.fractions), "seeds": list(c.seeds), "inits": inits}
+    return {
+        name: apply_sets(recipe, c.init_sets[name], source=f"curve.init_sets.{name}:")
+        if c.init_sets.get(name)
+        else recipe
+        for name in inits
+    }
+
+
+def run_curve(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    quiet: bool = False,
+    workers: int | None = None,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """Runs (or continues) the grid; returns the summary and label-efficiency results.
+
+    Args:
+        recipe: `curve.fractions`, `curve.seeds`, `curve.inits` ({name: path or None}),
+            `curve.metric`, and the fine-tuning settings every cell shares.
+        out: run folder; re-running with the same folder continues the grid.
+        workers: parallel cells; default one per visible GPU (1 on CPU).
+        trust_pickle: allow pickle-based initializations (they can run code).
+    """
+    c = recipe.curve
+    if not c.inits:
+        raise UserError("curve.inits is empty: give at least one --init (e.g. --init scratch)")
+    out = Path(out)
+    inits = {name: resolve_init(path) for name, path in c.inits.items()}
+    grid = parse_grid(c, inits)  # every label amount parsed before any cell runs
+    recipes = _init_recipes(recipe, inits)
+    record: dict[str, Any] = {"fractions": c.fractions, "seeds": c.seeds, "inits": inits}
     if c.init_sets:
-        grid["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
+        record["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
     if c.fraction_seeds:
-        grid["fraction_seeds"] = {f: seeds_of(c, f) for f in c.fraction_seeds}
+        record["fraction_seeds"] = {f: list(v) for f, v in c.fraction_seeds.items()}
     if c.lr_grid_seeds != "all":
-        grid["lr_grid_seeds"] = c.lr_grid_seeds
+        record["lr_grid_seeds"] = c.lr_grid_seeds
     grid_file = out / "grid.json"
     if grid_file.is_file() and not overwrite:
         previous = json.loads(grid_file.read_text())
-        if previous != grid:
+        if previous != record:
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
                 f"settings, or pass --overwrite / another --out"
             )
     run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
     run.start("curve", recipe, device)
-    atomic_write_json(grid_file, grid)
-    cells = [(i, f, s) for i in inits for f in c.fractions for s in seeds_of(c, f)]
-    todo = [
-        cell for cell in cells if not (out / "cells" / cell_name(*cell) / "results.json").is_file()
-    ]
+    atomic_write_json(grid_file, record)
+    cells = grid.cells()
+    todo = [cell for cell in cells if not (out / "cells" / cell.name / RESULTS_FILE).is_file()]
     log.info("curve: %d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     n_gpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     workers = workers or max(1, n_gpu)
     if workers > 1 and todo:
-        base = recipe_to_dict(recipe)
-        jobs = []
-        for k, (init, labels, seed) in enumerate(todo):
-            dev = f"cuda:{k % n_gpu}" if n_gpu else "cpu"
-            jobs.append(
-                (
-                    base,
-                    str(out / "cells" / cell_name(init, labels, seed)),
-                    inits[init],
-                    labels,
-                    seed,
-                    dev,
-                    init,
-                )
-            )
         # One process per device; cells of a device run one after another in its process.
         # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
         # other seeds read the learning rate they chose.
-        leads = [c.lr_grid_seeds == "all" or j[4] == seeds_of(c, j[3])[0] for j in jobs]
+        jobs = [
+            (recipes[cell.init], grid, cell, str(out), f"cuda:{k % n_gpu}" if n_gpu else "cpu")
+            for k, cell in enumerate(todo)
+        ]
+        lead = [c.lr_grid_seeds == "all" or grid.is_first_seed(cell) for cell in todo]
         waves = [
-            [j for j, lead in zip(jobs, leads) if lead],
-            [j for j, lead in zip(jobs, leads) if not lead],
+            [(*j, trust_pickle) for j, first in zip(jobs, lead) if first],
+            [(*j, trust_pickle) for j, first in zip(jobs, lead) if not first],
         ]
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
             for wave in waves:
                 for _ in pool.imap_unordered(_run_cell, wave):
-                    write_outputs(out, collect_rows(out, cells), c, inits)
+                    write_outputs(out, collect_rows(out, cells), c, grid)
     else:
         from rich.progress import Progress
 
         with Progress(disable=quiet) as bar:
             task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
-            for init, labels, seed in todo:
-                bar.update(task, description=f"curve: {init} {labels} seed {seed}")
-                cell_dir = out / "cells" / cell_name(init, labels, seed)
+            for cell in todo:
+                bar.update(
+                    task,
+                    description=f"curve: {cell.init} {cell.labels.text} seed {cell.seed}",
+                )
                 finetune(
-                    _cell_recipe(recipe, inits[init], labels, seed, init, out),
-                    cell_dir,
+                    _cell_recipe(recipes[cell.init], grid, cell, out),
+                    out / "cells" / cell.name,
                     device=device,
                     resume=True,
                     quiet=True,
+                    trust_pickle=trust_pickle,
                 )
-                write_outputs(out, collect_rows(out, cells), c, inits)
+                write_outputs(out, collect_rows(out, cells), c, grid)
                 bar.advance(task)
     rows = collect_rows(out, cells)
-    result = write_outputs(out, rows, c, inits)
+    result = write_outputs(out, rows, c, grid)
     run.finish(cells=len(rows))
     return {"rows": rows, **result}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from beitdomain.config import Recipe, apply_sets
+from beitdomain.config import JOBS, Recipe, apply_sets
 from beitdomain.fileio import atomic_write_text
 from beitdomain.user import UserError
 
@@ -97,7 +97,7 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
 
     if recipe.name != "elpv-cpu" or D.resolve_device(device).type != "cpu":
         return None
-    precisions = {p.train.precision for p in (recipe, recipe.tokenizer, recipe.finetune)}
+    precisions = {getattr(recipe, job).train.precision for job in JOBS}
     if "bf16" in precisions or ("auto" in precisions and D.cpu_has_native_bf16()):
         return None
     fewer = apply_sets(recipe, FP32_FEWER_SEEDS)
@@ -112,9 +112,9 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
 
 def cells_per_init(recipe: Recipe) -> int:
     """How many (fraction, seed) fine-tuning cells the curve runs for each initialization."""
-    from beitdomain.engine.curve import seeds_of
+    from beitdomain.engine.curve import parse_grid
 
-    return sum(len(seeds_of(recipe.curve, f)) for f in recipe.curve.fractions)
+    return len(parse_grid(recipe.curve, {"one": None}).cells())
 
 
 def _done(folder: Path) -> bool:

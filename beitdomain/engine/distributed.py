@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from beitdomain.user import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -49,12 +51,12 @@ def dist_info() -> DistInfo:
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> this process's CUDA device when available, else CPU."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise UserError("--device cuda was asked for, but torch sees no CUDA device")
         if name == "cuda":
             name = f"cuda:{dist_info().local_rank}"
     return torch.device(name)
@@ -142,7 +144,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("train.precision=bf16, but this GPU does not support bfloat16")
+            raise UserError(
+                "train.precision=bf16, but this GPU does not support bfloat16; use auto or fp32"
+            )
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None

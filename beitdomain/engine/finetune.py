@@ -1,8 +1,10 @@
-"""`beitdomain finetune`: a classifier from a few labels, and `beitdomain predict`.
+"""`beitdomain finetune`: a classifier from a few labels.
 
 Mean-pooled patch features -> LayerNorm -> linear head (small init), layer-wise lr decay, drop
 path, label smoothing; the validation split picks the best checkpoint; the test split is scored
 once, at the end, with the best weights. The exact images used are written into the run folder.
+`predict` (engine/predict.py) applies a finished run to new images; `finetune.lr_grid` runs one
+fine-tune per learning rate (engine/lr_grid.py).
 """
 
 from __future__ import annotations
@@ -10,35 +12,44 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beitdomain.config import Recipe, load_recipe
+from beitdomain.config import Recipe
 from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine import distributed as D
-from beitdomain.engine.build import backbone_config
+from beitdomain.engine.build import build_classifier
 from beitdomain.engine.data import LabeledData, labeled_data
-from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
-from beitdomain.engine.optim import build_adamw, lr_schedule
-from beitdomain.engine.pretrain import BACKBONE_FILE
-from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.job import (
+    BACKBONE_FILE,
+    BEST_FILE,
+    RECIPE_FILE,
+    RESULTS_FILE,
+    Job,
+    JobOptions,
+    is_finished,
+)
+from beitdomain.engine.loop import Trainer
+from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
-from beitdomain.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
 from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
 from beitdomain.models.convert import load_backbone_weights
+from beitdomain.models.probe import fit_probe_head, pooled_features
 from beitdomain.user import UserError
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 log = logging.getLogger(__name__)
-BEST_FILE = "best.safetensors"
 SCRATCH = ("scratch", "none", "random")
 
 
@@ -47,9 +58,9 @@ def resolve_init(init: str | None) -> str | None:
     if init is None or init.lower() in SCRATCH:
         return None
     p = Path(init)
-    if p.is_dir() and (p / BACKBONE_FILE).is_file():
+    if p.is_dir() and is_finished(p, "pretrain"):
         return str(p / BACKBONE_FILE)
-    if p.is_dir() and (p / "recipe.yaml").is_file() and not (p / "config.json").is_file():
+    if p.is_dir() and (p / RECIPE_FILE).is_file() and not (p / "config.json").is_file():
         raise UserError(
             f"{p} is a run folder without {BACKBONE_FILE}: it has not finished pre-training. "
             f"Resume it (beitdomain pretrain --out {p} --resume) or export its newest checkpoint "
@@ -58,109 +69,6 @@ def resolve_init(init: str | None) -> str | None:
     if not p.exists():
         raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
     return str(p)
-
-
-def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier:
-    ft = recipe.finetune
-    # Fine-tuning gives every block its own relative position table (BEiT's recipe); a shared
-    # pre-trained table is copied into each by the weight loader.
-    cfg = backbone_config(recipe, drop_path=ft.drop_path).replace(use_shared_rel_pos_bias=False)
-    return BeitClassifier.from_config(cfg, num_classes, head_init_scale=ft.head_init_scale)
-
-
-@torch.no_grad()
-def _eval_outputs(
-    forward: Any,
-    model: nn.Module,
-    dataset: Any,
-    device: torch.device,
-    batch_size: int,
-    amp_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """`forward(images)` over a dataset in eval mode, in order: (outputs, labels, source index)."""
-    was = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=0
-    )
-    outs, labels, index = [], [], []
-    for b in loader:
-        with D.autocast(device, amp_dtype):
-            outs.append(forward(b["image"].to(device, non_blocking=True)).float().cpu())
-        labels.append(b["label"])
-        index.append(b["index"])
-    model.train(was)
-    return torch.cat(outs), torch.cat(labels).numpy(), torch.cat(index).numpy()
-
-
-def predict_probs(
-    model: nn.Module,
-    dataset: Any,
-    device: torch.device,
-    batch_size: int = 64,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class probabilities for a dataset, in order: (probs [N, K], labels [N], source index [N])."""
-    logits, labels, index = _eval_outputs(model, model, dataset, device, batch_size, amp_dtype)
-    return logits.softmax(-1).numpy(), labels, index
-
-
-def pooled_features(
-    model: BeitClassifier,
-    dataset: Any,
-    device: torch.device,
-    batch_size: int = 64,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The head's inputs (pooled, normalized features) for a dataset in eval mode: (X [N, D], y)."""
-    feats, labels, _ = _eval_outputs(
-        model.forward_features, model, dataset, device, batch_size, amp_dtype
-    )
-    return feats.numpy().astype(np.float64), labels
-
-
-def fit_probe_head(
-    model: BeitClassifier,
-    features: np.ndarray,
-    labels: np.ndarray,
-    *,
-    c: float = 0.1,
-    balanced: bool = False,
-) -> dict[str, Any]:
-    """Sets the head to an L2-regularized logistic regression fitted on frozen features.
-
-    The features are standardized for the fit and the standardization is folded into the
-    head's weights, so `head(x) = w . (x - mu) / sigma + b` exactly. With two classes, the
-    binary model's logit `z` becomes the logits `(-z/2, z/2)`, the same softmax. Returns what
-    was fitted (accuracy on the features it was fitted on); leaves the head untouched, with a
-    reason, when the labels hold a single class.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    classes = np.unique(labels)
-    if len(classes) < 2:
-        return {"fitted": False, "reason": f"one class only in {len(labels)} labels"}
-    mu = features.mean(0)
-    sigma = features.std(0) + 1e-6
-    z = (features - mu) / sigma
-    clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None).fit(
-        z, labels
-    )
-    k = model.num_classes
-    coef = np.zeros((k, features.shape[1]))
-    bias = np.full(k, -30.0)  # a class with no training label starts (almost) never predicted
-    if clf.coef_.shape[0] == 1:  # binary: one logit for classes_[1] against classes_[0]
-        coef[classes[1]], bias[classes[1]] = clf.coef_[0] / 2, clf.intercept_[0] / 2
-        coef[classes[0]], bias[classes[0]] = -clf.coef_[0] / 2, -clf.intercept_[0] / 2
-    else:
-        coef[classes], bias[classes] = clf.coef_, clf.intercept_
-    weight = coef / sigma
-    bias = bias - weight @ mu
-    head = model.head
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
-        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
-    return {"fitted": True, "c": c, "n": len(labels), "train_accuracy": float(clf.score(z, labels))}
 
 
 @dataclass
@@ -229,27 +137,20 @@ class EvalHook:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in D.unwrap(model).state_dict().items()}
-    atomic_write_bytes(path, save(state))
+    atomic_write_safetensors(path, D.unwrap(model).state_dict())
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    D.unwrap(model).load_state_dict(load_file(str(path)))
-
-
-def _write_labels_used(data: LabeledData, folder: Path) -> None:
+def _write_labels_used(job: Job, data: LabeledData) -> None:
+    if not job.is_main:
+        return
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "split"])
     for split, files in data.files.items():
         for f in files:
             w.writerow([f, split])
-    atomic_write_text(folder / "labels_used.csv", buf.getvalue())
-    atomic_write_json(folder / "labels.json", {**data.subset, "classes": data.classes})
+    atomic_write_text(job.path / "labels_used.csv", buf.getvalue())
+    job.write_json("labels.json", {**data.subset, "classes": data.classes})
 
 
 def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
@@ -285,62 +186,53 @@ def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
     return loss
 
 
-def finetune(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Fine-tunes on `finetune.labels` of the train split; returns the test metrics.
-
-    Writes `results.json`, `confusion_matrix.png`, `test_predictions.csv`, `labels_used.csv`,
-    `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
-    """
-    ft = recipe.finetune
-    if ft.lr_grid:
-        return _finetune_lr_grid(
-            recipe, out, device=device, resume=resume, overwrite=overwrite, quiet=quiet
-        )
-    dev = D.resolve_device(device)
-    info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
-    D.seed_everything(recipe.seed, ft.train.deterministic)
-    data = labeled_data(
-        recipe, progress=not quiet, report_dir=run.path
-    )  # impossible label requests fail here, before any training
+def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier, Any]:
+    """The classifier, its backbone loaded from `finetune.init`, its head from a probe if asked."""
+    recipe, ft = job.recipe, job.recipe.finetune
     init = resolve_init(ft.init)
     model = build_classifier(recipe, len(data.classes))
     report = None
     if init is not None:
         report = load_backbone_weights(
-            model, init, in_chans=recipe.data.in_chans, trust_pickle=recipe.model.trust_pickle
+            model, init, in_chans=recipe.data.in_chans, trust_pickle=job.trust_pickle
         )
-        log.log(logging.DEBUG if quiet else logging.INFO, "%s", report)
+        job.say("%s", report)
     if ft.linear_probe:
         freeze_backbone(model)
-    model.to(dev)
+    model.to(job.device)
     if ft.head_init == "probe":  # (a resumed run then loads its checkpoint over this head)
         plain = copy.copy(data.train)  # the training labels without augmentation
         plain.transform = FinetuneTransform(train=False, image_size=recipe.data.image_size)
-        X, y = pooled_features(
-            model, plain, dev, amp_dtype=D.resolve_precision(ft.train.precision, dev)
-        )
+        X, y = pooled_features(model, plain, job.device, amp_dtype=job.amp_dtype)
         probe = fit_probe_head(model, X, y, c=ft.probe_c, balanced=ft.class_weighting != "none")
-        log.log(logging.DEBUG if quiet else logging.INFO, "head from a linear probe: %s", probe)
-        if info.is_main:
-            atomic_write_json(run.path / "head_probe.json", probe)
-    if info.is_main:
-        run.start(
-            "finetune", recipe, str(dev), data_fingerprint=data.fingerprint, init=init or "scratch"
-        )
-        _write_labels_used(data, run.path)
-        if report is not None:
-            atomic_write_json(run.path / "init_report.json", report.__dict__)
+        job.say("head from a linear probe: %s", probe)
+        job.write_json("head_probe.json", probe)
+    return model, report
 
-    t = ft.train
+
+def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
+    """Fine-tunes on `finetune.labels` of the train split; returns the test metrics.
+
+    Writes `results.json`, `confusion_matrix.png`, `test_predictions.csv`, `labels_used.csv`,
+    `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
+    `options` (`JobOptions`): device, resume, overwrite, quiet, and trust_pickle, which allows
+    a pickle-based `finetune.init` (it can run code: trusted files only).
+    """
+    ft = recipe.finetune
+    if ft.lr_grid:
+        from beitdomain.engine.lr_grid import finetune_lr_grid
+
+        return finetune_lr_grid(recipe, out, **options)
+    job = Job.open("finetune", recipe, out, **options)
+    # impossible label requests fail here, before any training
+    data = labeled_data(recipe, progress=not job.quiet, report_dir=job.path)
+    model, report = _build_model(job, data)
+    init = resolve_init(ft.init) or "scratch"
+    job.start(data.fingerprint, init=init)
+    _write_labels_used(job, data)
+    if report is not None:
+        job.write_json("init_report.json", report.__dict__)
+
     weights = None
     if ft.class_weighting == "sampler":
         counts = np.asarray(data.class_counts, dtype=float)
@@ -348,66 +240,40 @@ def finetune(
             data.train.label_index(data.train.source.label(int(i))) for i in data.train.indices
         ]
         weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
-    plan = plan_run(
-        data.train,
-        t,
-        seed=recipe.seed,
-        num_workers=recipe.data.num_workers,
-        device=dev,
-        weights=weights,
-    )
-    total, global_batch, loader = plan.total_steps, plan.global_batch, plan.loader
-    batch = loader.batch_sampler.batch_size
-    groups = layer_decay_param_groups(
-        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
-    )
-    optimizer = build_adamw(groups, ft.optim, dev)
-    every = t.eval_every or max(len(loader), total // 20)
+    plan = job.plan(data.train, weights=weights)
+    eval_batch = max(plan.loader.batch_sampler.batch_size, 32)
+    every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
     hook = EvalHook(
         model,
         data.val,
         data.classes,
         ft.select_metric,
         every,
-        run.path,
+        job.path,
         ft.early_stopping,
-        dev,
-        max(batch, 32),
+        job.device,
+        eval_batch,
     )
-    train_model = prepare_for_training(model, t, dev)
-    trainer = Trainer(
-        model=train_model,
-        optimizer=optimizer,
-        loader=loader,
-        step_fn=_loss_fn(recipe, data, dev),
-        lr_at=lr_schedule(ft.optim, total, global_batch),
-        total_steps=total,
-        train=t,
-        grad_clip=ft.optim.grad_clip,
-        device=dev,
-        run=run,
-        hooks=[hook],
-        desc="finetune",
-        quiet=quiet,
-        tensorboard=t.tensorboard,
+    groups = layer_decay_param_groups(
+        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
     )
-    with run.recording_failures(info.is_main):
-        state = trainer.fit(resume=resume)
+    trainer = job.trainer(model, plan, groups, _loss_fn(recipe, data, job.device), hooks=[hook])
+    state = job.fit(trainer)
 
     results: dict[str, Any] = {}
-    if info.is_main:
-        if (run.path / BEST_FILE).is_file():
-            load_weights(model, run.path / BEST_FILE)
+    if job.is_main:
+        if (job.path / BEST_FILE).is_file():
+            load_weights(model, job.path / BEST_FILE)
         else:  # no validation split: the final weights are the result
-            save_weights(model, run.path / BEST_FILE)
+            save_weights(model, job.path / BEST_FILE)
         results = {
-            "init": init or "scratch",
+            "init": init,
             "labels": data.subset["spec"],
             "n_labels": data.subset["n_labels"],
             "n_train": data.subset["n_train"],
             "fraction": data.subset["fraction"],
             "seed": recipe.seed,
-            "lr": ft.optim.lr,  # the peak learning rate (an lr grid's choice, in a grid's run)
+            "lr": job.peak_lr,  # the schedule's peak learning rate
             "steps": state.step,
             "best_step": hook.best_step or state.step,
             "val_best": hook.best,  # the selection score (-loss when select_metric is loss)
@@ -416,161 +282,23 @@ def finetune(
             "classes": data.classes,
         }
         if data.test is not None:
-            probs, y, idx = predict_probs(model, data.test, dev, max(batch, 32), trainer.amp_dtype)
+            probs, y, idx = predict_probs(model, data.test, job.device, eval_batch, job.amp_dtype)
             metrics = classification_metrics(y, probs, data.classes)
             results["test"] = metrics
             plot_confusion_matrix(
-                metrics["confusion_matrix"], data.classes, run.path / "confusion_matrix.png"
+                metrics["confusion_matrix"], data.classes, job.path / "confusion_matrix.png"
             )
-            _write_predictions(
-                run.path / "test_predictions.csv", data.test, idx, probs, data.classes
+            write_predictions(
+                job.path / "test_predictions.csv", data.test, idx, probs, data.classes
             )
-        atomic_write_json(run.path / "results.json", results)
+        job.write_json(RESULTS_FILE, results)
         try:
             plot_training_curves(
-                run.path / "metrics.jsonl",
-                run.path / "training_curves.png",
+                job.path / "metrics.jsonl",
+                job.path / "training_curves.png",
                 ["loss", "val_balanced_accuracy"],
             )
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not draw training curves: %s", e)
-        run.finish(result={k: v for k, v in results.items() if k != "classes"})
-    D.barrier()
+    job.finish({k: v for k, v in results.items() if k != "classes"})
     return results
-
-
-# What a grid's chosen fine-tune leaves in the grid's own folder, so `predict` and `curve` read
-# it like any fine-tuning run.
-_CHOSEN_FILES = (
-    BEST_FILE,
-    "test_predictions.csv",
-    "confusion_matrix.png",
-    "labels_used.csv",
-    "labels.json",
-    "training_curves.png",
-    "head_probe.json",
-)
-
-
-def _finetune_lr_grid(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str,
-    resume: bool,
-    overwrite: bool,
-    quiet: bool,
-) -> dict[str, Any]:
-    """One fine-tune per `finetune.lr_grid` value in `out/lr-<value>/`; the best on validation
-    is the result (its weights, predictions and metrics are copied into `out`)."""
-    import shutil
-
-    ft = recipe.finetune
-    info = D.init_distributed(D.resolve_device(device))
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
-    if labeled_data(recipe, progress=False, report_dir=run.path).val is None:  # before training
-        raise UserError(
-            "finetune.lr_grid picks the learning rate on the validation split, and this run has "
-            "none: set data.val_fraction > 0, or give val rows in the labels CSV"
-        )
-    if info.is_main:
-        run.start("finetune", recipe, device)
-    tried: list[dict[str, Any]] = []
-    chosen: tuple[float, Path, dict[str, Any]] | None = None
-    for lr in ft.lr_grid:
-        sub = run.path / f"lr-{lr:g}"
-        one = replace(recipe, finetune=replace(ft, lr_grid=[], optim=replace(ft.optim, lr=lr)))
-        if (sub / "results.json").is_file():  # finished before an interruption
-            res = json.loads((sub / "results.json").read_text())
-        else:
-            res = finetune(one, sub, device=device, resume=True, quiet=quiet)
-        tried.append({"lr": lr, "val_best": res.get("val_best"), "best_step": res.get("best_step")})
-        if info.is_main and (chosen is None or res["val_best"] > chosen[2]["val_best"]):
-            chosen = (lr, sub, res)
-    results: dict[str, Any] = {}
-    if info.is_main and chosen is not None:
-        lr, sub, res = chosen
-        for name in _CHOSEN_FILES:
-            if (sub / name).is_file():
-                shutil.copyfile(sub / name, run.path / name)
-        results = {**res, "lr": lr, "lr_grid": tried}
-        atomic_write_json(run.path / "results.json", results)
-        log.log(
-            logging.DEBUG if quiet else logging.INFO,
-            "lr grid: %s -> lr %g",
-            ", ".join(f"{t['lr']:g}: {t['val_best']:.4f}" for t in tried),
-            lr,
-        )
-        run.finish(result={k: v for k, v in results.items() if k != "classes"})
-    D.barrier()
-    return results
-
-
-def _write_predictions(
-    path: Path, dataset: Any, idx: np.ndarray, probs: np.ndarray, classes: list[str]
-) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "frame", "label", "predicted", *[f"p_{c}" for c in classes]])
-    for i, p in zip(idx, probs):
-        path_i, frame = dataset.source.source(int(i))
-        w.writerow(
-            [
-                path_i,
-                frame,
-                dataset.source.label(int(i)),
-                classes[int(p.argmax())],
-                *[f"{v:.6f}" for v in p],
-            ]
-        )
-    atomic_write_text(path, buf.getvalue())
-
-
-def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str = "auto") -> Path:
-    """Writes a CSV of predicted class and probabilities for images, files or folders.
-
-    Images go through the run's own reader settings and evaluation transform.
-    """
-    from beitdomain.data.index import scan
-    from beitdomain.io import IntensitySpec, load_image
-
-    run = Path(run)
-    if not (run / "results.json").is_file() or not (run / BEST_FILE).is_file():
-        raise UserError(f"{run} is not a finished fine-tuning run (no results.json / {BEST_FILE})")
-    recipe = load_recipe(run / "recipe.yaml")
-    classes = json.loads((run / "results.json").read_text())["classes"]
-    dev = D.resolve_device(device)
-    model = build_classifier(
-        replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
-    )
-    load_weights(model, run / BEST_FILE)
-    model.to(dev).eval()
-    amp_dtype = D.resolve_precision(recipe.finetune.train.precision, dev)
-    spec = IntensitySpec.from_config(recipe.data)
-    ev = FinetuneTransform(train=False, image_size=recipe.data.image_size)
-    files: list[tuple[str, Path]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            m = scan(p, on_error="skip")
-            files += [(e.path, m.abspath(e)) for e in m.entries]
-            for bad, why in m.errors:
-                log.warning("skipped %s: %s", bad, why)
-        elif p.is_file():
-            files.append((str(p), p))
-        else:
-            raise UserError(f"{item}: no such file or folder")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "frame", "predicted", *[f"p_{c}" for c in classes]])
-    with torch.no_grad():
-        for name, path in files:
-            image, _ = load_image(path, spec)
-            frames = image if image.ndim == 4 else image[None]
-            x = torch.stack([torch.from_numpy(ev(f)) for f in frames]).to(dev)
-            with D.autocast(dev, amp_dtype):  # the precision the test split was scored in
-                probs = model(x).float().softmax(-1).cpu().numpy()
-            for k, p in enumerate(probs):
-                w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-    atomic_write_text(out_csv, buf.getvalue())
-    return Path(out_csv)

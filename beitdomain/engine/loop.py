@@ -32,13 +32,14 @@ from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine import distributed as D
 from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from beitdomain.engine.rundir import MetricsLog, RunDir
+from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Too many consecutive non-finite losses; the last good checkpoint is intact."""
 
 
@@ -77,14 +78,13 @@ class Trainer:
         step_fn: computes (loss, metrics) for one micro-batch, called under autocast.
         lr_at: the base learning rate for an optimizer step (a pure function).
         total_steps: length of the run.
-        train: accumulation, precision, logging and checkpoint settings.
+        train: accumulation, precision, logging, checkpoint and TensorBoard settings.
         grad_clip: max gradient norm, or None.
         device: where batches go.
         run: the run directory (None: no files written, e.g. in tests).
         hooks: called after each step.
         desc: the progress bar's label.
         quiet: no progress bar.
-        tensorboard: also write TensorBoard events, when tensorboard is installed.
     """
 
     model: nn.Module
@@ -100,7 +100,6 @@ class Trainer:
     hooks: Sequence[Any] = ()
     desc: str = "train"
     quiet: bool = False
-    tensorboard: bool = False
     state: LoopState = field(default_factory=LoopState)
     metrics: MetricsLog | None = None
     amp_dtype: torch.dtype | None = None
@@ -211,7 +210,7 @@ class Trainer:
             self.metrics = MetricsLog(
                 self.run.path / "metrics.jsonl",
                 resume_step=self.state.step if resumed else None,
-                tensorboard=self.tensorboard,
+                tensorboard=self.train.tensorboard,
             )
         accum = max(1, self.train.accum_steps)
         batches = self._batches()
@@ -264,7 +263,8 @@ class Trainer:
                             f"{self.state.nonfinite_streak} non-finite losses in a row at step "
                             f"{self.state.step}; stopping. The last good checkpoint is intact in "
                             f"{self.ckpt.folder if self.ckpt else '(no run folder)'}. Lower the lr "
-                            "(optim.lr), set optim.grad_clip, or look at the data with "
+                            f"({self.desc}.optim.lr), set {self.desc}.optim.grad_clip, or look "
+                            "at the data with "
                             "`beitdomain data inspect`."
                         )
                     continue

@@ -11,19 +11,23 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from beitdomain.config import Recipe
-from beitdomain.engine import distributed as D
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
-from beitdomain.engine.optim import build_adamw, lr_schedule
-from beitdomain.engine.rundir import RunDir
-from beitdomain.fileio import atomic_save, atomic_write_json
+from beitdomain.engine.job import (
+    BACKBONE_FILE,
+    BACKBONE_META,
+    MIM_FILE,
+    RECIPE_FILE,
+    Job,
+    JobOptions,
+)
+from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
 from beitdomain.models.mim import BeitMIM
@@ -31,9 +35,10 @@ from beitdomain.tokenizer import DiscreteVAE
 from beitdomain.tokenizer.io import load_tokenizer
 from beitdomain.user import UserError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-BACKBONE_FILE = "backbone.safetensors"  # timm-compatible export, what fine-tuning loads
+log = logging.getLogger(__name__)
 
 
 class MIMObjective(nn.Module):
@@ -79,64 +84,48 @@ def load_frozen_tokenizer(
     return tok.to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU
 
 
-def build_mim(recipe: Recipe, vocab_size: int) -> tuple[BeitMIM, Any]:
-    """The MIM model, initialised from `model.init` when set; returns (model, load report)."""
-    cfg = backbone_config(recipe)
+def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tuple[BeitMIM, Any]:
+    """The MIM model, initialised from `model.init` when set; returns (model, load report).
+
+    `trust_pickle` allows a pickle-based `model.init` (it can run code: trusted files only).
+    """
+    cfg = backbone_config(recipe, grad_checkpointing=recipe.pretrain.train.grad_checkpointing)
     model = BeitMIM.from_config(cfg, target=recipe.model.target, vocab_size=vocab_size)
     report = None
     if recipe.model.init:
         report = load_backbone_weights(
-            model,
-            recipe.model.init,
-            in_chans=recipe.data.in_chans,
-            trust_pickle=recipe.model.trust_pickle,
+            model, recipe.model.init, in_chans=recipe.data.in_chans, trust_pickle=trust_pickle
         )
         log.info("%s", report)
     return model, report
 
 
-def pretrain(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> dict[str, Any]:
+def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
     """Runs BEiT pre-training; writes checkpoints, `mim.safetensors` and `backbone.safetensors`.
+
+    `options` (`JobOptions`): device, resume, overwrite, quiet, and trust_pickle, which allows
+    a pickle-based `model.init` (it can run code: trusted files only).
 
     Returns:
         Final metrics (loss, masked-token accuracy) and the export's path.
     """
-    dev = D.resolve_device(device)
-    info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
-    D.seed_everything(recipe.seed, recipe.train.deterministic)
-    grid_cfg = backbone_config(recipe)
+    job = Job.open("pretrain", recipe, out, **options)
+    grid = backbone_config(recipe).grid
     tokenizer = None
-    vocab = 1
     if recipe.model.target == "tokens":
-        tokenizer = load_frozen_tokenizer(recipe, dev, grid_cfg.grid)
-        vocab = tokenizer.vocab_size
-    model, report = build_mim(recipe, vocab)
-    model.to(dev)
-    gen = mask_generator(recipe, grid_cfg.grid)
+        tokenizer = load_frozen_tokenizer(recipe, job.device, grid)
+    model, report = build_mim(recipe, tokenizer.vocab_size if tokenizer else 1, job.trust_pickle)
+    model.to(job.device)
     dataset, _, fingerprint = unlabeled_dataset(
-        recipe, kind="pretrain", mask_generator=gen, progress=not quiet, report_dir=run.path
+        recipe,
+        kind="pretrain",
+        mask_generator=mask_generator(recipe, grid),
+        progress=not job.quiet,
+        report_dir=job.path,
     )
-    if info.is_main:
-        run.start("pretrain", recipe, str(dev), data_fingerprint=fingerprint)
-        if report is not None:
-            atomic_write_json(run.path / "init_report.json", report.__dict__)
-
-    t = recipe.train
-    plan = plan_run(dataset, t, seed=recipe.seed, num_workers=recipe.data.num_workers, device=dev)
-    total, global_batch = plan.total_steps, plan.global_batch
-    optimizer = build_adamw(
-        param_groups_weight_decay(model, recipe.optim.weight_decay), recipe.optim, dev
-    )
-    objective = prepare_for_training(MIMObjective(model), t, dev)
+    job.start(fingerprint)
+    if report is not None:
+        job.write_json("init_report.json", report.__dict__)
 
     def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         targets = None
@@ -146,46 +135,33 @@ def pretrain(
                 targets = tokenizer.encode(x).flatten(1)  # [B, gh*gw] visual tokens
             targets = targets.clone()  # leave inference mode for autograd
         loss, metrics = m(b["image"], b["mask"], targets)
-        out = {k: v for k, v in metrics.items() if k in ("acc", "mse")}
-        return loss, out
+        return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
 
-    trainer = Trainer(
-        model=objective,
-        optimizer=optimizer,
-        loader=plan.loader,
-        step_fn=step_fn,
-        lr_at=lr_schedule(recipe.optim, total, global_batch),
-        total_steps=total,
-        train=t,
-        grad_clip=recipe.optim.grad_clip,
-        device=dev,
-        run=run,
-        desc="pretrain",
-        quiet=quiet,
-        tensorboard=t.tensorboard,
-    )
-    with run.recording_failures(info.is_main):
-        trainer.fit(resume=resume)
+    plan = job.plan(dataset)
+    groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
+    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective)
+    job.fit(trainer)
 
-    result: dict[str, Any] = {"steps": total, "global_batch": global_batch, **trainer.last_metrics}
-    if info.is_main:
-        write_pretrain_outputs(model, run.path)
-        result["backbone"] = str(run.path / BACKBONE_FILE)
-        run.finish(result=result)
-    D.barrier()
+    result: dict[str, Any] = {
+        "steps": plan.total_steps,
+        "global_batch": plan.global_batch,
+        "lr": job.peak_lr,
+        **trainer.last_metrics,
+    }
+    if job.is_main:
+        write_pretrain_outputs(model, job.path)
+        result["backbone"] = str(job.path / BACKBONE_FILE)
+    job.finish(result)
     return result
 
 
 def write_pretrain_outputs(model: BeitMIM, folder: Path) -> Path:
     """`mim.safetensors` (the whole MIM model) and `backbone.safetensors` (timm layout)."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_save(folder / "mim.safetensors", lambda f: f.write(save(state)))
+    atomic_write_safetensors(folder / MIM_FILE, model.state_dict())
     export = export_timm_backbone(model, folder / f".{BACKBONE_FILE}.tmp")
     Path(export.path).replace(folder / BACKBONE_FILE)
     meta = {"model_name": export.model_name, "model_kwargs": export.model_kwargs}
-    atomic_write_json(folder / "backbone.json", meta)
+    atomic_write_json(folder / BACKBONE_META, meta)
     return folder / BACKBONE_FILE
 
 
@@ -195,15 +171,15 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     from beitdomain.engine.checkpoint import CheckpointManager
 
     run = Path(run)
-    if not (run / "recipe.yaml").is_file():
-        raise UserError(f"{run} is not a pre-training run folder (no recipe.yaml)")
-    recipe = load_recipe(run / "recipe.yaml")
+    if not (run / RECIPE_FILE).is_file():
+        raise UserError(f"{run} is not a pre-training run folder (no {RECIPE_FILE})")
+    recipe = load_recipe(run / RECIPE_FILE)
     found = CheckpointManager(run / "checkpoints").load_latest()
     if found is None:
-        if (run / "mim.safetensors").is_file():
+        if (run / MIM_FILE).is_file():
             from safetensors.torch import load_file
 
-            state = load_file(str(run / "mim.safetensors"))
+            state = load_file(str(run / MIM_FILE))
         else:
             raise UserError(f"{run}: no checkpoint and no mim.safetensors to export")
     else:

@@ -23,9 +23,10 @@ from typing import Any
 
 from beitdomain.config import Recipe, dump_recipe
 from beitdomain.fileio import atomic_write_json
+from beitdomain.user import UserError
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError):
     """The output folder cannot be used as asked (exists, or is not a run)."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from beitdomain.user import UserError
+
 
 def cosine_lr(
     step: int, total_steps: int, base_lr: float, min_lr: float, warmup_steps: int
@@ -47,6 +49,8 @@ def steps_for(
     if steps is not None:
         return max(1, steps)
     if epochs is None:
-        raise ValueError("set train.epochs or train.steps")
+        raise UserError(
+            "set train.epochs or train.steps in the job's section (e.g. pretrain.train.steps)"
+        )
     per_epoch = max(1, batches_per_epoch // max(1, accum_steps))
     return max(1, math.ceil(epochs * per_epoch), min_steps)

@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,10 +23,9 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.data import unlabeled_dataset
-from beitdomain.engine.loop import Trainer, plan_run, prepare_for_training
-from beitdomain.engine.optim import build_adamw, lr_schedule
-from beitdomain.engine.rundir import RunDir
-from beitdomain.fileio import atomic_save, atomic_write_json
+from beitdomain.engine.job import Job, JobOptions
+from beitdomain.engine.loop import Trainer
+from beitdomain.fileio import atomic_save
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
@@ -42,7 +41,16 @@ from beitdomain.tokenizer import (
     reset_optimizer_rows,
 )
 from beitdomain.tokenizer.dvae import edge_loss
+from beitdomain.tokenizer.inspect import (
+    evaluate_tokenizer,
+    plot_code_usage,
+    save_reconstruction_grid,
+)
 from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
+from beitdomain.user import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ def build_tokenizer(recipe: Recipe) -> DiscreteVAE:
     if t.init:
         model = load_tokenizer(t.init)
         if model.config.in_chans != recipe.data.in_chans:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer.init {t.init} expects in_chans={model.config.in_chans}, but "
                 f"data.in_chans={recipe.data.in_chans}"
             )
@@ -150,113 +158,27 @@ class TokenizerMonitor:
         self.revived_total = int(state["revived_total"])
 
 
-@torch.no_grad()
-def save_reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path: Path) -> Path:
-    """A PNG with originals (top row of each pair) over their reconstructions from tokens."""
-    from torchvision.utils import make_grid
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x = images.to(device)
-    recon = model.decode_tokens(model.encode(x)).float().clamp(0, 1)
-    model.train(was_training)
-    n = x.shape[0]
-    per_row = min(8, n)
-    rows = []
-    for i in range(0, n, per_row):
-        rows += [x[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
-    grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
-    arr = (grid.clamp(0, 1) * 255).round().byte()
-    arr = arr[0] if arr.shape[0] == 1 or model.config.in_chans == 1 else arr.permute(1, 2, 0)
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(arr.numpy())
-    atomic_save(path, lambda f: img.save(f, format="PNG"))
-    return path
-
-
-@torch.no_grad()
-def evaluate_tokenizer(
-    model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64
-) -> dict[str, float]:
-    """PSNR (from hard tokens, as pre-training sees them) and code usage on `images`."""
-    model.eval()
-    device = next(model.parameters()).device
-    usage = CodeUsage(model.vocab_size)
-    total_psnr, n = 0.0, 0
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].to(device)
-        tokens = model.encode(x)
-        usage.update(tokens)
-        recon = model.decode_tokens(tokens).float()
-        total_psnr += float(psnr(recon, x.float())) * x.shape[0]
-        n += x.shape[0]
-    return {
-        "psnr": total_psnr / max(n, 1),
-        "fraction_used": usage.fraction_used,
-        "perplexity": usage.perplexity,
-        "images": float(n),
-        "usage_counts": usage.counts.tolist(),
-    }
-
-
-def plot_code_usage(counts: list[int] | np.ndarray, path: Path, title: str = "") -> Path:
-    """Histogram of code frequencies, sorted, with the fraction in use."""
-    from matplotlib.figure import Figure
-
-    c = np.sort(np.asarray(counts, dtype=float))[::-1]
-    used = (c > 0).mean()
-    fig = Figure(figsize=(7, 3.2), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(np.arange(len(c)), c / max(c.sum(), 1), width=1.0, color="#3b6ea5")
-    ax.set_xlabel("code rank (most used first)")
-    ax.set_ylabel("share of tokens")
-    ax.set_title(f"{title} {100 * used:.1f}% of {len(c)} codes used".strip())
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, lambda f: fig.savefig(f, format="png"))
-    return path
-
-
 def train_tokenizer(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
+    recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
 ) -> dict[str, Any]:
     """Trains a tokenizer; returns its held-out evaluation. Files land in `out`.
 
     Writes `tokenizer.safetensors`, `tokenizer.json`, `eval.json`, `reconstructions.png`,
-    `code_usage.png`, `samples/step-*.png`, `metrics.jsonl` and checkpoints.
+    `code_usage.png`, `samples/step-*.png`, `metrics.jsonl` and checkpoints. `options`:
+    `JobOptions` (device, resume, overwrite, quiet).
     """
-    dev = D.resolve_device(device)
-    info = D.init_distributed(dev)
-    run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
-    D.seed_everything(recipe.seed, recipe.tokenizer.train.deterministic)
+    job = Job.open("tokenizer", recipe, out, **options)
     t = recipe.tokenizer
-    train_cfg = t.train
-
     dataset, preview_ds, fingerprint = unlabeled_dataset(
-        recipe, kind="tokenizer", holdout=True, progress=not quiet, report_dir=run.path
+        recipe, kind="tokenizer", holdout=True, progress=not job.quiet, report_dir=job.path
     )
-    if info.is_main:
-        run.start("tokenizer train", recipe, str(dev), data_fingerprint=fingerprint)
+    job.start(fingerprint)
     # channels_last: cuDNN and oneDNN both run these convolutions faster in NHWC (CPU: 1.2x
     # for the demo tokenizer's training step).
-    model = build_tokenizer(recipe).to(dev).to(memory_format=torch.channels_last)
-    plan = plan_run(
-        dataset, train_cfg, seed=recipe.seed, num_workers=recipe.data.num_workers, device=dev
-    )
-    total, global_batch = plan.total_steps, plan.global_batch
-    optimizer = build_adamw(_decay_groups(model, t.optim.weight_decay), t.optim, dev)
+    model = build_tokenizer(recipe).to(job.device).to(memory_format=torch.channels_last)
+    plan = job.plan(dataset)
     preview = torch.stack([preview_ds[i]["tok_image"] for i in range(min(16, len(preview_ds)))])
-    monitor = TokenizerMonitor(model, recipe, total, recipe.seed, run.path, preview)
-    train_model = prepare_for_training(model, train_cfg, dev)
+    monitor = TokenizerMonitor(model, recipe, plan.total_steps, recipe.seed, job.path, preview)
 
     def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = b["tok_image"].contiguous(memory_format=torch.channels_last)
@@ -282,50 +204,37 @@ def train_tokenizer(
             "code_usage": monitor.usage.fraction_used,
         }
 
-    trainer = Trainer(
-        model=train_model,
-        optimizer=optimizer,
-        loader=plan.loader,
-        step_fn=step_fn,
-        lr_at=lr_schedule(t.optim, total, global_batch),
-        total_steps=total,
-        train=train_cfg,
-        grad_clip=t.optim.grad_clip,
-        device=dev,
-        run=run,
-        hooks=[monitor],
-        desc="tokenizer",
-        quiet=quiet,
-        tensorboard=train_cfg.tensorboard,
-    )
-    with run.recording_failures(info.is_main):
-        trainer.fit(resume=resume)
+    groups = _decay_groups(model, t.optim.weight_decay)
+    trainer = job.trainer(model, plan, groups, step_fn, hooks=[monitor])
+    job.fit(trainer)
 
     result: dict[str, Any] = {}
-    if info.is_main:
+    if job.is_main:
         held = torch.stack([preview_ds[i]["tok_image"] for i in range(len(preview_ds))])
         result = evaluate_tokenizer(model, held)
         counts = result.pop("usage_counts")
         result.update(
-            steps=total,
+            steps=plan.total_steps,
+            lr=job.peak_lr,
             params=count_params(model),
             encoder_gflops=encoder_gflops(model),
             codes_revived=monitor.revived_total,
             heldout_images=len(preview_ds),
         )
         save_tokenizer(
-            model, run.path, extra={"trained_steps": total, "data": fingerprint, **result}
+            model,
+            job.path,
+            extra={"trained_steps": plan.total_steps, "data": fingerprint, **result},
         )
-        save_reconstruction_grid(model, preview, run.path / "reconstructions.png")
-        plot_code_usage(counts, run.path / "code_usage.png", "held-out:")
-        atomic_write_json(run.path / "eval.json", result)
-        run.finish(result=result)
+        save_reconstruction_grid(model, preview, job.path / "reconstructions.png")
+        plot_code_usage(counts, job.path / "code_usage.png", "held-out:")
+        job.write_json("eval.json", result)
         if result["fraction_used"] < 0.1:
             log.warning(
                 "only %.1f%% of the codes are used on held-out images; see code_usage.png",
                 100 * result["fraction_used"],
             )
-    D.barrier()
+    job.finish(result)
     return result
 
 

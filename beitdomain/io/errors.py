@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from beitdomain.user import UserError
 
-class ReaderError(Exception):
+
+class ReaderError(UserError):
     """A file could not be turned into an image array.
 
     Attributes:

@@ -35,14 +35,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from torch import nn
 
-from beitdomain.fileio import atomic_write_bytes
+from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+from beitdomain.user import UserError
 
 RPB = "relative_position_bias_table"
 SHARED_RPB = f"rel_pos_bias.{RPB}"
@@ -51,7 +52,7 @@ _FRESH = re.compile(r"^(head\.|lm_head\.|fc_norm\.|norm\.|mask_token$)")
 _BLOCK_RPB = re.compile(rf"^blocks\.(\d+)\.attn\.{RPB}$")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A checkpoint that cannot be read, or does not fit the model."""
 
 
@@ -638,8 +639,6 @@ def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
     # Any registered BEiT works as the template: every dimension is overridden by kwargs.
     name = "beit_base_patch16_224"
     out = Path(out_path)
-    blob = save(
-        state, metadata={"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})}
-    )
-    atomic_write_bytes(out, blob)
+    meta = {"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})}
+    atomic_write_safetensors(out, state, metadata=meta)
     return TimmExport(path=out, model_name=name, model_kwargs=kwargs)

@@ -32,16 +32,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from beitdomain.fileio import atomic_write_bytes, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
+from beitdomain.user import UserError
 
 __all__ = [
     "CONFIG_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
+    "TokenizerFileError",
+    "TokenizerFileMissing",
     "UntrustedPickleError",
     "import_dalle",
     "load_tokenizer",
@@ -73,8 +76,6 @@ def save_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    # safetensors needs contiguous tensors; channels_last weights are not.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -92,9 +93,17 @@ def save_tokenizer(
     }
     # Each file written whole or not at all (a crash or a full disk leaves the previous one, and
     # a clear WriteError naming the file).
-    atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": FORMAT_NAME}))
+    atomic_write_safetensors(out / WEIGHTS_FILE, model.state_dict(), {"format": FORMAT_NAME})
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+class TokenizerFileError(UserError):
+    """A tokenizer file (or DALL-E pickle) that cannot be used; the message names it."""
+
+
+class TokenizerFileMissing(FileNotFoundError, TokenizerFileError):
+    """A tokenizer file that does not exist."""
 
 
 def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -105,16 +114,16 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     elif p.name in (WEIGHTS_FILE, CONFIG_FILE) or p.suffix in (".json", ".safetensors"):
         base = p.parent
     elif not p.exists():
-        raise FileNotFoundError(f"tokenizer path {p} does not exist.")
+        raise TokenizerFileMissing(f"tokenizer path {p} does not exist.")
     else:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{p} is not a tokenizer: pass the directory holding {CONFIG_FILE} and "
             f"{WEIGHTS_FILE}, or one of those files."
         )
     json_path, weights_path = base / CONFIG_FILE, base / WEIGHTS_FILE
     for f in (json_path, weights_path):
         if not f.is_file():
-            raise FileNotFoundError(
+            raise TokenizerFileMissing(
                 f"{f} not found: a saved tokenizer needs both {CONFIG_FILE} and {WEIGHTS_FILE} "
                 f"in {base} (written by beitdomain.tokenizer.io.save_tokenizer)."
             )
@@ -135,22 +144,24 @@ def load_tokenizer_config(path: str | os.PathLike[str]) -> DVAEConfig:
     try:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path} is not valid JSON: {e}") from e
+        raise TokenizerFileError(f"{json_path} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{json_path}: field 'format' is {found!r}, expected {FORMAT_NAME!r}.")
+        raise TokenizerFileError(
+            f"{json_path}: field 'format' is {found!r}, expected {FORMAT_NAME!r}."
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{json_path}: format_version {version!r} is not supported by this beitdomain "
             f"(reads 1..{FORMAT_VERSION}); upgrade beitdomain to load it."
         )
     if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{json_path}: field 'config' is missing or not an object.")
+        raise TokenizerFileError(f"{json_path}: field 'config' is missing or not an object.")
     cfg = DVAEConfig.from_dict(meta["config"], source=str(json_path))
     for key in ("vocab_size", "input_size", "in_chans"):
         if key in meta and meta[key] != getattr(cfg, key):
-            raise ValueError(
+            raise TokenizerFileError(
                 f"{json_path}: field {key!r}={meta[key]!r} disagrees with "
                 f"config.{key}={getattr(cfg, key)!r}; the file was edited inconsistently."
             )
@@ -176,20 +187,20 @@ def load_tokenizer(
     try:
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        raise TokenizerFileError(f"{weights_path} is not a readable safetensors file: {e}") from e
     model = DiscreteVAE(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{weights_path} does not match the architecture in {json_path.name}: "
             f"missing {len(missing)} tensor(s) {missing[:5]}, unexpected {len(unexpected)} "
             f"{unexpected[:5]}."
         )
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(
+            raise TokenizerFileError(
                 f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config in "
                 f"{json_path.name} needs {tuple(expected[key].shape)}."
             )
@@ -201,7 +212,7 @@ def load_tokenizer(
 # DALL-E import
 
 
-class UntrustedPickleError(PermissionError):
+class UntrustedPickleError(PermissionError, UserError):
     """Raised when asked to unpickle a file without ``trust_pickle=True``."""
 
 
@@ -292,7 +303,7 @@ def _collect_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Non
 
 def _read_dalle_pickle(path: Path, expected_class: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"DALL-E {expected_class.lower()} pickle {path} not found.")
+        raise TokenizerFileMissing(f"DALL-E {expected_class.lower()} pickle {path} not found.")
     try:
         with warnings.catch_warnings():
             # The legacy (pre-zip) format compares stored module source with the classes it
@@ -302,13 +313,15 @@ def _read_dalle_pickle(path: Path, expected_class: str) -> dict[str, torch.Tenso
                 path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False
             )
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise TokenizerFileError(f"{path}: {e}") from e
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         return dict(obj)  # already a state dict
     if not isinstance(obj, _StandIn):
-        raise ValueError(f"{path}: expected a pickled dall_e {expected_class}, found {type(obj)}.")
+        raise TokenizerFileError(
+            f"{path}: expected a pickled dall_e {expected_class}, found {type(obj)}."
+        )
     if obj.pickled_name.rsplit(".", 1)[-1] != expected_class:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{path} holds a {obj.pickled_name}, expected a dall_e {expected_class}; "
             "are the encoder and decoder files swapped?"
         )
@@ -342,13 +355,17 @@ def _map_dalle_keys(src: dict[str, torch.Tensor], part: str, path: Path) -> dict
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path}: unexpected tensors for a DALL-E {part}: {sorted(unknown)[:5]}.")
+        raise TokenizerFileError(
+            f"{path}: unexpected tensors for a DALL-E {part}: {sorted(unknown)[:5]}."
+        )
     return out
 
 
 def _require(src: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
     if key not in src:
-        raise ValueError(f"{path}: tensor {key!r} is missing; is this a DALL-E dVAE pickle?")
+        raise TokenizerFileError(
+            f"{path}: tensor {key!r} is missing; is this a DALL-E dVAE pickle?"
+        )
     return src[key]
 
 
@@ -400,18 +417,18 @@ def import_dalle(
     blocks = {int(m.group(2)) for k in enc if (m := _BLOCK_KEY.match(k)) and m.group(1) == "1"}
     n_groups = max(groups, default=0)
     if n_groups not in (3, 4) or groups != set(range(1, n_groups + 1)):
-        raise ValueError(
+        raise TokenizerFileError(
             f"{enc_path}: found encoder groups {sorted(groups)}; expected 1..4 (or 1..3)."
         )
     vocab = logits_w.shape[0]
     if dec_in_w.shape[1] != vocab:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{dec_path}: decoder vocabulary {dec_in_w.shape[1]} != encoder vocabulary {vocab} "
             f"in {enc_path}; the two files are from different models."
         )
     in_chans = stem_w.shape[1]
     if dec_out_w.shape[0] != 2 * in_chans:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{dec_path}: decoder outputs {dec_out_w.shape[0]} channels, expected {2 * in_chans} "
             "(logit-Laplace mu and log-scale per image channel)."
         )
@@ -442,7 +459,7 @@ def import_dalle(
     missing = sorted(set(expected) - set(state))
     bad_shapes = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or bad_shapes:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{enc_path} / {dec_path} do not fit the DALL-E layout: missing {missing[:5]}, "
             f"shape mismatches {bad_shapes[:5]}."
         )

@@ -1,0 +1,214 @@
+"""A run, once for every job: what tokenizer training, pre-training and fine-tuning share.
+
+A job is its own `build` (data, model, loss) and `finish` (what it leaves behind) on top of this:
+
+    job = Job.open("pretrain", recipe, out, **options)  # device, resume, overwrite, quiet, ...
+    dataset, fingerprint = ...           # the job's data (its errors come before any write)
+    job.start(fingerprint)               # recipe.yaml + manifest (main process)
+    plan = job.plan(dataset)             # loader and run length, from the job's own `train`
+    trainer = job.trainer(model, plan, groups, step_fn, hooks=[...])  # its own `optim`
+    job.fit(trainer)                     # a failure marks the manifest, then raises
+    job.finish(result)                   # manifest "completed" (main), then a barrier
+
+Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain`,
+`recipe.finetune`), which all have the same `train` + `optim` shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import torch
+from torch import nn
+
+from beitdomain.config import OptimConfig, Recipe, TrainConfig
+from beitdomain.engine import distributed as D
+from beitdomain.engine.loop import (
+    LoopState,
+    RunPlan,
+    StepFn,
+    Trainer,
+    plan_run,
+    prepare_for_training,
+)
+from beitdomain.engine.optim import build_adamw, lr_schedule, peak_lr
+from beitdomain.engine.rundir import RunDir
+from beitdomain.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+JobKind = Literal["tokenizer", "pretrain", "finetune"]
+
+# ---- what a finished run holds ----------------------------------------------------------------
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe (loads back with --recipe)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.safetensors")  # what `pretrain` loads
+MIM_FILE = "mim.safetensors"  # the whole MIM model of a pre-training run
+BACKBONE_FILE = "backbone.safetensors"  # timm-compatible export: what fine-tuning loads
+BACKBONE_META = "backbone.json"  # its timm model name and keyword arguments
+BEST_FILE = "best.safetensors"  # a fine-tune's weights chosen on validation
+RESULTS_FILE = "results.json"  # a fine-tune's test metrics; a curve cell is done when present
+
+# A run of each kind is finished when all of its files are there (written last, atomically).
+FINISHED_FILES: dict[str, tuple[str, ...]] = {
+    "tokenizer": TOKENIZER_FILES,
+    "pretrain": (BACKBONE_FILE,),
+    "finetune": (RESULTS_FILE, BEST_FILE),
+}
+# The command a run of each kind is recorded under in its manifest.
+COMMANDS: dict[str, str] = {
+    "tokenizer": "tokenizer train",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+}
+
+
+def is_finished(folder: str | Path, kind: JobKind) -> bool:
+    """True when `folder` holds a finished run of `kind` (its final files are all written)."""
+    return all((Path(folder) / name).is_file() for name in FINISHED_FILES[kind])
+
+
+class JobOptions(TypedDict, total=False):
+    """How a job runs, not what it computes: the keyword arguments every job function takes
+    (`train_tokenizer(recipe, out, **options)`, `pretrain(...)`, `finetune(...)`)."""
+
+    device: str  # auto | cpu | cuda | cuda:N
+    resume: bool  # continue the run in `out` from its newest checkpoint
+    overwrite: bool  # delete the run in `out` and start over
+    quiet: bool  # no progress bars; the job's info lines at debug level
+    trust_pickle: bool  # allow pickle-based weights (they can run code): trusted files only
+
+
+@dataclass
+class Job:
+    """One run of a job in its run folder. Create it with `Job.open`."""
+
+    kind: JobKind
+    recipe: Recipe
+    device: torch.device
+    dist: D.DistInfo
+    run: RunDir
+    resume: bool
+    quiet: bool
+    trust_pickle: bool = False  # from the caller only: a recipe never grants trust
+    peak_lr: float | None = None  # set by `trainer`: the schedule's highest learning rate
+
+    @classmethod
+    def open(
+        cls,
+        kind: JobKind,
+        recipe: Recipe,
+        out: str | Path,
+        *,
+        device: str = "auto",
+        resume: bool = False,
+        overwrite: bool = False,
+        quiet: bool = False,
+        trust_pickle: bool = False,
+    ) -> Job:
+        """Resolves the device, joins the process group, opens the run folder and seeds."""
+        dev = D.resolve_device(device)
+        info = D.init_distributed(dev)
+        run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+        D.seed_everything(recipe.seed, getattr(recipe, kind).train.deterministic)
+        return cls(kind, recipe, dev, info, run, resume, quiet, trust_pickle)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return getattr(self.recipe, self.kind).train
+
+    @property
+    def optim_config(self) -> OptimConfig:
+        return getattr(self.recipe, self.kind).optim
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this job's `train.precision` (None: fp32)."""
+        return D.resolve_precision(self.train_config.precision, self.device)
+
+    def say(self, msg: str, *args: Any) -> None:
+        """An info line, or a debug one when the job runs quietly (e.g. a curve's cells)."""
+        log.log(logging.DEBUG if self.quiet else logging.INFO, msg, *args)
+
+    def start(self, data_fingerprint: str | None = None, **extra: Any) -> None:
+        """Writes recipe.yaml and the manifest's start fields (main process only)."""
+        if self.is_main:
+            self.run.start(
+                COMMANDS[self.kind],
+                self.recipe,
+                str(self.device),
+                data_fingerprint=data_fingerprint,
+                **extra,
+            )
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """A JSON file in the run folder (main process only)."""
+        if self.is_main:
+            atomic_write_json(self.path / name, obj)
+
+    def plan(self, dataset: Any, weights: Sequence[float] | None = None) -> RunPlan:
+        """The loader and run length from this job's `train` section."""
+        return plan_run(
+            dataset,
+            self.train_config,
+            seed=self.recipe.seed,
+            num_workers=self.recipe.data.num_workers,
+            device=self.device,
+            weights=weights,
+        )
+
+    def trainer(
+        self,
+        model: nn.Module,
+        plan: RunPlan,
+        param_groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter],
+        step_fn: StepFn,
+        *,
+        hooks: Sequence[Any] = (),
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> Trainer:
+        """AdamW over `param_groups` with this job's schedule, and the `Trainer` that runs it.
+
+        `wrap` turns the model into what the loop calls (e.g. a loss module around it); the
+        result is DDP-wrapped and compiled as `train` asks.
+        """
+        opt, train = self.optim_config, self.train_config
+        optimizer = build_adamw(param_groups, opt, self.device)
+        self.peak_lr = peak_lr(opt, plan.global_batch)
+        return Trainer(
+            model=prepare_for_training(wrap(model) if wrap else model, train, self.device),
+            optimizer=optimizer,
+            loader=plan.loader,
+            step_fn=step_fn,
+            lr_at=lr_schedule(opt, plan.total_steps, plan.global_batch),
+            total_steps=plan.total_steps,
+            train=train,
+            grad_clip=opt.grad_clip,
+            device=self.device,
+            run=self.run,
+            hooks=hooks,
+            desc=self.kind,
+            quiet=self.quiet,
+        )
+
+    def fit(self, trainer: Trainer) -> LoopState:
+        """Runs the loop (resuming when asked); a failure or Ctrl-C is written to the manifest."""
+        with self.run.recording_failures(self.is_main):
+            return trainer.fit(resume=self.resume)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Marks the run completed with `result` (main process), then waits for every process."""
+        if self.is_main:
+            self.run.finish(result=result)
+        D.barrier()

@@ -1,0 +1,122 @@
+"""`beitdomain predict`: a finished fine-tuning run applied to new images.
+
+Images go through the run's own reader settings and evaluation transform, in the precision its
+test split was scored in; one CSV row per image (per frame for multi-frame files).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from beitdomain.config import load_recipe
+from beitdomain.data.transforms import FinetuneTransform
+from beitdomain.engine import distributed as D
+from beitdomain.engine.build import build_classifier
+from beitdomain.engine.job import BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
+from beitdomain.fileio import atomic_write_text
+from beitdomain.models.probe import eval_outputs
+from beitdomain.user import UserError
+
+log = logging.getLogger(__name__)
+
+
+def predict_probs(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int = 64,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities for a dataset, in order: (probs [N, K], labels [N], source index [N])."""
+    logits, labels, index = eval_outputs(model, model, dataset, device, batch_size, amp_dtype)
+    return logits.softmax(-1).numpy(), labels, index
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Loads a fine-tune's `best.safetensors` into the (possibly wrapped) model."""
+    from safetensors.torch import load_file
+
+    D.unwrap(model).load_state_dict(load_file(str(path)))
+
+
+def write_predictions(
+    path: Path, dataset: Any, idx: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> None:
+    """A labelled split's predictions: path, frame, label, predicted class, probabilities."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "frame", "label", "predicted", *[f"p_{c}" for c in classes]])
+    for i, p in zip(idx, probs):
+        path_i, frame = dataset.source.source(int(i))
+        w.writerow(
+            [
+                path_i,
+                frame,
+                dataset.source.label(int(i)),
+                classes[int(p.argmax())],
+                *[f"{v:.6f}" for v in p],
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str = "auto") -> Path:
+    """Writes a CSV of predicted class and probabilities for images, files or folders.
+
+    Images go through the run's own reader settings and evaluation transform.
+    """
+    from beitdomain.data.index import scan
+    from beitdomain.io import IntensitySpec, load_image
+
+    run = Path(run)
+    if not is_finished(run, "finetune"):
+        raise UserError(
+            f"{run} is not a finished fine-tuning run (no {RESULTS_FILE} / {BEST_FILE})"
+        )
+    recipe = load_recipe(run / RECIPE_FILE)
+    classes = json.loads((run / RESULTS_FILE).read_text())["classes"]
+    dev = D.resolve_device(device)
+    model = build_classifier(
+        replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
+    )
+    load_weights(model, run / BEST_FILE)
+    model.to(dev).eval()
+    amp_dtype = D.resolve_precision(recipe.finetune.train.precision, dev)
+    spec = IntensitySpec.from_config(recipe.data)
+    ev = FinetuneTransform(train=False, image_size=recipe.data.image_size)
+    files: list[tuple[str, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            m = scan(p, on_error="skip")
+            files += [(e.path, m.abspath(e)) for e in m.entries]
+            for bad, why in m.errors:
+                log.warning("skipped %s: %s", bad, why)
+        elif p.is_file():
+            files.append((str(p), p))
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "frame", "predicted", *[f"p_{c}" for c in classes]])
+    with torch.no_grad():
+        for name, path in files:
+            image, _ = load_image(path, spec)
+            frames = image if image.ndim == 4 else image[None]
+            x = torch.stack([torch.from_numpy(ev(f)) for f in frames]).to(dev)
+            with D.autocast(dev, amp_dtype):  # the precision the test split was scored in
+                probs = model(x).float().softmax(-1).cpu().numpy()
+            for k, p in enumerate(probs):
+                w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    atomic_write_text(out_csv, buf.getvalue())
+    return Path(out_csv)

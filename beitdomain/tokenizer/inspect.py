@@ -1,0 +1,85 @@
+"""How good a tokenizer is: held-out PSNR and code usage, reconstruction grids, usage plots.
+
+Used at the end of `tokenizer train` and by `beitdomain tokenizer inspect`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from beitdomain.fileio import atomic_save
+from beitdomain.tokenizer.codebook import CodeUsage
+from beitdomain.tokenizer.dvae import DiscreteVAE, psnr
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path: Path) -> Path:
+    """A PNG with originals (top row of each pair) over their reconstructions from tokens."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = images.to(device)
+    recon = model.decode_tokens(model.encode(x)).float().clamp(0, 1)
+    model.train(was_training)
+    n = x.shape[0]
+    per_row = min(8, n)
+    rows = []
+    for i in range(0, n, per_row):
+        rows += [x[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
+    grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
+    arr = (grid.clamp(0, 1) * 255).round().byte()
+    arr = arr[0] if arr.shape[0] == 1 or model.config.in_chans == 1 else arr.permute(1, 2, 0)
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr.numpy())
+    atomic_save(path, lambda f: img.save(f, format="PNG"))
+    return path
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: DiscreteVAE, images: torch.Tensor, batch_size: int = 64
+) -> dict[str, float]:
+    """PSNR (from hard tokens, as pre-training sees them) and code usage on `images`."""
+    model.eval()
+    device = next(model.parameters()).device
+    usage = CodeUsage(model.vocab_size)
+    total_psnr, n = 0.0, 0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device)
+        tokens = model.encode(x)
+        usage.update(tokens)
+        recon = model.decode_tokens(tokens).float()
+        total_psnr += float(psnr(recon, x.float())) * x.shape[0]
+        n += x.shape[0]
+    return {
+        "psnr": total_psnr / max(n, 1),
+        "fraction_used": usage.fraction_used,
+        "perplexity": usage.perplexity,
+        "images": float(n),
+        "usage_counts": usage.counts.tolist(),
+    }
+
+
+def plot_code_usage(counts: list[int] | np.ndarray, path: Path, title: str = "") -> Path:
+    """Histogram of code frequencies, sorted, with the fraction in use."""
+    from matplotlib.figure import Figure
+
+    c = np.sort(np.asarray(counts, dtype=float))[::-1]
+    used = (c > 0).mean()
+    fig = Figure(figsize=(7, 3.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(np.arange(len(c)), c / max(c.sum(), 1), width=1.0, color="#3b6ea5")
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"{title} {100 * used:.1f}% of {len(c)} codes used".strip())
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda f: fig.savefig(f, format="png"))
+    return path
