@@ -18,6 +18,7 @@ from beitdomain.cli.common import (
     ResumeOpt,
     SetOpt,
     StepsOpt,
+    TransductiveOpt,
     TrustPickleOpt,
     console,
     default_out,
@@ -63,6 +64,7 @@ def pretrain(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    transductive: TransductiveOpt = False,
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
@@ -95,6 +97,7 @@ def pretrain(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.transductive": True if transductive else None,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,

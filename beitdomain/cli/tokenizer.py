@@ -18,6 +18,7 @@ from beitdomain.cli.common import (
     ResumeOpt,
     SetOpt,
     StepsOpt,
+    TransductiveOpt,
     TrustPickleOpt,
     console,
     default_out,
@@ -55,6 +56,7 @@ def train(
         ),
     ] = None,
     trust_pickle: TrustPickleOpt = False,
+    transductive: TransductiveOpt = False,
     steps: StepsOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
@@ -88,6 +90,7 @@ def train(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.transductive": True if transductive else None,
             "tokenizer.preset": preset,
             "tokenizer.vocab_size": vocab_size,
             "tokenizer.init": str(init) if init else None,

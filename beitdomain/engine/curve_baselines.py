@@ -25,10 +25,28 @@ log = logging.getLogger(__name__)
 PIXEL_SIZE = 32  # px: 1,024 inputs; at 64 px the demo's pixel baseline scored the same
 PCA_COMPONENTS = 50
 PIXELS, PCA = "pixels-logreg", "pca-logreg"
+BASELINES_FILE = "baselines.csv"  # the baseline arms' rows, computed once per curve folder
 
 
 def probe_name(init: str) -> str:
     return f"probe-{init}"
+
+
+def baseline_settings(inits: Mapping[str, str | None]) -> dict[str, str]:
+    """How each baseline arm ran, in words, for report.md."""
+    how = (
+        "L2 logistic regression with balanced class weights, C from "
+        f"{list(B.C_GRID)} by 5-fold cross-validation inside each label subset (out-of-fold "
+        "likelihood)"
+    )
+    out = {
+        PIXELS: f"{how}, on the evaluation view at {PIXEL_SIZE} x {PIXEL_SIZE} px",
+        PCA: f"{how}, on the first {PCA_COMPONENTS} principal components of those pixels "
+        "(fitted on the train split's images)",
+    }
+    for name in inits:
+        out[probe_name(name)] = f"{how}, on the frozen, mean-pooled features of `{name}`"
+    return out
 
 
 def without_pretraining(inits: Mapping[str, str | None]) -> list[str]:

@@ -254,8 +254,12 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         job.device,
         eval_batch,
     )
+    # Layer decay keeps pre-trained features close to where pre-training left them (BEiT); a
+    # random backbone has nothing to keep, and with 0.65 over depth 12 its patch embedding
+    # would train at 0.004x the head's lr. So from scratch every layer trains at the full lr.
+    layer_decay = ft.optim.layer_decay if init != "scratch" else None
     groups = layer_decay_param_groups(
-        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
+        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
     )
     trainer = job.trainer(model, plan, groups, _loss_fn(recipe, data, job.device), hooks=[hook])
     state = job.fit(trainer)
@@ -278,6 +282,8 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "best_step": hook.best_step or state.step,
             "val_best": hook.best,  # the selection score (-loss when select_metric is loss)
             "select_metric": ft.select_metric,
+            "selection": data.subset.get("selection"),  # what selection looked at
+            "layer_decay": layer_decay,
             "stopped_early": state.stop_reason,
             "classes": data.classes,
         }
