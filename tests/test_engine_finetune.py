@@ -44,7 +44,12 @@ def data(tmp_path_factory):
 def ft_run(data, tmp_path_factory):
     """A scratch fine-tune on horizontal-vs-vertical stripes, reading files directly (no cache)."""
     out = tmp_path_factory.mktemp("ftrun") / "run"
-    r = recipe([*FINETUNE_SETS, "finetune.train.steps=20"], **{"data.root": str(data)})
+    # selection 'outside': the split's validation images pick the checkpoint (listed in
+    # labels_used.csv), as before within-budget selection became the default
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.selection=outside"],
+        **{"data.root": str(data)},
+    )
     res = finetune(r, out, device="cpu", quiet=True)
     return out, res
 
@@ -293,7 +298,12 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
     from beitdomain.user import UserError
 
     r = recipe(
-        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.lr_grid=[0.0, 2.0e-3]"],
+        [
+            *FINETUNE_SETS,
+            "finetune.train.steps=20",
+            "finetune.lr_grid=[0.0, 2.0e-3]",
+            "finetune.selection=outside",
+        ],
         **{"data.root": str(data)},
     )
     run = tmp_path / "grid"

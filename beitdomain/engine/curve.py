@@ -263,7 +263,7 @@ def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> d
     out = {}
     for name, r in recipes.items():
         ft = r.finetune
-        decay = ft.optim.layer_decay if inits.get(name) is not None else None
+        decay = ft.optim.layer_decay
         lr = f"lr grid {list(ft.lr_grid)}" if ft.lr_grid else f"lr {ft.optim.lr or 'scaled'}"
         out[name] = (
             f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection '{ft.selection}', "
@@ -285,12 +285,21 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
             unknown,
             sorted(inits),
         )
-    return {
-        name: apply_sets(recipe, c.init_sets[name], source=f"curve.init_sets.{name}:")
-        if c.init_sets.get(name)
-        else recipe
-        for name in inits
-    }
+    out = {}
+    for name, path in inits.items():
+        r = recipe
+        if path is None:
+            # Layer decay keeps pre-trained features near where pre-training left them (BEiT); a
+            # random backbone has nothing to keep (with 0.65 over depth 12 its patch embedding
+            # would train at 0.004x the head's lr). So a scratch arm trains every layer at the
+            # full lr, unless its curve.init_sets ask for decay.
+            r = replace(
+                r, finetune=replace(r.finetune, optim=replace(r.finetune.optim, layer_decay=None))
+            )
+        if c.init_sets.get(name):
+            r = apply_sets(r, c.init_sets[name], source=f"curve.init_sets.{name}:")
+        out[name] = r
+    return out
 
 
 def run_curve(

@@ -254,10 +254,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         job.device,
         eval_batch,
     )
-    # Layer decay keeps pre-trained features close to where pre-training left them (BEiT); a
-    # random backbone has nothing to keep, and with 0.65 over depth 12 its patch embedding
-    # would train at 0.004x the head's lr. So from scratch every layer trains at the full lr.
-    layer_decay = ft.optim.layer_decay if init != "scratch" else None
+    layer_decay = ft.optim.layer_decay  # a curve's scratch arm has none (engine/curve.py)
     groups = layer_decay_param_groups(
         model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
     )

@@ -451,8 +451,10 @@ def _paired_lines(paired: Mapping[str, Sequence[Mapping[str, Any]]], reference: 
     for init, per_fraction in paired.items():
         if not per_fraction:
             continue
+        against = {g.get("against") for g in per_fraction}
+        name = against.pop() if len(against) == 1 and None not in against else reference
         lines += [
-            f"## Paired by seed: {init} vs {reference}",
+            f"## Paired by seed: {init} vs {name}",
             "",
             "Each seed's two runs saw the same labelled images; the gain is their difference.",
             "",
