@@ -105,7 +105,10 @@ class DataConfig:
     # sample indices for TIFFs with more than 3 samples
     channels: list[int] | None = bounded(None, ge=0)
     nonfinite: Literal["error", "zero"] = "error"  # NaN/Inf in float images
-    frames: Literal["all", "middle", "first"] = "all"  # multi-frame files, stacks, series
+    # multi-frame files, stacks, series, volumes: all | middle | first | every:K | range:A:B
+    frames: str = "all"
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"  # NIfTI, NRRD, MetaImage
+    dicom_series: bool = False  # a folder of only DICOMs is one volume, ordered by position
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
     num_workers: int | None = bounded(None, ge=0)  # None: min(8, cores - 1)
@@ -114,12 +117,19 @@ class DataConfig:
     hflip: float = bounded(0.5, ge=0, le=1)
     vflip: float = bounded(0.0, ge=0, le=1)
     intensity_jitter: float = bounded(0.1, ge=0, le=1)
+    # the user's own pipeline instead of the four above: an albumentations file saved with
+    # albumentations.save (.json/.yaml) or 'package.module:name' of a (MONAI) transform or a
+    # function building one; reseeded per item from (seed, epoch, index)
+    augment: str | None = None
     # labelled splits when the data has none: stratified, seeded
     val_fraction: float = bounded(0.1, ge=0, lt=1)
     test_fraction: float = bounded(0.2, ge=0, lt=1)
     split_seed: int = bounded(0, ge=0)
     # Pre-training and the tokenizer leave the test split's images out; true: use them too.
     transductive: bool = False
+    # images of one group never sit in two splits; label subsets take whole groups
+    group_column: str = "group"  # labels-CSV column naming each image's patient/wafer/slide
+    patient_groups: bool = True  # DICOMs: group by PatientID (salted hash in memory only)
 
 
 @dataclass
@@ -173,9 +183,13 @@ class TokenizerConfig:
     init: str | None = None  # previous tokenizer dir to continue from
     temperature_start: float = bounded(1.0, gt=0)
     temperature_end: float = bounded(1.0 / 16, gt=0)
-    # KL to the uniform prior, per token cell, against a per-pixel reconstruction loss. DALL-E's
-    # beta = 6.6 weighs sums (pixels vs cells); per element that is 6.6 / (pixels per cell):
-    # 6.6 / 64 = 0.1 at 8x downsampling of one channel. Much weaker and codes collapse early.
+    # Anneal over this first part of the run, then hold temperature_end (DALL-E: 1/16 after 5%
+    # of 3M updates), so the decoder also trains on the near-hard codes pre-training uses.
+    temperature_anneal_fraction: float = bounded(0.5, gt=0, le=1)
+    # KL to the uniform prior, per token cell, against a reconstruction loss per pixel. DALL-E's
+    # beta = 6.6 weighs sums (sub-pixels vs cells); per pixel that is 6.6 / (pixels per cell):
+    # 6.6 / 64 = 0.1 at 8x downsampling; divided by the channel count when applied, as the
+    # reconstruction loss averages channels too. Much weaker and codes collapse early.
     kl_weight: float = bounded(0.1, ge=0)
     kl_warmup_fraction: float = bounded(0.1, ge=0, le=1)
     # KL of the batch-average code distribution to uniform: spreads the codes over the
@@ -222,8 +236,18 @@ class ModelConfig:
     num_heads: int | None = bounded(None, ge=1)
     drop_path: float = bounded(0.1, ge=0, lt=1)
     layer_scale_init: float | None = bounded(0.1, gt=0)
-    init: str | None = None  # checkpoint file/dir to start from; None: random
+    # checkpoint file/dir, hf-hub:org/name or a timm BEiT name to start from; None: random
+    init: str | None = None
     target: Literal["tokens", "pixels"] = "tokens"
+    # auto: one table per block when the init checkpoint has differing ones, else shared (BEiT)
+    rel_pos_bias: Literal["auto", "shared", "per_block"] = "auto"
+    # auto: reuse the init's MIM head only with the tokenizer it predicts (an imported DALL-E)
+    lm_head: Literal["auto", "reuse", "new"] = "auto"
+    # Mean/std of [0, 1] inputs (one value or one per channel). None: what the init checkpoint
+    # records (official BEiT: 0.5 / 0.5), or 0 / 1 from scratch. Set it for a .pth that was
+    # trained otherwise (BEiT v2: ImageNet's 0.485/0.456/0.406, 0.229/0.224/0.225).
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = bounded(None, gt=0)
 
 
 @dataclass

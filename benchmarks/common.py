@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from beitdomain.engine import distributed as D
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched
@@ -41,33 +43,65 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; otherwise `torch.device(name)`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: torch sees no CUDA device (use --device cpu)")
-    return device
+    """The library's device resolution (`engine.distributed.resolve_device`): 'auto' is CUDA
+    when available, else CPU; a CUDA device that torch cannot see is an error."""
+    return D.resolve_device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for `--dtype`: 'auto' = bf16 on CUDA, fp32 (None) on CPU."""
+    """The autocast dtype for `--dtype`, with `train.precision`'s meaning (the library's
+    `resolve_precision`): 'auto' is bf16 on CUDA and on CPUs with native bf16, else fp32."""
     if name not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"--dtype {name!r}: expected auto, bf16 or fp32")
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if name == "bf16" else None
+    return D.resolve_precision(name, device)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `dtype` is set (what `Trainer` does), else a null context."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+autocast = D.autocast  # what `Trainer` runs each step under
+
+
+def matmul_peak_gflops(
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    n: int = 2048,
+    repeats: int = 5,
+    clock: str = "wall",
+) -> float:
+    """This machine's own dense matmul rate: the best of `repeats` `n x n` `torch.matmul`s.
+
+    Measured in the calling process with its thread count, so a step's share of it says how
+    close the step comes to what the hardware does on the one op it is made of. Best, not
+    median: the peak is what an undisturbed matmul reaches (a shared machine only slows it).
+    `clock="cpu"` times by process CPU time (for one-thread runs on a loaded machine, where
+    the wall clock mostly measures the other jobs).
+    """
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        wall, cpu = timed(lambda: torch.matmul(a, b), device)
+        best = min(best, cpu if clock == "cpu" else wall)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_peaks(device: torch.device, clock: str = "wall") -> dict[str, float]:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s} of `matmul_peak_gflops` on `device`."""
+    return {
+        "fp32": matmul_peak_gflops(torch.float32, device, clock=clock),
+        "bf16": matmul_peak_gflops(torch.bfloat16, device, clock=clock),
+    }
+
+
+def peak_share(flops_per_img: float, img_per_s: float, peak_gflops: float | None) -> float | None:
+    """Counted FLOPs per second as a share of a measured matmul peak (GFLOP/s)."""
+    if not peak_gflops:
+        return None
+    return flops_per_img * img_per_s / (peak_gflops * 1e9)
 
 
 def device_name(device: torch.device) -> str:

@@ -76,6 +76,107 @@ def _make_files(root: Path, n: int) -> dict[str, list[Path]]:
     return files
 
 
+def _user_pipelines(cache: object, tmp: Path, seconds: float) -> list[tuple[str, float]]:
+    """`data.augment`: the same kind of augmentation as the built-in path (random resized
+    crop, flip, brightness/contrast), as an albumentations file and as a MONAI chain, reseeded
+    per item from (seed, epoch, index); 224 + 112 views from one crop."""
+    from beitdomain.data.dataset import ImageDataset
+    from beitdomain.data.transforms import UserAugment
+
+    rows = []
+    try:
+        import albumentations as A
+
+        path = tmp / "albu.json"
+        pipeline = A.Compose(
+            [
+                A.RandomResizedCrop(size=(224, 224), scale=(0.2, 1.0)),
+                A.HorizontalFlip(p=0.5),
+                A.RandomBrightnessContrast(p=0.8),
+                A.RandomGamma(p=0.8),
+            ]
+        )
+        A.save(pipeline, str(path), data_format="json")
+        ds = ImageDataset(cache, UserAugment(str(path), 224, 112), seed=0)
+        rows.append(
+            (
+                "cached + albumentations file (data.augment, 224 + 112 views)",
+                _throughput(ds.__getitem__, len(ds), seconds),
+            )
+        )
+    except ImportError:
+        pass
+    try:
+        import sys
+
+        import monai.transforms  # noqa: F401  (skip the row when MONAI is missing)
+
+        module = tmp / "bench_monai_chain.py"
+        module.write_text(
+            "from monai.transforms import Compose, RandAdjustContrast, RandFlip, "
+            "RandSpatialCrop, RandScaleIntensity\n"
+            "def build():\n"
+            "    return Compose([RandSpatialCrop((115, 115), max_roi_size=(256, 256), "
+            "random_size=True), RandFlip(prob=0.5, spatial_axis=1), "
+            "RandScaleIntensity(factors=0.1, prob=0.8), RandAdjustContrast(prob=0.8)])\n"
+        )
+        sys.path.insert(0, str(tmp))
+        ds = ImageDataset(cache, UserAugment("bench_monai_chain:build", 224, 112), seed=0)
+        rows.append(
+            (
+                "cached + MONAI chain (data.augment, 224 + 112 views)",
+                _throughput(ds.__getitem__, len(ds), seconds),
+            )
+        )
+    except ImportError:
+        pass
+    return rows
+
+
+def _volume_rows(tmp: Path, seconds: float) -> list[tuple[str, float]]:
+    """A 256 x 256 x 64 int16 CT volume (NIfTI, gzipped): slices per CPU-second from files
+    (``ManifestImages``: one decode per volume, kept while its slices are read) and the
+    one-off MONAI import."""
+    try:
+        import nibabel as nib
+    except ImportError:
+        return []
+    import subprocess
+    import sys
+
+    from beitdomain.data.dataset import ManifestImages
+    from beitdomain.data.index import scan
+    from beitdomain.io import IntensitySpec
+
+    root = tmp / "volumes"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        vol = rng.normal(40, 200, (256, 256, 64)).astype(np.int16)
+        nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.5, 1.0])), root / f"ct{k}.nii.gz")
+    start = time.perf_counter()
+    code = "import monai.data"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monai_import = time.perf_counter() - start
+    from beitdomain.io import load_image
+
+    spec = IntensitySpec(window="ct-abdomen")
+    paths = sorted(root.iterdir())
+    items = ManifestImages(scan(root), spec)
+    rows = [
+        (
+            "NIfTI volume decode, 256 x 256 x 64 (load_image; volumes/s)",
+            _throughput(lambda i: load_image(paths[i % len(paths)], spec), len(paths), seconds),
+        ),
+        (
+            "NIfTI slices from files (ManifestImages; every volume kept after its decode)",
+            _throughput(items.__getitem__, len(items), seconds),
+        ),
+    ]
+    print(f"one-off `import monai.data` in a fresh process: {monai_import:.1f} s wall")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="files per format")
@@ -149,6 +250,8 @@ def main() -> None:
             )
         except ImportError:
             pass
+        rows += _user_pipelines(cache, Path(tmp), args.seconds)
+        rows += _volume_rows(Path(tmp), args.seconds)
 
     dicom = rows[0][1]
     print(

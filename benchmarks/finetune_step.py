@@ -31,6 +31,7 @@ import common as C
 
 from beitdomain.config import OptimConfig
 from beitdomain.engine.optim import build_adamw
+from beitdomain.models.attention import select_attention_kernels
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier, layer_decay_param_groups
 
@@ -56,6 +57,7 @@ def build_finetune(
 ) -> tuple[BeitClassifier, torch.optim.Optimizer]:
     """The classifier on `device` and its layer-decay AdamW (BEiT's fine-tuning settings)."""
     model = BeitClassifier.from_config(cfg, num_classes).to(device).train()
+    select_attention_kernels(model, device)  # as the library's `prepare_for_training`
     optim_cfg = OptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
     groups = layer_decay_param_groups(model, 1e-3, optim_cfg.weight_decay, layer_decay)
     return model, build_adamw(groups, optim_cfg, device)
@@ -169,6 +171,10 @@ def run(
     r.update(C.summarize(times["finetune"], batch))
     peak = peak_tflops if peak_tflops is not None else C.default_peak_tflops(dev, amp)
     r["mfu"] = C.mfu(flops, r["img_per_s"], peak)
+    matmul_peaks = C.matmul_peaks(dev)  # this machine's own, with this run's threads
+    cpu_peaks = C.matmul_peaks(dev, clock="cpu")  # steadier on a shared machine, 1 thread
+    r["peak_share"] = C.peak_share(flops, r["img_per_s"], matmul_peaks[C.dtype_name(amp)])
+    r["peak_share_cpu"] = C.peak_share(flops, batch / r["cpu_s"], cpu_peaks[C.dtype_name(amp)])
     r["peak_gib"] = r["mem_per_img_mib"] = None
     if dev.type == "cuda":
         C.free_memory(dev)
@@ -198,6 +204,8 @@ def run(
             "in_chans": cfg.in_chans,
             "num_classes": num_classes,
             "batch": batch,
+            "matmul_peak_gflops": matmul_peaks,
+            "matmul_peak_cpu_gflops": cpu_peaks,
             "steps": steps,
             "warmup": warmup,
             "dtype": C.dtype_name(amp),
@@ -227,6 +235,8 @@ def format_table(res: dict[str, Any]) -> str:
             "img/s",
             "CPU ms (median)",
             "GFLOP/img (counted)",
+            "share of matmul peak",
+            "same, CPU clock",
             "MFU",
             "peak GiB",
             "MiB/img",
@@ -240,6 +250,8 @@ def format_table(res: dict[str, Any]) -> str:
                 C.fmt(r["img_per_s"]),
                 C.fmt(r["cpu_s"] * 1e3),
                 C.fmt(r["gflops_per_img"], ".2f"),
+                C.fmt_pct(r["peak_share"]),
+                C.fmt_pct(r["peak_share_cpu"]),
                 C.fmt_pct(r["mfu"]),
                 C.fmt(r["peak_gib"], ".2f"),
                 C.fmt(r["mem_per_img_mib"], ".1f"),
@@ -249,7 +261,9 @@ def format_table(res: dict[str, Any]) -> str:
     )
     note = (
         f"Analytic GFLOP/img (3 x forward): {res['analytic_gflops_per_img']:.2f}; "
-        f"peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s."
+        f"peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s. This machine's 2048^2 matmul peak: "
+        f"{cfg['matmul_peak_gflops']['fp32']:,.0f} GFLOP/s fp32, "
+        f"{cfg['matmul_peak_gflops']['bf16']:,.0f} bf16."
     )
     return "\n".join([title, C.header_lines(res["env"]), "", table, "", note])
 

@@ -7,7 +7,7 @@ CPU smoke (tiny sizes, seconds): ``python benchmarks/gpu_suite.py --device cpu -
 Measurements (GPU-only ones print "skipped (no CUDA)" on CPU):
 
 1. Pre-training step, ViT-B/16 @ 224 + the 112 px tokenizer (default 'dalle', BEiT's) + AdamW,
-   bf16: ours, ours with the last block on masked tokens (a proposed change), and Hugging Face
+   bf16: ours (the last block on masked tokens) and Hugging Face
    `BeitForMaskedImageModeling` in its default attention; img/s, MFU, peak memory, MiB/img.
 2. Fine-tuning step, ViT-B/16 @ 224, bf16: img/s, MFU, peak memory, MiB/img.
 3. Data loader from a decoded cache (synthetic images -> `build_cache` -> `ImageDataset` with
@@ -354,7 +354,6 @@ def run_suite(
                 tokenizer=sizes["tokenizer"],
                 compile=True,
                 include_hf=False,
-                proposed=False,
                 **common_kw,
             ),
         )
@@ -436,14 +435,6 @@ def format_suite(res: dict[str, Any]) -> str:
         )
         flops = f"{pre['ours']['gflops_per_img']:.1f} GFLOP/img counted"
         rows.append(_model_row("pretrain step, ours", pre["ours"], f"{what}; {flops}"))
-        if "ours_masked_last" in pre:
-            rows.append(
-                _model_row(
-                    "pretrain step, ours + masked last block (proposed)",
-                    pre["ours_masked_last"],
-                    f"{pre['speedup_proposed']:.2f}x HF",
-                )
-            )
         if "hf" in pre:
             rows.append(
                 _model_row(

@@ -19,7 +19,7 @@ Contestants, same architecture, batch, masks, tokenizer and optimizer settings:
   head runs on every patch and the loss indexes the masked ones (`bool_masked_pos` + `labels`),
   as HF's own BEiT pre-training does.
 
-Both get `param_groups_weight_decay` + `build_adamw` (fused on CUDA, foreach on CPU) and drop
+Both get `param_groups_weight_decay` + `build_adamw` (fused AdamW) and drop
 path 0. Steps alternate between the two after a warm-up; the table reports medians.
 
 CPU default: ViT-S width (384, 6 heads) with 4 blocks at 224 px (patch 16, 14 x 14 grid), batch 8,
@@ -48,6 +48,7 @@ from beitdomain.config import OptimConfig
 from beitdomain.data.masking import BlockMaskGenerator
 from beitdomain.engine.optim import build_adamw
 from beitdomain.engine.pretrain import MIMObjective
+from beitdomain.models.attention import select_attention_kernels
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.mim import BeitMIM
@@ -129,87 +130,6 @@ def build_hf_mim(cfg: BackboneConfig, vocab_size: int) -> nn.Module:
         use_mean_pooling=True,
     )
     return BeitForMaskedImageModeling(hf_cfg)
-
-
-def _last_block_on_masked(
-    blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None, idx: torch.Tensor
-) -> torch.Tensor:
-    """timm `Block.forward` whose outputs are computed only at token positions `idx`.
-
-    Keys and values still come from every token, so the result equals
-    `blk(x, rel_pos_bias).gather(1, idx)`; queries, the output projection and the MLP run on
-    `M = idx.shape[1]` tokens instead of all `N`.
-
-    Args:
-        blk: a `timm.models.beit.Block`.
-        x: `[B, N, D]` block input.
-        rel_pos_bias: shared bias `[H, N, N]` or None.
-        idx: `[B, M]` token positions to keep (cls = 0).
-    """
-    attn = blk.attn
-    b, n, d = x.shape
-    heads = attn.num_heads
-    h = blk.norm1(x)
-    w = attn.qkv.weight  # [3 * H * hd, D], rows q | k | v
-    inner = w.shape[0] // 3
-    q_bias = kv_bias = None
-    if attn.q_bias is not None:
-        q_bias, kv_bias = attn.q_bias, torch.cat((attn.k_bias, attn.v_bias))
-    pick = idx.unsqueeze(-1).expand(-1, -1, d)
-    xq = x.gather(1, pick)  # [B, M, D]
-    q = torch.nn.functional.linear(h.gather(1, pick), w[:inner], q_bias)
-    q = q.view(b, -1, heads, inner // heads).transpose(1, 2)  # [B, H, M, hd]
-    kv = torch.nn.functional.linear(h, w[inner:], kv_bias)
-    k, v = kv.view(b, n, 2, heads, inner // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = None
-    if attn.relative_position_bias_table is not None:
-        bias = attn._get_rel_pos_bias()[0]  # [H, N, N]
-    if rel_pos_bias is not None:
-        bias = rel_pos_bias if bias is None else bias + rel_pos_bias
-    if bias is not None:
-        bias = bias.permute(1, 0, 2)[idx].permute(0, 2, 1, 3).to(q.dtype)  # [B, H, M, N]
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    o = attn.proj(o.transpose(1, 2).reshape(b, -1, inner))
-    g1 = blk.gamma_1 if blk.gamma_1 is not None else 1.0
-    g2 = blk.gamma_2 if blk.gamma_2 is not None else 1.0
-    xq = xq + blk.drop_path1(g1 * o)
-    return xq + blk.drop_path2(g2 * blk.mlp(blk.norm2(xq)))
-
-
-class MaskedLastBlockObjective(nn.Module):
-    """A proposed `BeitMIM` change, tried here without touching the library.
-
-    Same loss as `MIMObjective`, but the last block (and the final norm) runs only on the masked
-    tokens, whose outputs are all the head needs. Needs the same masked count in every image
-    (what `BlockMaskGenerator` guarantees); otherwise it falls back to `BeitMIM.loss`.
-    """
-
-    def __init__(self, mim: BeitMIM) -> None:
-        super().__init__()
-        self.mim = mim
-
-    def forward(
-        self, images: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mim = self.mim
-        counts = mask.sum(1)
-        if mim.target != "tokens" or bool((counts != counts[0]).any()):
-            return mim.loss(images, mask, targets)
-        bb = mim.backbone
-        x = bb.patch_embed(images)  # [B, L, D]
-        x = torch.where(mask.unsqueeze(-1), mim.mask_token.to(x.dtype), x)
-        x = torch.cat((bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        if bb.pos_embed is not None:
-            x = x + bb.pos_embed
-        rel = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
-        for blk in bb.blocks[:-1]:
-            x = blk(x, shared_rel_pos_bias=rel)
-        # mask: [B, L] -> token positions [B, M] (+1 for cls), row-major like `tokens[mask]`.
-        idx = mask.nonzero()[:, 1].view(mask.shape[0], -1) + 1
-        x = _last_block_on_masked(bb.blocks[-1], x, rel, idx)  # [B, M, D]
-        logits = mim.lm_head(bb.norm(x)).flatten(0, 1)  # [N, V]
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask].long())
-        return loss, {"loss": loss.detach()}
 
 
 def make_batches(
@@ -315,7 +235,6 @@ def run(
     compile: bool = False,
     peak_tflops: float | None = None,
     include_hf: bool = True,
-    proposed: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Builds both models, times them interleaved, counts FLOPs; returns the results dict.
@@ -335,8 +254,6 @@ def run(
         compile: `torch.compile` both models (the tokenizer stays eager).
         peak_tflops: device peak for MFU; None = known bf16 peak of the GPU, else no MFU.
         include_hf: also time the Hugging Face reference.
-        proposed: also time `MaskedLastBlockObjective` (a proposed library change) on the
-            same weights as ours.
         seed: seed of weights, images and masks.
 
     Returns:
@@ -362,9 +279,8 @@ def run(
 
     models: dict[str, tuple[nn.Module, LossFn]] = {}
     ours = BeitMIM.from_config(cfg, vocab_size=vocab).to(dev).train()
+    select_attention_kernels(ours, dev)  # as the library's `prepare_for_training`
     models["ours"] = (MIMObjective(ours), ours_loss)
-    if proposed:
-        models["ours_masked_last"] = (MaskedLastBlockObjective(ours), ours_loss)
     if include_hf:
         hf = build_hf_mim(cfg, vocab).to(dev).train()
         models["hf"] = (hf, hf_loss)
@@ -383,13 +299,16 @@ def run(
 
     steps_fns: dict[str, Callable[[], None]] = {}
     for name, (model, loss_fn) in models.items():
-        # The proposed variant shares ours' weights but gets its own optimizer (same settings).
         opt = build_adamw(param_groups_weight_decay(model, optim_cfg.weight_decay), optim_cfg, dev)
         runner = torch.compile(model) if compile else model
         steps_fns[name] = make_step(runner, loss_fn, tok, opt, batches, dev, amp)
     times = C.interleaved_times(steps_fns, steps=steps, warmup=warmup, device=dev)
 
     peak = peak_tflops if peak_tflops is not None else C.default_peak_tflops(dev, amp)
+    # The machine's own matmul peaks, measured now with this run's threads and load.
+    matmul_peaks = C.matmul_peaks(dev)
+    cpu_peaks = C.matmul_peaks(dev, clock="cpu")  # steadier on a shared machine, 1 thread
+    own_peak = matmul_peaks[C.dtype_name(amp)]
     # MFU counts the useful work (our FLOPs: the head on masked patches only) for both models,
     # so it stays a throughput measure; HF's extra head FLOPs on unmasked patches are waste.
     useful = results["ours"]["gflops_per_img"] * 1e9
@@ -397,6 +316,8 @@ def run(
         r = results[name]
         r.update(C.summarize(times[name], batch))
         r["mfu"] = C.mfu(useful, r["img_per_s"], peak)
+        r["peak_share"] = C.peak_share(useful, r["img_per_s"], own_peak)
+        r["peak_share_cpu"] = C.peak_share(useful, batch / r["cpu_s"], cpu_peaks[C.dtype_name(amp)])
         mem = peak_step_memory(steps_fns[name], dev)
         r["peak_gib"] = mem["peak_gib"]
         r["mem_per_img_mib"] = (
@@ -434,6 +355,8 @@ def run(
             "dtype": C.dtype_name(amp),
             "compile": compile,
             "peak_tflops": peak,
+            "matmul_peak_gflops": matmul_peaks,
+            "matmul_peak_cpu_gflops": cpu_peaks,
         },
         "env": C.env_info(dev),
         "analytic_gflops_per_img": {
@@ -445,10 +368,6 @@ def run(
     if include_hf:
         out["speedup"] = results["ours"]["img_per_s"] / results["hf"]["img_per_s"]
         out["speedup_cpu_time"] = results["hf"]["cpu_s"] / results["ours"]["cpu_s"]
-        if proposed:
-            r = results["ours_masked_last"]
-            out["speedup_proposed"] = r["img_per_s"] / results["hf"]["img_per_s"]
-            out["speedup_proposed_cpu_time"] = results["hf"]["cpu_s"] / r["cpu_s"]
     return out
 
 
@@ -465,7 +384,6 @@ def format_table(res: dict[str, Any]) -> str:
     rows = []
     labels = (
         ("ours", "ours (BeitMIM, timm)"),
-        ("ours_masked_last", "ours + last block on masked tokens (proposed)"),
         ("hf", "HF BeitForMaskedImageModeling"),
     )
     for name, label in labels:
@@ -480,6 +398,8 @@ def format_table(res: dict[str, Any]) -> str:
                 C.fmt(r["img_per_s"]),
                 C.fmt(r["cpu_s"] * 1e3),
                 C.fmt(r["gflops_per_img"], ".2f"),
+                C.fmt_pct(r["peak_share"]),
+                C.fmt_pct(r["peak_share_cpu"]),
                 C.fmt_pct(r["mfu"]),
                 C.fmt(r["peak_gib"], ".2f"),
                 C.fmt(r["mem_per_img_mib"], ".1f"),
@@ -494,6 +414,8 @@ def format_table(res: dict[str, Any]) -> str:
             "img/s",
             "CPU ms (median)",
             "GFLOP/img (counted)",
+            "share of matmul peak",
+            "same, CPU clock",
             "MFU",
             "peak GiB",
             "MiB/img",
@@ -507,17 +429,15 @@ def format_table(res: dict[str, Any]) -> str:
         f"Analytic GFLOP/img: backbone training {a['backbone_train']:.2f} (3 x forward, head on "
         f"masked patches) + tokenizer forward {a['tokenizer_forward']:.2f} = "
         f"{a['backbone_train'] + a['tokenizer_forward']:.2f}; MFU uses ours' counted FLOPs "
-        f"for both rows (peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s)."
+        f"for both rows (peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s). This machine's "
+        f"{2048}^2 matmul peak: {cfg['matmul_peak_gflops']['fp32']:,.0f} GFLOP/s fp32, "
+        f"{cfg['matmul_peak_gflops']['bf16']:,.0f} bf16 ({res['env']['threads']} threads); "
+        "the share column divides by the run's dtype."
     )
     if "speedup" in res:
         lines.append(
             f"Speed-up ours / HF: {res['speedup']:.2f}x (median wall time), "
             f"{res['speedup_cpu_time']:.2f}x (median process CPU time)"
-        )
-    if "speedup_proposed" in res:
-        lines.append(
-            f"Speed-up proposed / HF: {res['speedup_proposed']:.2f}x (wall), "
-            f"{res['speedup_proposed_cpu_time']:.2f}x (CPU time)"
         )
     return "\n".join(lines)
 
@@ -546,7 +466,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--no-hf", action="store_true", help="time ours only")
-    p.add_argument("--no-proposed", action="store_true", help="skip the masked-last-block variant")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
@@ -572,7 +491,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         compile=args.compile,
         peak_tflops=args.peak_tflops,
         include_hf=not args.no_hf,
-        proposed=not args.no_proposed,
     )
     print(format_table(res))
     if args.json is not None:

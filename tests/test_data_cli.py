@@ -76,3 +76,55 @@ def test_help_has_examples():
     for cmd in ("scan", "cache", "inspect"):
         result = runner.invoke(app, [cmd, "--help"])
         assert result.exit_code == 0 and "beitdomain data" in result.output
+
+
+def _bands(root: Path, n: int = 3, bands: int = 4, nan_in: int | None = None) -> Path:
+    """Four-band float TIFFs (RGBN-like); one optionally holding a NaN."""
+    import tifffile
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        arr = rng.random((bands, 20, 20)).astype(np.float32)
+        if k == nan_in:
+            arr[1, 3, 3] = np.nan
+        tifffile.imwrite(
+            root / f"scene{k}.tif", arr, photometric="minisblack", planarconfig="separate"
+        )
+    return root
+
+
+def test_scan_flags_what_cache_would_reject(tmp_path: Path):
+    """Non-finite values and channel counts fail in `data scan`, with the cache's options."""
+    root = _bands(tmp_path / "scenes", nan_in=1)
+    result = runner.invoke(app, ["scan", str(root)])
+    assert result.exit_code == 2
+    # Every file has 4 bands: one message per file, naming the option that fixes it.
+    assert result.output.count("4 samples per pixel") == 3, result.output
+    result = runner.invoke(app, ["scan", str(root), "--channels", "0,1,3"])
+    assert result.exit_code == 2
+    assert "scene1.tif" in result.output and "NaN or Inf" in result.output
+    assert "scene0.tif" not in result.output.split("could not be used")[1]
+    result = runner.invoke(app, ["scan", str(root), "--channels", "0,1,3", "--nonfinite", "zero"])
+    assert result.exit_code == 0, result.output
+    assert "3 images" in result.output
+
+
+def test_channels_on_cache_and_inspect(tmp_path: Path):
+    root = _bands(tmp_path / "scenes")
+    cache_dir = tmp_path / "cache"
+    args = ["cache", str(root), "-o", str(cache_dir), "--size", "16", "--channels", "3,0,1"]
+    result = runner.invoke(app, [*args, "--in-chans", "3"])
+    assert result.exit_code == 0, result.output
+    cached = CachedImages(cache_dir)
+    assert cached.settings["spec"]["channels"] == [3, 0, 1] and cached.images.shape[1] == 3
+    sheet = tmp_path / "sheet.png"
+    result = runner.invoke(
+        app, ["inspect", str(root), "-o", str(sheet), "--n", "2", "--channels", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sheet.is_file()
+    result = runner.invoke(app, ["scan", str(root), "--channels", "0,x"])
+    assert result.exit_code == 2 and "--channels" in result.output
+    result = runner.invoke(app, ["scan", str(root), "--channels", "7"])
+    assert result.exit_code == 2 and "channels=[7] but the file has 4 samples" in result.output

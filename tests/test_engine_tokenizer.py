@@ -14,7 +14,7 @@ from helpers import TOKENIZER_SETS, recipe, write_elpv_subset
 from PIL import Image
 
 from beitdomain.engine.rundir import read_metrics
-from beitdomain.tokenizer import gumbel_temperature, kl_weight
+from beitdomain.tokenizer import anneal_steps, gumbel_temperature, kl_weight
 from beitdomain.tokenizer.io import load_tokenizer
 
 STEPS = 20
@@ -106,16 +106,18 @@ def test_temperature_and_kl_follow_the_recipe(tok_run):
     r, run, _ = tok_run
     t = r.tokenizer
     warm = math.ceil(t.kl_warmup_fraction * STEPS)
+    anneal = anneal_steps(t.temperature_anneal_fraction, STEPS)
     rec = _steps(run)
     for m in rec:
         s = m["step"] - 1  # logged after the optimizer step that used step s's values
         assert m["temperature"] == pytest.approx(
-            gumbel_temperature(s, STEPS, t.temperature_start, t.temperature_end), rel=1e-6
+            gumbel_temperature(s, anneal, t.temperature_start, t.temperature_end), rel=1e-6
         )
         assert m["kl_weight"] == pytest.approx(kl_weight(s, warm, t.kl_weight), rel=1e-6, abs=0)
     temps = [m["temperature"] for m in rec]
     assert temps[0] == pytest.approx(1.0) and temps[-1] < 0.1  # annealed towards 1/16
-    assert all(a > b for a, b in itertools.pairwise(temps))
+    assert all(a > b for a, b in itertools.pairwise(temps[: anneal + 1]))
+    assert temps[anneal:] == pytest.approx([t.temperature_end] * len(temps[anneal:]))  # held
     kls = [m["kl_weight"] for m in rec]
     assert kls[0] == 0.0 and kls[-1] == pytest.approx(t.kl_weight)
     assert kls[warm] == pytest.approx(t.kl_weight)  # warmed up after kl_warmup_fraction

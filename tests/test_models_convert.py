@@ -130,9 +130,13 @@ def test_timm_safetensors_with_other_head(tmp_path: Path) -> None:
         m.startswith("head.weight: checkpoint (10, 64) vs model (4, 64)") for m in report.mismatched
     )
     assert any("new head head: checkpoint has 10 outputs, model 4" in n for n in report.notes)
-    x = _images()
+    # A plain timm file records no convention: the official (x - 0.5) / 0.5 is assumed and
+    # carried by the model, which takes [0, 1] images.
+    assert report.input["mean"] == [0.5] * 3 and report.input["std"] == [0.5] * 3
+    x01 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(
-        dst.forward_features(x), src.forward_head(src.forward_features(x), pre_logits=True)
+        dst.forward_features(x01),
+        src.forward_head(src.forward_features((x01 - 0.5) / 0.5), pre_logits=True),
     )
 
 
@@ -181,17 +185,18 @@ def test_hf_folder_matches_transformers_outputs(tmp_path: Path, shared: bool) ->
     assert report.format == "hf"
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     x, mask = _images(), _mask()
+    x01 = x * 0.5 + 0.5  # HF's pixel_values are (x01 - 0.5) / 0.5, the official convention
     with torch.no_grad():
         out = hf(pixel_values=x, bool_masked_pos=mask, output_hidden_states=True)
-        ours = dst.encode(x, mask)
+        ours = dst.encode(x01, mask)
     # HF applies its final `layernorm` in the MIM head; compare normalized tokens and logits.
     torch.testing.assert_close(ours, hf.layernorm(out.hidden_states[-1]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dst(x, mask), out.logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dst(x01, mask), out.logits[mask], atol=1e-5, rtol=1e-5)
     # The in-memory transformers-5 layout (q_proj, layers.N, shared_position_bias) maps too.
     dst2 = BeitMIM.from_config(CFG.replace(use_shared_rel_pos_bias=shared), vocab_size=VOCAB)
     report2 = load_backbone_weights(dst2.eval(), hf.state_dict())
     assert report2.missing == [] and report2.unexpected == []
-    torch.testing.assert_close(dst2(x, mask), dst(x, mask))
+    torch.testing.assert_close(dst2(x01, mask), dst(x01, mask))
 
 
 def test_rgb_to_gray_and_gray_to_rgb() -> None:
@@ -220,7 +225,7 @@ def test_rel_pos_bias_interpolation_to_other_grid() -> None:
     report = load_backbone_weights(big, _unilm_state(src))
     assert report.reshaped == [
         "rel_pos_bias.relative_position_bias_table: (52, 2) -> (228, 2), "
-        "bicubic (4, 4) -> (8, 8) grid, cls entries kept"
+        "geometric (4, 4) -> (8, 8) grid (timm's resize_rel_pos_bias_table), cls kept"
     ]
     old = src.backbone.rel_pos_bias.relative_position_bias_table.detach()
     new = big.backbone.rel_pos_bias.relative_position_bias_table.detach()
@@ -235,6 +240,23 @@ def test_rel_pos_bias_interpolation_to_other_grid() -> None:
     torch.testing.assert_close(out[:-3], torch.full((33, 2), 0.25))
     with pytest.raises(ValueError, match="does not belong to a"):
         resize_rel_pos_bias_table(flat, (4, 4), (6, 6))
+
+
+def test_rel_pos_resize_is_timms_geometric_one() -> None:
+    from timm.layers import resize_rel_pos_bias_table as timm_resize
+
+    # 14x14 -> 8x8 (224 px to 128 px at patch 16), bias -0.5 per unit of offset along x.
+    dx = torch.arange(-13, 14, dtype=torch.float32).abs().repeat(27)  # row-major (dy, dx)
+    table = torch.cat([(-0.5 * dx)[:, None].repeat(1, 2), torch.tensor([[7.0, 8]] * 3)])
+    out = resize_rel_pos_bias_table(table, (14, 14), (8, 8))
+    ref = timm_resize(table, new_window_size=(8, 8), new_bias_shape=(15 * 15 + 3, 2))
+    torch.testing.assert_close(out, ref)
+    core = out[:-3].reshape(15, 15, 2)
+    # Offsets 0 and 1 keep their values exactly (a bicubic stretch gives -0.88 at offset 1).
+    torch.testing.assert_close(core[7, 7], torch.zeros(2))
+    torch.testing.assert_close(core[7, 8], torch.full((2,), -0.5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[-3:], table[-3:])
+    assert bool((core[7, 8:, 0].diff() < 0).all())  # still falling with the offset
 
 
 def test_other_vocab_and_abs_pos_emb() -> None:
@@ -262,8 +284,9 @@ def test_strict_report_raises_on_incomplete_backbone(tmp_path: Path) -> None:
     shallow = BeitMIM.from_config(CFG.replace(depth=1), vocab_size=VOCAB)
     with pytest.raises(WeightsError, match="blocks the model does not have"):
         load_backbone_weights(shallow, _unilm_state(src))
-    # Per-block tables cannot become one shared table: say what to change.
+    # Per-block tables that differ cannot become one shared table: say what to change.
     per_block = BeitClassifier.from_config(CFG.replace(use_shared_rel_pos_bias=False), 3)
+    _randomize(per_block, 4)
     with pytest.raises(WeightsError, match="use_shared_rel_pos_bias=False"):
         load_backbone_weights(src, per_block.state_dict())
 

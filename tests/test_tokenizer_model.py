@@ -403,3 +403,26 @@ def test_reset_optimizer_rows(tiny: DiscreteVAE) -> None:
     assert state["exp_avg"][idx].abs().sum() == 0 and state["exp_avg_sq"][idx].abs().sum() == 0
     assert state["exp_avg_sq"][[0, 1, 2]].abs().sum() > 0
     assert opt.state[tiny.codebook.weight]["exp_avg"][idx].abs().sum() == 0
+
+
+def test_temperature_anneals_over_the_first_part_then_holds() -> None:
+    from beitdomain.tokenizer.schedule import anneal_steps
+
+    total = 1000
+    n = anneal_steps(0.25, total)
+    assert n == 250
+    temps = [gumbel_temperature(s, n, 1.0, 1 / 16) for s in range(total)]
+    assert temps[0] == 1.0 and temps[125] == pytest.approx(0.25)  # geometric midpoint
+    assert temps[250:] == [pytest.approx(1 / 16)] * 750  # held for the remaining 75%
+    with pytest.raises(ValueError, match=r"anneal fraction must be in \(0, 1\]"):
+        anneal_steps(0.0, total)
+
+
+def test_kl_weight_per_element_is_the_same_balance_for_gray_and_rgb() -> None:
+    from beitdomain.tokenizer.schedule import kl_weight_per_element
+
+    # DALL-E: sum of sub-pixel NLLs + 6.6 * sum of cell KLs, 8x8 pixels per cell. Divided by
+    # the number of sub-pixels (what a mean reconstruction loss is), the KL weight is
+    # 6.6 / (C * 64); the recipe's per-pixel 6.6 / 64 gives exactly that for C = 1 and 3.
+    for c in (1, 3):
+        assert kl_weight_per_element(6.6 / 64, c) == pytest.approx(6.6 / (c * 64))

@@ -41,7 +41,25 @@ InChansOpt = Annotated[
     int, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
 ]
 FramesOpt = Annotated[
-    str, typer.Option("--frames", help="Multi-frame files: all (one item each), middle, first.")
+    str,
+    typer.Option(
+        "--frames",
+        help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
+        "range:A:B (slices A to B-1).",
+    ),
+]
+SliceAxisOpt = Annotated[
+    str,
+    typer.Option(
+        "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
+    ),
+]
+ChannelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--channels",
+        help="Samples to keep from multi-band files (TIFF bands, 4D volumes), e.g. 0,1,2 or 3.",
+    ),
 ]
 NonfiniteOpt = Annotated[
     str, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
@@ -55,9 +73,43 @@ OnErrorOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
+GroupColumnOpt = Annotated[
+    str,
+    typer.Option(
+        "--group-column",
+        help="Labels-CSV column naming each image's patient/wafer/slide (kept in one split).",
+    ),
+]
+SeriesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dicom-series",
+        help="A folder holding only DICOMs is one volume (slices ordered by position).",
+    ),
+]
 
 
-def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfinite: str):
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """``'0,1,2'`` -> ``(0, 1, 2)``; None stays None."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(c) for c in text.replace(" ", "").split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--channels {text!r}: give sample indices separated by commas, e.g. 0,1,2"
+        ) from None
+
+
+def _spec(
+    normalize: str,
+    window: str | None,
+    in_chans: int,
+    frames: str,
+    nonfinite: str,
+    channels: str | None = None,
+    slice_axis: str = "axial",
+):
     from beitdomain.io import IntensitySpec
 
     try:
@@ -67,6 +119,8 @@ def _spec(normalize: str, window: str | None, in_chans: int, frames: str, nonfin
             in_chans=in_chans,
             frames=frames,
             nonfinite=nonfinite,
+            channels=parse_channels(channels),
+            slice_axis=slice_axis,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -98,13 +152,21 @@ def print_manifest_summary(manifest: Any) -> None:
 
     out = _out()
     entries = manifest.entries
+    # Counts first: a long root path then wraps after them, not through them.
     out.print(
-        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames) "
-        f"under {escape(str(manifest.root))}, [bold]{len(manifest.errors)}[/] unreadable"
+        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames), "
+        f"[bold]{len(manifest.errors)}[/] unreadable, under {escape(str(manifest.root))}"
     )
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):
         out.print(_counter_table("by label", Counter(e.label for e in entries)))
+    if any(e.group is not None for e in entries):
+        groups = {e.group for e in entries if e.group is not None}
+        alone = sum(e.group is None for e in entries)
+        out.print(
+            f"{len(groups)} groups (patients, wafers, slides) hold "
+            f"{len(entries) - alone} images; {alone} images are their own group"
+        )
     shapes = Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)
     out.print(_counter_table("by S x C x H x W dtype", shapes))
     for path, reason in manifest.errors[:20]:
@@ -121,7 +183,7 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
     if source.is_dir() and (source / "cache.json").is_file():
         return CachedImages(source)
     if source.is_dir():
-        return scan(source, on_error=on_error, workers=workers, progress=True)
+        return scan(source, on_error=on_error, workers=workers, progress=True, spec=spec)
     if source.is_file():
         return Manifest.load(source)
     from beitdomain.user import MissingPathError
@@ -144,10 +206,21 @@ def scan(
         bool, typer.Option("--allow-outside-root", help="Let CSV paths leave DIR.")
     ] = False,
     workers: WorkersOpt = 0,
+    normalize: NormalizeOpt = "auto",
+    window: WindowOpt = None,
+    in_chans: InChansOpt = 1,
+    frames: FramesOpt = "all",
+    nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
+    group_column: GroupColumnOpt = "group",
+    dicom_series: SeriesOpt = False,
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
-    Labels come from first-level subfolders (DIR/<label>/...) or from --labels.
+    Labels come from first-level subfolders (DIR/<label>/...) or from --labels. Each image is
+    also normalized as `data cache` and training will (NaN/Inf, channel counts, the window),
+    so a file that would fail there is listed now, with the same options to fix it.
 
     Examples:
 
@@ -160,7 +233,18 @@ def scan(
 
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
-    manifest = scan_folder(root, labels, on_error, allow_outside_root, workers, progress=True)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    manifest = scan_folder(
+        root,
+        labels,
+        on_error,
+        allow_outside_root,
+        workers,
+        progress=True,
+        spec=spec,
+        group_column=group_column,
+        dicom_series=dicom_series,
+    )
     print_manifest_summary(manifest)
     if out is not None:
         manifest.save(out)
@@ -186,6 +270,9 @@ def cache(
     in_chans: InChansOpt = 1,
     frames: FramesOpt = "all",
     nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
+    dicom_series: SeriesOpt = False,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
@@ -206,12 +293,20 @@ def cache(
     """
     from beitdomain.data.cache import build_cache
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     source_obj: Any = source
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
 
-        source_obj = scan_folder(source, on_error=on_error, workers=workers, progress=True)
+        # The scan normalizes too, so every bad file is named before the long cache pass.
+        source_obj = scan_folder(
+            source,
+            on_error=on_error,
+            workers=workers,
+            progress=True,
+            spec=spec,
+            dicom_series=dicom_series,
+        )
     cached = build_cache(
         source_obj,
         out,
@@ -244,6 +339,8 @@ def inspect(
     in_chans: InChansOpt = 1,
     frames: FramesOpt = "all",
     nonfinite: NonfiniteOpt = "error",
+    channels: ChannelsOpt = None,
+    slice_axis: SliceAxisOpt = "axial",
 ) -> None:
     """Write a contact sheet: sampled images after normalization with intensity histograms.
 
@@ -257,7 +354,7 @@ def inspect(
     """
     from beitdomain.data.inspect import contact_sheet
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite)
+    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
     src = _open_source(source, spec, on_error="skip")
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     _out().print(f"contact sheet written to {path}")

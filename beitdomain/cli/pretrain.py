@@ -45,10 +45,11 @@ def pretrain(
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
     init: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Start from weights: official BEiT .pth, timm .safetensors/.pth, a Hugging Face "
-            "BeitForMaskedImageModeling folder or a beitdomain run (sets model.init)."
+            "BeitForMaskedImageModeling folder, hf-hub:org/name, a timm BEiT name "
+            "(beit_base_patch16_224.in22k_ft_in22k_in1k) or a beitdomain run (sets model.init)."
         ),
     ] = None,
     preset: Annotated[
@@ -133,20 +134,39 @@ def pretrain(
 def export(
     run: Annotated[Path, typer.Argument(help="A pre-training run folder.")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder (default: the run).")
+        Path | None,
+        typer.Option("--out", "-o", help="Folder (default: the run, or RUN/export-FORMAT)."),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="timm (a timm model folder) or hf (a Hugging Face BeitModel folder with its "
+            "image processor); default: backbone.safetensors + backbone.json in the run.",
+        ),
     ] = None,
 ) -> None:
-    """Export a run's newest checkpoint as timm-compatible safetensors.
+    """Export a run's newest checkpoint for timm or Hugging Face transformers.
 
-    The file has no MIM head and no mask token, and the shared relative position bias is
-    copied into every block, so timm loads it with no missing keys:
+    Every export carries the input convention (channels, size, mean and std of [0, 1] images),
+    so each library's own preprocessing feeds the weights what they were trained on:
 
-        timm.create_model('beit_base_patch16_224', pretrained=True,
-            pretrained_cfg_overlay=dict(file='runs/pre/backbone.safetensors'), num_classes=N)
+        beitdomain pretrain export runs/pre --format timm  (writes runs/pre/export-timm)
+        timm.create_model('local-dir:runs/pre/export-timm', pretrained=True)
 
-    (backbone.json beside it holds the exact model name and keyword arguments.)
+        beitdomain pretrain export runs/pre --format hf  (writes runs/pre/export-hf)
+        BeitModel.from_pretrained('runs/pre/export-hf')
+        AutoImageProcessor.from_pretrained('runs/pre/export-hf')
+
+    Without --format: backbone.safetensors (timm layout, what `finetune --init RUN` loads) and
+    backbone.json (timm model name, keyword arguments and input convention).
     """
     from beitdomain.engine.pretrain import export_run
 
-    path = export_run(run, out)
-    console.print(f"wrote {path} and {path.with_name('backbone.json')}")
+    if fmt not in (None, "timm", "hf"):
+        raise typer.BadParameter(f"--format {fmt!r}: use timm or hf")
+    path = export_run(run, out, fmt)  # type: ignore[arg-type]
+    if fmt is None:
+        console.print(f"wrote {path} and {path.with_name('backbone.json')}")
+    else:
+        console.print(f"wrote the {fmt} export to {path}")

@@ -31,10 +31,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from beitdomain.data.index import DataError, Manifest, ScanError, scan
+from beitdomain.data.index import DataError, Manifest, ScanError, path_stat, scan
 from beitdomain.data.parallel import parallel_map
 from beitdomain.fileio import atomic_write_json, sha256_file
-from beitdomain.io import IntensitySpec, ReaderError, load_image
+from beitdomain.io import IntensitySpec, ReaderError, kept_frames, load_image
 
 CACHE_VERSION = 1
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
@@ -131,17 +131,17 @@ def _changed_files(root: Path, files: Sequence[dict[str, Any]]) -> list[str]:
         p = Path(f["path"])
         p = p if p.is_absolute() else root / p
         try:
-            st = p.stat()
+            st_size, st_mtime_ns = path_stat(p)  # a DICOM series folder: its files together
         except FileNotFoundError:
             changes.append(f"{f['path']}: deleted")
             continue
-        if st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]:
+        if st_size == f["size"] and st_mtime_ns == f["mtime_ns"]:
             continue
-        if f.get("sha256") and st.st_size == f["size"] and sha256_file(p) == f["sha256"]:
+        if f.get("sha256") and st_size == f["size"] and sha256_file(p) == f["sha256"]:
             continue  # touched or copied, content identical
         changes.append(
-            f"{f['path']}: size {f['size']} -> {st.st_size}"
-            if st.st_size != f["size"]
+            f"{f['path']}: size {f['size']} -> {st_size}"
+            if st_size != f["size"]
             else f"{f['path']}: modified (mtime changed)"
         )
     return changes
@@ -244,7 +244,8 @@ def build_cache(
     with contextlib.suppress(FileNotFoundError):
         (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
 
-    per_file = [e.frames if spec.frames == "all" else 1 for e in manifest.entries]
+    kept = [kept_frames(e.shape, e.reader, spec) for e in manifest.entries]
+    per_file = [len(k) for k in kept]
     offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
     total = int(offsets[-1])
     shape = (total, spec.in_chans, size, size)
@@ -290,16 +291,16 @@ def build_cache(
             "mtime_ns": e.mtime_ns,
             "label": e.label,
             "split": e.split,
+            "group": e.group,
             "frames": per_file[i],
         }
-        if hash_files:
+        if hash_files and manifest.abspath(e).is_file():  # not for series folders
             record["sha256"] = sha256_file(manifest.abspath(e))
         file_index = len(files)
         files.append(record)
-        # Frame index within the source file; 'middle'/'first' store which one was kept.
-        frame0 = {"all": 0, "first": 0, "middle": e.frames // 2}[spec.frames]
+        # Frame (slice) index within the source file, so a selection records which were kept.
         for k in range(per_file[i]):
-            items.append((int(offsets[i]) + k, file_index, frame0 + k))
+            items.append((int(offsets[i]) + k, file_index, int(kept[i][k])))
     os.replace(partial, out_dir / "images.npy")
     np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
     atomic_write_json(
@@ -404,6 +405,10 @@ class CachedImages:
 
     def split(self, i: int) -> str | None:
         return self.files[self.items[i, 1]]["split"]
+
+    def group(self, i: int) -> str | None:
+        """The file's group (patient, wafer, slide); None: its own (caches before groups)."""
+        return self.files[self.items[i, 1]].get("group")
 
     @property
     def labels(self) -> list[str | None]:

@@ -24,7 +24,8 @@ from typing import Any
 
 from beitdomain.data.parallel import parallel_map
 from beitdomain.fileio import atomic_write_text
-from beitdomain.io import IntensitySpec, ReaderError, normalize, read_raw, select_frames
+from beitdomain.io import IntensitySpec, ReaderError, read_raw
+from beitdomain.io.load import prepare
 from beitdomain.user import MissingPathError, UserError
 
 # Side files that commonly live next to images; skipped rather than reported as unreadable.
@@ -68,6 +69,9 @@ class ManifestEntry:
     split: str | None = None
     size: int = 0
     mtime_ns: int = 0
+    # Images of one group (patient, wafer, slide) stay on one side of every split. From the
+    # labels CSV's group column, or 'patient-<n>' for DICOMs (numbered per scan, never the ID).
+    group: str | None = None
 
 
 @dataclasses.dataclass
@@ -185,6 +189,7 @@ def _entry_from_row(row: dict[str, str], path: Path) -> ManifestEntry:
             split=row.get("split") or None,
             size=int(row.get("size") or 0),
             mtime_ns=int(row.get("mtime_ns") or 0),
+            group=row.get("group") or None,
         )
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: malformed manifest row {row}: {e}") from None
@@ -199,41 +204,84 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield p
 
 
+def dicom_series_folders(paths: Sequence[str]) -> list[str]:
+    """Collapses folders whose files are all DICOM into the folder (one series, one volume).
+
+    A folder with any other file keeps its files as separate images. Slices are ordered by
+    position when the folder is read (``beitdomain.io.dicom.read_dicom_series``).
+    """
+    from beitdomain.io.base import is_dicom, read_head
+
+    by_folder: dict[str, list[str]] = {}
+    for p in paths:
+        by_folder.setdefault(os.path.dirname(p), []).append(p)
+    out: list[str] = []
+    for folder, files in by_folder.items():
+        try:
+            all_dicom = all(is_dicom(read_head(f, 256)) for f in files)
+        except ReaderError:
+            all_dicom = False
+        out += [folder] if all_dicom and len(files) > 1 else files
+    return sorted(out)
+
+
+def path_stat(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime_ns); a series folder sums its files' sizes and takes the newest mtime."""
+    if os.path.isdir(path):
+        stats = [e.stat() for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")]
+        return sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
 def _probe(
-    path: str, spec: IntensitySpec | None = None
+    path: str, spec: IntensitySpec | None = None, salt: bytes | None = None
 ) -> tuple[str, dict[str, Any] | None, str | None]:
     """Decodes one file; returns (path, info, None) or (path, None, reason). Runs in workers.
 
     With `spec`, the pixels also go through the normalization training will apply, so what
     only fails there (NaN/Inf under nonfinite='error', a missing channel) fails here, before
-    any training starts.
+    any training starts. With `salt`, a DICOM's info carries 'patient': an HMAC of its
+    PatientID under the scan's salt (see `beitdomain.io.dicom.patient_digest`).
     """
     try:
         raw, meta = read_raw(path)
         if spec is not None:
-            normalize(select_frames(raw, spec.frames), dict(meta), spec, path)
+            prepare(raw, dict(meta), spec, path)
     except ReaderError as e:
         return path, None, e.reason
-    st = os.stat(path)
+    size, mtime_ns = path_stat(path)
     info = {
         "reader": str(meta.get("reader", "?")),
         "shape": [int(s) for s in raw.shape],
         "dtype": str(meta.get("dtype", raw.dtype)),
         "frames": int(raw.shape[0]),
-        "size": int(st.st_size),
-        "mtime_ns": int(st.st_mtime_ns),
+        "size": size,
+        "mtime_ns": mtime_ns,
     }
+    if salt is not None and info["reader"] in ("dicom", "dicom-series"):
+        from beitdomain.io.dicom import patient_digest
+
+        info["patient"] = patient_digest(path, salt)
     return path, info, None
 
 
 def read_labels_csv(
-    csv_path: str | os.PathLike, root: Path, allow_outside_root: bool = False
-) -> tuple[list[tuple[Path, str, str | None]], list[tuple[str, str]]]:
-    """Parses ``path,label[,split]`` rows (header optional).
+    csv_path: str | os.PathLike,
+    root: Path,
+    allow_outside_root: bool = False,
+    group_column: str = "group",
+    dicom_series: bool = False,
+) -> tuple[list[tuple[Path, str, str | None, str | None]], list[tuple[str, str]]]:
+    """Parses ``path,label[,split[,group]]`` rows (header optional).
+
+    With a header, columns are found by name (``path``, ``label``, ``split`` and
+    ``group_column``), so ``path,label,patient`` with ``group_column='patient'`` works too;
+    split and group, when the header does not name them, keep their places (3rd, 4th).
 
     Returns:
-        ``(rows, missing)``: resolved (path, label, split) rows, and ``(path, reason)`` for
-        files that do not exist (handled like unreadable files).
+        ``(rows, missing)``: resolved (path, label, split, group) rows, and ``(path, reason)``
+        for files that do not exist (handled like unreadable files).
 
     Raises:
         ScanError: for malformed rows, duplicate paths, paths outside the root, bad splits.
@@ -242,22 +290,50 @@ def read_labels_csv(
     if not csv_path.is_file():
         raise MissingPathError(f"labels CSV {csv_path} not found (data.labels / --labels-csv)")
     root_resolved = root.resolve()
-    rows: list[tuple[Path, str, str | None]] = []
+    rows: list[tuple[Path, str, str | None, str | None]] = []
     problems: list[tuple[str, str]] = []
     missing: list[tuple[str, str]] = []
     seen: dict[Path, int] = {}
+    columns = {"path": 0, "label": 1, "split": 2, "group": 3}  # without a header
+    ncols: tuple[int, ...] = (2, 3, 4)
     with open(csv_path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             if lineno == 1 and row[0].strip().lower() == "path":
+                names = [c.strip().lower() for c in row]
+                columns = {
+                    key: names.index(name)
+                    for key, name in (
+                        ("path", "path"),
+                        ("label", "label"),
+                        ("split", "split"),
+                        ("group", group_column.strip().lower()),
+                    )
+                    if name in names
+                }
+                if "label" not in columns:
+                    raise ScanError(f"{csv_path}: the header {row} has no 'label' column", [])
+                for key, pos in (("split", 2), ("group", 3)):  # unnamed: by position
+                    if key not in columns and pos not in columns.values():
+                        columns[key] = pos
+                ncols = tuple(range(2, max(len(row), 4) + 1))
                 continue  # header
             where = f"{csv_path.name} line {lineno}"
-            if len(row) not in (2, 3) or not row[0].strip() or not row[1].strip():
-                problems.append((where, f"expected 'path,label[,split]', got {row}"))
+            if len(row) not in ncols:
+                problems.append(
+                    (where, f"expected 'path,label[,split]' (or path,label,split,group), got {row}")
+                )
                 continue
-            rel, label = row[0].strip(), row[1].strip()
-            split = row[2].strip() or None if len(row) == 3 else None
+            cell = {k: row[i].strip() if i < len(row) else "" for k, i in columns.items()}
+            rel, label = cell.get("path", ""), cell.get("label", "")
+            if not rel or not label:
+                problems.append(
+                    (where, f"expected 'path,label[,split]' (or path,label,split,group), got {row}")
+                )
+                continue
+            split = cell.get("split") or None
+            group = cell.get("group") or None
             if split is not None and split not in VALID_SPLITS:
                 problems.append((where, f"split {split!r} is not one of {', '.join(VALID_SPLITS)}"))
                 continue
@@ -275,10 +351,10 @@ def read_labels_csv(
                 problems.append((where, f"{rel!r} duplicates line {seen[resolved]}"))
                 continue
             seen[resolved] = lineno
-            if not resolved.is_file():
+            if not (resolved.is_file() or (dicom_series and resolved.is_dir())):
                 missing.append((rel, f"listed in {where} but the file does not exist"))
                 continue
-            rows.append((resolved, label, split))
+            rows.append((resolved, label, split, group))
     if problems:
         raise ScanError(f"{csv_path}: {len(problems)} problem(s) in the labels CSV:", problems)
     return rows, missing
@@ -292,6 +368,9 @@ def scan(
     workers: int = 0,
     progress: bool = False,
     spec: IntensitySpec | None = None,
+    group_column: str = "group",
+    patient_groups: bool = True,
+    dicom_series: bool = False,
 ) -> Manifest:
     """Builds a manifest for a folder tree by reading every image once.
 
@@ -306,6 +385,14 @@ def scan(
         progress: Show a rich progress bar.
         spec: Also normalize each image as training will (NaN/Inf, channels), so files that
             would fail mid-training are reported now.
+        group_column: Column of the labels CSV naming each image's group (patient, wafer,
+            slide); images of a group stay on one side of every split.
+        patient_groups: DICOMs without a CSV group are grouped by PatientID: an HMAC under a
+            salt that lives only during this scan, written as 'patient-1', 'patient-2', ...
+            (numbered by first path), never the ID or its hash.
+        dicom_series: A folder whose files are all DICOM is one image: a series read as one
+            volume, slices ordered by position (not file name). A labels CSV then lists the
+            folder.
 
     Raises:
         ScanError: no images, bad labels CSV, or (with on_error='fail') unreadable files.
@@ -316,13 +403,17 @@ def scan(
     if not root.is_dir():
         raise ScanError(f"{root}: data root is not a folder", [])
     missing: list[tuple[str, str]] = []
-    labels: dict[str, tuple[str | None, str | None]] = {}
+    labels: dict[str, tuple[str | None, str | None, str | None]] = {}
     if labels_csv is not None:
-        rows, missing = read_labels_csv(labels_csv, root, allow_outside_root)
-        paths = [str(p) for p, _, _ in rows]
-        labels = {str(p): (lab, split) for p, lab, split in rows}
+        rows, missing = read_labels_csv(
+            labels_csv, root, allow_outside_root, group_column, dicom_series
+        )
+        paths = [str(p) for p, _, _, _ in rows]
+        labels = {str(p): (lab, split, group) for p, lab, split, group in rows}
     else:
         paths = [str(p) for p in _walk(root)]
+        if dicom_series:
+            paths = dicom_series_folders(paths)
     if not paths and not missing:
         raise ScanError(
             f"{root}: no image files found (searched recursively; hidden files and "
@@ -332,8 +423,12 @@ def scan(
     root_resolved = root.resolve()
     entries: list[ManifestEntry] = []
     errors = [(p, r) for p, r in missing]
+    import secrets
+
+    salt = secrets.token_bytes(32) if patient_groups else None  # this scan only, never written
+    patients: dict[int, str] = {}  # entry index -> digest (in memory only)
     probed = parallel_map(
-        functools.partial(_probe, spec=spec),
+        functools.partial(_probe, spec=spec, salt=salt),
         paths,
         workers=workers,
         progress=progress,
@@ -345,12 +440,20 @@ def scan(
         if info is None:
             errors.append((rel, reason or "unreadable"))
             continue
+        digest = info.pop("patient", None)
         if labels_csv is not None:
-            label, split = labels[path]
+            label, split, group = labels[path]
         else:
             parts = Path(rel).parts
-            label, split = (parts[0] if len(parts) > 1 else None), None
-        entries.append(ManifestEntry(path=rel, label=label, split=split, **info))
+            label, split, group = (parts[0] if len(parts) > 1 else None), None, None
+        if group is None and digest is not None:
+            patients[len(entries)] = digest
+        entries.append(ManifestEntry(path=rel, label=label, split=split, group=group, **info))
+    number: dict[str, int] = {}
+    if len(set(patients.values())) < 2:
+        patients = {}  # one PatientID for all (a phantom, an anonymizer's constant): no grouping
+    for k in sorted(patients, key=lambda k: entries[k].path):
+        entries[k].group = f"patient-{number.setdefault(patients[k], len(number) + 1)}"
     if errors and on_error == "fail":
         raise ScanError(
             f"{root}: {len(errors)} of {len(paths) + len(missing)} files could not be used:",

@@ -4,9 +4,13 @@ Every generator takes an explicit `numpy.random.Generator`, so a data loader tha
 sample (e.g. from `(seed, epoch, index)`) produces the same masks after a resume.
 
 Masks are `[gh, gw]` bool arrays, True = masked, with *exactly* `num_masking` True entries.
-BEiT's original generator (unilm `masking_generator.py`) can stop short of the requested count
-when no further block fits; here the count is always exact, which keeps the number of predicted
-tokens per image fixed (constant-size batches of masked tokens, comparable losses across runs).
+Blocks are drawn as BEiT's generator (unilm `masking_generator.py`) draws them: each block's
+target area is uniform between the minimum block and the *remaining* budget, its aspect
+log-uniform, up to 10 placements per block. unilm stops short of the requested count when no
+block fits; here the remaining few patches are filled next to the mask instead, so the count is
+always exact (constant-size batches of masked tokens, comparable losses across runs).
+`tests/test_masking.py` compares blocks per mask, connected regions and per-position frequency
+with a re-implementation of unilm's generator.
 """
 
 from __future__ import annotations
@@ -69,23 +73,24 @@ def default_min_block(grid: tuple[int, int] | int, num_masking: int | None = Non
 class BlockMaskGenerator:
     """BEiT blockwise masking with an exact masked count.
 
-    Rectangular blocks of `min_num_patches..max_num_patches` patches with aspect ratio (h / w)
-    in `[min_aspect, max_aspect]` (sampled log-uniformly) are added until `num_masking` patches
-    are masked. A block is accepted only if it adds between 1 and the remaining budget of new
-    patches (overlap with earlier blocks is allowed, as in BEiT). When no block fits after
-    `max_attempts` tries (typically the last few patches, fewer than a minimum block), the rest
-    is filled with random unmasked patches that border the mask, so the masked area stays
-    blob-shaped instead of sprinkling isolated patches (an isolated masked patch is easy to
-    infer from its neighbours, which is what blockwise masking is meant to prevent).
+    Blocks are added until `num_masking` patches are masked, as in unilm: a block's target area
+    is uniform in `[min_num_patches, min(remaining, max_num_patches)]` (so late blocks are
+    smaller), its aspect ratio h / w log-uniform in `[min_aspect, max_aspect]`, its sides the
+    rounded `sqrt(area * aspect)` and `sqrt(area / aspect)`, strictly smaller than the grid. A
+    placement is accepted if it adds between 1 and the remaining budget of new patches (overlap
+    allowed); the first of `max_attempts` acceptable placements is taken. When none is (unilm
+    stops there, short of the count), the rest is filled with random unmasked patches that
+    border the mask, so the masked area stays blob-shaped instead of sprinkling isolated
+    patches (an isolated masked patch is easy to infer from its neighbours).
 
     Args:
         grid: patch grid `(gh, gw)`; an int means square.
         num_masking: exact number of patches to mask.
-        min_num_patches: smallest block, in patches.
-        max_num_patches: largest block, in patches; None = `num_masking`.
+        min_num_patches: smallest target area of a block, in patches.
+        max_num_patches: largest target area, in patches; None = `num_masking`.
         min_aspect: smallest block aspect ratio h / w.
         max_aspect: largest aspect ratio; None = `1 / min_aspect`.
-        max_attempts: block placements tried before falling back to bordering patches.
+        max_attempts: placements tried per block before falling back (unilm: 10).
     """
 
     grid: tuple[int, int]
@@ -94,10 +99,8 @@ class BlockMaskGenerator:
     max_num_patches: int | None = None
     min_aspect: float = 0.3
     max_aspect: float | None = None
-    max_attempts: int = 50
+    max_attempts: int = 10
     _log_aspect: tuple[float, float] = field(init=False, repr=False)
-    _shapes: np.ndarray = field(init=False, repr=False)
-    _shape_p: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.grid = _as_grid(self.grid)
@@ -121,36 +124,6 @@ class BlockMaskGenerator:
                 "with max_aspect=None it is 1 / min_aspect, so use min_aspect <= 1"
             )
         self._log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
-        self._shapes, self._shape_p = self._shape_table()
-
-    def _shape_table(self, resolution: int = 400) -> tuple[np.ndarray, np.ndarray]:
-        """Block shapes `[S, 2]` (h, w) and their probabilities under BEiT's sampling rule.
-
-        A block's area is uniform in [min_num_patches, max_area] and its aspect log-uniform in
-        [min_aspect, max_aspect]; (h, w) are the rounded sides, and shapes outside the limits
-        are rejected and redrawn. That distribution is fixed for a generator, so it is
-        integrated once here (midpoint rule over area x log-aspect) and each block then draws a
-        shape from the table: a few vectorised draws per block instead of scalar draws per
-        attempt, which made masking the slowest step of the data pipeline.
-        """
-        gh, gw = self.grid
-        max_area = min(self.max_num_patches, gh * gw)  # type: ignore[type-var]
-        if max_area < self.min_num_patches:
-            return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
-        u = (np.arange(resolution) + 0.5) / resolution
-        area = self.min_num_patches + u * (max_area - self.min_num_patches)
-        aspect = np.exp(self._log_aspect[0] + u * (self._log_aspect[1] - self._log_aspect[0]))
-        a, r = np.meshgrid(area, aspect, indexing="ij")
-        h = np.rint(np.sqrt(a * r)).astype(np.int64).ravel()
-        w = np.rint(np.sqrt(a / r)).astype(np.int64).ravel()
-        ok = (h >= 1) & (h <= gh) & (w >= 1) & (w <= gw)
-        ok &= (h * w >= self.min_num_patches) & (h * w <= max_area)
-        ratio = h / np.maximum(w, 1)
-        ok &= (ratio >= self.min_aspect - 1e-9) & (ratio <= self.max_aspect + 1e-9)  # type: ignore[operator]
-        if not ok.any():
-            return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
-        shapes, counts = np.unique(np.stack([h[ok], w[ok]], 1), axis=0, return_counts=True)
-        return shapes, counts / counts.sum()
 
     @classmethod
     def from_ratio(
@@ -218,23 +191,28 @@ class BlockMaskGenerator:
     def _place_block(
         self, mask: np.ndarray, budget: int, rng: np.random.Generator
     ) -> tuple[int, int, int, int, int] | None:
-        if len(self._shapes) == 0:
-            return None
         gh, gw = self.grid
         n = self.max_attempts
-        # All attempts at once: shapes from the table, positions uniform.
-        hw = self._shapes[rng.choice(len(self._shapes), size=n, p=self._shape_p)]  # [n, 2]
-        h, w = hw[:, 0], hw[:, 1]
+        cap = min(budget, self.max_num_patches)  # type: ignore[type-var]
+        # All attempts at once, each drawn as unilm draws one (area from the remaining budget;
+        # below the minimum block the interval runs downwards, as random.uniform does).
+        area = self.min_num_patches + (cap - self.min_num_patches) * rng.random(n)
+        lo, hi = self._log_aspect
+        aspect = np.exp(lo + (hi - lo) * rng.random(n))
+        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        fits = (h < gh) & (w < gw)
+        h, w = np.where(fits, h, 1), np.where(fits, w, 1)
         top = (rng.random(n) * (gh - h + 1)).astype(np.int64)
         left = (rng.random(n) * (gw - w + 1)).astype(np.int64)
         # Masked patches inside each candidate window, from an integral image [gh+1, gw+1].
         s = np.zeros((gh + 1, gw + 1), dtype=np.int64)
         s[1:, 1:] = mask.cumsum(0).cumsum(1)
         added = h * w - (s[top + h, left + w] - s[top, left + w] - s[top + h, left] + s[top, left])
-        ok = (added > 0) & (added <= budget)
+        ok = fits & (added > 0) & (added <= cap)
         if not ok.any():
             return None
-        k = int(np.argmax(ok))  # the first acceptable attempt, as a sequential loop would take
+        k = int(np.argmax(ok))  # the first acceptable attempt, as unilm's loop takes
         t, lf, hh, ww = int(top[k]), int(left[k]), int(h[k]), int(w[k])
         mask[t : t + hh, lf : lf + ww] = True
         return t, lf, hh, ww, int(added[k])

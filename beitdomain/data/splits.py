@@ -421,3 +421,208 @@ def describe_subset(
         "per_class": {c: chosen.get(c, 0) for c in available},
         "per_class_available": available,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Groups: patients, wafers, parts, slides
+# --------------------------------------------------------------------------------------------
+#
+# Images of one group must never sit on both sides of a split, and a label subset takes whole
+# groups. Groups are identified by membership only (ids by first appearance), never by their
+# names, so a re-scan that names them differently (DICOM patients are numbered per scan) gives
+# the same split. With every group a single image, these functions return exactly what the
+# image-level ones above return.
+
+
+def canonical_groups(groups: Sequence[Hashable | None]) -> np.ndarray:
+    """Integer group id per item, numbered by first appearance; None is a group of its own."""
+    ids: dict[Hashable, int] = {}
+    out = np.empty(len(groups), dtype=np.int64)
+    for i, g in enumerate(groups):
+        key = ("\0own", i) if g is None or g == "" else ("g", g)
+        out[i] = ids.setdefault(key, len(ids))
+    return out
+
+
+def _group_labels(labels: Sequence[Hashable], gid: np.ndarray) -> list[Hashable]:
+    """Each group's most common label (ties: the smallest), in group-id order."""
+    counts: list[Counter] = [Counter() for _ in range(int(gid.max()) + 1 if len(gid) else 0)]
+    for y, g in zip(labels, gid):
+        counts[g][y] += 1
+    out = []
+    for c in counts:
+        top = max(c.values())
+        out.append(sorted((y for y, n in c.items() if n == top), key=repr)[0])
+    return out
+
+
+def _members(gid: np.ndarray) -> list[np.ndarray]:
+    order = np.argsort(gid, kind="stable")
+    bounds = np.flatnonzero(np.diff(gid[order])) + 1
+    return [np.sort(m) for m in np.split(order, bounds)] if len(gid) else []
+
+
+def group_split(
+    labels: Sequence[Hashable],
+    groups: Sequence[Hashable | None],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    split_column: Sequence[str | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """A seeded train/val/test split that keeps every group on one side (stratified by label).
+
+    Held-out splits come from scikit-learn's `StratifiedGroupKFold` (shuffled with the seed):
+    test is one of `round(1 / test_fraction)` folds, val one of `round((1 - test) / val)`
+    folds of the rest, so fractions are met as closely as whole groups and 1/k folds allow.
+    Among the folds, the first that leaves every class in train and puts every class in the
+    held-out split is used; with groups all of one image this is `stratified_split`.
+
+    Args:
+        labels: one label per image (file).
+        groups: one group per image (patient, wafer, slide); None: the image is its own group.
+        val_fraction, test_fraction, seed: as for `stratified_split`.
+        split_column: the user's own split; checked to keep each group on one side.
+
+    Returns:
+        {'train', 'val', 'test'}: sorted int64 indices into `labels`.
+
+    Raises:
+        LabelSubsetError: a group split across the user's splits, fewer groups than folds, or
+            no fold that keeps every class on both sides (names the classes).
+    """
+    if len(groups) != len(labels):
+        raise LabelSubsetError(f"{len(groups)} groups for {len(labels)} labelled images")
+    gid = canonical_groups(groups)
+    if len(np.unique(gid)) == len(gid):
+        return stratified_split(labels, val_fraction, test_fraction, seed, split_column)
+    if split_column is not None:
+        out = _split_from_column(labels, split_column)
+        side = np.empty(len(labels), dtype=object)
+        for name, idx in out.items():
+            side[idx] = name
+        for g, members in enumerate(_members(gid)):
+            sides = sorted(set(side[members]))
+            if len(sides) > 1:
+                example = next(x for x in groups if x is not None and gid[groups.index(x)] == g)
+                raise LabelSubsetError(
+                    f"the split column puts images of group {example!r} in {' and '.join(sides)}; "
+                    "every image of a group (patient, wafer, slide) must be in one split"
+                )
+        return out
+    # Checks and messages shared with the image-level split (fractions, tiny classes).
+    stratified_split(labels, val_fraction, test_fraction, seed)
+    y = np.asarray([str(v) for v in labels])
+    idx = np.arange(len(labels))
+    out = {}
+    rest = idx
+    for name, f in (("test", test_fraction), ("val", val_fraction / (1 - test_fraction))):
+        if f <= 0:
+            out[name] = np.empty(0, dtype=np.int64)
+            continue
+        held = _one_fold(y[rest], gid[rest], f, seed, name)
+        out[name] = rest[held]
+        rest = np.setdiff1d(rest, out[name])
+    out["train"] = rest
+    return {s: np.sort(out[s]).astype(np.int64) for s in SPLITS}
+
+
+def _one_fold(y: np.ndarray, gid: np.ndarray, fraction: float, seed: int, name: str) -> np.ndarray:
+    """Positions of one stratified group fold of about `fraction`, every class on both sides."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(gid))
+    k = max(2, round(1 / fraction))
+    if n_groups < k:
+        raise LabelSubsetError(
+            f"{n_groups} groups cannot give a {name} split of {fraction:.0%} by whole groups "
+            f"(that needs at least {k} groups); add data, lower data.{name}_fraction, or give "
+            "a split column in the labels CSV"
+        )
+    classes = set(y)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "least populated class has only n members"
+            folds = [held for _, held in splitter.split(np.zeros(len(y)), y, gid)]
+    except ValueError as e:  # every class smaller than the number of folds
+        raise LabelSubsetError(
+            f"too few images per class for a {name} split of {fraction:.0%} by whole groups "
+            f"({k} folds; scikit-learn: {e}); add data, lower data.{name}_fraction, or give a "
+            "split column in the labels CSV"
+        ) from None
+    for held in folds:
+        keep = np.setdiff1d(np.arange(len(y)), held)
+        if set(y[held]) == classes and set(y[keep]) == classes:
+            return held
+    per_class = {c: len(np.unique(gid[y == c])) for c in sorted(classes)}
+    few = ", ".join(f"{c} ({n} group{'s' if n != 1 else ''})" for c, n in per_class.items())
+    raise LabelSubsetError(
+        f"no split by whole groups puts every class in both train and {name}: groups per class "
+        f"are {few}. Every class needs images from at least two groups; add data, merge "
+        f"classes, set data.{name}_fraction to 0, or give a split column in the labels CSV"
+    )
+
+
+def group_label_subset(
+    train_labels: Sequence[Hashable],
+    train_groups: Sequence[Hashable | None],
+    spec: str | LabelSpec,
+    seed: int,
+) -> np.ndarray:
+    """`label_subset` over whole groups: nested for a fixed seed, at least one group per class.
+
+    Groups are ordered by `label_priority_order` over their (majority) labels; a subset of `n`
+    labels is the shortest prefix of that order holding at least `n` images, so a larger
+    request always contains a smaller one. '5/class' takes each class's groups in their seeded
+    order until the class has at least 5 images.
+
+    Returns:
+        sorted int64 indices into `train_labels`.
+    """
+    spec = parse_labels_spec(spec)
+    gid = canonical_groups(train_groups)
+    if len(np.unique(gid)) == len(gid):
+        return label_subset(train_labels, spec, seed)
+    if len(train_labels) == 0:
+        raise LabelSubsetError("the train split is empty; there are no labels to subset")
+    members = _members(gid)
+    glabels = _group_labels(train_labels, gid)
+    sizes = np.array([len(m) for m in members])
+    if spec.kind == "per_class":
+        per = int(spec.value)
+        chosen: list[int] = []
+        for c, order in _class_permutations(glabels, seed).items():
+            have = np.cumsum(sizes[order])
+            if have[-1] < per:
+                raise LabelSubsetError(
+                    f"--labels {spec.text} asks for {per} images per class, but class '{c}' "
+                    f"has {int(have[-1])} in the train split; ask for fewer per class"
+                )
+            chosen += order[: int(np.searchsorted(have, per)) + 1].tolist()
+    else:
+        size = subset_size(spec, train_labels)
+        assert size is not None
+        order = label_priority_order(glabels, seed)
+        have = np.cumsum(sizes[order])
+        chosen = order[: int(np.searchsorted(have, size)) + 1].tolist()
+    return np.sort(np.concatenate([members[g] for g in chosen])).astype(np.int64)
+
+
+def split_summary(
+    split: dict[str, np.ndarray],
+    groups: Sequence[Hashable | None],
+    items_per_file: Sequence[int] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Images (files), items (frames/slices) and groups in each split, for reports."""
+    gid = canonical_groups(groups)
+    out = {}
+    for name in SPLITS:
+        idx = np.asarray(split.get(name, []), dtype=np.int64)
+        row = {"images": len(idx), "groups": len(np.unique(gid[idx])) if len(idx) else 0}
+        if items_per_file is not None:
+            row["items"] = int(np.asarray(items_per_file)[idx].sum()) if len(idx) else 0
+        out[name] = row
+    return out

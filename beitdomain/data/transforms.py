@@ -16,14 +16,22 @@ that (see benchmarks/data_loading.py), and take their randomness only from ``rng
 Intensity jitter is domain-safe: brightness, contrast and gamma, the same for every channel;
 no hue or saturation changes that would invent colours in grayscale modalities. For uint8
 input it is one 256-entry lookup table that also converts to float32 (``cv2.LUT``).
+
+A recipe may instead name its own pipeline (``data.augment``: an albumentations file or a MONAI
+transform's import path); ``UserAugment`` reseeds it per item from the same ``rng``, so the
+promises above hold for it too, at its own speed (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+
+from beitdomain.user import UserError
 
 # Deterministic regardless of cv2's thread count, but a loader worker should not spawn a
 # thread pool per process on top of the DataLoader's own parallelism.
@@ -241,3 +249,132 @@ class FinetuneTransform:
             view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
         out = IntensityJitter.apply(view, self.jitter.sample(rng))
         return _chw(np.clip(out, 0.0, 1.0, out=out))
+
+
+# --------------------------------------------------------------------------------------------
+# The user's own pipelines: albumentations (serialized) or MONAI (an import path)
+# --------------------------------------------------------------------------------------------
+
+_ALBU_SUFFIXES = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+
+
+class AugmentError(UserError):
+    """`data.augment` names something that cannot be loaded; says what and what would work."""
+
+
+def load_user_pipeline(spec: str) -> tuple[str, Any]:
+    """Loads `data.augment`: ('albumentations', Compose) or ('callable', transform).
+
+    Args:
+        spec: A file saved with ``albumentations.save(pipeline, path)`` (.json / .yaml), or
+            ``'package.module:name'``: an importable object that either is a transform (has
+            ``__call__`` and is not a class or function) or builds one when called with no
+            arguments (e.g. a function returning a ``monai.transforms.Compose``). Importing
+            it runs that module's code, like any plugin: name only code you trust.
+
+    Raises:
+        AugmentError: a missing file, a package that is not installed, a bad import path.
+    """
+    path = Path(spec)
+    if path.suffix.lower() in _ALBU_SUFFIXES:
+        if not path.is_file():
+            raise AugmentError(f"data.augment: {spec}: file not found")
+        try:
+            import albumentations as A
+        except ImportError:
+            raise AugmentError(
+                f"data.augment: {spec} is an albumentations pipeline, and albumentations is not "
+                "installed: pip install 'beitdomain[augment]'"
+            ) from None
+        try:
+            pipeline = A.load(str(path), data_format=_ALBU_SUFFIXES[path.suffix.lower()])
+        except Exception as e:
+            raise AugmentError(
+                f"data.augment: {spec} is not an albumentations pipeline saved with "
+                f"albumentations.save: {type(e).__name__}: {e}"
+            ) from None
+        return "albumentations", pipeline
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise AugmentError(
+            f"data.augment = {spec!r}: give an albumentations pipeline file (.json, .yaml) or "
+            "an import path 'package.module:name' of a transform or a function that builds one"
+        )
+    import importlib
+    import inspect
+
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise AugmentError(f"data.augment = {spec!r}: cannot import it: {e}") from None
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        obj = obj()  # a factory: builds the transform
+    if not callable(obj):
+        raise AugmentError(f"data.augment = {spec!r} is a {type(obj).__name__}, not a transform")
+    return "callable", obj
+
+
+def _seed_pipeline(kind: str, pipeline: Any, seed: int) -> None:
+    if kind == "albumentations":
+        pipeline.set_random_seed(seed)
+    elif hasattr(pipeline, "set_random_state"):  # MONAI Randomizable / Compose
+        pipeline.set_random_state(seed=seed)
+
+
+def _as_chw(out: Any, channels: int, kind: str) -> np.ndarray:
+    """A pipeline's output as float32 ``[C, H, W]`` in [0, 1]."""
+    if isinstance(out, dict):  # albumentations returns {'image': ...}
+        out = out["image"]
+    if hasattr(out, "detach"):  # torch tensor / MONAI MetaTensor
+        out = out.detach().cpu().numpy()
+    x = np.asarray(out, dtype=np.float32)
+    if kind == "albumentations":  # [H, W] or [H, W, C]
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    if x.ndim != 3 or x.shape[0] != channels:
+        raise AugmentError(
+            f"data.augment returned shape {list(x.shape)}; expected [{channels}, H, W] "
+            "(MONAI, channel first) or [H, W(, C)] (albumentations)"
+        )
+    return np.ascontiguousarray(np.clip(x, 0.0, 1.0))
+
+
+class UserAugment:
+    """The user's pipeline in place of the built-in augmentations, reproducibly.
+
+    ``transform(image [C, H, W] float32, rng)`` reseeds the pipeline from ``rng`` (the
+    dataset's generator for (seed, epoch, index)), so every item is a pure function of those
+    three: any number of workers and a resumed run see the same batches. The pipeline runs
+    once per item; in pre-training the backbone view is its output resized to ``image_size``
+    and the tokenizer view an area-average of that view, so both come from one crop.
+
+    Args:
+        spec: `data.augment` (see ``load_user_pipeline``).
+        image_size: backbone view size.
+        tokenizer_size: tokenizer view size; None for fine-tuning (one view).
+    """
+
+    def __init__(self, spec: str, image_size: int, tokenizer_size: int | None = None) -> None:
+        self.spec = spec
+        self.kind, self.pipeline = load_user_pipeline(spec)
+        self.image_size = image_size
+        self.tokenizer_size = tokenizer_size
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> Any:
+        if rng is None:
+            raise ValueError("a training transform needs rng (np.random.default_rng(...))")
+        _seed_pipeline(self.kind, self.pipeline, int(rng.integers(2**31 - 1)))
+        x = image.astype(np.float32, copy=False)
+        if self.kind == "albumentations":
+            out = self.pipeline(image=np.ascontiguousarray(_hwc(x)))
+        else:
+            out = self.pipeline(np.array(x))  # a copy: MONAI may work in place
+        aug = _hwc(_as_chw(out, image.shape[0], self.kind))
+        size = self.image_size
+        view = cv2.resize(aug, (size, size), interpolation=cv2.INTER_CUBIC)
+        np.clip(view, 0.0, 1.0, out=view)
+        if self.tokenizer_size is None:
+            return _chw(view)
+        tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
+        return _chw(view), _chw(tok)

@@ -171,6 +171,24 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def _splits_text(out: Path) -> str | None:
+    """Images and groups per split, in words, from a finished cell (all cells share the split)."""
+    for res_path in sorted((out / "cells").glob("*/results.json")):
+        splits = json.loads(res_path.read_text()).get("splits")
+        if splits:
+            return "; ".join(
+                f"{name} {row['images']} images in {row['groups']} groups"
+                + (
+                    f" ({row['items']} items)"
+                    if row.get("items", row["images"]) != row["images"]
+                    else ""
+                )
+                for name, row in splits.items()
+                if name != "subset" and row["images"]
+            )
+    return None
+
+
 def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
     """E.g. "domain 1% 1e-03 (5), 1e-04 (1); scratch 3e-03 (all)": which peak lr each
     initialization's cells fine-tuned at, per fraction where they differ."""
@@ -248,6 +266,8 @@ def write_outputs(
             "labels beyond each cell's budget (finetune.selection: outside): the low-label "
             "cells saw more labels than their fraction says."
         )
+    if splits := _splits_text(out):
+        context["Splits (a group never spans two)"] = splits
     write_report(
         out / "report.md",
         summarize([*rows, *honest["reference_rows"]]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,15 @@ from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ImageDataset, ManifestImages
 from beitdomain.data.heldout import pretraining_items
 from beitdomain.data.index import Manifest, read_labels_csv, scan
-from beitdomain.data.splits import describe_subset, label_subset, stratified_split
-from beitdomain.data.transforms import FinetuneTransform, PretrainTransform
+from beitdomain.data.splits import (
+    _SPLIT_ALIASES,
+    LabelSubsetError,
+    describe_subset,
+    group_label_subset,
+    group_split,
+    split_summary,
+)
+from beitdomain.data.transforms import FinetuneTransform, PretrainTransform, UserAugment
 from beitdomain.engine.distributed import dist_info
 from beitdomain.io import IntensitySpec
 from beitdomain.user import UserError
@@ -60,6 +68,9 @@ def image_source(
             allow_outside_root=d.allow_outside_root,
             progress=progress and dist_info().is_main,
             spec=spec,
+            group_column=d.group_column,
+            patient_groups=d.patient_groups,
+            dicom_series=d.dicom_series,
         )
         if manifest.errors and dist_info().is_main:
             report = (
@@ -87,6 +98,7 @@ def check_cache_labels(src: CachedImages, labels_csv: str, root: Path, cache: st
             the cache with these labels.
     """
     rows, _ = read_labels_csv(labels_csv, root)
+    rows = [(p, lab, split) for p, lab, split, _ in rows]  # groups are not compared
     root_resolved = root.resolve()
     quarantined = {path for path, _ in src.errors}  # unreadable files the cache skipped
     wanted = {
@@ -151,22 +163,25 @@ def unlabeled_dataset(
     d = recipe.data
     source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
-    transform = PretrainTransform(
-        image_size=size,
-        tokenizer_size=d.tokenizer_size,
-        scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        vflip=d.vflip,
-        intensity=d.intensity_jitter,
+    transform: Any = (
+        UserAugment(d.augment, size, d.tokenizer_size)
+        if d.augment
+        else PretrainTransform(
+            image_size=size,
+            tokenizer_size=d.tokenizer_size,
+            scale=tuple(d.crop_scale),
+            hflip=d.hflip,
+            vflip=d.vflip,
+            intensity=d.intensity_jitter,
+        )
     )
     n = len(source)
     if n == 0:
         raise UserError("the data holds no images")
     # The test split's images stay out unless transductive pre-training is asked for: the
     # curve scores every arm on them, and only this one would have seen them.
-    usable, record = pretraining_items(
-        source, d.val_fraction, d.test_fraction, d.split_seed, d.transductive
-    )
+    test = np.empty(0, dtype=np.int64) if d.transductive else test_split_items(source, recipe)
+    usable, record = pretraining_items(n, test, d.transductive)
     if len(usable) == 0:
         raise UserError(
             f"all {n} images are in the test split, which pre-training leaves out; give "
@@ -215,6 +230,68 @@ class LabeledData:
     subset: dict[str, Any]  # per-class counts of the subset (labels.json)
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> files used
     class_counts: list[int] = field(default_factory=list)  # training items per class
+
+
+_PATIENT = re.compile(r"patient-\d+")  # groups numbered by the scan from DICOM PatientIDs
+
+
+def _split_files(
+    d: Any,
+    flabels: list[str],
+    fgroups: list[str | None],
+    split_column: list[str | None] | None,
+    warn: bool = True,
+) -> tuple[dict[str, np.ndarray], list[str | None]]:
+    """The train/val/test split of labelled files (and the groups it kept together): the one
+    rule fine-tuning and pre-training's test exclusion share."""
+    try:
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
+    except LabelSubsetError as e:
+        # Patients found by the scan (not groups the user gave) too few to split by: say so
+        # loudly and split by file, as without patient grouping.
+        if not all(g is None or _PATIENT.fullmatch(g) for g in fgroups):
+            raise
+        if warn:
+            log.warning("splitting by file, not by patient: %s", e)
+        fgroups = [None] * len(flabels)
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
+    return split, fgroups
+
+
+def test_split_items(source: Any, recipe: Recipe) -> np.ndarray:
+    """Sorted item indices of `source` whose file is in the test split that `labeled_data`
+    scores on (a split column's test rows, or the recipe's seeded, grouped split of the
+    labelled files). Unlabelled images are never test images."""
+    d = recipe.data
+    n = len(source)
+    file_of = [source.source(i)[0] for i in range(n)]
+    label: dict[str, Any] = {}
+    given: dict[str, str | None] = {}
+    group: dict[str, str | None] = {}
+    for i, f in enumerate(file_of):
+        label.setdefault(f, source.label(i))
+        given.setdefault(f, _item_split(source, i))
+        group.setdefault(f, _item_group(source, i))
+    files = sorted(f for f in label if label[f] is not None)
+    if not files:
+        return np.empty(0, dtype=np.int64)
+    if any(given[f] is not None for f in files):
+        test = {f for f in files if _SPLIT_ALIASES.get(str(given[f]).strip().lower()) == "test"}
+    elif d.test_fraction > 0 and len({str(label[f]) for f in files}) > 1:
+        flabels = [str(label[f]) for f in files]
+        split, _ = _split_files(d, flabels, [group[f] for f in files], None, warn=False)
+        test = {files[i] for i in split["test"]}
+    else:
+        test = set()
+    return np.array([i for i, f in enumerate(file_of) if f in test], dtype=np.int64)
+
+
+def _item_group(source: Any, i: int) -> str | None:
+    return source.group(i) if hasattr(source, "group") else None
 
 
 def _item_split(source: Any, i: int) -> str | None:
@@ -271,9 +348,11 @@ def labeled_data(
     files = sorted(set(file_of))
     file_label: dict[str, str] = {}
     file_split: dict[str, str | None] = {}
+    file_group: dict[str, str | None] = {}
     for i, f in enumerate(file_of):
         file_label.setdefault(f, str(item_labels[i]))
         file_split.setdefault(f, _item_split(source, i))
+        file_group.setdefault(f, _item_group(source, i))
     splits_given = [file_split[f] for f in files]
     split_column = splits_given if any(s is not None for s in splits_given) else None
     if split_column is not None and any(s is None for s in split_column):
@@ -283,17 +362,25 @@ def labeled_data(
             f"for every image or for none"
         )
     flabels = [file_label[f] for f in files]
-    split = stratified_split(flabels, d.val_fraction, d.test_fraction, d.split_seed, split_column)
+    fgroups = [file_group[f] for f in files]  # None: the file is its own group
+    split, fgroups = _split_files(d, flabels, fgroups, split_column)
     if split_column is not None and len(split["val"]) == 0 and d.val_fraction > 0:
         # The user's split has no validation images: carve them from train (stratified,
-        # seeded), so checkpoint selection never looks at the test split.
+        # seeded, whole groups), so checkpoint selection never looks at the test split.
         tr = split["train"]
-        carve = stratified_split([flabels[i] for i in tr], d.val_fraction, 0.0, d.split_seed)
+        carve = group_split(
+            [flabels[i] for i in tr], [fgroups[i] for i in tr], d.val_fraction, 0.0, d.split_seed
+        )
         split = {"train": tr[carve["train"]], "val": tr[carve["val"]], "test": split["test"]}
     train_files = [files[i] for i in split["train"]]
     train_flabels = [flabels[i] for i in split["train"]]
-    chosen = label_subset(train_flabels, spec, seed)
+    chosen = group_label_subset(train_flabels, [fgroups[i] for i in split["train"]], spec, seed)
     subset = describe_subset(train_flabels, chosen, spec, seed)
+    per_file = np.bincount(np.searchsorted(files, file_of), minlength=len(files))
+    subset["splits"] = split_summary(split, fgroups, per_file)
+    subset["splits"]["subset"] = split_summary(
+        {"train": split["train"][chosen]}, fgroups, per_file
+    )["train"]
     # What selection may look at: by default only the subset's own labels (the budget).
     mode = selection or recipe.finetune.selection
     if mode not in FINETUNE_SELECTIONS:
@@ -313,13 +400,17 @@ def labeled_data(
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
 
     train_items = items_of(subset_files)
-    ft = FinetuneTransform(
-        train=True,
-        image_size=d.image_size,
-        scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        vflip=d.vflip,
-        intensity=d.intensity_jitter,
+    ft: Any = (
+        UserAugment(d.augment, d.image_size)
+        if d.augment
+        else FinetuneTransform(
+            train=True,
+            image_size=d.image_size,
+            scale=tuple(d.crop_scale),
+            hflip=d.hflip,
+            vflip=d.vflip,
+            intensity=d.intensity_jitter,
+        )
     )
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)

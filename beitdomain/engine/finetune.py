@@ -43,6 +43,8 @@ from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
 from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
 from beitdomain.models.convert import load_backbone_weights
+from beitdomain.models.hub import HF_PREFIX
+from beitdomain.models.hub import resolve_init as resolve_hub_init
 from beitdomain.models.probe import fit_probe_head, pooled_features
 from beitdomain.user import UserError
 
@@ -67,6 +69,8 @@ def resolve_init(init: str | None) -> str | None:
             f"(beitdomain pretrain export {p})"
         )
     if not p.exists():
+        if init.startswith(HF_PREFIX) or init.startswith("beit"):  # hub / timm names
+            return resolve_hub_init(init).path
         raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
     return str(p)
 
@@ -194,7 +198,12 @@ def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier, Any]:
     report = None
     if init is not None:
         report = load_backbone_weights(
-            model, init, in_chans=recipe.data.in_chans, trust_pickle=job.trust_pickle
+            model,
+            init,
+            in_chans=recipe.data.in_chans,
+            trust_pickle=job.trust_pickle,
+            source_mean=recipe.model.input_mean,
+            source_std=recipe.model.input_std,
         )
         job.say("%s", report)
     if ft.linear_probe:
@@ -273,6 +282,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "n_labels": data.subset["n_labels"],
             "n_train": data.subset["n_train"],
             "fraction": data.subset["fraction"],
+            "splits": data.subset.get("splits"),  # images, items and groups per split
             "seed": recipe.seed,
             "lr": job.peak_lr,  # the schedule's peak learning rate
             "steps": state.step,

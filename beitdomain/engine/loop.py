@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine import distributed as D
 from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from beitdomain.engine.rundir import MetricsLog, RunDir
+from beitdomain.models.attention import select_attention_kernels
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,9 @@ class Trainer:
             while self.state.step < self.total_steps and not self.state.stop:
                 lr = self.set_lr(self.state.step)
                 losses = []
-                metrics_sum: dict[str, float] = {}
+                # Metrics stay tensors until one host transfer per step (each float() of a
+                # CUDA tensor waits for the GPU to finish its queue).
+                step_metrics: dict[str, torch.Tensor] = {}
                 for micro in range(accum):
                     batch = self._to_device(next(batches))
                     self.state.batch_in_epoch += 1
@@ -239,19 +241,28 @@ class Trainer:
                     (loss.float() / accum).backward()
                     losses.append(loss.detach().float())
                     for k, v in m.items():
-                        metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
+                        v = torch.as_tensor(v, device=loss.device).detach().float() / accum
+                        step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
                 loss_value = torch.stack(losses).mean()
-                finite = torch.isfinite(loss_value).float()
+                finite = torch.isfinite(loss_value)
+                grad_norm = None
+                if self.grad_clip is not None:
+                    # Non-finite gradients make the norm non-finite; the step is then skipped
+                    # and its (scaled) gradients dropped, as if clipping had not run.
+                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                    finite = finite & torch.isfinite(grad_norm)
+                finite = finite.float()
                 if self.dist.enabled:
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                grad_norm = None
-                if finite.item() > 0 and self.grad_clip is not None:
-                    grad_norm = float(
-                        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                    )
-                    if not math.isfinite(grad_norm):
-                        finite.zero_()
-                if finite.item() == 0:
+                names = list(step_metrics)
+                values = [finite, loss_value, *(step_metrics[k] for k in names)]
+                if grad_norm is not None:
+                    values.append(grad_norm.float())
+                host = torch.stack([v.reshape(()).to(loss_value.device) for v in values]).tolist()
+                metrics_sum = dict(zip(names, host[2 : 2 + len(names)]))
+                finite_host, loss_host = host[0], host[1]
+                grad_host = host[-1] if grad_norm is not None else None
+                if finite_host == 0:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state.nonfinite_streak += 1
                     self.state.nonfinite_total += 1
@@ -272,9 +283,9 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
-                metrics_sum["loss"] = float(loss_value)
-                if grad_norm is not None:
-                    metrics_sum["grad_norm"] = grad_norm
+                metrics_sum["loss"] = loss_host
+                if grad_host is not None:
+                    metrics_sum["grad_norm"] = grad_host
                 for k, v in metrics_sum.items():
                     window[k] = window.get(k, 0.0) + v
                 window_n += 1
@@ -489,6 +500,8 @@ def plan_run(
 
 
 def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
-    """DDP-wraps the module when several processes run, and compiles it when asked."""
+    """Picks the attention kernels for `device`, DDP-wraps the module when several processes
+    run, and compiles it when asked."""
+    select_attention_kernels(model, device)
     wrapped = D.wrap_ddp(model, device, D.dist_info())
     return torch.compile(wrapped) if train.compile else wrapped

@@ -41,12 +41,13 @@ def build_adamw(
     cfg: OptimConfig,
     device: torch.device,
 ) -> torch.optim.AdamW:
-    """AdamW; fused kernels on CUDA (one launch for all parameters), foreach on CPU.
+    """AdamW with fused kernels on CUDA (one launch for all parameters) and on CPU.
 
-    The lr given here is a placeholder: `Trainer` sets every group's lr each step from the
-    schedule (times the group's `lr_scale`).
+    On a CPU the fused kernel steps the demo model's 0.84 M parameters in 2 ms against 6 ms for
+    the foreach one (one thread, BENCHMARKS.md). The lr given here is a placeholder: `Trainer`
+    sets every group's lr each step from the schedule (times the group's `lr_scale`).
     """
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups,
         lr=cfg.lr or cfg.base_lr,

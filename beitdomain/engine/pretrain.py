@@ -29,10 +29,13 @@ from beitdomain.engine.job import (
 )
 from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
-from beitdomain.models.convert import export_timm_backbone, load_backbone_weights
+from beitdomain.models.convention import convention_of
+from beitdomain.models.convert import export_timm_backbone
+from beitdomain.models.export import ExportFormat, export_backbone
 from beitdomain.models.mim import BeitMIM
+from beitdomain.models.pretrained import build_pretraining_model, is_imported_dalle
 from beitdomain.tokenizer import DiscreteVAE
-from beitdomain.tokenizer.io import load_tokenizer
+from beitdomain.tokenizer.io import load_tokenizer, load_tokenizer_extra
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -89,13 +92,22 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
 
     `trust_pickle` allows a pickle-based `model.init` (it can run code: trusted files only).
     """
-    cfg = backbone_config(recipe, grad_checkpointing=recipe.pretrain.train.grad_checkpointing)
-    model = BeitMIM.from_config(cfg, target=recipe.model.target, vocab_size=vocab_size)
-    report = None
-    if recipe.model.init:
-        report = load_backbone_weights(
-            model, recipe.model.init, in_chans=recipe.data.in_chans, trust_pickle=trust_pickle
-        )
+    m = recipe.model
+    reuse = m.lm_head == "reuse"
+    if m.lm_head == "auto" and m.init and recipe.tokenizer.path and m.target == "tokens":
+        reuse = is_imported_dalle(load_tokenizer_extra(recipe.tokenizer.path))
+    model, report = build_pretraining_model(
+        backbone_config(recipe, grad_checkpointing=recipe.pretrain.train.grad_checkpointing),
+        target=m.target,
+        vocab_size=vocab_size,
+        init=m.init,
+        trust_pickle=trust_pickle,
+        rel_pos_bias=m.rel_pos_bias,
+        reuse_lm_head=reuse,
+        input_mean=m.input_mean,
+        input_std=m.input_std,
+    )
+    if report is not None:
         log.info("%s", report)
     return model, report
 
@@ -160,13 +172,30 @@ def write_pretrain_outputs(model: BeitMIM, folder: Path) -> Path:
     atomic_write_safetensors(folder / MIM_FILE, model.state_dict())
     export = export_timm_backbone(model, folder / f".{BACKBONE_FILE}.tmp")
     Path(export.path).replace(folder / BACKBONE_FILE)
-    meta = {"model_name": export.model_name, "model_kwargs": export.model_kwargs}
+    meta = {
+        "model_name": export.model_name,
+        "model_kwargs": export.model_kwargs,
+        # what the weights expect: [0, 1] images normalized with this mean / std
+        "input": convention_of(model).to_dict(),
+    }
     atomic_write_json(folder / BACKBONE_META, meta)
     return folder / BACKBONE_FILE
 
 
-def export_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Exports the newest checkpoint of a pre-training run as timm-compatible safetensors."""
+def export_run(
+    run: str | Path, out: str | Path | None = None, fmt: ExportFormat | None = None
+) -> Path:
+    """Exports the newest checkpoint of a pre-training run.
+
+    Args:
+        run: the pre-training run folder.
+        out: the folder to write; default: the run (fmt None), `run/export-timm`, `run/export-hf`.
+        fmt: None = `backbone.safetensors` + `backbone.json` (what fine-tuning loads); "timm" =
+            a timm model folder, "hf" = a Hugging Face `BeitModel` folder (`models.export`).
+
+    Returns:
+        The backbone file (fmt None) or the export folder.
+    """
     from beitdomain.config import load_recipe
     from beitdomain.engine.checkpoint import CheckpointManager
 
@@ -186,8 +215,17 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         state = found[1]["model"]
         state = {k.removeprefix("mim."): v for k, v in state.items()}
     vocab = state["lm_head.weight"].shape[0] if recipe.model.target == "tokens" else 1
-    model, _ = build_mim(replace(recipe, model=replace(recipe.model, init=None)), vocab)
+    shared = "backbone.rel_pos_bias.relative_position_bias_table" in state
+    layout = "shared" if shared else "per_block"
+    model, _ = build_mim(
+        replace(recipe, model=replace(recipe.model, init=None, rel_pos_bias=layout)), vocab
+    )
     model.load_state_dict(state)
+    if fmt is not None:
+        folder = Path(out) if out is not None else run / f"export-{fmt}"
+        folder = export_backbone(model, folder, fmt)
+        log.info("exported %s", folder)
+        return folder
     folder = Path(out) if out is not None else run
     folder.mkdir(parents=True, exist_ok=True)
     path = write_pretrain_outputs(model, folder)

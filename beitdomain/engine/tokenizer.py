@@ -30,12 +30,14 @@ from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
     DiscreteVAE,
+    anneal_steps,
     check_codebook_usage,
     count_params,
     create_tokenizer,
     encoder_gflops,
     gumbel_temperature,
     kl_weight,
+    kl_weight_per_element,
     psnr,
     reinit_dead_codes,
     reset_optimizer_rows,
@@ -95,12 +97,14 @@ class TokenizerMonitor:
 
     def temperature(self, step: int) -> float:
         t = self.recipe.tokenizer
-        return gumbel_temperature(step, self.total_steps, t.temperature_start, t.temperature_end)
+        anneal = anneal_steps(t.temperature_anneal_fraction, self.total_steps)
+        return gumbel_temperature(step, anneal, t.temperature_start, t.temperature_end)
 
     def kl_weight(self, step: int) -> float:
         t = self.recipe.tokenizer
         warm = math.ceil(t.kl_warmup_fraction * self.total_steps)
-        return kl_weight(step, warm, t.kl_weight)
+        beta = kl_weight_per_element(t.kl_weight, self.model.config.in_chans)
+        return kl_weight(step, warm, beta)
 
     def on_step_end(self, trainer: Trainer) -> None:
         step = trainer.state.step

@@ -1,4 +1,5 @@
-"""Readers: files -> ``(array, meta)``, by content, for DICOM, TIFF, PNG/JPEG/BMP and plugins.
+"""Readers: files -> ``(array, meta)``, by content, for DICOM, TIFF, PNG/JPEG/BMP, volumes
+(NIfTI, NRRD, MetaImage through MONAI) and plugins.
 
 >>> from beitdomain.io import load_image, IntensitySpec
 >>> image, meta = load_image("ct/slice_001.dcm", IntensitySpec(window="ct-lung"))  # doctest: +SKIP
@@ -7,8 +8,17 @@
 
 from beitdomain.io.base import MAX_PIXELS, BaseReader, Reader
 from beitdomain.io.errors import MissingCodecError, ReaderError
-from beitdomain.io.intensity import WINDOW_PRESETS, IntensitySpec, normalize
-from beitdomain.io.load import READERS, find_reader, load_image, read_raw, select_frames
+from beitdomain.io.intensity import WINDOW_PRESETS, IntensitySpec, SpecError, normalize
+from beitdomain.io.load import (
+    READERS,
+    find_reader,
+    kept_frames,
+    load_image,
+    prepare,
+    read_raw,
+    select_frames,
+    select_slices,
+)
 from beitdomain.io.registry import ENTRY_POINT_GROUP, ReaderRegistry
 
 __all__ = [
@@ -22,9 +32,13 @@ __all__ = [
     "Reader",
     "ReaderError",
     "ReaderRegistry",
+    "SpecError",
     "find_reader",
+    "kept_frames",
     "load_image",
     "normalize",
+    "prepare",
     "read_raw",
     "select_frames",
+    "select_slices",
 ]

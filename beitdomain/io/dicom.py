@@ -61,6 +61,53 @@ def _first_window(ds: Any) -> tuple[float, float] | None:
     return centers[0], widths[0]
 
 
+def _functional(ds: Any, frames: int, seq: str, attrs: tuple[str, str]) -> list | None:
+    """Per-frame values of two attributes of a functional-group macro (Enhanced multi-frame).
+
+    A frame's own group (PerFrameFunctionalGroupsSequence) wins over the shared one. Returns
+    one ``[a, b]`` (floats) or None per frame, or None when neither sequence has the macro.
+    """
+
+    def values(group: Any) -> list[float] | None:
+        try:
+            item = getattr(group, seq)[0]
+            a, b = (_float_list(item.get(k)) for k in attrs)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+        return [a[0], b[0]] if a and b else None
+
+    shared = None
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        shared = values(ds.SharedFunctionalGroupsSequence[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    out = [values(per_frame[i]) if i < len(per_frame) else None for i in range(frames)]
+    out = [v if v is not None else shared for v in out]
+    return out if any(v is not None for v in out) else None
+
+
+def _truncated(ds: Any, path: str) -> str | None:
+    """Where a file ends inside its last element (a cut copy or download), or None.
+
+    pydicom reads a truncated value silently; the raw element still says how long it should be.
+    """
+    try:
+        size = os.path.getsize(path)
+        tag = list(ds.keys())[-1]
+        raw = ds.get_item(tag)
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    except (OSError, IndexError, KeyError, TypeError):
+        return None
+    if tell is None or length is None or length == 0xFFFFFFFF or tell + length <= size:
+        return None
+    from pydicom.datadict import keyword_for_tag
+
+    name = keyword_for_tag(tag) or str(tag)
+    return (
+        f"file is truncated: it ends at byte {size:,}, inside the element {name} {tag} that "
+        f"should run to byte {tell + length:,}; copy or export the file again"
+    )
+
+
 def _pixel_spacing(ds: Any) -> list[float] | None:
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
         if key in ds:
@@ -90,7 +137,10 @@ def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]
     """Decodes pixels of an already-read dataset into raw ``[S, C, H, W]`` plus meta."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+    cut = _truncated(ds, path)  # before decoding: the raw element still holds its length
     if not any(k in ds for k in PIXEL_KEYWORDS):
+        if cut:
+            raise ReaderError(path, cut)
         raise ReaderError(
             path,
             "DICOM file has no pixel data (e.g. a report, RT structure set or DICOMDIR); "
@@ -113,6 +163,8 @@ def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]
                 path, f"no installed codec decodes {ts}: {CODEC_HINT}"
             ) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        if cut:
+            first = f"{first}; {cut}"
         raise ReaderError(path, f"cannot decode DICOM pixel data ({ts}): {first}") from None
 
     photometric = (meta["photometric"] or "").upper()
@@ -128,13 +180,34 @@ def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]
     if not rgb:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        # Enhanced multi-frame (MR, CT, PET): Rescale and VOI live in functional groups, per
+        # frame or shared; a real Enhanced MR has slope 2.108 there and none at the top level.
+        rescales = _functional(
+            ds, frames, "PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")
+        )
+        windows = _functional(ds, frames, "FrameVOILUTSequence", ("WindowCenter", "WindowWidth"))
         if "ModalityLUTSequence" in ds:
             arr = apply_modality_lut(arr, ds)
+        elif rescales is not None:
+            table = np.array([r or [slope, intercept] for r in rescales], dtype=np.float32)
+            if (table != [1.0, 0.0]).any():
+                frames_first = arr if frames > 1 else arr[None]
+                arr = frames_first.astype(np.float32) * table[:, 0, None, None]
+                arr += table[:, 1, None, None]
+                arr = arr if frames > 1 else arr[0]
+            slope, intercept = (float(v) for v in table[0])
+            if len({tuple(r) for r in table.tolist()}) > 1:
+                meta["rescale_frames"] = table.tolist()
         elif slope != 1.0 or intercept != 0.0:
             # float32 is exact for 16-bit stored values and half the cost of pydicom's float64.
             arr = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         meta["rescale"] = [slope, intercept]
         meta["window"] = list(w) if (w := _first_window(ds)) else None
+        if windows is not None:
+            valid = [w if w is not None and w[1] > 0 else None for w in windows]
+            meta["window"] = meta["window"] or next((w for w in valid if w), None)
+            if all(valid) and len({tuple(w) for w in valid}) > 1:
+                meta["window_frames"] = valid
         meta["invert"] = photometric == "MONOCHROME1"
     else:
         meta["window"] = None
@@ -213,6 +286,37 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, 
     meta = dict(meta or {})
     meta.update(reader="dicom-series", frames=int(volume.shape[0]), shape=list(volume.shape))
     return volume, meta
+
+
+def patient_digest(path: str | os.PathLike, salt: bytes) -> str | None:
+    """HMAC-SHA256 of the file's PatientID under ``salt``, or None without a PatientID.
+
+    For grouping images by patient without holding the ID: the caller keeps the salt in memory
+    for one scan only and writes neither the ID nor the digest (it numbers the patients), so
+    nothing written can be matched against a list of IDs. A folder (one series) uses its first
+    DICOM file.
+    """
+    import hashlib
+    import hmac
+
+    pydicom = _pydicom()
+    path = Path(path)
+    if path.is_dir():
+        path = next(
+            (p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), path
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, force=True, specific_tags=["PatientID"]
+            )
+        pid = str(ds.get("PatientID", "") or "").strip()
+    except Exception:
+        return None
+    if not pid:
+        return None
+    return hmac.new(salt, pid.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
 
 
 class DicomReader(BaseReader):

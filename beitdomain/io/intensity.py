@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from beitdomain.io.errors import ReaderError
+from beitdomain.user import UserError
 
 # (center, width) in Hounsfield units; the usual radiology display presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -34,10 +35,62 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 NORMALIZE_MODES = ("auto", "window", "percentile", "dtype")
 NONFINITE_POLICIES = ("error", "zero")
-FRAME_POLICIES = ("all", "middle", "first")
+FRAME_POLICIES = ("all", "middle", "first", "every:K", "range:A:B")
+SLICE_AXES = ("axial", "coronal", "sagittal")
 
 # ITU-R BT.601 luma weights, the same as Pillow's "L" conversion.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class SpecError(UserError):
+    """An intensity, channel or slice setting that cannot be used; names the key and the value."""
+
+
+def parse_frames(policy: str) -> tuple[str, int, int | None]:
+    """Parses a frame/slice policy into ``(kind, a, b)``.
+
+    'all', 'middle', 'first'; 'every:K' keeps frames 0, K, 2K, ...; 'range:A:B' keeps frames
+    A to B-1 (Python slice rules: negative counts from the end, B may be left out).
+
+    Raises:
+        SpecError: anything else, listing the valid forms.
+    """
+    text = str(policy).strip()
+    bad = SpecError(
+        f"frames={policy!r}; valid: all, middle, first, every:K (K >= 1, every K-th slice), "
+        "range:A:B (slices A to B-1, e.g. range:10:50)"
+    )
+    if text in ("all", "middle", "first"):
+        return text, 0, None
+    kind, colon, rest = text.partition(":")
+    if not colon:
+        raise bad
+    try:
+        if kind == "every":
+            k = int(rest)
+            if k < 1:
+                raise bad
+            return "every", k, None
+        if kind == "range":
+            a, _, b = rest.partition(":")
+            return "range", int(a or 0), int(b) if b.strip() else None
+    except ValueError:
+        raise bad from None
+    raise bad
+
+
+def frame_indices(n: int, policy: str) -> np.ndarray:
+    """Indices of the frames (slices) that ``policy`` keeps out of ``n``; int64, ascending."""
+    kind, a, b = parse_frames(policy)
+    if kind == "middle":
+        return np.array([n // 2], dtype=np.int64)
+    if kind == "first":
+        return np.zeros(1, dtype=np.int64)
+    if kind == "every":
+        return np.arange(0, n, a, dtype=np.int64)
+    if kind == "range":
+        return np.arange(n, dtype=np.int64)[slice(a, b)]
+    return np.arange(n, dtype=np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +106,9 @@ class IntensitySpec:
         in_chans: Channels the model takes: 1 (RGB -> luminance) or 3 (grayscale replicated).
         channels: Samples to keep from files with more than 3 (e.g. multispectral TIFF).
         nonfinite: NaN/Inf in float images: 'error' raises, 'zero' sets those pixels to 0.
-        frames: Multi-frame files: 'all' keeps ``[S, C, H, W]``, 'middle'/'first' pick one.
+        frames: Multi-frame files and volumes: 'all' keeps ``[S, C, H, W]``, 'middle'/'first'
+            pick one, 'every:K' every K-th, 'range:A:B' slices A to B-1.
+        slice_axis: Volumes (NIfTI, NRRD, MetaImage): slice 'axial', 'coronal' or 'sagittal'.
     """
 
     normalize: str = "auto"
@@ -63,23 +118,33 @@ class IntensitySpec:
     channels: tuple[int, ...] | None = None
     nonfinite: str = "error"
     frames: str = "all"
+    slice_axis: str = "axial"
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize={self.normalize!r}; valid: {', '.join(NORMALIZE_MODES)}")
+            raise SpecError(f"normalize={self.normalize!r}; valid: {', '.join(NORMALIZE_MODES)}")
         if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite={self.nonfinite!r}; valid: 'error', 'zero'")
-        if self.frames not in FRAME_POLICIES:
-            raise ValueError(f"frames={self.frames!r}; valid: {', '.join(FRAME_POLICIES)}")
+            raise SpecError(f"nonfinite={self.nonfinite!r}; valid: 'error', 'zero'")
+        parse_frames(self.frames)
+        if self.slice_axis not in SLICE_AXES:
+            raise SpecError(f"slice_axis={self.slice_axis!r}; valid: {', '.join(SLICE_AXES)}")
         if self.in_chans < 1:
-            raise ValueError(f"in_chans={self.in_chans}; must be >= 1 (usually 1 or 3)")
+            raise SpecError(f"in_chans={self.in_chans}; must be >= 1 (usually 1 or 3)")
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"percentiles={self.percentiles}; need 0 <= low < high <= 100")
+            raise SpecError(f"percentiles={self.percentiles}; need 0 <= low < high <= 100")
         if self.window is not None:
-            object.__setattr__(self, "window", _parse_window(self.window))
+            try:
+                object.__setattr__(self, "window", _parse_window(self.window))
+            except ValueError as e:
+                raise SpecError(str(e)) from None
         if self.channels is not None:
-            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+            channels = tuple(int(c) for c in self.channels)
+            if not channels or min(channels) < 0:
+                raise SpecError(
+                    f"channels={list(self.channels)}; give sample indices >= 0, e.g. [0, 1, 2]"
+                )
+            object.__setattr__(self, "channels", channels)
         object.__setattr__(self, "percentiles", (float(lo), float(hi)))
 
     @property
@@ -105,7 +170,12 @@ class IntensitySpec:
                 kwargs[field.name] = value
         if "percentiles" in kwargs:
             kwargs["percentiles"] = tuple(kwargs["percentiles"])
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except SpecError as e:
+            if isinstance(cfg, Mapping):
+                raise
+            raise SpecError(f"data.{e}") from None  # a recipe's data section: name its key
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form; used by the cache to notice changed settings."""
@@ -113,6 +183,8 @@ class IntensitySpec:
         out["window"] = list(self.window) if isinstance(self.window, tuple) else self.window
         out["percentiles"] = list(self.percentiles)
         out["channels"] = list(self.channels) if self.channels is not None else None
+        if out["slice_axis"] == "axial":
+            del out["slice_axis"]  # the default: caches built before the key existed stay valid
         return out
 
 
@@ -194,9 +266,17 @@ def normalize(
         raise ReaderError(path, "no finite pixel values to normalize")
 
     mode, lo, hi = _resolve_range(values, meta, spec, path)
-    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
-    out = np.subtract(x, np.float32(lo), dtype=np.float32)
-    out *= scale
+    per_frame = meta.get("window_frames")
+    if mode == "window" and spec.window is None and per_frame and len(per_frame) == x.shape[0]:
+        # Enhanced multi-frame: each frame's own VOI window from its functional group.
+        cw = np.asarray(per_frame, dtype=np.float32)  # [S, 2] center, width
+        low = (cw[:, 0] - cw[:, 1] / 2)[:, None, None, None]
+        out = np.subtract(x, low, dtype=np.float32)
+        out /= cw[:, 1, None, None, None]
+    else:
+        scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+        out = np.subtract(x, np.float32(lo), dtype=np.float32)
+        out *= scale
     np.clip(out, 0.0, 1.0, out=out)
     if meta.get("invert"):
         # MONOCHROME1 / TIFF min-is-white: high stored values are dark.
@@ -217,7 +297,8 @@ def _select_channels(x: np.ndarray, spec: IntensitySpec, path: str) -> np.ndarra
     if c > 3:
         raise ReaderError(
             path,
-            f"{c} samples per pixel; choose up to 3 with channels: [i, j, k] in the recipe",
+            f"{c} samples per pixel; choose up to 3 with data.channels: [i, j, k] in the recipe "
+            "or --channels i,j,k",
         )
     return x
 
@@ -259,10 +340,11 @@ def dtype_range(meta: Mapping[str, Any], values: np.ndarray) -> tuple[float, flo
             lo, hi = 0.0, float(2**bits - 1)
         else:
             lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-        # Rescale slope/intercept (DICOM) maps the stored range into physical units.
-        slope, intercept = meta.get("rescale", (1.0, 0.0))
-        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
-        return lo, hi
+        # Rescale slope/intercept (DICOM) maps the stored range into physical units; with
+        # per-frame rescales (Enhanced multi-frame) the range covers every frame's.
+        pairs = meta.get("rescale_frames") or [meta.get("rescale", (1.0, 0.0))]
+        ends = [v * slope + intercept for slope, intercept in pairs for v in (lo, hi)]
+        return min(ends), max(ends)
     if dtype.kind == "b":
         return 0.0, 1.0
     # Float files have no intrinsic range; assume [0, 1] (what float TIFF exports usually mean).
@@ -280,5 +362,7 @@ def apply_channel_policy(x: np.ndarray, in_chans: int, path: str = "<array>") ->
     if c == 1:
         return np.repeat(x, in_chans, axis=1)
     raise ReaderError(
-        path, f"image has {c} channels but in_chans={in_chans}; use channels: [...] to pick them"
+        path,
+        f"image has {c} channels but in_chans={in_chans}; pick them with data.channels: [...] "
+        "in the recipe or --channels i,j",
     )

@@ -13,6 +13,7 @@ from beitdomain.models.classifier import (
     layer_decay_param_groups,
     param_groups_weight_decay,
 )
+from beitdomain.models.convention import InputConvention, InputNorm, convention_of
 from beitdomain.models.convert import (
     LoadReport,
     TimmExport,
@@ -20,22 +21,35 @@ from beitdomain.models.convert import (
     export_timm_backbone,
     load_backbone_weights,
 )
+from beitdomain.models.export import export_backbone, export_hf, export_timm
+from beitdomain.models.hub import resolve_init
+from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM
+from beitdomain.models.pretrained import build_pretraining_model
 
 __all__ = [
     "BACKBONE_PRESETS",
     "BackboneConfig",
     "BeitClassifier",
     "BeitMIM",
+    "InputConvention",
+    "InputNorm",
     "LoadReport",
     "TimmExport",
     "WeightsError",
     "backbone_config_of",
+    "build_pretraining_model",
+    "convention_of",
     "create_backbone",
+    "export_backbone",
+    "export_hf",
+    "export_timm",
     "export_timm_backbone",
     "freeze_backbone",
     "get_preset",
     "layer_decay_param_groups",
     "load_backbone_weights",
     "param_groups_weight_decay",
+    "resolve_init",
+    "unilm_init_",
 ]

@@ -17,6 +17,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from beitdomain.models.backbone import BackboneConfig, create_backbone
+from beitdomain.models.convention import InputNorm
 
 # Substrings of parameter names that never get weight decay (besides every 1-D parameter).
 NO_WEIGHT_DECAY_KEYS: tuple[str, ...] = (
@@ -60,6 +61,8 @@ class BeitClassifier(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.backbone_frozen = False
+        # [0, 1] images -> the weights' own convention (mean/std saved in the state dict).
+        self.input_norm = InputNorm(backbone.patch_embed.proj.in_channels)
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(backbone.embed_dim, num_classes)
         trunc_normal_(self.head.weight, std=0.02)
@@ -74,7 +77,7 @@ class BeitClassifier(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, normalized features `[B, D]`."""
-        tokens = self.backbone.forward_features(images)  # [B, 1 + L, D]
+        tokens = self.backbone.forward_features(self.input_norm(images))  # [B, 1 + L, D]
         # timm: mean over patch tokens (cls excluded), then fc_norm.
         return self.backbone.forward_head(tokens, pre_logits=True)
 

@@ -7,10 +7,18 @@ the target model:
 * patch embedding: other channel count (RGB -> 1 sums the three filters, 1 -> C replicates and
   divides by C; both via timm's `adapt_input_conv`) and other patch size (timm's
   `resample_patch_embed`);
-* relative position bias tables for another patch grid: bicubic on the `(2h-1) x (2w-1)` table,
-  the 3 cls entries kept; a shared table is copied into every block when the target has one
-  table per block; absolute position embeddings resampled with timm's `resample_abs_pos_embed`;
-* heads of another size (vocabulary or classes) are left freshly initialized and reported.
+* relative position bias tables for another patch grid: unilm's geometric interpolation through
+  timm's `resize_rel_pos_bias_table` (dense near offset 0, sparse far away), the 3 cls entries
+  kept; a shared table is copied into every block when the target has one table per block, and
+  per-block tables become one shared table only when they are all equal (exact); absolute
+  position embeddings resampled with timm's `resample_abs_pos_embed`;
+* the input convention (mean / std of [0, 1] images, see `models.convention`) comes from the
+  checkpoint when it records one (beitdomain files and exports, HF `preprocessor_config.json`,
+  timm hub `config.json`) and is otherwise the official BEiT (x - 0.5) / 0.5; it is set on the
+  target's `input_norm`, so official weights see the inputs they were trained on;
+* heads of another size (vocabulary or classes) are left freshly initialized and reported, and
+  a MIM head can be re-initialized on purpose (`reuse_lm_head=False`) when its code ids mean
+  nothing to the new tokenizer.
 
 Nothing is silently dropped: the returned `LoadReport` lists what was loaded, reshaped, missing
 and unused. Files are read with `safetensors` or `torch.load(weights_only=True)` only, unless the
@@ -20,6 +28,8 @@ Why summing (not averaging) for RGB -> 1 channel: on a gray image copied into R,
 normalized with the same mean/std (BEiT uses 0.5/0.5 for every channel), the RGB filter responds
 with `sum_c w_c * x`, which is exactly the summed filter applied to the single channel. Averaging
 would shrink every patch embedding by 3x, far from the scale the following blocks were trained on.
+With different per-channel mean/std (ImageNet's) the filters are summed with weights `s / s_c`
+and the bias absorbs the offsets, so the 1-channel model stays exact on gray images.
 """
 
 from __future__ import annotations
@@ -34,19 +44,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.layers import resize_rel_pos_bias_table as timm_resize_rel_pos_bias_table
 from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from torch import nn
 
 from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+from beitdomain.models.convention import InputConvention, convention_of
 from beitdomain.user import UserError
 
 RPB = "relative_position_bias_table"
 SHARED_RPB = f"rel_pos_bias.{RPB}"
+# safetensors metadata key of beitdomain's exports: the InputConvention as JSON.
+INPUT_META = "beitdomain.input"
+_NORM_KEYS = ("input_norm.mean", "input_norm.std")
 # Target keys that are expected to be absent from a backbone checkpoint (fresh heads / norms).
 _FRESH = re.compile(r"^(head\.|lm_head\.|fc_norm\.|norm\.|mask_token$)")
 _BLOCK_RPB = re.compile(rf"^blocks\.(\d+)\.attn\.{RPB}$")
@@ -71,6 +86,11 @@ class LoadReport:
             adapted (not loaded).
         ignored: derived checkpoint entries that are recomputed, e.g. relative_position_index.
         notes: other things worth knowing (new head, shared bias copied, config differences).
+        reinitialized: target keys deliberately left freshly initialized although the checkpoint
+            has them (a MIM head whose codes mean nothing to the new tokenizer, a head of
+            another size).
+        input: the input convention set on the model (`InputConvention.to_dict()`) and
+            `input["source"]`, where it came from.
     """
 
     source: str
@@ -82,6 +102,8 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    input: dict[str, Any] = field(default_factory=dict)
     model_depth: int | None = field(default=None, repr=False)
 
     @property
@@ -113,12 +135,18 @@ class LoadReport:
         lines = [
             f"Loaded {len(self.loaded)} tensors from {self.source} ({self.format} format)",
         ]
+        if self.input:
+            lines.append(
+                f"  input: mean {self.input['mean']}, std {self.input['std']} on [0, 1] images "
+                f"({self.input.get('source', '')})"
+            )
         sections = [
             ("reshaped", self.reshaped),
             ("missing (kept initialization)", self.missing),
             ("unexpected (not used)", self.unexpected),
             ("incompatible shapes (not loaded)", self.mismatched),
             ("ignored (recomputed)", self.ignored),
+            ("re-initialized", self.reinitialized),
             ("notes", self.notes),
         ]
         for title, items in sections:
@@ -369,6 +397,11 @@ def resize_rel_pos_bias_table(
 ) -> torch.Tensor:
     """Resizes a BEiT relative position bias table to another patch grid.
 
+    Geometric interpolation as in unilm's fine-tuning (through timm's
+    `resize_rel_pos_bias_table`): source offsets are placed on a geometric progression so that
+    small offsets, where the bias varies most, keep their values (a plain bicubic stretch of a
+    14x14 table to 8x8 moves offset 1's bias by half the distance to offset 2's).
+
     Args:
         table: `[(2h-1)*(2w-1) + 3, heads]`; rows are row-major over (dy, dx) offsets, the last 3
             are cls->token, token->cls and cls->cls.
@@ -376,7 +409,7 @@ def resize_rel_pos_bias_table(
         dst_grid: the new patch grid.
 
     Returns:
-        `[(2h'-1)*(2w'-1) + 3, heads]`: bicubic resize of the offset table, cls entries kept.
+        `[(2h'-1)*(2w'-1) + 3, heads]`, cls entries kept.
     """
     sh, sw = 2 * src_grid[0] - 1, 2 * src_grid[1] - 1
     dh, dw = 2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1
@@ -386,11 +419,52 @@ def resize_rel_pos_bias_table(
             f"table with {table.shape[0]} rows does not belong to a {src_grid} grid "
             f"(expected {sh * sw + 3})"
         )
-    core, cls_rows = table[:-3], table[-3:]
-    grid = core.float().t().reshape(1, heads, sh, sw)  # [1, heads, 2h-1, 2w-1]
-    grid = F.interpolate(grid, size=(dh, dw), mode="bicubic", align_corners=False)
-    core = grid.reshape(heads, dh * dw).t().to(table.dtype)
-    return torch.cat([core, cls_rows], dim=0)
+    if (sh, sw) == (dh, dw):
+        return table.clone()
+    out = timm_resize_rel_pos_bias_table(
+        table.float(),
+        new_window_size=tuple(dst_grid),
+        new_bias_shape=(dh * dw + 3, heads),
+        old_window_size=tuple(src_grid),
+    )
+    return out.to(table.dtype)
+
+
+def _conv_weights_for_channels(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    src: InputConvention,
+    chans: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, ...], tuple[float, ...], str]:
+    """Patch filters for `chans` input channels, exact on gray images; returns the new mean/std.
+
+    C -> 1: `W' = s' * sum_c W_c / s_c`, bias absorbing `sum_c W_c m_c / s_c - W' m' / s'`
+    (with equal mean/std on every channel this is the plain sum). 1 -> C: replicate and divide
+    by C (timm's `adapt_input_conv`), same mean/std on every channel.
+    """
+    c = weight.shape[1]
+    m = torch.tensor(src.mean, dtype=torch.float64)
+    s = torch.tensor(src.std, dtype=torch.float64)
+    if chans == 1:
+        m1, s1 = float(m.mean()), float(s.mean())
+        w = weight.double()
+        per = w / s.view(1, -1, 1, 1)  # W_c / s_c
+        new_w = s1 * per.sum(1, keepdim=True)
+        new_b = None
+        if bias is not None:
+            offset = (per * m.view(1, -1, 1, 1)).sum((1, 2, 3)) - (new_w * m1 / s1).sum((1, 2, 3))
+            new_b = (bias.double() - offset).to(bias.dtype)
+        equal = bool((m == m[0]).all() and (s == s[0]).all())
+        rule = "summed" if equal else "summed, 1/std-weighted"
+        return new_w.to(weight.dtype), new_b, (m1,), (s1,), f"{c} -> 1 input channels ({rule})"
+    if c == 1:
+        new = adapt_input_conv(chans, weight, base_chans=1)
+        mean, std = (float(m[0]),) * chans, (float(s[0]),) * chans
+        return new, bias, mean, std, f"1 -> {chans} input channels (replicated and scaled)"
+    raise WeightsError(
+        f"cannot adapt a {c}-channel patch embedding to {chans} channels: only C -> 1 and 1 -> C "
+        "are exact; build the model with in_chans=1 or in_chans=" + str(c)
+    )
 
 
 def _adapt(
@@ -406,17 +480,9 @@ def _adapt(
     new = tuple(target.shape)
     how = None
     if key == "patch_embed.proj.weight" and value.ndim == 4:
-        if value.shape[1] != target.shape[1]:
-            try:
-                value = adapt_input_conv(target.shape[1], value, base_chans=value.shape[1])
-            except NotImplementedError:
-                pass
-            else:
-                rule = "summed" if target.shape[1] == 1 else "replicated and scaled"
-                how = f"{old[1]} -> {new[1]} input channels ({rule})"
         if value.shape[-2:] != target.shape[-2:] and value.shape[:2] == target.shape[:2]:
             value = resample_patch_embed(value, list(target.shape[-2:]), verbose=False)
-            how = (how + "; " if how else "") + "patch size resampled"
+            how = "patch size resampled"
     elif key.endswith(RPB) and value.ndim == 2 and value.shape[1] == target.shape[1]:
         grid = src_grid or _grid_of_table(value.shape[0])
         if grid is None:
@@ -427,7 +493,7 @@ def _adapt(
             return None
         dst = tuple(backbone.patch_embed.grid_size)
         value = resize_rel_pos_bias_table(value, grid, dst)  # type: ignore[arg-type]
-        how = f"bicubic {grid} -> {dst} grid, cls entries kept"
+        how = f"geometric {grid} -> {dst} grid (timm's resize_rel_pos_bias_table), cls kept"
     elif key == "pos_embed" and value.ndim == 3 and value.shape[2] == target.shape[2]:
         value = resample_abs_pos_embed(
             value,
@@ -456,14 +522,17 @@ def load_backbone_weights(
     strict_report: bool = True,
     trust_pickle: bool = False,
     source_grid: tuple[int, int] | None = None,
+    reuse_lm_head: bool = True,
+    source_mean: tuple[float, ...] | float | None = None,
+    source_std: tuple[float, ...] | float | None = None,
 ) -> LoadReport:
     """Loads BEiT weights from a local checkpoint into a `Beit`, `BeitMIM` or `BeitClassifier`.
 
     Args:
         model: the target; its architecture decides shapes (weights are adapted to it).
         path_or_state: unilm `.pth`, timm `.safetensors`/`.pth`, a Hugging Face
-            `BeitForMaskedImageModeling` (or `BeitModel`) folder, a beitdomain checkpoint, or an
-            in-memory state dict.
+            `BeitForMaskedImageModeling` (or `BeitModel`) folder, a timm hub folder, a
+            beitdomain checkpoint or export, or an in-memory state dict.
         in_chans: channels the caller expects the model to take; checked against the model.
         strict_report: raise `WeightsError` (with the full report) when the checkpoint
             does not provide a complete backbone: missing or incompatible backbone tensors, or
@@ -472,6 +541,12 @@ def load_backbone_weights(
         trust_pickle: allow full pickle for `.pth` files that are not plain tensors.
         source_grid: the checkpoint's patch grid, needed only to resize non-square relative
             position tables (taken from `config.json` for HF folders).
+        reuse_lm_head: load the checkpoint's MIM head; False keeps the model's fresh head (its
+            code ids belong to another tokenizer) and reports it as re-initialized.
+        source_mean: the checkpoint's input mean on [0, 1] images, when the file does not say
+            (unilm `.pth` files do not; BEiT v1 used 0.5, BEiT v2 ImageNet's 0.485/0.456/0.406).
+            None: what the file records, else the official 0.5.
+        source_std: likewise for the std (official: 0.5).
 
     Returns:
         The `LoadReport`; `str(report)` is a readable summary.
@@ -491,10 +566,30 @@ def load_backbone_weights(
         source_grid = source_grid or _hf_grid(hf_config)
         _compare_hf_config(hf_config, backbone, report)
 
+    src_conv, conv_source = _source_convention(
+        path_or_state, canon, fmt, hf_config, source_mean, source_std
+    )
+    for k in _NORM_KEYS:
+        canon.pop(k, None)
+    mean, std = src_conv.mean, src_conv.std
+    w = canon.get("patch_embed.proj.weight")
+    if w is not None and w.ndim == 4 and w.shape[1] != model_chans:
+        old = tuple(w.shape)
+        w, b, mean, std, how = _conv_weights_for_channels(
+            w, canon.get("patch_embed.proj.bias"), src_conv, model_chans
+        )
+        canon["patch_embed.proj.weight"] = w
+        if b is not None:
+            canon["patch_embed.proj.bias"] = b
+        report.reshaped.append(f"patch_embed.proj.weight: {old} -> {tuple(w.shape)}, {how}")
+    _merge_equal_block_tables(canon, target, report)
+
     used: set[str] = set()
     new_state: dict[str, torch.Tensor] = {}
     shared_copied = False
     for key, tensor in target.items():
+        if key in _NORM_KEYS:
+            continue  # set below from the source's convention
         value = canon.get(key)
         src_key = key
         if value is None and _BLOCK_RPB.match(key) and SHARED_RPB in canon:
@@ -503,9 +598,14 @@ def load_backbone_weights(
             report.missing.append(key)
             continue
         used.add(src_key)
+        if key.startswith("lm_head.") and not reuse_lm_head:
+            report.reinitialized.append(key)
+            continue
         if tuple(value.shape) != tuple(tensor.shape):
             value = _adapt(key, value, tensor, backbone, source_grid, report)
             if value is None:
+                if key.startswith(("lm_head.", "head.")):
+                    report.reinitialized.append(key)
                 continue
         new_state[names[key]] = value.to(dtype=tensor.dtype)
         report.loaded.append(key)
@@ -513,8 +613,13 @@ def load_backbone_weights(
         report.notes.append("shared relative position bias copied into every block's table")
     if any(_BLOCK_RPB.match(k) for k in canon) and SHARED_RPB in report.missing:
         report.notes.append(
-            "checkpoint has one relative position table per block but the model shares one; "
-            "build the backbone with use_shared_rel_pos_bias=False"
+            "checkpoint has one relative position table per block, and they differ, but the "
+            "model shares one; set model.rel_pos_bias=per_block (a backbone built with "
+            "use_shared_rel_pos_bias=False; BeitMIM pre-trains with per-block tables too)"
+        )
+    if report.reinitialized and any(k.startswith("lm_head.") for k in report.reinitialized):
+        report.notes.append(
+            "MIM head re-initialized: the checkpoint's head predicts another tokenizer's codes"
         )
     report.unexpected.extend(origin.get(k, k) for k in canon if k not in used)
 
@@ -525,7 +630,115 @@ def load_backbone_weights(
         )
     result = model.load_state_dict(new_state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # names come from the model
+    norm = getattr(model, "input_norm", None)
+    size = backbone.patch_embed.img_size[0]
+    conv = InputConvention(model_chans, size, tuple(mean), tuple(std))
+    if norm is not None:
+        norm.set(conv.mean, conv.std)
+    elif conv != InputConvention.identity(model_chans, size):
+        report.notes.append(
+            f"a bare timm Beit has no input normalization: feed it (x - {list(conv.mean)}) / "
+            f"{list(conv.std)} for [0, 1] images x"
+        )
+    report.input = {**conv.to_dict(), "source": conv_source}
     return report
+
+
+def _merge_equal_block_tables(
+    canon: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport
+) -> None:
+    """Per-block tables -> one shared table, only when every block holds the same table."""
+    if SHARED_RPB not in target or SHARED_RPB in canon:
+        return
+    tables = sorted(
+        ((int(m.group(1)), k) for k in canon if (m := _BLOCK_RPB.match(k))), key=lambda t: t[0]
+    )
+    if not tables:
+        return
+    first = canon[tables[0][1]]
+    if all(torch.equal(canon[k], first) for _, k in tables):
+        canon[SHARED_RPB] = first
+        for _, k in tables:
+            del canon[k]
+        report.notes.append(
+            f"the checkpoint's {len(tables)} per-block relative position tables are equal: "
+            "merged exactly into the shared table"
+        )
+
+
+def read_metadata(path_or_state: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Side information of a checkpoint: safetensors metadata, HF `preprocessor_config.json`,
+    timm hub `config.json` (empty for in-memory state dicts and `.pth` files)."""
+    if isinstance(path_or_state, Mapping):
+        return {}
+    path = Path(path_or_state)
+    out: dict[str, Any] = {}
+    folder = path if path.is_dir() else path.parent
+    weights = path
+    if path.is_dir():
+        names = ("model.safetensors", "backbone.safetensors")
+        weights = next((path / n for n in names if (path / n).is_file()), path / names[0])
+        for name in ("preprocessor_config.json", "config.json"):
+            f = folder / name
+            if f.is_file():
+                try:
+                    out[name] = json.loads(f.read_text())
+                except json.JSONDecodeError as e:
+                    raise WeightsError(f"{f} is not valid JSON: {e}") from None
+    if weights.suffix == ".safetensors" and weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            out["safetensors"] = f.metadata() or {}
+    return out
+
+
+def _source_convention(
+    path_or_state: str | Path | Mapping[str, Any],
+    canon: Mapping[str, torch.Tensor],
+    fmt: str,
+    hf_config: Mapping[str, Any] | None,
+    mean: tuple[float, ...] | float | None,
+    std: tuple[float, ...] | float | None,
+) -> tuple[InputConvention, str]:
+    """The checkpoint's own input convention, and a few words on where it came from."""
+    w = canon.get("patch_embed.proj.weight")
+    chans = int(w.shape[1]) if w is not None and w.ndim == 4 else 3
+    size = 224
+    if hf_config is not None and isinstance(hf_config.get("image_size"), int):
+        size = hf_config["image_size"]
+
+    def conv(m: Any, s: Any, where: str) -> tuple[InputConvention, str]:
+        from beitdomain.models.convention import broadcast
+
+        try:
+            mm = broadcast(mean if mean is not None else m, chans, "mean")
+            ss = broadcast(std if std is not None else s, chans, "std")
+            c = InputConvention(chans, size, mm, ss)
+        except ValueError as e:
+            raise WeightsError(f"input convention of {where}: {e}") from None
+        if mean is not None or std is not None:
+            where = "given by the caller (model.input_mean / model.input_std)"
+        return c, where
+
+    if all(k in canon for k in _NORM_KEYS):
+        return conv(canon[_NORM_KEYS[0]].tolist(), canon[_NORM_KEYS[1]].tolist(), "checkpoint")
+    meta = read_metadata(path_or_state)
+    raw = meta.get("safetensors", {}).get(INPUT_META)
+    if raw:
+        d = json.loads(raw)
+        return conv(d["mean"], d["std"], "the file's beitdomain metadata")
+    pre = meta.get("preprocessor_config.json")
+    if isinstance(pre, Mapping) and "image_mean" in pre:
+        if pre.get("do_normalize", True):
+            return conv(pre["image_mean"], pre["image_std"], "preprocessor_config.json")
+        return conv(0.0, 1.0, "preprocessor_config.json (do_normalize false)")
+    cfg = meta.get("config.json")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("pretrained_cfg"), Mapping):
+        pc = cfg["pretrained_cfg"]
+        if "mean" in pc and "std" in pc:
+            return conv(pc["mean"], pc["std"], "config.json pretrained_cfg (timm)")
+    if fmt == "beitdomain":  # written before the convention was saved: [0, 1] as is
+        return conv(0.0, 1.0, "beitdomain checkpoint without a recorded convention: [0, 1]")
+    return conv(0.5, 0.5, f"official BEiT convention, assumed for a {fmt} checkpoint")
 
 
 def _hf_grid(config: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -576,6 +789,7 @@ class TimmExport:
     path: Path
     model_name: str
     model_kwargs: dict[str, Any]
+    input: InputConvention | None = None
 
     @property
     def pretrained_cfg_overlay(self) -> dict[str, Any]:
@@ -585,11 +799,14 @@ class TimmExport:
         correctly when `in_chans` differs; `num_classes=0` says the file has no head.
         """
         size = self.model_kwargs["img_size"]
-        return {
+        out: dict[str, Any] = {
             "file": str(self.path),
             "input_size": (self.model_kwargs["in_chans"], size, size),
             "num_classes": 0,
         }
+        if self.input is not None:
+            out.update(mean=self.input.mean, std=self.input.std, crop_pct=1.0)
+        return out
 
     def create_model(self, num_classes: int = 0, **overrides: Any) -> nn.Module:
         """Builds the timm model with these weights (offline; reads only `path`)."""
@@ -639,6 +856,11 @@ def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
     # Any registered BEiT works as the template: every dimension is overridden by kwargs.
     name = "beit_base_patch16_224"
     out = Path(out_path)
-    meta = {"format": "pt", "beitdomain.timm": json.dumps({"model": name, **kwargs})}
+    conv = convention_of(model)
+    meta = {
+        "format": "pt",
+        "beitdomain.timm": json.dumps({"model": name, **kwargs}),
+        INPUT_META: json.dumps(conv.to_dict()),
+    }
     atomic_write_safetensors(out, state, metadata=meta)
-    return TimmExport(path=out, model_name=name, model_kwargs=kwargs)
+    return TimmExport(path=out, model_name=name, model_kwargs=kwargs, input=conv)

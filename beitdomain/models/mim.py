@@ -1,14 +1,16 @@
 """BEiT masked image modeling on a timm `Beit`: mask tokens in, predictions for masked patches out.
 
 Flow per batch:
-    images [B, C, H, W] --patch_embed--> [B, L, D] --masked -> mask_token--> + cls, pos
+    images [B, C, H, W] in [0, 1] --input_norm (the weights' own mean/std)--> patch_embed
+    --> [B, L, D] --masked -> mask_token--> + cls, pos
     --timm blocks (shared or per-block rel. pos. bias)--> norm --gather masked--> [N, D]
     --lm_head--> [N, V] (visual-token logits) or [N, P] (normalized pixels, the paper's ablation)
 
 Only masked positions reach the head (`N = mask.sum()`), so with a 40% mask and an 8192-word
 vocabulary the head costs 40% of a full-sequence head, and no logits are computed that the loss
-would throw away. For the same reason the last block's MLP and the final norm run on the masked
-tokens only (its attention still reads every token); see `BeitMIM.forward`.
+would throw away. For the same reason the last block runs its queries, output projection, MLP
+and the final norm on the masked tokens only (keys and values still come from every token); see
+`BeitMIM.forward`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from beitdomain.models.attention import attention_at
 from beitdomain.models.backbone import BackboneConfig, create_backbone
+from beitdomain.models.convention import InputNorm
 
 MimTarget = Literal["tokens", "pixels"]
 
@@ -33,8 +37,9 @@ class BeitMIM(nn.Module):
 
     The backbone must put its final LayerNorm on every token (`create_backbone(cfg,
     final_norm="tokens")`, key `norm.*`), as unilm's pre-training model does. State-dict keys are
-    `backbone.<timm Beit keys>`, `mask_token` and `lm_head.*` (the head keeps unilm's name for
-    both targets).
+    `backbone.<timm Beit keys>`, `mask_token`, `lm_head.*` (the head keeps unilm's name for
+    both targets) and `input_norm.mean` / `input_norm.std` (the input convention, see
+    `models.convention`; images arrive in [0, 1]).
 
     Args:
         backbone: the timm `Beit`.
@@ -69,6 +74,7 @@ class BeitMIM(nn.Module):
         dim = backbone.embed_dim
         out_dim = vocab_size if target == "tokens" else self.patch_size**2 * self.in_chans
         self.vocab_size = vocab_size if target == "tokens" else None
+        self.input_norm = InputNorm(self.in_chans)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, out_dim)
         trunc_normal_(self.mask_token, std=0.02)
@@ -110,7 +116,7 @@ class BeitMIM(nn.Module):
     def _embed(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Patch embedding with masked patches swapped for the mask token, + cls (+ pos)."""
         bb = self.backbone
-        x = bb.patch_embed(images)  # [B, L, D]
+        x = bb.patch_embed(self.input_norm(images))  # [B, L, D]
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         # As timm's Beit.forward_features, with the mask tokens swapped in before cls/pos.
@@ -134,7 +140,15 @@ class BeitMIM(nn.Module):
         # additive float mask rules out the FlashAttention kernel, so on CUDA SDPA runs the
         # memory-efficient (or cuDNN) kernel, which supports a bias and its gradient.
         bb = self.backbone
-        return bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        if bb.rel_pos_bias is None:
+            return None
+        bias = bb.rel_pos_bias()
+        kind = bias.device.type
+        if torch.is_autocast_enabled(kind):
+            # In the scores' dtype: a float32 bias would promote the add, the softmax and their
+            # backward to float32 (~2x slower attention on a CPU; SDPA casts it on CUDA anyway).
+            bias = bias.to(torch.get_autocast_dtype(kind))
+        return bias
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Runs the backbone with masked patches replaced by the mask token.
@@ -156,9 +170,9 @@ class BeitMIM(nn.Module):
         """Predictions for the masked patches, in row-major (batch, patch) order.
 
         The head only needs the last block's outputs at masked positions. Attention must still
-        see every token (keys and values), so the last block's attention half runs on all of
-        them, through timm's own module; its MLP half and the final norm are per-token, so they
-        run on the masked tokens only (40% of them with BEiT's mask). The result equals
+        see every token as keys and values, but its queries, its output projection, the MLP
+        and the final norm are per-token, so they run on the masked tokens only (40% of them
+        with BEiT's mask; `models.attention.attention_at`). The result equals
         `lm_head(encode(images, mask)[:, 1:][mask])`; drop path draws one value per image either
         way. It needs the same masked count in every image (what both mask generators give);
         otherwise the full last block runs.
@@ -184,9 +198,11 @@ class BeitMIM(nn.Module):
         last = bb.blocks[-1]
         g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
         g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
-        # Boolean gather keeps (batch, patch) row-major order: [B, 1 + L, D] -> [B, M, D].
-        x = x + last.drop_path1(g1 * last.attn(last.norm1(x), shared_rel_pos_bias=rel_pos_bias))
-        x = x[:, 1:][mask].view(b, -1, x.shape[-1])
+        # Masked token positions in (batch, patch) row-major order, +1 for cls: [B, M].
+        idx = mask.nonzero()[:, 1].view(b, -1) + 1
+        xq = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
+        h = attention_at(last.attn, last.norm1(x), idx, rel_pos_bias)
+        x = xq + last.drop_path1(g1 * h)
         x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
         return self.lm_head(bb.norm(x).flatten(0, 1))  # [N, D] -> [N, V or P]
 

@@ -28,7 +28,12 @@ from beitdomain.tokenizer.io import (
     load_tokenizer_config,
     save_tokenizer,
 )
-from beitdomain.tokenizer.schedule import gumbel_temperature, kl_weight
+from beitdomain.tokenizer.schedule import (
+    anneal_steps,
+    gumbel_temperature,
+    kl_weight,
+    kl_weight_per_element,
+)
 
 __all__ = [
     "TOKENIZER_PRESETS",
@@ -38,6 +43,7 @@ __all__ = [
     "DVAEOutput",
     "DiscreteVAE",
     "UntrustedPickleError",
+    "anneal_steps",
     "check_codebook_usage",
     "count_params",
     "create_tokenizer",
@@ -47,6 +53,7 @@ __all__ = [
     "gumbel_temperature",
     "import_dalle",
     "kl_weight",
+    "kl_weight_per_element",
     "load_tokenizer",
     "load_tokenizer_config",
     "psnr",

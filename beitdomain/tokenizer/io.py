@@ -49,6 +49,7 @@ __all__ = [
     "import_dalle",
     "load_tokenizer",
     "load_tokenizer_config",
+    "load_tokenizer_extra",
     "save_tokenizer",
 ]
 
@@ -166,6 +167,14 @@ def load_tokenizer_config(path: str | os.PathLike[str]) -> DVAEConfig:
                 f"config.{key}={getattr(cfg, key)!r}; the file was edited inconsistently."
             )
     return cfg
+
+
+def load_tokenizer_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The provenance a saved tokenizer records (``save_tokenizer(..., extra=...)``)."""
+    load_tokenizer_config(path)  # validates the file first
+    json_path, _ = _resolve(path)
+    extra = json.loads(json_path.read_text()).get("extra")
+    return extra if isinstance(extra, dict) else {}
 
 
 def load_tokenizer(

@@ -6,6 +6,13 @@ relaxation gap shrinks as the temperature falls, so the decoder sees samples clo
 one-hot tokens it must decode at inference; ramping the KL weight up from 0 lets the encoder
 first learn informative codes before the prior pulls the code distribution towards uniform.
 
+DALL-E reaches 1/16 after 5% of its 3M updates and holds it: the decoder then trains on near-hard
+samples, the codes that BEiT pre-training will use. `anneal_steps` gives that shape for any run
+length (anneal over a fraction of the run, then hold). Its KL weight weighs a sum over sub-pixels
+against a sum over cells; `kl_weight_per_element` turns a per-pixel weight into the one that
+balances a reconstruction loss averaged over channels, so a recipe's value means the same for
+1-channel and RGB tokenizers.
+
 Example, a 100k-step run:
 
 ```
@@ -20,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-__all__ = ["gumbel_temperature", "kl_weight"]
+__all__ = ["anneal_steps", "gumbel_temperature", "kl_weight", "kl_weight_per_element"]
 
 
 def _progress(step: int, total: int) -> float:
@@ -96,3 +103,27 @@ def kl_weight(
     if mode == "linear":
         return max_weight * t
     raise ValueError(f"unknown KL weight schedule mode {mode!r}; valid: 'cosine', 'linear'.")
+
+
+def anneal_steps(fraction: float, total_steps: int) -> int:
+    """Steps of the temperature anneal: `ceil(fraction * total_steps)`; the rest holds the end.
+
+    Raises:
+        ValueError: if `fraction` is not in (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"anneal fraction must be in (0, 1], got {fraction}")
+    return max(1, math.ceil(fraction * total_steps))
+
+
+def kl_weight_per_element(weight_per_pixel: float, in_chans: int) -> float:
+    """The KL weight against a reconstruction loss averaged over `in_chans` channels.
+
+    DALL-E's objective sums the reconstruction over sub-pixels (C per pixel) and the KL over
+    token cells: per averaged element the KL weight is `beta / (C * d * d)` for d x d pixels per
+    cell. A recipe states `beta / (d * d)` per pixel (0.1 for DALL-E's 6.6 at d = 8), which this
+    divides by the channel count, so RGB is not weighted 3x more than gray.
+    """
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    return weight_per_pixel / in_chans

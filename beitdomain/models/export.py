@@ -1,0 +1,207 @@
+"""Export a BEiT backbone as a timm model folder or a Hugging Face `BeitModel` folder.
+
+Both carry the model's input convention (channels, size, mean and std of [0, 1] images), so each
+library's own preprocessing feeds the weights what they were trained on:
+
+* timm: `config.json` in timm's hub format (architecture, `model_args`, `pretrained_cfg` with
+  `input_size`, `mean`, `std`, `num_classes: 0`) and `model.safetensors`. Loads with
+  `timm.create_model("local-dir:<folder>", pretrained=True)`, or the same call with
+  `pretrained_cfg_overlay=dict(file="<folder>/model.safetensors")`; `resolve_data_config` +
+  `create_transform` give the matching transform.
+* Hugging Face: `config.json` (`BeitConfig`), `model.safetensors` and `preprocessor_config.json`
+  (`BeitImageProcessor`: resize to the input size, rescale to [0, 1], normalize with the model's
+  mean / std); loads with `BeitModel.from_pretrained(folder)` and
+  `AutoImageProcessor.from_pretrained(folder)`. transformers is needed only here (dev extra).
+
+The layout is the fine-tuning one of both libraries: mean pooling over patch tokens, then a
+LayerNorm (`fc_norm` / `pooler.layernorm`). A MIM backbone's token norm is not carried over and
+the pooled norm is written fresh (weight 1, bias 0), as BEiT fine-tuning starts it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
+from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+from beitdomain.models.convention import InputConvention, convention_of
+from beitdomain.models.convert import (
+    INPUT_META,
+    RPB,
+    SHARED_RPB,
+    WeightsError,
+    _hf_name,
+    _target_state,
+)
+
+ExportFormat = Literal["timm", "hf"]
+TIMM_TEMPLATE = "beit_base_patch16_224"  # any registered BEiT: model_args set every dimension
+WEIGHTS = "model.safetensors"
+
+
+def _pooled_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any, InputConvention]:
+    """Backbone tensors in timm's classifier layout (per-block tables, fc_norm, no head)."""
+    backbone, _, _ = _target_state(model)
+    cfg = backbone_config_of(backbone)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+    shared = state.pop(SHARED_RPB, None)
+    if shared is not None:
+        for i in range(cfg.depth):
+            state[f"blocks.{i}.attn.{RPB}"] = shared.clone()
+    if "fc_norm.weight" not in state:
+        state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
+        state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
+    return state, cfg, convention_of(model)
+
+
+def timm_model_args(cfg: Any) -> dict[str, Any]:
+    """`timm.create_model` keyword arguments that rebuild the exported architecture."""
+    kwargs = beit_kwargs(cfg.replace(use_shared_rel_pos_bias=False, drop_path_rate=0.0))
+    kwargs.pop("drop_path_rate")
+    return kwargs
+
+
+def export_timm(model: nn.Module, folder: str | Path) -> Path:
+    """Writes a timm model folder (`config.json` + `model.safetensors`); returns the folder.
+
+    Load it with `timm.create_model(f"local-dir:{folder}", pretrained=True)`; the
+    `pretrained_cfg` it reads says `in_chans`, `input_size`, `mean`, `std` and `num_classes=0`.
+    """
+    state, cfg, conv = _pooled_state(model)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    args = timm_model_args(cfg)
+    pretrained_cfg = {
+        "input_size": [conv.in_chans, conv.input_size, conv.input_size],
+        "fixed_input_size": True,
+        "mean": list(conv.mean),
+        "std": list(conv.std),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,  # the model's size is the training size: resize, no extra crop
+        "crop_mode": "center",
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "same as the source weights",
+    }
+    config = {
+        "architecture": TIMM_TEMPLATE,
+        "num_classes": 0,
+        "num_features": cfg.embed_dim,
+        "global_pool": "avg",
+        "model_args": args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+    meta = {"format": "pt", INPUT_META: json.dumps(conv.to_dict())}
+    atomic_write_safetensors(out / WEIGHTS, state, metadata=meta)
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def hf_config_dict(cfg: Any, conv: InputConvention) -> dict[str, Any]:
+    """`BeitConfig` keyword arguments for the exported (mean-pooled, per-block bias) layout."""
+    return dict(
+        image_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans,
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+        hidden_act="gelu",  # exact erf GELU, as timm
+        layer_norm_eps=1e-6,  # timm's LayerNorm eps (HF's default is 1e-12)
+        layer_scale_init_value=cfg.layer_scale_init or 0.0,
+        use_mask_token=False,
+        use_absolute_position_embeddings=cfg.use_abs_pos_emb,
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        use_mean_pooling=True,
+        drop_path_rate=0.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def export_hf(model: nn.Module, folder: str | Path) -> Path:
+    """Writes a Hugging Face `BeitModel` folder with its image processor; returns the folder.
+
+    Raises:
+        WeightsError: transformers is not installed (it is in beitdomain's dev extra).
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise WeightsError(
+            "exporting for Hugging Face needs transformers: pip install transformers "
+            "(or beitdomain[dev])"
+        ) from None
+    state, cfg, conv = _pooled_state(model)
+    hf = transformers.BeitModel(transformers.BeitConfig(**hf_config_dict(cfg, conv)))
+    filled: dict[str, torch.Tensor] = {}
+    for key, tensor in hf.state_dict().items():
+        canon = _hf_name(key)
+        value = None
+        if canon is not None:
+            value = state.get(canon)
+            if value is None and (m := _qkv_part(canon)) is not None:
+                prefix, part = m
+                qkv = state[f"{prefix}.qkv.weight"]
+                value = qkv.chunk(3, dim=0)["qkv".index(part)]
+        if value is None:
+            if key.endswith("relative_position_index"):
+                continue  # buffers that transformers computes itself
+            raise WeightsError(f"HF export: no beitdomain tensor for {key} (mapped to {canon})")
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"HF export: {key} is {tuple(tensor.shape)} in transformers but "
+                f"{tuple(value.shape)} in the model"
+            )
+        filled[key] = value
+    missing, unexpected = hf.load_state_dict(filled, strict=False)
+    missing = [k for k in missing if not k.endswith("relative_position_index")]
+    if missing or unexpected:
+        raise WeightsError(f"HF export incomplete: missing {missing}, unexpected {unexpected}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    processor = transformers.BeitImageProcessor(
+        do_resize=True,
+        size={"height": conv.input_size, "width": conv.input_size},
+        resample=3,  # PIL bicubic, as timm's transform
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(conv.mean),
+        image_std=list(conv.std),
+        do_reduce_labels=False,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def _qkv_part(canon: str) -> tuple[str, str] | None:
+    for part in "qkv":
+        suffix = f".{part}.weight"
+        if canon.endswith(suffix) and ".attn" in canon:
+            return canon[: -len(suffix)], part
+    return None
+
+
+def export_backbone(model: nn.Module, folder: str | Path, fmt: ExportFormat = "timm") -> Path:
+    """`export_timm` or `export_hf` by name.
+
+    Raises:
+        ValueError: for another format.
+    """
+    if fmt == "timm":
+        return export_timm(model, folder)
+    if fmt == "hf":
+        return export_hf(model, folder)
+    raise ValueError(f"export format must be 'timm' or 'hf', got {fmt!r}")
