@@ -327,12 +327,18 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
             "finetune.train.steps=2",
             "finetune.lr_grid=[1e-3]",
             "data.val_fraction=0",
+            "finetune.selection=outside",
         ],
         **{"data.root": str(data)},
     )
     with pytest.raises(UserError, match="validation split"):
         finetune(no_val, tmp_path / "noval", device="cpu", quiet=True)
     assert not list((tmp_path / "noval").glob("lr-*"))  # refused before any training
+    # Nor with no selection at all (the default): the message names the ways to select.
+    fixed = recipe([*FINETUNE_SETS, "finetune.lr_grid=[1e-3, 2e-3]"], **{"data.root": str(data)})
+    with pytest.raises(UserError, match="selection is 'none'.*finetune.selection=carve"):
+        finetune(fixed, tmp_path / "fixed", device="cpu", quiet=True)
+    assert not list((tmp_path / "fixed").glob("lr-*"))
 
 
 def test_results_record_the_peak_learning_rate(ft_run, data, tmp_path):
