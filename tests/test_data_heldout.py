@@ -8,7 +8,7 @@ import pytest
 from helpers import FINETUNE_SETS, recipe, write_separable_set
 
 from beitdomain.data.heldout import pretraining_items
-from beitdomain.engine.data import image_source, labeled_data, test_split_items
+from beitdomain.engine.data import image_source, items_in_test_split, labeled_data
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _split_csv(root, path):
 def test_recipe_split_test_items_are_the_ones_finetuning_scores_on(data):
     r = recipe(FINETUNE_SETS, **{"data.root": str(data)})
     source, _ = image_source(r, progress=False)
-    test = test_split_items(source, r)
+    test = items_in_test_split(source, r)
     assert len(test) == 6  # 30% of 20
     assert test.tolist() == sorted(labeled_data(r, progress=False).test.indices.tolist())
     keep, info = pretraining_items(len(source), test)
@@ -42,7 +42,7 @@ def test_split_column_test_rows_are_left_out(data, tmp_path):
     labels, want = _split_csv(data, tmp_path / "labels.csv")
     r = recipe(FINETUNE_SETS, **{"data.root": str(data), "data.labels": str(labels)})
     source, _ = image_source(r, progress=False)
-    test = test_split_items(source, r)
+    test = items_in_test_split(source, r)
     assert sorted(source.source(int(i))[0] for i in test) == want
     assert test.tolist() == sorted(labeled_data(r, progress=False).test.indices.tolist())
 
@@ -54,5 +54,5 @@ def test_unlabelled_images_are_never_test_images(tmp_path):
         Image.fromarray(np.full((16, 16), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
     r = recipe(FINETUNE_SETS, **{"data.root": str(tmp_path)})
     source, _ = image_source(r, progress=False)
-    assert test_split_items(source, r).tolist() == []
-    assert np.array_equal(pretraining_items(5, test_split_items(source, r))[0], np.arange(5))
+    assert items_in_test_split(source, r).tolist() == []
+    assert np.array_equal(pretraining_items(5, items_in_test_split(source, r))[0], np.arange(5))

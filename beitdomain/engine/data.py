@@ -180,7 +180,7 @@ def unlabeled_dataset(
         raise UserError("the data holds no images")
     # The test split's images stay out unless transductive pre-training is asked for: the
     # curve scores every arm on them, and only this one would have seen them.
-    test = np.empty(0, dtype=np.int64) if d.transductive else test_split_items(source, recipe)
+    test = np.empty(0, dtype=np.int64) if d.transductive else items_in_test_split(source, recipe)
     usable, record = pretraining_items(n, test, d.transductive)
     if len(usable) == 0:
         raise UserError(
@@ -262,7 +262,7 @@ def _split_files(
     return split, fgroups
 
 
-def test_split_items(source: Any, recipe: Recipe) -> np.ndarray:
+def items_in_test_split(source: Any, recipe: Recipe) -> np.ndarray:
     """Sorted item indices of `source` whose file is in the test split that `labeled_data`
     scores on (a split column's test rows, or the recipe's seeded, grouped split of the
     labelled files). Unlabelled images are never test images."""
