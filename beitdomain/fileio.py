@@ -17,9 +17,15 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from beitdomain.user import UserError
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (held as surrogates, PEP 383) shown as
+    ``\\xff`` escapes, for titles, tables and messages that must be valid Unicode."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class WriteError(OSError, UserError):
@@ -48,7 +54,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """Opens a temporary sibling of `path` for writing; renames it over `path` on success.
 
     Raises:
@@ -61,7 +67,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 minus
         # the umask), so colleagues and services can read a shared run folder's weights.
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -98,7 +104,9 @@ def atomic_write_safetensors(
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
+    """Writes `text` as UTF-8; file names that are not UTF-8 (held as surrogates, PEP 383)
+    go back to their original bytes instead of failing with UnicodeEncodeError."""
+    with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
 
 
@@ -140,3 +148,113 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- folders beitdomain owns: a marker naming the kind, and one writer at a time -------------
+
+RUN_MARKER = ".beitdomain-run.json"  # written only by beitdomain: this folder is one of ours
+LOCK_FILE = ".beitdomain.lock"
+
+
+class FolderLockedError(OSError, UserError):
+    """Another live process writes into this folder (its PID is in the message)."""
+
+
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The run marker of `folder` (kind, files written), or None when it has none."""
+    p = Path(folder) / RUN_MARKER
+    try:
+        marker = json.loads(p.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("beitdomain") == 1 else None
+
+
+def write_marker(folder: str | Path, kind: str, files: list[str] | None = None) -> None:
+    """Marks `folder` as a beitdomain folder of `kind`; `files` are the ones it wrote."""
+    old = read_marker(folder) or {}
+    atomic_write_json(
+        Path(folder) / RUN_MARKER,
+        {
+            "beitdomain": 1,
+            "kind": kind,
+            "created": old.get("created") or _utc_now(),
+            "files": sorted(set(files if files is not None else old.get("files", []))),
+        },
+    )
+
+
+def _utc_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class FolderLock:
+    """An exclusive OS lock on `<folder>/.beitdomain.lock` (flock on POSIX, msvcrt on Windows).
+
+    The kernel drops the lock when the process ends, however it ends, so a kill -9 never leaves
+    a stale lock. Within one process a second `acquire` of the same folder takes the lock over
+    (an earlier run object can outlive its failure, e.g. held by a traceback); across processes
+    the second writer gets `FolderLockedError` naming the PID that holds the folder.
+    """
+
+    _held: ClassVar[
+        dict[str, tuple[int, object]]
+    ] = {}  # real path -> (fd, owner token), this process
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._key = os.path.realpath(self.folder)
+        self._token = object()
+
+    def acquire(self, what: str = "this folder") -> FolderLock:
+        held = FolderLock._held.get(self._key)
+        if held is not None:
+            FolderLock._held[self._key] = (held[0], self._token)
+            return self
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            _lock_fd(fd)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"PID {holder}" if holder else "another process"
+            raise FolderLockedError(
+                errno.EBUSY,
+                f"{self.folder} is in use: {who} is writing {what} there (lock {path}). Wait "
+                f"for it to finish or stop it, or choose another folder; one writer per folder "
+                f"keeps two runs from mixing their files",
+            ) from e
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        FolderLock._held[self._key] = (fd, self._token)
+        return self
+
+    def release(self) -> None:
+        """Drops the lock, unless another object of this process has taken it over."""
+        held = FolderLock._held.get(self._key)
+        if held is None or held[1] is not self._token:
+            return
+        del FolderLock._held[self._key]
+        with contextlib.suppress(OSError):
+            os.close(held[0])  # closing the descriptor releases the lock
+
+
+def _lock_fd(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode().strip())
+    return None

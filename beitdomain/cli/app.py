@@ -11,10 +11,12 @@ beitdomain demo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import platform
+import sys
 from typing import Annotated
 
 import typer
@@ -50,6 +52,10 @@ def main_options(
     ] = False,
 ) -> None:
     ctx.obj = GlobalOptions(device=device, seed=seed, quiet=quiet)
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not UTF-8 prints as \xff escapes, never as UnicodeEncodeError.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     setup_logging(quiet)
 
 

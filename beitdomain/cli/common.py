@@ -57,10 +57,19 @@ OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
 ]
 ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out (a run of this command) from its newest checkpoint.",
+    ),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Delete the files the previous run in --out wrote and start over (refused when "
+        "the folder holds anything else).",
+    ),
 ]
 
 
@@ -168,5 +177,19 @@ TrustPickleOpt = Annotated[
     typer.Option(
         "--trust-pickle",
         help="Allow pickle-based weight files (loading them can run code: trusted files only).",
+    ),
+]
+OnErrorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--on-error",
+        help="Unreadable images: fail (list them all and stop) or skip (quarantine report "
+        "and go on); sets data.on_error.",
+    ),
+]
+NonfiniteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--nonfinite", help="NaN/Inf in float images: error or zero (sets data.nonfinite)."
     ),
 ]

@@ -10,6 +10,8 @@ import typer
 from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -101,6 +103,8 @@ def curve(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -130,6 +134,8 @@ def curve(
     options = {
         "data.root": str(data) if data else None,
         "data.cache": str(cache) if cache else None,
+        "data.on_error": on_error,
+        "data.nonfinite": nonfinite,
         "curve.inits": parse_inits(init) if init else None,
         "curve.init_sets": parse_init_sets(init_set) if init_set else None,
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,

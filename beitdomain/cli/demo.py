@@ -63,7 +63,13 @@ def demo(
         recipe = "elpv-gpu" if on_gpu else "elpv-cpu"
     r = load(ctx, recipe, sets, {"data.transductive": True if transductive else None})
     console.print(f"beitdomain demo: recipe {recipe}, output in {out}")
-    result = run_demo(r, out, device=g.device, quiet=g.quiet)
+    try:
+        result = run_demo(r, out, device=g.device, quiet=g.quiet)
+    except KeyboardInterrupt:  # a stage's advice names --resume, which demo does not need
+        raise KeyboardInterrupt(
+            "demo interrupted; run the same `beitdomain demo` command again: finished stages "
+            "are skipped and the interrupted one resumes from its checkpoint"
+        ) from None
     for eff in result.get("efficiency", []):
         console.print(eff["statement"])
     console.print(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")

@@ -12,6 +12,8 @@ from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
     EpochsOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -55,6 +57,8 @@ def finetune(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     labels_csv: Annotated[
         Path | None, typer.Option("--labels-csv", help="CSV path,label[,split] (sets data.labels).")
     ] = None,
@@ -94,6 +98,8 @@ def finetune(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.on_error": on_error,
+            "data.nonfinite": nonfinite,
             "data.labels": str(labels_csv) if labels_csv else None,
             "finetune.labels": labels,
             "finetune.init": init,
@@ -137,6 +143,15 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write.")] = Path(
         "predictions.csv"
     ),
+    on_error: Annotated[
+        str,
+        typer.Option(
+            "--on-error",
+            help="Unreadable images: skip (predict the others; they are listed in "
+            "<out>.errors.csv) or fail.",
+        ),
+    ] = "skip",
+    nonfinite: NonfiniteOpt = None,
 ) -> None:
     """Predict classes for new images with a fine-tuned run (same readers and normalization).
 
@@ -147,7 +162,15 @@ def predict(
 
         beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
     """
-    from beitdomain.engine.predict import predict as run_predict
+    from beitdomain.engine.predict import predict_files
 
-    path = run_predict(run, inputs, out, device=global_options(ctx).device)
+    path, skipped = predict_files(
+        run, inputs, out, device=global_options(ctx).device, on_error=on_error, nonfinite=nonfinite
+    )
     console.print(f"wrote {path}")
+    if skipped:
+        from beitdomain.data.index import errors_path
+
+        console.print(
+            f"skipped {len(skipped)} file(s) that could not be used: see {errors_path(out)}"
+        )

@@ -12,6 +12,8 @@ from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
     EpochsOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -41,6 +43,8 @@ def pretrain(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
@@ -99,6 +103,8 @@ def pretrain(
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
             "data.transductive": True if transductive else None,
+            "data.on_error": on_error,
+            "data.nonfinite": nonfinite,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,

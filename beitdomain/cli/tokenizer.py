@@ -12,6 +12,8 @@ from beitdomain.cli.common import (
     CacheOpt,
     DataOpt,
     EpochsOpt,
+    NonfiniteOpt,
+    OnErrorOpt,
     OutOpt,
     OverwriteOpt,
     RecipeOpt,
@@ -41,6 +43,8 @@ def train(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    on_error: OnErrorOpt = None,
+    nonfinite: NonfiniteOpt = None,
     preset: Annotated[
         str | None, typer.Option(help="Size preset: tiny, small (CPU), base (GPU), dalle.")
     ] = None,
@@ -91,6 +95,8 @@ def train(
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
             "data.transductive": True if transductive else None,
+            "data.on_error": on_error,
+            "data.nonfinite": nonfinite,
             "tokenizer.preset": preset,
             "tokenizer.vocab_size": vocab_size,
             "tokenizer.init": str(init) if init else None,

@@ -33,7 +33,16 @@ import numpy as np
 
 from beitdomain.data.index import DataError, Manifest, ScanError, path_stat, scan
 from beitdomain.data.parallel import parallel_map
-from beitdomain.fileio import atomic_write_json, sha256_file
+from beitdomain.fileio import (
+    LOCK_FILE,
+    RUN_MARKER,
+    FolderLock,
+    FolderLockedError,
+    atomic_write_json,
+    read_marker,
+    sha256_file,
+    write_marker,
+)
 from beitdomain.io import IntensitySpec, ReaderError, kept_frames, load_image
 
 CACHE_VERSION = 1
@@ -232,80 +241,82 @@ def build_cache(
     if size < 8:
         raise ValueError(f"size={size}; the working resolution should be >= the training size")
     out_dir = Path(out_dir)
-    manifest = _as_manifest(source, on_error, workers, progress)
-    fresh = (out_dir / "cache.json").is_file() and not check_cache(
-        out_dir, spec, size, dtype, fit, manifest
-    )
-    if fresh and not force:
-        cached = CachedImages(out_dir, verify=False)
-        cached.reused = True
-        return cached
+    _check_cache_folder(out_dir)  # before a long scan
     out_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
-
-    kept = [kept_frames(e.shape, e.reader, spec) for e in manifest.entries]
-    per_file = [len(k) for k in kept]
-    offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
-    total = int(offsets[-1])
-    shape = (total, spec.in_chans, size, size)
+    try:
+        lock = FolderLock(out_dir).acquire("a cache")
+    except FolderLockedError as e:
+        raise CacheError(e.strerror or str(e)) from None
     partial = out_dir / ".images.partial.npy"
-    images = np.lib.format.open_memmap(partial, mode="w+", dtype=DTYPES[dtype], shape=shape)
-    spec_dict = spec.to_dict()
-    jobs = [
-        (i, str(manifest.abspath(e)), spec_dict, size, dtype, fit, per_file[i])
-        for i, e in enumerate(manifest.entries)
-    ]
-    failed: dict[int, str] = {}
-    decoded = parallel_map(
-        _decode_file,
-        jobs,
-        workers=workers,
-        progress=progress,
-        description="Decoding into the cache",
-    )
-    for i, arr, reason in decoded:
-        if arr is None:
-            failed[i] = reason or "unreadable"
-            continue
-        images[offsets[i] : offsets[i + 1]] = arr
-    images.flush()
-    del images
-    errors = list(manifest.errors) + [
-        (manifest.entries[i].path, r) for i, r in sorted(failed.items())
-    ]
-    if failed and on_error == "fail":
-        partial.unlink()
-        raise ScanError(
-            f"{manifest.root}: {len(failed)} file(s) could not be cached:",
-            [(manifest.entries[i].path, r) for i, r in sorted(failed.items())],
-            "Fix or remove them, or pass --on-error skip.",
+    try:
+        manifest = _as_manifest(source, on_error, workers, progress)
+        fresh = (out_dir / "cache.json").is_file() and not check_cache(
+            out_dir, spec, size, dtype, fit, manifest
         )
-    items, files = [], []
-    for i, e in enumerate(manifest.entries):
-        if i in failed:
-            continue
-        record = {
-            "path": e.path,
-            "size": e.size,
-            "mtime_ns": e.mtime_ns,
-            "label": e.label,
-            "split": e.split,
-            "group": e.group,
-            "frames": per_file[i],
-        }
-        if hash_files and manifest.abspath(e).is_file():  # not for series folders
-            record["sha256"] = sha256_file(manifest.abspath(e))
-        file_index = len(files)
-        files.append(record)
-        # Frame (slice) index within the source file, so a selection records which were kept.
-        for k in range(per_file[i]):
-            items.append((int(offsets[i]) + k, file_index, int(kept[i][k])))
-    os.replace(partial, out_dir / "images.npy")
-    np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
-    atomic_write_json(
-        out_dir / "cache.json",
-        {
+        if fresh and not force:
+            cached = CachedImages(out_dir, verify=False)
+            cached.reused = True
+            return cached
+        write_marker(out_dir, "cache")
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
+
+        kept = [kept_frames(e.shape, e.reader, spec) for e in manifest.entries]
+        per_file = [len(k) for k in kept]
+        offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
+        total = int(offsets[-1])
+        shape = (total, spec.in_chans, size, size)
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=DTYPES[dtype], shape=shape)
+        spec_dict = spec.to_dict()
+        jobs = [
+            (i, str(manifest.abspath(e)), spec_dict, size, dtype, fit, per_file[i])
+            for i, e in enumerate(manifest.entries)
+        ]
+        failed: dict[int, str] = {}
+        decoded = parallel_map(
+            _decode_file,
+            jobs,
+            workers=workers,
+            progress=progress,
+            description="Decoding into the cache",
+        )
+        for i, arr, reason in decoded:
+            if arr is None:
+                failed[i] = reason or "unreadable"
+                continue
+            images[offsets[i] : offsets[i + 1]] = arr
+        images.flush()
+        del images
+        errors = list(manifest.errors) + [
+            (manifest.entries[i].path, r) for i, r in sorted(failed.items())
+        ]
+        if failed and on_error == "fail":
+            raise ScanError(
+                f"{manifest.root}: {len(failed)} file(s) could not be cached:",
+                [(manifest.entries[i].path, r) for i, r in sorted(failed.items())],
+                "Fix or remove them, or pass --on-error skip.",
+            )
+        items, files = [], []
+        for i, e in enumerate(manifest.entries):
+            if i in failed:
+                continue
+            entry = {
+                "path": e.path,
+                "size": e.size,
+                "mtime_ns": e.mtime_ns,
+                "label": e.label,
+                "split": e.split,
+                "group": e.group,
+                "frames": per_file[i],
+            }
+            if hash_files and manifest.abspath(e).is_file():  # not for series folders
+                entry["sha256"] = sha256_file(manifest.abspath(e))
+            file_index = len(files)
+            files.append(entry)
+            # Frame (slice) index within the source file, so a selection records which were kept.
+            for k in range(per_file[i]):
+                items.append((int(offsets[i]) + k, file_index, int(kept[i][k])))
+        record = {  # built before anything is renamed into place
             "cache_version": CACHE_VERSION,
             "settings": _settings(spec, size, dtype, fit),
             "root": str(Path(manifest.root).resolve()),
@@ -314,11 +325,38 @@ def build_cache(
             "manifest_fingerprint": manifest.fingerprint(),
             "files": files,
             "errors": [list(x) for x in errors],
-        },
-    )
+        }
+        os.replace(partial, out_dir / "images.npy")
+        np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
+        atomic_write_json(out_dir / "cache.json", record)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-built cache left behind
+        raise
+    finally:
+        lock.release()
     cached = CachedImages(out_dir, verify=False)
     cached.reused = False
     return cached
+
+
+def _check_cache_folder(out_dir: Path) -> None:
+    """A cache is written into a new or empty folder, or over a cache (never among other files).
+
+    Raises:
+        CacheError: `out_dir` holds files and is not a cache; nothing was written.
+    """
+    if not out_dir.is_dir():
+        if out_dir.exists():
+            raise CacheError(f"{out_dir} is a file; give the cache a folder of its own")
+        return
+    ours = (out_dir / "cache.json").is_file() or (read_marker(out_dir) or {}).get("kind") == "cache"
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER))
+    if entries and not ours:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CacheError(
+            f"{out_dir} is not empty ({shown}) and is not a beitdomain cache; nothing was "
+            f"written. Choose an empty or new folder with --out"
+        )
 
 
 def _as_manifest(source: Any, on_error: str, workers: int, progress: bool) -> Manifest:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.data.parallel import parallel_map
-from beitdomain.fileio import atomic_write_text
+from beitdomain.fileio import atomic_write_text, printable
 from beitdomain.io import IntensitySpec, ReaderError, read_raw
 from beitdomain.io.load import prepare
 from beitdomain.user import MissingPathError, UserError
@@ -99,7 +99,8 @@ class Manifest:
         """sha256 over (path, size, mtime) of all entries: changes when any file changes."""
         h = hashlib.sha256()
         for e in sorted(self.entries, key=lambda e: e.path):
-            h.update(f"{e.path}\0{e.size}\0{e.mtime_ns}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
+            h.update(f"{e.path}\0{e.size}\0{e.mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
@@ -150,16 +151,16 @@ class Manifest:
         errors: list[tuple[str, str]] = []
         err_file = errors_path(path)
         if err_file.is_file():
-            with open(err_file, newline="") as f:
+            with open(err_file, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 errors = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
         entries = []
         if path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 for row in csv.DictReader(f):
                     entries.append(_entry_from_row(row, path))
             return cls(str(root or path.parent), entries, errors)
         stored_root = None
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f):
                 if not line.strip():
                     continue
@@ -288,7 +289,10 @@ def read_labels_csv(
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise MissingPathError(f"labels CSV {csv_path} not found (data.labels / --labels-csv)")
+        raise MissingPathError(
+            f"labels CSV {csv_path} not found (it comes from data.labels, `beitdomain finetune "
+            f"--labels-csv` or `beitdomain data scan --labels`)"
+        )
     root_resolved = root.resolve()
     rows: list[tuple[Path, str, str | None, str | None]] = []
     problems: list[tuple[str, str]] = []
@@ -296,7 +300,9 @@ def read_labels_csv(
     seen: dict[Path, int] = {}
     columns = {"path": 0, "label": 1, "split": 2, "group": 3}  # without a header
     ncols: tuple[int, ...] = (2, 3, 4)
-    with open(csv_path, newline="") as f:
+    # utf-8-sig: Excel starts its CSVs with a byte-order mark. surrogateescape: a path that is
+    # not UTF-8 keeps its bytes, so it still names a file of the same (legacy) name on disk.
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
@@ -321,19 +327,18 @@ def read_labels_csv(
                 continue  # header
             where = f"{csv_path.name} line {lineno}"
             if len(row) not in ncols:
-                problems.append(
-                    (where, f"expected 'path,label[,split]' (or path,label,split,group), got {row}")
-                )
+                problems.append((where, f"expected {_ROW_FORMS}, got {printable(str(row))}"))
                 continue
             cell = {k: row[i].strip() if i < len(row) else "" for k, i in columns.items()}
             rel, label = cell.get("path", ""), cell.get("label", "")
             if not rel or not label:
-                problems.append(
-                    (where, f"expected 'path,label[,split]' (or path,label,split,group), got {row}")
-                )
+                problems.append((where, f"expected {_ROW_FORMS}, got {printable(str(row))}"))
                 continue
             split = cell.get("split") or None
             group = cell.get("group") or None
+            if not all(_is_utf8(v) for v in (label, split or "", group or "")):
+                problems.append((where, f"label '{printable(label)}' {_NOT_UTF8}"))
+                continue
             if split is not None and split not in VALID_SPLITS:
                 problems.append((where, f"split {split!r} is not one of {', '.join(VALID_SPLITS)}"))
                 continue
@@ -343,7 +348,9 @@ def read_labels_csv(
                     (
                         where,
                         f"{rel!r} resolves outside the data root {root} "
-                        "(use paths relative to the root, or --allow-outside-root)",
+                        "(use paths relative to the root, or allow them: "
+                        "data.allow_outside_root=true in the recipe, or "
+                        "`beitdomain data scan --allow-outside-root`)",
                     )
                 )
                 continue
@@ -352,12 +359,31 @@ def read_labels_csv(
                 continue
             seen[resolved] = lineno
             if not (resolved.is_file() or (dicom_series and resolved.is_dir())):
-                missing.append((rel, f"listed in {where} but the file does not exist"))
+                why = f"listed in {where} but the file does not exist"
+                if not _is_utf8(rel):
+                    why += f"; the path {_NOT_UTF8}"
+                missing.append((rel, why))
                 continue
             rows.append((resolved, label, split, group))
     if problems:
         raise ScanError(f"{csv_path}: {len(problems)} problem(s) in the labels CSV:", problems)
     return rows, missing
+
+
+_ROW_FORMS = "'path,label[,split]' (or path,label,split,group)"
+_NOT_UTF8 = (
+    "is not UTF-8 text (the CSV was saved in another encoding, e.g. Latin-1 / Windows-1252): "
+    "save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')"
+)
+
+
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds bytes that did not decode as UTF-8 (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def scan(

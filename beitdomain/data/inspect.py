@@ -18,7 +18,7 @@ import numpy as np
 
 from beitdomain.data.cache import CachedImages, dequantize_scale
 from beitdomain.data.index import Manifest
-from beitdomain.fileio import atomic_save
+from beitdomain.fileio import atomic_save, printable
 from beitdomain.io import IntensitySpec, ReaderError, load_image
 
 
@@ -62,10 +62,10 @@ def _samples(
 
 
 def _title(path: str, label: str | None, frame: int | None = None) -> str:
-    text = _short(Path(path).name)
+    text = _short(printable(Path(path).name))
     if frame:
         text += f" [{frame}]"
-    return f"{text}\n{label}" if label is not None else text
+    return f"{text}\n{printable(label)}" if label is not None else text
 
 
 def contact_sheet(

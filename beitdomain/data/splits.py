@@ -96,7 +96,7 @@ def parse_labels_spec(spec: str | LabelSpec) -> LabelSpec:
     text = str(spec).strip()
 
     def bad(why: str) -> LabelSubsetError:
-        return LabelSubsetError(f"--labels {spec!r}: {why}. Use {LABELS_FORMS}.")
+        return LabelSubsetError(f"labels {spec!r}: {why}. Use {LABELS_FORMS}.")
 
     if m := _PER_CLASS.match(text):
         n = int(m.group(1))
@@ -338,12 +338,12 @@ def subset_size(spec: str | LabelSpec, train_labels: Sequence[Hashable]) -> int 
         want = int(spec.value)
         if want > n:
             raise LabelSubsetError(
-                f"--labels {spec.text} asks for {want} images but the train split has only {n}; "
+                f"labels {spec.text} asks for {want} images but the train split has only {n}; "
                 f"use at most {n} or '100%'"
             )
         if want < k:
             raise LabelSubsetError(
-                f"--labels {spec.text} is fewer images than the {k} classes; every class needs "
+                f"labels {spec.text} is fewer images than the {k} classes; every class needs "
                 f"at least one example. Use at least {k}, or '1/class'"
             )
         return want
@@ -351,7 +351,7 @@ def subset_size(spec: str | LabelSpec, train_labels: Sequence[Hashable]) -> int 
     if raw < k:
         smallest = math.ceil(k / n * 1000) / 10  # smallest workable percentage, rounded up
         raise LabelSubsetError(
-            f"--labels {spec.text} of {n} training images would give {raw:g} images, fewer than "
+            f"labels {spec.text} of {n} training images would give {raw:g} images, fewer than "
             f"the {k} classes (every class needs at least one example). Use '1/class', a count "
             f"of at least {k}, or a fraction of at least {smallest:g}%"
         )
@@ -385,7 +385,7 @@ def label_subset(train_labels: Sequence[Hashable], spec: str | LabelSpec, seed: 
         short = {c: len(p) for c, p in perms.items() if len(p) < per}
         if short:
             raise LabelSubsetError(
-                f"--labels {spec.text} asks for {per} images per class, but the train split has "
+                f"labels {spec.text} asks for {per} images per class, but the train split has "
                 f"fewer for class(es) {_fmt_counts(short)}; use at most "
                 f"'{min(len(p) for p in perms.values())}/class', or a fraction or a count"
             )
@@ -598,7 +598,7 @@ def group_label_subset(
             have = np.cumsum(sizes[order])
             if have[-1] < per:
                 raise LabelSubsetError(
-                    f"--labels {spec.text} asks for {per} images per class, but class '{c}' "
+                    f"labels {spec.text} asks for {per} images per class, but class '{c}' "
                     f"has {int(have[-1])} in the train split; ask for fewer per class"
                 )
             chosen += order[: int(np.searchsorted(have, per)) + 1].tolist()

@@ -9,12 +9,13 @@ from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,13 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         if not res_path.is_file():
             continue
         res = json.loads(res_path.read_text())
-        test = res.get("test", {})
+        if "test" not in res:
+            raise UserError(
+                f"{res_path.parent}: the cell has no test images, and a curve compares test "
+                f"scores: give the labels CSV's split column 'test' rows, or set "
+                f"data.test_fraction > 0 without a split column"
+            )
+        test = res["test"]
         rows.append(
             {
                 "init": cell.init,
@@ -266,6 +273,16 @@ def write_outputs(
             "labels beyond each cell's budget (finetune.selection: outside): the low-label "
             "cells saw more labels than their fraction says."
         )
+    warnings = sorted(
+        {
+            w
+            for p in sorted((out / "cells").glob("*/results.json"))
+            for w in json.loads(p.read_text()).get("warnings", [])
+        }
+    )
+    if warnings:
+        context["Warning"] = "; ".join(warnings)
+        log.warning("curve: %s", "; ".join(warnings))
     if splits := _splits_text(out):
         context["Splits (a group never spans two)"] = splits
     write_report(
@@ -356,23 +373,61 @@ def run_curve(
     if c.lr_grid_seeds != "all":
         record["lr_grid_seeds"] = c.lr_grid_seeds
     grid_file = out / "grid.json"
-    if grid_file.is_file() and not overwrite:
+    # A re-run continues the grid; a folder holding anything but a curve run is refused.
+    run = RunDir.open(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
+    if grid_file.is_file():
         previous = json.loads(grid_file.read_text())
         if previous != record:
+            run.close()
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
                 f"settings, or pass --overwrite / another --out"
             )
-    run = RunDir.open(out, resume=not overwrite, overwrite=overwrite and grid_file.is_file())
+    with run.recording_failures(), _curve_interrupts(out):
+        rows = _run_cells(
+            recipe, out, run, record, grid, recipes, device, quiet, workers, trust_pickle
+        )
+        result = write_outputs(out, rows, c, grid)
+    run.finish(cells=len(rows))
+    return {"rows": rows, **result}
+
+
+@contextlib.contextmanager
+def _curve_interrupts(out: Path) -> Iterator[None]:
+    """Ctrl-C in a cell: the advice names what `curve` has (re-running it), not --resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"curve interrupted; finished cells are kept and the cut-off cell resumes from its "
+            f"checkpoint: run the same `beitdomain curve` command with --out {out} again to "
+            f"continue"
+        ) from None
+
+
+def _run_cells(
+    recipe: Recipe,
+    out: Path,
+    run: RunDir,
+    record: dict[str, Any],
+    grid: CurveGrid,
+    recipes: dict[str, Recipe],
+    device: str,
+    quiet: bool,
+    workers: int | None,
+    trust_pickle: bool,
+) -> list[dict[str, Any]]:
+    """Runs the cells not finished yet; returns the rows of all finished cells."""
+    c = recipe.curve
     run.start("curve", recipe, device)
-    atomic_write_json(grid_file, record)
-    atomic_write_json(out / ARMS_FILE, _arm_settings(recipes, inits))
+    atomic_write_json(out / "grid.json", record)
+    atomic_write_json(out / ARMS_FILE, _arm_settings(recipes, grid.inits))
     cells = grid.cells()
     if c.baselines and not (out / BASELINES_FILE).is_file():
         # Seconds on a CPU, and on the very subsets the cells train on: before the cells, so
         # the report compares against them from the first finished cell on.
         pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
-        rows, used = baseline_rows(recipe, inits, pairs, trust_pickle=trust_pickle)
+        rows, used = baseline_rows(recipe, grid.inits, pairs, trust_pickle=trust_pickle)
         write_csv(
             [{"labels": k[0], "seed": k[1], "path": f} for k, files in used.items() for f in files],
             out / "baselines_labels_used.csv",
@@ -419,7 +474,4 @@ def run_curve(
                 )
                 write_outputs(out, collect_rows(out, cells), c, grid)
                 bar.advance(task)
-    rows = collect_rows(out, cells)
-    result = write_outputs(out, rows, c, grid)
-    run.finish(cells=len(rows))
-    return {"rows": rows, **result}
+    return collect_rows(out, cells)

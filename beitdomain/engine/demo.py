@@ -132,10 +132,13 @@ def run_demo(
     from beitdomain.data.index import scan
     from beitdomain.engine.curve import run_curve
     from beitdomain.engine.pretrain import pretrain
+    from beitdomain.engine.rundir import RunDir
     from beitdomain.engine.tokenizer import train_tokenizer
     from beitdomain.io import IntensitySpec
 
     out = Path(out)
+    # The demo's folder is a run of its own: re-running continues it, another folder is refused.
+    demo_run = RunDir.open(out, kind="demo", resume=True)
     notice = fp32_cpu_notice(recipe, device)
     if notice:
         log.warning(notice)
@@ -182,4 +185,5 @@ def run_demo(
     for name in ("report.md", "curve.png"):
         if (out / "curve" / name).is_file():
             shutil.copyfile(out / "curve" / name, out / name)
+    demo_run.close()
     return result

@@ -294,16 +294,31 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "stopped_early": state.stop_reason,
             "classes": data.classes,
         }
+        results["warnings"] = warnings = []
+        if data.test is None:
+            warnings.append(
+                "no test images, so no test metrics: the labels' split column has no 'test' "
+                "rows (or data.test_fraction is 0); add test rows to score the model"
+            )
         if data.test is not None:
             probs, y, idx = predict_probs(model, data.test, job.device, eval_batch, job.amp_dtype)
             metrics = classification_metrics(y, probs, data.classes)
             results["test"] = metrics
+            absent = [c for k, c in enumerate(data.classes) if not np.any(np.asarray(y) == k)]
+            if absent:
+                metrics["absent_classes"] = absent
+                warnings.append(
+                    f"the test split has no images of {absent}: balanced accuracy, macro F1 and "
+                    f"AUROC average over classes it cannot score; add test images of every class"
+                )
             plot_confusion_matrix(
                 metrics["confusion_matrix"], data.classes, job.path / "confusion_matrix.png"
             )
             write_predictions(
                 job.path / "test_predictions.csv", data.test, idx, probs, data.classes
             )
+        for w in warnings:
+            log.warning("%s: %s", job.path, w)
         job.write_json(RESULTS_FILE, results)
         try:
             plot_training_curves(

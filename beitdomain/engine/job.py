@@ -112,7 +112,14 @@ class Job:
         """Resolves the device, joins the process group, opens the run folder and seeds."""
         dev = D.resolve_device(device)
         info = D.init_distributed(dev)
-        run = RunDir.open(out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+        run = RunDir.open(  # refuses other kinds of run and folders it did not write; locks
+            out,
+            kind=kind,
+            resume=resume,
+            overwrite=overwrite,
+            is_main=info.is_main,
+            recipe=recipe,
+        )
         D.seed_everything(recipe.seed, getattr(recipe, kind).train.deterministic)
         return cls(kind, recipe, dev, info, run, resume, quiet, trust_pickle)
 

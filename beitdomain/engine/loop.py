@@ -145,6 +145,8 @@ class Trainer:
             return False
         found = self.ckpt.load_latest(map_location="cpu")
         if found is None:
+            if self.run is not None and self.dist.is_main:
+                self.run.check_nothing_to_resume()
             return False
         step, ck = found
         D.unwrap(self.model).load_state_dict(ck["model"])

@@ -70,20 +70,51 @@ def write_predictions(
     atomic_write_text(path, buf.getvalue())
 
 
-def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str = "auto") -> Path:
+def predict(
+    run: str | Path,
+    inputs: list[str],
+    out_csv: str | Path,
+    device: str = "auto",
+    *,
+    on_error: str = "skip",
+    nonfinite: str | None = None,
+) -> Path:
     """Writes a CSV of predicted class and probabilities for images, files or folders.
 
-    Images go through the run's own reader settings and evaluation transform.
+    Images go through the run's own reader settings and evaluation transform. A file that
+    cannot be used (unreadable, NaN/Inf under `nonfinite='error'`) is skipped with a warning
+    and listed in `<out>.errors.csv` (with `on_error='fail'` it stops the run instead, naming
+    every such file).
     """
-    from beitdomain.data.index import scan
-    from beitdomain.io import IntensitySpec, load_image
+    return predict_files(run, inputs, out_csv, device, on_error=on_error, nonfinite=nonfinite)[0]
 
+
+def predict_files(
+    run: str | Path,
+    inputs: list[str],
+    out_csv: str | Path,
+    device: str = "auto",
+    *,
+    on_error: str = "skip",
+    nonfinite: str | None = None,
+) -> tuple[Path, list[tuple[str, str]]]:
+    """`predict`, also returning the skipped files as (path, reason)."""
+    from beitdomain.data.index import ScanError, errors_path, scan
+    from beitdomain.fileio import printable
+    from beitdomain.io import IntensitySpec, ReaderError, load_image
+
+    if on_error not in ("fail", "skip"):
+        raise UserError(f"--on-error {on_error!r}; valid: fail, skip")
+    if nonfinite not in (None, "error", "zero"):
+        raise UserError(f"--nonfinite {nonfinite!r}; valid: error, zero")
     run = Path(run)
     if not is_finished(run, "finetune"):
         raise UserError(
             f"{run} is not a finished fine-tuning run (no {RESULTS_FILE} / {BEST_FILE})"
         )
     recipe = load_recipe(run / RECIPE_FILE)
+    if nonfinite is not None:
+        recipe = replace(recipe, data=replace(recipe.data, nonfinite=nonfinite))
     classes = json.loads((run / RESULTS_FILE).read_text())["classes"]
     dev = D.resolve_device(device)
     model = build_classifier(
@@ -95,13 +126,13 @@ def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str
     spec = IntensitySpec.from_config(recipe.data)
     ev = FinetuneTransform(train=False, image_size=recipe.data.image_size)
     files: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             m = scan(p, on_error="skip")
             files += [(e.path, m.abspath(e)) for e in m.entries]
-            for bad, why in m.errors:
-                log.warning("skipped %s: %s", bad, why)
+            skipped += [(str(p / bad), why) for bad, why in m.errors]
         elif p.is_file():
             files.append((str(p), p))
         else:
@@ -111,12 +142,28 @@ def predict(run: str | Path, inputs: list[str], out_csv: str | Path, device: str
     w.writerow(["path", "frame", "predicted", *[f"p_{c}" for c in classes]])
     with torch.no_grad():
         for name, path in files:
-            image, _ = load_image(path, spec)
+            try:
+                image, _ = load_image(path, spec)
+            except ReaderError as e:  # like a file a folder scan could not read
+                skipped.append((name, e.reason))
+                continue
             frames = image if image.ndim == 4 else image[None]
             x = torch.stack([torch.from_numpy(ev(f)) for f in frames]).to(dev)
             with D.autocast(dev, amp_dtype):  # the precision the test split was scored in
                 probs = model(x).float().softmax(-1).cpu().numpy()
             for k, p in enumerate(probs):
                 w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    if skipped and on_error == "fail":
+        raise ScanError(
+            f"{len(skipped)} of {len(files) + len(skipped)} files could not be used:",
+            [(printable(a), b) for a, b in skipped],
+            "Fix or remove them, or pass --on-error skip to predict the others.",
+        )
+    for bad, why in skipped:
+        log.warning("skipped %s: %s", printable(bad), why)
     atomic_write_text(out_csv, buf.getvalue())
-    return Path(out_csv)
+    if skipped:
+        err = io.StringIO()
+        csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *skipped])
+        atomic_write_text(errors_path(out_csv), err.getvalue())
+    return Path(out_csv), skipped

@@ -298,7 +298,7 @@ def _select_channels(x: np.ndarray, spec: IntensitySpec, path: str) -> np.ndarra
         raise ReaderError(
             path,
             f"{c} samples per pixel; choose up to 3 with data.channels: [i, j, k] in the recipe "
-            "or --channels i,j,k",
+            "(`beitdomain data cache --channels i,j,k`; likewise data inspect)",
         )
     return x
 
@@ -364,5 +364,5 @@ def apply_channel_policy(x: np.ndarray, in_chans: int, path: str = "<array>") ->
     raise ReaderError(
         path,
         f"image has {c} channels but in_chans={in_chans}; pick them with data.channels: [...] "
-        "in the recipe or --channels i,j",
+        "in the recipe (`beitdomain data cache --channels i,j`; likewise data inspect)",
     )

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.layers import resize_rel_pos_bias_table as timm_resize_rel_pos_bias_table
@@ -222,7 +222,14 @@ def read_checkpoint(
         elif not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
         if path.suffix == ".safetensors":
-            raw = load_file(str(path))
+            try:
+                raw = load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise WeightsError(
+                    f"{path} is not a readable safetensors file ({e}); nothing was loaded. A "
+                    f"PyTorch pickle renamed .safetensors is refused: give it its real .pth "
+                    f"name (loading a pickle needs --trust-pickle, for trusted files only)"
+                ) from None
         else:
             raw = _torch_load(path, trust_pickle)
     state = _unwrap(raw)

@@ -1,0 +1,442 @@
+"""Run folders: never delete or rewrite what a run did not write; one writer per folder.
+
+Every route that used to lose data runs here against a folder of user files (a website's
+index.html, a web app's manifest.json, images) that must survive byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    FINETUNE_SETS,
+    PRETRAIN_SETS,
+    TOKENIZER_SETS,
+    cli_env,
+    recipe,
+    sets_to_args,
+    write_separable_set,
+)
+from typer.testing import CliRunner
+
+from beitdomain.cli.app import app
+from beitdomain.engine.rundir import (
+    RunDir,
+    RunDirError,
+    RunLockedError,
+    foreign_files,
+    read_metrics,
+    run_kind,
+)
+from beitdomain.engine.tokenizer import train_tokenizer
+from beitdomain.fileio import LOCK_FILE, RUN_MARKER, FolderLock, FolderLockedError
+
+runner = CliRunner()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of someone else's files: a website, a web app's manifest, images."""
+    path.mkdir(parents=True)
+    (path / "index.html").write_text("<html><body>clinic intranet</body></html>\n")
+    (path / "manifest.json").write_text(json.dumps({"name": "webapp", "start_url": "/"}))
+    write_separable_set(path / "images", per_class=3, size=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    stripes = write_separable_set(tmp / "stripes", per_class=8, size=64)
+    r = recipe([*TOKENIZER_SETS, "tokenizer.train.steps=2"], **{"data.root": str(stripes)})
+    torch.manual_seed(0)
+    train_tokenizer(r, tmp / "tok", device="cpu", quiet=True)
+    return {"stripes": stripes, "tok": tmp / "tok"}
+
+
+def cli(*args: str):
+    res = runner.invoke(app, ["--device", "cpu", "--quiet", *args])
+    res.text = " ".join(res.output.split())  # rich wraps long lines
+    return res
+
+
+def tok_args(data, out) -> list[str]:
+    sets = [*TOKENIZER_SETS, "tokenizer.train.steps=2"]
+    return [
+        *("tokenizer", "train", "--data", str(data["stripes"]), "--out", str(out)),
+        *sets_to_args(sets),
+    ]
+
+
+def pre_args(data, out) -> list[str]:
+    sets = [*PRETRAIN_SETS, "pretrain.train.steps=2"]
+    return [
+        "pretrain",
+        "--data",
+        str(data["stripes"]),
+        "--tokenizer",
+        str(data["tok"]),
+        "--out",
+        str(out),
+        *sets_to_args(sets),
+    ]
+
+
+def ft_args(data, out) -> list[str]:
+    sets = [*FINETUNE_SETS, "finetune.train.steps=2"]
+    return [
+        *("finetune", "--data", str(data["stripes"]), "--init", "scratch", "--out", str(out)),
+        *sets_to_args(sets),
+    ]
+
+
+def curve_args(data, out) -> list[str]:
+    sets = [*FINETUNE_SETS, "finetune.train.steps=2"]
+    return [
+        "curve",
+        "--data",
+        str(data["stripes"]),
+        "--init",
+        "scratch",
+        "--fractions",
+        "100%",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        *sets_to_args(sets),
+    ]
+
+
+ROUTES = {"tokenizer": tok_args, "pretrain": pre_args, "finetune": ft_args}
+
+
+# --------------------------------------------------------------------------------------------
+# folders that are not runs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["tokenizer", "pretrain", "finetune"])
+@pytest.mark.parametrize("flag", [[], ["--resume"], ["--overwrite"]])
+def test_a_user_folder_is_never_written_or_deleted(data, tmp_path, route, flag):
+    site = user_folder(tmp_path / "site")
+    before = snapshot(site)
+    res = cli(*ROUTES[route](data, site), *flag)
+    assert res.exit_code == 2, res.output
+    assert "not a beitdomain run" in res.text and "nothing was" in res.text
+    assert "--resume" not in res.text  # no advice to write a run into someone's folder
+    assert snapshot(site) == before
+    assert sorted(p.name for p in site.iterdir()) == ["images", "index.html", "manifest.json"]
+
+
+def test_curve_refuses_a_non_empty_folder_that_is_not_a_run(data, tmp_path):
+    site = user_folder(tmp_path / "site")
+    before = snapshot(site)
+    for flag in ([], ["--overwrite"]):
+        res = cli(*curve_args(data, site), *flag)
+        assert res.exit_code == 2, res.output
+        assert "not a beitdomain run" in res.text
+        assert snapshot(site) == before
+
+
+def test_overwrite_of_the_current_folder_holding_the_images_is_refused(data, tmp_path, monkeypatch):
+    images = write_separable_set(tmp_path / "imgs", per_class=4, size=64)
+    before = snapshot(images)
+    monkeypatch.chdir(images)
+    args = pre_args(data, Path("."))
+    args[args.index("--data") + 1] = "."
+    res = cli(*args, "--overwrite")
+    assert res.exit_code == 2, res.output
+    assert "nothing was" in res.text
+    assert snapshot(images) == before
+
+
+@pytest.mark.parametrize("which", ["cwd", "home", "data root", "root"])
+def test_overwrite_refuses_home_cwd_data_root_and_filesystem_root(
+    data, tmp_path, monkeypatch, which
+):
+    # Each of them made to look like a run, so only the path rule stands between it and rmtree.
+    folder = tmp_path / "place"
+    run = RunDir.open(folder, kind="pretrain")
+    run.start("pretrain", None, "cpu")
+    run.finish()
+    (folder / "x.png").write_bytes(b"not ours")
+    before = snapshot(folder)
+    r = recipe(PRETRAIN_SETS, **{"data.root": str(data["stripes"])})
+    if which == "cwd":
+        monkeypatch.chdir(folder)
+    elif which == "home":
+        monkeypatch.setenv("HOME", str(folder))
+    elif which == "data root":
+        r = recipe(PRETRAIN_SETS, **{"data.root": str(folder)})
+    if which == "root":
+        with pytest.raises(RunDirError, match="filesystem root"):
+            from beitdomain.engine.rundir import _refuse_dangerous
+
+            _refuse_dangerous(Path("/"), {})
+        return
+    with pytest.raises(RunDirError, match="--overwrite refused") as e:
+        RunDir.open(folder, kind="pretrain", overwrite=True, recipe=r)
+    assert {"cwd": "current folder", "home": "home folder", "data root": "data.root"}[which] in (
+        str(e.value)
+    )
+    assert snapshot(folder) == before
+
+
+# --------------------------------------------------------------------------------------------
+# runs: overwrite deletes only their own files; resume only the same kind
+# --------------------------------------------------------------------------------------------
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(data, tmp_path):
+    out = tmp_path / "tok"
+    assert cli(*tok_args(data, out)).exit_code == 0
+    assert run_kind(out) == "tokenizer" and foreign_files(out) == []
+    (out / "notes.txt").write_text("my notes on this run")
+    res = cli(*tok_args(data, out), "--overwrite")
+    assert res.exit_code == 2, res.output
+    assert "notes.txt" in res.text and "nothing was deleted" in res.text
+    assert (out / "notes.txt").read_text() == "my notes on this run"
+    assert (out / "tokenizer.safetensors").is_file()
+    (out / "notes.txt").unlink()
+    old = (out / "tokenizer.safetensors").stat().st_mtime_ns
+    res = cli(*tok_args(data, out), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert (out / "tokenizer.safetensors").stat().st_mtime_ns != old
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and len(manifest["starts"]) == 1
+
+
+def test_a_file_named_like_a_run_file_does_not_make_a_run(tmp_path):
+    site = user_folder(tmp_path / "site")
+    (site / "recipe.yaml").write_text("name: my-app\n")
+    assert run_kind(site) is None
+    before = snapshot(site)
+    with pytest.raises(RunDirError, match="not a beitdomain run"):
+        RunDir.open(site, kind="pretrain", overwrite=True)
+    assert snapshot(site) == before
+
+
+@pytest.mark.parametrize(("holder", "route"), [("pretrain", "finetune"), ("tokenizer", "pretrain")])
+def test_resume_of_another_kind_of_run_changes_nothing(data, tmp_path, holder, route):
+    out = tmp_path / "run"
+    assert cli(*ROUTES[holder](data, out)).exit_code == 0
+    before = snapshot(out)
+    for flag in (["--resume"], ["--overwrite"], []):
+        res = cli(*ROUTES[route](data, out), *flag)
+        assert res.exit_code == 2, res.output
+        assert f"holds a {holder} run, not a {route} run" in res.text
+        assert snapshot(out) == before  # recipe.yaml and manifest untouched
+
+
+def test_resume_into_an_empty_or_missing_folder_starts_fresh(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        run = RunDir.open(folder, kind="finetune", resume=True)
+        assert not run.resumed and run_kind(folder) == "finetune"
+        run.close()
+
+
+def test_legacy_runs_without_a_marker_are_still_recognised(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("seed: 0\n")
+    (out / "manifest.json").write_text(
+        json.dumps({"command": "pretrain", "argv": ["beitdomain"], "versions": {"python": "3"}})
+    )
+    assert run_kind(out) == "pretrain"
+    run = RunDir.open(out, kind="pretrain", resume=True)
+    assert run.resumed
+    run.close()
+    with pytest.raises(RunDirError, match="holds a pretrain run, not a finetune run"):
+        RunDir.open(out, kind="finetune", resume=True)
+
+
+def test_nested_runs_are_judged_by_their_own_marker(tmp_path):
+    outer = RunDir.open(tmp_path / "curve", kind="curve")
+    cell = RunDir.open(tmp_path / "curve" / "cells" / "a", kind="finetune")
+    (cell.path / "results.json").write_text("{}")
+    cell.close()
+    outer.close()
+    assert foreign_files(tmp_path / "curve") == []
+    (cell.path / "mine.txt").write_text("x")
+    assert foreign_files(tmp_path / "curve") == ["cells/a/mine.txt"]
+    with pytest.raises(RunDirError, match="cells/a/mine.txt"):
+        RunDir.open(tmp_path / "curve", kind="curve", overwrite=True)
+    (cell.path / "mine.txt").unlink()
+    RunDir.open(tmp_path / "curve", kind="curve", overwrite=True).close()
+    assert sorted(p.name for p in (tmp_path / "curve").iterdir()) == sorted([LOCK_FILE, RUN_MARKER])
+
+
+def test_files_a_user_adds_before_a_resume_are_not_recorded_as_the_runs(tmp_path):
+    run = RunDir.open(tmp_path / "r", kind="finetune")
+    (run.path / "extra_output.bin").write_bytes(b"written by the run")
+    run.close()
+    time.sleep(0.01)
+    user = run.path / "later.txt"
+    user.write_text("the user's")
+    old = time.time_ns() - 10_000_000_000
+    os.utime(user, ns=(old, old))  # written well before the resumed run started
+    run = RunDir.open(tmp_path / "r", kind="finetune", resume=True)
+    run.close()
+    assert foreign_files(tmp_path / "r") == ["later.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# damaged files and states
+# --------------------------------------------------------------------------------------------
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(data, tmp_path, capsys):
+    out = tmp_path / "pre"
+    args = pre_args(data, out)
+    assert (
+        cli(
+            *args[:-2], "--set", "pretrain.train.steps=4", "--set", "pretrain.train.ckpt_every=2"
+        ).exit_code
+        == 0
+    )
+    metrics = out / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 1.2, "l')  # a kill in the middle of a write
+    capsys.readouterr()
+    assert len(read_metrics(metrics)) == 4
+    assert "line 5 is damaged" in " ".join(capsys.readouterr().err.split())
+    res = cli(
+        *args[:-2],
+        "--set",
+        "pretrain.train.steps=6",
+        "--set",
+        "pretrain.train.ckpt_every=2",
+        "--resume",
+    )
+    assert res.exit_code == 0, res.output
+    steps = [r["step"] for r in read_metrics(metrics)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_of_a_completed_run_without_checkpoints_is_an_error(data, tmp_path):
+    out = tmp_path / "pre"
+    assert cli(*pre_args(data, out)).exit_code == 0
+    before = (out / "mim.safetensors").read_bytes()
+    for p in (out / "checkpoints").iterdir():
+        p.unlink()
+    res = cli(*pre_args(data, out), "--resume")
+    assert res.exit_code == 2, res.output
+    assert "completed run whose checkpoints are gone" in res.text
+    assert (out / "mim.safetensors").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# one writer per folder
+# --------------------------------------------------------------------------------------------
+
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from beitdomain.engine.rundir import RunDir
+    run = RunDir.open(sys.argv[1], kind="pretrain", resume=True)
+    print("locked", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_pid_and_kill9_frees_the_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = _holder(out)
+    try:
+        with pytest.raises(RunLockedError, match=rf"PID {proc.pid}\b"):
+            RunDir.open(out, kind="pretrain", resume=True)
+        before = snapshot(out)
+        with pytest.raises(RunLockedError):
+            RunDir.open(out, kind="pretrain", overwrite=True)
+        assert snapshot(out) == before
+    finally:
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+    run = RunDir.open(out, kind="pretrain", resume=True)  # the kernel dropped the lock
+    assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+    run.close()
+
+
+def test_two_pretrain_commands_into_one_folder_one_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _holder(out)
+    try:
+        res = cli(*pre_args(data, out), "--resume")
+        assert res.exit_code == 2, res.output
+        assert f"PID {proc.pid}" in res.text
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lock_is_released_at_finish_and_taken_over_within_a_process(tmp_path):
+    a = RunDir.open(tmp_path / "r", kind="finetune")
+    b = RunDir.open(tmp_path / "r", kind="finetune", resume=True)  # a failed run's leftover
+    a.close()  # must not release b's lock
+    code = (
+        "import sys\nfrom beitdomain.fileio import FolderLock\n"
+        "try:\n    FolderLock(sys.argv[1]).acquire()\nexcept OSError:\n    sys.exit(3)\n"
+    )
+    held = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], env=cli_env())
+    assert held.returncode == 3
+    b.finish()
+    free = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], env=cli_env())
+    assert free.returncode == 0
+
+
+def test_folder_lock_error_is_an_os_error_naming_the_folder(tmp_path):
+    proc = _holder(tmp_path / "x")
+    try:
+        with pytest.raises(FolderLockedError, match=str(tmp_path / "x")):
+            FolderLock(tmp_path / "x").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
+    pytest.importorskip("elpv_dataset")
+    from beitdomain.engine.demo import run_demo
+
+    site = user_folder(tmp_path / "site")
+    before = snapshot(site)
+    with pytest.raises(RunDirError, match="not a beitdomain run"):
+        run_demo(recipe([]), site, device="cpu", quiet=True)
+    assert snapshot(site) == before
+    # a demo folder made before markers existed is still the demo's
+    old = tmp_path / "old-demo"
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "labels.csv").write_text("path,label,split\n")
+    RunDir.open(old / "tokenizer", kind="tokenizer").close()
+    assert run_kind(old) == "demo" and foreign_files(old) == []
