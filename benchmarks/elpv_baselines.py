@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     import torch
 
-    from beitdomain.engine.finetune import build_classifier, resolve_init
+    from beitdomain.engine.build import build_classifier
+    from beitdomain.engine.finetune import resolve_init
     from beitdomain.models.convert import load_backbone_weights
 
     wanted = a.arms.split(",")

@@ -73,12 +73,8 @@ def baseline_rows(
     seed) trained on (what a fine-tune's `labels_used.csv` lists as train)."""
     import torch
 
+    from beitdomain.engine.build import build_classifier
     from beitdomain.models.convert import load_backbone_weights
-
-    try:  # the job layer keeps the classifier builder beside the other builders
-        from beitdomain.engine.build import build_classifier
-    except ImportError:  # pragma: no cover - before the job layer
-        from beitdomain.engine.finetune import build_classifier
 
     full = labeled_data(recipe, labels="100%", seed=0, progress=False, selection="none")
     if full.test is None:
