@@ -20,6 +20,7 @@ from beitdomain.cli.common import (
     ResumeOpt,
     SetOpt,
     StepsOpt,
+    TransductiveOpt,
     TrustPickleOpt,
     console,
     default_out,
@@ -68,6 +69,7 @@ def pretrain(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    transductive: TransductiveOpt = False,
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
@@ -100,6 +102,7 @@ def pretrain(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.transductive": True if transductive else None,
             "data.on_error": on_error,
             "data.nonfinite": nonfinite,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
