@@ -125,6 +125,8 @@ class DataConfig:
     val_fraction: float = bounded(0.1, ge=0, lt=1)
     test_fraction: float = bounded(0.2, ge=0, lt=1)
     split_seed: int = bounded(0, ge=0)
+    # Pre-training and the tokenizer leave the test split's images out; true: use them too.
+    transductive: bool = False
     # images of one group never sit in two splits; label subsets take whole groups
     group_column: str = "group"  # labels-CSV column naming each image's patient/wafer/slide
     patient_groups: bool = True  # DICOMs: group by PatientID (salted hash in memory only)
@@ -277,6 +279,10 @@ class FinetuneConfig:
     # Learning rates to try, e.g. [1.0e-4, 1.0e-3]: one fine-tune each (in lr-<value>/), and the
     # one with the best validation `select_metric` is the result. Empty: just `optim.lr`.
     lr_grid: list[float] = bounded(ge=0, default_factory=list)
+    # What checkpoint and lr selection may look at: "none" (a fixed schedule, the final
+    # weights), "carve" (a fifth of the label subset validates, the rest trains), "outside"
+    # (the split's validation images: labels beyond the budget, only on request).
+    selection: Literal["none", "carve", "outside"] = "none"
     drop_path: float = bounded(0.1, ge=0, lt=1)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
@@ -308,6 +314,10 @@ class CurveConfig:
     # repeat over seeds: the grid's cost is paid once per fraction, not once per seed).
     lr_grid_seeds: Literal["all", "first"] = "all"
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
+    # The classical arms on the same subsets: logistic regressions on pixels, on their PCA, and
+    # on each backbone's frozen features (seconds on a CPU); the verdict is against the
+    # strongest arm without pre-training.
+    baselines: bool = True
 
 
 @dataclass

@@ -45,9 +45,9 @@ from beitdomain.engine.rundir import MetricsLog
 _open = fio.atomic_open
 
 @contextlib.contextmanager
-def recording_open(path, mode="wb"):
+def recording_open(path, mode="wb", **kwargs):
     writes.append(str(path))
-    with _open(path, mode) as f:
+    with _open(path, mode, **kwargs) as f:
         yield f
 
 fio.atomic_open = recording_open

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     return root, tmp / "pre"
 
 
-def _curve_recipe(root, pre, seeds=(0,)):
+def _curve_recipe(root, pre, seeds=(0,), baselines=False):
     return recipe(
         [*FINETUNE_SETS, "finetune.train.steps=4", "finetune.train.ckpt_every=2"],
         **{
@@ -46,6 +46,7 @@ def _curve_recipe(root, pre, seeds=(0,)):
             "curve.seeds": list(seeds),
             "curve.inits": {"scratch": None, "domain": str(pre)},
             "curve.metric": "accuracy",
+            "curve.baselines": baselines,  # the fine-tuned cells alone (see the baselines test)
         },
     )
 
@@ -250,6 +251,7 @@ def _lr_grid_first(setup):
     r.curve.init_sets = {"scratch": ["finetune.lr_grid=[0.0, 2.0e-3]"]}
     r.curve.lr_grid_seeds = "first"
     r.finetune.optim.lr = 5.0e-4
+    r.finetune.selection = "outside"  # an lr grid needs a validation split to choose on
     return r
 
 
@@ -379,3 +381,33 @@ def test_a_grid_whose_cells_never_started_can_be_replaced(setup, tmp_path, monke
     r.curve.inits = {"scratch": None}
     result = run_curve(r, out, device="cpu", quiet=True)  # not refused: nothing had run
     assert len(result["rows"]) == 1
+
+
+def test_curve_runs_the_baselines_on_its_subsets_and_judges_against_the_strongest(setup, tmp_path):
+    # The classical arms train on exactly the labels each cell trained on; scratch fine-tunes
+    # without layer decay; report.md's verdict is against the strongest arm without
+    # pre-training and comes first.
+    root, pre = setup
+    out = tmp_path / "curve"
+    run_curve(_curve_recipe(root, pre, baselines=True), out, device="cpu", quiet=True)
+    rows = _rows(out / "curve.csv")
+    arms = {"pixels-logreg", "pca-logreg", "probe-scratch", "probe-domain"}
+    assert {(r["init"], r["labels"]) for r in rows} >= {(a, f) for a in arms for f in FRACTIONS}
+    used = _rows(out / "baselines_labels_used.csv")
+    for f in FRACTIONS:
+        for init in ("scratch", "domain"):
+            cell = out / "cells" / cell_name(init, f, 0)
+            trained = {r["path"] for r in _rows(cell / "labels_used.csv") if r["split"] == "train"}
+            assert trained == {r["path"] for r in used if r["labels"] == f}
+            res = json.loads((cell / "results.json").read_text())
+            assert res["layer_decay"] == (None if init == "scratch" else 0.9)
+            assert res["selection"] == "none"
+    report = (out / "report.md").read_text().splitlines()
+    result = report.index("## Result")
+    assert report[result + 2].startswith("- **Domain pre-training ('domain')")
+    assert any("strongest without pre-training" in line for line in report)
+    assert any(
+        line.startswith("- Arm `scratch`:") and "layer decay none" in line for line in report
+    )
+    assert any(line.startswith("- Arm `pixels-logreg`:") for line in report)
+    assert not any("beyond each cell's budget" in line for line in report)

@@ -44,7 +44,12 @@ def data(tmp_path_factory):
 def ft_run(data, tmp_path_factory):
     """A scratch fine-tune on horizontal-vs-vertical stripes, reading files directly (no cache)."""
     out = tmp_path_factory.mktemp("ftrun") / "run"
-    r = recipe([*FINETUNE_SETS, "finetune.train.steps=20"], **{"data.root": str(data)})
+    # selection 'outside': the split's validation images pick the checkpoint (listed in
+    # labels_used.csv), as before within-budget selection became the default
+    r = recipe(
+        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.selection=outside"],
+        **{"data.root": str(data)},
+    )
     res = finetune(r, out, device="cpu", quiet=True)
     return out, res
 
@@ -293,7 +298,12 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
     from beitdomain.user import UserError
 
     r = recipe(
-        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.lr_grid=[0.0, 2.0e-3]"],
+        [
+            *FINETUNE_SETS,
+            "finetune.train.steps=20",
+            "finetune.lr_grid=[0.0, 2.0e-3]",
+            "finetune.selection=outside",
+        ],
         **{"data.root": str(data)},
     )
     run = tmp_path / "grid"
@@ -317,12 +327,18 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
             "finetune.train.steps=2",
             "finetune.lr_grid=[1e-3]",
             "data.val_fraction=0",
+            "finetune.selection=outside",
         ],
         **{"data.root": str(data)},
     )
     with pytest.raises(UserError, match="validation split"):
         finetune(no_val, tmp_path / "noval", device="cpu", quiet=True)
     assert not list((tmp_path / "noval").glob("lr-*"))  # refused before any training
+    # Nor with no selection at all (the default): the message names the ways to select.
+    fixed = recipe([*FINETUNE_SETS, "finetune.lr_grid=[1e-3, 2e-3]"], **{"data.root": str(data)})
+    with pytest.raises(UserError, match="selection is 'none'.*finetune.selection=carve"):
+        finetune(fixed, tmp_path / "fixed", device="cpu", quiet=True)
+    assert not list((tmp_path / "fixed").glob("lr-*"))
 
 
 def test_results_record_the_peak_learning_rate(ft_run, data, tmp_path):

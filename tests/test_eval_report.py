@@ -362,3 +362,101 @@ def test_a_clear_match_carries_no_caution():
 def test_a_single_seed_match_is_called_tentative():
     eff = label_efficiency(_two_init_summary(0.80, None, 0.62, None), "balanced_accuracy")
     assert "One run per cell" in eff["statement"]
+
+
+# --------------------------------------------------------------------------------------------
+# The strongest arm without pre-training, and the verdict against it
+# --------------------------------------------------------------------------------------------
+
+
+def _arm_runs(arms: dict[str, dict[float, list[float]]]) -> list[dict]:
+    return [
+        {
+            "init": a,
+            "fraction": f,
+            "seed": s,
+            "n_labels": round(f * N_TRAIN),
+            "balanced_accuracy": v,
+        }
+        for a, per in arms.items()
+        for f, vals in per.items()
+        for s, v in enumerate(vals)
+    ]
+
+
+def test_the_reference_is_the_strongest_arm_without_pretraining_at_each_fraction():
+    from beitdomain.eval.report import STRONGEST, as_reference, strongest_arms
+
+    rows = _arm_runs(
+        {
+            "scratch": {0.01: [0.54, 0.55], 1.0: [0.74, 0.75]},
+            "pixels": {0.01: [0.66, 0.68], 1.0: [0.72, 0.73]},
+            "domain": {0.01: [0.90, 0.90], 1.0: [0.95, 0.95]},
+        }
+    )
+    summary = summarize(rows)
+    choice = strongest_arms(summary, "balanced_accuracy", ["scratch", "pixels"])
+    assert choice == {0.01: "pixels", 1.0: "scratch"}  # domain is never a candidate
+    ref = as_reference(rows, choice)
+    assert {(r["arm"], r["fraction"]) for r in ref} == {("pixels", 0.01), ("scratch", 1.0)}
+    assert all(r["init"] == STRONGEST for r in ref)
+    eff = label_efficiency(summarize(rows + ref), "balanced_accuracy", STRONGEST, "domain")
+    assert eff["reference_value"] == pytest.approx(0.745)
+    assert eff["gains"][0]["gain_points"] == pytest.approx(100 * (0.90 - 0.67))
+
+
+def test_verdict_says_plainly_when_pretraining_does_not_pay(tmp_path):
+    from beitdomain.eval.report import STRONGEST, as_reference, strongest_arms, verdict
+
+    rows = _arm_runs(
+        {
+            "scratch": {0.01: [0.54, 0.55, 0.53], 0.1: [0.64, 0.65, 0.63]},
+            "pixels": {0.01: [0.67, 0.66, 0.68], 0.1: [0.69, 0.70, 0.70]},
+            "domain": {0.01: [0.60, 0.59, 0.58], 0.1: [0.72, 0.69, 0.71]},
+        }
+    )
+    summary = summarize(rows)
+    choice = strongest_arms(summary, "balanced_accuracy", ["scratch", "pixels"])
+    paired = paired_gains(
+        rows + as_reference(rows, choice), "balanced_accuracy", STRONGEST, "domain"
+    )
+    text = verdict(paired, choice, "domain", "balanced_accuracy", {0.01: 4, 0.1: 40})
+    assert text.startswith("Domain pre-training ('domain') does not pay on this data")
+    assert "at 1% (4 labels) behind pixels (-8.0 ± 1.0 points, ahead on 0 of 3 seeds)" in text
+    assert "at 10% (40 labels) level with pixels within noise (+1.0 ± 1.2 points" in text
+    wins = paired_gains(
+        _arm_runs({"a": {0.1: [0.5, 0.5, 0.5]}, STRONGEST: {0.1: [0.4, 0.41, 0.39]}}),
+        "balanced_accuracy",
+        STRONGEST,
+        "a",
+    )
+    assert verdict(wins, {0.1: "pixels"}, "a", "balanced_accuracy").startswith(
+        "Domain pre-training ('a') pays on this data"
+    )
+    out = write_report(
+        tmp_path / "report.md",
+        summary,
+        [],
+        "balanced_accuracy",
+        {"verdicts": [text], "selection_note": "Selection used 197 labels beyond the budget."},
+    )
+    lines = out.read_text().splitlines()
+    assert lines[2] == "**Selection used 197 labels beyond the budget.**"
+    assert lines[6] == f"- **{text}**"
+
+
+def test_baseline_arms_are_drawn_dashed(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    styles = {}
+    real = Axes.plot
+
+    def spy(self, *args, **kw):
+        styles[kw.get("label")] = kw.get("ls", "-")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    summary = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
+    summary += [{**r, "init": "pixels"} for r in summary if r["init"] == "scratch"]
+    plot_label_efficiency(summary, tmp_path / "c.png", "balanced_accuracy", dashed=["pixels"])
+    assert styles == {"scratch": "-", "domain": "-", "pixels": "--"}

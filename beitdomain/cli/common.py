@@ -199,6 +199,14 @@ EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs over t
 BatchOpt = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
 ]
+TransductiveOpt = Annotated[
+    bool,
+    typer.Option(
+        "--transductive",
+        help="Also use the test split's images (sets data.transductive; by default they are "
+        "left out, since every fine-tune is scored on them).",
+    ),
+]
 TrustPickleOpt = Annotated[
     bool,
     typer.Option(

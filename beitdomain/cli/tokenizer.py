@@ -20,6 +20,7 @@ from beitdomain.cli.common import (
     ResumeOpt,
     SetOpt,
     StepsOpt,
+    TransductiveOpt,
     TrustPickleOpt,
     console,
     default_out,
@@ -60,6 +61,7 @@ def train(
         ),
     ] = None,
     trust_pickle: TrustPickleOpt = False,
+    transductive: TransductiveOpt = False,
     steps: StepsOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
@@ -93,6 +95,7 @@ def train(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.transductive": True if transductive else None,
             "data.on_error": on_error,
             "data.nonfinite": nonfinite,
             "tokenizer.preset": preset,

@@ -24,22 +24,23 @@ import torch
 
 from beitdomain.config import CurveConfig, Recipe, apply_sets
 from beitdomain.data.splits import LabelSpec, parse_labels_spec
+from beitdomain.engine.curve_baselines import (
+    BASELINES_FILE,
+    baseline_rows,
+    baseline_settings,
+    compare_with_strongest,
+)
 from beitdomain.engine.distributed import resolve_device
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
 from beitdomain.eval.plots import plot_label_efficiency
-from beitdomain.eval.report import (
-    label_efficiency,
-    paired_gains,
-    summarize,
-    write_csv,
-    write_report,
-)
+from beitdomain.eval.report import read_csv, summarize, write_csv, write_report
 from beitdomain.fileio import atomic_write_json
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
+ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
@@ -169,6 +170,8 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 "n_train": res["n_train"],
                 "steps": res["steps"],
                 "best_step": res["best_step"],
+                "selection": res.get("selection"),
+                "layer_decay": res.get("layer_decay"),
                 "n_test": test.get("n"),
                 **{m: test.get(m) for m in METRICS},
             }
@@ -222,23 +225,30 @@ def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
 def write_outputs(
     out: Path, rows: list[dict[str, Any]], c: CurveConfig, grid: CurveGrid
 ) -> dict[str, Any]:
-    """curve.csv, summary.csv, curve.png and report.md from the finished rows."""
+    """curve.csv, summary.csv, curve.png and report.md from the finished rows (fine-tunes and
+    the classical baseline arms, `baselines.csv`)."""
     metric, init_sets, inits = c.metric, c.init_sets, grid.inits
+    base_file = out / BASELINES_FILE
+    base = read_csv(base_file) if base_file.is_file() else []
+    rows = [*rows, *base]
     write_csv(rows, out / "curve.csv")
     if not rows:
         return {}
     summary = summarize(rows)
     write_csv(summary, out / "summary.csv")
-    n_train = max(int(r["n_train"]) for r in rows)
-    plot_label_efficiency(summary, out / "curve.png", metric, n_train_total=n_train)
-    effs = []
-    if "scratch" in inits:
-        for name in inits:
-            if name != "scratch" and any(r["init"] == name for r in rows):
-                try:
-                    effs.append(label_efficiency(summary, metric, "scratch", name))
-                except UserError as e:
-                    log.warning("label efficiency of %s: %s", name, e)
+    n_train = max(int(r["n_train"]) for r in rows if r.get("n_train") is not None)
+    honest = compare_with_strongest(rows, inits, metric)
+    choice = honest["choice"]
+    full = [f for f in choice if abs(f - 1.0) < 1e-9]
+    plot_label_efficiency(
+        summary,
+        out / "curve.png",
+        metric,
+        n_train_total=n_train,
+        reference_init=choice[full[0]] if full else "scratch",
+        dashed=sorted({str(r["init"]) for r in base}),
+    )
+    selection = {str(r.get("selection")) for r in rows if r.get("selection")}
     context = {
         "seeds": list(c.seeds),
         "fraction_seeds": {f: list(v) for f, v in c.fraction_seeds.items()},
@@ -249,15 +259,22 @@ def write_outputs(
             + (f"; fine-tuned with {', '.join(init_sets[k])}" if init_sets.get(k) else "")
             for k, v in inits.items()
         },
-        "learning_rates": _lr_summary(rows, c),
-        "paired": {
-            name: paired_gains(rows, metric, "scratch", name)
-            for name in inits
-            if name != "scratch" and "scratch" in inits
+        "arm_settings": {
+            **(json.loads(arms.read_text()) if (arms := out / ARMS_FILE).is_file() else {}),
+            **(baseline_settings(inits) if base else {}),
         },
+        "learning_rates": _lr_summary([r for r in rows if r["init"] in inits], c),
+        "paired": honest["paired"],
+        "verdicts": honest["verdicts"],
         "figure": "curve.png",
         "n_classes": _n_classes(out, grid),
     }
+    if "outside" in selection:
+        context["selection_note"] = (
+            "Checkpoints and learning rates were chosen on the split's validation images, "
+            "labels beyond each cell's budget (finetune.selection: outside): the low-label "
+            "cells saw more labels than their fraction says."
+        )
     warnings = sorted(
         {
             w
@@ -270,8 +287,29 @@ def write_outputs(
         log.warning("curve: %s", "; ".join(warnings))
     if splits := _splits_text(out):
         context["Splits (a group never spans two)"] = splits
-    write_report(out / "report.md", summary, effs, metric, context)
-    return {"summary": summary, "efficiency": effs}
+    write_report(
+        out / "report.md",
+        summarize([*rows, *honest["reference_rows"]]),
+        honest["efficiency"],
+        metric,
+        context,
+    )
+    return {"summary": summary, "efficiency": honest["efficiency"], "verdicts": honest["verdicts"]}
+
+
+def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> dict[str, str]:
+    """How each fine-tuned arm ran, in words, for report.md."""
+    out = {}
+    for name, r in recipes.items():
+        ft = r.finetune
+        decay = ft.optim.layer_decay
+        lr = f"lr grid {list(ft.lr_grid)}" if ft.lr_grid else f"lr {ft.optim.lr or 'scaled'}"
+        out[name] = (
+            f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection '{ft.selection}', "
+            f"{ft.train.epochs} epochs and at least {ft.train.min_steps} steps, batch "
+            f"{ft.train.batch_size}, head {ft.head_init}"
+        )
+    return out
 
 
 def _n_classes(out: Path, grid: CurveGrid) -> int | None:
@@ -295,12 +333,21 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
             unknown,
             sorted(inits),
         )
-    return {
-        name: apply_sets(recipe, c.init_sets[name], source=f"curve.init_sets.{name}:")
-        if c.init_sets.get(name)
-        else recipe
-        for name in inits
-    }
+    out = {}
+    for name, path in inits.items():
+        r = recipe
+        if path is None:
+            # Layer decay keeps pre-trained features near where pre-training left them (BEiT); a
+            # random backbone has nothing to keep (with 0.65 over depth 12 its patch embedding
+            # would train at 0.004x the head's lr). So a scratch arm trains every layer at the
+            # full lr, unless its curve.init_sets ask for decay.
+            r = replace(
+                r, finetune=replace(r.finetune, optim=replace(r.finetune.optim, layer_decay=None))
+            )
+        if c.init_sets.get(name):
+            r = apply_sets(r, c.init_sets[name], source=f"curve.init_sets.{name}:")
+        out[name] = r
+    return out
 
 
 def _any_cell_started(out: Path) -> bool:
@@ -413,7 +460,18 @@ def _run_cells(
     resolved = str(resolve_device(device))  # "auto" says nothing about where it ran
     run.start("curve", recipe, resolved, requested_device=device)
     atomic_write_json(out / "grid.json", record)
+    atomic_write_json(out / ARMS_FILE, _arm_settings(recipes, grid.inits))
     cells = grid.cells()
+    if c.baselines and not (out / BASELINES_FILE).is_file():
+        # Seconds on a CPU, and on the very subsets the cells train on: before the cells, so
+        # the report compares against them from the first finished cell on.
+        pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
+        rows, used = baseline_rows(recipe, grid.inits, pairs, trust_pickle=trust_pickle)
+        write_csv(
+            [{"labels": k[0], "seed": k[1], "path": f} for k, files in used.items() for f in files],
+            out / "baselines_labels_used.csv",
+        )
+        write_csv(rows, out / BASELINES_FILE)
     todo = [cell for cell in cells if not (out / "cells" / cell.name / RESULTS_FILE).is_file()]
     log.info("curve: %d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     n_gpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0

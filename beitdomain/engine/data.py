@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 
 from beitdomain.config import Recipe
+from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ImageDataset, ManifestImages
+from beitdomain.data.heldout import pretraining_items
 from beitdomain.data.index import Manifest, read_labels_csv, scan
 from beitdomain.data.splits import (
+    _SPLIT_ALIASES,
     LabelSubsetError,
     describe_subset,
     group_label_subset,
@@ -175,8 +178,24 @@ def unlabeled_dataset(
     n = len(source)
     if n == 0:
         raise UserError("the data holds no images")
-    held = holdout_indices(n, d.split_seed) if holdout else np.arange(0)
-    train_idx = np.setdiff1d(np.arange(n), held)
+    # The test split's images stay out unless transductive pre-training is asked for: the
+    # curve scores every arm on them, and only this one would have seen them.
+    test = np.empty(0, dtype=np.int64) if d.transductive else items_in_test_split(source, recipe)
+    usable, record = pretraining_items(n, test, d.transductive)
+    if len(usable) == 0:
+        raise UserError(
+            f"all {n} images are in the test split, which pre-training leaves out; give "
+            "unlabelled or train images, or set data.transductive: true (--transductive)"
+        )
+    if record["n_test_excluded"]:
+        log.info(
+            "%d test-split images left out of %s (data.transductive: false)",
+            record["n_test_excluded"],
+            kind,
+        )
+    pick = holdout_indices(len(usable), d.split_seed) if holdout else np.arange(0)
+    held = usable[pick]
+    train_idx = np.setdiff1d(usable, held)
     train = ImageDataset(
         source,
         transform,
@@ -194,6 +213,7 @@ def unlabeled_dataset(
             indices=held if len(held) else train_idx[:1],
             classes=[],
         )
+    train.pretraining_data = record  # for the run's manifest: transductive or not, how many
     return train, held_ds, fingerprint
 
 
@@ -215,6 +235,61 @@ class LabeledData:
 _PATIENT = re.compile(r"patient-\d+")  # groups numbered by the scan from DICOM PatientIDs
 
 
+def _split_files(
+    d: Any,
+    flabels: list[str],
+    fgroups: list[str | None],
+    split_column: list[str | None] | None,
+    warn: bool = True,
+) -> tuple[dict[str, np.ndarray], list[str | None]]:
+    """The train/val/test split of labelled files (and the groups it kept together): the one
+    rule fine-tuning and pre-training's test exclusion share."""
+    try:
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
+    except LabelSubsetError as e:
+        # Patients found by the scan (not groups the user gave) too few to split by: say so
+        # loudly and split by file, as without patient grouping.
+        if not all(g is None or _PATIENT.fullmatch(g) for g in fgroups):
+            raise
+        if warn:
+            log.warning("splitting by file, not by patient: %s", e)
+        fgroups = [None] * len(flabels)
+        split = group_split(
+            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
+        )
+    return split, fgroups
+
+
+def items_in_test_split(source: Any, recipe: Recipe) -> np.ndarray:
+    """Sorted item indices of `source` whose file is in the test split that `labeled_data`
+    scores on (a split column's test rows, or the recipe's seeded, grouped split of the
+    labelled files). Unlabelled images are never test images."""
+    d = recipe.data
+    n = len(source)
+    file_of = [source.source(i)[0] for i in range(n)]
+    label: dict[str, Any] = {}
+    given: dict[str, str | None] = {}
+    group: dict[str, str | None] = {}
+    for i, f in enumerate(file_of):
+        label.setdefault(f, source.label(i))
+        given.setdefault(f, _item_split(source, i))
+        group.setdefault(f, _item_group(source, i))
+    files = sorted(f for f in label if label[f] is not None)
+    if not files:
+        return np.empty(0, dtype=np.int64)
+    if any(given[f] is not None for f in files):
+        test = {f for f in files if _SPLIT_ALIASES.get(str(given[f]).strip().lower()) == "test"}
+    elif d.test_fraction > 0 and len({str(label[f]) for f in files}) > 1:
+        flabels = [str(label[f]) for f in files]
+        split, _ = _split_files(d, flabels, [group[f] for f in files], None, warn=False)
+        test = {files[i] for i in split["test"]}
+    else:
+        test = set()
+    return np.array([i for i, f in enumerate(file_of) if f in test], dtype=np.int64)
+
+
 def _item_group(source: Any, i: int) -> str | None:
     return source.group(i) if hasattr(source, "group") else None
 
@@ -232,13 +307,20 @@ def labeled_data(
     seed: int | None = None,
     progress: bool = True,
     report_dir: Path | None = None,
+    selection: str | None = None,
 ) -> LabeledData:
     """Train (label subset), val and test datasets from the recipe's labelled images.
+
+    Which labels validation holds follows `finetune.selection` (`beitdomain.data.budget`):
+    `none` no validation (a fixed schedule, the final weights), `carve` a share of the label
+    subset (training gets the rest), `outside` the split's own validation images (labels beyond
+    the budget; only on request).
 
     Args:
         recipe: data and fine-tuning settings.
         labels: `--labels` spec; default `finetune.labels`.
         seed: subset seed; default the recipe's seed. Subsets are nested for a fixed seed.
+        selection: overrides `finetune.selection`.
         progress: show the scan's progress bar.
         report_dir: where the quarantine report goes (the run folder).
 
@@ -281,20 +363,7 @@ def labeled_data(
         )
     flabels = [file_label[f] for f in files]
     fgroups = [file_group[f] for f in files]  # None: the file is its own group
-    try:
-        split = group_split(
-            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
-        )
-    except LabelSubsetError as e:
-        # Patients found by the scan (not groups the user gave) too few to split by: say so
-        # loudly and split by file, as without patient grouping.
-        if not all(g is None or _PATIENT.fullmatch(g) for g in fgroups):
-            raise
-        log.warning("splitting by file, not by patient: %s", e)
-        fgroups = [None] * len(files)
-        split = group_split(
-            flabels, fgroups, d.val_fraction, d.test_fraction, d.split_seed, split_column
-        )
+    split, fgroups = _split_files(d, flabels, fgroups, split_column)
     if split_column is not None and len(split["val"]) == 0 and d.val_fraction > 0:
         # The user's split has no validation images: carve them from train (stratified,
         # seeded, whole groups), so checkpoint selection never looks at the test split.
@@ -306,13 +375,26 @@ def labeled_data(
     train_files = [files[i] for i in split["train"]]
     train_flabels = [flabels[i] for i in split["train"]]
     chosen = group_label_subset(train_flabels, [fgroups[i] for i in split["train"]], spec, seed)
-    subset_files = {train_files[i] for i in chosen}
     subset = describe_subset(train_flabels, chosen, spec, seed)
     per_file = np.bincount(np.searchsorted(files, file_of), minlength=len(files))
     subset["splits"] = split_summary(split, fgroups, per_file)
     subset["splits"]["subset"] = split_summary(
         {"train": split["train"][chosen]}, fgroups, per_file
     )["train"]
+    # What selection may look at: by default only the subset's own labels (the budget).
+    mode = selection or recipe.finetune.selection
+    if mode not in FINETUNE_SELECTIONS:
+        raise UserError(f"finetune.selection {mode!r}: use one of {', '.join(FINETUNE_SELECTIONS)}")
+    fit, val_files = chosen, []
+    if mode == "carve":
+        sel = carve_validation(chosen, [train_flabels[i] for i in chosen], CARVE_FRACTION, seed)
+        fit, val_files = sel.fit, sorted(train_files[i] for i in sel.val)
+    elif mode == "outside":  # (a split without validation images: no selection, as before)
+        val_files = sorted(files[i] for i in split["val"])
+    subset_files = {train_files[i] for i in fit}
+    subset["selection"] = mode
+    subset["n_fit"] = len(subset_files)
+    subset["n_selection"] = len(val_files)
 
     def items_of(fileset: set[str]) -> np.ndarray:
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
@@ -333,8 +415,8 @@ def labeled_data(
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)
     out: dict[str, ImageDataset | None] = {}
-    for name in ("val", "test"):
-        idx = items_of({files[i] for i in split[name]})
+    for name, names in (("val", set(val_files)), ("test", {files[i] for i in split["test"]})):
+        idx = items_of(names)
         out[name] = (
             ImageDataset(source, ev, seed=seed, indices=idx, classes=classes) if len(idx) else None
         )
@@ -351,7 +433,7 @@ def labeled_data(
         subset=subset,
         files={
             "train": sorted(subset_files),
-            "val": sorted(files[i] for i in split["val"]),
+            "val": val_files,
             "test": sorted(files[i] for i in split["test"]),
         },
         class_counts=counts,

@@ -166,10 +166,18 @@ def run_demo(
     if _done(pre_dir):
         log.info("4/5 pre-training: done already (%s)", pre_dir)
     else:
-        log.info("4/5 BEiT pre-training on all images, without labels")
+        log.info(
+            "4/5 BEiT pre-training without labels, on %s",
+            "every image, the test split's too (transductive)"
+            if recipe.data.transductive
+            else "the train split's images (the test split's are left out)",
+        )
         pretrain(recipe, pre_dir, device=device, resume=True, quiet=quiet)
 
-    log.info("5/5 label-efficiency curve: domain pre-training vs from scratch")
+    log.info(
+        "5/5 label-efficiency curve: domain pre-training vs from scratch and the classical "
+        "baselines"
+    )
     curve_recipe = replace(
         recipe, curve=replace(recipe.curve, inits={"domain": str(pre_dir), "scratch": None})
     )

@@ -271,8 +271,9 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         job.device,
         eval_batch,
     )
+    layer_decay = ft.optim.layer_decay  # a curve's scratch arm has none (engine/curve.py)
     groups = layer_decay_param_groups(
-        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=ft.optim.layer_decay or 1.0
+        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
     )
     trainer = job.trainer(model, plan, groups, _loss_fn(recipe, data, job.device), hooks=[hook])
     state = job.fit(trainer)
@@ -296,6 +297,8 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "best_step": hook.best_step or state.step,
             "val_best": hook.best,  # the selection score (-loss when select_metric is loss)
             "select_metric": ft.select_metric,
+            "selection": data.subset.get("selection"),  # what selection looked at
+            "layer_decay": layer_decay,
             "stopped_early": state.stop_reason,
             "classes": data.classes,
         }

@@ -43,6 +43,13 @@ def finetune_lr_grid(
     ft = recipe.finetune
     job = Job.open("finetune", recipe, out, **options)
     if labeled_data(recipe, progress=False, report_dir=job.path).val is None:  # before training
+        if recipe.finetune.selection == "none":
+            raise UserError(
+                f"finetune.lr_grid {list(ft.lr_grid)} picks a learning rate on validation, and "
+                "finetune.selection is 'none' (a fixed schedule: nothing to select on). Give one "
+                "lr (finetune.optim.lr), or set finetune.selection=carve (validate on a fifth of "
+                "the labels) or outside (the split's validation images, beyond the budget)"
+            )
         raise UserError(
             "finetune.lr_grid picks the learning rate on the validation split, and this run has "
             "none: set data.val_fraction > 0, or give val rows in the labels CSV"

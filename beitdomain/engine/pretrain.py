@@ -137,7 +137,7 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         progress=not job.quiet,
         report_dir=job.path,
     )
-    job.start(fingerprint)
+    job.start(fingerprint, pretraining_data=dataset.pretraining_data)  # test images in or out
     if report is not None:
         job.write_json("init_report.json", report.__dict__)
 

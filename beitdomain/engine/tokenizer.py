@@ -179,7 +179,7 @@ def train_tokenizer(
     dataset, preview_ds, fingerprint = unlabeled_dataset(
         recipe, kind="tokenizer", holdout=True, progress=not job.quiet, report_dir=job.path
     )
-    job.start(fingerprint)
+    job.start(fingerprint, pretraining_data=dataset.pretraining_data)  # test images in or out
     # channels_last: cuDNN and oneDNN both run these convolutions faster in NHWC (CPU: 1.2x
     # for the demo tokenizer's training step).
     model = build_tokenizer(recipe).to(job.device).to(memory_format=torch.channels_last)

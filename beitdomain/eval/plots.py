@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,12 @@ def plot_label_efficiency(
     n_train_total: int | None = None,
     reference_init: str = "scratch",
     title: str | None = None,
+    dashed: Iterable[str] = (),
 ) -> Path:
     """Metric vs labelled fraction (log axis), one line per initialization with a ±std band.
+
+    Arms named in `dashed` (the classical baselines: logistic regressions on pixels or frozen
+    features) are drawn as dashed lines without markers, so the fine-tuned arms stand out.
 
     A secondary x axis on top gives the number of labelled images; a dashed horizontal line marks
     `reference_init` trained on 100% of the labels, when that cell exists.
@@ -157,7 +161,8 @@ def plot_label_efficiency(
     colors = [f"C{i}" for i in range(10)]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     # The reference first, so its colour is stable across reports.
-    inits = sorted(by_init, key=lambda n: (n != reference_init, n))
+    dashed_set = set(dashed)
+    inits = sorted(by_init, key=lambda n: (n in dashed_set, n != reference_init, n))
     all_fracs: set[float] = set()
     for i, name in enumerate(inits):
         pts = sorted(by_init[name])
@@ -166,8 +171,11 @@ def plot_label_efficiency(
         s = np.array([np.nan if p[2] is None else p[2] for p in pts])
         all_fracs.update(x.tolist())
         color = colors[i % len(colors)]
-        ax.plot(x, y, marker=markers[i % len(markers)], color=color, label=name, lw=1.8, ms=6)
-        if np.isfinite(s).any():
+        if name in dashed_set:
+            ax.plot(x, y, color=color, label=name, lw=1.4, ls="--", marker=".", ms=4)
+        else:
+            ax.plot(x, y, marker=markers[i % len(markers)], color=color, label=name, lw=1.8, ms=6)
+        if np.isfinite(s).any() and name not in dashed_set:
             s = np.nan_to_num(s)
             ax.fill_between(x, y - s, y + s, color=color, alpha=0.18, lw=0)
     ref = [p for p in by_init.get(reference_init, []) if math.isclose(p[0], 1.0)]

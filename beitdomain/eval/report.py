@@ -305,6 +305,102 @@ def _margin_caution(pre: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The strongest arm without domain pre-training, and the verdict against it
+# --------------------------------------------------------------------------------------------
+
+STRONGEST = "strongest without pre-training"
+
+
+def strongest_arms(
+    summary: Sequence[Mapping[str, Any]], metric: str, arms: Iterable[str]
+) -> dict[float, str]:
+    """fraction -> the arm among `arms` with the highest mean `metric` at that fraction.
+
+    A pre-trained model is only worth its pre-training if it beats everything a user could do
+    without it: training from scratch, a logistic regression on pixels, a probe of a random
+    backbone. Which of those is strongest changes with the number of labels, so the reference
+    is chosen per fraction.
+    """
+    arms = set(arms)
+    best: dict[float, tuple[float, str]] = {}
+    for row in summary:
+        name, f = str(row.get("init")), _number(row.get("fraction"))
+        mean = _number(row.get(f"{metric}_mean"))
+        if name not in arms or f is None or mean is None:
+            continue
+        if f not in best or mean > best[f][0] + _TIE_EPS:
+            best[f] = (mean, name)
+    return {f: name for f, (_, name) in sorted(best.items())}
+
+
+def as_reference(
+    rows: Sequence[Mapping[str, Any]], choice: Mapping[float, str]
+) -> list[dict[str, Any]]:
+    """The rows (runs or summary cells) of each fraction's chosen arm, renamed `STRONGEST` and
+    keeping the arm's name in `arm`: a reference `label_efficiency` and `paired_gains` can use."""
+    out = []
+    for row in rows:
+        f = _number(row.get("fraction"))
+        if f is not None and choice.get(f) == str(row.get("init")):
+            out.append({**row, "init": STRONGEST, "arm": row["init"]})
+    return out
+
+
+def verdict(
+    paired: Sequence[Mapping[str, Any]],
+    choice: Mapping[float, str],
+    pretrained: str,
+    metric: str,
+    n_labels: Mapping[float, Any] | None = None,
+) -> str:
+    """One plain sentence: does pre-training pay on this data, fraction by fraction?
+
+    `paired` is `paired_gains(rows, metric, STRONGEST, pretrained)`. A fraction counts as a win
+    when the mean paired gain is more than two standard errors above zero, a loss when more
+    than two below, and level otherwise (with a single seed: the sign, said to be one run).
+    """
+    name = METRIC_NAMES.get(metric, metric)
+    if not paired:
+        return f"No seed of '{pretrained}' pairs with an arm without pre-training: no verdict."
+    parts, wins, losses = [], 0, 0
+    for g in paired:
+        f = g["fraction"]
+        n = (n_labels or {}).get(f)
+        where = f"{_pct(f)}" + (f" ({_number(n):g} labels)" if _number(n) is not None else "")
+        se = g["se"]
+        if se is None:
+            state = "ahead" if g["mean"] > 0 else "behind" if g["mean"] < 0 else "level"
+            how = f"{g['mean']:+.1f} points, one seed"
+        else:
+            state = (
+                "ahead"
+                if g["mean"] - 2 * se > 0
+                else "behind"
+                if g["mean"] + 2 * se < 0
+                else "level"
+            )
+            n = len(g["seeds"])
+            how = f"{g['mean']:+.1f} ± {se:.1f} points, ahead on {g['ahead']} of {n} seeds"
+        wins += state == "ahead"
+        losses += state == "behind"
+        arm = choice.get(f, "?")
+        phrase = {"ahead": f"ahead of {arm}", "behind": f"behind {arm}"}.get(
+            state, f"level with {arm} within noise"
+        )
+        parts.append(f"at {where} {phrase} ({how})")
+    if wins and not losses:
+        head = f"Domain pre-training ('{pretrained}') pays on this data"
+    elif not wins:
+        head = (
+            f"Domain pre-training ('{pretrained}') does not pay on this data: it is never ahead "
+            "of the strongest arm without it"
+        )
+    else:
+        head = f"Domain pre-training ('{pretrained}') pays only in part on this data"
+    return f"{head} ({name}, paired by seed): " + "; ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------------------------
 # report.md
 # --------------------------------------------------------------------------------------------
 
@@ -355,13 +451,16 @@ def _paired_lines(paired: Mapping[str, Sequence[Mapping[str, Any]]], reference: 
     for init, per_fraction in paired.items():
         if not per_fraction:
             continue
+        against = {g.get("against") for g in per_fraction}
+        name = against.pop() if len(against) == 1 and None not in against else reference
         lines += [
-            f"## Paired by seed: {init} vs {reference}",
+            f"## Paired by seed: {init} vs {name}",
             "",
             "Each seed's two runs saw the same labelled images; the gain is their difference.",
             "",
-            "| labelled fraction | seeds | mean gain ± s.e. (points) | ahead on | gain per seed |",
-            "|---|---|---|---|---|",
+            "| labelled fraction | seeds | mean gain ± s.e. (points) | ahead on | gain per seed |"
+            + (" against |" if any("against" in g for g in per_fraction) else ""),
+            "|---|---|---|---|---|" + ("---|" if any("against" in g for g in per_fraction) else ""),
         ]
         for g in per_fraction:
             se = "" if g["se"] is None else f" ± {g['se']:.1f}"
@@ -369,6 +468,7 @@ def _paired_lines(paired: Mapping[str, Sequence[Mapping[str, Any]]], reference: 
             lines.append(
                 f"| {_pct(g['fraction'])} | {len(g['seeds'])} | {g['mean']:+.1f}{se} | "
                 f"{g['ahead']} of {len(g['seeds'])} | {per_seed} |"
+                + (f" {g['against']} |" if "against" in g else "")
             )
         lines.append("")
     return lines
@@ -449,8 +549,9 @@ def write_report(
         context: how the numbers were obtained; known keys are written in words: `seeds`
             (list), `n_test` (test images), `n_train` (train images at 100%), `data`, `inits`
             ({name: source}), `command`, `figure` (PNG file name), `paired` ({init:
-            `paired_gains(...)`}, a table per pre-trained initialization); others are listed
-            as is.
+            `paired_gains(...)`}, a table per pre-trained initialization), `verdicts` (sentences
+            put first under Result), `selection_note` (a bold line above everything),
+            `arm_settings` ({arm: how it was trained}); others are listed as is.
 
     Returns:
         The written path.
@@ -461,8 +562,13 @@ def write_report(
     reference = effs[0]["reference_init"] if effs else "scratch"
     inits = sorted({str(r["init"]) for r in summary}, key=lambda n: (n != reference, n))
     lines = [f"# Label-efficiency report ({name})", ""]
+    note = ctx.pop("selection_note", None)
+    if note:  # e.g. labels beyond the budget were used for selection: the reader must know first
+        lines += [f"**{note}**", ""]
 
     lines += ["## Result", ""]
+    for v in ctx.pop("verdicts", None) or []:
+        lines.append(f"- **{v}**")
     for eff in effs:
         lines.append(f"- {eff['statement']}")
     if not effs:
@@ -529,6 +635,8 @@ def write_report(
     if init_sources:
         for k, v in init_sources.items():
             lines.append(f"- Initialization `{k}`: {v if v else 'random (from scratch)'}")
+    for arm, how in (ctx.pop("arm_settings", None) or {}).items():
+        lines.append(f"- Arm `{arm}`: {how}")
     lrs = ctx.pop("learning_rates", None)
     if lrs:
         lines.append(f"- Fine-tuning learning rate (peak) per cell: {lrs}")
