@@ -55,13 +55,13 @@ def test_data_cache_recipe_builds_the_cache_the_recipe_accepts(tmp_path):
     from beitdomain.io import IntensitySpec
 
     data = write_separable_set(tmp_path / "d", per_class=2)
-    spec = IntensitySpec.from_config(load_recipe("elpv-cpu").data)  # percentile
+    spec = IntensitySpec.from_config(load_recipe("cpu-tiff").data)  # percentile
     res = run_cli(["data", "cache", str(data), "-o", str(tmp_path / "plain")])
     assert res.returncode == 0, res.stderr
     with pytest.raises(Exception, match="normalize: 'auto' in the cache, 'percentile' requested"):
         CachedImages(tmp_path / "plain", spec=spec)
 
-    res = run_cli(["data", "cache", str(data), "--recipe", "elpv-cpu", "-o", str(tmp_path / "r")])
+    res = run_cli(["data", "cache", str(data), "--recipe", "cpu-tiff", "-o", str(tmp_path / "r")])
     assert res.returncode == 0, res.stderr
     cached = CachedImages(tmp_path / "r", spec=spec)  # accepted
     assert cached.images.shape[-1] == 80  # 5/4 of the recipe's 64 px crops
@@ -72,7 +72,7 @@ def test_data_cache_recipe_builds_the_cache_the_recipe_accepts(tmp_path):
             "cache",
             str(data),
             "-r",
-            "elpv-cpu",
+            "cpu-tiff",
             "--normalize",
             "auto",
             "-o",

@@ -162,7 +162,8 @@ def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
 
     data = write_separable_set(tmp_path / "data", per_class=8)
     out = tmp_path / "pre"
-    # 16 images, val 15% -> the rest train; batch 8 -> 2 steps an epoch; 6 steps = 3 epochs
+    # the k-NN memory is the train split, the query the validation split; pre-training leaves
+    # the test split out, so an epoch is as many steps as the remaining images make batches
     res = run_cli(
         [
             "pretrain",
@@ -176,12 +177,25 @@ def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
             "6",
             "--out",
             str(out),
-            *sets_to_args([*PRETRAIN_SETS, "data.val_fraction=0.25", "data.test_fraction=0.25"]),
+            *sets_to_args(
+                [
+                    *PRETRAIN_SETS,
+                    "pretrain.train.batch_size=4",  # several steps an epoch
+                    "data.val_fraction=0.25",
+                    "data.test_fraction=0.25",
+                ]
+            ),
         ]
     )
     assert res.returncode == 0, res.stderr
-    knn = [r for r in read_metrics(out / "metrics.jsonl") if "knn_balanced_accuracy" in r]
-    assert [r["step"] for r in knn] == [2, 4, 6]
+    records = read_metrics(out / "metrics.jsonl")
+    knn = [r for r in records if "knn_balanced_accuracy" in r]
+    train = [r for r in records if "loss" in r]
+    epoch_ends = [
+        max(r["step"] for r in train if r["epoch"] == e) for e in {r["epoch"] for r in train}
+    ]
+    assert [r["step"] for r in knn] == sorted(epoch_ends)  # once, at the end of every epoch
+    assert knn[-1]["step"] == 6 and 1 < len(knn) < 6
     assert all(0.0 <= r["knn_balanced_accuracy"] <= 1.0 for r in knn)
 
 
