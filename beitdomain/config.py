@@ -168,6 +168,9 @@ class TrainConfig:
     eval_every: int | None = bounded(None, ge=1)
     max_nonfinite: int = bounded(5, ge=1)  # consecutive non-finite losses before the run stops
     tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
+    # Experiment trackers that also receive every metrics record (engine/trackers.py); one not
+    # installed is a warning, not an error.
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
     deterministic: bool = False
 
 
@@ -323,6 +326,9 @@ class PretrainConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
+    # k-NN accuracy of the backbone's frozen features on the labelled data (data.labels or
+    # subfolders), logged every this many epochs as knn_balanced_accuracy; None: off.
+    knn_every: int | None = bounded(None, ge=1)
 
 
 # The sections that are jobs; each has `train` and `optim`, and each job reads only its own.

@@ -353,6 +353,36 @@ def test_a_worker_receives_a_recipe_not_a_file(monkeypatch, tmp_path):
     assert folder == tmp_path / "cells" / cell.name and kw["trust_pickle"] is False
 
 
+def test_the_curve_manifest_records_the_device_used_and_the_data(grid):
+    out, _ = grid
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["device"] == "cpu" and manifest["requested_device"] == "cpu"
+    cell = json.loads((out / "cells" / next(iter(_results(out))) / "manifest.json").read_text())
+    assert manifest["data_fingerprint"] == cell["data_fingerprint"] is not None
+    assert manifest["cell_devices"] == ["cpu"]
+
+
+def test_a_grid_whose_cells_never_started_can_be_replaced(setup, tmp_path, monkeypatch):
+    from beitdomain.user import UserError
+
+    root, pre = setup
+    out = tmp_path / "curve"
+
+    def fails_before_training(r, cell_dir, **kw):
+        cell_dir.mkdir(parents=True)  # as a cell that fails while reading its data
+        raise UserError("simulated: the data could not be read")
+
+    with monkeypatch.context() as m:
+        m.setattr(curve_engine, "finetune", fails_before_training)
+        with pytest.raises(UserError, match="simulated"):
+            run_curve(_curve_recipe(root, pre), out, device="cpu", quiet=True)
+    r = _curve_recipe(root, pre)
+    r.curve.fractions = ["100%"]
+    r.curve.inits = {"scratch": None}
+    result = run_curve(r, out, device="cpu", quiet=True)  # not refused: nothing had run
+    assert len(result["rows"]) == 1
+
+
 def test_curve_runs_the_baselines_on_its_subsets_and_judges_against_the_strongest(setup, tmp_path):
     # The classical arms train on exactly the labels each cell trained on; scratch fine-tunes
     # without layer decay; report.md's verdict is against the strongest arm without

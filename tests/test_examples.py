@@ -35,3 +35,18 @@ def test_elpv_chain_example_is_valid_python():
         timeout=120,
     )
     assert out.returncode == 0 and "--quick" in out.stdout
+
+
+def test_notebook_api_example_runs_as_a_script(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "notebook_api.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pre-training: 20 steps" in out.stdout
+    assert "Beit (1, 64, 64) auto" in out.stdout
+    assert "features of 3 MR files: (3, 128)" in out.stdout
+    for method in ("knn", "probe"):
+        assert f"{method}: balanced accuracy backbone" in out.stdout

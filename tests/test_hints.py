@@ -38,11 +38,13 @@ SHOWN_BY = {
     "config.py": RECIPE,
     "data/cache.py": {"data cache", "data inspect", *TRAIN, "curve"},
     "data/index.py": READ_IMAGES,
+    "data/inspect.py": {"data inspect"},
     "data/splits.py": {"finetune", "curve"},
     "io/dicom.py": READ_IMAGES,
     "io/intensity.py": READ_IMAGES,
     "engine/data.py": {*TRAIN, "curve"},
     "engine/distributed.py": RECIPE | {"predict"},
+    "engine/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
     "engine/finetune.py": {"finetune", "curve"},
     "engine/predict.py": {"predict"},

@@ -6,6 +6,7 @@ beitdomain tokenizer train|inspect|encode
 beitdomain pretrain [export]
 beitdomain finetune / predict
 beitdomain curve
+beitdomain eval knn|probe RUN         frozen features: k-NN / linear probe on the labelled splits
 beitdomain demo
 """
 
@@ -17,7 +18,7 @@ import importlib.metadata
 import inspect
 import platform
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,6 +39,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"beitdomain {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -48,10 +55,26 @@ def main_options(
         int | None, typer.Option(help="Seed for everything (overrides recipe).")
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")
+        bool,
+        typer.Option("--quiet", "-q", help="No progress, no info logs: warnings, errors, results."),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print each command's result as JSON on stdout (logs stay on stderr)."
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
+    from beitdomain.cli.output import set_json
+
     ctx.obj = GlobalOptions(device=device, seed=seed, quiet=quiet)
+    set_json(json_output)
     for stream in (sys.stdout, sys.stderr):
         # A file name that is not UTF-8 prints as \xff escapes, never as UnicodeEncodeError.
         with contextlib.suppress(AttributeError, ValueError):
@@ -72,6 +95,8 @@ _OPTIONAL_MODULES = {
     "imagecodecs": "TIFF LZW/deflate/JPEG/zstd (imagecodecs)",
     "elpv_dataset": "the demo's solar-cell images (pip install -e '.[demo]')",
     "tensorboard": "TensorBoard event files (pip install tensorboard)",
+    "mlflow": "MLflow tracking (pip install mlflow-skinny)",
+    "wandb": "Weights & Biases tracking (pip install wandb)",
     "transformers": "Hugging Face reference for benchmarks (pip install -e '.[dev]')",
 }
 
@@ -119,8 +144,16 @@ def environment_report(device_name: str = "auto") -> dict[str, str]:
 
 
 @app.command()
-def env(ctx: typer.Context) -> None:
+def env(
+    ctx: typer.Context,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="As JSON on stdout (same as the global --json).")
+    ] = False,
+) -> None:
     """Show versions, the device that would be used, CUDA/bf16 support and optional codecs."""
+    from beitdomain.cli.output import request_json
+
+    request_json(json_output)
     print_kv("beitdomain environment", environment_report(global_options(ctx).device))
 
 
@@ -142,6 +175,12 @@ def _add_groups() -> None:
             "BEiT masked image modeling on unlabeled images; export.",
         ),
         ("beitdomain.cli.finetune", "app", None, None),
+        (
+            "beitdomain.cli.eval",
+            "app",
+            "eval",
+            "Check frozen features: k-NN and linear probe on the labelled splits.",
+        ),
         ("beitdomain.cli.curve", "app", None, None),
         ("beitdomain.cli.demo", "app", None, None),
     ]
@@ -200,8 +239,27 @@ def _reflow_commands(typer_app: typer.Typer) -> None:
             _reflow_commands(group.typer_instance)
 
 
+def _flags_without_metavar() -> None:
+    """On/off flags show no `<bool>` in --help, as if they took a value (typer 0.2x's rich help
+    prints each option's type, flags included; plain click prints none)."""
+    core = importlib.import_module("typer.core")
+    option = getattr(core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_beitdomain", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._beitdomain = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
 _add_groups()
 _reflow_commands(app)
+_flags_without_metavar()
 
 
 def main() -> None:

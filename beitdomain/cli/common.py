@@ -104,12 +104,22 @@ def handle_errors(fn: F) -> F:
 
 
 def setup_logging(quiet: bool) -> None:
-    from rich.logging import RichHandler
+    """Logs on stderr: rich on a terminal; timestamped plain lines in batch jobs (files, pipes)."""
+    from beitdomain.progress import stderr_is_terminal
 
+    if stderr_is_terminal():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        format=fmt,
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[handler],
         force=True,
     )
     # Third-party chatter is not the user's concern unless it is a warning.
@@ -117,9 +127,16 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_kv(title: str, rows: dict[str, Any]) -> None:
+def print_kv(title: str, rows: dict[str, Any], result: Any = None) -> None:
+    """A two-column table on stdout; with the global --json, `result` (or `rows`) as JSON."""
     from rich.markup import escape
     from rich.table import Table
+
+    from beitdomain.cli.output import json_requested, print_json
+
+    if json_requested():
+        print_json(rows if result is None else result)
+        return
 
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in rows.items():
@@ -133,14 +150,32 @@ def load(
     sets: list[str] | None,
     options: dict[str, Any] | None = None,
 ) -> Any:
-    """The recipe from a file (or shipped name), typed options and --set, plus --seed."""
-    from beitdomain.config import load_recipe
+    """The recipe from a file (or shipped name), typed options and --set, plus --seed.
+
+    `BEITDOMAIN_SET` (overrides separated by `;`) applies to every command before its own
+    --set, e.g. to smoke-test a pipeline script with a few steps per stage.
+    """
+    from beitdomain.config import apply_sets, load_recipe
 
     opts = dict(options or {})
     seed = global_options(ctx).seed
     if seed is not None:
         opts["seed"] = seed
-    return load_recipe(recipe, opts, sets)
+    extra = env_sets()
+    if not extra:
+        return load_recipe(recipe, opts, sets)
+    r = apply_sets(load_recipe(recipe, opts), extra, source=f"${ENV_SETS}")
+    return apply_sets(r, sets or [])
+
+
+ENV_SETS = "BEITDOMAIN_SET"
+
+
+def env_sets() -> list[str]:
+    """The `section.key=value` overrides in $BEITDOMAIN_SET (`;`-separated)."""
+    import os
+
+    return [s.strip() for s in os.environ.get(ENV_SETS, "").split(";") if s.strip()]
 
 
 def default_out(recipe: Any, command: str) -> Path:

@@ -17,12 +17,13 @@ from beitdomain.cli.common import (
     RecipeOpt,
     SetOpt,
     TrustPickleOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
 )
+from beitdomain.cli.options import LabelsCsvOpt
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
 
@@ -103,6 +104,7 @@ def curve(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    labels_csv: LabelsCsvOpt = None,
     on_error: OnErrorOpt = None,
     nonfinite: NonfiniteOpt = None,
     sets: SetOpt = None,
@@ -134,6 +136,7 @@ def curve(
     options = {
         "data.root": str(data) if data else None,
         "data.cache": str(cache) if cache else None,
+        "data.labels": str(labels_csv) if labels_csv else None,
         "data.on_error": on_error,
         "data.nonfinite": nonfinite,
         "curve.inits": parse_inits(init) if init else None,
@@ -154,6 +157,6 @@ def curve(
         workers=workers,
         trust_pickle=trust_pickle,
     )
-    for eff in result.get("efficiency", []):
-        console.print(eff["statement"])
-    console.print(f"curve.png, summary.csv and report.md in {out}")
+    lines = [eff["statement"] for eff in result.get("efficiency", [])]
+    lines.append(f"curve.png, summary.csv and report.md in {out}")
+    print_result("\n".join(lines), {"out": str(out), **result})

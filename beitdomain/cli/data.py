@@ -12,7 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from beitdomain.cli.common import handle_errors
+from beitdomain.cli.common import SetOpt, global_options, handle_errors, load
+from beitdomain.cli.options import LabelsCsvOpt, deprecated
+from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
 app = typer.Typer(
     help="Scan, cache and inspect image folders (DICOM, TIFF, PNG/JPEG/BMP, plugins).",
@@ -23,7 +25,7 @@ readers_app = typer.Typer(
 )
 
 NormalizeOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--normalize",
         help="auto (DICOM: recipe/file window, else percentile), window, percentile, dtype.",
@@ -38,10 +40,10 @@ WindowOpt = Annotated[
     ),
 ]
 InChansOpt = Annotated[
-    int, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
+    int | None, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
 ]
 FramesOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--frames",
         help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
@@ -49,7 +51,7 @@ FramesOpt = Annotated[
     ),
 ]
 SliceAxisOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
     ),
@@ -62,14 +64,14 @@ ChannelsOpt = Annotated[
     ),
 ]
 NonfiniteOpt = Annotated[
-    str, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
+    str | None, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
 ]
 OnErrorOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--on-error",
-        help="fail: stop and list every unreadable file; skip: quarantine them into "
-        "<manifest>.errors.csv and go on.",
+        help="fail: stop and list every unreadable file; skip: go on without them, listed "
+        "beside the manifest (-o scan.jsonl -> scan.errors.csv).",
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Decoding processes (0: none).")]
@@ -132,34 +134,69 @@ def _out():
     return Console(file=sys.stdout, highlight=False)
 
 
-def _counter_table(title: str, counts: Counter, limit: int = 12):
+def _counter_table(title: str, counts: Counter, limit: int = 12, frames: Counter | None = None):
+    """Files per key; with `frames`, a second column of frames (items training will see)."""
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     table.add_column(title.split(" ")[-1])
     table.add_column("files", justify="right")
+    if frames is not None:
+        table.add_column("frames", justify="right")
     for key, n in counts.most_common(limit):
-        table.add_row(escape(str(key)), str(n))
+        row = [escape(str(key)), str(n)]
+        table.add_row(*row, *([str(frames[key])] if frames is not None else []))
     if len(counts) > limit:
-        table.add_row(f"... {len(counts) - limit} more", "")
+        table.add_row(f"... {len(counts) - limit} more", "", *([""] if frames is not None else []))
     return table
 
 
-def print_manifest_summary(manifest: Any) -> None:
-    """Counts per reader, label and raw shape, and the unreadable files."""
+def manifest_summary(manifest: Any) -> dict[str, Any]:
+    """What `data scan` reports, as plain data: files and frames, by reader/label/shape, errors."""
+    entries = manifest.entries
+    by_label_frames: Counter = Counter()
+    for e in entries:
+        if e.label is not None:
+            by_label_frames[str(e.label)] += e.frames
+    return {
+        "root": str(manifest.root),
+        "n_files": len(entries),
+        "n_frames": sum(e.frames for e in entries),
+        "n_unreadable": len(manifest.errors),
+        "by_reader": dict(Counter(e.reader for e in entries)),
+        "by_label_files": dict(Counter(str(e.label) for e in entries if e.label is not None)),
+        "by_label_frames": dict(by_label_frames),
+        "by_shape": dict(Counter(f"{'x'.join(map(str, e.shape))} {e.dtype}" for e in entries)),
+        "unreadable": [{"path": p, "reason": r} for p, r in manifest.errors],
+    }
+
+
+def print_manifest_summary(manifest: Any, extra: dict[str, Any] | None = None) -> None:
+    """Counts per reader, label and raw shape, and the unreadable files (JSON with --json)."""
     from rich.markup import escape
 
+    if json_requested():
+        print_json({**manifest_summary(manifest), **(extra or {})})
+        return
     out = _out()
     entries = manifest.entries
     # Counts first: a long root path then wraps after them, not through them.
     out.print(
-        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames), "
-        f"[bold]{len(manifest.errors)}[/] unreadable, under {escape(str(manifest.root))}"
+        f"[bold]{len(entries)}[/] images ({sum(e.frames for e in entries)} frames, one "
+        f"training item each), [bold]{len(manifest.errors)}[/] unreadable, under "
+        f"{escape(str(manifest.root))}"
     )
     out.print(_counter_table("by reader", Counter(e.reader for e in entries)))
     if any(e.label is not None for e in entries):
-        out.print(_counter_table("by label", Counter(e.label for e in entries)))
+        summary = manifest_summary(manifest)
+        out.print(
+            _counter_table(
+                "by label",
+                Counter(summary["by_label_files"]),
+                frames=Counter(summary["by_label_frames"]),
+            )
+        )
     if any(e.group is not None for e in entries):
         groups = {e.group for e in entries if e.group is not None}
         alone = sum(e.group is None for e in entries)
@@ -175,7 +212,9 @@ def print_manifest_summary(manifest: Any) -> None:
         out.print(f"... and {len(manifest.errors) - 20} more (see the errors report)")
 
 
-def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int = 0) -> Any:
+def _open_source(
+    source: Path, spec: Any, on_error: str = "fail", workers: int = 0, quiet: bool = False
+) -> Any:
     """A cache folder, a manifest file or a data folder (scanned)."""
     from beitdomain.data.cache import CachedImages
     from beitdomain.data.index import Manifest, scan
@@ -183,7 +222,7 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
     if source.is_dir() and (source / "cache.json").is_file():
         return CachedImages(source)
     if source.is_dir():
-        return scan(source, on_error=on_error, workers=workers, progress=True, spec=spec)
+        return scan(source, on_error=on_error, workers=workers, progress=not quiet, spec=spec)
     if source.is_file():
         return Manifest.load(source)
     from beitdomain.user import MissingPathError
@@ -194,10 +233,10 @@ def _open_source(source: Path, spec: Any, on_error: str = "fail", workers: int =
 @app.command()
 @handle_errors
 def scan(
+    ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Data folder, scanned recursively.")],
-    labels: Annotated[
-        Path | None, typer.Option("--labels", help="CSV path,label[,split]; paths inside DIR.")
-    ] = None,
+    labels_csv: LabelsCsvOpt = None,
+    labels_old: Annotated[Path | None, typer.Option("--labels", hidden=True)] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the manifest (.jsonl or .csv).")
     ] = None,
@@ -215,22 +254,33 @@ def scan(
     slice_axis: SliceAxisOpt = "axial",
     group_column: GroupColumnOpt = "group",
     dicom_series: SeriesOpt = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="The summary as JSON on stdout (as the global --json).")
+    ] = False,
 ) -> None:
     """Read every image once and summarize: readers, labels, shapes, unreadable files.
 
-    Labels come from first-level subfolders (DIR/<label>/...) or from --labels. Each image is
-    also normalized as `data cache` and training will (NaN/Inf, channel counts, the window),
+    Labels come from first-level subfolders (DIR/<label>/...) or from --labels-csv. Each image
+    is also normalized as `data cache` and training will (NaN/Inf, channel counts, the window),
     so a file that would fail there is listed now, with the same options to fix it.
 
     Examples:
 
         beitdomain data scan data/ct --out ct.jsonl
 
-        beitdomain data scan data/cells --labels labels.csv --on-error skip -o cells.jsonl
+        beitdomain data scan data/cells --labels-csv labels.csv --on-error skip -o cells.jsonl
     """
     from beitdomain.data.index import errors_path
     from beitdomain.data.index import scan as scan_folder
 
+    request_json(json_output)
+    labels = deprecated(
+        "--labels",
+        "--labels-csv",
+        labels_old,
+        labels_csv,
+        "--labels is the amount of labels in finetune and eval; the CSV is --labels-csv everywhere",
+    )
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
     spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
@@ -240,14 +290,18 @@ def scan(
         on_error,
         allow_outside_root,
         workers,
-        progress=True,
+        progress=not global_options(ctx).quiet,
         spec=spec,
         group_column=group_column,
         dicom_series=dicom_series,
     )
-    print_manifest_summary(manifest)
     if out is not None:
         manifest.save(out)
+    written = {"manifest": str(out) if out else None}
+    if out is not None and manifest.errors:
+        written["errors_csv"] = str(errors_path(out))
+    print_manifest_summary(manifest, written)
+    if out is not None and not json_requested():
         _out().print(f"manifest written to {out}")
         if manifest.errors:
             _out().print(f"unreadable files listed in {errors_path(out)}")
@@ -256,28 +310,44 @@ def scan(
 @app.command()
 @handle_errors
 def cache(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder or manifest (.jsonl/.csv).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to write.")],
     size: Annotated[
-        int, typer.Option("--size", help="Working resolution; a bit above the training size.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            "--size",
+            help="Working resolution, a bit above the training size (default 256; with "
+            "--recipe 5/4 of data.image_size).",
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="uint8, uint16 or float16.")] = "uint8",
     fit: Annotated[
         str, typer.Option("--fit", help="Non-square images: squash, crop or pad.")
     ] = "squash",
-    normalize: NormalizeOpt = "auto",
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Build what this recipe's training will ask for: its normalization, window, "
+            "channels, frames and labels (flags may not contradict it).",
+        ),
+    ] = None,
+    sets: SetOpt = None,
+    normalize: NormalizeOpt = None,
     window: WindowOpt = None,
-    in_chans: InChansOpt = 1,
-    frames: FramesOpt = "all",
-    nonfinite: NonfiniteOpt = "error",
+    in_chans: InChansOpt = None,
+    frames: FramesOpt = None,
+    nonfinite: NonfiniteOpt = None,
     channels: ChannelsOpt = None,
-    slice_axis: SliceAxisOpt = "axial",
+    slice_axis: SliceAxisOpt = None,
     dicom_series: SeriesOpt = False,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
         bool, typer.Option("--hash", help="Store sha256 per file for exact invalidation.")
     ] = False,
-    on_error: OnErrorOpt = "fail",
+    on_error: OnErrorOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
 ) -> None:
     """Decode every image once into a memory-mapped cache so epochs never re-decode files.
@@ -289,11 +359,41 @@ def cache(
 
         beitdomain data cache data/ct --out cache/ct-lung --window ct-lung --size 256 -j 8
 
+        beitdomain data cache scan.jsonl --recipe cpu-dicom --out cache/ct
+
         beitdomain data cache cells.jsonl --out cache/cells --dtype uint16
     """
     from beitdomain.data.cache import build_cache
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    flags = {
+        "normalize": normalize,
+        "window": window,
+        "in_chans": in_chans,
+        "frames": frames,
+        "nonfinite": nonfinite,
+        "channels": channels,
+        "slice_axis": slice_axis,
+    }
+    labels_csv = None
+    if recipe is not None or sets:
+        r = load(ctx, recipe, sets)
+        spec, size, on_error, labels_csv = _cache_settings_from_recipe(
+            r, recipe, flags, size, on_error
+        )
+        dicom_series = dicom_series or r.data.dicom_series
+    else:
+        spec = _spec(
+            normalize or "auto",
+            window,
+            in_chans or 1,
+            frames or "all",
+            nonfinite or "error",
+            channels,
+            slice_axis or "axial",
+        )
+    size = size or 256
+    on_error = on_error or "fail"
+    quiet = global_options(ctx).quiet
     source_obj: Any = source
     if source.is_dir():
         from beitdomain.data.index import scan as scan_folder
@@ -301,9 +401,10 @@ def cache(
         # The scan normalizes too, so every bad file is named before the long cache pass.
         source_obj = scan_folder(
             source,
+            labels_csv,
             on_error=on_error,
             workers=workers,
-            progress=True,
+            progress=not quiet,
             spec=spec,
             dicom_series=dicom_series,
         )
@@ -317,19 +418,72 @@ def cache(
         workers=workers,
         hash_files=hash_files,
         on_error=on_error,
-        progress=True,
+        progress=not quiet,
         force=force,
     )
     verb = "up to date" if cached.reused else "written"
     shape = "x".join(map(str, cached.images.shape[1:]))
-    _out().print(f"cache {verb}: {out} ({len(cached)} items of {shape} {cached.images.dtype})")
-    for path, reason in cached.errors[:20]:
-        _out().print(f"[red]skipped[/] {path}: {reason}")
+    result = {
+        "cache": str(out),
+        "reused": bool(cached.reused),
+        "n_items": len(cached),
+        "item_shape": list(cached.images.shape[1:]),
+        "dtype": str(cached.images.dtype),
+        "skipped": [{"path": p, "reason": r} for p, r in cached.errors],
+    }
+    print_result(
+        f"cache {verb}: {out} ({len(cached)} items of {shape} {cached.images.dtype})", result
+    )
+    if not json_requested():
+        for path, reason in cached.errors[:20]:
+            _out().print(f"[red]skipped[/] {path}: {reason}")
+
+
+def cache_size_for(image_size: int) -> int:
+    """The cache side a recipe wants: 5/4 of its crop size, a multiple of 8 (64 -> 80,
+    224 -> 280), so random crops have pixels to choose from."""
+    return max(8, round(image_size * 5 / 4 / 8) * 8)
+
+
+def _cache_settings_from_recipe(
+    r: Any, name: str | None, flags: dict[str, Any], size: int | None, on_error: str | None
+) -> tuple[Any, int, str, str | None]:
+    """(spec, size, on_error, labels CSV) for `data cache --recipe`: the recipe's data section,
+    so training with that recipe accepts the cache. A flag that contradicts it is an error."""
+    from beitdomain.io import IntensitySpec
+    from beitdomain.user import UserError
+
+    spec = IntensitySpec.from_config(r.data)
+    wanted = spec.to_dict()
+    given = _spec(
+        flags["normalize"] or spec.normalize,
+        flags["window"] if flags["window"] is not None else wanted["window"],
+        flags["in_chans"] or spec.in_chans,
+        flags["frames"] or spec.frames,
+        flags["nonfinite"] or spec.nonfinite,
+        flags["channels"]
+        if flags["channels"] is not None
+        else (",".join(map(str, spec.channels)) if spec.channels else None),
+        flags["slice_axis"] or spec.slice_axis,
+    )
+    clash = [
+        f"--{k.replace('_', '-')} {flags[k]} (the recipe has {k}: {wanted[k]})"
+        for k in flags
+        if flags[k] is not None and given.to_dict()[k] != wanted[k]
+    ]
+    if clash:
+        raise UserError(
+            f"data cache --recipe {name}: {'; '.join(clash)}. Training with this recipe would "
+            f"refuse such a cache. Drop the flag, or change the recipe (--set data.KEY=VALUE)."
+        )
+    labels = r.data.labels
+    return spec, size or cache_size_for(r.data.image_size), on_error or r.data.on_error, labels
 
 
 @app.command()
 @handle_errors
 def inspect(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder, manifest or cache folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("sheet.png"),
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
@@ -355,9 +509,9 @@ def inspect(
     from beitdomain.data.inspect import contact_sheet
 
     spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
-    src = _open_source(source, spec, on_error="skip")
+    src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
     path = contact_sheet(src, spec, out, n=n, seed=seed)
-    _out().print(f"contact sheet written to {path}")
+    print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})
 
 
 @readers_app.callback()
@@ -380,6 +534,14 @@ def list_readers() -> None:
 
     from beitdomain.io import READERS
 
+    if json_requested():
+        print_json(
+            [
+                {"name": i.name, "from": i.source, "status": i.status, "description": i.description}
+                for i in READERS.info()
+            ]
+        )
+        return
     table = Table(title="image readers", title_justify="left")
     for col in ("name", "from", "status", "description"):
         table.add_column(col)

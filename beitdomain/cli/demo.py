@@ -16,6 +16,7 @@ from beitdomain.cli.common import (
     handle_errors,
     load,
 )
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
 
@@ -70,6 +71,6 @@ def demo(
             "demo interrupted; run the same `beitdomain demo` command again: finished stages "
             "are skipped and the interrupted one resumes from its checkpoint"
         ) from None
-    for eff in result.get("efficiency", []):
-        console.print(eff["statement"])
-    console.print(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")
+    lines = [eff["statement"] for eff in result.get("efficiency", [])]
+    lines.append(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")
+    print_result("\n".join(lines), {"out": str(out), **result})

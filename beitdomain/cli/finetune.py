@@ -21,32 +21,23 @@ from beitdomain.cli.common import (
     SetOpt,
     StepsOpt,
     TrustPickleOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
     print_kv,
 )
+from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
+from beitdomain.cli.output import print_result
 
 app = typer.Typer()
-
-LabelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--labels",
-        "-l",
-        help="How many training labels to use: 1% | 0.01 | 200 | 5/class. Subsets are "
-        "stratified and nested for a seed (1% inside 10%).",
-    ),
-]
 
 
 @app.command()
 @handle_errors
 def finetune(
     ctx: typer.Context,
-    labels: LabelsOpt = None,
+    labels: LabelsAmountOpt = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -59,9 +50,7 @@ def finetune(
     cache: CacheOpt = None,
     on_error: OnErrorOpt = None,
     nonfinite: NonfiniteOpt = None,
-    labels_csv: Annotated[
-        Path | None, typer.Option("--labels-csv", help="CSV path,label[,split] (sets data.labels).")
-    ] = None,
+    labels_csv: LabelsCsvOpt = None,
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
@@ -131,7 +120,7 @@ def finetune(
                 if test.get(k) is not None:
                     rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
             rows["test images"] = test["n"]
-        print_kv(f"finetune -> {out}", rows)
+        print_kv(f"finetune -> {out}", rows, result={"out": str(out), **res})
 
 
 @app.command()
@@ -167,10 +156,18 @@ def predict(
     path, skipped = predict_files(
         run, inputs, out, device=global_options(ctx).device, on_error=on_error, nonfinite=nonfinite
     )
-    console.print(f"wrote {path}")
-    if skipped:
-        from beitdomain.data.index import errors_path
+    from beitdomain.data.index import errors_path
 
-        console.print(
+    lines = [f"wrote {path}"]
+    if skipped:
+        lines.append(
             f"skipped {len(skipped)} file(s) that could not be used: see {errors_path(out)}"
         )
+    print_result(
+        "\n".join(lines),
+        {
+            "predictions": str(path),
+            "skipped": len(skipped),
+            "errors_csv": str(errors_path(out)) if skipped else None,
+        },
+    )

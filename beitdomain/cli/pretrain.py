@@ -22,13 +22,14 @@ from beitdomain.cli.common import (
     StepsOpt,
     TransductiveOpt,
     TrustPickleOpt,
-    console,
     default_out,
     global_options,
     handle_errors,
     load,
     print_kv,
 )
+from beitdomain.cli.options import LabelsCsvOpt
+from beitdomain.cli.output import print_result
 
 app = typer.Typer(
     help="BEiT masked image modeling on unlabeled images (continued pre-training).",
@@ -43,6 +44,15 @@ def pretrain(
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     cache: CacheOpt = None,
+    labels_csv: LabelsCsvOpt = None,
+    knn_every: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-every",
+            help="Every N epochs, log the k-NN accuracy of the frozen features on the labelled "
+            "images (pretrain.knn_every; labels from --labels-csv, the cache or subfolders).",
+        ),
+    ] = None,
     on_error: OnErrorOpt = None,
     nonfinite: NonfiniteOpt = None,
     tokenizer: Annotated[
@@ -102,6 +112,8 @@ def pretrain(
         {
             "data.root": str(data) if data else None,
             "data.cache": str(cache) if cache else None,
+            "data.labels": str(labels_csv) if labels_csv else None,
+            "pretrain.knn_every": knn_every,
             "data.transductive": True if transductive else None,
             "data.on_error": on_error,
             "data.nonfinite": nonfinite,
@@ -132,7 +144,7 @@ def pretrain(
             rows["masked-token accuracy (last step)"] = f"{100 * result['acc']:.1f}%"
         rows["loss (last step)"] = f"{result.get('loss', float('nan')):.4f}"
         rows["backbone"] = result.get("backbone", "")
-        print_kv(f"pretrain -> {out}", rows)
+        print_kv(f"pretrain -> {out}", rows, result={"out": str(out), **result})
 
 
 @app.command()
@@ -173,6 +185,9 @@ def export(
         raise typer.BadParameter(f"--format {fmt!r}: use timm or hf")
     path = export_run(run, out, fmt)  # type: ignore[arg-type]
     if fmt is None:
-        console.print(f"wrote {path} and {path.with_name('backbone.json')}")
+        print_result(
+            f"wrote {path} and {path.with_name('backbone.json')}",
+            {"backbone": str(path), "backbone_json": str(path.with_name("backbone.json"))},
+        )
     else:
-        console.print(f"wrote the {fmt} export to {path}")
+        print_result(f"wrote the {fmt} export to {path}", {"export": str(path), "format": fmt})

@@ -29,6 +29,7 @@ from beitdomain.cli.common import (
     load,
     print_kv,
 )
+from beitdomain.cli.output import print_result
 
 app = typer.Typer(
     help="Train, inspect and use the discrete-VAE tokenizer (BEiT's visual vocabulary).",
@@ -135,6 +136,7 @@ def train(
                 "parameters": f"{result['params']:,}",
                 "encoder GFLOP/image": f"{result['encoder_gflops']:.3f}",
             },
+            result={"out": str(out), **result},
         )
 
 
@@ -228,7 +230,9 @@ def encode(
     from beitdomain.tokenizer.io import load_tokenizer
 
     written = encode_files(load_tokenizer(tokenizer), images, out, png=png)
-    console.print(f"wrote {len(written)} token maps to {out}")
+    print_result(
+        f"wrote {len(written)} token maps to {out}", {"token_maps": [str(p) for p in written]}
+    )
 
 
 @app.command("import-dalle")
@@ -253,4 +257,7 @@ def import_dalle_cmd(
 
     model = import_dalle(encoder, decoder, trust_pickle=trust_pickle)
     save_tokenizer(model, out, extra={"source": "OpenAI DALL-E dVAE", "encoder": encoder.name})
-    console.print(f"converted to {out}/tokenizer.safetensors (load it without --trust-pickle)")
+    print_result(
+        f"converted to {out}/tokenizer.safetensors (load it without --trust-pickle)",
+        {"tokenizer": str(Path(out) / "tokenizer.safetensors")},
+    )

@@ -41,8 +41,8 @@ def parallel_map(
     else:
         results = map(fn, items)
     try:
-        if progress:
-            from rich.progress import track
+        if progress:  # a bar on a terminal, plain log lines in batch jobs; stderr either way
+            from beitdomain.progress import track
 
             results = track(results, total=len(items), description=description)
         yield from results

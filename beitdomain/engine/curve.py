@@ -30,6 +30,7 @@ from beitdomain.engine.curve_baselines import (
     baseline_settings,
     compare_with_strongest,
 )
+from beitdomain.engine.distributed import resolve_device
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
@@ -266,6 +267,7 @@ def write_outputs(
         "paired": honest["paired"],
         "verdicts": honest["verdicts"],
         "figure": "curve.png",
+        "n_classes": _n_classes(out, grid),
     }
     if "outside" in selection:
         context["selection_note"] = (
@@ -310,6 +312,15 @@ def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> d
     return out
 
 
+def _n_classes(out: Path, grid: CurveGrid) -> int | None:
+    """How many classes the cells learned (from the first finished cell), for chance level."""
+    for cell in grid.cells():
+        res = out / "cells" / cell.name / RESULTS_FILE
+        if res.is_file():
+            return len(json.loads(res.read_text()).get("classes") or []) or None
+    return None
+
+
 def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Recipe]:
     """Each initialization's fine-tuning recipe: `curve.init_sets` applied once, checked now
     (a bad override fails before any cell runs, not hours later)."""
@@ -337,6 +348,33 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
             r = apply_sets(r, c.init_sets[name], source=f"curve.init_sets.{name}:")
         out[name] = r
     return out
+
+
+def _any_cell_started(out: Path) -> bool:
+    """Whether a cell of the grid in `out` started training (then its grid is binding); a grid
+    whose cells all failed before starting (bad data, impossible labels) can be replaced."""
+    cells = out / "cells"
+    return cells.is_dir() and any((d / "manifest.json").is_file() for d in cells.iterdir())
+
+
+def _cells_provenance(out: Path, cells: Sequence[Any]) -> dict[str, Any]:
+    """The data fingerprint and devices the cells recorded, for the curve's own manifest."""
+    prints, devices = set(), set()
+    for cell in cells:
+        m = out / "cells" / cell.name / "manifest.json"
+        if m.is_file():
+            d = json.loads(m.read_text())
+            prints.add(d.get("data_fingerprint"))
+            devices.add(d.get("device"))
+    prints.discard(None)
+    devices.discard(None)
+    out_fields: dict[str, Any] = {"cell_devices": sorted(devices)}
+    if len(prints) == 1:
+        out_fields["data_fingerprint"] = prints.pop()
+    elif prints:  # cells that saw different data cannot be compared: say so where it is read
+        out_fields["data_fingerprints"] = sorted(prints)
+        log.warning("the curve's cells saw %d different data fingerprints", len(prints))
+    return out_fields
 
 
 def run_curve(
@@ -377,7 +415,7 @@ def run_curve(
     run = RunDir.open(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
     if grid_file.is_file():
         previous = json.loads(grid_file.read_text())
-        if previous != record:
+        if previous != record and _any_cell_started(out):
             run.close()
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
@@ -388,7 +426,7 @@ def run_curve(
             recipe, out, run, record, grid, recipes, device, quiet, workers, trust_pickle
         )
         result = write_outputs(out, rows, c, grid)
-    run.finish(cells=len(rows))
+    run.finish(cells=len(rows), **_cells_provenance(out, grid.cells()))
     return {"rows": rows, **result}
 
 
@@ -419,7 +457,8 @@ def _run_cells(
 ) -> list[dict[str, Any]]:
     """Runs the cells not finished yet; returns the rows of all finished cells."""
     c = recipe.curve
-    run.start("curve", recipe, device)
+    resolved = str(resolve_device(device))  # "auto" says nothing about where it ran
+    run.start("curve", recipe, resolved, requested_device=device)
     atomic_write_json(out / "grid.json", record)
     atomic_write_json(out / ARMS_FILE, _arm_settings(recipes, grid.inits))
     cells = grid.cells()
@@ -455,9 +494,10 @@ def _run_cells(
                 for _ in pool.imap_unordered(_run_cell, wave):
                     write_outputs(out, collect_rows(out, cells), c, grid)
     else:
+        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(disable=quiet) as bar:
+        with Progress(disable=quiet, console=Console(stderr=True)) as bar:
             task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
             for cell in todo:
                 bar.update(

@@ -25,8 +25,9 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine import distributed as D
-from beitdomain.engine.build import build_classifier
+from beitdomain.engine.build import backbone_config, build_classifier
 from beitdomain.engine.data import LabeledData, labeled_data
+from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BEST_FILE,
@@ -250,6 +251,13 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         ]
         weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
     plan = job.plan(data.train, weights=weights)
+    if not job.quiet:  # a curve's cells run quietly; one warning per cell would drown the log
+        announce_cpu_time(
+            job,
+            plan.total_steps,
+            plan.global_batch,
+            backbone_forward_gflops(backbone_config(recipe)),
+        )
     eval_batch = max(plan.loader.batch_sampler.batch_size, 32)
     every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
     hook = EvalHook(

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypedDict
 import torch
 from torch import nn
 
-from beitdomain.config import OptimConfig, Recipe, TrainConfig
+from beitdomain.config import OptimConfig, Recipe, TrainConfig, recipe_to_dict
 from beitdomain.engine import distributed as D
 from beitdomain.engine.loop import (
     LoopState,
@@ -207,6 +207,7 @@ class Job:
             hooks=hooks,
             desc=self.kind,
             quiet=self.quiet,
+            tracker_config=recipe_to_dict(self.recipe) if train.trackers else None,
         )
 
     def fit(self, trainer: Trainer) -> LoopState:

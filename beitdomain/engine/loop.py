@@ -32,6 +32,7 @@ from beitdomain.engine import distributed as D
 from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from beitdomain.engine.rundir import MetricsLog, RunDir
 from beitdomain.models.attention import select_attention_kernels
+from beitdomain.progress import StepProgress
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Trainer:
         hooks: called after each step.
         desc: the progress bar's label.
         quiet: no progress bar.
+        tracker_config: what experiment trackers record as the run's parameters (the recipe).
     """
 
     model: nn.Module
@@ -100,6 +102,7 @@ class Trainer:
     hooks: Sequence[Any] = ()
     desc: str = "train"
     quiet: bool = False
+    tracker_config: dict[str, Any] | None = None
     state: LoopState = field(default_factory=LoopState)
     metrics: MetricsLog | None = None
     amp_dtype: torch.dtype | None = None
@@ -213,6 +216,8 @@ class Trainer:
                 self.run.path / "metrics.jsonl",
                 resume_step=self.state.step if resumed else None,
                 tensorboard=self.train.tensorboard,
+                trackers=self.train.trackers,
+                config=self.tracker_config,
             )
         accum = max(1, self.train.accum_steps)
         batches = self._batches()
@@ -220,7 +225,7 @@ class Trainer:
         window_n = 0
         images = 0
         t_window = time.perf_counter()
-        progress = _Progress(
+        progress = StepProgress(
             self.desc, self.total_steps, self.state.step, self.quiet or not self.dist.is_main
         )
         self.model.train()
@@ -357,57 +362,6 @@ class _stop_on_signals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-class _Progress:
-    """A rich progress bar with loss, img/s and ETA; silent when `quiet`."""
-
-    def __init__(self, desc: str, total: int, start: int, quiet: bool) -> None:
-        self.quiet = quiet
-        self.desc, self.total, self.start = desc, total, start
-
-    def __enter__(self) -> _Progress:
-        if self.quiet:
-            return self
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[ips]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.bar.__enter__()
-        self.task = self.bar.add_task(
-            self.desc, total=self.total, completed=self.start, loss="-", ips="-"
-        )
-        return self
-
-    def update(self, step: int, loss: float | None, ips: float) -> None:
-        if self.quiet:
-            return
-        self.bar.update(
-            self.task,
-            completed=step,
-            loss=f"{loss:.4f}" if loss is not None else "-",
-            ips=f"{ips:,.0f}",
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.quiet:
-            self.bar.__exit__(*exc)
 
 
 MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)

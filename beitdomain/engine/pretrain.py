@@ -19,6 +19,7 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BACKBONE_META,
@@ -34,8 +35,8 @@ from beitdomain.models.convert import export_timm_backbone
 from beitdomain.models.export import ExportFormat, export_backbone
 from beitdomain.models.mim import BeitMIM
 from beitdomain.models.pretrained import build_pretraining_model, is_imported_dalle
-from beitdomain.tokenizer import DiscreteVAE
-from beitdomain.tokenizer.io import load_tokenizer, load_tokenizer_extra
+from beitdomain.tokenizer import DiscreteVAE, encoder_gflops
+from beitdomain.tokenizer.io import load_tokenizer, load_tokenizer_extra, warn_size_change
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def load_frozen_tokenizer(
             f"but the backbone has a {grid[0]}x{grid[1]} patch grid; set data.tokenizer_size="
             f"{grid[0] * cfg.downsample}"
         )
+    warn_size_change(cfg.input_size, recipe.data.tokenizer_size, str(path))
     tok.eval().requires_grad_(False)
     return tok.to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU
 
@@ -150,8 +152,16 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
 
     plan = job.plan(dataset)
+    announce_cpu_time(
+        job,
+        plan.total_steps,
+        plan.global_batch,
+        backbone_forward_gflops(backbone_config(recipe)),
+        frozen_gflops=encoder_gflops(tokenizer) if tokenizer is not None else 0.0,
+    )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
-    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective)
+    hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
+    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective, hooks=hooks)
     job.fit(trainer)
 
     result: dict[str, Any] = {
@@ -165,6 +175,34 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         result["backbone"] = str(job.path / BACKBONE_FILE)
     job.finish(result)
     return result
+
+
+def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
+    """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
+    the validation split (the test split when there is none) scored against it."""
+    from beitdomain.engine.data import labeled_data
+    from beitdomain.engine.represent import KnnMonitor
+
+    try:
+        data = labeled_data(recipe, labels="100%", progress=not quiet)
+    except UserError as e:
+        raise UserError(
+            f"pretrain.knn_every={recipe.pretrain.knn_every} needs labelled images for its k-NN "
+            f"check ({e}); give --labels-csv, or unset pretrain.knn_every"
+        ) from None
+    query = data.val if data.val is not None else data.test
+    if query is None:
+        raise UserError(
+            "pretrain.knn_every needs held-out labelled images: set data.val_fraction > 0"
+        )
+    return KnnMonitor(
+        lambda m: m.mim if hasattr(m, "mim") else m,
+        data.train,
+        query,
+        data.classes,
+        recipe.data.image_size,
+        every_epochs=recipe.pretrain.knn_every,
+    )
 
 
 def write_pretrain_outputs(model: BeitMIM, folder: Path) -> Path:

@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ COMMON_OUTPUTS = (
     "init_report.json",
     "checkpoints/*",
     "tensorboard/*",
+    "mlruns/*",  # train.trackers: MLflow's file store
+    "wandb/*",  # train.trackers: W&B's offline run
     ".*.tmp",  # an atomic write cut short (kill -9)
     "*/.*.tmp",
 )
@@ -483,40 +485,48 @@ class RunDir:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to `metrics.jsonl` (and TensorBoard if asked).
+    """Appends one JSON object per logged step to `metrics.jsonl`, and to any trackers asked for.
 
     On resume the lines past the resumed step are dropped first, so a run that was killed after
-    logging step 130 but checkpointing step 100 does not log steps 101-130 twice.
+    logging step 130 but checkpointing step 100 does not log steps 101-130 twice. Trackers
+    (TensorBoard, MLflow, W&B: `beitdomain.engine.trackers`) get the same numbers; one that is
+    not installed is a warning.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        trackers: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
+    ):
+        from beitdomain.engine.trackers import open_trackers
+
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass  # optional: `pip install tensorboard`
-            else:
-                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        names = [*(["tensorboard"] if tensorboard else []), *trackers]
+        self._trackers = open_trackers(names, self.path.parent, config=config) if names else []
 
     def log(self, step: int, **values: Any) -> None:
+        from beitdomain.engine.trackers import numeric
+
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        if self._trackers:
+            numbers = numeric(record)
+            for t in self._trackers:
+                t.log(step, numbers)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for t in self._trackers:
+            t.close()
+        self._trackers = []
 
 
 def _plain(v: Any) -> Any:

@@ -23,6 +23,7 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
 from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.estimate import announce_cpu_time
 from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.loop import Trainer
 from beitdomain.fileio import atomic_save
@@ -34,6 +35,7 @@ from beitdomain.tokenizer import (
     check_codebook_usage,
     count_params,
     create_tokenizer,
+    decoder_gflops,
     encoder_gflops,
     gumbel_temperature,
     kl_weight,
@@ -48,7 +50,7 @@ from beitdomain.tokenizer.inspect import (
     plot_code_usage,
     save_reconstruction_grid,
 )
-from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer
+from beitdomain.tokenizer.io import load_tokenizer, save_tokenizer, warn_size_change
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ def build_tokenizer(recipe: Recipe) -> DiscreteVAE:
                 f"tokenizer.init {t.init} expects in_chans={model.config.in_chans}, but "
                 f"data.in_chans={recipe.data.in_chans}"
             )
+        warn_size_change(model.config.input_size, recipe.data.tokenizer_size, t.init)
         return model
     overrides: dict[str, Any] = {
         "in_chans": recipe.data.in_chans,
@@ -181,6 +184,12 @@ def train_tokenizer(
     # for the demo tokenizer's training step).
     model = build_tokenizer(recipe).to(job.device).to(memory_format=torch.channels_last)
     plan = job.plan(dataset)
+    announce_cpu_time(
+        job,
+        plan.total_steps,
+        plan.global_batch,
+        encoder_gflops(model) + decoder_gflops(model),
+    )
     preview = torch.stack([preview_ds[i]["tok_image"] for i in range(min(16, len(preview_ds)))])
     monitor = TokenizerMonitor(model, recipe, plan.total_steps, recipe.seed, job.path, preview)
 

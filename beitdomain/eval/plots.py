@@ -253,6 +253,9 @@ def plot_training_curves(
         ax.plot(steps, values, marker="." if len(pts) < 50 else None, lw=1.2)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
+        # Plain tick labels: an offset ("+6.931e-1" in the corner) made a loss stuck at ln 2
+        # read as a moving curve.
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(title or path.parent.name)
     return _save(fig, out_png)

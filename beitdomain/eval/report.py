@@ -482,6 +482,56 @@ def _mean_std(mean: Any, std: Any) -> str:
     return f"{m:.3f} ± {s:.3f}" if s is not None else f"{m:.3f}"
 
 
+CHANCE_MARGIN = 0.02  # a mean within 2 points of chance has learned nothing measurable
+
+
+def chance_level(metric: str, n_classes: int | None) -> float | None:
+    """The score of a model that has learned nothing: 1 / K for balanced accuracy, 0.5 for
+    AUROC; None where it depends on the class balance (accuracy, macro-F1)."""
+    if metric == "balanced_accuracy" and n_classes:
+        return 1.0 / n_classes
+    if metric == "auroc":
+        return 0.5
+    return None
+
+
+def chance_warnings(
+    summary: Sequence[Mapping[str, Any]], metric: str, n_classes: int | None
+) -> list[str]:
+    """Sentences for report.md when models sit at chance level, where a "matches or beats"
+    compares two models that learned nothing (both at 0.500 read as a factor of 1)."""
+    chance = chance_level(metric, n_classes)
+    if chance is None:
+        return []
+    name = METRIC_NAMES.get(metric, metric)
+    at_chance: dict[str, list[float]] = {}
+    arms: set[str] = set()
+    for row in summary:
+        mean, f = _number(row.get(f"{metric}_mean")), _number(row.get("fraction"))
+        if mean is None or f is None:
+            continue
+        arms.add(str(row["init"]))
+        if mean <= chance + CHANCE_MARGIN:
+            at_chance.setdefault(str(row["init"]), []).append(f)
+    if not at_chance:
+        return []
+    level = f"{name} {chance:.3f}" + (f" for {n_classes} classes" if n_classes else "")
+    if set(at_chance) == arms and all(
+        len(fs) == sum(1 for r in summary if str(r["init"]) == a) for a, fs in at_chance.items()
+    ):
+        return [
+            f"every model sits at chance level ({level}): none has learned the task, so the "
+            "comparison above says nothing about pre-training. Check the labels (`beitdomain "
+            "data scan --labels-csv`), train longer, or look at the images (`data inspect`)."
+        ]
+    return [
+        f"'{arm}' sits at chance level ({level}) at "
+        + ", ".join(_pct(f) for f in sorted(fs))
+        + ": a comparison with it there measures nothing learned."
+        for arm, fs in sorted(at_chance.items())
+    ]
+
+
 def write_report(
     out_md: str | Path,
     summary: Sequence[Mapping[str, Any]],
@@ -523,6 +573,8 @@ def write_report(
         lines.append(f"- {eff['statement']}")
     if not effs:
         lines.append("- No pre-trained initialization was compared.")
+    for warning in chance_warnings(summary, metric, ctx.pop("n_classes", None)):
+        lines.append(f"- **Warning:** {warning}")
     lines.append("")
 
     lines += ["## Mean ± std over seeds", ""]

@@ -16,9 +16,11 @@ from beitdomain.tokenizer.dvae import DiscreteVAE, psnr
 
 
 @torch.no_grad()
-def save_reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path: Path) -> Path:
-    """A PNG with originals (top row of each pair) over their reconstructions from tokens."""
-    from torchvision.utils import make_grid
+def save_reconstruction_grid(
+    model: DiscreteVAE, images: torch.Tensor, path: Path, title: str | None = None
+) -> Path:
+    """A PNG with each original above its reconstruction from tokens, rows labelled."""
+    from beitdomain.eval.grids import paired_grid
 
     was_training = model.training
     model.eval()
@@ -26,18 +28,13 @@ def save_reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path: Pat
     x = images.to(device)
     recon = model.decode_tokens(model.encode(x)).float().clamp(0, 1)
     model.train(was_training)
-    n = x.shape[0]
-    per_row = min(8, n)
-    rows = []
-    for i in range(0, n, per_row):
-        rows += [x[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
-    grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
-    arr = (grid.clamp(0, 1) * 255).round().byte()
-    arr = arr[0] if arr.shape[0] == 1 or model.config.in_chans == 1 else arr.permute(1, 2, 0)
-    from PIL import Image
-
+    img = paired_grid(
+        x.float().cpu().numpy(),
+        recon.cpu().numpy(),
+        labels=("original", "from tokens"),
+        title=title,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(arr.numpy())
     atomic_save(path, lambda f: img.save(f, format="PNG"))
     return path
 

@@ -481,3 +481,25 @@ def import_dalle(
         "the 'dalle' preset" if is_preset else f"non-standard size: {cfg}",
     )
     return model.eval()
+
+
+def warn_size_change(trained: int, used: int, where: str) -> bool:
+    """Warns when a tokenizer trained on `trained`-px views is used on `used`-px ones.
+
+    The grid check passes whenever the sizes divide alike, so a tokenizer trained at 16 px
+    ran at 32 px without a word; its codes describe structures at another scale there.
+    Returns whether it warned.
+    """
+    if trained == used:
+        return False
+    logging.getLogger(__name__).warning(
+        "tokenizer %s was trained on %d px views but is used on %d px views "
+        "(data.tokenizer_size): its codes were learned at another scale, so its tokens "
+        "mean something else here. Set data.tokenizer_size=%d, or train a tokenizer at %d px.",
+        where,
+        trained,
+        used,
+        trained,
+        used,
+    )
+    return True

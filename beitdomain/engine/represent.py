@@ -1,0 +1,423 @@
+"""Frozen features: load a trained backbone, embed images, and check them with k-NN / a probe.
+
+`load_backbone(run)` gives a timm `Beit` (no head) with what it needs to see an image as during
+training: the recipe's intensity normalization and the evaluation resize + center crop.
+`evaluate_representation` scores its frozen features on the labelled splits with a k-NN
+classifier or a linear probe (`beitdomain eval knn|probe`), beside a random backbone of the
+same shape so the number has a reference. `KnnMonitor` does the k-NN check during
+pre-training, once per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from beitdomain.config import Recipe, load_recipe
+from beitdomain.data.transforms import FinetuneTransform
+from beitdomain.engine import distributed as D
+from beitdomain.eval.representation import representation_scores
+from beitdomain.io import IntensitySpec, load_image, normalize
+from beitdomain.user import UserError
+
+log = logging.getLogger(__name__)
+
+TIMM_META_KEY = "beitdomain.timm"  # safetensors metadata written by export_timm_backbone
+
+
+def pooled_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Mean of the patch tokens after the final norm, `[B, D]`, for any timm `Beit` layout.
+
+    A classifier-layout backbone (`global_pool='avg'`) pools then applies `fc_norm`; a
+    pre-training backbone normalizes every token, and its patch tokens are averaged here.
+    """
+    if getattr(backbone, "global_pool", "") == "avg":
+        return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+    tokens = backbone.forward_features(images)  # [B, prefix + L, D]
+    return tokens[:, getattr(backbone, "num_prefix_tokens", 1) :].mean(1)
+
+
+@dataclass
+class FrozenBackbone:
+    """A trained backbone in eval mode, with the preprocessing it was trained with.
+
+    Attributes:
+        model: a timm `Beit` (`num_classes=0`); `model(x)` gives pooled features `[B, D]`.
+        spec: how a file's raw values become [0, 1] (window, percentiles, channels, frames).
+        image_size: the side the model takes (resize the shorter side to
+            `image_size / crop_pct`, then center-crop).
+        source: the weights file it was loaded from.
+        recipe: the run's resolved recipe, when the run folder has one.
+    """
+
+    model: nn.Module
+    spec: IntensitySpec
+    image_size: int
+    source: str
+    recipe: Recipe | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    crop_pct: float = 0.875
+    # The weights' input convention: [0, 1] images become (x - mean) / std before the model
+    # (official BEiT weights: 0.5 / 0.5; beitdomain's own from scratch: 0 / 1).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features `[B, D]` of a batch of [0, 1] images, the convention applied."""
+        x = images.to(self.device)
+        if self.mean is not None and self.std is not None:
+            c = x.shape[1]
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            x = (x - mean) / std
+        return pooled_features(self.model, x)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.model.patch_embed.proj.in_channels)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm-style preprocessing description (`timm.data.resolve_data_config` keys).
+
+        Inputs are intensities in [0, 1] as produced by `spec`, then `(x - mean) / std` with the
+        weights' own convention (`features` applies it).
+        """
+        c = self.in_chans
+        return {
+            "input_size": (c, self.image_size, self.image_size),
+            "interpolation": "bicubic",
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "mean": tuple(self.mean) if self.mean is not None else (0.0,) * c,
+            "std": tuple(self.std) if self.std is not None else (1.0,) * c,
+            "intensity": self.spec.to_dict(),
+        }
+
+    def _view(self) -> FinetuneTransform:
+        return FinetuneTransform(train=False, image_size=self.image_size, crop_pct=self.crop_pct)
+
+    def _as_image(self, item: Any) -> np.ndarray:
+        """A path or an array -> one `[C, H, W]` float32 image in [0, 1]."""
+        if isinstance(item, (str, Path)):
+            image, _ = load_image(item, replace(self.spec, frames="middle"))
+            return image
+        x = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        if x.ndim == 2:
+            x = x[None]
+        elif x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):
+            x = np.moveaxis(x, -1, 0)  # [H, W, C] -> [C, H, W]
+        if x.ndim != 3:
+            raise UserError(
+                f"an array to embed must be [H, W], [C, H, W] or [H, W, C]; got shape {x.shape}"
+            )
+        if x.dtype.kind == "f" and np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0:
+            scaled = x.astype(np.float32)
+            if scaled.shape[0] != self.in_chans:  # the channel policy of the spec
+                scaled, _ = normalize(scaled[None], {"format": "array"}, self._dtype_spec())
+                scaled = scaled[0]
+            return scaled
+        meta = {"format": "array", "dtype": str(x.dtype)}
+        image, _ = normalize(x[None], meta, replace(self.spec, frames="all"), "<array>")
+        return image[0]
+
+    def _dtype_spec(self) -> IntensitySpec:
+        return replace(self.spec, normalize="dtype", window=None, frames="all")
+
+    def preprocess(self, items: Any) -> torch.Tensor:
+        """Paths or arrays -> the model's input batch `[N, C, S, S]` (one row per item)."""
+        view = self._view()
+        if isinstance(items, (str, Path, np.ndarray, torch.Tensor)):
+            items = [items]
+        return torch.stack([torch.from_numpy(view(self._as_image(it))) for it in items])
+
+    @torch.no_grad()
+    def embed(self, items: Any, batch_size: int = 32) -> np.ndarray:
+        """Pooled features `[N, D]` for image paths and/or arrays, one row per item.
+
+        Files are read with the run's reader settings (a multi-frame file contributes its
+        middle frame). Arrays are `[H, W]`, `[C, H, W]` or `[H, W, C]`: float arrays already in
+        [0, 1] are used as they are; anything else is scaled to [0, 1] by the run's
+        normalization (`spec`, percentiles unless it names a window).
+        """
+        if isinstance(items, (str, Path, np.ndarray, torch.Tensor)):
+            items = [items]
+        items = list(items)
+        out = []
+        for i in range(0, len(items), batch_size):
+            x = self.preprocess(items[i : i + batch_size])
+            out.append(self.features(x).float().cpu().numpy())
+        width = int(getattr(self.model, "num_features", 0))
+        return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
+
+    @torch.no_grad()
+    def embed_dataset(self, dataset: Any, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of a labelled `ImageDataset`, with its transform swapped for
+        this backbone's evaluation view (no augmentation): `(X [N, D], y [N])`."""
+        plain = copy.copy(dataset)
+        plain.transform = self._view()
+        loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, num_workers=0)
+        xs, ys = [], []
+        for b in loader:
+            xs.append(self.features(b["image"]).float().cpu())
+            ys.append(b["label"])
+        return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def _timm_meta(path: Path) -> dict[str, Any] | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[TIMM_META_KEY]) if TIMM_META_KEY in meta else None
+
+
+def _input_convention(path: Path) -> Any:
+    """The `InputConvention` an export carries in its metadata (None: written before it did)."""
+    from safetensors import safe_open
+
+    from beitdomain.models.convention import InputConvention
+    from beitdomain.models.convert import INPUT_META
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return InputConvention.from_dict(json.loads(meta[INPUT_META])) if INPUT_META in meta else None
+
+
+def _recipe_of(folder: Path) -> Recipe | None:
+    return load_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None
+
+
+def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") -> FrozenBackbone:
+    """A trained backbone from a pre-training run, a fine-tuning run or an exported file.
+
+    Args:
+        run: a `beitdomain pretrain` run folder (its `backbone.safetensors`), a `finetune`
+            run folder (its `best.safetensors`, head dropped), or a `backbone.safetensors`
+            written by `beitdomain pretrain export`.
+        device: where the model runs (`cpu`, `cuda`, `auto`).
+        frames: which frame of multi-frame files `embed` uses when given paths.
+
+    Raises:
+        UserError: the path holds none of these, naming what was looked for.
+    """
+    from beitdomain.engine.job import BACKBONE_FILE, is_finished
+    from beitdomain.models.convert import TimmExport
+
+    path = Path(run)
+    dev = D.resolve_device(device)
+    recipe = None
+    if path.is_dir() and (path / BACKBONE_FILE).is_file():
+        recipe, weights = _recipe_of(path), path / BACKBONE_FILE
+    elif path.is_dir() and is_finished(path, "finetune") and _recipe_of(path):
+        return _from_finetune_run(path, dev, frames)
+    elif path.is_file() and path.suffix == ".safetensors":
+        weights = path
+        recipe = _recipe_of(path.parent)
+    else:
+        raise UserError(
+            f"{run}: not a pre-training run (no {BACKBONE_FILE}), a finished fine-tuning run "
+            f"(no best.safetensors + recipe.yaml) or an exported .safetensors backbone"
+        )
+    meta = _timm_meta(weights)
+    if meta is None:
+        raise UserError(
+            f"{weights} carries no '{TIMM_META_KEY}' metadata: export it with "
+            f"`beitdomain pretrain export RUN` (timm layout) first"
+        )
+    name = meta.pop("model")
+    model = TimmExport(weights, name, meta).create_model(num_classes=0)
+    spec = IntensitySpec.from_config(recipe.data) if recipe else IntensitySpec()
+    spec = replace(spec, in_chans=int(meta["in_chans"]), frames=frames)
+    conv = _input_convention(weights)
+    return FrozenBackbone(
+        model.to(dev).eval(),
+        spec,
+        int(meta["img_size"]),
+        str(weights),
+        recipe,
+        dev,
+        mean=conv.mean if conv else None,
+        std=conv.std if conv else None,
+    )
+
+
+def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBackbone:
+    from beitdomain.engine.build import build_classifier
+    from beitdomain.engine.job import BEST_FILE, RESULTS_FILE
+    from beitdomain.engine.predict import load_weights
+    from beitdomain.models.convention import convention_of
+
+    recipe = load_recipe(path / "recipe.yaml")
+    classes = json.loads((path / RESULTS_FILE).read_text())["classes"]
+    model = build_classifier(
+        replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
+    )
+    load_weights(model, path / BEST_FILE)
+    spec = replace(IntensitySpec.from_config(recipe.data), frames=frames)
+    conv = convention_of(model)
+    bb = model.backbone.to(dev).eval()
+    return FrozenBackbone(
+        bb,
+        spec,
+        recipe.data.image_size,
+        str(path / BEST_FILE),
+        recipe,
+        dev,
+        mean=conv.mean,
+        std=conv.std,
+    )
+
+
+def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:
+    """A backbone of the same architecture with fresh random weights (timm's init): the
+    reference a trained one's k-NN / probe score is read against."""
+    from beitdomain.models.backbone import backbone_config_of, create_backbone
+
+    torch.manual_seed(seed)
+    pooled = getattr(backbone.model, "global_pool", "") == "avg"
+    model = create_backbone(
+        backbone_config_of(backbone.model), final_norm="pooled" if pooled else "tokens"
+    )
+    return replace(backbone, model=model.to(backbone.device).eval(), source=f"random (seed {seed})")
+
+
+def evaluate_representation(
+    backbone: FrozenBackbone,
+    recipe: Recipe,
+    methods: tuple[str, ...] = ("knn",),
+    *,
+    baseline: bool = True,
+    k: int = 20,
+    c: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """k-NN and/or linear-probe test scores of frozen features on the recipe's labelled data.
+
+    The splits are fine-tuning's (`data.split_seed`, the CSV's split column), and the training
+    side is `finetune.labels` of the train split, so `eval probe` at 1% reads against
+    `finetune --labels 1%`. With `baseline`, the same is measured for a random backbone of the
+    same shape.
+
+    Returns:
+        `{"methods": {name: {"backbone": metrics, "random": metrics}}, "classes", "n_train",
+        "n_test", "labels", "source"}`; metrics as `classification_metrics`.
+
+    Raises:
+        UserError: unlabelled data, fewer than two classes, no test split.
+    """
+    from beitdomain.engine.data import labeled_data
+
+    data = labeled_data(recipe, progress=progress)
+    test = data.test if data.test is not None else data.val
+    if test is None:
+        raise UserError(
+            "k-NN / probe scores need held-out images: set data.test_fraction > 0 or give test "
+            "rows in the labels CSV"
+        )
+    arms = {"backbone": backbone}
+    if baseline:
+        arms["random"] = random_like(backbone, recipe.seed)
+    out: dict[str, Any] = {
+        "source": backbone.source,
+        "classes": data.classes,
+        "labels": data.subset["spec"],
+        "n_train": len(data.train),
+        "n_test": len(test),
+        "split_scored": "test" if data.test is not None else "val",
+        "methods": {m: {} for m in methods},
+    }
+    for arm, bb in arms.items():
+        train_xy = bb.embed_dataset(data.train)
+        test_xy = bb.embed_dataset(test)
+        for m in methods:
+            out["methods"][m][arm] = representation_scores(
+                m, train_xy, test_xy, data.classes, k=k, c=c
+            )
+    return out
+
+
+@dataclass
+class KnnMonitor:
+    """Trainer hook: k-NN balanced accuracy of the backbone's frozen features once per epoch.
+
+    Logged as `knn_balanced_accuracy` (and `knn_accuracy`) in metrics.jsonl, so a rising
+    curve during pre-training shows the features getting better before any fine-tune.
+
+    Args:
+        backbone_of: the trained module -> the model that holds the timm `Beit` as `.backbone`
+            and its `input_norm` (e.g. `lambda m: m.mim` for pre-training).
+        train: labelled dataset whose features form the k-NN memory (evaluation view).
+        test: labelled dataset scored against it.
+        classes: class names.
+        image_size: the evaluation view's side.
+        every_epochs: epochs between checks.
+    """
+
+    backbone_of: Any
+    train: Any
+    test: Any
+    classes: list[str]
+    image_size: int
+    every_epochs: int = 1
+    k: int = 20
+    last_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def measure(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
+        from beitdomain.models.convention import convention_of
+
+        owner = D.unwrap(self.backbone_of(D.unwrap(model)))
+        bb = getattr(owner, "backbone", owner)
+        conv = convention_of(owner)
+        was = bb.training
+        fb = FrozenBackbone(
+            bb.eval(),
+            IntensitySpec(),
+            self.image_size,
+            "training",
+            None,
+            device,
+            mean=conv.mean,
+            std=conv.std,
+        )
+        try:
+            scores = representation_scores(
+                "knn",
+                fb.embed_dataset(self.train),
+                fb.embed_dataset(self.test),
+                self.classes,
+                k=self.k,
+            )
+        finally:
+            bb.train(was)
+        return scores
+
+    def on_step_end(self, trainer: Any) -> None:
+        # An epoch has just ended when the sampler's batches are used up.
+        state = trainer.state
+        ended = state.batch_in_epoch >= len(trainer.loader.batch_sampler)
+        last = state.step == trainer.total_steps
+        if not (last or (ended and (state.epoch + 1) % self.every_epochs == 0)):
+            return
+        if not trainer.dist.is_main or state.step == self.last_step:
+            return
+        self.last_step = state.step
+        m = self.measure(trainer.model, trainer.device)
+        self.history.append({"step": state.step, **m})
+        trainer.log(knn_balanced_accuracy=m["balanced_accuracy"], knn_accuracy=m["accuracy"])
+        log.info(
+            "k-NN monitor after epoch %d (step %d): balanced accuracy %.3f (chance %.3f)",
+            state.epoch + 1,
+            state.step,
+            m["balanced_accuracy"],
+            m["chance_balanced_accuracy"],
+        )

@@ -1,0 +1,119 @@
+"""README's quickstart runs exactly as written, so README and CLI cannot drift apart.
+
+The commands are read from the README's quickstart block; only paths are substituted
+(`/data/ct` -> a folder of real DICOMs from pydicom's bundled files, `labels.csv`, `ct-cache`,
+`runs/...`, ...), and the run is shortened only through `BEITDOMAIN_SET`, which the README
+documents for exactly this. The folder holds MR and secondary-capture files (the labels) and
+two broken files, so `--on-error skip` has something to skip.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cli_env
+
+README = REPO / "README.md"
+MARKER = "<!-- quickstart:"
+SMOKE = ";".join(
+    [
+        "data.num_workers=0",
+        "tokenizer.train.steps=4",
+        "tokenizer.train.batch_size=8",
+        "tokenizer.sample_every=1000",
+        "pretrain.train.steps=4",
+        "pretrain.train.batch_size=8",
+        "finetune.train.steps=4",
+        "finetune.train.min_steps=0",
+        "finetune.train.batch_size=8",
+        "curve.fractions=[50%, 100%]",
+        "curve.seeds=[0]",
+    ]
+)
+
+
+def quickstart_commands(text: str) -> list[str]:
+    """The `beitdomain ...` lines of the first bash block after the quickstart marker."""
+    start = text.index(MARKER)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    assert block, "README: no ```bash block after the quickstart marker"
+    lines = [ln.split("  #")[0].strip() for ln in block.group(1).splitlines()]
+    return [ln for ln in lines if ln.startswith("beitdomain ")]
+
+
+def test_the_readme_quickstart_is_a_complete_chain():
+    cmds = quickstart_commands(README.read_text())
+    firsts = [" ".join(c.split()[1:3]) for c in cmds]
+    for needed in ("data scan", "data cache", "tokenizer train", "finetune --recipe"):
+        assert any(f.startswith(needed.split()[0]) for f in firsts), needed
+    for c in cmds[1:]:  # every step after the scan names where its data comes from
+        if not c.startswith(("beitdomain data", "beitdomain predict", "beitdomain eval")):
+            assert "--cache " in c or "--data " in c, c
+
+
+def _dicom_folder(dst: Path) -> tuple[Path, Path]:
+    """MR and SC files from pydicom's test data (three copies each, renamed), two broken
+    files, and labels.csv labelling every readable file by modality."""
+    from pydicom.data import DATA_ROOT
+
+    src = Path(DATA_ROOT) / "test_files"
+    dst.mkdir(parents=True)
+    rows = []
+    for f in sorted(src.glob("*.dcm")):
+        if not f.name.startswith(("MR_", "SC_")) or "truncated" in f.name:
+            continue
+        for k in range(3):
+            name = f"{f.stem}-{k}.dcm"
+            shutil.copy(f, dst / name)
+            rows.append((name, f.name[:2].lower()))
+    for broken in ("MR_truncated.dcm", "rtplan.dcm"):  # truncated pixels; no pixels at all
+        shutil.copy(src / broken, dst / broken)
+        rows.append((broken, "mr"))  # listed, as a user's CSV would: the scan skips them
+    labels = dst.parent / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label"), *rows])
+    return dst, labels
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_runs_as_written(tmp_path):
+    data, labels = _dicom_folder(tmp_path / "data" / "ct")
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in [data / "MR_small-0.dcm", data / "SC_rgb_rle-0.dcm"]:
+        shutil.copy(f, new / f.name)
+    subst = {"/data/ct-new": str(new), "/data/ct": str(data), "labels.csv": str(labels)}
+    env = cli_env(BEITDOMAIN_SET=SMOKE)
+    for cmd in quickstart_commands(README.read_text()):
+        args = shlex.split(cmd)[1:]
+        args = [subst.get(a, a) for a in args]
+        res = subprocess.run(
+            [sys.executable, "-m", "beitdomain.cli.app", "--device", "cpu", *args],
+            cwd=tmp_path,  # relative outputs (scan.jsonl, ct-cache, runs/...) land here
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, f"{cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    # what each step promised
+    assert (tmp_path / "scan.jsonl").is_file()
+    errors = (tmp_path / "scan.errors.csv").read_text()
+    assert "MR_truncated.dcm" in errors and "rtplan.dcm" in errors
+    assert (tmp_path / "sheet.png").is_file()
+    assert json.loads((tmp_path / "ct-cache" / "cache.json").read_text())
+    assert (tmp_path / "runs" / "tok" / "tokenizer.safetensors").is_file()
+    assert (tmp_path / "runs" / "pre" / "backbone.safetensors").is_file()
+    assert json.loads((tmp_path / "runs" / "ft" / "results.json").read_text())["test"]
+    assert (tmp_path / "runs" / "curve" / "report.md").is_file()
+    preds = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert preds[0] == "path,frame,predicted,p_mr,p_sc"
+    assert {row.split(",")[0] for row in preds[1:]} == {"MR_small-0.dcm", "SC_rgb_rle-0.dcm"}
