@@ -197,3 +197,18 @@ def test_series_folder_sorted_by_position(tmp_path: Path):
     assert [float(raw[i, 0, 0, 0]) for i in range(3)] == [0.0, 10.0, 20.0]
     image, meta = load_image(series, IntensitySpec(normalize="percentile"))
     assert image.shape == (3, 1, 64, 64) and meta["reader"] == "dicom-series"
+
+
+def test_decoder_reason_after_a_colon_is_kept(monkeypatch: pytest.MonkeyPatch):
+    # pydicom's multi-plugin failures put the reason on the lines after "...plugins:".
+    path = get_testdata_file("CT_small.dcm")
+
+    def fail(self):
+        raise RuntimeError(
+            "Unable to decompress 'JPEG 2000' pixel data because all plugins failed:\n"
+            "  pylibjpeg: invalid marker 0xFF4F at offset 12\n"
+        )
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(fail))
+    with pytest.raises(ReaderError, match="plugins failed: pylibjpeg: invalid marker 0xFF4F"):
+        load_image(path)

@@ -162,7 +162,12 @@ def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]
             raise MissingCodecError(
                 path, f"no installed codec decodes {ts}: {CODEC_HINT}"
             ) from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        # pydicom puts the reason after a colon on the next lines ("... raised by all
+        # available plugins:\n  pylibjpeg: <why>"): keep those, not just the first line.
+        lines = [line.strip() for line in msg.splitlines() if line.strip()]
+        first = lines[0] if lines else type(e).__name__
+        if first.endswith(":") and len(lines) > 1:
+            first = f"{first} {'; '.join(lines[1:4])}"
         if cut:
             first = f"{first}; {cut}"
         raise ReaderError(path, f"cannot decode DICOM pixel data ({ts}): {first}") from None
