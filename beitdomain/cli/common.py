@@ -103,6 +103,19 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes, not the stream it was at setup
+    (a caller that redirects stderr, as a test runner does, may have closed that one since)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(quiet: bool) -> None:
     """Logs on stderr: rich on a terminal; timestamped plain lines in batch jobs (files, pipes)."""
     from beitdomain.progress import stderr_is_terminal
@@ -113,7 +126,7 @@ def setup_logging(quiet: bool) -> None:
         handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
         fmt = "%(message)s"
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         fmt = "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
