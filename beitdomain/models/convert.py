@@ -829,6 +829,22 @@ class TimmExport:
         )
 
 
+def pooled_backbone_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """(CPU tensors in timm's classifier layout: per-block tables, fc_norm, no head; config)."""
+    backbone, _, _ = _target_state(model)
+    cfg = backbone_config_of(backbone)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+    shared = state.pop(SHARED_RPB, None)
+    if shared is not None:
+        for i in range(cfg.depth):
+            state[f"blocks.{i}.attn.{RPB}"] = shared.clone()
+    if "fc_norm.weight" not in state:
+        state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
+        state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
+    return state, cfg
+
+
 def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
     """Writes a backbone as timm BEiT safetensors (no MIM head, no mask token).
 
@@ -847,17 +863,7 @@ def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
         pretrained_cfg_overlay=export.pretrained_cfg_overlay, num_classes=N,
         **export.model_kwargs)` loads it with only the new head missing.
     """
-    backbone, _, _ = _target_state(model)
-    cfg = backbone_config_of(backbone)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
-    shared = state.pop(SHARED_RPB, None)
-    if shared is not None:
-        for i in range(cfg.depth):
-            state[f"blocks.{i}.attn.{RPB}"] = shared.clone()
-    if "fc_norm.weight" not in state:
-        state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
-        state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
+    state, cfg = pooled_backbone_state(model)
     kwargs = beit_kwargs(cfg.replace(use_shared_rel_pos_bias=False, drop_path_rate=0.0))
     kwargs.pop("drop_path_rate")
     # Any registered BEiT works as the template: every dimension is overridden by kwargs.

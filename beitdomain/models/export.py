@@ -28,15 +28,13 @@ import torch
 from torch import nn
 
 from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
-from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+from beitdomain.models.backbone import beit_kwargs
 from beitdomain.models.convention import InputConvention, convention_of
 from beitdomain.models.convert import (
     INPUT_META,
-    RPB,
-    SHARED_RPB,
     WeightsError,
     _hf_name,
-    _target_state,
+    pooled_backbone_state,
 )
 
 ExportFormat = Literal["timm", "hf"]
@@ -46,17 +44,7 @@ WEIGHTS = "model.safetensors"
 
 def _pooled_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any, InputConvention]:
     """Backbone tensors in timm's classifier layout (per-block tables, fc_norm, no head)."""
-    backbone, _, _ = _target_state(model)
-    cfg = backbone_config_of(backbone)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
-    shared = state.pop(SHARED_RPB, None)
-    if shared is not None:
-        for i in range(cfg.depth):
-            state[f"blocks.{i}.attn.{RPB}"] = shared.clone()
-    if "fc_norm.weight" not in state:
-        state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
-        state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
+    state, cfg = pooled_backbone_state(model)
     return state, cfg, convention_of(model)
 
 
