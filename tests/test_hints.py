@@ -28,10 +28,11 @@ READ_IMAGES = {
     "data scan",
     "data cache",
     "data inspect",
+    "ablation",
 }
 TRAIN = {"tokenizer train", "pretrain", "finetune"}
 WEIGHTS = {"pretrain", "finetune", "tokenizer train", "curve"}
-RECIPE = {"tokenizer train", "pretrain", "finetune", "curve", "demo"}
+RECIPE = {"tokenizer train", "pretrain", "finetune", "curve", "demo", "ablation"}
 
 # module (inside beitdomain/) -> the commands that can show its messages
 SHOWN_BY = {
@@ -42,7 +43,7 @@ SHOWN_BY = {
     "data/splits.py": {"finetune", "curve"},
     "io/dicom.py": READ_IMAGES,
     "io/intensity.py": READ_IMAGES,
-    "engine/data.py": {*TRAIN, "curve"},
+    "engine/data.py": {*TRAIN, "curve", "ablation"},
     "engine/distributed.py": RECIPE | {"predict"},
     "engine/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
@@ -51,8 +52,9 @@ SHOWN_BY = {
     "engine/lr_grid.py": {"finetune", "curve"},
     "engine/job.py": TRAIN,
     "engine/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
-    "engine/pretrain.py": {"pretrain"},
-    "engine/curve.py": {"curve"},
+    "engine/pretrain.py": {"pretrain", "ablation"},
+    "engine/curve.py": {"curve", "ablation"},
+    "engine/ablation.py": {"ablation"},
     "engine/rundir.py": {*TRAIN, "curve"},
     "models/convert.py": WEIGHTS,
     "models/hub.py": {"pretrain", "finetune", "curve"},
@@ -74,6 +76,9 @@ UNREACHABLE = {
     # tokenizer build; fine-tuning and the curve read labelled data.
     ("engine/data.py", "--transductive", "finetune"),
     ("engine/data.py", "--transductive", "curve"),
+    # The ablation's curve always has its variants as inits, and it passes on only the
+    # init_sets of those: neither --init message can reach it.
+    ("engine/curve.py", "--init", "ablation"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MENTION = re.compile(r"beitdomain ((?:[a-z][a-z-]* ?){1,2})")

@@ -182,6 +182,7 @@ def _add_groups() -> None:
             "Check frozen features: k-NN and linear probe on the labelled splits.",
         ),
         ("beitdomain.cli.curve", "app", None, None),
+        ("beitdomain.cli.ablation", "app", None, None),
         ("beitdomain.cli.demo", "app", None, None),
     ]
     for module, attr, name, help_text in groups:

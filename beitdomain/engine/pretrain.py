@@ -102,6 +102,7 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
         backbone_config(recipe, grad_checkpointing=recipe.pretrain.train.grad_checkpointing),
         target=m.target,
         vocab_size=vocab_size,
+        norm_pix_loss=m.norm_pix_loss,
         init=m.init,
         trust_pickle=trust_pickle,
         rel_pos_bias=m.rel_pos_bias,

@@ -119,6 +119,7 @@ KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
     "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
     "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
     "demo": ("data/*", "cache/*", "report.md", "curve.png"),  # its stages are runs of their own
+    "ablation": (),  # its pre-training runs and its curve are runs of their own
     "run": (),  # a run of the Python API with no kind given
 }
 # The `command` a run's manifest.json recorded before runs had a marker (legacy runs).
@@ -135,6 +136,7 @@ _CLI = {
     "curve": "beitdomain curve",
     "cache": "beitdomain data cache",
     "demo": "beitdomain demo",
+    "ablation": "beitdomain ablation",
 }
 
 
