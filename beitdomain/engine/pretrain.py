@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +47,21 @@ log = logging.getLogger(__name__)
 
 
 class MIMObjective(nn.Module):
-    """Loss as the forward pass, so DDP's gradient hooks see the whole computation."""
+    """Loss as the forward pass, so DDP's gradient hooks see the whole computation.
 
-    def __init__(self, mim: BeitMIM) -> None:
+    `num_masked`: every mask's exact count (the mask generator's), so the step finds the
+    masked patches without a host sync (`BeitMIM.forward`); None: counted per batch.
+    """
+
+    def __init__(self, mim: BeitMIM, num_masked: int | None = None) -> None:
         super().__init__()
         self.mim = mim
+        self.num_masked = num_masked
 
     def forward(
         self, images: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.mim.loss(images, mask, targets)
+        return self.mim.loss(images, mask, targets, num_masked=self.num_masked)
 
 
 def load_frozen_tokenizer(
@@ -131,10 +137,11 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         tokenizer = load_frozen_tokenizer(recipe, job.device, grid)
     model, report = build_mim(recipe, tokenizer.vocab_size if tokenizer else 1, job.trust_pickle)
     model.to(job.device)
+    masks = mask_generator(recipe, grid)
     dataset, _, fingerprint = unlabeled_dataset(
         recipe,
         kind="pretrain",
-        mask_generator=mask_generator(recipe, grid),
+        mask_generator=masks,
         progress=not job.quiet,
         report_dir=job.path,
     )
@@ -162,7 +169,8 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
     hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
-    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective, hooks=hooks)
+    objective = partial(MIMObjective, num_masked=masks.num_masking)
+    trainer = job.trainer(model, plan, groups, step_fn, wrap=objective, hooks=hooks)
     job.fit(trainer)
 
     result: dict[str, Any] = {
