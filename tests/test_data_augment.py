@@ -17,8 +17,8 @@ pytest.importorskip("monai")
 from beitdomain.data.dataset import ImageDataset  # noqa: E402
 from beitdomain.data.transforms import AugmentError, UserAugment  # noqa: E402
 from beitdomain.engine.checkpoint import CheckpointManager  # noqa: E402
+from beitdomain.engine.metrics_log import read_metrics  # noqa: E402
 from beitdomain.engine.pretrain import pretrain  # noqa: E402
-from beitdomain.engine.rundir import read_metrics  # noqa: E402
 from beitdomain.tokenizer import create_tokenizer  # noqa: E402
 from beitdomain.tokenizer.io import save_tokenizer  # noqa: E402
 

@@ -26,7 +26,7 @@ from helpers import (
     write_elpv_subset,
 )
 
-from beitdomain.engine.rundir import read_metrics
+from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.tokenizer import create_tokenizer
 from beitdomain.tokenizer.io import save_tokenizer
 
@@ -40,7 +40,7 @@ writes = []
 
 import beitdomain.fileio as fio
 from beitdomain.engine import distributed as D, loop
-from beitdomain.engine.rundir import MetricsLog
+from beitdomain.engine.metrics_log import MetricsLog
 
 _open = fio.atomic_open
 

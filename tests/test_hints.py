@@ -56,6 +56,7 @@ SHOWN_BY = {
     "engine/curve.py": {"curve", "ablation"},
     "engine/ablation.py": {"ablation"},
     "engine/rundir.py": {*TRAIN, "curve"},
+    "engine/rundir_guard.py": {*TRAIN, "curve"},
     "models/convert.py": WEIGHTS,
     "models/hub.py": {"pretrain", "finetune", "curve"},
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
@@ -66,6 +67,7 @@ UNREACHABLE = {
     # curve opens its folder with resume=True or overwrite=True only, so neither the
     # "pass --resume ..." advice nor the contradiction message can reach it.
     ("engine/rundir.py", "--resume", "curve"),
+    ("engine/rundir_guard.py", "--resume", "curve"),
     # data inspect reads with on_error='skip' and draws unreadable files as such.
     ("data/index.py", "--on-error", "data inspect"),
     ("io/dicom.py", "--on-error", "data inspect"),

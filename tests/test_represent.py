@@ -158,7 +158,7 @@ def test_knn_monitor_logs_once_per_epoch(tmp_path):
 def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
     from helpers import PRETRAIN_SETS, sets_to_args
 
-    from beitdomain.engine.rundir import read_metrics
+    from beitdomain.engine.metrics_log import read_metrics
 
     data = write_separable_set(tmp_path / "data", per_class=8)
     out = tmp_path / "pre"
