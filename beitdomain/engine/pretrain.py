@@ -19,7 +19,7 @@ from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
-from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.data_unlabeled import unlabeled_dataset
 from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
