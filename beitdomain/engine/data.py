@@ -26,7 +26,7 @@ from beitdomain.data.splits import (
     group_split,
     split_summary,
 )
-from beitdomain.data.transforms import FinetuneTransform, UserAugment
+from beitdomain.data.transforms import FinetuneTransform, training_transform
 from beitdomain.engine.data_source import image_source
 from beitdomain.user import UserError
 
@@ -216,18 +216,7 @@ def labeled_data(
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
 
     train_items = items_of(subset_files)
-    ft: Any = (
-        UserAugment(d.augment, d.image_size)
-        if d.augment
-        else FinetuneTransform(
-            train=True,
-            image_size=d.image_size,
-            scale=tuple(d.crop_scale),
-            hflip=d.hflip,
-            vflip=d.vflip,
-            intensity=d.intensity_jitter,
-        )
-    )
+    ft = training_transform(d, d.image_size)
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)
     out: dict[str, ImageDataset | None] = {}

@@ -15,7 +15,7 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.heldout import pretraining_items
-from beitdomain.data.transforms import FinetuneTransform, PretrainTransform, UserAugment
+from beitdomain.data.transforms import FinetuneTransform, training_transform
 from beitdomain.engine.data import items_in_test_split
 from beitdomain.engine.data_source import image_source
 from beitdomain.user import UserError
@@ -61,18 +61,7 @@ def unlabeled_dataset(
     d = recipe.data
     source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
-    transform: Any = (
-        UserAugment(d.augment, size, d.tokenizer_size)
-        if d.augment
-        else PretrainTransform(
-            image_size=size,
-            tokenizer_size=d.tokenizer_size,
-            scale=tuple(d.crop_scale),
-            hflip=d.hflip,
-            vflip=d.vflip,
-            intensity=d.intensity_jitter,
-        )
-    )
+    transform = training_transform(d, size, d.tokenizer_size)
     n = len(source)
     if n == 0:
         raise UserError("the data holds no images")
