@@ -20,13 +20,13 @@ from beitdomain.engine.curve_baselines import (
 )
 from beitdomain.engine.curve_grid import Cell, CurveGrid
 from beitdomain.engine.job import RESULTS_FILE
+from beitdomain.eval.metrics import METRICS
 from beitdomain.eval.plots import plot_label_efficiency
 from beitdomain.eval.report import read_csv, summarize, write_csv, write_report
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
