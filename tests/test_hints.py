@@ -44,6 +44,10 @@ SHOWN_BY = {
     "io/dicom.py": READ_IMAGES,
     "io/intensity.py": READ_IMAGES,
     "engine/data.py": {*TRAIN, "curve", "ablation"},
+    "engine/data_source.py": {*TRAIN, "curve", "ablation"},
+    # unlabeled_dataset: only the tokenizer and pre-training (the ablation's too) build it;
+    # fine-tuning and the curve read labelled data, which its test-split refusal is not about
+    "engine/data_unlabeled.py": {"tokenizer train", "pretrain", "ablation"},
     "engine/distributed.py": RECIPE | {"predict"},
     "engine/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
@@ -74,10 +78,6 @@ UNREACHABLE = {
     ("data/cache.py", "--on-error", "data inspect"),
     # The demo loads no weight files: the advice is for the commands that do.
     ("config.py", "--trust-pickle", "demo"),
-    # The test-split refusal comes from unlabeled_dataset, which only pre-training and the
-    # tokenizer build; fine-tuning and the curve read labelled data.
-    ("engine/data.py", "--transductive", "finetune"),
-    ("engine/data.py", "--transductive", "curve"),
     # The ablation's curve always has its variants as inits, and it passes on only the
     # init_sets of those: neither --init message can reach it.
     ("engine/curve.py", "--init", "ablation"),

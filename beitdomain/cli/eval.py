@@ -62,7 +62,8 @@ def _run(
     c: float = 0.1,
 ) -> None:
     from beitdomain.cli.output import json_requested, print_json
-    from beitdomain.engine.represent import evaluate_representation, load_backbone
+    from beitdomain.engine.represent import load_backbone
+    from beitdomain.engine.represent_eval import evaluate_representation
     from beitdomain.fileio import atomic_write_json
 
     g = global_options(ctx)

@@ -19,7 +19,7 @@ from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
-from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.data_unlabeled import unlabeled_dataset
 from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
@@ -190,7 +190,7 @@ def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
     """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
     the validation split (the test split when there is none) scored against it."""
     from beitdomain.engine.data import labeled_data
-    from beitdomain.engine.represent import KnnMonitor
+    from beitdomain.engine.represent_eval import KnnMonitor
 
     try:
         data = labeled_data(recipe, labels="100%", progress=not quiet)
