@@ -7,23 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    CacheOpt,
-    DataOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    RecipeOpt,
-    SetOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-)
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import default_out, global_options, handle_errors, load
 from beitdomain.cli.curve import parse_seeds
-from beitdomain.cli.options import LabelsCsvOpt
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
@@ -79,15 +65,15 @@ def ablation(
         str | None,
         typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
     ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -96,7 +82,7 @@ def ablation(
             "are kept and reused.",
         ),
     ] = False,
-    trust_pickle: TrustPickleOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Re-run BEiT's ablations on your images: blockwise vs random masking, tokens vs pixels.
 

@@ -7,22 +7,8 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    CacheOpt,
-    DataOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    SetOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-)
-from beitdomain.cli.options import LabelsCsvOpt
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import default_out, global_options, handle_errors, load
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
@@ -101,16 +87,16 @@ def curve(
     workers: Annotated[
         int | None, typer.Option(help="Cells in parallel (default: one per visible GPU).")
     ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    trust_pickle: TrustPickleOpt = False,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    overwrite: opt.OverwriteOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Fine-tune at several label fractions x seeds x initializations and draw the curve.
 

@@ -7,15 +7,8 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    RecipeOpt,
-    SetOpt,
-    TransductiveOpt,
-    console,
-    global_options,
-    handle_errors,
-    load,
-)
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import console, global_options, handle_errors, load
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
@@ -25,9 +18,9 @@ app = typer.Typer()
 @handle_errors
 def demo(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
+    recipe: opt.RecipeOpt = None,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage.")] = Path(
         "runs/demo"
     ),

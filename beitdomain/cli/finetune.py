@@ -7,27 +7,8 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-    print_kv,
-)
-from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import default_out, global_options, handle_errors, load, print_kv
 from beitdomain.cli.output import print_result
 
 app = typer.Typer()
@@ -37,7 +18,7 @@ app = typer.Typer()
 @handle_errors
 def finetune(
     ctx: typer.Context,
-    labels: LabelsAmountOpt = None,
+    labels: opt.LabelsAmountOpt = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -45,23 +26,23 @@ def finetune(
             "(.safetensors/.pth/HF folder) or 'scratch'."
         ),
     ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    labels_csv: LabelsCsvOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    trust_pickle: opt.TrustPickleOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Fine-tune a classifier on a few labels and score it on the held-out test split.
 
@@ -140,7 +121,7 @@ def predict(
             "<out>.errors.csv) or fail.",
         ),
     ] = "skip",
-    nonfinite: NonfiniteOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
 ) -> None:
     """Predict classes for new images with a fine-tuned run (same readers and normalization).
 

@@ -4,6 +4,10 @@ One meaning per flag: `--labels-csv FILE` is the label CSV everywhere (`data sca
 cache`, `finetune`, `curve`, `eval`, `pretrain`); `--labels AMOUNT` is how many training labels
 to use (`finetune`, `eval`). A spelling that meant something else before stays as a hidden
 alias that still works and says what to type instead.
+
+Each is declared once here and used as a parameter's type (`recipe: opt.RecipeOpt = None`). A
+default of None means "not given": the recipe's value stands. A command whose flag means
+something narrower (`eval --recipe`, `data scan --on-error`) declares its own beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,60 @@ import typer
 
 log = logging.getLogger("beitdomain.cli")
 
+# The recipe and the run folder: every job command has them.
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Recipe YAML file, or the name of a shipped one (e.g. elpv-cpu). "
+        "Precedence: defaults < extends < recipe < options < --set.",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override any recipe value, repeatable: --set pretrain.optim.lr=3e-4 "
+        "--set finetune.train.steps=500.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out (a run of this command) from its newest checkpoint.",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Delete the files the previous run in --out wrote and start over (refused when "
+        "the folder holds anything else).",
+    ),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow pickle-based weight files (loading them can run code: trusted files only).",
+    ),
+]
+
+# The recipe's data section.
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", "-d", help="Folder of images (sets data.root); labels from subfolders."),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option("--cache", help="Cache folder from `beitdomain data cache` (sets data.cache)."),
+]
 LabelsCsvOpt = Annotated[
     Path | None,
     typer.Option(
@@ -31,6 +89,37 @@ LabelsAmountOpt = Annotated[
         help="How many training labels to use: 1% | 0.01 | 200 | 5/class. Subsets are "
         "stratified and nested for a seed (1% inside 10%).",
     ),
+]
+OnErrorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--on-error",
+        help="Unreadable images: fail (list them all and stop) or skip (quarantine report "
+        "and go on); sets data.on_error.",
+    ),
+]
+NonfiniteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--nonfinite", help="NaN/Inf in float images: error or zero (sets data.nonfinite)."
+    ),
+]
+TransductiveOpt = Annotated[
+    bool,
+    typer.Option(
+        "--transductive",
+        help="Also use the test split's images (sets data.transductive; by default they are "
+        "left out, since every fine-tune is scored on them).",
+    ),
+]
+
+# A job's train section.
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
+]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs over the data.")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
 ]
 
 

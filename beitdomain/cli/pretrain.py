@@ -7,28 +7,8 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-    print_kv,
-)
-from beitdomain.cli.options import LabelsCsvOpt
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import default_out, global_options, handle_errors, load, print_kv
 from beitdomain.cli.output import print_result
 
 app = typer.Typer(
@@ -41,10 +21,10 @@ app = typer.Typer(
 @handle_errors
 def pretrain(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
     knn_every: Annotated[
         int | None,
         typer.Option(
@@ -53,8 +33,8 @@ def pretrain(
             "images (pretrain.knn_every; labels from --labels-csv, the cache or subfolders).",
         ),
     ] = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
@@ -75,15 +55,15 @@ def pretrain(
     target: Annotated[
         str | None, typer.Option(help="tokens (BEiT) or pixels: the target ablation.")
     ] = None,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    trust_pickle: opt.TrustPickleOpt = False,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Continue BEiT pre-training on your unlabeled images; no labels needed.
 

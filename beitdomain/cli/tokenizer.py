@@ -7,21 +7,8 @@ from typing import Annotated
 
 import typer
 
+from beitdomain.cli import options as opt
 from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
     console,
     default_out,
     global_options,
@@ -41,11 +28,11 @@ app = typer.Typer(
 @handle_errors
 def train(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
     preset: Annotated[
         str | None, typer.Option(help="Size preset: tiny, small (CPU), base (GPU), dalle.")
     ] = None,
@@ -60,15 +47,15 @@ def train(
             "(needs --trust-pickle; converted once to safetensors in the run folder)."
         ),
     ] = None,
-    trust_pickle: TrustPickleOpt = False,
-    transductive: TransductiveOpt = False,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
+    transductive: opt.TransductiveOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Train a discrete VAE on your images, so BEiT's targets speak your domain's language.
 
@@ -145,9 +132,9 @@ def train(
 def inspect(
     ctx: typer.Context,
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
-    data: DataOpt = None,
-    recipe: RecipeOpt = None,
-    sets: SetOpt = None,
+    data: opt.DataOpt = None,
+    recipe: opt.RecipeOpt = None,
+    sets: opt.SetOpt = None,
     n: Annotated[int, typer.Option(help="Images to evaluate on (sampled with the seed).")] = 256,
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and inspect.json.")] = None,
 ) -> None:
@@ -241,7 +228,7 @@ def import_dalle_cmd(
     encoder: Annotated[Path, typer.Argument(help="DALL-E encoder.pkl (local file).")],
     decoder: Annotated[Path, typer.Argument(help="DALL-E decoder.pkl (local file).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the converted tokenizer.")],
-    trust_pickle: TrustPickleOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Convert OpenAI's DALL-E dVAE pickles once into a safetensors tokenizer.
 
