@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from beitdomain.cli import options as opt
-from beitdomain.cli.common import default_out, global_options, handle_errors, load
+from beitdomain.cli.common import handle_errors, load_job, run_job
 from beitdomain.cli.curve import parse_seeds
-from beitdomain.cli.output import print_result
+from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
 
@@ -104,35 +104,28 @@ def ablation(
     """
     from beitdomain.engine.ablation import parse_variants, run_ablation
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "ablation",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.labels": str(labels_csv) if labels_csv else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
-            "data.transductive": True if transductive else None,
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
             "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "ablation")
-    result = run_ablation(
+    result = run_job(
+        ctx,
+        run_ablation,
         r,
         out,
         variants=parse_variants(variants),
         pretrained=parse_pretrained(pretrained) if pretrained else None,
         scratch=scratch,
-        device=g.device,
         overwrite=overwrite,
-        quiet=g.quiet,
         trust_pickle=trust_pickle,
     )
-    lines = [eff["statement"] for eff in result.get("efficiency", [])]
-    lines.append(f"report.md and curve.png in {Path(out) / 'curve'}")
-    print_result("\n".join(lines), {"out": str(out), **result})
+    print_efficiency(out, result, f"report.md and curve.png in {Path(out) / 'curve'}")

@@ -1,5 +1,5 @@
-"""What every command shares: global options, recipe loading, and the one place that turns
-known errors into messages (the shared flags are in `options.py`).
+"""What every command shares: global options, recipe loading, running a job, and the one place
+that turns known errors into messages (the shared flags are in `options.py`).
 
 Commands are thin: flags -> recipe -> one library call. Heavy imports (torch, timm) happen inside
 commands, so `beitdomain --help` stays fast.
@@ -103,23 +103,6 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_kv(title: str, rows: dict[str, Any], result: Any = None) -> None:
-    """A two-column table on stdout; with the global --json, `result` (or `rows`) as JSON."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from beitdomain.cli.output import json_requested, print_json
-
-    if json_requested():
-        print_json(rows if result is None else result)
-        return
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    for k, v in rows.items():
-        table.add_row(escape(str(k)), escape(str(v)))
-    Console(file=sys.stdout).print(table)
-
-
 def load(
     ctx: typer.Context,
     recipe: str | None,
@@ -158,3 +141,22 @@ def default_out(recipe: Any, command: str) -> Path:
     """runs/<recipe name>-<command>, or runs/<command> for an unnamed recipe."""
     name = getattr(recipe, "name", None)
     return Path("runs") / (f"{name}-{command}" if name else command)
+
+
+def load_job(
+    ctx: typer.Context,
+    command: str,
+    recipe: str | None,
+    sets: list[str] | None,
+    out: Path | None,
+    options: dict[str, Any],
+) -> tuple[Any, Path]:
+    """The recipe (as `load` builds it) and the run folder: `out`, or `default_out`."""
+    r = load(ctx, recipe, sets, options)
+    return r, out or default_out(r, command)
+
+
+def run_job(ctx: typer.Context, job: Callable[..., Any], r: Any, out: Path, **kwargs: Any) -> Any:
+    """`job(r, out, **kwargs)` on the global --device, with progress unless --quiet."""
+    g = global_options(ctx)
+    return job(r, out, device=g.device, quiet=g.quiet, **kwargs)

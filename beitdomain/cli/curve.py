@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from beitdomain.cli import options as opt
-from beitdomain.cli.common import default_out, global_options, handle_errors, load
-from beitdomain.cli.output import print_result
+from beitdomain.cli.common import handle_errors, load_job, run_job
+from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
 
@@ -119,30 +119,22 @@ def curve(
     """
     from beitdomain.engine.curve import run_curve
 
-    options = {
-        "data.root": str(data) if data else None,
-        "data.cache": str(cache) if cache else None,
-        "data.labels": str(labels_csv) if labels_csv else None,
-        "data.on_error": on_error,
-        "data.nonfinite": nonfinite,
-        "curve.inits": parse_inits(init) if init else None,
-        "curve.init_sets": parse_init_sets(init_set) if init_set else None,
-        "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-        "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
-        "curve.metric": metric,
-    }
-    r = load(ctx, recipe, sets, options)
-    g = global_options(ctx)
-    out = out or default_out(r, "curve")
-    result = run_curve(
-        r,
+    r, out = load_job(
+        ctx,
+        "curve",
+        recipe,
+        sets,
         out,
-        device=g.device,
-        overwrite=overwrite,
-        quiet=g.quiet,
-        workers=workers,
-        trust_pickle=trust_pickle,
+        {
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
+            "curve.inits": parse_inits(init) if init else None,
+            "curve.init_sets": parse_init_sets(init_set) if init_set else None,
+            "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
+            "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+            "curve.metric": metric,
+        },
     )
-    lines = [eff["statement"] for eff in result.get("efficiency", [])]
-    lines.append(f"curve.png, summary.csv and report.md in {out}")
-    print_result("\n".join(lines), {"out": str(out), **result})
+    result = run_job(
+        ctx, run_curve, r, out, overwrite=overwrite, workers=workers, trust_pickle=trust_pickle
+    )
+    print_efficiency(out, result, f"curve.png, summary.csv and report.md in {out}")

@@ -66,12 +66,7 @@ def _run(
         ctx,
         recipe,
         sets,
-        {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.labels": str(labels_csv) if labels_csv else None,
-            "finetune.labels": labels or "100%",
-        },
+        {**opt.data_options(data, cache, labels_csv), "finetune.labels": labels or "100%"},
     )
     res = evaluate_representation(
         bb, r, (method,), baseline=baseline, k=k, c=c, progress=not g.quiet

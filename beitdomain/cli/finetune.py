@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from beitdomain.cli import options as opt
-from beitdomain.cli.common import default_out, global_options, handle_errors, load, print_kv
-from beitdomain.cli.output import print_result
+from beitdomain.cli.common import global_options, handle_errors, load_job, run_job
+from beitdomain.cli.output import print_result, print_run
 
 app = typer.Typer()
 
@@ -61,34 +61,22 @@ def finetune(
     """
     from beitdomain.engine.finetune import finetune as run_finetune
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "finetune",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
-            "data.labels": str(labels_csv) if labels_csv else None,
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
             "finetune.labels": labels,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
-            "finetune.train.steps": steps,
-            "finetune.train.epochs": epochs,
-            "finetune.train.batch_size": batch_size,
+            **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "finetune")
-    res = run_finetune(
-        r,
-        out,
-        device=g.device,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=g.quiet,
-        trust_pickle=trust_pickle,
+    res = run_job(
+        ctx, run_finetune, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
     )
     if res:
         rows = {
@@ -101,7 +89,7 @@ def finetune(
                 if test.get(k) is not None:
                     rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
             rows["test images"] = test["n"]
-        print_kv(f"finetune -> {out}", rows, result={"out": str(out), **res})
+        print_run("finetune", out, rows, res)
 
 
 @app.command()

@@ -65,7 +65,7 @@ TrustPickleOpt = Annotated[
     ),
 ]
 
-# The recipe's data section.
+# The recipe's data section (`data_options` turns them into recipe keys).
 DataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Folder of images (sets data.root); labels from subfolders."),
@@ -113,7 +113,7 @@ TransductiveOpt = Annotated[
     ),
 ]
 
-# A job's train section.
+# A job's train section (`train_options` turns them into recipe keys).
 StepsOpt = Annotated[
     int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
 ]
@@ -135,3 +135,33 @@ def deprecated(old: str, new: str, old_value: Any, new_value: Any, why: str = ""
         raise typer.BadParameter(f"{old} is the old spelling of {new}; give only {new}")
     log.warning("%s is deprecated here: use %s%s", old, new, f" ({why})" if why else "")
     return old_value
+
+
+def data_options(
+    data: Path | None = None,
+    cache: Path | None = None,
+    labels_csv: Path | None = None,
+    on_error: str | None = None,
+    nonfinite: str | None = None,
+    transductive: bool = False,
+) -> dict[str, Any]:
+    """The recipe's `data.*` keys the data flags set; None leaves the recipe's value."""
+    return {
+        "data.root": str(data) if data else None,
+        "data.cache": str(cache) if cache else None,
+        "data.labels": str(labels_csv) if labels_csv else None,
+        "data.on_error": on_error,
+        "data.nonfinite": nonfinite,
+        "data.transductive": True if transductive else None,
+    }
+
+
+def train_options(
+    job: str, steps: int | None, epochs: float | None, batch_size: int | None
+) -> dict[str, Any]:
+    """The recipe's `<job>.train.*` keys that --steps, --epochs and --batch-size set."""
+    return {
+        f"{job}.train.steps": steps,
+        f"{job}.train.epochs": epochs,
+        f"{job}.train.batch_size": batch_size,
+    }
