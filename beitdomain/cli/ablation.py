@@ -9,7 +9,6 @@ import typer
 
 from beitdomain.cli import options as opt
 from beitdomain.cli.common import handle_errors, load_job, run_job
-from beitdomain.cli.curve import parse_seeds
 from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
@@ -61,10 +60,7 @@ def ablation(
     fractions: Annotated[
         str | None, typer.Option(help="Comma-separated label amounts, e.g. 1%,10%.")
     ] = None,
-    seeds: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
-    ] = None,
+    seeds: opt.SeedsOpt = None,
     recipe: opt.RecipeOpt = None,
     data: opt.DataOpt = None,
     cache: opt.CacheOpt = None,
@@ -113,8 +109,7 @@ def ablation(
         {
             **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
             "tokenizer.path": str(tokenizer) if tokenizer else None,
-            "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-            "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+            **opt.curve_options(fractions, seeds),
         },
     )
     result = run_job(

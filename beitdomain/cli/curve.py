@@ -44,17 +44,6 @@ def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """`0,1,2` -> [0, 1, 2]; one number is that one seed."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise typer.BadParameter(f"--seeds {text!r}: expected seeds >= 0 like 0,1,2")
-    return seeds
-
-
 @app.command()
 @handle_errors
 def curve(
@@ -77,10 +66,7 @@ def curve(
     fractions: Annotated[
         str | None, typer.Option(help="Comma-separated label amounts, e.g. 1%,5%,10%,25%,100%.")
     ] = None,
-    seeds: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
-    ] = None,
+    seeds: opt.SeedsOpt = None,
     metric: Annotated[
         str | None, typer.Option(help="balanced_accuracy (default), accuracy, auroc, macro_f1.")
     ] = None,
@@ -129,8 +115,7 @@ def curve(
             **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
             "curve.inits": parse_inits(init) if init else None,
             "curve.init_sets": parse_init_sets(init_set) if init_set else None,
-            "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-            "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+            **opt.curve_options(fractions, seeds),
             "curve.metric": metric,
         },
     )

@@ -122,6 +122,14 @@ BatchOpt = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
 ]
 
+# A curve's grid (`curve`, `ablation`; `curve_options` turns them into recipe keys).
+SeedsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--seeds", help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."
+    ),
+]
+
 
 def deprecated(old: str, new: str, old_value: Any, new_value: Any, why: str = "") -> Any:
     """The value of `new`, or of the deprecated spelling `old` with a warning saying what to use.
@@ -165,3 +173,22 @@ def train_options(
         f"{job}.train.epochs": epochs,
         f"{job}.train.batch_size": batch_size,
     }
+
+
+def curve_options(fractions: str | None, seeds: str | None) -> dict[str, Any]:
+    """The recipe's `curve.fractions` and `curve.seeds` that --fractions and --seeds set."""
+    return {
+        "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
+        "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+    }
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; one number is that one seed."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise typer.BadParameter(f"--seeds {text!r}: expected seeds >= 0 like 0,1,2")
+    return seeds
