@@ -7,24 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    CacheOpt,
-    DataOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    RecipeOpt,
-    SetOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-)
-from beitdomain.cli.curve import parse_seeds
-from beitdomain.cli.options import LabelsCsvOpt
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import handle_errors, load_job, run_job
+from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
 
@@ -75,19 +60,16 @@ def ablation(
     fractions: Annotated[
         str | None, typer.Option(help="Comma-separated label amounts, e.g. 1%,10%.")
     ] = None,
-    seeds: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
-    ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
+    seeds: opt.SeedsOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -96,7 +78,7 @@ def ablation(
             "are kept and reused.",
         ),
     ] = False,
-    trust_pickle: TrustPickleOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Re-run BEiT's ablations on your images: blockwise vs random masking, tokens vs pixels.
 
@@ -118,35 +100,27 @@ def ablation(
     """
     from beitdomain.engine.ablation import parse_variants, run_ablation
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "ablation",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.labels": str(labels_csv) if labels_csv else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
-            "data.transductive": True if transductive else None,
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
             "tokenizer.path": str(tokenizer) if tokenizer else None,
-            "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-            "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+            **opt.curve_options(fractions, seeds),
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "ablation")
-    result = run_ablation(
+    result = run_job(
+        ctx,
+        run_ablation,
         r,
         out,
         variants=parse_variants(variants),
         pretrained=parse_pretrained(pretrained) if pretrained else None,
         scratch=scratch,
-        device=g.device,
         overwrite=overwrite,
-        quiet=g.quiet,
         trust_pickle=trust_pickle,
     )
-    lines = [eff["statement"] for eff in result.get("efficiency", [])]
-    lines.append(f"report.md and curve.png in {Path(out) / 'curve'}")
-    print_result("\n".join(lines), {"out": str(out), **result})
+    print_efficiency(out, result, f"report.md and curve.png in {Path(out) / 'curve'}")

@@ -23,7 +23,8 @@ from typing import Annotated, Any
 import typer
 
 from beitdomain import __version__
-from beitdomain.cli.common import GlobalOptions, global_options, print_kv, setup_logging
+from beitdomain.cli.common import GlobalOptions, global_options, setup_logging
+from beitdomain.cli.output import print_kv
 
 app = typer.Typer(
     name="beitdomain",
