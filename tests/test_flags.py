@@ -102,3 +102,33 @@ def test_beitdomain_set_applies_to_every_command_and_explicit_set_wins(monkeypat
 
     with pytest.raises(RecipeError, match=r"\$BEITDOMAIN_SET.*Did you mean 'image_size'"):
         load(ctx, None, None)
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        ("finetune", "beitdomain.engine.finetune.finetune"),
+        ("curve", "beitdomain.engine.curve.run_curve"),
+    ],
+)
+def test_selection_flag_sets_the_recipe_and_refuses_unknown_values(
+    command, target, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    seen = []
+
+    def capture(recipe, out, **kw):
+        seen.append(recipe.finetune.selection)
+        return {}
+
+    monkeypatch.setattr(target, capture)
+    out = ["--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, [command, "--selection", "carve", *out])
+    assert res.exit_code == 0, res.output
+    assert seen == ["carve"]
+    res = CliRunner().invoke(app, [command, "--selection", "best", *out])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "finetune.selection" in res.output and "'none'" in res.output, res.output

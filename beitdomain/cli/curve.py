@@ -73,6 +73,7 @@ def curve(
     workers: Annotated[
         int | None, typer.Option(help="Cells in parallel (default: one per visible GPU).")
     ] = None,
+    selection: opt.SelectionOpt = None,
     recipe: opt.RecipeOpt = None,
     data: opt.DataOpt = None,
     cache: opt.CacheOpt = None,
@@ -88,14 +89,17 @@ def curve(
 
     Re-running the same command continues an interrupted grid: finished cells are skipped, a
     cell that was cut off resumes from its checkpoint. Writes curve.csv (one row per run),
-    summary.csv (mean ± std), curve.png and report.md, which states the label-efficiency factor:
-    the smallest fraction at which the pre-trained model matches from-scratch on 100%.
+    summary.csv (mean ± std), curve.png and report.md. Beside the fine-tunes, logistic
+    regressions on pixels, on their PCA and on each backbone's frozen features run on exactly
+    the same label subsets; report.md's verdict compares each pre-trained arm with the strongest
+    arm without pre-training, and says so plainly when pre-training does not pay.
 
-    A pre-trained backbone and a random one rarely want the same fine-tuning learning rate;
-    --init-set gives one initialization its own settings (pick them on the validation split,
-    never on the test split: each cell's metrics.jsonl holds its validation scores). At 1% the
-    seed-to-seed spread is largest and a fine-tune is cheapest: curve.fraction_seeds runs more
-    seeds there, e.g. --set 'curve.fraction_seeds={"1%": [0, 1, 2, 3, 4, 5]}'.
+    Labels stay within the budget: by default a cell trains on a fixed schedule and keeps its
+    final weights (--selection). A pre-trained backbone and a random one rarely want the same
+    fine-tuning learning rate; --init-set gives one initialization its own settings (give each
+    arm the same number of tries). A randomly initialised arm trains without layer decay. At
+    1% the seed-to-seed spread is largest and a fine-tune cheapest: curve.fraction_seeds runs
+    more seeds there, e.g. --set 'curve.fraction_seeds={"1%": [0, 1, 2, 3, 4, 5]}'.
 
     Examples:
 
@@ -117,6 +121,7 @@ def curve(
             "curve.init_sets": parse_init_sets(init_set) if init_set else None,
             **opt.curve_options(fractions, seeds),
             "curve.metric": metric,
+            "finetune.selection": selection,
         },
     )
     result = run_job(

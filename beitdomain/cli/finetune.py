@@ -35,6 +35,7 @@ def finetune(
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
+    selection: opt.SelectionOpt = None,
     steps: opt.StepsOpt = None,
     epochs: opt.EpochsOpt = None,
     batch_size: opt.BatchOpt = None,
@@ -47,9 +48,11 @@ def finetune(
     """Fine-tune a classifier on a few labels and score it on the held-out test split.
 
     The split (train/val/test) is fixed and stratified (data.split_seed) unless the labels CSV
-    has a split column; --labels takes a stratified subset of the train split. Validation picks
-    the best checkpoint; results.json holds accuracy, balanced accuracy, macro-F1, AUROC,
-    per-class scores and the confusion matrix (also confusion_matrix.png).
+    has a split column; --labels takes a stratified subset of the train split. By default the
+    run trains on a fixed schedule and keeps its final weights, so nothing looks at labels
+    outside the subset (--selection carve or outside: validation picks the checkpoint).
+    results.json holds accuracy, balanced accuracy, macro-F1, AUROC, per-class scores and the
+    confusion matrix (also confusion_matrix.png).
 
     Examples:
 
@@ -72,6 +75,7 @@ def finetune(
             "finetune.labels": labels,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
+            "finetune.selection": selection,
             **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )

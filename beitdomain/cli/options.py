@@ -81,6 +81,16 @@ LabelsCsvOpt = Annotated[
         help="Label CSV: path,label[,split], paths relative to the data folder (data.labels).",
     ),
 ]
+SelectionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--selection",
+        help="What picks the checkpoint and lr (finetune.selection): none (default: a fixed "
+        "schedule, the final weights; labels stay within the budget), carve (a fifth of the "
+        "label subset validates), outside (the split's validation images: labels beyond the "
+        "budget, said in the report).",
+    ),
+]
 LabelsAmountOpt = Annotated[
     str | None,
     typer.Option(
