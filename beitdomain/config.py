@@ -655,7 +655,7 @@ def _merge_dataclass(default: Any, data: dict[str, Any], source: str, prefix: st
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
+        return "choice"  # the valid values follow in the message
     return str(hint).replace("typing.", "")
 
 
