@@ -269,3 +269,64 @@ def said(output: str, *needles: str) -> bool:
     mid-word at the terminal width)."""
     squashed = "".join(output.split())
     return all("".join(n.split()) in squashed for n in needles)
+
+
+# --------------------------------------------------------------------------------------------
+# Official layouts: timm and transformers BEiTs to convert from and compare against
+# --------------------------------------------------------------------------------------------
+
+
+def randomize(model: Any, seed: int = 0) -> None:
+    """Fills every parameter with seeded noise around 0 (matrices) or 1 (vectors): zero-initialized
+    tables and unit norms would hide mapping mistakes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+
+
+def timm_beit_kwargs(cfg: Any, **extra: Any) -> dict[str, Any]:
+    """`timm.create_model` keyword arguments for a beitdomain backbone config (its drop path
+    left at timm's default), plus `extra`."""
+    from beitdomain.models.backbone import beit_kwargs
+
+    kw = beit_kwargs(cfg)
+    kw.pop("drop_path_rate")
+    return {**kw, **extra}
+
+
+# `timm_beit` arguments for the token features (no pooling, no fc_norm): unilm's pre-training
+# layout, `forward_features` of a BeitMIM.
+TIMM_TOKENS = dict(global_pool="", use_fc_norm=False)
+
+
+def timm_beit(cfg: Any, seed: int, **extra: Any) -> Any:
+    """timm's BEiT with `cfg`'s architecture, no head and `extra` `create_model` arguments
+    (e.g. `**TIMM_TOKENS`), randomized with `seed`, in eval mode."""
+    import timm
+
+    model = timm.create_model(
+        "beit_base_patch16_224", num_classes=0, **timm_beit_kwargs(cfg, **extra)
+    ).eval()
+    randomize(model, seed)
+    return model
+
+
+def tiny_hf_beit_config(image_size: int = 32, **changes: Any) -> Any:
+    """A transformers `BeitConfig` of the 'tiny' preset's shape (8 px patches, width 64, 2 blocks
+    of 2 heads, MLP 256, 3 channels) with timm's LayerNorm eps (1e-6, for exact comparisons);
+    `changes` set the rest. Skips the calling test without transformers."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.BeitConfig(
+        image_size=image_size,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        layer_norm_eps=1e-6,
+        **changes,
+    )
