@@ -71,6 +71,16 @@ FINETUNE_SETS = [
 ]
 
 
+def checkpointed_sets(job: str, steps: int, ckpt_every: int) -> list[str]:
+    """`--set`s for a deterministic `job` run ('tokenizer', 'pretrain', 'finetune') of `steps`
+    steps with a checkpoint every `ckpt_every`: what a bit-for-bit resume check needs."""
+    return [
+        f"{job}.train.steps={steps}",
+        f"{job}.train.ckpt_every={ckpt_every}",
+        f"{job}.train.deterministic=true",
+    ]
+
+
 def recipe(sets: Sequence[str], **options: Any) -> Any:
     """A recipe from defaults, dotted `options` (e.g. {'data.root': ...}) and `--set` strings."""
     from beitdomain.config import load_recipe
@@ -246,6 +256,24 @@ def run_cli(args: Sequence[str], timeout: float = 300, **env: str) -> subprocess
     )
 
 
+def cli(*args: str) -> Any:
+    """`beitdomain --device cpu --quiet ARGS` in this process (typer's CliRunner); the result's
+    `.text` is its output with rich's line wrapping undone."""
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    res = CliRunner().invoke(app, ["--device", "cpu", "--quiet", *args])
+    res.text = flat(res.output)
+    return res
+
+
+def scratch_curve_args(data: Path, out: Path, sets: Sequence[str]) -> list[str]:
+    """`curve` arguments for one cell from scratch (all labels, one seed) on `data` into `out`."""
+    cell = ["--init", "scratch", "--fractions", "100%", "--seeds", "1"]
+    return ["curve", "--data", str(data), *cell, "--out", str(out), *sets_to_args(sets)]
+
+
 def write_labels_csv(path: Path, rows: Iterable[Sequence[str]]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -314,19 +342,46 @@ def timm_beit(cfg: Any, seed: int, **extra: Any) -> Any:
     return model
 
 
+# The 'tiny' backbone preset (8 px patches, width 64, 2 blocks of 2 heads, MLP 256, 3 channels)
+# in transformers' `BeitConfig` names, with timm's LayerNorm eps so that outputs compare exactly.
+TINY_HF_BEIT = {
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+    "layer_norm_eps": 1e-6,
+}
+
+
 def tiny_hf_beit_config(image_size: int = 32, **changes: Any) -> Any:
-    """A transformers `BeitConfig` of the 'tiny' preset's shape (8 px patches, width 64, 2 blocks
-    of 2 heads, MLP 256, 3 channels) with timm's LayerNorm eps (1e-6, for exact comparisons);
-    `changes` set the rest. Skips the calling test without transformers."""
+    """A transformers `BeitConfig` of `TINY_HF_BEIT` at `image_size`; `changes` set the rest.
+    Skips the calling test without transformers."""
     transformers = pytest.importorskip("transformers")
-    return transformers.BeitConfig(
-        image_size=image_size,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        layer_norm_eps=1e-6,
-        **changes,
-    )
+    return transformers.BeitConfig(image_size=image_size, **TINY_HF_BEIT, **changes)
+
+
+def write_tiny_tokenizer(dst: Path, seed: int = 0) -> Path:
+    """A frozen 'tiny' tokenizer for the 1-channel test images (32 px views -> 8x8 tokens), its
+    weights drawn after `torch.manual_seed(seed)`, saved to the folder `dst`."""
+    import torch
+
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.tokenizer.io import save_tokenizer
+
+    torch.manual_seed(seed)
+    return save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), dst)
+
+
+def lose_newest_checkpoint(run: Path, *outputs: str) -> None:
+    """Deletes `run`'s newest checkpoint (with its checksum sidecar) and the named files the
+    finished run wrote (`outputs`), so that `resume=True` has to redo the last steps."""
+    from beitdomain.engine.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(run / "checkpoints")
+    step = mgr.steps()[-1]
+    mgr.path_for(step).unlink()
+    (run / "checkpoints" / f"step-{step:08d}.pt.json").unlink()
+    for name in outputs:
+        (run / name).unlink()

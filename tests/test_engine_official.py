@@ -17,6 +17,7 @@ from helpers import (
     timm_beit,
     tiny_hf_beit_config,
     write_elpv_subset,
+    write_tiny_tokenizer,
 )
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -28,8 +29,6 @@ from beitdomain.engine.rundir import read_metrics
 from beitdomain.models.backbone import get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import load_backbone_weights
-from beitdomain.tokenizer import create_tokenizer
-from beitdomain.tokenizer.io import save_tokenizer
 
 VOCAB = 64  # the tiny tokenizer's; the official heads below have as many outputs
 RGB = get_preset("tiny")  # 64 px, 8 px patches, width 64, 2 blocks, 3 channels
@@ -38,10 +37,7 @@ RGB = get_preset("tiny")  # 64 px, 8 px patches, width 64, 2 blocks, 3 channels
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("official")
-    root = write_elpv_subset(tmp / "data", per_class=8)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return tmp, root, tok
+    return tmp, write_elpv_subset(tmp / "data", per_class=8), write_tiny_tokenizer(tmp / "tok")
 
 
 def _confident_head(state: dict, seed: int) -> None:
