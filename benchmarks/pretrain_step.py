@@ -249,19 +249,14 @@ def run(
         r.update(C.step_memory(steps_fns[name], dev, batch))
 
     num_masked = int(batches[0]["mask"][0].sum())
+    facts = dict(
+        tokenizer_size=tok_size,
+        vocab_size=vocab,
+        num_masked=num_masked,
+        num_patches=cfg.num_patches,
+    )
     out: dict[str, Any] = {
-        "config": C.step_config(
-            cfg,
-            s,
-            sizes,
-            peaks=peaks,
-            dtype=amp,
-            peak_tflops=peak,
-            tokenizer_size=tok_size,
-            vocab_size=vocab,
-            num_masked=num_masked,
-            num_patches=cfg.num_patches,
-        ),
+        "config": C.step_config(cfg, s, sizes, peaks=peaks, dtype=amp, peak_tflops=peak, **facts),
         "env": C.env_info(dev),
         "analytic_gflops_per_img": {
             "backbone_train": C.backbone_train_gflops(cfg, head_tokens=num_masked, head_out=vocab),
