@@ -34,7 +34,7 @@ _EXPORTS = {
     "run_curve": "beitdomain.engine.curve",
     "load_backbone": "beitdomain.engine.represent",
     "FrozenBackbone": "beitdomain.engine.represent",
-    "evaluate_representation": "beitdomain.engine.represent",
+    "evaluate_representation": "beitdomain.engine.represent_eval",
     "knn_probs": "beitdomain.eval.representation",
     "probe_probs": "beitdomain.eval.representation",
 }
@@ -43,11 +43,8 @@ __all__ = [*sorted(_EXPORTS), "embed"]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time names load lazily
     from beitdomain.config import Recipe, load_recipe  # noqa: F401
-    from beitdomain.engine.represent import (  # noqa: F401
-        FrozenBackbone,
-        evaluate_representation,
-        load_backbone,
-    )
+    from beitdomain.engine.represent import FrozenBackbone, load_backbone  # noqa: F401
+    from beitdomain.engine.represent_eval import evaluate_representation  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

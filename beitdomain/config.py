@@ -242,6 +242,9 @@ class ModelConfig:
     # checkpoint file/dir, hf-hub:org/name or a timm BEiT name to start from; None: random
     init: str | None = None
     target: Literal["tokens", "pixels"] = "tokens"
+    # target=pixels: regress each patch normalized by its own mean and std (MAE), or false: the
+    # raw (input-normalized) pixels, as in BEiT's pixel-regression ablation
+    norm_pix_loss: bool = True
     # auto: one table per block when the init checkpoint has differing ones, else shared (BEiT)
     rel_pos_bias: Literal["auto", "shared", "per_block"] = "auto"
     # auto: reuse the init's MIM head only with the tokenizer it predicts (an imported DALL-E)

@@ -103,7 +103,7 @@ def loader_throughput(
     from beitdomain.data.index import scan
     from beitdomain.data.masking import BlockMaskGenerator
     from beitdomain.data.transforms import PretrainTransform
-    from beitdomain.engine.loop import build_loader
+    from beitdomain.engine.plan import build_loader
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,7 @@ from helpers import (
     write_tiny_tokenizer,
 )
 
-from beitdomain.engine.rundir import read_metrics
+from beitdomain.engine.metrics_log import read_metrics
 
 DRIVER = r"""
 import contextlib, json, os, sys
@@ -39,7 +39,7 @@ writes = []
 
 import beitdomain.fileio as fio
 from beitdomain.engine import distributed as D, loop
-from beitdomain.engine.rundir import MetricsLog
+from beitdomain.engine.metrics_log import MetricsLog
 
 _open = fio.atomic_open
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 import beitdomain.engine.curve as curve_engine
 from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.curve import cell_name, run_curve
+from beitdomain.engine.curve import run_curve
+from beitdomain.engine.curve_grid import Cell, cell_name, parse_grid
 from beitdomain.engine.loop import Trainer
 from beitdomain.engine.pretrain import pretrain
 
@@ -260,6 +261,7 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
     # the lr seed 0's validation split chose, not at the shared finetune.optim.lr.
     import yaml
 
+    from beitdomain.data.splits import parse_labels_spec
     from beitdomain.user import UserError
 
     r, out = _lr_grid_first(setup), tmp_path / "curve"
@@ -278,8 +280,8 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
     # A follower whose first seed has no result cannot guess its lr: a clear error.
     (lead / "results.json").unlink()
     with pytest.raises(UserError, match="takes its learning rate from .*is missing"):
-        grid = curve_engine.parse_grid(r.curve, {"scratch": None})
-        follower = curve_engine.Cell("scratch", curve_engine.parse_labels_spec("100%"), 1)
+        grid = parse_grid(r.curve, {"scratch": None})
+        follower = Cell("scratch", parse_labels_spec("100%"), 1)
         scratch = curve_engine._init_recipes(r, grid.inits)["scratch"]
         curve_engine._cell_recipe(scratch, grid, follower, out)
 
@@ -311,7 +313,7 @@ def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
             "curve.fraction_seeds={'10%': [0, 1]}",
         ]
     ).curve
-    grid = curve_engine.parse_grid(c, {"scratch": None})
+    grid = parse_grid(c, {"scratch": None})
     ten = parse_labels_spec("10%")
     assert grid.fractions[0] == ten and hash(grid.fractions[0]) == hash(ten)
     assert grid.seeds[ten] == (0, 1)
@@ -325,7 +327,7 @@ def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
     assert cells[0].name == cell_name("scratch", "0.1", 0)
     c.fractions = ["10%", "0.1"]
     with pytest.raises(Exception, match="twice"):
-        curve_engine.parse_grid(c, {"scratch": None})
+        parse_grid(c, {"scratch": None})
 
     ran = []
     monkeypatch.setattr(curve_engine, "finetune", lambda r, d, **kw: ran.append(d))
@@ -342,7 +344,7 @@ def test_a_worker_receives_a_recipe_not_a_file(monkeypatch, tmp_path):
     from beitdomain.config import Recipe, load_recipe
 
     r = load_recipe(sets=["curve.fractions=['100%']", "curve.seeds=[0]"])
-    grid = curve_engine.parse_grid(r.curve, {"scratch": None})
+    grid = parse_grid(r.curve, {"scratch": None})
     (cell,) = grid.cells()
     args = (r, grid, cell, str(tmp_path), "cpu", False)
     seen = []

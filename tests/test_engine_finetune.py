@@ -26,8 +26,8 @@ from beitdomain.cli.app import app
 from beitdomain.data.splits import LabelSubsetError
 from beitdomain.engine.checkpoint import CheckpointManager
 from beitdomain.engine.finetune import finetune
+from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.predict import predict
-from beitdomain.engine.rundir import read_metrics
 
 runner = CliRunner()
 

@@ -9,8 +9,11 @@ from torch import nn
 
 from beitdomain.config import TrainConfig
 from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.loop import NonFiniteLossError, Trainer, build_loader
-from beitdomain.engine.rundir import RunDir, RunDirError, read_metrics
+from beitdomain.engine.loop import NonFiniteLossError, Trainer
+from beitdomain.engine.metrics_log import read_metrics
+from beitdomain.engine.plan import build_loader
+from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.rundir_guard import RunDirError
 from beitdomain.engine.schedule import cosine_lr
 
 
@@ -169,7 +172,7 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 def test_short_epochs_load_in_the_main_process(monkeypatch):
     from beitdomain.engine import distributed as D
-    from beitdomain.engine.loop import MIN_BATCHES_FOR_WORKERS
+    from beitdomain.engine.plan import MIN_BATCHES_FOR_WORKERS
 
     monkeypatch.setattr(D, "default_num_workers", lambda: 3)
     short = build_loader(Noisy(n=6 * (MIN_BATCHES_FOR_WORKERS - 1)), 6, seed=0)

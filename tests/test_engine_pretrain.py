@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from beitdomain.cli.app import app
 from beitdomain.engine.checkpoint import CheckpointManager
+from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
-from beitdomain.engine.rundir import read_metrics
 from beitdomain.user import UserError
 
 STEPS = 24

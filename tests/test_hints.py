@@ -28,10 +28,11 @@ READ_IMAGES = {
     "data scan",
     "data cache",
     "data inspect",
+    "ablation",
 }
 TRAIN = {"tokenizer train", "pretrain", "finetune"}
 WEIGHTS = {"pretrain", "finetune", "tokenizer train", "curve"}
-RECIPE = {"tokenizer train", "pretrain", "finetune", "curve", "demo"}
+RECIPE = {"tokenizer train", "pretrain", "finetune", "curve", "demo", "ablation"}
 
 # module (inside beitdomain/) -> the commands that can show its messages
 SHOWN_BY = {
@@ -42,7 +43,11 @@ SHOWN_BY = {
     "data/splits.py": {"finetune", "curve"},
     "io/dicom.py": READ_IMAGES,
     "io/intensity.py": READ_IMAGES,
-    "engine/data.py": {*TRAIN, "curve"},
+    "engine/data.py": {*TRAIN, "curve", "ablation"},
+    "engine/data_source.py": {*TRAIN, "curve", "ablation"},
+    # unlabeled_dataset: only the tokenizer and pre-training (the ablation's too) build it;
+    # fine-tuning and the curve read labelled data, which its test-split refusal is not about
+    "engine/data_unlabeled.py": {"tokenizer train", "pretrain", "ablation"},
     "engine/distributed.py": RECIPE | {"predict"},
     "engine/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
@@ -51,9 +56,11 @@ SHOWN_BY = {
     "engine/lr_grid.py": {"finetune", "curve"},
     "engine/job.py": TRAIN,
     "engine/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
-    "engine/pretrain.py": {"pretrain"},
-    "engine/curve.py": {"curve"},
+    "engine/pretrain.py": {"pretrain", "ablation"},
+    "engine/curve.py": {"curve", "ablation"},
+    "engine/ablation.py": {"ablation"},
     "engine/rundir.py": {*TRAIN, "curve"},
+    "engine/rundir_guard.py": {*TRAIN, "curve"},
     "models/convert.py": WEIGHTS,
     "models/hub.py": {"pretrain", "finetune", "curve"},
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
@@ -64,16 +71,16 @@ UNREACHABLE = {
     # curve opens its folder with resume=True or overwrite=True only, so neither the
     # "pass --resume ..." advice nor the contradiction message can reach it.
     ("engine/rundir.py", "--resume", "curve"),
+    ("engine/rundir_guard.py", "--resume", "curve"),
     # data inspect reads with on_error='skip' and draws unreadable files as such.
     ("data/index.py", "--on-error", "data inspect"),
     ("io/dicom.py", "--on-error", "data inspect"),
     ("data/cache.py", "--on-error", "data inspect"),
     # The demo loads no weight files: the advice is for the commands that do.
     ("config.py", "--trust-pickle", "demo"),
-    # The test-split refusal comes from unlabeled_dataset, which only pre-training and the
-    # tokenizer build; fine-tuning and the curve read labelled data.
-    ("engine/data.py", "--transductive", "finetune"),
-    ("engine/data.py", "--transductive", "curve"),
+    # The ablation's curve always has its variants as inits, and it passes on only the
+    # init_sets of those: neither --init message can reach it.
+    ("engine/curve.py", "--init", "ablation"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MENTION = re.compile(r"beitdomain ((?:[a-z][a-z-]* ?){1,2})")

@@ -88,6 +88,28 @@ def test_masked_tail_equals_the_full_last_block(target: str) -> None:
     )
 
 
+@pytest.mark.parametrize("target", ["tokens", "pixels"])
+def test_a_known_masked_count_gives_the_same_loss_without_counting(target: str) -> None:
+    """With `num_masked` the masked positions come from a fixed-size sort, not `nonzero`; the
+    predictions, the targets they are paired with and the loss are those of the counted path."""
+    torch.manual_seed(0)
+    model = BeitMIM.from_config(CFG, vocab_size=VOCAB, target=target).eval()  # type: ignore[arg-type]
+    images, mask, tokens = _batch(b=3)
+    targets = tokens if target == "tokens" else None
+    torch.testing.assert_close(model(images, mask, num_masked=6), model(images, mask))
+    loss, metrics = model.loss(images, mask, targets, num_masked=6)
+    ref, ref_metrics = model.loss(images, mask, targets)
+    torch.testing.assert_close(loss, ref)
+    assert metrics.keys() == ref_metrics.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k])
+    pos = BeitMIM.masked_positions(mask, 6)
+    assert torch.equal(pos, mask.nonzero()[:, 1].view(3, 6))  # ascending, per image
+    # A count the masks do not hold is refused (checked on the CPU, where it costs nothing).
+    with pytest.raises(ValueError, match=r"num_masked=5 but the masks hold \[6, 6, 6\]"):
+        model.loss(images, mask, targets, num_masked=5)
+
+
 def test_masked_patch_content_is_invisible() -> None:
     model = _model()
     images, mask, _ = _batch()

@@ -49,8 +49,8 @@ from beitdomain.engine.checkpoint import CheckpointManager
 from beitdomain.engine.data import labeled_data
 from beitdomain.engine.finetune import finetune
 from beitdomain.engine.loop import NonFiniteLossError
+from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
-from beitdomain.engine.rundir import read_metrics
 from beitdomain.models.convert import WeightsError, load_backbone_weights
 from beitdomain.user import UserError
 

@@ -28,14 +28,9 @@ from helpers import (
     write_separable_set,
 )
 
-from beitdomain.engine.rundir import (
-    RunDir,
-    RunDirError,
-    RunLockedError,
-    foreign_files,
-    read_metrics,
-    run_kind,
-)
+from beitdomain.engine.metrics_log import read_metrics
+from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.rundir_guard import RunDirError, RunLockedError, foreign_files, run_kind
 from beitdomain.engine.tokenizer import train_tokenizer
 from beitdomain.fileio import LOCK_FILE, RUN_MARKER, FolderLock, FolderLockedError
 
@@ -160,7 +155,7 @@ def test_overwrite_refuses_home_cwd_data_root_and_filesystem_root(
         r = recipe(PRETRAIN_SETS, **{"data.root": str(folder)})
     if which == "root":
         with pytest.raises(RunDirError, match="filesystem root"):
-            from beitdomain.engine.rundir import _refuse_dangerous
+            from beitdomain.engine.rundir_guard import _refuse_dangerous
 
             _refuse_dangerous(Path("/"), {})
         return

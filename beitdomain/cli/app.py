@@ -23,7 +23,8 @@ from typing import Annotated, Any
 import typer
 
 from beitdomain import __version__
-from beitdomain.cli.common import GlobalOptions, global_options, print_kv, setup_logging
+from beitdomain.cli.common import GlobalOptions, global_options, setup_logging
+from beitdomain.cli.output import print_kv
 
 app = typer.Typer(
     name="beitdomain",
@@ -182,6 +183,7 @@ def _add_groups() -> None:
             "Check frozen features: k-NN and linear probe on the labelled splits.",
         ),
         ("beitdomain.cli.curve", "app", None, None),
+        ("beitdomain.cli.ablation", "app", None, None),
         ("beitdomain.cli.demo", "app", None, None),
     ]
     for module, attr, name, help_text in groups:

@@ -1,4 +1,5 @@
-"""Options shared by the commands, and the one place that turns known errors into messages.
+"""What every command shares: global options, recipe loading, running a job, and the one place
+that turns known errors into messages (the shared flags are in `options.py`).
 
 Commands are thin: flags -> recipe -> one library call. Heavy imports (torch, timm) happen inside
 commands, so `beitdomain --help` stays fast.
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -33,44 +34,6 @@ class GlobalOptions:
 def global_options(ctx: typer.Context) -> GlobalOptions:
     obj = ctx.find_root().obj
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
-
-
-RecipeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--recipe",
-        "-r",
-        help="Recipe YAML file, or the name of a shipped one (e.g. elpv-cpu). "
-        "Precedence: defaults < extends < recipe < options < --set.",
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        help="Override any recipe value, repeatable: --set pretrain.optim.lr=3e-4 "
-        "--set finetune.train.steps=500.",
-    ),
-]
-OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
-]
-ResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        help="Continue the run in --out (a run of this command) from its newest checkpoint.",
-    ),
-]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite",
-        help="Delete the files the previous run in --out wrote and start over (refused when "
-        "the folder holds anything else).",
-    ),
-]
 
 
 def handle_errors(fn: F) -> F:
@@ -140,23 +103,6 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_kv(title: str, rows: dict[str, Any], result: Any = None) -> None:
-    """A two-column table on stdout; with the global --json, `result` (or `rows`) as JSON."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from beitdomain.cli.output import json_requested, print_json
-
-    if json_requested():
-        print_json(rows if result is None else result)
-        return
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    for k, v in rows.items():
-        table.add_row(escape(str(k)), escape(str(v)))
-    Console(file=sys.stdout).print(table)
-
-
 def load(
     ctx: typer.Context,
     recipe: str | None,
@@ -197,47 +143,20 @@ def default_out(recipe: Any, command: str) -> Path:
     return Path("runs") / (f"{name}-{command}" if name else command)
 
 
-DataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", "-d", help="Folder of images (sets data.root); labels from subfolders."),
-]
-CacheOpt = Annotated[
-    Path | None,
-    typer.Option("--cache", help="Cache folder from `beitdomain data cache` (sets data.cache)."),
-]
-StepsOpt = Annotated[
-    int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
-]
-EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs over the data.")]
-BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
-]
-TransductiveOpt = Annotated[
-    bool,
-    typer.Option(
-        "--transductive",
-        help="Also use the test split's images (sets data.transductive; by default they are "
-        "left out, since every fine-tune is scored on them).",
-    ),
-]
-TrustPickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        help="Allow pickle-based weight files (loading them can run code: trusted files only).",
-    ),
-]
-OnErrorOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--on-error",
-        help="Unreadable images: fail (list them all and stop) or skip (quarantine report "
-        "and go on); sets data.on_error.",
-    ),
-]
-NonfiniteOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--nonfinite", help="NaN/Inf in float images: error or zero (sets data.nonfinite)."
-    ),
-]
+def load_job(
+    ctx: typer.Context,
+    command: str,
+    recipe: str | None,
+    sets: list[str] | None,
+    out: Path | None,
+    options: dict[str, Any],
+) -> tuple[Any, Path]:
+    """The recipe (as `load` builds it) and the run folder: `out`, or `default_out`."""
+    r = load(ctx, recipe, sets, options)
+    return r, out or default_out(r, command)
+
+
+def run_job(ctx: typer.Context, job: Callable[..., Any], r: Any, out: Path, **kwargs: Any) -> Any:
+    """`job(r, out, **kwargs)` on the global --device, with progress unless --quiet."""
+    g = global_options(ctx)
+    return job(r, out, device=g.device, quiet=g.quiet, **kwargs)

@@ -7,23 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    CacheOpt,
-    DataOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    SetOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-)
-from beitdomain.cli.options import LabelsCsvOpt
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import handle_errors, load_job, run_job
+from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
 
@@ -58,17 +44,6 @@ def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """`0,1,2` -> [0, 1, 2]; one number is that one seed."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise typer.BadParameter(f"--seeds {text!r}: expected seeds >= 0 like 0,1,2")
-    return seeds
-
-
 @app.command()
 @handle_errors
 def curve(
@@ -91,26 +66,23 @@ def curve(
     fractions: Annotated[
         str | None, typer.Option(help="Comma-separated label amounts, e.g. 1%,5%,10%,25%,100%.")
     ] = None,
-    seeds: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."),
-    ] = None,
+    seeds: opt.SeedsOpt = None,
     metric: Annotated[
         str | None, typer.Option(help="balanced_accuracy (default), accuracy, auroc, macro_f1.")
     ] = None,
     workers: Annotated[
         int | None, typer.Option(help="Cells in parallel (default: one per visible GPU).")
     ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    trust_pickle: TrustPickleOpt = False,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    overwrite: opt.OverwriteOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Fine-tune at several label fractions x seeds x initializations and draw the curve.
 
@@ -133,30 +105,21 @@ def curve(
     """
     from beitdomain.engine.curve import run_curve
 
-    options = {
-        "data.root": str(data) if data else None,
-        "data.cache": str(cache) if cache else None,
-        "data.labels": str(labels_csv) if labels_csv else None,
-        "data.on_error": on_error,
-        "data.nonfinite": nonfinite,
-        "curve.inits": parse_inits(init) if init else None,
-        "curve.init_sets": parse_init_sets(init_set) if init_set else None,
-        "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
-        "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
-        "curve.metric": metric,
-    }
-    r = load(ctx, recipe, sets, options)
-    g = global_options(ctx)
-    out = out or default_out(r, "curve")
-    result = run_curve(
-        r,
+    r, out = load_job(
+        ctx,
+        "curve",
+        recipe,
+        sets,
         out,
-        device=g.device,
-        overwrite=overwrite,
-        quiet=g.quiet,
-        workers=workers,
-        trust_pickle=trust_pickle,
+        {
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
+            "curve.inits": parse_inits(init) if init else None,
+            "curve.init_sets": parse_init_sets(init_set) if init_set else None,
+            **opt.curve_options(fractions, seeds),
+            "curve.metric": metric,
+        },
     )
-    lines = [eff["statement"] for eff in result.get("efficiency", [])]
-    lines.append(f"curve.png, summary.csv and report.md in {out}")
-    print_result("\n".join(lines), {"out": str(out), **result})
+    result = run_job(
+        ctx, run_curve, r, out, overwrite=overwrite, workers=workers, trust_pickle=trust_pickle
+    )
+    print_efficiency(out, result, f"curve.png, summary.csv and report.md in {out}")

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from beitdomain.cli.common import SetOpt, global_options, handle_errors, load
-from beitdomain.cli.options import LabelsCsvOpt, deprecated
+from beitdomain.cli.common import global_options, handle_errors, load
+from beitdomain.cli.options import LabelsCsvOpt, SetOpt, deprecated
 from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
 app = typer.Typer(

@@ -7,16 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    RecipeOpt,
-    SetOpt,
-    TransductiveOpt,
-    console,
-    global_options,
-    handle_errors,
-    load,
-)
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import console, global_options, handle_errors, load, run_job
+from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
 
@@ -25,9 +18,9 @@ app = typer.Typer()
 @handle_errors
 def demo(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
+    recipe: opt.RecipeOpt = None,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage.")] = Path(
         "runs/demo"
     ),
@@ -62,15 +55,13 @@ def demo(
     if recipe is None:
         on_gpu = g.device.startswith("cuda") or (g.device == "auto" and torch.cuda.is_available())
         recipe = "elpv-gpu" if on_gpu else "elpv-cpu"
-    r = load(ctx, recipe, sets, {"data.transductive": True if transductive else None})
+    r = load(ctx, recipe, sets, opt.data_options(transductive=transductive))
     console.print(f"beitdomain demo: recipe {recipe}, output in {out}")
     try:
-        result = run_demo(r, out, device=g.device, quiet=g.quiet)
+        result = run_job(ctx, run_demo, r, out)
     except KeyboardInterrupt:  # a stage's advice names --resume, which demo does not need
         raise KeyboardInterrupt(
             "demo interrupted; run the same `beitdomain demo` command again: finished stages "
             "are skipped and the interrupted one resumes from its checkpoint"
         ) from None
-    lines = [eff["statement"] for eff in result.get("efficiency", [])]
-    lines.append(f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")
-    print_result("\n".join(lines), {"out": str(out), **result})
+    print_efficiency(out, result, f"report: {out / 'report.md'}   plot: {out / 'curve.png'}")

@@ -7,15 +7,8 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    CacheOpt,
-    DataOpt,
-    SetOpt,
-    global_options,
-    handle_errors,
-    load,
-)
-from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import global_options, handle_errors, load
 
 app = typer.Typer(
     help="Check frozen features: k-NN and linear probe on the labelled splits.",
@@ -28,7 +21,7 @@ RunArg = Annotated[
         help="A pretrain run, a finetune run or an exported backbone.safetensors.",
     ),
 ]
-RecipeOpt = Annotated[
+DataRecipeOpt = Annotated[
     str | None,
     typer.Option(
         "--recipe",
@@ -43,7 +36,7 @@ BaselineOpt = Annotated[
         help="Also score a random backbone of the same shape, the reference to read against.",
     ),
 ]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the scores as JSON.")]
+ScoresOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the scores as JSON.")]
 
 
 def _run(
@@ -62,7 +55,8 @@ def _run(
     c: float = 0.1,
 ) -> None:
     from beitdomain.cli.output import json_requested, print_json
-    from beitdomain.engine.represent import evaluate_representation, load_backbone
+    from beitdomain.engine.represent import load_backbone
+    from beitdomain.engine.represent_eval import evaluate_representation
     from beitdomain.fileio import atomic_write_json
 
     g = global_options(ctx)
@@ -73,12 +67,7 @@ def _run(
         ctx,
         recipe,
         sets,
-        {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.labels": str(labels_csv) if labels_csv else None,
-            "finetune.labels": labels or "100%",
-        },
+        {**opt.data_options(data, cache, labels_csv), "finetune.labels": labels or "100%"},
     )
     res = evaluate_representation(
         bb, r, (method,), baseline=baseline, k=k, c=c, progress=not g.quiet
@@ -138,14 +127,14 @@ def knn(
     ctx: typer.Context,
     run: RunArg,
     k: Annotated[int, typer.Option("--k", help="Neighbours (cosine similarity, weighted).")] = 20,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    labels: LabelsAmountOpt = None,
+    recipe: DataRecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    labels: opt.LabelsAmountOpt = None,
     baseline: BaselineOpt = True,
-    sets: SetOpt = None,
-    out: OutOpt = None,
+    sets: opt.SetOpt = None,
+    out: ScoresOutOpt = None,
 ) -> None:
     """k-NN classification of the test split on frozen features of the training labels.
 
@@ -169,14 +158,14 @@ def probe(
     c: Annotated[
         float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")
     ] = 0.1,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
-    labels: LabelsAmountOpt = None,
+    recipe: DataRecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
+    labels: opt.LabelsAmountOpt = None,
     baseline: BaselineOpt = True,
-    sets: SetOpt = None,
-    out: OutOpt = None,
+    sets: opt.SetOpt = None,
+    out: ScoresOutOpt = None,
 ) -> None:
     """Linear probe: a logistic regression on frozen features, scored on the test split.
 

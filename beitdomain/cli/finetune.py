@@ -7,28 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-    print_kv,
-)
-from beitdomain.cli.options import LabelsAmountOpt, LabelsCsvOpt
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import global_options, handle_errors, load_job, run_job
+from beitdomain.cli.output import print_result, print_run
 
 app = typer.Typer()
 
@@ -37,7 +18,7 @@ app = typer.Typer()
 @handle_errors
 def finetune(
     ctx: typer.Context,
-    labels: LabelsAmountOpt = None,
+    labels: opt.LabelsAmountOpt = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -45,23 +26,23 @@ def finetune(
             "(.safetensors/.pth/HF folder) or 'scratch'."
         ),
     ] = None,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    labels_csv: LabelsCsvOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    trust_pickle: opt.TrustPickleOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Fine-tune a classifier on a few labels and score it on the held-out test split.
 
@@ -80,34 +61,22 @@ def finetune(
     """
     from beitdomain.engine.finetune import finetune as run_finetune
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "finetune",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
-            "data.labels": str(labels_csv) if labels_csv else None,
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
             "finetune.labels": labels,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
-            "finetune.train.steps": steps,
-            "finetune.train.epochs": epochs,
-            "finetune.train.batch_size": batch_size,
+            **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "finetune")
-    res = run_finetune(
-        r,
-        out,
-        device=g.device,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=g.quiet,
-        trust_pickle=trust_pickle,
+    res = run_job(
+        ctx, run_finetune, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
     )
     if res:
         rows = {
@@ -120,7 +89,7 @@ def finetune(
                 if test.get(k) is not None:
                     rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
             rows["test images"] = test["n"]
-        print_kv(f"finetune -> {out}", rows, result={"out": str(out), **res})
+        print_run("finetune", out, rows, res)
 
 
 @app.command()
@@ -140,7 +109,7 @@ def predict(
             "<out>.errors.csv) or fail.",
         ),
     ] = "skip",
-    nonfinite: NonfiniteOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
 ) -> None:
     """Predict classes for new images with a fine-tuned run (same readers and normalization).
 

@@ -64,3 +64,31 @@ def print_result(text: str, result: Any) -> None:
     from rich.console import Console
 
     Console(file=sys.stdout, highlight=False).print(text)
+
+
+def print_kv(title: str, rows: dict[str, Any], result: Any = None) -> None:
+    """A two-column table on stdout; with --json, `result` (or `rows`) as JSON."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    if json_requested():
+        print_json(rows if result is None else result)
+        return
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    for k, v in rows.items():
+        table.add_row(escape(str(k)), escape(str(v)))
+    Console(file=sys.stdout).print(table)
+
+
+def print_run(command: str, out: Path, rows: dict[str, Any], result: dict[str, Any]) -> None:
+    """A finished job's table, titled `<command> -> <out>`; with --json, `result` and `out`."""
+    print_kv(f"{command} -> {out}", rows, result={"out": str(out), **result})
+
+
+def print_efficiency(out: Path, result: dict[str, Any], where: str) -> None:
+    """A curve's label-efficiency statements, then `where` (its files); with --json, `result`
+    and `out`."""
+    lines = [eff["statement"] for eff in result.get("efficiency", [])]
+    print_result("\n".join([*lines, where]), {"out": str(out), **result})

@@ -7,29 +7,9 @@ from typing import Annotated
 
 import typer
 
-from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-    print_kv,
-)
-from beitdomain.cli.options import LabelsCsvOpt
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import handle_errors, load_job, run_job
+from beitdomain.cli.output import print_result, print_run
 
 app = typer.Typer(
     help="BEiT masked image modeling on unlabeled images (continued pre-training).",
@@ -41,10 +21,10 @@ app = typer.Typer(
 @handle_errors
 def pretrain(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    labels_csv: LabelsCsvOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    labels_csv: opt.LabelsCsvOpt = None,
     knn_every: Annotated[
         int | None,
         typer.Option(
@@ -53,8 +33,8 @@ def pretrain(
             "images (pretrain.knn_every; labels from --labels-csv, the cache or subfolders).",
         ),
     ] = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Trained tokenizer folder (sets tokenizer.path).")
     ] = None,
@@ -75,15 +55,15 @@ def pretrain(
     target: Annotated[
         str | None, typer.Option(help="tokens (BEiT) or pixels: the target ablation.")
     ] = None,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    transductive: TransductiveOpt = False,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    trust_pickle: opt.TrustPickleOpt = False,
+    transductive: opt.TransductiveOpt = False,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Continue BEiT pre-training on your unlabeled images; no labels needed.
 
@@ -105,38 +85,25 @@ def pretrain(
         return
     from beitdomain.engine.pretrain import pretrain as run_pretrain
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "pretrain",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.labels": str(labels_csv) if labels_csv else None,
+            **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
             "pretrain.knn_every": knn_every,
-            "data.transductive": True if transductive else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,
             "mask.kind": mask_kind,
             "model.target": target,
-            "pretrain.train.steps": steps,
-            "pretrain.train.epochs": epochs,
-            "pretrain.train.batch_size": batch_size,
+            **opt.train_options("pretrain", steps, epochs, batch_size),
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "pretrain")
-    result = run_pretrain(
-        r,
-        out,
-        device=g.device,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=g.quiet,
-        trust_pickle=trust_pickle,
+    result = run_job(
+        ctx, run_pretrain, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
     )
     if result:
         rows = {"steps": result["steps"], "global batch": result["global_batch"]}
@@ -144,7 +111,7 @@ def pretrain(
             rows["masked-token accuracy (last step)"] = f"{100 * result['acc']:.1f}%"
         rows["loss (last step)"] = f"{result.get('loss', float('nan')):.4f}"
         rows["backbone"] = result.get("backbone", "")
-        print_kv(f"pretrain -> {out}", rows, result={"out": str(out), **result})
+        print_run("pretrain", out, rows, result)
 
 
 @app.command()

@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from beitdomain.cli.common import (
-    BatchOpt,
-    CacheOpt,
-    DataOpt,
-    EpochsOpt,
-    NonfiniteOpt,
-    OnErrorOpt,
-    OutOpt,
-    OverwriteOpt,
-    RecipeOpt,
-    ResumeOpt,
-    SetOpt,
-    StepsOpt,
-    TransductiveOpt,
-    TrustPickleOpt,
-    console,
-    default_out,
-    global_options,
-    handle_errors,
-    load,
-    print_kv,
-)
-from beitdomain.cli.output import print_result
+from beitdomain.cli import options as opt
+from beitdomain.cli.common import console, handle_errors, load, load_job, run_job
+from beitdomain.cli.output import print_kv, print_result, print_run
 
 app = typer.Typer(
     help="Train, inspect and use the discrete-VAE tokenizer (BEiT's visual vocabulary).",
@@ -41,11 +21,11 @@ app = typer.Typer(
 @handle_errors
 def train(
     ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    cache: CacheOpt = None,
-    on_error: OnErrorOpt = None,
-    nonfinite: NonfiniteOpt = None,
+    recipe: opt.RecipeOpt = None,
+    data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    on_error: opt.OnErrorOpt = None,
+    nonfinite: opt.NonfiniteOpt = None,
     preset: Annotated[
         str | None, typer.Option(help="Size preset: tiny, small (CPU), base (GPU), dalle.")
     ] = None,
@@ -60,15 +40,15 @@ def train(
             "(needs --trust-pickle; converted once to safetensors in the run folder)."
         ),
     ] = None,
-    trust_pickle: TrustPickleOpt = False,
-    transductive: TransductiveOpt = False,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    sets: SetOpt = None,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
+    transductive: opt.TransductiveOpt = False,
+    steps: opt.StepsOpt = None,
+    epochs: opt.EpochsOpt = None,
+    batch_size: opt.BatchOpt = None,
+    sets: opt.SetOpt = None,
+    out: opt.OutOpt = None,
+    resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Train a discrete VAE on your images, so BEiT's targets speak your domain's language.
 
@@ -88,47 +68,29 @@ def train(
     """
     from beitdomain.engine.tokenizer import train_tokenizer
 
-    r = load(
+    r, out = load_job(
         ctx,
+        "tokenizer",
         recipe,
         sets,
+        out,
         {
-            "data.root": str(data) if data else None,
-            "data.cache": str(cache) if cache else None,
-            "data.transductive": True if transductive else None,
-            "data.on_error": on_error,
-            "data.nonfinite": nonfinite,
+            **opt.data_options(
+                data, cache, on_error=on_error, nonfinite=nonfinite, transductive=transductive
+            ),
             "tokenizer.preset": preset,
             "tokenizer.vocab_size": vocab_size,
             "tokenizer.init": str(init) if init else None,
-            "tokenizer.train.steps": steps,
-            "tokenizer.train.epochs": epochs,
-            "tokenizer.train.batch_size": batch_size,
+            **opt.train_options("tokenizer", steps, epochs, batch_size),
         },
     )
-    g = global_options(ctx)
-    out = out or default_out(r, "tokenizer")
     if dalle is not None:
-        from dataclasses import replace
-
-        from beitdomain.tokenizer.io import import_dalle, save_tokenizer
-
-        converted = Path(out).parent / f"{Path(out).name}-dalle-init"
-        if not (converted / "tokenizer.safetensors").is_file():
-            model = import_dalle(
-                dalle / "encoder.pkl", dalle / "decoder.pkl", trust_pickle=trust_pickle
-            )
-            save_tokenizer(
-                model, converted, extra={"source": "OpenAI DALL-E dVAE", "from": str(dalle)}
-            )
-            console.print(f"converted the DALL-E pickles once to {converted} (safetensors)")
-        r = replace(r, tokenizer=replace(r.tokenizer, init=str(converted)))
-    result = train_tokenizer(
-        r, out, device=g.device, resume=resume, overwrite=overwrite, quiet=g.quiet
-    )
+        r = _start_from_dalle(r, dalle, out, trust_pickle)
+    result = run_job(ctx, train_tokenizer, r, out, resume=resume, overwrite=overwrite)
     if result:
-        print_kv(
-            f"tokenizer -> {out}",
+        print_run(
+            "tokenizer",
+            out,
             {
                 "held-out PSNR (dB)": f"{result['psnr']:.2f}",
                 "codes used": f"{100 * result['fraction_used']:.1f}%",
@@ -136,8 +98,24 @@ def train(
                 "parameters": f"{result['params']:,}",
                 "encoder GFLOP/image": f"{result['encoder_gflops']:.3f}",
             },
-            result={"out": str(out), **result},
+            result,
         )
+
+
+def _start_from_dalle(r: Any, dalle: Path, out: Path, trust_pickle: bool) -> Any:
+    """The recipe with tokenizer.init at DALL-E's dVAE, converted once beside `out`."""
+    from dataclasses import replace
+
+    from beitdomain.tokenizer.io import import_dalle, save_tokenizer
+
+    converted = Path(out).parent / f"{Path(out).name}-dalle-init"
+    if not (converted / "tokenizer.safetensors").is_file():
+        model = import_dalle(
+            dalle / "encoder.pkl", dalle / "decoder.pkl", trust_pickle=trust_pickle
+        )
+        save_tokenizer(model, converted, extra={"source": "OpenAI DALL-E dVAE", "from": str(dalle)})
+        console.print(f"converted the DALL-E pickles once to {converted} (safetensors)")
+    return replace(r, tokenizer=replace(r.tokenizer, init=str(converted)))
 
 
 @app.command()
@@ -145,9 +123,9 @@ def train(
 def inspect(
     ctx: typer.Context,
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
-    data: DataOpt = None,
-    recipe: RecipeOpt = None,
-    sets: SetOpt = None,
+    data: opt.DataOpt = None,
+    recipe: opt.RecipeOpt = None,
+    sets: opt.SetOpt = None,
     n: Annotated[int, typer.Option(help="Images to evaluate on (sampled with the seed).")] = 256,
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and inspect.json.")] = None,
 ) -> None:
@@ -159,7 +137,8 @@ def inspect(
     """
     import torch
 
-    from beitdomain.engine.data import EvalViews, image_source
+    from beitdomain.engine.data_source import image_source
+    from beitdomain.engine.data_unlabeled import EvalViews
     from beitdomain.fileio import atomic_write_json
     from beitdomain.tokenizer import count_params, decoder_gflops, encoder_gflops
     from beitdomain.tokenizer.inspect import (
@@ -241,7 +220,7 @@ def import_dalle_cmd(
     encoder: Annotated[Path, typer.Argument(help="DALL-E encoder.pkl (local file).")],
     decoder: Annotated[Path, typer.Argument(help="DALL-E decoder.pkl (local file).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the converted tokenizer.")],
-    trust_pickle: TrustPickleOpt = False,
+    trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Convert OpenAI's DALL-E dVAE pickles once into a safetensors tokenizer.
 

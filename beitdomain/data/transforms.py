@@ -389,3 +389,26 @@ class UserAugment:
             return _chw(view)
         tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
         return _chw(view), _chw(tok)
+
+
+def training_transform(d: Any, image_size: int, tokenizer_size: int | None = None) -> Any:
+    """The training views a recipe's `data` section asks for: its own `data.augment` pipeline,
+    or the built-in crop, flips and intensity jitter.
+
+    Args:
+        d: the recipe's `data` section (any object with its field names).
+        image_size: backbone view size.
+        tokenizer_size: tokenizer view size for pre-training's (view, tokenizer view) pair;
+            None for fine-tuning's one view.
+    """
+    if d.augment:
+        return UserAugment(d.augment, image_size, tokenizer_size)
+    augment: dict[str, Any] = {
+        "scale": tuple(d.crop_scale),
+        "hflip": d.hflip,
+        "vflip": d.vflip,
+        "intensity": d.intensity_jitter,
+    }
+    if tokenizer_size is None:
+        return FinetuneTransform(train=True, image_size=image_size, **augment)
+    return PretrainTransform(image_size=image_size, tokenizer_size=tokenizer_size, **augment)

@@ -1,10 +1,11 @@
 """`beitdomain curve`: the grid of fine-tunes behind a label-efficiency curve.
 
-Cells are `Cell(init, labels, seed)` values of a `CurveGrid` parsed once. Each cell is an
-ordinary fine-tuning run in `cells/<init>-<labels>-s<seed>/`; its `results.json` is the record
-that the cell is done, so a re-run skips finished cells and resumes a cell that was cut off
-from its newest checkpoint.
-`curve.csv`, `summary.csv`, `curve.png` and `report.md` are rebuilt from the cells after each one.
+Cells are `Cell(init, labels, seed)` values of a `CurveGrid` parsed once (`curve_grid`). Each
+cell is an ordinary fine-tuning run in `cells/<init>-<labels>-s<seed>/`; its `results.json` is
+the record that the cell is done, so a re-run skips finished cells and resumes a cell that was
+cut off from its newest checkpoint.
+`curve.csv`, `summary.csv`, `curve.png` and `report.md` are rebuilt from the cells after each one
+(`curve_report`).
 """
 
 from __future__ import annotations
@@ -13,104 +14,26 @@ import contextlib
 import json
 import logging
 import multiprocessing as mp
-import re
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from beitdomain.config import CurveConfig, Recipe, apply_sets
-from beitdomain.data.splits import LabelSpec, parse_labels_spec
-from beitdomain.engine.curve_baselines import (
-    BASELINES_FILE,
-    baseline_rows,
-    baseline_settings,
-    compare_with_strongest,
-)
+from beitdomain.config import Recipe, apply_sets
+from beitdomain.engine.curve_baselines import BASELINES_FILE, baseline_rows
+from beitdomain.engine.curve_grid import Cell, CurveGrid, cell_name, parse_grid
+from beitdomain.engine.curve_report import ARMS_FILE, collect_rows, write_outputs
 from beitdomain.engine.distributed import resolve_device
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
-from beitdomain.eval.plots import plot_label_efficiency
-from beitdomain.eval.report import read_csv, summarize, write_csv, write_report
+from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
-ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One fine-tune of the grid: an initialization (by name), a label amount and a seed."""
-
-    init: str
-    labels: LabelSpec
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """Its folder under `cells/`."""
-        return cell_name(self.init, self.labels, self.seed)
-
-
-@dataclass(frozen=True)
-class CurveGrid:
-    """The cells of a curve, from `curve` settings parsed once.
-
-    Label amounts are `LabelSpec`s, so '10%' and '0.1' are the same fraction everywhere (in
-    `curve.fractions` and as `curve.fraction_seeds` keys).
-    """
-
-    inits: dict[str, str | None]  # name -> resolved weights (None: random initialization)
-    fractions: tuple[LabelSpec, ...]
-    seeds: dict[LabelSpec, tuple[int, ...]]  # the seeds each fraction runs
-
-    def cells(self) -> list[Cell]:
-        return [Cell(i, f, s) for i in self.inits for f in self.fractions for s in self.seeds[f]]
-
-    def is_first_seed(self, cell: Cell) -> bool:
-        """The first seed of its (initialization, fraction): where a 'first' lr grid runs."""
-        return cell.seed == self.seeds[cell.labels][0]
-
-
-def cell_name(init: str, labels: str | LabelSpec, seed: int) -> str:
-    text = labels.text if isinstance(labels, LabelSpec) else labels
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("%", "pct").replace("/", "per"))
-    return f"{init}-{safe}-s{seed}"
-
-
-def parse_grid(c: CurveConfig, inits: dict[str, str | None]) -> CurveGrid:
-    """Parses every label amount before any cell runs (a bad one fails the whole grid now).
-
-    Raises:
-        LabelSubsetError: a label amount that is not one of the accepted forms.
-        UserError: a fraction listed twice, or no fractions or seeds.
-    """
-    fractions: list[LabelSpec] = []
-    for text in c.fractions:
-        spec = parse_labels_spec(text)
-        if spec in fractions:
-            same = fractions[fractions.index(spec)].text
-            raise UserError(f"curve.fractions lists one amount twice: {same!r} and {text!r}")
-        fractions.append(spec)
-    if not fractions or not c.seeds:
-        raise UserError("curve.fractions and curve.seeds must each name at least one value")
-    extra = {parse_labels_spec(k): list(v) for k, v in c.fraction_seeds.items()}
-    stray = sorted(spec.text for spec in extra if spec not in fractions)
-    if stray:  # a recipe's extra 1% seeds must not block `--fractions 10%,100%`
-        log.warning(
-            "curve.fraction_seeds names %s, which are not among curve.fractions %s: those "
-            "seeds are not used",
-            stray,
-            list(c.fractions),
-        )
-    seeds = {f: tuple(extra.get(f) or c.seeds) for f in fractions}
-    return CurveGrid(dict(inits), tuple(fractions), seeds)
 
 
 def _cell_recipe(recipe: Recipe, grid: CurveGrid, cell: Cell, out: Path | None = None) -> Recipe:
@@ -144,159 +67,6 @@ def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, str, bool]) -> None:
     )
 
 
-def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    """One row per finished cell, from its results.json."""
-    rows = []
-    for cell in cells:
-        res_path = out / "cells" / cell.name / RESULTS_FILE
-        if not res_path.is_file():
-            continue
-        res = json.loads(res_path.read_text())
-        if "test" not in res:
-            raise UserError(
-                f"{res_path.parent}: the cell has no test images, and a curve compares test "
-                f"scores: give the labels CSV's split column 'test' rows, or set "
-                f"data.test_fraction > 0 without a split column"
-            )
-        test = res["test"]
-        rows.append(
-            {
-                "init": cell.init,
-                "labels": cell.labels.text,
-                "fraction": res["fraction"],
-                "seed": cell.seed,
-                "lr": res.get("lr"),
-                "n_labels": res["n_labels"],
-                "n_train": res["n_train"],
-                "steps": res["steps"],
-                "best_step": res["best_step"],
-                "selection": res.get("selection"),
-                "layer_decay": res.get("layer_decay"),
-                "n_test": test.get("n"),
-                **{m: test.get(m) for m in METRICS},
-            }
-        )
-    return rows
-
-
-def _splits_text(out: Path) -> str | None:
-    """Images and groups per split, in words, from a finished cell (all cells share the split)."""
-    for res_path in sorted((out / "cells").glob("*/results.json")):
-        splits = json.loads(res_path.read_text()).get("splits")
-        if splits:
-            return "; ".join(
-                f"{name} {row['images']} images in {row['groups']} groups"
-                + (
-                    f" ({row['items']} items)"
-                    if row.get("items", row["images"]) != row["images"]
-                    else ""
-                )
-                for name, row in splits.items()
-                if name != "subset" and row["images"]
-            )
-    return None
-
-
-def _lr_summary(rows: list[dict[str, Any]], c: CurveConfig) -> str:
-    """E.g. "domain 1% 1e-03 (5), 1e-04 (1); scratch 3e-03 (all)": which peak lr each
-    initialization's cells fine-tuned at, per fraction where they differ."""
-    parts = []
-    for init in dict.fromkeys(r["init"] for r in rows):
-        mine = [r for r in rows if r["init"] == init and r.get("lr") is not None]
-        if not mine:
-            continue
-        if len({r["lr"] for r in mine}) == 1:
-            parts.append(f"{init} {mine[0]['lr']:.0e} (all)")
-            continue
-        per = []
-        for labels in dict.fromkeys(r["labels"] for r in mine):
-            count = Counter(r["lr"] for r in mine if r["labels"] == labels)
-            per.append(f"{labels} " + ", ".join(f"{lr:.0e} ({n})" for lr, n in count.items()))
-        parts.append(f"{init} " + "; ".join(per))
-    text = "; ".join(parts)
-    if text and c.lr_grid_seeds == "first":
-        text += (
-            " (where an lr grid ran, it ran for the first seed of each fraction, on validation;"
-            " the other seeds reused its choice)"
-        )
-    return text
-
-
-def write_outputs(
-    out: Path, rows: list[dict[str, Any]], c: CurveConfig, grid: CurveGrid
-) -> dict[str, Any]:
-    """curve.csv, summary.csv, curve.png and report.md from the finished rows (fine-tunes and
-    the classical baseline arms, `baselines.csv`)."""
-    metric, init_sets, inits = c.metric, c.init_sets, grid.inits
-    base_file = out / BASELINES_FILE
-    base = read_csv(base_file) if base_file.is_file() else []
-    rows = [*rows, *base]
-    write_csv(rows, out / "curve.csv")
-    if not rows:
-        return {}
-    summary = summarize(rows)
-    write_csv(summary, out / "summary.csv")
-    n_train = max(int(r["n_train"]) for r in rows if r.get("n_train") is not None)
-    honest = compare_with_strongest(rows, inits, metric)
-    choice = honest["choice"]
-    full = [f for f in choice if abs(f - 1.0) < 1e-9]
-    plot_label_efficiency(
-        summary,
-        out / "curve.png",
-        metric,
-        n_train_total=n_train,
-        reference_init=choice[full[0]] if full else "scratch",
-        dashed=sorted({str(r["init"]) for r in base}),
-    )
-    selection = {str(r.get("selection")) for r in rows if r.get("selection")}
-    context = {
-        "seeds": list(c.seeds),
-        "fraction_seeds": {f: list(v) for f, v in c.fraction_seeds.items()},
-        "n_test": rows[0].get("n_test"),
-        "n_train": n_train,
-        "inits": {
-            k: (v or "random initialization")
-            + (f"; fine-tuned with {', '.join(init_sets[k])}" if init_sets.get(k) else "")
-            for k, v in inits.items()
-        },
-        "arm_settings": {
-            **(json.loads(arms.read_text()) if (arms := out / ARMS_FILE).is_file() else {}),
-            **(baseline_settings(inits) if base else {}),
-        },
-        "learning_rates": _lr_summary([r for r in rows if r["init"] in inits], c),
-        "paired": honest["paired"],
-        "verdicts": honest["verdicts"],
-        "figure": "curve.png",
-        "n_classes": _n_classes(out, grid),
-    }
-    if "outside" in selection:
-        context["selection_note"] = (
-            "Checkpoints and learning rates were chosen on the split's validation images, "
-            "labels beyond each cell's budget (finetune.selection: outside): the low-label "
-            "cells saw more labels than their fraction says."
-        )
-    warnings = sorted(
-        {
-            w
-            for p in sorted((out / "cells").glob("*/results.json"))
-            for w in json.loads(p.read_text()).get("warnings", [])
-        }
-    )
-    if warnings:
-        context["Warning"] = "; ".join(warnings)
-        log.warning("curve: %s", "; ".join(warnings))
-    if splits := _splits_text(out):
-        context["Splits (a group never spans two)"] = splits
-    write_report(
-        out / "report.md",
-        summarize([*rows, *honest["reference_rows"]]),
-        honest["efficiency"],
-        metric,
-        context,
-    )
-    return {"summary": summary, "efficiency": honest["efficiency"], "verdicts": honest["verdicts"]}
-
-
 def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> dict[str, str]:
     """How each fine-tuned arm ran, in words, for report.md."""
     out = {}
@@ -310,15 +80,6 @@ def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> d
             f"{ft.train.batch_size}, head {ft.head_init}"
         )
     return out
-
-
-def _n_classes(out: Path, grid: CurveGrid) -> int | None:
-    """How many classes the cells learned (from the first finished cell), for chance level."""
-    for cell in grid.cells():
-        res = out / "cells" / cell.name / RESULTS_FILE
-        if res.is_file():
-            return len(json.loads(res.read_text()).get("classes") or []) or None
-    return None
 
 
 def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Recipe]:

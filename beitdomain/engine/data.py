@@ -1,13 +1,12 @@
-"""Recipe -> datasets: which images, which views, which labels and splits.
+"""Recipe -> labelled datasets: the train/val/test split, the label subset and its selection.
 
-Images come from a cache (`data.cache`, decoded once: the fast path), a manifest
-(`data.manifest`) or a folder scanned now (`data.root`). Labelled work splits by *file*, so the
-frames of one multi-frame DICOM never land on both sides of a split.
+Labelled work splits by *file*, so the frames of one multi-frame DICOM never land on both sides
+of a split. Where the images come from: `data_source`; the unlabelled datasets of the tokenizer
+and pre-training: `data_unlabeled`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -18,10 +17,7 @@ import numpy as np
 
 from beitdomain.config import Recipe
 from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
-from beitdomain.data.cache import CachedImages
-from beitdomain.data.dataset import ImageDataset, ManifestImages
-from beitdomain.data.heldout import pretraining_items
-from beitdomain.data.index import Manifest, read_labels_csv, scan
+from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.splits import (
     _SPLIT_ALIASES,
     LabelSubsetError,
@@ -30,191 +26,11 @@ from beitdomain.data.splits import (
     group_split,
     split_summary,
 )
-from beitdomain.data.transforms import FinetuneTransform, PretrainTransform, UserAugment
-from beitdomain.engine.distributed import dist_info
-from beitdomain.io import IntensitySpec
+from beitdomain.data.transforms import FinetuneTransform, training_transform
+from beitdomain.engine.data_source import image_source
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
-
-
-def image_source(
-    recipe: Recipe, progress: bool = True, report_dir: Path | None = None
-) -> tuple[Any, str]:
-    """The recipe's images as an indexable source, and a fingerprint of the data.
-
-    With `data.on_error: skip`, unreadable files are listed in `report_dir/quarantine.csv`
-    (the run folder), or beside the data folder when no run folder is given.
-
-    Raises:
-        UserError: no data configured.
-        ScanError / CacheError: unreadable files, a stale cache (named, with the fix).
-    """
-    d = recipe.data
-    spec = IntensitySpec.from_config(d)
-    if d.cache:
-        src = CachedImages(d.cache, spec=spec)
-        if d.labels:
-            check_cache_labels(src, d.labels, Path(d.root or src.root), d.cache)
-        info = (Path(d.cache) / "cache.json").read_bytes()
-        return src, "cache:" + hashlib.sha256(info).hexdigest()
-    if d.manifest:
-        manifest = Manifest.load(d.manifest, root=d.root)
-    elif d.root:
-        manifest = scan(
-            d.root,
-            d.labels,
-            on_error=d.on_error,
-            allow_outside_root=d.allow_outside_root,
-            progress=progress and dist_info().is_main,
-            spec=spec,
-            group_column=d.group_column,
-            patient_groups=d.patient_groups,
-            dicom_series=d.dicom_series,
-        )
-        if manifest.errors and dist_info().is_main:
-            report = (
-                Path(report_dir) / "quarantine.csv"
-                if report_dir is not None
-                else Path(d.root).resolve().parent / f"{Path(d.root).name}-errors.csv"
-            )
-            manifest.save_errors(report)
-            log.warning("%d unreadable files skipped; listed in %s", len(manifest.errors), report)
-    else:
-        raise UserError(
-            "no images given: set data.root to a folder (e.g. --data /path/to/images), "
-            "data.manifest to a `beitdomain data scan` manifest, or data.cache to a "
-            "`beitdomain data cache` folder"
-        )
-    return ManifestImages(manifest, spec), manifest.fingerprint()
-
-
-def check_cache_labels(src: CachedImages, labels_csv: str, root: Path, cache: str) -> None:
-    """A cache carries the labels and splits of the manifest it was built from; `data.labels`
-    beside `data.cache` must agree with them, or the CSV would be silently ignored.
-
-    Raises:
-        UserError: naming how many files differ, a few examples, and the commands that rebuild
-            the cache with these labels.
-    """
-    rows, _ = read_labels_csv(labels_csv, root)
-    rows = [(p, lab, split) for p, lab, split, _ in rows]  # groups are not compared
-    root_resolved = root.resolve()
-    quarantined = {path for path, _ in src.errors}  # unreadable files the cache skipped
-    wanted = {
-        rel: (lab, split)
-        for p, lab, split in rows
-        if (rel := p.relative_to(root_resolved).as_posix()) not in quarantined
-    }
-    cached = {f["path"]: (f["label"], f["split"]) for f in src.files}
-    differ = [
-        f"{path}: cache has {cached.get(path, ('-', '-'))}, CSV has {want}"
-        for path, want in wanted.items()
-        if cached.get(path) != want
-    ]
-    differ += [f"{path}: in the cache, not in the CSV" for path in cached if path not in wanted]
-    if differ:
-        raise UserError(
-            f"data.labels {labels_csv} does not match the labels and splits stored in the cache "
-            f"{cache} ({len(differ)} file(s) differ), and a cache's own labels are the ones "
-            "used. First differences:\n  "
-            + "\n  ".join(differ[:5])
-            + f"\nRebuild the cache from a manifest with these labels:\n  beitdomain data scan "
-            f"{root} --labels {labels_csv} --out manifest.jsonl\n  beitdomain data cache "
-            f"manifest.jsonl --out {cache} ...\nor leave data.labels unset to use the cache's."
-        )
-
-
-class EvalViews:
-    """Deterministic (view, tokenizer view) pair: resize + center crop, no augmentation."""
-
-    def __init__(self, image_size: int, tokenizer_size: int) -> None:
-        self.view = FinetuneTransform(train=False, image_size=image_size)
-        self.tok = FinetuneTransform(train=False, image_size=tokenizer_size)
-
-    def __call__(
-        self, image: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return self.view(image), self.tok(image)
-
-
-def holdout_indices(n: int, seed: int, max_items: int = 64, fraction: float = 0.05) -> np.ndarray:
-    """A fixed small set of items kept out of tokenizer training, to measure it honestly."""
-    k = max(1, min(max_items, round(fraction * n)))
-    if n <= 1:
-        return np.arange(0)
-    return np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
-
-
-def unlabeled_dataset(
-    recipe: Recipe,
-    kind: str,
-    mask_generator: Any = None,
-    holdout: bool = False,
-    progress: bool = True,
-    report_dir: Path | None = None,
-) -> tuple[ImageDataset, ImageDataset | None, str]:
-    """Training images for the tokenizer (`kind='tokenizer'`) or pre-training (`'pretrain'`).
-
-    Returns:
-        (train dataset, held-out dataset or None, data fingerprint). Items are
-        `{'image', 'tok_image'[, 'mask']}`; for the tokenizer both views are tokenizer-sized.
-    """
-    d = recipe.data
-    source, fingerprint = image_source(recipe, progress, report_dir)
-    size = d.tokenizer_size if kind == "tokenizer" else d.image_size
-    transform: Any = (
-        UserAugment(d.augment, size, d.tokenizer_size)
-        if d.augment
-        else PretrainTransform(
-            image_size=size,
-            tokenizer_size=d.tokenizer_size,
-            scale=tuple(d.crop_scale),
-            hflip=d.hflip,
-            vflip=d.vflip,
-            intensity=d.intensity_jitter,
-        )
-    )
-    n = len(source)
-    if n == 0:
-        raise UserError("the data holds no images")
-    # The test split's images stay out unless transductive pre-training is asked for: the
-    # curve scores every arm on them, and only this one would have seen them.
-    test = np.empty(0, dtype=np.int64) if d.transductive else items_in_test_split(source, recipe)
-    usable, record = pretraining_items(n, test, d.transductive)
-    if len(usable) == 0:
-        raise UserError(
-            f"all {n} images are in the test split, which pre-training leaves out; give "
-            "unlabelled or train images, or set data.transductive: true (--transductive)"
-        )
-    if record["n_test_excluded"]:
-        log.info(
-            "%d test-split images left out of %s (data.transductive: false)",
-            record["n_test_excluded"],
-            kind,
-        )
-    pick = holdout_indices(len(usable), d.split_seed) if holdout else np.arange(0)
-    held = usable[pick]
-    train_idx = np.setdiff1d(usable, held)
-    train = ImageDataset(
-        source,
-        transform,
-        seed=recipe.seed,
-        mask_generator=mask_generator,
-        indices=train_idx,
-        classes=[],
-    )
-    held_ds = None
-    if holdout:
-        held_ds = ImageDataset(
-            source,
-            EvalViews(size, d.tokenizer_size),
-            seed=recipe.seed,
-            indices=held if len(held) else train_idx[:1],
-            classes=[],
-        )
-    train.pretraining_data = record  # for the run's manifest: transductive or not, how many
-    return train, held_ds, fingerprint
 
 
 @dataclass
@@ -400,18 +216,7 @@ def labeled_data(
         return np.array([i for i in range(n) if file_of[i] in fileset], dtype=np.int64)
 
     train_items = items_of(subset_files)
-    ft: Any = (
-        UserAugment(d.augment, d.image_size)
-        if d.augment
-        else FinetuneTransform(
-            train=True,
-            image_size=d.image_size,
-            scale=tuple(d.crop_scale),
-            hflip=d.hflip,
-            vflip=d.vflip,
-            intensity=d.intensity_jitter,
-        )
-    )
+    ft = training_transform(d, d.image_size)
     ev = FinetuneTransform(train=False, image_size=d.image_size)
     train = ImageDataset(source, ft, seed=seed, indices=train_items, classes=classes)
     out: dict[str, ImageDataset | None] = {}

@@ -112,7 +112,7 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
 
 def cells_per_init(recipe: Recipe) -> int:
     """How many (fraction, seed) fine-tuning cells the curve runs for each initialization."""
-    from beitdomain.engine.curve import parse_grid
+    from beitdomain.engine.curve_grid import parse_grid
 
     return len(parse_grid(recipe.curve, {"one": None}).cells())
 

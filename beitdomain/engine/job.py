@@ -27,15 +27,9 @@ from torch import nn
 
 from beitdomain.config import OptimConfig, Recipe, TrainConfig, recipe_to_dict
 from beitdomain.engine import distributed as D
-from beitdomain.engine.loop import (
-    LoopState,
-    RunPlan,
-    StepFn,
-    Trainer,
-    plan_run,
-    prepare_for_training,
-)
+from beitdomain.engine.loop import LoopState, StepFn, Trainer
 from beitdomain.engine.optim import build_adamw, lr_schedule, peak_lr
+from beitdomain.engine.plan import RunPlan, plan_run, prepare_for_training
 from beitdomain.engine.rundir import RunDir
 from beitdomain.fileio import atomic_write_json
 

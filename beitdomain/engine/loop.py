@@ -1,8 +1,8 @@
 """The training loop every job shares: steps, accumulation, bf16, clipping, logging, checkpoints.
 
-A job (tokenizer, pre-training, fine-tuning) builds its model, optimizer and loader, and gives
-`Trainer` a `step_fn(model, batch) -> (loss, metrics)`. The trainer owns everything that must be
-the same for all of them: the lr schedule applied per parameter group (times the group's
+A job (tokenizer, pre-training, fine-tuning) builds its model, optimizer and loader (`plan.py`),
+and gives `Trainer` a `step_fn(model, batch) -> (loss, metrics)`. The trainer owns everything that
+must be the same for all of them: the lr schedule applied per parameter group (times the group's
 `lr_scale`, used by layer-wise decay), gradient accumulation with DDP's no_sync, non-finite loss
 skipping, gradient clipping, metrics.jsonl, a progress bar, atomic checkpoints and exact resume.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,8 +29,9 @@ from beitdomain.config import TrainConfig
 from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine import distributed as D
 from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from beitdomain.engine.rundir import MetricsLog, RunDir
-from beitdomain.models.attention import select_attention_kernels
+from beitdomain.engine.metrics_log import MetricsLog
+from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.signals import stop_on_signals
 from beitdomain.progress import StepProgress
 from beitdomain.user import UserError
 
@@ -229,7 +229,7 @@ class Trainer:
             self.desc, self.total_steps, self.state.step, self.quiet or not self.dist.is_main
         )
         self.model.train()
-        with progress, _stop_on_signals(self._stop_signal):
+        with progress, stop_on_signals(self._stop_signal):
             while self.state.step < self.total_steps and not self.state.stop:
                 lr = self.set_lr(self.state.step)
                 losses = []
@@ -339,125 +339,3 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return _batch_len(batch[0])
     return 1
-
-
-class _stop_on_signals:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        self.flag = flag
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.flag.is_set():  # second signal: stop now
-            raise KeyboardInterrupt
-        self.flag.set()
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)
-
-
-def build_loader(
-    dataset: Any,
-    batch_size: int,
-    *,
-    seed: int,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    num_workers: int | None = None,
-    weights: Sequence[float] | None = None,
-    dist: D.DistInfo | None = None,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over a `ResumableBatchSampler` (what `Trainer` needs).
-
-    The loader gets its own torch.Generator so creating an iterator mid-epoch (on resume) does
-    not consume the global RNG, which the model's dropout and drop-path draw from.
-    """
-    dist = dist or D.dist_info()
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        weights=weights,
-    )
-    workers = D.default_num_workers() if num_workers is None else num_workers
-    if num_workers is None and len(sampler) < MIN_BATCHES_FOR_WORKERS:
-        # Workers are started afresh each epoch (the epoch reaches the dataset through
-        # `set_epoch`, which persistent workers would not see). An epoch of one or two batches,
-        # e.g. 18 labels at 1%, then pays a worker start per step: 250 steps took 75 s instead
-        # of 15 s. Loading a few batches in the main process costs less; the batches are the
-        # same either way (augmentation is a function of seed, epoch and index).
-        workers = 0
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
-
-
-@dataclass
-class RunPlan:
-    """How a job's data becomes optimizer steps: the loader, the run length, the global batch."""
-
-    loader: DataLoader
-    total_steps: int
-    global_batch: int  # images per optimizer step, over all processes
-
-
-def plan_run(
-    dataset: Any,
-    train: TrainConfig,
-    *,
-    seed: int,
-    num_workers: int | None,
-    device: torch.device,
-    weights: Sequence[float] | None = None,
-) -> RunPlan:
-    """The loader (batch capped by the data, per process) and the run length in steps."""
-    from beitdomain.engine.schedule import steps_for
-
-    dist = D.dist_info()
-    batch = min(train.batch_size, max(1, len(dataset) // dist.world_size))
-    loader = build_loader(
-        dataset,
-        batch,
-        seed=seed,
-        num_workers=num_workers,
-        weights=weights,
-        dist=dist,
-        pin_memory=device.type == "cuda",
-    )
-    total = steps_for(
-        epochs=train.epochs,
-        steps=train.steps,
-        batches_per_epoch=len(loader),
-        accum_steps=train.accum_steps,
-        min_steps=train.min_steps,
-    )
-    return RunPlan(loader, total, batch * dist.world_size * train.accum_steps)
-
-
-def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
-    """Picks the attention kernels for `device`, DDP-wraps the module when several processes
-    run, and compiles it when asked."""
-    select_attention_kernels(model, device)
-    wrapped = D.wrap_ddp(model, device, D.dist_info())
-    return torch.compile(wrapped) if train.compile else wrapped

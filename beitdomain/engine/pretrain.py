@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.engine.build import backbone_config, mask_generator
-from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.data_unlabeled import unlabeled_dataset
 from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
@@ -46,16 +47,21 @@ log = logging.getLogger(__name__)
 
 
 class MIMObjective(nn.Module):
-    """Loss as the forward pass, so DDP's gradient hooks see the whole computation."""
+    """Loss as the forward pass, so DDP's gradient hooks see the whole computation.
 
-    def __init__(self, mim: BeitMIM) -> None:
+    `num_masked`: every mask's exact count (the mask generator's), so the step finds the
+    masked patches without a host sync (`BeitMIM.forward`); None: counted per batch.
+    """
+
+    def __init__(self, mim: BeitMIM, num_masked: int | None = None) -> None:
         super().__init__()
         self.mim = mim
+        self.num_masked = num_masked
 
     def forward(
         self, images: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.mim.loss(images, mask, targets)
+        return self.mim.loss(images, mask, targets, num_masked=self.num_masked)
 
 
 def load_frozen_tokenizer(
@@ -102,6 +108,7 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
         backbone_config(recipe, grad_checkpointing=recipe.pretrain.train.grad_checkpointing),
         target=m.target,
         vocab_size=vocab_size,
+        norm_pix_loss=m.norm_pix_loss,
         init=m.init,
         trust_pickle=trust_pickle,
         rel_pos_bias=m.rel_pos_bias,
@@ -130,10 +137,11 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         tokenizer = load_frozen_tokenizer(recipe, job.device, grid)
     model, report = build_mim(recipe, tokenizer.vocab_size if tokenizer else 1, job.trust_pickle)
     model.to(job.device)
+    masks = mask_generator(recipe, grid)
     dataset, _, fingerprint = unlabeled_dataset(
         recipe,
         kind="pretrain",
-        mask_generator=mask_generator(recipe, grid),
+        mask_generator=masks,
         progress=not job.quiet,
         report_dir=job.path,
     )
@@ -161,7 +169,8 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
     hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
-    trainer = job.trainer(model, plan, groups, step_fn, wrap=MIMObjective, hooks=hooks)
+    objective = partial(MIMObjective, num_masked=masks.num_masking)
+    trainer = job.trainer(model, plan, groups, step_fn, wrap=objective, hooks=hooks)
     job.fit(trainer)
 
     result: dict[str, Any] = {
@@ -181,7 +190,7 @@ def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
     """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
     the validation split (the test split when there is none) scored against it."""
     from beitdomain.engine.data import labeled_data
-    from beitdomain.engine.represent import KnnMonitor
+    from beitdomain.engine.represent_eval import KnnMonitor
 
     try:
         data = labeled_data(recipe, labels="100%", progress=not quiet)

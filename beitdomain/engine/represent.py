@@ -1,18 +1,16 @@
-"""Frozen features: load a trained backbone, embed images, and check them with k-NN / a probe.
+"""Frozen features: load a trained backbone and embed images with it.
 
 `load_backbone(run)` gives a timm `Beit` (no head) with what it needs to see an image as during
 training: the recipe's intensity normalization and the evaluation resize + center crop.
-`evaluate_representation` scores its frozen features on the labelled splits with a k-NN
-classifier or a linear probe (`beitdomain eval knn|probe`), beside a random backbone of the
-same shape so the number has a reference. `KnnMonitor` does the k-NN check during
-pre-training, once per epoch.
+`random_like` gives a random backbone of the same shape, the reference its scores are read
+against; the scores themselves (`beitdomain eval knn|probe`, the k-NN check during
+pre-training) are `represent_eval`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,8 @@ from torch import nn
 from beitdomain.config import Recipe, load_recipe
 from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine import distributed as D
-from beitdomain.eval.representation import representation_scores
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.user import UserError
-
-log = logging.getLogger(__name__)
 
 TIMM_META_KEY = "beitdomain.timm"  # safetensors metadata written by export_timm_backbone
 
@@ -288,136 +283,3 @@ def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:
         backbone_config_of(backbone.model), final_norm="pooled" if pooled else "tokens"
     )
     return replace(backbone, model=model.to(backbone.device).eval(), source=f"random (seed {seed})")
-
-
-def evaluate_representation(
-    backbone: FrozenBackbone,
-    recipe: Recipe,
-    methods: tuple[str, ...] = ("knn",),
-    *,
-    baseline: bool = True,
-    k: int = 20,
-    c: float = 0.1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """k-NN and/or linear-probe test scores of frozen features on the recipe's labelled data.
-
-    The splits are fine-tuning's (`data.split_seed`, the CSV's split column), and the training
-    side is `finetune.labels` of the train split, so `eval probe` at 1% reads against
-    `finetune --labels 1%`. With `baseline`, the same is measured for a random backbone of the
-    same shape.
-
-    Returns:
-        `{"methods": {name: {"backbone": metrics, "random": metrics}}, "classes", "n_train",
-        "n_test", "labels", "source"}`; metrics as `classification_metrics`.
-
-    Raises:
-        UserError: unlabelled data, fewer than two classes, no test split.
-    """
-    from beitdomain.engine.data import labeled_data
-
-    data = labeled_data(recipe, progress=progress)
-    test = data.test if data.test is not None else data.val
-    if test is None:
-        raise UserError(
-            "k-NN / probe scores need held-out images: set data.test_fraction > 0 or give test "
-            "rows in the labels CSV"
-        )
-    arms = {"backbone": backbone}
-    if baseline:
-        arms["random"] = random_like(backbone, recipe.seed)
-    out: dict[str, Any] = {
-        "source": backbone.source,
-        "classes": data.classes,
-        "labels": data.subset["spec"],
-        "n_train": len(data.train),
-        "n_test": len(test),
-        "split_scored": "test" if data.test is not None else "val",
-        "methods": {m: {} for m in methods},
-    }
-    for arm, bb in arms.items():
-        train_xy = bb.embed_dataset(data.train)
-        test_xy = bb.embed_dataset(test)
-        for m in methods:
-            out["methods"][m][arm] = representation_scores(
-                m, train_xy, test_xy, data.classes, k=k, c=c
-            )
-    return out
-
-
-@dataclass
-class KnnMonitor:
-    """Trainer hook: k-NN balanced accuracy of the backbone's frozen features once per epoch.
-
-    Logged as `knn_balanced_accuracy` (and `knn_accuracy`) in metrics.jsonl, so a rising
-    curve during pre-training shows the features getting better before any fine-tune.
-
-    Args:
-        backbone_of: the trained module -> the model that holds the timm `Beit` as `.backbone`
-            and its `input_norm` (e.g. `lambda m: m.mim` for pre-training).
-        train: labelled dataset whose features form the k-NN memory (evaluation view).
-        test: labelled dataset scored against it.
-        classes: class names.
-        image_size: the evaluation view's side.
-        every_epochs: epochs between checks.
-    """
-
-    backbone_of: Any
-    train: Any
-    test: Any
-    classes: list[str]
-    image_size: int
-    every_epochs: int = 1
-    k: int = 20
-    last_step: int = -1
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def measure(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
-        from beitdomain.models.convention import convention_of
-
-        owner = D.unwrap(self.backbone_of(D.unwrap(model)))
-        bb = getattr(owner, "backbone", owner)
-        conv = convention_of(owner)
-        was = bb.training
-        fb = FrozenBackbone(
-            bb.eval(),
-            IntensitySpec(),
-            self.image_size,
-            "training",
-            None,
-            device,
-            mean=conv.mean,
-            std=conv.std,
-        )
-        try:
-            scores = representation_scores(
-                "knn",
-                fb.embed_dataset(self.train),
-                fb.embed_dataset(self.test),
-                self.classes,
-                k=self.k,
-            )
-        finally:
-            bb.train(was)
-        return scores
-
-    def on_step_end(self, trainer: Any) -> None:
-        # An epoch has just ended when the sampler's batches are used up.
-        state = trainer.state
-        ended = state.batch_in_epoch >= len(trainer.loader.batch_sampler)
-        last = state.step == trainer.total_steps
-        if not (last or (ended and (state.epoch + 1) % self.every_epochs == 0)):
-            return
-        if not trainer.dist.is_main or state.step == self.last_step:
-            return
-        self.last_step = state.step
-        m = self.measure(trainer.model, trainer.device)
-        self.history.append({"step": state.step, **m})
-        trainer.log(knn_balanced_accuracy=m["balanced_accuracy"], knn_accuracy=m["accuracy"])
-        log.info(
-            "k-NN monitor after epoch %d (step %d): balanced accuracy %.3f (chance %.3f)",
-            state.epoch + 1,
-            state.step,
-            m["balanced_accuracy"],
-            m["chance_balanced_accuracy"],
-        )

@@ -6,13 +6,15 @@ runs/<name>/
   metrics.jsonl      one JSON object per logged step
   checkpoints/       step-XXXXXXXX.pt (+ .json checksums), newest k kept
   ...                plots and artefacts of the command
+
+Whether a folder may be used (and which of its files are the run's) is `rundir_guard`;
+metrics.jsonl is written and read by `metrics_log`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fnmatch
 import json
 import logging
 import os
@@ -20,32 +22,29 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from beitdomain.config import Recipe, dump_recipe
+from beitdomain.engine.metrics_log import read_metrics
+from beitdomain.engine.rundir_guard import (
+    KIND_OUTPUTS,
+    RunDirError,
+    RunLockedError,
+    check_folder,
+    run_kind,
+)
 from beitdomain.fileio import (
     LOCK_FILE,
-    RUN_MARKER,
     FolderLock,
     FolderLockedError,
     atomic_write_json,
-    atomic_write_text,
     read_marker,
     write_marker,
 )
-from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
-
-
-class RunDirError(UserError):
-    """The output folder cannot be used as asked (exists, is not a run, is another kind of run)."""
-
-
-class RunLockedError(RunDirError):
-    """Another process is writing the same run folder."""
 
 
 def _now() -> str:
@@ -79,124 +78,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-# What each kind of run writes (fnmatch patterns over the path inside the run folder, `*` also
-# crossing `/`); with the files recorded in the marker, this is what --overwrite may delete.
-COMMON_OUTPUTS = (
-    RUN_MARKER,
-    LOCK_FILE,
-    "recipe.yaml",
-    "manifest.json",
-    "metrics.jsonl",
-    "quarantine.csv",
-    "init_report.json",
-    "checkpoints/*",
-    "tensorboard/*",
-    "mlruns/*",  # train.trackers: MLflow's file store
-    "wandb/*",  # train.trackers: W&B's offline run
-    ".*.tmp",  # an atomic write cut short (kill -9)
-    "*/.*.tmp",
-)
-KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "tokenizer": (
-        "tokenizer.safetensors",
-        "tokenizer.json",
-        "eval.json",
-        "reconstructions.png",
-        "code_usage.png",
-        "samples/*",
-    ),
-    "pretrain": ("mim.safetensors", "backbone.safetensors", "backbone.json"),
-    "finetune": (
-        "results.json",
-        "confusion_matrix.png",
-        "test_predictions.csv",
-        "labels_used.csv",
-        "labels.json",
-        "best.safetensors",
-        "training_curves.png",
-        "head_probe.json",
-    ),
-    "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
-    "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
-    "demo": ("data/*", "cache/*", "report.md", "curve.png"),  # its stages are runs of their own
-    "run": (),  # a run of the Python API with no kind given
-}
-# The `command` a run's manifest.json recorded before runs had a marker (legacy runs).
-_LEGACY_COMMANDS = {
-    "tokenizer train": "tokenizer",
-    "pretrain": "pretrain",
-    "finetune": "finetune",
-    "curve": "curve",
-}
-_CLI = {
-    "tokenizer": "beitdomain tokenizer train",
-    "pretrain": "beitdomain pretrain",
-    "finetune": "beitdomain finetune",
-    "curve": "beitdomain curve",
-    "cache": "beitdomain data cache",
-    "demo": "beitdomain demo",
-}
-
-
-def run_kind(path: str | Path) -> str | None:
-    """The kind of beitdomain run in `path` (tokenizer, pretrain, ...), or None if it is none.
-
-    A run is recognised by the marker only beitdomain writes; a run written before markers
-    existed is recognised by its manifest.json (the command, versions and argv beitdomain
-    records there) beside its recipe.yaml, never by a file name alone.
-    """
-    path = Path(path)
-    marker = read_marker(path)
-    if marker is not None:
-        return str(marker.get("kind") or "run")
-    if (path / "data" / "labels.csv").is_file() and any(
-        run_kind(path / stage) for stage in ("tokenizer", "pretrain", "curve")
-    ):
-        return "demo"  # a demo folder from before markers: its stages are runs
-    try:
-        m = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    legacy = (
-        isinstance(m, dict)
-        and m.get("command") in _LEGACY_COMMANDS
-        and isinstance(m.get("versions"), dict)
-        and "argv" in m
-        and (path / "recipe.yaml").is_file()
-    )
-    return _LEGACY_COMMANDS[m["command"]] if legacy else None
-
-
-def foreign_files(path: str | Path, kind: str | None = None) -> list[str]:
-    """Files in the run folder `path` that the run did not write (paths inside `path`).
-
-    A file is the run's own when its marker records it or it matches what a run of its kind
-    writes; a subfolder that is itself a run (a curve's cells, an lr grid's runs) is judged by
-    its own marker. Symbolic links are never followed.
-    """
-    path = Path(path)
-    kind = kind or run_kind(path) or "run"
-    marker = read_marker(path) or {}
-    recorded = set(marker.get("files", []))
-    patterns = COMMON_OUTPUTS + KIND_OUTPUTS.get(kind, ())
-    foreign: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        here = Path(dirpath)
-        for d in list(dirnames):
-            sub = here / d
-            if sub.is_symlink():
-                dirnames.remove(d)
-                filenames.append(d)  # a link is judged as a file (and only unlinked)
-            elif run_kind(sub) is not None:
-                dirnames.remove(d)
-                foreign += [f"{sub.relative_to(path).as_posix()}/{f}" for f in foreign_files(sub)]
-        for name in filenames:
-            rel = (here / name).relative_to(path).as_posix()
-            if rel not in recorded and not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
-                foreign.append(rel)
-    return sorted(foreign)
-
-
 def _files_since(path: Path, since_ns: int) -> list[str]:
     """Files under `path` (not in nested runs) modified at or after `since_ns`."""
     out = []
@@ -227,41 +108,6 @@ def _delete_own_files(path: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     sub.rmdir()
-
-
-def protected_paths(recipe: Recipe | None) -> dict[str, Path]:
-    """Folders --overwrite must never clear: the working folder, the home folder and the
-    inputs the recipe names (data root, cache, labels, tokenizer, init weights)."""
-    out = {"the current folder": Path.cwd(), "the home folder": Path.home()}
-    if recipe is not None:
-        for label, value in (
-            ("data.root", recipe.data.root),
-            ("data.cache", recipe.data.cache),
-            ("data.labels", recipe.data.labels),
-            ("tokenizer.path", recipe.tokenizer.path),
-            ("model.init", recipe.model.init),
-            ("finetune.init", getattr(recipe.finetune, "init", None)),
-        ):
-            if isinstance(value, (str, os.PathLike)) and str(value):
-                out[label] = Path(value)
-    return out
-
-
-def _refuse_dangerous(path: Path, protected: dict[str, Path]) -> None:
-    real = path.resolve()
-    if real.parent == real:
-        raise RunDirError(f"--overwrite refused: {path} is a filesystem root; nothing was deleted")
-    for label, p in protected.items():
-        try:
-            other = p.expanduser().resolve()
-        except (OSError, RuntimeError):
-            continue
-        if other == real or other.is_relative_to(real):
-            what = "is" if other == real else "holds"
-            raise RunDirError(
-                f"--overwrite refused: {path} {what} {label} ({p}); nothing was deleted. Give "
-                f"the run its own folder with --out"
-            )
 
 
 class RunDir:
@@ -313,7 +159,7 @@ class RunDir:
             raise RunDirError(f"--out {path} is a file, not a folder; choose a folder")
         if not is_main:  # rank 0 checks, locks and writes; the others only use the folder
             return cls(path, resumed=bool(resume and run_kind(path)), kind=kind)
-        cls._check(path, kind, resume, overwrite, recipe)
+        check_folder(path, kind, resume, overwrite, recipe)
         path.mkdir(parents=True, exist_ok=True)
         try:
             lock = FolderLock(path).acquire(f"a {kind} run")
@@ -321,7 +167,7 @@ class RunDir:
             raise RunLockedError(e.strerror or str(e)) from None
         try:
             # Checked again under the lock: another process may have changed the folder.
-            existing = cls._check(path, kind, resume, overwrite, recipe)
+            existing = check_folder(path, kind, resume, overwrite, recipe)
             if existing is not None and overwrite:
                 _delete_own_files(path)
                 existing = None
@@ -334,47 +180,6 @@ class RunDir:
         run._lock = lock
         run.previous_status = run.read_manifest().get("status") if existing else None
         return run
-
-    @staticmethod
-    def _check(
-        path: Path, kind: str, resume: bool, overwrite: bool, recipe: Recipe | None
-    ) -> str | None:
-        """The kind of the run already in `path` (None for a missing or empty folder), or the
-        reason the folder cannot be used, raised."""
-        entries = [p.name for p in path.iterdir()] if path.is_dir() else []
-        if not [e for e in entries if e not in (LOCK_FILE, RUN_MARKER)]:
-            return None  # missing, empty, or a run that died before writing anything
-        found = run_kind(path)
-        name = _CLI.get(kind, "this command")
-        if found is None:
-            shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-            what = "--overwrite refused: " if overwrite else ""
-            raise RunDirError(
-                f"{what}{path} is not empty ({shown}) and is not a beitdomain run; nothing was "
-                f"changed. Choose an empty or new folder with --out"
-            )
-        if found != kind and kind != "run":
-            raise RunDirError(
-                f"{path} holds a {found} run, not a {kind} run; {name} will not "
-                f"{'resume' if resume else 'replace'} it. Choose another folder with --out"
-            )
-        if overwrite:
-            _refuse_dangerous(path, protected_paths(recipe))
-            foreign = foreign_files(path, found)
-            if foreign:
-                shown = ", ".join(foreign[:8]) + (
-                    f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
-                )
-                raise RunDirError(
-                    f"--overwrite refused: {path} holds files this run did not write ({shown}); "
-                    f"nothing was deleted. Move them out, or choose another folder with --out"
-                )
-        elif not resume:
-            raise RunDirError(
-                f"{path} already holds a {found} run. Pass --resume to continue it, --overwrite "
-                f"to delete its files and start over, or --out to choose another folder."
-            )
-        return found
 
     def close(self) -> None:
         """Records the files the run wrote and releases the folder's lock."""
@@ -482,79 +287,3 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to `metrics.jsonl`, and to any trackers asked for.
-
-    On resume the lines past the resumed step are dropped first, so a run that was killed after
-    logging step 130 but checkpointing step 100 does not log steps 101-130 twice. Trackers
-    (TensorBoard, MLflow, W&B: `beitdomain.engine.trackers`) get the same numbers; one that is
-    not installed is a warning.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        resume_step: int | None = None,
-        tensorboard: bool = False,
-        trackers: Sequence[str] = (),
-        config: Mapping[str, Any] | None = None,
-    ):
-        from beitdomain.engine.trackers import open_trackers
-
-        self.path = Path(path)
-        if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        names = [*(["tensorboard"] if tensorboard else []), *trackers]
-        self._trackers = open_trackers(names, self.path.parent, config=config) if names else []
-
-    def log(self, step: int, **values: Any) -> None:
-        from beitdomain.engine.trackers import numeric
-
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._trackers:
-            numbers = numeric(record)
-            for t in self._trackers:
-                t.log(step, numbers)
-
-    def close(self) -> None:
-        for t in self._trackers:
-            t.close()
-        self._trackers = []
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item") and callable(v.item):
-        return v.item()
-    return v
-
-
-def read_metrics(path: str | Path, quiet: bool = False) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file ([] when there is none).
-
-    A line that does not parse (the last one, cut short by a kill or a full disk during the
-    write) is dropped with a warning naming the file and line, rather than failing a resume.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if not quiet:
-                log.warning("%s line %d is damaged (cut short?); dropped: %.60r", path, n, line)
-            continue
-        records.append(record)
-    return records

@@ -22,7 +22,7 @@ from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.engine import distributed as D
-from beitdomain.engine.data import unlabeled_dataset
+from beitdomain.engine.data_unlabeled import unlabeled_dataset
 from beitdomain.engine.estimate import announce_cpu_time
 from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.loop import Trainer

@@ -159,7 +159,9 @@ class BeitMIM(nn.Module):
         x = self._run_blocks(x, self.backbone.blocks, self._rel_pos_bias())
         return self.backbone.norm(x)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Predictions for the masked patches, in row-major (batch, patch) order.
 
         The head only needs the last block's outputs at masked positions. Attention must still
@@ -173,31 +175,56 @@ class BeitMIM(nn.Module):
         Args:
             images: `[B, C, H, W]`.
             mask: `[B, L]` (or `[B, gh, gw]`) bool, True = masked.
+            num_masked: the masked count of every image, when the caller knows it (the mask
+                generator's exact count): the step then never waits on the device to learn it.
+                None: counted from `mask` (one host sync on a GPU).
 
         Returns:
             `[N, V]` token logits or `[N, P]` pixel predictions, `N = mask.sum()`,
             `P = patch_size**2 * in_chans` (pixels ordered (py, px, c)).
         """
+        return self._predict(images, self._flat_mask(mask, images.shape[0]), num_masked)[0]
+
+    @staticmethod
+    def masked_positions(mask: torch.Tensor, num_masked: int) -> torch.Tensor:
+        """`[B, L]` bool with `num_masked` True per row -> their patch indices `[B, M]`, ascending.
+
+        A stable sort of fixed output size: unlike `mask.nonzero()`, whose size depends on the
+        data, it needs no host sync on a GPU.
+        """
+        return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :num_masked]
+
+    def _predict(
+        self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(predictions `[N, V or P]`, masked patch indices `[B, M]` or None on the full path)."""
         bb = self.backbone
-        b = images.shape[0]
-        mask = self._flat_mask(mask, b)
+        if num_masked is None:
+            counts = mask.sum(1)
+            if bool((counts != counts[0]).any()):
+                num_masked = -1  # unequal counts: the full last block
+            else:
+                num_masked = int(counts[0])
+        elif mask.device.type == "cpu" and bool((mask.sum(1) != num_masked).any()):
+            # Checked where it costs no device round trip; a wrong count would pair
+            # predictions with the wrong targets.
+            raise ValueError(f"num_masked={num_masked} but the masks hold {mask.sum(1).tolist()}")
         x = self._embed(images, mask)
         rel_pos_bias = self._rel_pos_bias()
         x = self._run_blocks(x, bb.blocks[:-1], rel_pos_bias)
-        counts = mask.sum(1)
-        if bool((counts != counts[0]).any()):
+        if num_masked < 0:
             x = self._run_blocks(x, bb.blocks[-1:], rel_pos_bias)
-            return self.lm_head(bb.norm(x)[:, 1:][mask])  # [N, D] -> [N, V or P]
+            return self.lm_head(bb.norm(x)[:, 1:][mask]), None  # [N, D] -> [N, V or P]
         last = bb.blocks[-1]
         g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
         g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
-        # Masked token positions in (batch, patch) row-major order, +1 for cls: [B, M].
-        idx = mask.nonzero()[:, 1].view(b, -1) + 1
+        pos = self.masked_positions(mask, num_masked)  # [B, M]
+        idx = pos + 1  # token positions, after cls
         xq = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
         h = attention_at(last.attn, last.norm1(x), idx, rel_pos_bias)
         x = xq + last.drop_path1(g1 * h)
         x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
-        return self.lm_head(bb.norm(x).flatten(0, 1))  # [N, D] -> [N, V or P]
+        return self.lm_head(bb.norm(x).flatten(0, 1)), pos  # [N, D] -> [N, V or P]
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, L, p*p*C]` in the patch order of `patch_embed`."""
@@ -220,6 +247,7 @@ class BeitMIM(nn.Module):
         images: torch.Tensor,
         mask: torch.Tensor,
         targets: torch.Tensor | None = None,
+        num_masked: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MIM loss on masked patches only.
 
@@ -229,6 +257,7 @@ class BeitMIM(nn.Module):
             targets: target="tokens": visual-token ids, either for every patch `[B, L]` (or
                 `[B, gh, gw]`) or already for the masked ones `[N]`. target="pixels": unused
                 (None), targets are computed from `images`.
+            num_masked: as `forward`; with it, no step of the loss waits on the device.
 
         Returns:
             `(loss, metrics)`; metrics are detached 0-dim tensors (no host sync):
@@ -236,17 +265,25 @@ class BeitMIM(nn.Module):
             "num_masked".
         """
         mask = self._flat_mask(mask, images.shape[0])
-        preds = self(images, mask)  # [N, V or P]
-        num_masked = torch.tensor(preds.shape[0], device=preds.device)
+        preds, pos = self._predict(images, mask, num_masked)  # [N, V or P], [B, M] or None
+
+        def at_masked(per_patch: torch.Tensor) -> torch.Tensor:
+            # [B, L, ...] -> [N, ...] in the predictions' order
+            if pos is None:
+                return per_patch[mask]
+            index = pos.view(*pos.shape, *([1] * (per_patch.dim() - 2)))
+            return per_patch.gather(1, index.expand(-1, -1, *per_patch.shape[2:])).flatten(0, 1)
+
+        count = torch.tensor(preds.shape[0], device=preds.device)
         if self.target == "pixels":
-            target = self.pixel_targets(images)[mask]  # [N, P]
+            target = at_masked(self.pixel_targets(images))  # [N, P]
             loss = F.mse_loss(preds.float(), target)
-            return loss, {"loss": loss.detach(), "mse": loss.detach(), "num_masked": num_masked}
+            return loss, {"loss": loss.detach(), "mse": loss.detach(), "num_masked": count}
 
         if targets is None:
             raise ValueError("target='tokens' needs visual-token targets, got None")
         if targets.shape[0] == mask.shape[0] and targets.numel() == mask.numel():
-            targets = targets.reshape(mask.shape)[mask]  # [B, L] -> [N]
+            targets = at_masked(targets.reshape(mask.shape))  # [B, L] -> [N]
         elif targets.shape != (preds.shape[0],):
             raise ValueError(
                 f"targets has shape {tuple(targets.shape)}; expected {tuple(mask.shape)} "
@@ -255,4 +292,4 @@ class BeitMIM(nn.Module):
         targets = targets.long()
         loss = F.cross_entropy(preds.float(), targets)
         acc = (preds.detach().argmax(dim=-1) == targets).float().mean()
-        return loss, {"loss": loss.detach(), "acc": acc, "num_masked": num_masked}
+        return loss, {"loss": loss.detach(), "acc": acc, "num_masked": count}

@@ -50,6 +50,7 @@ def build_pretraining_model(
     *,
     target: MimTarget = "tokens",
     vocab_size: int = 8192,
+    norm_pix_loss: bool = True,
     init: str | None = None,
     trust_pickle: bool = False,
     rel_pos_bias: RelPos = "auto",
@@ -61,7 +62,7 @@ def build_pretraining_model(
 
     Args:
         cfg: the backbone; `use_shared_rel_pos_bias` is replaced according to `rel_pos_bias`.
-        target, vocab_size: as `BeitMIM`.
+        target, vocab_size, norm_pix_loss: as `BeitMIM`.
         init: a checkpoint path, `hf-hub:org/name[@rev]` or a timm BEiT name; None = scratch.
         trust_pickle: allow full pickle for `.pth` files.
         rel_pos_bias: "shared" (BEiT pre-training), "per_block" (timm's fine-tuned weights), or
@@ -81,7 +82,9 @@ def build_pretraining_model(
     else:
         per_block = rel_pos_bias == "per_block"
     cfg = cfg.replace(use_shared_rel_pos_bias=not per_block)
-    model = BeitMIM.from_config(cfg, target=target, vocab_size=vocab_size)
+    model = BeitMIM.from_config(
+        cfg, target=target, vocab_size=vocab_size, norm_pix_loss=norm_pix_loss
+    )
     if resolved is None:
         unilm_init_(model)  # from scratch: unilm's initialization (models.init)
         if input_mean is not None or input_std is not None:

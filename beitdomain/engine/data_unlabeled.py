@@ -1,0 +1,104 @@
+"""Recipe -> unlabelled datasets: the training images of the tokenizer and of pre-training.
+
+The test split's images stay out (`items_in_test_split`, the split fine-tuning scores on)
+unless `data.transductive`; the tokenizer keeps a small held-out set to be measured on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from beitdomain.config import Recipe
+from beitdomain.data.dataset import ImageDataset
+from beitdomain.data.heldout import pretraining_items
+from beitdomain.data.transforms import FinetuneTransform, training_transform
+from beitdomain.engine.data import items_in_test_split
+from beitdomain.engine.data_source import image_source
+from beitdomain.user import UserError
+
+log = logging.getLogger(__name__)
+
+
+class EvalViews:
+    """Deterministic (view, tokenizer view) pair: resize + center crop, no augmentation."""
+
+    def __init__(self, image_size: int, tokenizer_size: int) -> None:
+        self.view = FinetuneTransform(train=False, image_size=image_size)
+        self.tok = FinetuneTransform(train=False, image_size=tokenizer_size)
+
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.view(image), self.tok(image)
+
+
+def holdout_indices(n: int, seed: int, max_items: int = 64, fraction: float = 0.05) -> np.ndarray:
+    """A fixed small set of items kept out of tokenizer training, to measure it honestly."""
+    k = max(1, min(max_items, round(fraction * n)))
+    if n <= 1:
+        return np.arange(0)
+    return np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
+
+
+def unlabeled_dataset(
+    recipe: Recipe,
+    kind: str,
+    mask_generator: Any = None,
+    holdout: bool = False,
+    progress: bool = True,
+    report_dir: Path | None = None,
+) -> tuple[ImageDataset, ImageDataset | None, str]:
+    """Training images for the tokenizer (`kind='tokenizer'`) or pre-training (`'pretrain'`).
+
+    Returns:
+        (train dataset, held-out dataset or None, data fingerprint). Items are
+        `{'image', 'tok_image'[, 'mask']}`; for the tokenizer both views are tokenizer-sized.
+    """
+    d = recipe.data
+    source, fingerprint = image_source(recipe, progress, report_dir)
+    size = d.tokenizer_size if kind == "tokenizer" else d.image_size
+    transform = training_transform(d, size, d.tokenizer_size)
+    n = len(source)
+    if n == 0:
+        raise UserError("the data holds no images")
+    # The test split's images stay out unless transductive pre-training is asked for: the
+    # curve scores every arm on them, and only this one would have seen them.
+    test = np.empty(0, dtype=np.int64) if d.transductive else items_in_test_split(source, recipe)
+    usable, record = pretraining_items(n, test, d.transductive)
+    if len(usable) == 0:
+        raise UserError(
+            f"all {n} images are in the test split, which pre-training leaves out; give "
+            "unlabelled or train images, or set data.transductive: true (--transductive)"
+        )
+    if record["n_test_excluded"]:
+        log.info(
+            "%d test-split images left out of %s (data.transductive: false)",
+            record["n_test_excluded"],
+            kind,
+        )
+    pick = holdout_indices(len(usable), d.split_seed) if holdout else np.arange(0)
+    held = usable[pick]
+    train_idx = np.setdiff1d(usable, held)
+    train = ImageDataset(
+        source,
+        transform,
+        seed=recipe.seed,
+        mask_generator=mask_generator,
+        indices=train_idx,
+        classes=[],
+    )
+    held_ds = None
+    if holdout:
+        held_ds = ImageDataset(
+            source,
+            EvalViews(size, d.tokenizer_size),
+            seed=recipe.seed,
+            indices=held if len(held) else train_idx[:1],
+            classes=[],
+        )
+    train.pretraining_data = record  # for the run's manifest: transductive or not, how many
+    return train, held_ds, fingerprint

@@ -1,0 +1,227 @@
+"""Which folders a run may use, and which files in a run folder are the run's own.
+
+A folder is a beitdomain run when it holds the marker only beitdomain writes
+(`.beitdomain-run.json`; for a run from before markers, the manifest.json beside its
+recipe.yaml). `--resume` continues a run of the same kind only; `--overwrite` deletes only what
+the run wrote, and refuses a folder holding anything else, a filesystem root, the current or
+home folder and the recipe's inputs. `RunDir.open` asks `check_folder` before it writes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+
+from beitdomain.config import Recipe
+from beitdomain.fileio import LOCK_FILE, RUN_MARKER, read_marker
+from beitdomain.user import UserError
+
+
+class RunDirError(UserError):
+    """The output folder cannot be used as asked (exists, is not a run, is another kind of run)."""
+
+
+class RunLockedError(RunDirError):
+    """Another process is writing the same run folder."""
+
+
+# What each kind of run writes (fnmatch patterns over the path inside the run folder, `*` also
+# crossing `/`); with the files recorded in the marker, this is what --overwrite may delete.
+COMMON_OUTPUTS = (
+    RUN_MARKER,
+    LOCK_FILE,
+    "recipe.yaml",
+    "manifest.json",
+    "metrics.jsonl",
+    "quarantine.csv",
+    "init_report.json",
+    "checkpoints/*",
+    "tensorboard/*",
+    "mlruns/*",  # train.trackers: MLflow's file store
+    "wandb/*",  # train.trackers: W&B's offline run
+    ".*.tmp",  # an atomic write cut short (kill -9)
+    "*/.*.tmp",
+)
+KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": (
+        "tokenizer.safetensors",
+        "tokenizer.json",
+        "eval.json",
+        "reconstructions.png",
+        "code_usage.png",
+        "samples/*",
+    ),
+    "pretrain": ("mim.safetensors", "backbone.safetensors", "backbone.json"),
+    "finetune": (
+        "results.json",
+        "confusion_matrix.png",
+        "test_predictions.csv",
+        "labels_used.csv",
+        "labels.json",
+        "best.safetensors",
+        "training_curves.png",
+        "head_probe.json",
+    ),
+    "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
+    "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
+    "demo": ("data/*", "cache/*", "report.md", "curve.png"),  # its stages are runs of their own
+    "ablation": ("ablation.md",),  # its pre-training runs and its curve are runs of their own
+    "run": (),  # a run of the Python API with no kind given
+}
+# The `command` a run's manifest.json recorded before runs had a marker (legacy runs).
+_LEGACY_COMMANDS = {
+    "tokenizer train": "tokenizer",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "curve": "curve",
+}
+_CLI = {
+    "tokenizer": "beitdomain tokenizer train",
+    "pretrain": "beitdomain pretrain",
+    "finetune": "beitdomain finetune",
+    "curve": "beitdomain curve",
+    "cache": "beitdomain data cache",
+    "demo": "beitdomain demo",
+    "ablation": "beitdomain ablation",
+}
+
+
+def run_kind(path: str | Path) -> str | None:
+    """The kind of beitdomain run in `path` (tokenizer, pretrain, ...), or None if it is none.
+
+    A run is recognised by the marker only beitdomain writes; a run written before markers
+    existed is recognised by its manifest.json (the command, versions and argv beitdomain
+    records there) beside its recipe.yaml, never by a file name alone.
+    """
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is not None:
+        return str(marker.get("kind") or "run")
+    if (path / "data" / "labels.csv").is_file() and any(
+        run_kind(path / stage) for stage in ("tokenizer", "pretrain", "curve")
+    ):
+        return "demo"  # a demo folder from before markers: its stages are runs
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    legacy = (
+        isinstance(m, dict)
+        and m.get("command") in _LEGACY_COMMANDS
+        and isinstance(m.get("versions"), dict)
+        and "argv" in m
+        and (path / "recipe.yaml").is_file()
+    )
+    return _LEGACY_COMMANDS[m["command"]] if legacy else None
+
+
+def foreign_files(path: str | Path, kind: str | None = None) -> list[str]:
+    """Files in the run folder `path` that the run did not write (paths inside `path`).
+
+    A file is the run's own when its marker records it or it matches what a run of its kind
+    writes; a subfolder that is itself a run (a curve's cells, an lr grid's runs) is judged by
+    its own marker. Symbolic links are never followed.
+    """
+    path = Path(path)
+    kind = kind or run_kind(path) or "run"
+    marker = read_marker(path) or {}
+    recorded = set(marker.get("files", []))
+    patterns = COMMON_OUTPUTS + KIND_OUTPUTS.get(kind, ())
+    foreign: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            sub = here / d
+            if sub.is_symlink():
+                dirnames.remove(d)
+                filenames.append(d)  # a link is judged as a file (and only unlinked)
+            elif run_kind(sub) is not None:
+                dirnames.remove(d)
+                foreign += [f"{sub.relative_to(path).as_posix()}/{f}" for f in foreign_files(sub)]
+        for name in filenames:
+            rel = (here / name).relative_to(path).as_posix()
+            if rel not in recorded and not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                foreign.append(rel)
+    return sorted(foreign)
+
+
+def protected_paths(recipe: Recipe | None) -> dict[str, Path]:
+    """Folders --overwrite must never clear: the working folder, the home folder and the
+    inputs the recipe names (data root, cache, labels, tokenizer, init weights)."""
+    out = {"the current folder": Path.cwd(), "the home folder": Path.home()}
+    if recipe is not None:
+        for label, value in (
+            ("data.root", recipe.data.root),
+            ("data.cache", recipe.data.cache),
+            ("data.labels", recipe.data.labels),
+            ("tokenizer.path", recipe.tokenizer.path),
+            ("model.init", recipe.model.init),
+            ("finetune.init", getattr(recipe.finetune, "init", None)),
+        ):
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                out[label] = Path(value)
+    return out
+
+
+def _refuse_dangerous(path: Path, protected: dict[str, Path]) -> None:
+    real = path.resolve()
+    if real.parent == real:
+        raise RunDirError(f"--overwrite refused: {path} is a filesystem root; nothing was deleted")
+    for label, p in protected.items():
+        try:
+            other = p.expanduser().resolve()
+        except (OSError, RuntimeError):
+            continue
+        if other == real or other.is_relative_to(real):
+            what = "is" if other == real else "holds"
+            raise RunDirError(
+                f"--overwrite refused: {path} {what} {label} ({p}); nothing was deleted. Give "
+                f"the run its own folder with --out"
+            )
+
+
+def check_folder(
+    path: Path, kind: str, resume: bool, overwrite: bool, recipe: Recipe | None
+) -> str | None:
+    """The kind of the run already in `path` (None for a missing or empty folder), or the
+    reason the folder cannot be used, raised.
+
+    Raises:
+        RunDirError: the folder cannot be used as asked; nothing was changed.
+    """
+    entries = [p.name for p in path.iterdir()] if path.is_dir() else []
+    if not [e for e in entries if e not in (LOCK_FILE, RUN_MARKER)]:
+        return None  # missing, empty, or a run that died before writing anything
+    found = run_kind(path)
+    name = _CLI.get(kind, "this command")
+    if found is None:
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        what = "--overwrite refused: " if overwrite else ""
+        raise RunDirError(
+            f"{what}{path} is not empty ({shown}) and is not a beitdomain run; nothing was "
+            f"changed. Choose an empty or new folder with --out"
+        )
+    if found != kind and kind != "run":
+        raise RunDirError(
+            f"{path} holds a {found} run, not a {kind} run; {name} will not "
+            f"{'resume' if resume else 'replace'} it. Choose another folder with --out"
+        )
+    if overwrite:
+        _refuse_dangerous(path, protected_paths(recipe))
+        foreign = foreign_files(path, found)
+        if foreign:
+            shown = ", ".join(foreign[:8]) + (
+                f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+            )
+            raise RunDirError(
+                f"--overwrite refused: {path} holds files this run did not write ({shown}); "
+                f"nothing was deleted. Move them out, or choose another folder with --out"
+            )
+    elif not resume:
+        raise RunDirError(
+            f"{path} already holds a {found} run. Pass --resume to continue it, --overwrite "
+            f"to delete its files and start over, or --out to choose another folder."
+        )
+    return found
