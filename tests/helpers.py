@@ -1,4 +1,5 @@
-"""Shared pieces for the engine tests: tiny recipes, a small real image set, DICOMs, comparisons.
+"""Shared pieces of the tests: tiny recipes, small image sets, DICOMs, a frozen tiny tokenizer,
+command lines, comparisons, and timm / transformers BEiTs in the official layouts.
 
 Not a conftest: test files import what they need (`from helpers import ...`), so a reader of a
 test sees where its data comes from. Sizes follow the presets built for tests: the 'tiny'
@@ -199,6 +200,18 @@ def write_dicom_with_phi(
     return dst
 
 
+def write_tiny_tokenizer(dst: Path, seed: int = 0) -> Path:
+    """A frozen 'tiny' tokenizer for the 1-channel test images (32 px views -> 8x8 tokens), its
+    weights drawn after `torch.manual_seed(seed)`, saved to the folder `dst`."""
+    import torch
+
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.tokenizer.io import save_tokenizer
+
+    torch.manual_seed(seed)
+    return save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), dst)
+
+
 # --------------------------------------------------------------------------------------------
 # Weights, files and processes
 # --------------------------------------------------------------------------------------------
@@ -217,6 +230,19 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any], what: str = "") ->
     assert sorted(a) == sorted(b), f"{what}: different keys"
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{what}: {len(differ)} tensors differ, e.g. {differ[:5]}"
+
+
+def lose_newest_checkpoint(run: Path, *outputs: str) -> None:
+    """Deletes `run`'s newest checkpoint (with its checksum sidecar) and the named files the
+    finished run wrote (`outputs`), so that `resume=True` has to redo the last steps."""
+    from beitdomain.engine.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(run / "checkpoints")
+    step = mgr.steps()[-1]
+    mgr.path_for(step).unlink()
+    (run / "checkpoints" / f"step-{step:08d}.pt.json").unlink()
+    for name in outputs:
+        (run / name).unlink()
 
 
 def free_port() -> int:
@@ -360,28 +386,3 @@ def tiny_hf_beit_config(image_size: int = 32, **changes: Any) -> Any:
     Skips the calling test without transformers."""
     transformers = pytest.importorskip("transformers")
     return transformers.BeitConfig(image_size=image_size, **TINY_HF_BEIT, **changes)
-
-
-def write_tiny_tokenizer(dst: Path, seed: int = 0) -> Path:
-    """A frozen 'tiny' tokenizer for the 1-channel test images (32 px views -> 8x8 tokens), its
-    weights drawn after `torch.manual_seed(seed)`, saved to the folder `dst`."""
-    import torch
-
-    from beitdomain.tokenizer import create_tokenizer
-    from beitdomain.tokenizer.io import save_tokenizer
-
-    torch.manual_seed(seed)
-    return save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), dst)
-
-
-def lose_newest_checkpoint(run: Path, *outputs: str) -> None:
-    """Deletes `run`'s newest checkpoint (with its checksum sidecar) and the named files the
-    finished run wrote (`outputs`), so that `resume=True` has to redo the last steps."""
-    from beitdomain.engine.checkpoint import CheckpointManager
-
-    mgr = CheckpointManager(run / "checkpoints")
-    step = mgr.steps()[-1]
-    mgr.path_for(step).unlink()
-    (run / "checkpoints" / f"step-{step:08d}.pt.json").unlink()
-    for name in outputs:
-        (run / name).unlink()
