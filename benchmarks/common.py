@@ -1,4 +1,5 @@
-"""Shared helpers of the speed benchmarks: devices, timing, FLOP counting, MFU, tables.
+"""Shared helpers of the speed benchmarks: devices, timing, FLOP counting, MFU, tables, and the
+setup, measurement, table and flags the two step benchmarks have in common.
 
 The step benchmarks (`pretrain_step.py`, `finetune_step.py`) and the GPU suite import this file
 as a sibling module (`benchmarks/` is not a package), so each script runs as
@@ -12,21 +13,27 @@ such as GELU, LayerNorm, softmax and the optimizer are not counted), the usual b
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import gc
+import itertools
+import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from beitdomain.engine import distributed as D
+from beitdomain.models.backbone import BackboneConfig
+from beitdomain.tokenizer.flops import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -373,3 +380,243 @@ def header_lines(info: dict[str, Any]) -> str:
     """One line of run facts to print above a table."""
     keys = ("date", "device", "torch", "timm", "transformers", "cuda", "commit", "load_avg_1m")
     return ", ".join(f"{k} {info[k]}" for k in keys if k in info)
+
+
+# ---- what the step benchmarks (pretrain_step.py, finetune_step.py) share ---------------------
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What both step benchmarks take (their common flags). Sizes left None take the device's
+    default, the script's `CPU_DEFAULTS` / `GPU_DEFAULTS` (see `sizes`)."""
+
+    preset: str | None = None  # backbone preset (`models.backbone.BACKBONE_PRESETS`)
+    depth: int | None = None  # override the preset's number of blocks
+    img_size: int | None = None  # backbone input side
+    in_chans: int = 3  # image channels (1 for grayscale domains)
+    batch: int | None = None  # images per step
+    steps: int = 12  # timed steps per model (median reported)
+    warmup: int = 3  # untimed steps per model first
+    device: str = "auto"  # 'auto', 'cpu', 'cuda' or 'cuda:N'
+    dtype: str = "auto"  # autocast dtype: 'auto' (as `train.precision`), 'bf16' or 'fp32'
+    compile: bool = False  # `torch.compile` the model(s)
+    peak_tflops: float | None = None  # device peak for MFU; None = the GPU's known bf16 peak
+    seed: int = 0  # seed of weights and data
+
+    def sizes(
+        self, device: torch.device, cpu: Mapping[str, Any], gpu: Mapping[str, Any], **more: Any
+    ) -> dict[str, Any]:
+        """preset, depth, img_size, batch and the script's `more` sizes (e.g. its tokenizer),
+        each unset one (None) from the device's defaults.
+
+        A preset given keeps its own depth unless a depth is given too: the defaults' depth
+        belongs to the default preset.
+        """
+        given = dict(
+            preset=self.preset, depth=self.depth, img_size=self.img_size, batch=self.batch, **more
+        )
+        defaults = gpu if device.type == "cuda" else cpu
+        sizes = {k: defaults[k] if v is None else v for k, v in given.items()}
+        if self.preset is not None and self.depth is None:
+            sizes["depth"] = None
+        return sizes
+
+
+def cycling_step(
+    loss_fn: Callable[[Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Any],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> Callable[[], None]:
+    """A closure running one full training step on the next of `batches` (cycling through them):
+    `loss_fn(batch)` under the autocast dtype, backward in fp32, `optimizer.step()` and
+    `zero_grad(set_to_none=True)`, as `Trainer` runs a step."""
+    cycle = itertools.cycle(batches)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = loss_fn(next(cycle))
+        loss.float().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def count_train_flops(model: torch.nn.Module, fn: Callable[[], Any]) -> int:
+    """`count_flops(fn)` of a forward + backward through `model`; its gradients are dropped
+    after, so the timed steps start from the state the optimizer left."""
+    flops = count_flops(fn)
+    for p in model.parameters():
+        p.grad = None
+    return flops
+
+
+def machine_peaks(device: torch.device) -> dict[str, dict[str, float]]:
+    """This machine's matmul peaks now, with this run's threads: {"wall": ..., "cpu": ...},
+    each `matmul_peaks` by that clock (the CPU clock is steadier on a shared machine)."""
+    return {"wall": matmul_peaks(device), "cpu": matmul_peaks(device, clock="cpu")}
+
+
+def step_throughput(
+    times: dict[str, list[float]],
+    batch: int,
+    flops_per_img: float,
+    *,
+    peak_tflops: float | None,
+    peaks: Mapping[str, Mapping[str, float]],
+    dtype: torch.dtype | None,
+) -> dict[str, float | None]:
+    """`summarize`d step times plus MFU and the shares of the matmul peak of the run's dtype,
+    by the wall clock ("peak_share") and by process CPU time ("peak_share_cpu")."""
+    r: dict[str, float | None] = dict(summarize(times, batch))
+    r["mfu"] = mfu(flops_per_img, r["img_per_s"], peak_tflops)
+    r["peak_share"] = peak_share(flops_per_img, r["img_per_s"], peaks["wall"][dtype_name(dtype)])
+    r["peak_share_cpu"] = peak_share(
+        flops_per_img, batch / r["cpu_s"], peaks["cpu"][dtype_name(dtype)]
+    )
+    return r
+
+
+def step_memory(step: Callable[[], None], device: torch.device, batch: int) -> dict[str, Any]:
+    """Peak CUDA memory of one step ("peak_gib") and, per image, the part above what weights,
+    optimizer state and batches hold ("mem_per_img_mib"); None for both on CPU."""
+    if device.type != "cuda":
+        return {"peak_gib": None, "mem_per_img_mib": None}
+    free_memory(device)
+    sync(device)
+    baseline = allocated_gib(device)
+    reset_peak_memory(device)
+    step()
+    sync(device)
+    peak = peak_memory_gib(device)
+    return {"peak_gib": peak, "mem_per_img_mib": (peak - baseline) * 1024 / batch}
+
+
+def model_facts(model: torch.nn.Module, flops_per_img: float) -> dict[str, Any]:
+    """The parameter count and counted GFLOP per image of a contestant."""
+    return {"params": count_params(model), "gflops_per_img": flops_per_img / 1e9}
+
+
+def backbone_train_gflops(cfg: BackboneConfig, *, head_tokens: int, head_out: int) -> float:
+    """`vit_train_gflops` of a backbone config (class token included)."""
+    return vit_train_gflops(
+        tokens=cfg.num_patches + 1,
+        dim=cfg.embed_dim,
+        depth=cfg.depth,
+        mlp_ratio=cfg.mlp_ratio,
+        patch_pixels=cfg.patch_size**2 * cfg.in_chans,
+        head_tokens=head_tokens,
+        head_out=head_out,
+    )
+
+
+def step_config(
+    cfg: BackboneConfig,
+    settings: StepSettings,
+    sizes: Mapping[str, Any],
+    *,
+    peaks: Mapping[str, Mapping[str, float]],
+    dtype: torch.dtype | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The "config" of a step benchmark's result: the backbone, the `sizes` and settings the run
+    used, the machine's matmul peaks and the script's `more` facts (e.g. the MFU peak)."""
+    backbone = ("preset", "depth", "img_size", "batch")
+    return {
+        "preset": sizes["preset"],
+        "depth": cfg.depth,
+        "embed_dim": cfg.embed_dim,
+        "num_heads": cfg.num_heads,
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
+        **{k: v for k, v in sizes.items() if k not in backbone},  # e.g. the tokenizer
+        "batch": sizes["batch"],
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "dtype": dtype_name(dtype),
+        "compile": settings.compile,
+        **more,
+        "matmul_peak_gflops": peaks["wall"],
+        "matmul_peak_cpu_gflops": peaks["cpu"],
+    }
+
+
+STEP_COLUMNS = (
+    "model",
+    "step ms (median)",
+    "min–max ms",
+    "img/s",
+    "CPU ms (median)",
+    "GFLOP/img (counted)",
+    "share of matmul peak",
+    "same, CPU clock",
+    "MFU",
+    "peak GiB",
+    "MiB/img",
+    "params M",
+)
+
+
+def step_row(label: str, r: Mapping[str, Any]) -> list[str]:
+    """One contestant's row of a step table (`STEP_COLUMNS`)."""
+    return [
+        label,
+        fmt(r["step_s"] * 1e3),
+        f"{r['step_min_s'] * 1e3:,.0f}–{r['step_max_s'] * 1e3:,.0f}",
+        fmt(r["img_per_s"]),
+        fmt(r["cpu_s"] * 1e3),
+        fmt(r["gflops_per_img"], ".2f"),
+        fmt_pct(r["peak_share"]),
+        fmt_pct(r["peak_share_cpu"]),
+        fmt_pct(r["mfu"]),
+        fmt(r["peak_gib"], ".2f"),
+        fmt(r["mem_per_img_mib"], ".1f"),
+        f"{r['params'] / 1e6:.2f}",
+    ]
+
+
+def matmul_peak_note(cfg: Mapping[str, Any]) -> str:
+    """The machine's measured matmul peaks of a step result's config, for the table's note."""
+    peaks = cfg["matmul_peak_gflops"]
+    return (
+        f"This machine's 2048^2 matmul peak: {peaks['fp32']:,.0f} GFLOP/s fp32, "
+        f"{peaks['bf16']:,.0f} bf16"
+    )
+
+
+def step_parser(description: str, *, preset_help: str) -> argparse.ArgumentParser:
+    """The flags both step benchmarks take; a script adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default=None, help=preset_help)
+    p.add_argument(
+        "--depth", type=int, default=None, help="override the preset's depth (CPU default 4)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="backbone input side (default 224)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model(s)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p
+
+
+def step_settings(args: argparse.Namespace) -> StepSettings:
+    """The `StepSettings` of `step_parser`'s flags."""
+    return StepSettings(
+        **{f.name: getattr(args, f.name) for f in fields(StepSettings) if f.name in args}
+    )
+
+
+def emit(table: str, res: dict[str, Any], path: Path | None) -> None:
+    """Prints a benchmark's table and, with a path, writes its results there as JSON."""
+    print(table)
+    if path is not None:
+        path.write_text(json.dumps(res, indent=2, default=str))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -325,44 +325,31 @@ def run_suite(
         from beitdomain.engine.distributed import default_num_workers
 
         workers = default_num_workers() if not quick else 0
-    dtype_arg = "bf16" if amp is not None else "fp32"
-    common_kw = dict(
+    step = C.StepSettings(
+        preset=sizes["preset"],
         img_size=sizes["img_size"],
         batch=sizes["batch"],
         steps=sizes["steps"],
         warmup=sizes["warmup"],
         device=str(dev),
-        dtype=dtype_arg,
+        dtype="bf16" if amp is not None else "fp32",
         peak_tflops=peak_tflops,
     )
+    compiled = dataclasses.replace(step, compile=True)
     res: dict[str, Any] = {"env": C.env_info(dev), "sizes": sizes, "workers": workers}
 
-    _guard(
-        res,
-        "pretrain",
-        lambda: PT.run(preset=sizes["preset"], tokenizer=sizes["tokenizer"], **common_kw),
-    )
+    _guard(res, "pretrain", lambda: PT.run(step, tokenizer=sizes["tokenizer"]))
     C.free_memory(dev)
-    _guard(res, "finetune", lambda: FT.run(preset=sizes["preset"], **common_kw))
+    _guard(res, "finetune", lambda: FT.run(step))
     C.free_memory(dev)
     if compile:
         _guard(
             res,
             "pretrain_compiled",
-            lambda: PT.run(
-                preset=sizes["preset"],
-                tokenizer=sizes["tokenizer"],
-                compile=True,
-                include_hf=False,
-                **common_kw,
-            ),
+            lambda: PT.run(compiled, tokenizer=sizes["tokenizer"], include_hf=False),
         )
         C.free_memory(dev)
-        _guard(
-            res,
-            "finetune_compiled",
-            lambda: FT.run(preset=sizes["preset"], compile=True, **common_kw),
-        )
+        _guard(res, "finetune_compiled", lambda: FT.run(compiled))
         C.free_memory(dev)
 
     patch = 8 if quick else 16
@@ -381,28 +368,21 @@ def run_suite(
             pin_memory=dev.type == "cuda",
         ),
     )
-    _guard(
-        res,
-        "max_batch_pretrain",
-        lambda: max_batch(
-            pretrain_step_factory(sizes, dev, amp) if dev.type == "cuda" else None,
-            dev,
-            start=sizes["batch"],
-            cap=max_batch_cap,
-        ),
-    )
-    C.free_memory(dev)
-    _guard(
-        res,
-        "max_batch_finetune",
-        lambda: max_batch(
-            finetune_step_factory(sizes, dev, amp) if dev.type == "cuda" else None,
-            dev,
-            start=sizes["batch"],
-            cap=max_batch_cap,
-        ),
-    )
-    C.free_memory(dev)
+    for key, factory in (
+        ("max_batch_pretrain", pretrain_step_factory),
+        ("max_batch_finetune", finetune_step_factory),
+    ):
+        _guard(
+            res,
+            key,
+            lambda factory=factory: max_batch(
+                factory(sizes, dev, amp) if dev.type == "cuda" else None,
+                dev,
+                start=sizes["batch"],
+                cap=max_batch_cap,
+            ),
+        )
+        C.free_memory(dev)
     _guard(res, "attention", lambda: attention_kernels(sizes["attn_shape"], dev, amp))
     return res
 
@@ -518,7 +498,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="step batch (default 128)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores-1)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
-    p.add_argument("--max-batch", type=int, default=2048, help="cap of the batch search")
+    p.add_argument(
+        "--max-batch",
+        dest="max_batch_cap",
+        type=int,
+        default=2048,
+        help="cap of the batch search",
+    )
     p.add_argument("--memory-gib", type=float, default=None, help="emulate a smaller GPU")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -527,21 +513,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the suite, prints the table, writes `--out`; returns the results dict."""
-    args = parse_args(argv)
-    res = run_suite(
-        device=args.device,
-        quick=args.quick,
-        tokenizer=args.tokenizer,
-        batch=args.batch,
-        workers=args.workers,
-        compile=args.compile,
-        max_batch_cap=args.max_batch,
-        memory_gib=args.memory_gib,
-        peak_tflops=args.peak_tflops,
-    )
-    print(format_suite(res))
-    if args.out is not None:
-        args.out.write_text(json.dumps(res, indent=2, default=str))
+    args = vars(parse_args(argv))
+    out = args.pop("out")
+    res = run_suite(**args)  # the other flags are `run_suite`'s arguments, one for one
+    C.emit(format_suite(res), res, out)
     return res
 
 

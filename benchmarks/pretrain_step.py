@@ -31,7 +31,6 @@ head costs keep their ViT-B proportions per token) while a run takes about a min
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,15 +50,16 @@ from beitdomain.engine.pretrain import MIMObjective
 from beitdomain.models.attention import select_attention_kernels
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import param_groups_weight_decay
+from beitdomain.models.export import hf_config_dict
 from beitdomain.models.mim import BeitMIM
 from beitdomain.tokenizer.dvae import DiscreteVAE, tokenizer_config
 from beitdomain.tokenizer.flops import encoder_gflops
 
 Batch = dict[str, torch.Tensor]
 
-# (preset, depth override, img_size, tokenizer, batch) when the flags are not given.
-CPU_DEFAULTS = ("vit-small", 4, 224, "small", 8)
-GPU_DEFAULTS = ("vit-base", None, 224, "dalle", 128)
+# The sizes when the flags are not given.
+CPU_DEFAULTS = dict(preset="vit-small", depth=4, img_size=224, tokenizer="small", batch=8)
+GPU_DEFAULTS = dict(preset="vit-base", depth=None, img_size=224, tokenizer="dalle", batch=128)
 
 
 def backbone_config(
@@ -102,34 +102,21 @@ def tokenize(tok: DiscreteVAE, x: torch.Tensor) -> torch.Tensor:
 def build_hf_mim(cfg: BackboneConfig, vocab_size: int) -> nn.Module:
     """`BeitForMaskedImageModeling` with the same architecture as `BeitMIM.from_config(cfg)`.
 
-    HF's default attention implementation is kept (SDPA where the installed version supports
-    it). LayerNorm eps follows timm (1e-6); `use_mean_pooling=True` makes `BeitModel`'s own final
-    norm an identity, so only the MIM head's LayerNorm runs, as ours.
+    The library's HF export settings (`models.export.hf_config_dict`: timm's LayerNorm eps and
+    GELU, no dropout, `use_mean_pooling=True`, which makes `BeitModel`'s own final norm an
+    identity, so only the MIM head's LayerNorm runs, as ours) with a mask token and `cfg`'s
+    relative position bias (shared by all blocks in pre-training, per block in the export).
+    HF's default attention implementation is kept (SDPA where the installed version supports it).
     """
     from transformers import BeitConfig, BeitForMaskedImageModeling
 
-    hf_cfg = BeitConfig(
+    hf_cfg = hf_config_dict(cfg) | dict(
         vocab_size=vocab_size,
-        hidden_size=cfg.embed_dim,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-6,
-        image_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans,
         use_mask_token=True,
-        use_absolute_position_embeddings=cfg.use_abs_pos_emb,
         use_relative_position_bias=not cfg.use_shared_rel_pos_bias,
         use_shared_relative_position_bias=cfg.use_shared_rel_pos_bias,
-        layer_scale_init_value=cfg.layer_scale_init or 0.0,
-        drop_path_rate=0.0,
-        use_mean_pooling=True,
     )
-    return BeitForMaskedImageModeling(hf_cfg)
+    return BeitForMaskedImageModeling(BeitConfig(**hf_cfg))
 
 
 def make_batches(
@@ -180,101 +167,50 @@ def make_step(
     dtype: torch.dtype | None,
 ) -> Callable[[], None]:
     """A closure running one full step on the next batch (cycling through `batches`)."""
-    state = {"i": 0}
-
-    def step() -> None:
-        b = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        with C.autocast(device, dtype):
-            loss = loss_fn(model, tok, b)
-        loss.float().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return C.cycling_step(lambda b: loss_fn(model, tok, b), optimizer, batches, device, dtype)
 
 
 def count_step_flops(model: nn.Module, loss_fn: LossFn, tok: DiscreteVAE, b: Batch) -> int:
     """FLOPs of tokenizer forward + model forward/backward for batch `b` (fp32, math SDPA)."""
-
-    def run() -> None:
-        loss_fn(model, tok, b).backward()
-
-    flops = C.count_flops(run)
-    for p in model.parameters():
-        p.grad = None
-    return flops
-
-
-def peak_step_memory(step: Callable[[], None], device: torch.device) -> dict[str, float | None]:
-    """Peak CUDA memory of one step and the part above the steady state (weights, optimizer)."""
-    if device.type != "cuda":
-        return {"peak_gib": None, "baseline_gib": None}
-    C.free_memory(device)
-    C.sync(device)
-    baseline = C.allocated_gib(device)
-    C.reset_peak_memory(device)
-    step()
-    C.sync(device)
-    return {"peak_gib": C.peak_memory_gib(device), "baseline_gib": baseline}
+    return C.count_train_flops(model, lambda: loss_fn(model, tok, b).backward())
 
 
 def run(
+    settings: C.StepSettings = C.StepSettings(),
     *,
-    preset: str | None = None,
-    depth: int | None = None,
-    img_size: int | None = None,
-    in_chans: int = 3,
     tokenizer: str | None = None,
     vocab_size: int | None = None,
-    batch: int | None = None,
-    steps: int = 12,
-    warmup: int = 3,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool = False,
-    peak_tflops: float | None = None,
     include_hf: bool = True,
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Builds both models, times them interleaved, counts FLOPs; returns the results dict.
 
     Args:
-        preset: backbone preset (`models.backbone.BACKBONE_PRESETS`); None = device default.
-        depth: override the preset's number of blocks (None = keep; the CPU default uses 4).
-        img_size: backbone input side; the tokenizer sees `grid * downsample` pixels.
-        in_chans: image channels (1 for grayscale domains).
-        tokenizer: tokenizer preset (`tokenizer.dvae.TOKENIZER_PRESETS`); None = device default.
+        settings: sizes, timing and device (seed: of weights, images and masks); unset sizes:
+            vit-small depth 4 at 224, batch 8 on CPU, vit-base at 224, batch 128 on CUDA.
+            The tokenizer sees `grid * downsample` pixels; `compile` leaves it eager.
+        tokenizer: tokenizer preset (`tokenizer.dvae.TOKENIZER_PRESETS`); None = device default
+            ('small' on CPU, 'dalle' on CUDA).
         vocab_size: override the tokenizer's vocabulary (= the MIM head's outputs).
-        batch: images per step; None = device default.
-        steps: timed steps per model (median reported).
-        warmup: untimed steps per model first.
-        device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
-        dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32' (autocast dtype).
-        compile: `torch.compile` both models (the tokenizer stays eager).
-        peak_tflops: device peak for MFU; None = known bf16 peak of the GPU, else no MFU.
         include_hf: also time the Hugging Face reference.
-        seed: seed of weights, images and masks.
 
     Returns:
         {"config", "env", "ours", "hf" (when included), "speedup"}; per model: step_s,
         step_min_s, step_max_s, img_per_s, gflops_per_img, mfu, params, peak_gib, mem_per_img_mib.
     """
-    dev = C.resolve_device(device)
-    amp = C.resolve_dtype(dtype, dev)
-    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
-    if preset is None:
-        preset, depth = defaults[0], depth if depth is not None else defaults[1]
-    img_size = img_size or defaults[2]
-    tokenizer = tokenizer or defaults[3]
-    batch = batch or defaults[4]
-    torch.manual_seed(seed)
+    s = settings
+    dev = C.resolve_device(s.device)
+    amp = C.resolve_dtype(s.dtype, dev)
+    sizes = s.sizes(dev, CPU_DEFAULTS, GPU_DEFAULTS, tokenizer=tokenizer)
+    preset, tokenizer, batch = sizes["preset"], sizes["tokenizer"], sizes["batch"]
+    torch.manual_seed(s.seed)
 
-    cfg = backbone_config(preset, img_size=img_size, depth=depth, in_chans=in_chans)
-    tok = build_tokenizer(tokenizer, in_chans, dev, vocab_size)
+    cfg = backbone_config(
+        preset, img_size=sizes["img_size"], depth=sizes["depth"], in_chans=s.in_chans
+    )
+    tok = build_tokenizer(tokenizer, s.in_chans, dev, vocab_size)
     tok_size = cfg.grid[0] * tok.config.downsample
     vocab = tok.vocab_size
-    batches = make_batches(4, batch, cfg, tok_size, dev, seed)
+    batches = make_batches(4, batch, cfg, tok_size, dev, s.seed)
     optim_cfg = OptimConfig(lr=1e-4)
 
     models: dict[str, tuple[nn.Module, LossFn]] = {}
@@ -288,79 +224,42 @@ def run(
     results: dict[str, Any] = {}
     one = {k: v[:1] for k, v in batches[0].items()}
     for name, (model, loss_fn) in models.items():
-        flops = count_step_flops(model, loss_fn, tok, one)
-        results[name] = {
-            "params": sum(p.numel() for p in model.parameters()),
-            "gflops_per_img": flops / 1e9,
-            "attn_implementation": getattr(
-                getattr(model, "config", None), "_attn_implementation", "timm sdpa"
-            ),
-        }
+        results[name] = C.model_facts(model, count_step_flops(model, loss_fn, tok, one))
+        results[name]["attn_implementation"] = getattr(
+            getattr(model, "config", None), "_attn_implementation", "timm sdpa"
+        )
 
     steps_fns: dict[str, Callable[[], None]] = {}
     for name, (model, loss_fn) in models.items():
         opt = build_adamw(param_groups_weight_decay(model, optim_cfg.weight_decay), optim_cfg, dev)
-        runner = torch.compile(model) if compile else model
+        runner = torch.compile(model) if s.compile else model
         steps_fns[name] = make_step(runner, loss_fn, tok, opt, batches, dev, amp)
-    times = C.interleaved_times(steps_fns, steps=steps, warmup=warmup, device=dev)
+    times = C.interleaved_times(steps_fns, steps=s.steps, warmup=s.warmup, device=dev)
 
-    peak = peak_tflops if peak_tflops is not None else C.default_peak_tflops(dev, amp)
-    # The machine's own matmul peaks, measured now with this run's threads and load.
-    matmul_peaks = C.matmul_peaks(dev)
-    cpu_peaks = C.matmul_peaks(dev, clock="cpu")  # steadier on a shared machine, 1 thread
-    own_peak = matmul_peaks[C.dtype_name(amp)]
+    peak = s.peak_tflops if s.peak_tflops is not None else C.default_peak_tflops(dev, amp)
+    peaks = C.machine_peaks(dev)
     # MFU counts the useful work (our FLOPs: the head on masked patches only) for both models,
     # so it stays a throughput measure; HF's extra head FLOPs on unmasked patches are waste.
     useful = results["ours"]["gflops_per_img"] * 1e9
     for name in models:
         r = results[name]
-        r.update(C.summarize(times[name], batch))
-        r["mfu"] = C.mfu(useful, r["img_per_s"], peak)
-        r["peak_share"] = C.peak_share(useful, r["img_per_s"], own_peak)
-        r["peak_share_cpu"] = C.peak_share(useful, batch / r["cpu_s"], cpu_peaks[C.dtype_name(amp)])
-        mem = peak_step_memory(steps_fns[name], dev)
-        r["peak_gib"] = mem["peak_gib"]
-        r["mem_per_img_mib"] = (
-            None
-            if mem["peak_gib"] is None
-            else (mem["peak_gib"] - mem["baseline_gib"]) * 1024 / batch
+        r.update(
+            C.step_throughput(times[name], batch, useful, peak_tflops=peak, peaks=peaks, dtype=amp)
         )
+        r.update(C.step_memory(steps_fns[name], dev, batch))
 
-    analytic = C.vit_train_gflops(
-        tokens=cfg.num_patches + 1,
-        dim=cfg.embed_dim,
-        depth=cfg.depth,
-        mlp_ratio=cfg.mlp_ratio,
-        patch_pixels=cfg.patch_size**2 * cfg.in_chans,
-        head_tokens=int(batches[0]["mask"][0].sum()),
-        head_out=vocab,
+    num_masked = int(batches[0]["mask"][0].sum())
+    facts = dict(
+        tokenizer_size=tok_size,
+        vocab_size=vocab,
+        num_masked=num_masked,
+        num_patches=cfg.num_patches,
     )
     out: dict[str, Any] = {
-        "config": {
-            "preset": preset,
-            "depth": cfg.depth,
-            "embed_dim": cfg.embed_dim,
-            "num_heads": cfg.num_heads,
-            "img_size": cfg.img_size,
-            "patch_size": cfg.patch_size,
-            "in_chans": cfg.in_chans,
-            "tokenizer": tokenizer,
-            "tokenizer_size": tok_size,
-            "vocab_size": vocab,
-            "num_masked": int(batches[0]["mask"][0].sum()),
-            "num_patches": cfg.num_patches,
-            "batch": batch,
-            "steps": steps,
-            "warmup": warmup,
-            "dtype": C.dtype_name(amp),
-            "compile": compile,
-            "peak_tflops": peak,
-            "matmul_peak_gflops": matmul_peaks,
-            "matmul_peak_cpu_gflops": cpu_peaks,
-        },
+        "config": C.step_config(cfg, s, sizes, peaks=peaks, dtype=amp, peak_tflops=peak, **facts),
         "env": C.env_info(dev),
         "analytic_gflops_per_img": {
-            "backbone_train": analytic,
+            "backbone_train": C.backbone_train_gflops(cfg, head_tokens=num_masked, head_out=vocab),
             "tokenizer_forward": encoder_gflops(tok, tok_size),
         },
         **results,
@@ -381,57 +280,20 @@ def format_table(res: dict[str, Any]) -> str:
         f"{cfg['num_masked']}/{cfg['num_patches']} masked; batch {cfg['batch']}, {cfg['dtype']}, "
         f"compile {cfg['compile']}; median of {cfg['steps']} steps after {cfg['warmup']} warm-up"
     )
-    rows = []
     labels = (
         ("ours", "ours (BeitMIM, timm)"),
         ("hf", "HF BeitForMaskedImageModeling"),
     )
-    for name, label in labels:
-        if name not in res:
-            continue
-        r = res[name]
-        rows.append(
-            [
-                label,
-                C.fmt(r["step_s"] * 1e3),
-                f"{r['step_min_s'] * 1e3:,.0f}–{r['step_max_s'] * 1e3:,.0f}",
-                C.fmt(r["img_per_s"]),
-                C.fmt(r["cpu_s"] * 1e3),
-                C.fmt(r["gflops_per_img"], ".2f"),
-                C.fmt_pct(r["peak_share"]),
-                C.fmt_pct(r["peak_share_cpu"]),
-                C.fmt_pct(r["mfu"]),
-                C.fmt(r["peak_gib"], ".2f"),
-                C.fmt(r["mem_per_img_mib"], ".1f"),
-                f"{r['params'] / 1e6:.2f}",
-            ]
-        )
-    table = C.markdown_table(
-        [
-            "model",
-            "step ms (median)",
-            "min–max ms",
-            "img/s",
-            "CPU ms (median)",
-            "GFLOP/img (counted)",
-            "share of matmul peak",
-            "same, CPU clock",
-            "MFU",
-            "peak GiB",
-            "MiB/img",
-            "params M",
-        ],
-        rows,
-    )
+    rows = [C.step_row(label, res[name]) for name, label in labels if name in res]
+    table = C.markdown_table(C.STEP_COLUMNS, rows)
     a = res["analytic_gflops_per_img"]
     lines = [title, C.header_lines(res["env"]), "", table, ""]
     lines.append(
         f"Analytic GFLOP/img: backbone training {a['backbone_train']:.2f} (3 x forward, head on "
         f"masked patches) + tokenizer forward {a['tokenizer_forward']:.2f} = "
         f"{a['backbone_train'] + a['tokenizer_forward']:.2f}; MFU uses ours' counted FLOPs "
-        f"for both rows (peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s). This machine's "
-        f"{2048}^2 matmul peak: {cfg['matmul_peak_gflops']['fp32']:,.0f} GFLOP/s fp32, "
-        f"{cfg['matmul_peak_gflops']['bf16']:,.0f} bf16 ({res['env']['threads']} threads); "
+        f"for both rows (peak {C.fmt(cfg['peak_tflops'], '.0f')} TFLOP/s). "
+        f"{C.matmul_peak_note(cfg)} ({res['env']['threads']} threads); "
         "the share column divides by the run's dtype."
     )
     if "speedup" in res:
@@ -443,31 +305,15 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--preset",
-        default=None,
-        help="backbone preset (default: vit-small on CPU, vit-base on CUDA)",
+    p = C.step_parser(
+        __doc__.splitlines()[0],
+        preset_help="backbone preset (default: vit-small on CPU, vit-base on CUDA)",
     )
-    p.add_argument(
-        "--depth", type=int, default=None, help="override the preset's depth (CPU default 4)"
-    )
-    p.add_argument("--img-size", type=int, default=None, help="backbone input side (default 224)")
-    p.add_argument("--in-chans", type=int, default=3)
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer preset (default: small on CPU, dalle on CUDA)"
     )
     p.add_argument("--vocab", type=int, default=None, help="override the tokenizer's vocab size")
-    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
-    p.add_argument("--steps", type=int, default=12, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--no-hf", action="store_true", help="time ours only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
 
@@ -477,24 +323,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(
-        preset=args.preset,
-        depth=args.depth,
-        img_size=args.img_size,
-        in_chans=args.in_chans,
+        C.step_settings(args),
         tokenizer=args.tokenizer,
         vocab_size=args.vocab,
-        batch=args.batch,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=args.device,
-        dtype=args.dtype,
-        compile=args.compile,
-        peak_tflops=args.peak_tflops,
         include_hf=not args.no_hf,
     )
-    print(format_table(res))
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2))
+    C.emit(format_table(res), res, args.json)
     return res
 
 

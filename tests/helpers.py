@@ -1,4 +1,5 @@
-"""Shared pieces for the engine tests: tiny recipes, a small real image set, DICOMs, comparisons.
+"""Shared pieces of the tests: tiny recipes, small image sets, DICOMs, a frozen tiny tokenizer,
+command lines, comparisons, and timm / transformers BEiTs in the official layouts.
 
 Not a conftest: test files import what they need (`from helpers import ...`), so a reader of a
 test sees where its data comes from. Sizes follow the presets built for tests: the 'tiny'
@@ -69,6 +70,16 @@ FINETUNE_SETS = [
     "data.val_fraction=0.15",
     "data.test_fraction=0.3",
 ]
+
+
+def checkpointed_sets(job: str, steps: int, ckpt_every: int) -> list[str]:
+    """`--set`s for a deterministic `job` run ('tokenizer', 'pretrain', 'finetune') of `steps`
+    steps with a checkpoint every `ckpt_every`: what a bit-for-bit resume check needs."""
+    return [
+        f"{job}.train.steps={steps}",
+        f"{job}.train.ckpt_every={ckpt_every}",
+        f"{job}.train.deterministic=true",
+    ]
 
 
 def recipe(sets: Sequence[str], **options: Any) -> Any:
@@ -189,6 +200,18 @@ def write_dicom_with_phi(
     return dst
 
 
+def write_tiny_tokenizer(dst: Path, seed: int = 0) -> Path:
+    """A frozen 'tiny' tokenizer for the 1-channel test images (32 px views -> 8x8 tokens), its
+    weights drawn after `torch.manual_seed(seed)`, saved to the folder `dst`."""
+    import torch
+
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.tokenizer.io import save_tokenizer
+
+    torch.manual_seed(seed)
+    return save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), dst)
+
+
 # --------------------------------------------------------------------------------------------
 # Weights, files and processes
 # --------------------------------------------------------------------------------------------
@@ -207,6 +230,19 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any], what: str = "") ->
     assert sorted(a) == sorted(b), f"{what}: different keys"
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{what}: {len(differ)} tensors differ, e.g. {differ[:5]}"
+
+
+def lose_newest_checkpoint(run: Path, *outputs: str) -> None:
+    """Deletes `run`'s newest checkpoint (with its checksum sidecar) and the named files the
+    finished run wrote (`outputs`), so that `resume=True` has to redo the last steps."""
+    from beitdomain.engine.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(run / "checkpoints")
+    step = mgr.steps()[-1]
+    mgr.path_for(step).unlink()
+    (run / "checkpoints" / f"step-{step:08d}.pt.json").unlink()
+    for name in outputs:
+        (run / name).unlink()
 
 
 def free_port() -> int:
@@ -246,6 +282,24 @@ def run_cli(args: Sequence[str], timeout: float = 300, **env: str) -> subprocess
     )
 
 
+def cli(*args: str) -> Any:
+    """`beitdomain --device cpu --quiet ARGS` in this process (typer's CliRunner); the result's
+    `.text` is its output with rich's line wrapping undone."""
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    res = CliRunner().invoke(app, ["--device", "cpu", "--quiet", *args])
+    res.text = flat(res.output)
+    return res
+
+
+def scratch_curve_args(data: Path, out: Path, sets: Sequence[str]) -> list[str]:
+    """`curve` arguments for one cell from scratch (all labels, one seed) on `data` into `out`."""
+    cell = ["--init", "scratch", "--fractions", "100%", "--seeds", "1"]
+    return ["curve", "--data", str(data), *cell, "--out", str(out), *sets_to_args(sets)]
+
+
 def write_labels_csv(path: Path, rows: Iterable[Sequence[str]]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -269,3 +323,66 @@ def said(output: str, *needles: str) -> bool:
     mid-word at the terminal width)."""
     squashed = "".join(output.split())
     return all("".join(n.split()) in squashed for n in needles)
+
+
+# --------------------------------------------------------------------------------------------
+# Official layouts: timm and transformers BEiTs to convert from and compare against
+# --------------------------------------------------------------------------------------------
+
+
+def randomize(model: Any, seed: int = 0) -> None:
+    """Fills every parameter with seeded noise around 0 (matrices) or 1 (vectors): zero-initialized
+    tables and unit norms would hide mapping mistakes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+
+
+def timm_beit_kwargs(cfg: Any, **extra: Any) -> dict[str, Any]:
+    """`timm.create_model` keyword arguments for a beitdomain backbone config (its drop path
+    left at timm's default), plus `extra`."""
+    from beitdomain.models.backbone import beit_kwargs
+
+    kw = beit_kwargs(cfg)
+    kw.pop("drop_path_rate")
+    return {**kw, **extra}
+
+
+# `timm_beit` arguments for the token features (no pooling, no fc_norm): unilm's pre-training
+# layout, `forward_features` of a BeitMIM.
+TIMM_TOKENS = dict(global_pool="", use_fc_norm=False)
+
+
+def timm_beit(cfg: Any, seed: int, **extra: Any) -> Any:
+    """timm's BEiT with `cfg`'s architecture, no head and `extra` `create_model` arguments
+    (e.g. `**TIMM_TOKENS`), randomized with `seed`, in eval mode."""
+    import timm
+
+    model = timm.create_model(
+        "beit_base_patch16_224", num_classes=0, **timm_beit_kwargs(cfg, **extra)
+    ).eval()
+    randomize(model, seed)
+    return model
+
+
+# The 'tiny' backbone preset (8 px patches, width 64, 2 blocks of 2 heads, MLP 256, 3 channels)
+# in transformers' `BeitConfig` names, with timm's LayerNorm eps so that outputs compare exactly.
+TINY_HF_BEIT = {
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+    "layer_norm_eps": 1e-6,
+}
+
+
+def tiny_hf_beit_config(image_size: int = 32, **changes: Any) -> Any:
+    """A transformers `BeitConfig` of `TINY_HF_BEIT` at `image_size`; `changes` set the rest.
+    Skips the calling test without transformers."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.BeitConfig(image_size=image_size, **TINY_HF_BEIT, **changes)

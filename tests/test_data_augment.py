@@ -9,7 +9,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import PRETRAIN_SETS, assert_same_tensors, load_tensors, recipe, write_elpv_subset
+from helpers import (
+    PRETRAIN_SETS,
+    assert_same_tensors,
+    checkpointed_sets,
+    load_tensors,
+    lose_newest_checkpoint,
+    recipe,
+    write_elpv_subset,
+    write_tiny_tokenizer,
+)
 
 A = pytest.importorskip("albumentations")
 pytest.importorskip("monai")
@@ -19,8 +28,6 @@ from beitdomain.data.transforms import AugmentError, UserAugment  # noqa: E402
 from beitdomain.engine.checkpoint import CheckpointManager  # noqa: E402
 from beitdomain.engine.metrics_log import read_metrics  # noqa: E402
 from beitdomain.engine.pretrain import pretrain  # noqa: E402
-from beitdomain.tokenizer import create_tokenizer  # noqa: E402
-from beitdomain.tokenizer.io import save_tokenizer  # noqa: E402
 
 MONAI_CHAIN = "augment_chain:build"
 
@@ -99,10 +106,7 @@ def test_bad_augment_values_are_user_errors(tmp_path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aug")
-    root = write_elpv_subset(tmp / "data", per_class=8)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return root, tok
+    return write_elpv_subset(tmp / "data", per_class=8), write_tiny_tokenizer(tmp / "tok")
 
 
 @pytest.mark.parametrize("which", ["albumentations", "monai"])
@@ -112,12 +116,7 @@ def test_pretrain_with_user_augment_resumes_to_the_same_batches(which, data, alb
     root, tok = data
     spec = str(albu_file) if which == "albumentations" else MONAI_CHAIN
     r = recipe(
-        [
-            *PRETRAIN_SETS,
-            "pretrain.train.steps=6",
-            "pretrain.train.ckpt_every=3",
-            "pretrain.train.deterministic=true",
-        ],
+        [*PRETRAIN_SETS, *checkpointed_sets("pretrain", 6, 3)],
         **{"data.root": str(root), "tokenizer.path": str(tok), "data.augment": spec},
     )
     run = tmp_path / "run"
@@ -127,9 +126,7 @@ def test_pretrain_with_user_augment_resumes_to_the_same_batches(which, data, alb
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     mgr = CheckpointManager(run / "checkpoints")
     assert mgr.steps() == [3, 6]
-    for p in (mgr.path_for(6), run / "mim.safetensors", run / "backbone.safetensors"):
-        p.unlink()
-    (run / "checkpoints" / "step-00000006.pt.json").unlink()
+    lose_newest_checkpoint(run, "mim.safetensors", "backbone.safetensors")
     pretrain(r, run, device="cpu", quiet=True, resume=True)
     again = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in again] == list(range(1, 7))

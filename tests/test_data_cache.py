@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import tifffile
+from helpers import write_dicom_with_phi
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from beitdomain.data.cache import (
     CachedImages,
@@ -128,11 +127,7 @@ def test_pickles_without_data(folder: Path, tmp_path: Path):
 
 def test_no_patient_data_in_cache(tmp_path: Path):
     root = tmp_path / "dicoms"
-    root.mkdir()
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    ds.PatientName = "Kowalski^Magdalena"
-    ds.PatientID = "ZX-77"
-    ds.save_as(root / "mr.dcm")
+    write_dicom_with_phi(root / "mr.dcm", "Kowalski^Magdalena", "ZX-77", "19580412", "MR_small.dcm")
     out = tmp_path / "cache"
     build_cache(scan(root), out, size=16)
     for f in out.iterdir():

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import tifffile
+from helpers import write_dicom_with_phi
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from beitdomain.data.index import Manifest, ScanError, errors_path, scan
 
@@ -128,12 +127,7 @@ def test_fingerprint_changes_with_files(folder: Path):
 
 def test_patient_name_never_written(tmp_path: Path):
     root = tmp_path / "dicoms"
-    root.mkdir()
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.PatientName = "Smith^Johanna"
-    ds.PatientID = "MRN-0042"
-    ds.PatientBirthDate = "19661231"
-    ds.save_as(root / "ct.dcm")
+    write_dicom_with_phi(root / "ct.dcm", "Smith^Johanna", "MRN-0042", "19661231")
     (root / "broken.dcm").write_bytes(root.joinpath("ct.dcm").read_bytes()[:600])
     m = scan(root, on_error="skip")
     out = tmp_path / "m.jsonl"

@@ -24,11 +24,10 @@ from helpers import (
     load_tensors,
     sets_to_args,
     write_elpv_subset,
+    write_tiny_tokenizer,
 )
 
 from beitdomain.engine.metrics_log import read_metrics
-from beitdomain.tokenizer import create_tokenizer
-from beitdomain.tokenizer.io import save_tokenizer
 
 DRIVER = r"""
 import contextlib, json, os, sys
@@ -80,10 +79,7 @@ finally:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    cells = write_elpv_subset(tmp / "cells", per_class=12)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return cells, tok
+    return write_elpv_subset(tmp / "cells", per_class=12), write_tiny_tokenizer(tmp / "tok")
 
 
 def _torchrun(tmp_path, args: list[str]) -> subprocess.CompletedProcess:

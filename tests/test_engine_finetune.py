@@ -11,9 +11,11 @@ import pytest
 from helpers import (
     FINETUNE_SETS,
     assert_same_tensors,
+    checkpointed_sets,
     flat,
     list_images,
     load_tensors,
+    lose_newest_checkpoint,
     recipe,
     sets_to_args,
     write_separable_set,
@@ -168,15 +170,7 @@ def test_impossible_label_request_fails_before_training(four_classes, tmp_path):
 
 
 def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
-    r = recipe(
-        [
-            *FINETUNE_SETS,
-            "finetune.train.steps=8",
-            "finetune.train.ckpt_every=3",
-            "finetune.train.deterministic=true",
-        ],
-        **{"data.root": str(data)},
-    )
+    r = recipe([*FINETUNE_SETS, *checkpointed_sets("finetune", 8, 3)], **{"data.root": str(data)})
     run = tmp_path / "run"
     first_res = finetune(r, run, device="cpu", quiet=True)
     first = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
@@ -184,9 +178,7 @@ def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
     final = mgr.load_latest()[1]["model"]
     best = load_tensors(run / "best.safetensors")
     assert mgr.steps() == [3, 6, 8]
-    mgr.path_for(8).unlink()
-    (run / "checkpoints" / "step-00000008.pt.json").unlink()
-    (run / "results.json").unlink()
+    lose_newest_checkpoint(run, "results.json")
     res = finetune(r, run, device="cpu", quiet=True, resume=True)
     again = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in again] == list(range(1, 9))

@@ -10,7 +10,15 @@ import math
 import pytest
 import timm
 import torch
-from helpers import PRETRAIN_SETS, write_elpv_subset
+from helpers import (
+    PRETRAIN_SETS,
+    TIMM_TOKENS,
+    randomize,
+    timm_beit,
+    tiny_hf_beit_config,
+    write_elpv_subset,
+    write_tiny_tokenizer,
+)
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -18,11 +26,9 @@ from beitdomain.cli.app import app
 from beitdomain.config import load_recipe
 from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import export_run, pretrain
-from beitdomain.models.backbone import beit_kwargs, get_preset
+from beitdomain.models.backbone import get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import load_backbone_weights
-from beitdomain.tokenizer import create_tokenizer
-from beitdomain.tokenizer.io import save_tokenizer
 
 VOCAB = 64  # the tiny tokenizer's; the official heads below have as many outputs
 RGB = get_preset("tiny")  # 64 px, 8 px patches, width 64, 2 blocks, 3 channels
@@ -31,27 +37,7 @@ RGB = get_preset("tiny")  # 64 px, 8 px patches, width 64, 2 blocks, 3 channels
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("official")
-    root = write_elpv_subset(tmp / "data", per_class=8)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return tmp, root, tok
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
-
-
-def _timm(shared: bool, seed: int) -> torch.nn.Module:
-    kw = beit_kwargs(RGB.replace(use_shared_rel_pos_bias=shared))
-    kw.pop("drop_path_rate")
-    m = timm.create_model(
-        "beit_base_patch16_224", num_classes=0, global_pool="", use_fc_norm=False, **kw
-    )
-    _randomize(m, seed)
-    return m
+    return tmp, write_elpv_subset(tmp / "data", per_class=8), write_tiny_tokenizer(tmp / "tok")
 
 
 def _confident_head(state: dict, seed: int) -> None:
@@ -63,35 +49,26 @@ def _confident_head(state: dict, seed: int) -> None:
 
 
 def _unilm(tmp) -> str:
-    state = dict(_timm(True, 1).state_dict())
+    state = dict(timm_beit(RGB, 1, **TIMM_TOKENS).state_dict())  # one shared table
     _confident_head(state, 1)
     torch.save({"model": state, "epoch": 799}, tmp / "beit_pt.pth")
     return str(tmp / "beit_pt.pth")
 
 
 def _timm_file(tmp) -> str:
-    state = {k: v.contiguous() for k, v in _timm(False, 2).state_dict().items()}
+    per_block = timm_beit(RGB.replace(use_shared_rel_pos_bias=False), 2, **TIMM_TOKENS)
+    state = {k: v.contiguous() for k, v in per_block.state_dict().items()}
     save_file(state, tmp / "timm.safetensors")
     return str(tmp / "timm.safetensors")
 
 
 def _hf(tmp) -> str:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BeitConfig(
-        image_size=64,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        vocab_size=VOCAB,
-        use_mask_token=True,
-        use_shared_relative_position_bias=True,
-        layer_norm_eps=1e-6,
+    config = tiny_hf_beit_config(
+        64, vocab_size=VOCAB, use_mask_token=True, use_shared_relative_position_bias=True
     )
+    transformers = pytest.importorskip("transformers")
     model = transformers.BeitForMaskedImageModeling(config)
-    _randomize(model, 3)
+    randomize(model, 3)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(tmp / "hf")

@@ -11,11 +11,14 @@ import torch
 from helpers import (
     PRETRAIN_SETS,
     assert_same_tensors,
+    checkpointed_sets,
     flat,
     load_tensors,
+    lose_newest_checkpoint,
     recipe,
     sets_to_args,
     write_elpv_subset,
+    write_tiny_tokenizer,
 )
 from typer.testing import CliRunner
 
@@ -23,8 +26,6 @@ from beitdomain.cli.app import app
 from beitdomain.engine.checkpoint import CheckpointManager
 from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
-from beitdomain.tokenizer import create_tokenizer
-from beitdomain.tokenizer.io import save_tokenizer
 from beitdomain.user import UserError
 
 STEPS = 24
@@ -35,10 +36,7 @@ runner = CliRunner()
 def data(tmp_path_factory):
     """32 real ELPV cells at 64 px and a frozen tiny tokenizer (32 px -> 8x8 tokens)."""
     tmp = tmp_path_factory.mktemp("pre")
-    root = write_elpv_subset(tmp / "data", per_class=16)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return tmp, root, tok
+    return tmp, write_elpv_subset(tmp / "data", per_class=16), write_tiny_tokenizer(tmp / "tok")
 
 
 def _recipe(data, *extra, **options):
@@ -160,21 +158,14 @@ def test_ablations_run(data, tmp_path, sets, metric):
 def test_resume_continues_with_the_same_step_and_lr(data, tmp_path):
     """Lose the newest checkpoint, resume: steps 7-8 are re-run with the same lr and loss, and
     the final weights equal the uninterrupted run's bit for bit."""
-    r = _recipe(
-        data,
-        "pretrain.train.steps=8",
-        "pretrain.train.ckpt_every=3",
-        "pretrain.train.deterministic=true",
-    )
+    r = _recipe(data, *checkpointed_sets("pretrain", 8, 3))
     run = tmp_path / "run"
     pretrain(r, run, device="cpu", quiet=True)
     first = read_metrics(run / "metrics.jsonl")
     final = load_tensors(run / "mim.safetensors")
     mgr = CheckpointManager(run / "checkpoints")
     assert mgr.steps() == [3, 6, 8]
-    for p in (mgr.path_for(8), run / "mim.safetensors", run / "backbone.safetensors"):
-        p.unlink()
-    (run / "checkpoints" / "step-00000008.pt.json").unlink()
+    lose_newest_checkpoint(run, "mim.safetensors", "backbone.safetensors")
     result = pretrain(r, run, device="cpu", quiet=True, resume=True)
     again = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in again] == list(range(1, 9))  # each step logged once

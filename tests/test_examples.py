@@ -9,13 +9,14 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def _run_example(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python examples/<name> ARGS` in a subprocess, its output captured as text."""
+    cmd = [sys.executable, str(EXAMPLES / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_pretrain_on_a_folder_of_real_dicoms(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "pretrain_dicom_folder.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _run_example("pretrain_dicom_folder.py", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pre-training: 10 steps" in out.stdout
     assert (tmp_path / "pretrain" / "backbone.safetensors").is_file()
@@ -28,22 +29,12 @@ def test_elpv_chain_example_is_valid_python():
     pytest.importorskip("elpv_dataset")
     source = (EXAMPLES / "elpv_chain.py").read_text()
     compile(source, "elpv_chain.py", "exec")
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "elpv_chain.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _run_example("elpv_chain.py", "--help", timeout=120)
     assert out.returncode == 0 and "--quick" in out.stdout
 
 
 def test_notebook_api_example_runs_as_a_script(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "notebook_api.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _run_example("notebook_api.py", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pre-training: 20 steps" in out.stdout
     assert "Beit (1, 64, 64) auto" in out.stdout

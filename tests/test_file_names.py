@@ -14,21 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FINETUNE_SETS, PRETRAIN_SETS, sets_to_args, write_separable_set
-from typer.testing import CliRunner
+from helpers import FINETUNE_SETS, PRETRAIN_SETS, cli, sets_to_args, write_separable_set
 
-from beitdomain.cli.app import app
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.index import Manifest, ScanError, read_labels_csv, scan
 
-runner = CliRunner()
 BAD = os.fsdecode(b"bad\xff\xfe.png")  # 'bad\udcff\udcfe.png'
-
-
-def cli(*args: str):
-    res = runner.invoke(app, ["--device", "cpu", "--quiet", *args])
-    res.text = " ".join(res.output.split())
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from beitdomain.models.mim import BeitMIM
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed_mim(shared: bool) -> BeitMIM:

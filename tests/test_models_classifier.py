@@ -15,12 +15,7 @@ from beitdomain.models.classifier import (
 CFG = get_preset("tiny", img_size=32, depth=4, use_shared_rel_pos_bias=False, drop_path_rate=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: thread start-up costs more than it saves on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> BeitClassifier:

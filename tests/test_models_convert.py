@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import randomize, timm_beit_kwargs, tiny_hf_beit_config
 from safetensors.torch import load_file, save_file
 
 from beitdomain.models.backbone import create_backbone, get_preset
@@ -24,27 +25,13 @@ from beitdomain.models.mim import BeitMIM
 CFG = get_preset("tiny", img_size=32)  # 4x4 grid, width 64, 2 blocks, 2 heads, shared bias
 VOCAB = 24
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: thread start-up costs more than it saves on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    # Zero-initialized tables and unit norms would hide mapping mistakes; fill everything.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _source_mim(seed: int = 0, **changes: object) -> BeitMIM:
     torch.manual_seed(seed)
     model = BeitMIM.from_config(CFG.replace(**changes), vocab_size=VOCAB).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     return model
 
 
@@ -117,9 +104,9 @@ def test_timm_safetensors_with_other_head(tmp_path: Path) -> None:
     torch.manual_seed(3)
     cfg = CFG.replace(use_shared_rel_pos_bias=False)
     src = timm.create_model(
-        "beit_base_patch16_224", pretrained=False, num_classes=10, **_timm_kwargs(cfg)
+        "beit_base_patch16_224", pretrained=False, num_classes=10, **timm_beit_kwargs(cfg)
     ).eval()
-    _randomize(src, 3)
+    randomize(src, 3)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     dst = BeitClassifier.from_config(cfg, 4).eval()
@@ -140,24 +127,8 @@ def test_timm_safetensors_with_other_head(tmp_path: Path) -> None:
     )
 
 
-def _timm_kwargs(cfg: object) -> dict[str, object]:
-    from beitdomain.models.backbone import beit_kwargs
-
-    kw = beit_kwargs(cfg)  # type: ignore[arg-type]
-    kw.pop("drop_path_rate")
-    return kw
-
-
 def _hf_model(shared: bool = True):  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BeitConfig(
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
+    config = tiny_hf_beit_config(
         vocab_size=VOCAB,
         layer_scale_init_value=0.1,
         use_mask_token=True,
@@ -165,12 +136,12 @@ def _hf_model(shared: bool = True):  # type: ignore[no-untyped-def]
         use_relative_position_bias=not shared,
         use_absolute_position_embeddings=False,
         use_mean_pooling=True,
-        layer_norm_eps=1e-6,  # timm's LayerNorm eps, for an exact comparison
         drop_path_rate=0.0,
     )
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(5)
     model = transformers.BeitForMaskedImageModeling(config).eval()
-    _randomize(model, 5)
+    randomize(model, 5)
     return model
 
 
@@ -286,7 +257,7 @@ def test_strict_report_raises_on_incomplete_backbone(tmp_path: Path) -> None:
         load_backbone_weights(shallow, _unilm_state(src))
     # Per-block tables that differ cannot become one shared table: say what to change.
     per_block = BeitClassifier.from_config(CFG.replace(use_shared_rel_pos_bias=False), 3)
-    _randomize(per_block, 4)
+    randomize(per_block, 4)
     with pytest.raises(WeightsError, match="use_shared_rel_pos_bias=False"):
         load_backbone_weights(src, per_block.state_dict())
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import timm_beit_kwargs, tiny_hf_beit_config
 from safetensors.torch import save_file
 
-from beitdomain.models.backbone import beit_kwargs, get_preset
+from beitdomain.models.backbone import get_preset
 from beitdomain.models.convert import WeightsError
 from beitdomain.models.hub import resolve_init
 from beitdomain.models.pretrained import build_pretraining_model
@@ -33,8 +34,7 @@ def _cache_repo(home: Path, repo: str, files: dict[str, bytes | Path]) -> Path:
 
 
 def _tiny_timm(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
-    kw = beit_kwargs(CFG.replace(use_shared_rel_pos_bias=False))
-    kw.pop("drop_path_rate")
+    kw = timm_beit_kwargs(CFG.replace(use_shared_rel_pos_bias=False))
     model = timm.create_model("beit_base_patch16_224", num_classes=0, **kw).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -71,19 +71,10 @@ def test_timm_name_resolves_from_the_offline_cache(tmp_path, offline):
 
 
 def test_hf_hub_name_resolves_from_the_offline_cache(tmp_path, offline):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BeitConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        use_shared_relative_position_bias=True,
-        use_mask_token=True,
-        vocab_size=16,
-        layer_norm_eps=1e-6,
+    config = tiny_hf_beit_config(
+        use_shared_relative_position_bias=True, use_mask_token=True, vocab_size=16
     )
+    transformers = pytest.importorskip("transformers")
     hf = transformers.BeitForMaskedImageModeling(config).eval()
     hf.save_pretrained(tmp_path / "export")
     proc = transformers.BeitImageProcessor(

@@ -13,12 +13,7 @@ CFG = get_preset("tiny", img_size=32)  # 4 x 4 patches of 8 px, width 64, 2 bloc
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: thread start-up costs more than it saves on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed: int = 0, b: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

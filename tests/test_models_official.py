@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import TIMM_TOKENS, randomize, timm_beit, tiny_hf_beit_config
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-from beitdomain.models.backbone import beit_kwargs, get_preset
+from beitdomain.models.backbone import get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import WeightsError, load_backbone_weights
 from beitdomain.models.export import export_hf, export_timm
@@ -23,21 +24,9 @@ from beitdomain.models.mim import BeitMIM
 
 CFG = get_preset("tiny", img_size=32)  # 4x4 grid of 8 px patches, width 64, 2 blocks
 TOL = dict(atol=1e-5, rtol=1e-5)
+PER_BLOCK = CFG.replace(use_shared_rel_pos_bias=False)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(c: int = 3, side: int = 40) -> np.ndarray:
@@ -47,12 +36,6 @@ def _image(c: int = 3, side: int = 40) -> np.ndarray:
 
 def _pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-
-
-def _timm_kwargs(cfg, **extra):  # type: ignore[no-untyped-def]
-    kw = beit_kwargs(cfg)
-    kw.pop("drop_path_rate")
-    return {**kw, **extra}
 
 
 def _timm_inputs(model: torch.nn.Module, arr: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +56,7 @@ def _classifier(cfg=CFG, shared: bool = False) -> BeitClassifier:  # type: ignor
 
 
 def test_timm_safetensors_equals_timm_with_its_preprocessing(tmp_path: Path) -> None:
-    ref = timm.create_model(
-        "beit_base_patch16_224",
-        num_classes=0,
-        **_timm_kwargs(CFG.replace(use_shared_rel_pos_bias=False)),
-    ).eval()
-    _randomize(ref, 1)
+    ref = timm_beit(PER_BLOCK, 1)
     assert ref.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # timm's own convention for BEiT
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "m.safetensors")
     ours = _classifier()
@@ -91,14 +69,7 @@ def test_timm_safetensors_equals_timm_with_its_preprocessing(tmp_path: Path) -> 
 
 def test_unilm_pth_equals_timm_shared_bias_model(tmp_path: Path) -> None:
     # unilm's pre-training checkpoint: timm keys with one shared table, lm_head, mask_token.
-    ref = timm.create_model(
-        "beit_base_patch16_224",
-        num_classes=0,
-        global_pool="",
-        use_fc_norm=False,
-        **_timm_kwargs(CFG),
-    ).eval()
-    _randomize(ref, 2)
+    ref = timm_beit(CFG, 2, **TIMM_TOKENS)
     state = dict(ref.state_dict())
     state |= {
         "mask_token": torch.randn(1, 1, 64),
@@ -116,25 +87,17 @@ def test_unilm_pth_equals_timm_shared_bias_model(tmp_path: Path) -> None:
 
 
 def _hf_folder(folder: Path, shared: bool, processor: bool = True):  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BeitConfig(
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
+    config = tiny_hf_beit_config(
         layer_scale_init_value=0.1,
         use_shared_relative_position_bias=shared,
         use_relative_position_bias=not shared,
         use_mean_pooling=True,
-        layer_norm_eps=1e-6,
         hidden_act="gelu",
     )
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
     model = transformers.BeitModel(config).eval()
-    _randomize(model, 3)
+    randomize(model, 3)
     model.save_pretrained(folder)
     proc = transformers.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
     if processor:  # microsoft/beit-* ship one with image_mean = image_std = 0.5
@@ -158,12 +121,7 @@ def test_hf_folder_equals_transformers_with_its_processor(tmp_path: Path, shared
 
 
 def test_caller_states_the_convention_of_a_file_that_does_not(tmp_path: Path) -> None:
-    ref = timm.create_model(
-        "beit_base_patch16_224",
-        num_classes=0,
-        **_timm_kwargs(CFG.replace(use_shared_rel_pos_bias=False)),
-    ).eval()
-    _randomize(ref, 4)
+    ref = timm_beit(PER_BLOCK, 4)
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # e.g. BEiT v2
     ours = _classifier()
     report = load_backbone_weights(
@@ -193,17 +151,10 @@ def test_caller_states_the_convention_of_a_file_that_does_not(tmp_path: Path) ->
 
 
 def test_per_block_tables_continue_pretraining_or_merge_exactly(tmp_path: Path) -> None:
-    ref = timm.create_model(
-        "beit_base_patch16_224",
-        num_classes=0,
-        global_pool="",
-        use_fc_norm=False,
-        **_timm_kwargs(CFG.replace(use_shared_rel_pos_bias=False)),
-    ).eval()
-    _randomize(ref, 5)
+    ref = timm_beit(PER_BLOCK, 5, **TIMM_TOKENS)
     x01 = torch.rand(2, 3, 32, 32)
     # A MIM model with one table per block continues from it as is.
-    mim = BeitMIM.from_config(CFG.replace(use_shared_rel_pos_bias=False), vocab_size=24).eval()
+    mim = BeitMIM.from_config(PER_BLOCK, vocab_size=24).eval()
     report = load_backbone_weights(mim, ref.state_dict())
     assert report.missing_backbone == []
     mask = torch.zeros(2, 16, dtype=torch.bool)
@@ -233,7 +184,7 @@ def test_per_block_tables_continue_pretraining_or_merge_exactly(tmp_path: Path) 
 def _official_mim(in_chans: int, tmp_path: Path) -> BeitMIM:
     """A MIM model started from a random unilm-layout checkpoint (official convention)."""
     src = BeitMIM.from_config(CFG, vocab_size=24)
-    _randomize(src, 6)
+    randomize(src, 6)
     state = {
         k.removeprefix("backbone."): v
         for k, v in src.state_dict().items()

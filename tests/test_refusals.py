@@ -15,26 +15,18 @@ import pytest
 import torch
 from helpers import (
     FINETUNE_SETS,
+    cli,
     cli_command,
     cli_env,
     recipe,
+    scratch_curve_args,
     sets_to_args,
     write_labels_csv,
     write_separable_set,
 )
-from typer.testing import CliRunner
 
-from beitdomain.cli.app import app
 from beitdomain.data.cache import CacheError, build_cache
 from beitdomain.engine.finetune import finetune
-
-runner = CliRunner()
-
-
-def cli(*args: str):
-    res = runner.invoke(app, ["--device", "cpu", "--quiet", *args])
-    res.text = " ".join(res.output.split())
-    return res
 
 
 def one_line_error(res) -> str:
@@ -147,20 +139,7 @@ def test_curve_refuses_cells_without_test_scores(stripes, tmp_path):
     rows = _rows(stripes, lambda i, p: "val" if i % 4 == 0 else "train")
     labels = write_labels_csv(tmp_path / "labels.csv", rows)
     sets = [*FINETUNE_SETS, "finetune.train.steps=1", f"data.labels={labels}"]
-    res = cli(
-        "curve",
-        "--data",
-        str(stripes),
-        "--init",
-        "scratch",
-        "--fractions",
-        "100%",
-        "--seeds",
-        "1",
-        "--out",
-        str(tmp_path / "c"),
-        *sets_to_args(sets),
-    )
+    res = cli(*scratch_curve_args(stripes, tmp_path / "c", sets))
     assert "no test images" in one_line_error(res) and "'test' rows" in res.text
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["status"] == "failed"

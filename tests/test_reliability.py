@@ -27,6 +27,7 @@ from helpers import (
     PRETRAIN_SETS,
     TOKENIZER_SETS,
     assert_same_tensors,
+    checkpointed_sets,
     cli_command,
     cli_env,
     load_tensors,
@@ -37,6 +38,7 @@ from helpers import (
     write_elpv_subset,
     write_labels_csv,
     write_separable_set,
+    write_tiny_tokenizer,
 )
 from typer.testing import CliRunner
 
@@ -50,8 +52,6 @@ from beitdomain.engine.loop import NonFiniteLossError
 from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
 from beitdomain.models.convert import WeightsError, load_backbone_weights
-from beitdomain.tokenizer import create_tokenizer
-from beitdomain.tokenizer.io import save_tokenizer
 from beitdomain.user import UserError
 
 runner = CliRunner()
@@ -63,9 +63,7 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
     cells = write_elpv_subset(tmp / "cells", per_class=12)
     stripes = write_separable_set(tmp / "stripes", per_class=12)
-    torch.manual_seed(0)
-    tok = save_tokenizer(create_tokenizer("tiny", in_chans=1, input_size=32), tmp / "tok")
-    return {"cells": cells, "stripes": stripes, "tok": tok}
+    return {"cells": cells, "stripes": stripes, "tok": write_tiny_tokenizer(tmp / "tok")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,31 +73,24 @@ def data(tmp_path_factory):
 KILL_STEPS = 20  # headroom: a fast first run may pass several checkpoints in the kill delay
 
 
+def _pretrain_argv(data: dict) -> list[str]:
+    """`pretrain` on the ELPV cells with the frozen tiny tokenizer."""
+    return ["pretrain", "--data", str(data["cells"]), "--tokenizer", str(data["tok"])]
+
+
 def _command(kind: str, data: dict, out: Path) -> tuple[list[str], str, list[str]]:
     """(argv, checkpoint folder, weight files to compare) for a deterministic tiny run."""
     if kind == "tokenizer":
         sets = [*TOKENIZER_SETS, "tokenizer.dead_code_every=4"]
-        sets += [
-            f"tokenizer.train.{k}"
-            for k in (f"steps={KILL_STEPS}", "ckpt_every=2", "deterministic=true")
-        ]
+        sets += checkpointed_sets("tokenizer", KILL_STEPS, 2)
         argv = ["tokenizer", "train", "--data", str(data["cells"])]
         files = ["tokenizer.safetensors"]
     elif kind == "pretrain":
-        sets = [
-            *PRETRAIN_SETS,
-            f"pretrain.train.steps={KILL_STEPS}",
-            "pretrain.train.ckpt_every=2",
-            "pretrain.train.deterministic=true",
-        ]
-        argv = ["pretrain", "--data", str(data["cells"]), "--tokenizer", str(data["tok"])]
+        sets = [*PRETRAIN_SETS, *checkpointed_sets("pretrain", KILL_STEPS, 2)]
+        argv = _pretrain_argv(data)
         files = ["mim.safetensors", "backbone.safetensors"]
     else:
-        sets = [*FINETUNE_SETS]
-        sets += [
-            f"finetune.train.{k}"
-            for k in (f"steps={KILL_STEPS}", "ckpt_every=2", "deterministic=true")
-        ]
+        sets = [*FINETUNE_SETS, *checkpointed_sets("finetune", KILL_STEPS, 2)]
         argv = ["finetune", "--data", str(data["stripes"]), "--init", "scratch"]
         files = ["best.safetensors"]
     return [*argv, "--out", str(out), *sets_to_args(sets)], str(out / "checkpoints"), files
@@ -183,13 +174,7 @@ def test_kill9_then_resume_is_bitwise_identical(kind, data, tmp_path):
 
 def _pre_recipe(data, *extra):
     return recipe(
-        [
-            *PRETRAIN_SETS,
-            "pretrain.train.steps=6",
-            "pretrain.train.ckpt_every=2",
-            "pretrain.train.deterministic=true",
-            *extra,
-        ],
+        [*PRETRAIN_SETS, *checkpointed_sets("pretrain", 6, 2), *extra],
         **{"data.root": str(data["cells"]), "tokenizer.path": str(data["tok"])},
     )
 
@@ -241,22 +226,8 @@ def test_all_checkpoints_damaged_is_a_clear_error(data, reference, tmp_path):
     mgr = CheckpointManager(run / "checkpoints")
     for step in mgr.steps():
         mgr.path_for(step).write_bytes(b"garbage")
-    res = runner.invoke(
-        app,
-        [
-            "--device",
-            "cpu",
-            "pretrain",
-            "--data",
-            str(data["cells"]),
-            "--tokenizer",
-            str(data["tok"]),
-            "--out",
-            str(run),
-            "--resume",
-            *sets_to_args(PRETRAIN_SETS),
-        ],
-    )
+    argv = [*_pretrain_argv(data), "--out", str(run), "--resume", *sets_to_args(PRETRAIN_SETS)]
+    res = runner.invoke(app, ["--device", "cpu", *argv])
     assert res.exit_code == 2, res.output
     assert said(res.output, "no usable checkpoint", "step-00000002.pt", "step-00000006.pt")
 
@@ -314,28 +285,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(torch, "save", save_until_disk_full)
     run = tmp_path / "run"
-    res = runner.invoke(
-        app,
-        [
-            "--device",
-            "cpu",
-            "pretrain",
-            "--data",
-            str(data["cells"]),
-            "--tokenizer",
-            str(data["tok"]),
-            "--out",
-            str(run),
-            *sets_to_args(
-                [
-                    *PRETRAIN_SETS,
-                    "pretrain.train.steps=6",
-                    "pretrain.train.ckpt_every=2",
-                    "pretrain.train.deterministic=true",
-                ]
-            ),
-        ],
-    )
+    sets = [*PRETRAIN_SETS, *checkpointed_sets("pretrain", 6, 2)]
+    argv = [*_pretrain_argv(data), "--out", str(run), *sets_to_args(sets)]
+    res = runner.invoke(app, ["--device", "cpu", *argv])
     assert res.exit_code == 2, res.output
     assert said(res.output, "No space left on device", "step-00000004.pt")
     assert said(res.output, "previous version is intact") and "Traceback" not in res.output
@@ -616,20 +568,8 @@ def test_code_running_pickle_is_refused_and_never_executed(tmp_path):
         load_backbone_weights(_tiny_classifier(), evil)
     assert not marker.exists()
     # the same through the command line
-    res = runner.invoke(
-        app,
-        [
-            "--device",
-            "cpu",
-            "finetune",
-            "--data",
-            str(root),
-            "--init",
-            str(evil),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-    )
+    argv = ["finetune", "--data", str(root), "--init", str(evil), "--out", str(tmp_path / "run")]
+    res = runner.invoke(app, ["--device", "cpu", *argv])
     assert res.exit_code == 2 and said(res.output, "--trust-pickle"), res.output
     assert not marker.exists()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,8 +157,18 @@ def test_knn_monitor_logs_once_per_epoch(tmp_path):
     assert set(logged[0][1]) == {"knn_balanced_accuracy", "knn_accuracy"}
 
 
+def _knn_pretrain(
+    data: Path, out: Path, steps: int, sets: list[str]
+) -> subprocess.CompletedProcess:
+    """`beitdomain pretrain` on pixel targets (no tokenizer) with the k-NN monitor every epoch."""
+    from helpers import sets_to_args
+
+    argv = ["pretrain", "--data", str(data), "--target", "pixels", "--knn-every", "1"]
+    return run_cli([*argv, "--steps", str(steps), "--out", str(out), *sets_to_args(sets)])
+
+
 def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
-    from helpers import PRETRAIN_SETS, sets_to_args
+    from helpers import PRETRAIN_SETS
 
     from beitdomain.engine.metrics_log import read_metrics
 
@@ -164,29 +176,13 @@ def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
     out = tmp_path / "pre"
     # the k-NN memory is the train split, the query the validation split; pre-training leaves
     # the test split out, so an epoch is as many steps as the remaining images make batches
-    res = run_cli(
-        [
-            "pretrain",
-            "--data",
-            str(data),
-            "--target",
-            "pixels",
-            "--knn-every",
-            "1",
-            "--steps",
-            "6",
-            "--out",
-            str(out),
-            *sets_to_args(
-                [
-                    *PRETRAIN_SETS,
-                    "pretrain.train.batch_size=4",  # several steps an epoch
-                    "data.val_fraction=0.25",
-                    "data.test_fraction=0.25",
-                ]
-            ),
-        ]
-    )
+    sets = [
+        *PRETRAIN_SETS,
+        "pretrain.train.batch_size=4",  # several steps an epoch
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+    ]
+    res = _knn_pretrain(data, out, 6, sets)
     assert res.returncode == 0, res.stderr
     records = read_metrics(out / "metrics.jsonl")
     knn = [r for r in records if "knn_balanced_accuracy" in r]
@@ -200,29 +196,14 @@ def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
 
 
 def test_knn_monitor_without_labels_says_what_to_give(tmp_path):
-    from helpers import PRETRAIN_SETS, sets_to_args
+    from helpers import PRETRAIN_SETS
 
     data = tmp_path / "flat"
     write_separable_set(tmp_path / "d", per_class=4)
     data.mkdir()
     for i, f in enumerate(sorted((tmp_path / "d").rglob("*.png"))):
         f.rename(data / f"{i}.png")  # no subfolders: no labels
-    res = run_cli(
-        [
-            "pretrain",
-            "--data",
-            str(data),
-            "--target",
-            "pixels",
-            "--knn-every",
-            "1",
-            "--steps",
-            "2",
-            "--out",
-            str(tmp_path / "pre"),
-            *sets_to_args(PRETRAIN_SETS),
-        ]
-    )
+    res = _knn_pretrain(data, tmp_path / "pre", 2, PRETRAIN_SETS)
     assert res.returncode == 2
     assert "pretrain.knn_every=1 needs labelled images" in res.stderr
     assert "--labels-csv" in res.stderr

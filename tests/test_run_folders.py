@@ -20,21 +20,19 @@ from helpers import (
     FINETUNE_SETS,
     PRETRAIN_SETS,
     TOKENIZER_SETS,
+    cli,
     cli_env,
     recipe,
+    scratch_curve_args,
     sets_to_args,
     write_separable_set,
 )
-from typer.testing import CliRunner
 
-from beitdomain.cli.app import app
 from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.rundir import RunDir
 from beitdomain.engine.rundir_guard import RunDirError, RunLockedError, foreign_files, run_kind
 from beitdomain.engine.tokenizer import train_tokenizer
 from beitdomain.fileio import LOCK_FILE, RUN_MARKER, FolderLock, FolderLockedError
-
-runner = CliRunner()
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -65,12 +63,6 @@ def data(tmp_path_factory):
     return {"stripes": stripes, "tok": tmp / "tok"}
 
 
-def cli(*args: str):
-    res = runner.invoke(app, ["--device", "cpu", "--quiet", *args])
-    res.text = " ".join(res.output.split())  # rich wraps long lines
-    return res
-
-
 def tok_args(data, out) -> list[str]:
     sets = [*TOKENIZER_SETS, "tokenizer.train.steps=2"]
     return [
@@ -82,13 +74,8 @@ def tok_args(data, out) -> list[str]:
 def pre_args(data, out) -> list[str]:
     sets = [*PRETRAIN_SETS, "pretrain.train.steps=2"]
     return [
-        "pretrain",
-        "--data",
-        str(data["stripes"]),
-        "--tokenizer",
-        str(data["tok"]),
-        "--out",
-        str(out),
+        *("pretrain", "--data", str(data["stripes"]), "--tokenizer", str(data["tok"])),
+        *("--out", str(out)),
         *sets_to_args(sets),
     ]
 
@@ -102,21 +89,7 @@ def ft_args(data, out) -> list[str]:
 
 
 def curve_args(data, out) -> list[str]:
-    sets = [*FINETUNE_SETS, "finetune.train.steps=2"]
-    return [
-        "curve",
-        "--data",
-        str(data["stripes"]),
-        "--init",
-        "scratch",
-        "--fractions",
-        "100%",
-        "--seeds",
-        "1",
-        "--out",
-        str(out),
-        *sets_to_args(sets),
-    ]
+    return scratch_curve_args(data["stripes"], out, [*FINETUNE_SETS, "finetune.train.steps=2"])
 
 
 ROUTES = {"tokenizer": tok_args, "pretrain": pre_args, "finetune": ft_args}

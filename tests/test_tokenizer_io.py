@@ -26,15 +26,7 @@ from beitdomain.tokenizer.io import (
     save_tokenizer,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a shared 2-core machine their
-    spin-waiting made the training test ~10x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

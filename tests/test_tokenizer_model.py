@@ -44,14 +44,7 @@ def structured_images(n: int = 8, size: int = 32) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a shared 2-core machine their
-    spin-waiting made the training test ~10x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

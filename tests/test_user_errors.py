@@ -54,31 +54,17 @@ def _bad_inputs(f: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     pre_tok = ["pretrain", "--data", root, "--tokenizer"]
     tok_train = ["tokenizer", "train", "--data", root, "--set"]
     dalle = ["tokenizer", "import-dalle", str(tmp / "encoder.pkl"), str(tmp / "decoder.pkl")]
+
+    def setting(command: str, value: str) -> list[str]:
+        return [command, "--data", root, "--set", value, *out]
+
     return {
-        "old top-level train key": (
-            ["pretrain", "--data", root, "--set", "train.steps=5", *out],
-            "pretrain.train.steps",
-        ),
-        "old top-level optim key": (
-            ["finetune", "--data", root, "--set", "optim.lr=1e-3", *out],
-            "pretrain.optim.lr",
-        ),
-        "steps out of range": (
-            ["finetune", "--data", root, "--set", "finetune.train.steps=0", *out],
-            ">= 1",
-        ),
-        "nan learning rate": (
-            ["pretrain", "--data", root, "--set", "pretrain.optim.lr=.nan", *out],
-            "finite",
-        ),
-        "crop scale reversed": (
-            ["pretrain", "--data", root, "--set", "data.crop_scale=[2, 1]", *out],
-            "data.crop_scale",
-        ),
-        "trust in a --set": (
-            ["finetune", "--data", root, "--set", "model.trust_pickle=true", *out],
-            "--trust-pickle",
-        ),
+        "old top-level train key": (setting("pretrain", "train.steps=5"), "pretrain.train.steps"),
+        "old top-level optim key": (setting("finetune", "optim.lr=1e-3"), "pretrain.optim.lr"),
+        "steps out of range": (setting("finetune", "finetune.train.steps=0"), ">= 1"),
+        "nan learning rate": (setting("pretrain", "pretrain.optim.lr=.nan"), "finite"),
+        "crop scale reversed": (setting("pretrain", "data.crop_scale=[2, 1]"), "data.crop_scale"),
+        "trust in a --set": (setting("finetune", "model.trust_pickle=true"), "--trust-pickle"),
         "unknown recipe": (["finetune", "-r", "no-such-recipe", *out], "not found"),
         "missing data folder": (["finetune", "--data", str(tmp / "nowhere"), *out], "nowhere"),
         "missing labels CSV": (

@@ -146,7 +146,39 @@ def _curve(x: np.ndarray, params: tuple[float, float, float]) -> np.ndarray:
     return np.minimum(y, 1.0, out=y)
 
 
-class PretrainTransform:
+class _RandomView:
+    """What both training views share: a random resized crop, bicubic to ``image_size``, random
+    flips, and the intensity jitter (sampled by the caller, after the flips)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        hflip: float,
+        vflip: float,
+        intensity: float,
+    ) -> None:
+        self.image_size = image_size
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.hflip, self.vflip = hflip, vflip
+        self.jitter = IntensityJitter(intensity)
+
+    def _crop_flip(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """image [C, H, W] -> the cropped, resized and flipped view [size, size(, C)] (cv2)."""
+        _, height, width = image.shape
+        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
+        crop = _hwc(image[:, top : top + h, left : left + w])
+        size = self.image_size
+        view = cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
+        flip_h = rng.random() < self.hflip
+        flip_v = rng.random() < self.vflip
+        if flip_h or flip_v:
+            view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
+        return view
+
+
+class PretrainTransform(_RandomView):
     """One random resized crop -> backbone view and tokenizer view of the same content.
 
     ``transform(image [C, H, W], rng) -> (view [C, image_size, image_size],
@@ -168,24 +200,13 @@ class PretrainTransform:
     ) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop scale {scale}; need 0 < low <= high <= 1")
-        self.image_size = image_size
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
         self.tokenizer_size = tokenizer_size
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.hflip, self.vflip = hflip, vflip
-        self.jitter = IntensityJitter(intensity)
 
     def __call__(
         self, image: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        _, height, width = image.shape
-        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
-        crop = _hwc(image[:, top : top + h, left : left + w])
-        size = self.image_size
-        view = cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
-        flip_h = rng.random() < self.hflip
-        flip_v = rng.random() < self.vflip
-        if flip_h or flip_v:
-            view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
+        view = self._crop_flip(image, rng)
         tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
         params = self.jitter.sample(rng)
         table = IntensityJitter.uint8_table(params) if view.dtype == np.uint8 else None
@@ -197,7 +218,7 @@ class PretrainTransform:
         return _chw(view), _chw(tok)
 
 
-class FinetuneTransform:
+class FinetuneTransform(_RandomView):
     """Fine-tuning / evaluation view: ``transform(image [C, H, W], rng) -> [C, size, size]``.
 
     Training: random resized crop, flips and intensity jitter as in pre-training. Evaluation
@@ -216,11 +237,8 @@ class FinetuneTransform:
         intensity: float = 0.1,
         crop_pct: float = 0.875,
     ) -> None:
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
         self.train = train
-        self.image_size = image_size
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.hflip, self.vflip = hflip, vflip
-        self.jitter = IntensityJitter(intensity)
         self.crop_pct = crop_pct
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -239,14 +257,7 @@ class FinetuneTransform:
             return _chw(np.clip(out, 0.0, 1.0, out=out))
         if rng is None:
             raise ValueError("a training transform needs rng (np.random.default_rng(...))")
-        _, height, width = image.shape
-        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
-        crop = _hwc(image[:, top : top + h, left : left + w])
-        view = cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
-        flip_h = rng.random() < self.hflip
-        flip_v = rng.random() < self.vflip
-        if flip_h or flip_v:
-            view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
+        view = self._crop_flip(image, rng)
         out = IntensityJitter.apply(view, self.jitter.sample(rng))
         return _chw(np.clip(out, 0.0, 1.0, out=out))
 

@@ -71,22 +71,14 @@ def write_predictions(
 
 
 def predict(
-    run: str | Path,
-    inputs: list[str],
-    out_csv: str | Path,
-    device: str = "auto",
-    *,
-    on_error: str = "skip",
-    nonfinite: str | None = None,
+    run: str | Path, inputs: list[str], out_csv: str | Path, device: str = "auto", **options: Any
 ) -> Path:
     """Writes a CSV of predicted class and probabilities for images, files or folders.
 
-    Images go through the run's own reader settings and evaluation transform. A file that
-    cannot be used (unreadable, NaN/Inf under `nonfinite='error'`) is skipped with a warning
-    and listed in `<out>.errors.csv` (with `on_error='fail'` it stops the run instead, naming
-    every such file).
+    `predict_files` without the list of skipped files; `options` are its keywords
+    (`on_error`, `nonfinite`).
     """
-    return predict_files(run, inputs, out_csv, device, on_error=on_error, nonfinite=nonfinite)[0]
+    return predict_files(run, inputs, out_csv, device, **options)[0]
 
 
 def predict_files(
@@ -98,7 +90,14 @@ def predict_files(
     on_error: str = "skip",
     nonfinite: str | None = None,
 ) -> tuple[Path, list[tuple[str, str]]]:
-    """`predict`, also returning the skipped files as (path, reason)."""
+    """Writes a CSV of predicted class and probabilities for images, files or folders; returns
+    its path and the skipped files as (path, reason).
+
+    Images go through the run's own reader settings and evaluation transform. A file that
+    cannot be used (unreadable, NaN/Inf under `nonfinite='error'`) is skipped with a warning
+    and listed in `<out>.errors.csv` (with `on_error='fail'` it stops the run instead, naming
+    every such file).
+    """
     from beitdomain.data.index import ScanError, errors_path, scan
     from beitdomain.fileio import printable
     from beitdomain.io import IntensitySpec, ReaderError, load_image

@@ -37,6 +37,15 @@ def _pydicom():
     return pydicom
 
 
+def _dcmread(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """`pydicom.dcmread(path, force=True, **kwargs)` with pydicom's warnings silenced: a
+    malformed file either reads or raises, and the caller words the error."""
+    pydicom = _pydicom()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, force=True, **kwargs)
+
+
 def _float_list(value: Any) -> list[float]:
     if value is None:
         return []
@@ -229,12 +238,10 @@ def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]
 
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """Reads one DICOM file into raw ``[S, C, H, W]`` values (HU for CT) and safe metadata."""
-    pydicom = _pydicom()
+    _pydicom()  # a missing pydicom is MissingCodecError, not "not a readable DICOM file"
     path = str(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True)
+        ds = _dcmread(path)
     except Exception as e:
         raise ReaderError(path, f"not a readable DICOM file: {type(e).__name__}: {e}") from None
     return read_dataset_pixels(ds, path)
@@ -246,7 +253,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, 
     Slices are ordered along the slice normal (Image Position/Orientation Patient) when
     present, else by Instance Number. All slices must share rows and columns.
     """
-    pydicom = _pydicom()
+    _pydicom()
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     slices = []
@@ -255,9 +262,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, 
             if not is_dicom(f.read(256)):
                 continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(p, force=True)
+            ds = _dcmread(p)
         except Exception as e:
             raise ReaderError(p, f"not a readable DICOM file: {e}") from None
         if any(k in ds for k in PIXEL_KEYWORDS):
@@ -304,18 +309,14 @@ def patient_digest(path: str | os.PathLike, salt: bytes) -> str | None:
     import hashlib
     import hmac
 
-    pydicom = _pydicom()
+    _pydicom()  # outside the try: a missing pydicom is an error, not "no PatientID"
     path = Path(path)
     if path.is_dir():
         path = next(
             (p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), path
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, force=True, specific_tags=["PatientID"]
-            )
+        ds = _dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
         pid = str(ds.get("PatientID", "") or "").strip()
     except Exception:
         return None

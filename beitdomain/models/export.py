@@ -92,7 +92,7 @@ def export_timm(model: nn.Module, folder: str | Path) -> Path:
     return out
 
 
-def hf_config_dict(cfg: Any, conv: InputConvention) -> dict[str, Any]:
+def hf_config_dict(cfg: Any) -> dict[str, Any]:
     """`BeitConfig` keyword arguments for the exported (mean-pooled, per-block bias) layout."""
     return dict(
         image_size=cfg.img_size,
@@ -130,7 +130,7 @@ def export_hf(model: nn.Module, folder: str | Path) -> Path:
             "(or beitdomain[dev])"
         ) from None
     state, cfg, conv = _pooled_state(model)
-    hf = transformers.BeitModel(transformers.BeitConfig(**hf_config_dict(cfg, conv)))
+    hf = transformers.BeitModel(transformers.BeitConfig(**hf_config_dict(cfg)))
     filled: dict[str, torch.Tensor] = {}
     for key, tensor in hf.state_dict().items():
         canon = _hf_name(key)

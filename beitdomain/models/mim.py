@@ -16,7 +16,7 @@ and the final norm on the masked tokens only (keys and values still come from ev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,17 +82,10 @@ class BeitMIM(nn.Module):
         nn.init.zeros_(self.lm_head.bias)
 
     @classmethod
-    def from_config(
-        cls,
-        cfg: BackboneConfig,
-        *,
-        target: MimTarget = "tokens",
-        vocab_size: int = 8192,
-        norm_pix_loss: bool = True,
-    ) -> BeitMIM:
-        """Builds the backbone from `cfg` (token-level final norm) and wraps it."""
-        backbone = create_backbone(cfg, final_norm="tokens")
-        return cls(backbone, target=target, vocab_size=vocab_size, norm_pix_loss=norm_pix_loss)
+    def from_config(cls, cfg: BackboneConfig, **options: Any) -> BeitMIM:
+        """Builds the backbone from `cfg` (token-level final norm) and wraps it; `options` are
+        the constructor's (`target`, `vocab_size`, `norm_pix_loss`)."""
+        return cls(create_backbone(cfg, final_norm="tokens"), **options)
 
     @property
     def num_patches(self) -> int:
