@@ -40,7 +40,8 @@ SetOpt = Annotated[
     ),
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<command>-<name>).")
+    Path | None,
+    typer.Option("--out", "-o", help="Run folder (default: runs/<recipe name>-<command>)."),
 ]
 ResumeOpt = Annotated[
     bool,
