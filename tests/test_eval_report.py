@@ -113,6 +113,15 @@ def test_no_reference_at_full_labels():
     assert eff["gains"][-1]["gain_points"] is None  # no scratch at 100% to subtract
 
 
+def test_a_statement_shared_by_every_arm_is_written_once(tmp_path):
+    rows = [
+        r for r in _summary(SCRATCH, SCRATCH) if not (r["init"] == "scratch" and r["fraction"] == 1)
+    ]
+    eff = label_efficiency(rows, "balanced_accuracy")
+    text = write_report(tmp_path / "r.md", rows, [eff, dict(eff)], "balanced_accuracy", {})
+    assert text.read_text().count(eff["statement"]) == 1
+
+
 def test_pretrained_init_must_be_named_when_ambiguous():
     imagenet = {"init": "imagenet", "fraction": 1.0, "n_runs": 1, "balanced_accuracy_mean": 0.9}
     rows = [*_summary(SCRATCH, SCRATCH), imagenet]

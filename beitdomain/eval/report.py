@@ -569,8 +569,9 @@ def write_report(
     lines += ["## Result", ""]
     for v in ctx.pop("verdicts", None) or []:
         lines.append(f"- **{v}**")
-    for eff in effs:
-        lines.append(f"- {eff['statement']}")
+    # One line per distinct statement: "cannot be computed" reads the same for every arm.
+    for statement in dict.fromkeys(eff["statement"] for eff in effs):
+        lines.append(f"- {statement}")
     if not effs:
         lines.append("- No pre-trained initialization was compared.")
     for warning in chance_warnings(summary, metric, ctx.pop("n_classes", None)):
