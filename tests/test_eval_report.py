@@ -295,6 +295,16 @@ def test_label_efficiency_png(tmp_path):
     assert plt.get_fignums() == figures_before  # no pyplot figures leaked
 
 
+def test_a_curve_with_many_arms_puts_its_legend_beside_the_plot(tmp_path):
+    few = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
+    many = [dict(r, init=f"{r['init']}-{k}") for k in range(5) for r in few]  # 10 arms
+    a = plot_label_efficiency(few, tmp_path / "few.png", "balanced_accuracy")
+    b = plot_label_efficiency(many, tmp_path / "many.png", "balanced_accuracy")
+    _assert_real_png(b)
+    with Image.open(a) as im_a, Image.open(b) as im_b:
+        assert im_b.width > im_a.width * 1.2 and im_b.height == im_a.height
+
+
 def test_label_efficiency_png_single_seed_and_missing_values(tmp_path):
     summary = _summary(SCRATCH, [0.60, 0.70, 0.76, 0.80, 0.85])
     for r in summary:

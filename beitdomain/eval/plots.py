@@ -28,6 +28,10 @@ METRIC_LABELS = {
 }
 
 
+# Legend entries that still fit inside the curve's axes without hiding what they label.
+LEGEND_INSIDE_MAX = 7
+
+
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
@@ -203,7 +207,12 @@ def plot_label_efficiency(
         top.minorticks_off()
         top.set_xlabel("labelled images")
     ax.set_title(title or f"Label efficiency: {label} vs labelled fraction")
-    ax.legend(loc="best", fontsize=9, frameon=True)
+    if len(inits) + bool(ref) > LEGEND_INSIDE_MAX:
+        # Many arms (an ablation, the baselines' probes): a legend inside covers the lines.
+        fig.set_size_inches(9.5, 4.6)
+        fig.legend(loc="outside right center", fontsize=8, frameon=True)
+    else:
+        ax.legend(loc="best", fontsize=9, frameon=True)
     return _save(fig, out_png)
 
 
