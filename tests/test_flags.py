@@ -132,3 +132,30 @@ def test_selection_flag_sets_the_recipe_and_refuses_unknown_values(
     res = CliRunner().invoke(app, [command, "--selection", "best", *out])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "finetune.selection" in res.output and "'none'" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        ("curve", "beitdomain.engine.curve.run_curve"),
+        ("ablation", "beitdomain.engine.ablation.run_ablation"),
+    ],
+)
+def test_seeds_flag_names_the_seeds_of_every_cell(command, target, tmp_path, monkeypatch):
+    """elpv-cpu runs six seeds at 1% (curve.fraction_seeds); --seeds 0,1 means two there too."""
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    seen = []
+
+    def capture(recipe, out, **kw):
+        seen.append((recipe.curve.seeds, recipe.curve.fraction_seeds))
+        return {}
+
+    monkeypatch.setattr(target, capture)
+    base = [command, "-r", "elpv-cpu", "--out", str(tmp_path / "o")]
+    assert CliRunner().invoke(app, base).exit_code == 0
+    assert CliRunner().invoke(app, [*base, "--seeds", "0,1"]).exit_code == 0
+    assert seen[0][1] == {"1%": [0, 1, 2, 3, 4, 5], "100%": [0]}  # the recipe's
+    assert seen[1] == ([0, 1], {})

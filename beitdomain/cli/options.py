@@ -137,7 +137,9 @@ BatchOpt = Annotated[
 SeedsOpt = Annotated[
     str | None,
     typer.Option(
-        "--seeds", help="Comma-separated seeds each cell runs, e.g. 0,1,2 (0: seed 0 only)."
+        "--seeds",
+        help="Comma-separated seeds every cell runs, e.g. 0,1,2 (0: seed 0 only); replaces the "
+        "recipe's curve.seeds and curve.fraction_seeds.",
     ),
 ]
 
@@ -187,10 +189,15 @@ def train_options(
 
 
 def curve_options(fractions: str | None, seeds: str | None) -> dict[str, Any]:
-    """The recipe's `curve.fractions` and `curve.seeds` that --fractions and --seeds set."""
+    """The recipe's `curve.fractions` and `curve.seeds` that --fractions and --seeds set.
+
+    --seeds names the seeds of every cell, so it also clears the recipe's per-fraction seeds
+    (`curve.fraction_seeds`): `--seeds 0,1,2` runs three seeds at 1% too.
+    """
     return {
         "curve.fractions": [f.strip() for f in fractions.split(",")] if fractions else None,
         "curve.seeds": parse_seeds(seeds) if seeds is not None else None,
+        "curve.fraction_seeds": {} if seeds is not None else None,
     }
 
 
