@@ -62,6 +62,10 @@ class PlainLines:
         self.interval = log_interval() if interval is None else interval
         self.t0 = time.monotonic()
         self.last = self.t0
+        # img/s over the time since the last printed line, weighted by time: the caller's value
+        # covers a few steps, and one of them may hold a loader restart at an epoch's end.
+        self._prev = self.t0
+        self._ips_time = self._time = 0.0
 
     def line(self, done: int, loss: float | None = None, ips: float | None = None) -> str:
         elapsed = time.monotonic() - self.t0
@@ -78,8 +82,15 @@ class PlainLines:
 
     def update(self, done: int, loss: float | None = None, ips: float | None = None) -> None:
         now = time.monotonic()
+        if ips is not None:
+            self._ips_time += ips * (now - self._prev)
+            self._time += now - self._prev
+        self._prev = now
         if done >= self.total or now - self.last >= self.interval:
             self.last = now
+            if ips is not None and self._time > 0:
+                ips = self._ips_time / self._time
+            self._ips_time = self._time = 0.0
             log.info("%s", self.line(done, loss, ips))
 
 

@@ -84,6 +84,19 @@ def test_plain_progress_lines_have_step_loss_rate_and_eta(caplog):
     assert format_duration(200000) == "2d07h"
 
 
+def test_plain_progress_rate_is_the_average_since_the_last_line(caplog, monkeypatch):
+    """A slow step just before a line (a loader restarting) must not be printed as the rate."""
+    clock = [0.0]
+    monkeypatch.setattr("beitdomain.progress.time.monotonic", lambda: clock[0])
+    lines = PlainLines("pretrain", total=100, interval=30)
+    with caplog.at_level(logging.INFO, logger="beitdomain.progress"):
+        for step, (t, ips) in enumerate([(10, 300.0), (20, 300.0), (30, 30.0)], 1):
+            clock[0] = t
+            lines.update(step, 0.5, ips)
+    assert len(caplog.records) == 1
+    assert "210 img/s" in caplog.text  # (300 * 10 + 300 * 10 + 30 * 10) / 30
+
+
 def test_plain_progress_is_rate_limited(caplog, monkeypatch):
     monkeypatch.setenv("BEITDOMAIN_LOG_EVERY", "3600")
     with caplog.at_level(logging.INFO, logger="beitdomain.progress"):
