@@ -59,6 +59,29 @@ def test_same_tensors_for_any_worker_count(cache):
     assert torch.equal(ds[0]["image"], single["image"][0])
 
 
+def test_persistent_workers_see_each_epoch(cache):
+    """The loader's workers live for the whole run; the epoch travels with each index, so each
+    epoch's items through two long-lived workers are that epoch's augmentations."""
+    import pickle
+
+    from beitdomain.data.sampler import EpochIndex
+    from beitdomain.engine.plan import build_loader
+
+    i = EpochIndex(5, epoch=3)
+    assert i == 5 and pickle.loads(pickle.dumps(i)).epoch == 3
+    ds = ImageDataset(cache, PretrainTransform(32, 16), seed=3, mask_generator=_mask)
+    reference = ImageDataset(cache, PretrainTransform(32, 16), seed=3, mask_generator=_mask)
+    loader = build_loader(ds, 4, seed=1, num_workers=2)
+    assert loader.persistent_workers
+    for epoch in range(3):
+        loader.batch_sampler.set_epoch(epoch)  # what Trainer does; the workers' ds stays at 0
+        got = torch.cat([b["image"] for b in loader])
+        reference.set_epoch(epoch)
+        order = loader.batch_sampler.epoch_indices(epoch)[: len(got)]
+        want = torch.stack([reference[k]["image"] for k in order])
+        assert torch.equal(got, want), epoch
+
+
 def test_subset_keeps_item_augmentation(cache):
     full = ImageDataset(cache, PretrainTransform(32, 16), seed=1)
     sub = ImageDataset(cache, PretrainTransform(32, 16), seed=1, indices=[5, 9])

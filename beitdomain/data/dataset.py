@@ -6,9 +6,9 @@ files on every access; fine for small sets and evaluation).
 
 Randomness: item ``i`` in epoch ``e`` uses ``np.random.default_rng([seed, e, i])`` (``i`` is the
 index in the source, so subsets keep their items' augmentations). Results are therefore the
-same with 0, 2 or 16 loader workers and after a resume. ``set_epoch`` must be called before
-each epoch's DataLoader iterator is created; with ``persistent_workers=True`` the workers keep
-the epoch they started with, so leave it off (the default) when using ``set_epoch``.
+same with 0, 2 or 16 loader workers and after a resume. The epoch comes with each index from
+``ResumableBatchSampler`` (an ``EpochIndex``), so persistent loader workers see it; a plain int
+index uses the epoch ``set_epoch`` selected.
 """
 
 from __future__ import annotations
@@ -141,9 +141,14 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def epoch_of(self, i: int) -> int:
+        """The epoch of position ``i``: the one it carries (``sampler.EpochIndex``), else the
+        one ``set_epoch`` selected."""
+        return int(getattr(i, "epoch", self.epoch))
+
     def rng(self, i: int) -> np.random.Generator:
-        """The generator for dataset position ``i`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
+        """The generator for dataset position ``i`` in its epoch."""
+        return np.random.default_rng([self.seed, self.epoch_of(i), int(self.indices[i])])
 
     def label_index(self, label: str | None) -> int:
         if label is None:
@@ -163,7 +168,7 @@ class ImageDataset(Dataset):
             item = {"image": torch.from_numpy(view), "tok_image": torch.from_numpy(tok)}
             if self.mask_generator is not None:
                 # Own stream, so changing the mask settings leaves the crops unchanged.
-                mask_rng = np.random.default_rng([self.seed, self.epoch, src, 1])
+                mask_rng = np.random.default_rng([self.seed, self.epoch_of(i), src, 1])
                 mask = np.asarray(self.mask_generator(mask_rng), dtype=bool)
                 item["mask"] = torch.from_numpy(mask.reshape(-1))  # [gh * gw], True = masked
             return item

@@ -15,6 +15,26 @@ import torch
 from torch.utils.data import Sampler
 
 
+class EpochIndex(int):
+    """A dataset index that carries its epoch, as an int that any dataset can use as one.
+
+    The epoch decides an item's augmentation (`ImageDataset.rng`). Sent with every index, it
+    reaches loader workers that live across epochs (`persistent_workers`), which a
+    `set_epoch` call in the main process would not; so the workers start once per run, not
+    once per epoch.
+    """
+
+    epoch: int
+
+    def __new__(cls, value: int, epoch: int) -> EpochIndex:
+        obj = super().__new__(cls, value)
+        obj.epoch = int(epoch)
+        return obj
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:  # keeps the epoch through pickling
+        return (EpochIndex, (int(self), self.epoch))
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled (or weighted) batches of dataset indices, sharded over ranks, resumable.
 
@@ -92,7 +112,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return idx[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        idx = self.epoch_indices(self.epoch)
+        idx = [EpochIndex(i, self.epoch) for i in self.epoch_indices(self.epoch)]
         for b in range(self.start_batch, self.batches_per_epoch):
             yield idx[b * self.batch_size : (b + 1) * self.batch_size]
 

@@ -53,11 +53,9 @@ def build_loader(
     )
     workers = D.default_num_workers() if num_workers is None else num_workers
     if num_workers is None and len(sampler) < MIN_BATCHES_FOR_WORKERS:
-        # Workers are started afresh each epoch (the epoch reaches the dataset through
-        # `set_epoch`, which persistent workers would not see). An epoch of one or two batches,
-        # e.g. 18 labels at 1%, then pays a worker start per step: 250 steps took 75 s instead
-        # of 15 s. Loading a few batches in the main process costs less; the batches are the
-        # same either way (augmentation is a function of seed, epoch and index).
+        # An epoch of one or two batches (e.g. 18 labels at 1%) waits on the workers at every
+        # epoch's start: loading a few batches in the main process costs less. The batches are
+        # the same either way (augmentation is a function of seed, epoch and index).
         workers = 0
     return DataLoader(
         dataset,
@@ -65,7 +63,9 @@ def build_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
+        # Each index carries its epoch (EpochIndex), so workers can live for the whole run
+        # instead of starting again every epoch.
+        persistent_workers=workers > 0,
     )
 
 
