@@ -442,7 +442,23 @@ def test_verdict_says_plainly_when_pretraining_does_not_pay(tmp_path):
     text = verdict(paired, choice, "domain", "balanced_accuracy", {0.01: 4, 0.1: 40})
     assert text.startswith("Domain pre-training ('domain') does not pay on this data")
     assert "at 1% (4 labels) behind pixels (-8.0 ± 1.0 points, ahead on 0 of 3 seeds)" in text
-    assert "at 10% (40 labels) level with pixels within noise (+1.0 ± 1.2 points" in text
+    assert "at 10% (40 labels) within noise of pixels (+1.0 ± 1.2 points" in text
+    # A single seed ahead is one seed's sign, never a win: the demo's 100% cell (+0.6 on seed
+    # 0) once turned "behind at 1%, level at 10%" into "pays".
+    one = paired_gains(
+        _arm_runs(
+            {
+                "a": {0.01: [0.60, 0.62, 0.55], 1.0: [0.734]},
+                STRONGEST: {0.01: [0.65, 0.66, 0.67], 1.0: [0.729]},
+            }
+        ),
+        "balanced_accuracy",
+        STRONGEST,
+        "a",
+    )
+    said = verdict(one, {0.01: "pixels", 1.0: "probe"}, "a", "balanced_accuracy")
+    assert said.startswith("Domain pre-training ('a') does not pay on this data"), said
+    assert "at 100% ahead of probe on its one seed (+0.5 points; one seed cannot tell" in said
     wins = paired_gains(
         _arm_runs({"a": {0.1: [0.5, 0.5, 0.5]}, STRONGEST: {0.1: [0.4, 0.41, 0.39]}}),
         "balanced_accuracy",

@@ -357,7 +357,9 @@ def verdict(
 
     `paired` is `paired_gains(rows, metric, STRONGEST, pretrained)`. A fraction counts as a win
     when the mean paired gain is more than two standard errors above zero, a loss when more
-    than two below, and level otherwise (with a single seed: the sign, said to be one run).
+    than two below, and within noise otherwise. A fraction with a single seed has no spread to
+    judge by: its sign is reported as one seed's and counts as neither, so "pays" always rests
+    on repeated seeds.
     """
     name = METRIC_NAMES.get(metric, metric)
     if not paired:
@@ -368,32 +370,30 @@ def verdict(
         n = (n_labels or {}).get(f)
         where = f"{_pct(f)}" + (f" ({_number(n):g} labels)" if _number(n) is not None else "")
         se = g["se"]
+        arm = choice.get(f, "?")
         if se is None:
-            state = "ahead" if g["mean"] > 0 else "behind" if g["mean"] < 0 else "level"
-            how = f"{g['mean']:+.1f} points, one seed"
-        else:
-            state = (
-                "ahead"
-                if g["mean"] - 2 * se > 0
-                else "behind"
-                if g["mean"] + 2 * se < 0
-                else "level"
+            side = "ahead of" if g["mean"] > 0 else "behind" if g["mean"] < 0 else "level with"
+            parts.append(
+                f"at {where} {side} {arm} on its one seed ({g['mean']:+.1f} points; one seed "
+                "cannot tell a gain from noise)"
             )
-            n = len(g["seeds"])
-            how = f"{g['mean']:+.1f} ± {se:.1f} points, ahead on {g['ahead']} of {n} seeds"
+            continue
+        state = "ahead" if g["mean"] - 2 * se > 0 else "behind" if g["mean"] + 2 * se < 0 else ""
         wins += state == "ahead"
         losses += state == "behind"
-        arm = choice.get(f, "?")
         phrase = {"ahead": f"ahead of {arm}", "behind": f"behind {arm}"}.get(
-            state, f"level with {arm} within noise"
+            state, f"within noise of {arm}"
+        )
+        how = (
+            f"{g['mean']:+.1f} ± {se:.1f} points, ahead on {g['ahead']} of {len(g['seeds'])} seeds"
         )
         parts.append(f"at {where} {phrase} ({how})")
     if wins and not losses:
         head = f"Domain pre-training ('{pretrained}') pays on this data"
     elif not wins:
         head = (
-            f"Domain pre-training ('{pretrained}') does not pay on this data: it is never ahead "
-            "of the strongest arm without it"
+            f"Domain pre-training ('{pretrained}') does not pay on this data: it is never "
+            "clearly ahead of the strongest arm without it"
         )
     else:
         head = f"Domain pre-training ('{pretrained}') pays only in part on this data"
