@@ -113,6 +113,14 @@ def test_a_reused_run_must_match_its_variant(ablation, data, tmp_path):
             pretrained={"beit": str(out / "pretrain-random-mask")},
             device="cpu",
         )
+    with pytest.raises(UserError, match=r"model depth=2, the variant 'beit' needs model depth=3"):
+        run_ablation(
+            _recipe(data, "model.depth=3"),
+            tmp_path / "d",
+            variants=["beit"],
+            pretrained={"beit": str(out / "pretrain-beit")},
+            device="cpu",
+        )
     with pytest.raises(UserError, match="not a finished pre-training run"):
         run_ablation(
             _recipe(data),

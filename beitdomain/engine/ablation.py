@@ -81,8 +81,23 @@ def variant_recipe(recipe: Recipe, name: str) -> Recipe:
     return apply_sets(recipe, list(VARIANTS[name].sets), source=f"ablation variant {name}:")
 
 
-def check_reused_run(folder: Path, name: str) -> None:
-    """Refuses a run given for `name` that is unfinished or was pre-trained otherwise."""
+# What must match between a reused run and the variants pre-trained here, so that the variants
+# differ only in their ablation's keys (the architecture is compared as built, below).
+COMPARED_KEYS = (
+    "mask.kind",
+    "mask.ratio",
+    "model.target",
+    "model.norm_pix_loss",
+    "data.image_size",
+    "pretrain.train.epochs",
+    "pretrain.train.steps",
+)
+COMPARED_ARCH = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+def check_reused_run(folder: Path, name: str, recipe: Recipe) -> None:
+    """Refuses a run given for `name` that is unfinished or was pre-trained otherwise than
+    `recipe` would pre-train that variant (another masking, target, model size or length)."""
     if not is_finished(folder, "pretrain"):
         raise UserError(
             f"--pretrained {name}={folder}: not a finished pre-training run (no "
@@ -91,17 +106,25 @@ def check_reused_run(folder: Path, name: str) -> None:
     saved = folder / "recipe.yaml"
     if not saved.is_file():
         raise UserError(f"--pretrained {name}={folder}: no recipe.yaml to check the variant by")
-    ran = load_recipe(saved)
-    want = variant_recipe(ran, name)
-    for key in ("mask.kind", "model.target", "model.norm_pix_loss"):
-        section, field = key.split(".")
-        have, need = getattr(getattr(ran, section), field), getattr(getattr(want, section), field)
-        if key == "model.norm_pix_loss" and ran.model.target != "pixels":
+    from beitdomain.engine.build import backbone_config
+
+    ran, want = load_recipe(saved), variant_recipe(recipe, name)
+    pairs = []
+    for key in COMPARED_KEYS:
+        if key == "model.norm_pix_loss" and want.model.target != "pixels":
             continue  # meaningless for a token target
+        have, need = ran, want
+        for part in key.split("."):
+            have, need = getattr(have, part), getattr(need, part)
+        pairs.append((key, have, need))
+    ran_arch, want_arch = backbone_config(ran), backbone_config(want)
+    pairs += [(f"model {k}", getattr(ran_arch, k), getattr(want_arch, k)) for k in COMPARED_ARCH]
+    for key, have, need in pairs:
         if have != need:
             raise UserError(
                 f"--pretrained {name}={folder}: that run has {key}={have}, the variant "
-                f"{name!r} needs {key}={need} ({VARIANTS[name].what})"
+                f"{name!r} needs {key}={need} ({VARIANTS[name].what}, as this recipe "
+                "pre-trains it)"
             )
 
 
@@ -153,7 +176,7 @@ def run_ablation(
             "--variants pixels,pixels-norm"
         )
     for name, folder in pretrained.items():
-        check_reused_run(Path(folder), name)
+        check_reused_run(Path(folder), name, recipe)
 
     out = Path(out)
     run = RunDir.open(out, kind="ablation", resume=True, recipe=recipe)
