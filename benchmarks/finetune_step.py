@@ -30,9 +30,9 @@ import common as C
 
 from beitdomain.config import OptimConfig
 from beitdomain.engine.optim import build_adamw
-from beitdomain.models.attention import select_attention_kernels
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier, layer_decay_param_groups
+from beitdomain.models.kernels import select_kernels
 
 # The sizes when the flags are not given.
 CPU_DEFAULTS = dict(preset="vit-small", depth=4, img_size=224, batch=8)
@@ -56,7 +56,7 @@ def build_finetune(
 ) -> tuple[BeitClassifier, torch.optim.Optimizer]:
     """The classifier on `device` and its layer-decay AdamW (BEiT's fine-tuning settings)."""
     model = BeitClassifier.from_config(cfg, num_classes).to(device).train()
-    select_attention_kernels(model, device)  # as the library's `prepare_for_training`
+    select_kernels(model, device)  # as the library's `prepare_for_training`
     optim_cfg = OptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
     groups = layer_decay_param_groups(model, 1e-3, optim_cfg.weight_decay, layer_decay)
     return model, build_adamw(groups, optim_cfg, device)

@@ -47,10 +47,10 @@ from beitdomain.config import OptimConfig
 from beitdomain.data.masking import BlockMaskGenerator
 from beitdomain.engine.optim import build_adamw
 from beitdomain.engine.pretrain import MIMObjective
-from beitdomain.models.attention import select_attention_kernels
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.export import hf_config_dict
+from beitdomain.models.kernels import select_kernels
 from beitdomain.models.mim import BeitMIM
 from beitdomain.tokenizer.dvae import DiscreteVAE, tokenizer_config
 from beitdomain.tokenizer.flops import encoder_gflops
@@ -84,18 +84,15 @@ def build_tokenizer(
         changes["vocab_size"] = vocab_size
     tok = DiscreteVAE(tokenizer_config(name, **changes)).to(device)
     tok.eval().requires_grad_(False)
-    if device.type == "cuda":
-        # As engine/pretrain.load_frozen_tokenizer: cuDNN's fast convolutions want NHWC.
-        tok = tok.to(memory_format=torch.channels_last)
-    return tok
+    # As engine/pretrain.load_frozen_tokenizer: cuDNN's and oneDNN's convolutions (and the
+    # tokenizer's pooling) run faster in NHWC.
+    return tok.to(memory_format=torch.channels_last)
 
 
 def tokenize(tok: DiscreteVAE, x: torch.Tensor) -> torch.Tensor:
     """Visual tokens `[B, gh*gw]` as `engine.pretrain`'s step does (then usable by autograd)."""
     with torch.inference_mode():
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = tok.encode(x).flatten(1)
+        targets = tok.encode(x.contiguous(memory_format=torch.channels_last)).flatten(1)
     return targets.clone()
 
 
@@ -215,7 +212,7 @@ def run(
 
     models: dict[str, tuple[nn.Module, LossFn]] = {}
     ours = BeitMIM.from_config(cfg, vocab_size=vocab).to(dev).train()
-    select_attention_kernels(ours, dev)  # as the library's `prepare_for_training`
+    select_kernels(ours, dev)  # as the library's `prepare_for_training`
     models["ours"] = (MIMObjective(ours), ours_loss)
     if include_hf:
         hf = build_hf_mim(cfg, vocab).to(dev).train()

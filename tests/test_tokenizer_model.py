@@ -282,6 +282,23 @@ def test_channels_last_and_bf16_autocast(tiny: DiscreteVAE) -> None:
     assert out.kl.dtype == torch.float32 and torch.isfinite(out.kl)
 
 
+def test_channels_last_encode_breaks_ties_as_nchw() -> None:
+    """A channels_last tokenizer takes its argmax over the innermost dim: on tied logits (a
+    zeroed head: every code scores the same) it must still pick the first code, as NCHW does."""
+    model = create_tokenizer("tiny")
+    with torch.no_grad():
+        model.encoder.head.weight.zero_()
+        model.encoder.head.bias.zero_()
+    x = structured_images(2)
+    nchw = model.encode(x)
+    cl = model.to(memory_format=torch.channels_last)
+    assert cl.logits(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert torch.equal(cl.encode(x.contiguous(memory_format=torch.channels_last)), nchw)
+    assert int(nchw.max()) == 0
+
+
 def test_input_and_config_errors(tiny: DiscreteVAE) -> None:
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         tiny.encode(torch.rand(1, 1, 32, 32))

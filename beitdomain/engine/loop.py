@@ -229,6 +229,7 @@ class Trainer:
             self.desc, self.total_steps, self.state.step, self.quiet or not self.dist.is_main
         )
         self.model.train()
+        params = list(self.model.parameters())  # walked once, not every step
         with progress, stop_on_signals(self._stop_signal):
             while self.state.step < self.total_steps and not self.state.stop:
                 lr = self.set_lr(self.state.step)
@@ -256,7 +257,7 @@ class Trainer:
                 if self.grad_clip is not None:
                     # Non-finite gradients make the norm non-finite; the step is then skipped
                     # and its (scaled) gradients dropped, as if clipping had not run.
-                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                    grad_norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
                     finite = finite & torch.isfinite(grad_norm)
                 finite = finite.float()
                 if self.dist.enabled:

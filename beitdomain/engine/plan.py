@@ -2,7 +2,8 @@
 
 `plan_run` turns a dataset and a job's `train` section into a loader over a
 `ResumableBatchSampler` (what `Trainer` needs), the number of optimizer steps and the global
-batch; `prepare_for_training` readies the model for the device (attention kernels, DDP, compile).
+batch; `prepare_for_training` readies the model for the device (attention and patch-embedding
+kernels, DDP, compile).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 from beitdomain.config import TrainConfig
 from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine import distributed as D
-from beitdomain.models.attention import select_attention_kernels
+from beitdomain.models.kernels import select_kernels
 
 MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)
 
@@ -112,8 +113,8 @@ def plan_run(
 
 
 def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
-    """Picks the attention kernels for `device`, DDP-wraps the module when several processes
-    run, and compiles it when asked."""
-    select_attention_kernels(model, device)
+    """Picks the attention and patch-embedding kernels for `device`, DDP-wraps the module when
+    several processes run, and compiles it when asked."""
+    select_kernels(model, device)
     wrapped = D.wrap_ddp(model, device, D.dist_info())
     return torch.compile(wrapped) if train.compile else wrapped

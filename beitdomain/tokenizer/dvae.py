@@ -566,7 +566,12 @@ class DiscreteVAE(nn.Module):
 
         Works under ``torch.inference_mode()`` and autocast.
         """
-        return self.logits(x).argmax(dim=1)
+        logits = self.logits(x)
+        if logits.is_contiguous(memory_format=torch.channels_last):
+            # NHWC (a channels_last tokenizer): the codes are the innermost dim, where the
+            # reduction is faster; first maximum either way, so the same tokens.
+            return logits.permute(0, 2, 3, 1).argmax(dim=-1)
+        return logits.argmax(dim=1)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
