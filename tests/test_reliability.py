@@ -96,22 +96,37 @@ def _command(kind: str, data: dict, out: Path) -> tuple[list[str], str, list[str
     return [*argv, "--out", str(out), *sets_to_args(sets)], str(out / "checkpoints"), files
 
 
-def _kill_after_checkpoint(argv: list[str], ckpt: Path, delay: float, log: Path) -> dict:
-    """Starts the command, waits for `ckpt` to appear, sleeps `delay`, sends SIGKILL."""
+def _ckpt_path(ckpt_dir: str, step: int) -> Path:
+    return Path(ckpt_dir) / f"step-{step:08d}.pt"
+
+
+def _kill_after_checkpoint(
+    argv: list[str], before: Path, ckpt: Path, fraction: float, log: Path
+) -> dict:
+    """Starts the command and sends SIGKILL `fraction` (in [0, 1)) of a checkpoint interval after
+    `ckpt` appears. The interval is the time this process took from `before` (the checkpoint
+    ahead of `ckpt`) to `ckpt`, so on any machine the kill lands within about one interval
+    after `ckpt` (possibly mid-way through writing the next checkpoint's checksum); a fixed
+    delay let a fast machine run to the end first."""
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             cli_command(*argv), stdout=subprocess.DEVNULL, stderr=err, env=cli_env()
         )
         deadline = time.monotonic() + 300
+        seen_before = None
         try:
             while not ckpt.exists():
+                if seen_before is None and before.exists():
+                    seen_before = time.monotonic()
                 if proc.poll() is not None:
                     pytest.fail(
                         f"ended (rc {proc.returncode}) before {ckpt.name}: {log.read_text()}"
                     )
                 if time.monotonic() > deadline:
                     pytest.fail(f"no {ckpt.name} after 300 s")
-                time.sleep(0.01)
+                time.sleep(0.002)
+            interval = time.monotonic() - seen_before if seen_before is not None else 0.05
+            delay = fraction * interval
             time.sleep(delay)
             alive = proc.poll() is None
             os.kill(proc.pid, signal.SIGKILL)
@@ -119,8 +134,8 @@ def _kill_after_checkpoint(argv: list[str], ckpt: Path, delay: float, log: Path)
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    assert alive, f"the run finished before the kill {delay:.2f}s after {ckpt.name}"
-    return {"after": ckpt.name, "delay_s": round(delay, 3), "rc": proc.returncode}
+    assert alive, f"the run finished before the kill {delay:.3f}s after {ckpt.name}"
+    return {"after": ckpt.name, "delay_s": round(delay, 4), "rc": proc.returncode}
 
 
 def _train_records(run: Path) -> list[tuple]:
@@ -141,18 +156,18 @@ def test_kill9_then_resume_is_bitwise_identical(kind, data, tmp_path):
     rng = random.Random(f"{kind}-kill")  # fixed kill moments per command, different per command
     kills = []
     # kill 1 in the first run, kill 2 in the resumed run: at a random moment within about a
-    # step after a checkpoint appears (possibly mid-way through writing its checksum). Each kill
-    # waits for a checkpoint the current process writes itself: a fast first run can get past
-    # step 8 in the kill delay, and waiting for a step-8 file that already exists would kill the
+    # checkpoint interval after a checkpoint appears (possibly mid-way through writing the next
+    # one's checksum). Both checkpoints a kill waits for are written by the current process:
+    # one already on disk would time the interval from the process's start, or kill the
     # resumed run before it started.
     for i in range(2):
         resume = ["--resume"] if i else []
         done_steps = CheckpointManager(ckpt_dir).steps()
-        step = max(4, (max(done_steps) if done_steps else 0) + 2)
-        assert step < KILL_STEPS, f"the first run got to step {step - 2} before its kill"
-        ckpt = Path(ckpt_dir) / f"step-{step:08d}.pt"
+        step = (max(done_steps) if done_steps else 0) + 4
+        assert step < KILL_STEPS, f"the first run got to step {step - 4} before its kill"
+        before, ckpt = _ckpt_path(ckpt_dir, step - 2), _ckpt_path(ckpt_dir, step)
         kills.append(
-            _kill_after_checkpoint([*argv, *resume], ckpt, rng.uniform(0, 0.3), tmp_path / "log")
+            _kill_after_checkpoint([*argv, *resume], before, ckpt, rng.random(), tmp_path / "log")
         )
     assert all(k["rc"] == -signal.SIGKILL for k in kills)
     done = run_cli([*argv, "--resume"])
