@@ -18,6 +18,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from torch import nn
 
 from beitdomain.models.attention import select_attention_kernels
@@ -61,9 +62,9 @@ def select_patch_embed_kernel(model: nn.Module, device: torch.device) -> int:
     """
     n = 0
     for m in model.modules():
-        proj = getattr(m, "proj", None)
-        if type(m).__name__ != "PatchEmbed" or proj is None or not is_patch_projection(proj):
+        if not isinstance(m, PatchEmbed) or not is_patch_projection(m.proj):
             continue
+        proj = m.proj
         if device.type == "cpu":
             proj.forward = types.MethodType(patch_projection_as_matmul, proj)
         else:
