@@ -1,6 +1,6 @@
 """Which kernels a model's layers run on a device, chosen once before training.
 
-Two choices, both the same function as timm's layers with only rounding differing, and both
+Three choices, each the same function as timm's layers with only rounding differing, and each
 leaving the state dict unchanged:
 
 - attention: fused SDPA on CUDA, explicit softmax attention on a CPU (`models.attention`);
@@ -9,7 +9,9 @@ leaving the state dict unchanged:
   convolution backward for the kernel's gradient is slow (bf16, the demo's 64 x 1 x 64 x 64
   images with 8 x 8 patches: forward + backward 3.8 ms as a convolution, 1.0 ms as a matrix
   multiply; BENCHMARKS.md), so a CPU runs it as `F.linear`. CUDA keeps cuDNN's convolution
-  (not measured there).
+  (not measured there);
+- the blocks' residual branches, `x + drop_path(gamma * y)`, as one fused op on every device
+  (`models.residual`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from beitdomain.models.attention import select_attention_kernels
+from beitdomain.models.residual import select_block_kernel
 
 
 def patch_projection_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +77,9 @@ def select_patch_embed_kernel(model: nn.Module, device: torch.device) -> int:
 
 
 def select_kernels(model: nn.Module, device: torch.device) -> dict[str, int]:
-    """Both choices for `device`; returns how many modules of each kind were set."""
+    """The three choices for `device`; returns how many modules of each kind were set."""
     return {
         "attention": select_attention_kernels(model, device),
         "patch_embed": select_patch_embed_kernel(model, device),
+        "blocks": select_block_kernel(model, device),
     }

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from beitdomain.models.attention import attention_at
 from beitdomain.models.backbone import BackboneConfig, create_backbone
 from beitdomain.models.convention import InputNorm
+from beitdomain.models.residual import residual_add
 
 MimTarget = Literal["tokens", "pixels"]
 
@@ -216,14 +217,12 @@ class BeitMIM(nn.Module):
             x = self._run_blocks(x, bb.blocks[-1:], rel_pos_bias)
             return self.lm_head(bb.norm(x)[:, 1:][mask]), None  # [N, D] -> [N, V or P]
         last = bb.blocks[-1]
-        g1 = last.gamma_1 if last.gamma_1 is not None else 1.0
-        g2 = last.gamma_2 if last.gamma_2 is not None else 1.0
         pos = self.masked_positions(mask, num_masked)  # [B, M]
         idx = pos + 1  # token positions, after cls
         xq = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
         h = attention_at(last.attn, last.norm1(x), idx, rel_pos_bias)
-        x = xq + last.drop_path1(g1 * h)
-        x = x + last.drop_path2(g2 * last.mlp(last.norm2(x)))
+        x = residual_add(xq, h, last.gamma_1, last.drop_path1)
+        x = residual_add(x, last.mlp(last.norm2(x)), last.gamma_2, last.drop_path2)
         return self.lm_head(bb.norm(x).flatten(0, 1)), pos  # [N, D] -> [N, V or P]
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
