@@ -111,7 +111,7 @@ class DataConfig:
     dicom_series: bool = False  # a folder of only DICOMs is one volume, ordered by position
     on_error: Literal["fail", "skip"] = "fail"
     allow_outside_root: bool = False  # label-CSV paths must resolve inside `root` unless set
-    num_workers: int | None = bounded(None, ge=0)  # None: min(8, cores - 1)
+    num_workers: int | None = bounded(None, ge=0)  # None: engine.distributed.default_num_workers
     # augmentation
     crop_scale: tuple[float, float] = bounded((0.2, 1.0), gt=0, le=1, ordered=True)
     hflip: float = bounded(0.5, ge=0, le=1)

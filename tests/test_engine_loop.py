@@ -174,9 +174,31 @@ def test_short_epochs_load_in_the_main_process(monkeypatch):
     from beitdomain.engine import distributed as D
     from beitdomain.engine.plan import MIN_BATCHES_FOR_WORKERS
 
-    monkeypatch.setattr(D, "default_num_workers", lambda: 3)
+    monkeypatch.setattr(D, "default_num_workers", lambda device=None: 3)
     short = build_loader(Noisy(n=6 * (MIN_BATCHES_FOR_WORKERS - 1)), 6, seed=0)
     long = build_loader(Noisy(n=6 * MIN_BATCHES_FOR_WORKERS), 6, seed=0)
     assert short.num_workers == 0 and long.num_workers == 3
     # An explicit data.num_workers is obeyed whatever the epoch length.
     assert build_loader(Noisy(n=6), 6, seed=0, num_workers=2).num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("cores", "threads", "device", "want"),
+    [
+        (2, 2, "cpu", 0),  # the demo's machine: the trainer's threads take both cores
+        (2, 2, "cuda", 1),  # an accelerator does the math: every core but one loads
+        (4, 2, "cpu", 2),  # hyper-threads (or cores) torch's threads leave free
+        (32, 32, "cpu", 4),  # a big CPU keeps one core in eight for loading
+        (64, 16, "cpu", 8),  # capped
+        (16, 16, None, 8),  # no device given: as for an accelerator, capped
+    ],
+)
+def test_default_num_workers_leaves_a_cpu_trainers_cores_to_it(
+    monkeypatch, cores: int, threads: int, device: str | None, want: int
+):
+    from beitdomain.engine import distributed as D
+
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(D.torch, "get_num_threads", lambda: threads)
+    dev = torch.device(device) if device else None
+    assert D.default_num_workers(dev) == want

@@ -35,8 +35,11 @@ def build_loader(
     weights: Sequence[float] | None = None,
     dist: D.DistInfo | None = None,
     pin_memory: bool = False,
+    device: torch.device | None = None,
 ) -> DataLoader:
     """A DataLoader over a `ResumableBatchSampler` (what `Trainer` needs).
+
+    `num_workers=None` picks `default_num_workers(device)` for a trainer on `device`.
 
     The loader gets its own torch.Generator so creating an iterator mid-epoch (on resume) does
     not consume the global RNG, which the model's dropout and drop-path draw from.
@@ -52,7 +55,7 @@ def build_loader(
         world_size=dist.world_size,
         weights=weights,
     )
-    workers = D.default_num_workers() if num_workers is None else num_workers
+    workers = D.default_num_workers(device) if num_workers is None else num_workers
     if num_workers is None and len(sampler) < MIN_BATCHES_FOR_WORKERS:
         # An epoch of one or two batches (e.g. 18 labels at 1%) waits on the workers at every
         # epoch's start: loading a few batches in the main process costs less. The batches are
@@ -101,6 +104,7 @@ def plan_run(
         weights=weights,
         dist=dist,
         pin_memory=device.type == "cuda",
+        device=device,
     )
     total = steps_for(
         epochs=train.epochs,
