@@ -282,13 +282,17 @@ def test_channels_last_and_bf16_autocast(tiny: DiscreteVAE) -> None:
     assert out.kl.dtype == torch.float32 and torch.isfinite(out.kl)
 
 
-def test_channels_last_encode_breaks_ties_as_nchw() -> None:
-    """A channels_last tokenizer takes its argmax over the innermost dim: on tied logits (a
-    zeroed head: every code scores the same) it must still pick the first code, as NCHW does."""
+@pytest.mark.parametrize("tied", [(), (3, 7)])
+def test_encode_breaks_ties_to_the_first_code_in_either_layout(tied: tuple[int, ...]) -> None:
+    """Tokens are the first maximum (argmax's rule) whether the tokenizer is NCHW or
+    channels_last: on a zeroed head every code ties (token 0); with codes 3 and 7 tied above
+    the rest, token 3."""
     model = create_tokenizer("tiny")
     with torch.no_grad():
         model.encoder.head.weight.zero_()
         model.encoder.head.bias.zero_()
+        for k in tied:
+            model.encoder.head.bias[k] = 1.0
     x = structured_images(2)
     nchw = model.encode(x)
     cl = model.to(memory_format=torch.channels_last)
@@ -296,7 +300,8 @@ def test_channels_last_encode_breaks_ties_as_nchw() -> None:
         memory_format=torch.channels_last
     )
     assert torch.equal(cl.encode(x.contiguous(memory_format=torch.channels_last)), nchw)
-    assert int(nchw.max()) == 0
+    want = tied[0] if tied else 0
+    assert torch.equal(nchw, torch.full_like(nchw, want))
 
 
 def test_input_and_config_errors(tiny: DiscreteVAE) -> None:
