@@ -24,10 +24,10 @@ from torch import nn
 
 
 class _ScaledResidual(torch.autograd.Function):
-    """`x + y * scale`, `scale` broadcast over y (`[D]` or `[B, 1, D]`); scale gets no gradient.
+    """`x + y * scale` with `scale = gamma * keep` (`[D]` or `[B, 1, D]`, broadcast over y).
 
-    Returns `gamma`'s gradient through `scale = gamma * keep` by hand, so the graph holds one
-    node per branch.
+    Gradients for x, y and gamma (written out, so the graph holds one node per branch); the
+    drop-path keep factors get none.
     """
 
     @staticmethod
