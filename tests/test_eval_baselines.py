@@ -85,6 +85,29 @@ def test_run_baselines_rows_carry_the_subsets_they_were_given():
     assert all(0.5 < r["balanced_accuracy"] <= 1 and r["n_test"] == 200 for r in rows)
 
 
+def test_run_baselines_fits_with_one_blas_thread(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    fit = B._fit
+
+    def recording_fit(*args, **kwargs):
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(B, "_fit", recording_fit)
+    x, y = _blobs(120)
+    with threadpool_limits(limits=2, user_api="blas"):  # whatever the caller's setting
+        B.run_baselines(
+            [B.BaselineArm("pixels", x)],
+            y,
+            [("50%", 0.5, 0, np.arange(60))],
+            np.arange(60, 120),
+            ["ok", "bad"],
+        )
+    assert seen and set(seen) == {1}
+
+
 def test_frozen_features_batches_without_gradients():
     import torch
 

