@@ -211,9 +211,10 @@ def run_baselines(
     The subsets are the curve's own (the caller passes the indices its fine-tunes trained on),
     so a baseline row and a fine-tune row of the same seed saw the same labels.
 
-    The fits use one BLAS thread: each solver step multiplies a small matrix, where a
-    multi-threaded BLAS spends more on its threads than on the work (the demo's 40 cells: 24 s
-    instead of 57 s on 2 cores), and the rows no longer depend on the machine's thread count.
+    The fits use one BLAS thread: the solver's operations are small (vectors of a few thousand
+    features, a few hundred labels), and a multi-threaded BLAS spent more on its threads than
+    on the work (the demo's 40 cells: 24 s instead of 57 s on 2 cores); the rows also no longer
+    depend on the machine's thread count.
     """
     from threadpoolctl import threadpool_limits
 
