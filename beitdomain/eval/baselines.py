@@ -219,9 +219,9 @@ def run_baselines(
     from threadpoolctl import threadpool_limits
 
     rows = []
-    for arm in arms:
-        for spec, fraction, seed, subset in cells:
-            with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"):
+        for arm in arms:
+            for spec, fraction, seed, subset in cells:
                 m = fit_and_score(
                     arm.features,
                     labels,
@@ -231,16 +231,19 @@ def run_baselines(
                     seed=seed,
                     standardize=arm.standardize,
                 )
-            rows.append(
-                {
-                    "init": arm.name,
-                    "labels": spec,
-                    "fraction": fraction,
-                    "seed": seed,
-                    "n_labels": m["n_labels"],
-                    "c": m["c"],
-                    "n_test": m.get("n"),
-                    **{k: m.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
-                }
-            )
+                rows.append(
+                    {
+                        "init": arm.name,
+                        "labels": spec,
+                        "fraction": fraction,
+                        "seed": seed,
+                        "n_labels": m["n_labels"],
+                        "c": m["c"],
+                        "n_test": m.get("n"),
+                        **{
+                            k: m.get(k)
+                            for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+                        },
+                    }
+                )
     return rows
