@@ -32,8 +32,8 @@ def demo(
     those too), then fine-tunes at 1%, 10% and 100% of the training labels from the
     pre-trained backbone and from scratch, beside logistic-regression baselines, and writes
     report.md and curve.png. The CPU recipe (elpv-cpu) took 8 minutes on a quiet 2-core
-    Xeon with AMX and 22 on a 2-core EPYC without it (another job shared that one for 6 of
-    them); fp32 takes about 1.6 times as long.
+    Xeon with AMX and 12 and a half on a quiet 2-core EPYC without it; fp32 takes about
+    1.6 times as long.
     With a GPU the GPU recipe (elpv-gpu: ViT-B/16 at 224 px) is used unless --recipe says
     otherwise.
     Re-running skips finished stages and resumes an interrupted one.
