@@ -126,7 +126,11 @@ def _pretrain_parts(recipe: Any, dev: torch.device, n: int) -> tuple[nn.Module, 
             loss, metrics = m(b["image"], b["mask"], targets)
             return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
 
-    return P.MIMObjective(model), step_fn, items
+    try:  # the generator's exact count, as `beitdomain pretrain` passes it
+        objective = P.MIMObjective(model, num_masked=gen.num_masking)
+    except TypeError:  # d716b7f: counted per batch
+        objective = P.MIMObjective(model)
+    return objective, step_fn, items
 
 
 def _finetune_parts(recipe: Any, dev: torch.device, n: int) -> tuple[nn.Module, Any, Any]:

@@ -110,6 +110,21 @@ def test_a_known_masked_count_gives_the_same_loss_without_counting(target: str) 
         model.loss(images, mask, targets, num_masked=5)
 
 
+def test_the_loss_with_a_known_count_traces_as_one_graph() -> None:
+    """Under torch.compile the CPU-side count check is skipped (it would split the step in
+    two graphs); dynamo's trace of the whole loss then has no graph break."""
+    import torch._dynamo
+
+    model = _model()
+    images, mask, tokens = _batch(b=3)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda *a: model.loss(*a, num_masked=6)[0])(
+        images, mask, tokens
+    )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_masked_patch_content_is_invisible() -> None:
     model = _model()
     images, mask, _ = _batch()
