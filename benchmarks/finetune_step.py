@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
 from beitdomain.config import OptimConfig
+from beitdomain.engine.distributed import keep_freed_cpu_memory
 from beitdomain.engine.optim import build_adamw
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier, layer_decay_param_groups
@@ -57,6 +58,8 @@ def build_finetune(
     """The classifier on `device` and its layer-decay AdamW (BEiT's fine-tuning settings)."""
     model = BeitClassifier.from_config(cfg, num_classes).to(device).train()
     select_kernels(model, device)  # as the library's `prepare_for_training`
+    if device.type == "cpu":  # as `prepare_for_training`
+        keep_freed_cpu_memory()
     optim_cfg = OptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
     groups = layer_decay_param_groups(model, 1e-3, optim_cfg.weight_decay, layer_decay)
     return model, build_adamw(groups, optim_cfg, device)

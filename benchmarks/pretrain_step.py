@@ -45,6 +45,7 @@ import common as C
 
 from beitdomain.config import OptimConfig
 from beitdomain.data.masking import BlockMaskGenerator
+from beitdomain.engine.distributed import keep_freed_cpu_memory
 from beitdomain.engine.optim import build_adamw
 from beitdomain.engine.pretrain import MIMObjective
 from beitdomain.models.backbone import BackboneConfig, get_preset
@@ -213,6 +214,8 @@ def run(
     models: dict[str, tuple[nn.Module, LossFn]] = {}
     ours = BeitMIM.from_config(cfg, vocab_size=vocab).to(dev).train()
     select_kernels(ours, dev)  # as the library's `prepare_for_training`
+    if dev.type == "cpu":  # as `prepare_for_training`; process-wide, so for HF too
+        keep_freed_cpu_memory()
     models["ours"] = (MIMObjective(ours), ours_loss)
     if include_hf:
         hf = build_hf_mim(cfg, vocab).to(dev).train()

@@ -118,7 +118,10 @@ def plan_run(
 
 def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
     """Picks the attention and patch-embedding kernels for `device`, DDP-wraps the module when
-    several processes run, and compiles it when asked."""
+    several processes run, and compiles it when asked. Training on a CPU, freed memory stays
+    in the process for the next step (`distributed.keep_freed_cpu_memory`)."""
+    if device.type == "cpu":
+        D.keep_freed_cpu_memory()
     select_kernels(model, device)
     wrapped = D.wrap_ddp(model, device, D.dist_info())
     return torch.compile(wrapped) if train.compile else wrapped
