@@ -159,8 +159,9 @@ class TrainConfig:
     accum_steps: int = bounded(1, ge=1)
     # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # torch.compile the model: off by default; on a 2-core Xeon (AMX) it compiled in 52 s and
-    # the demo's step ran 2-6% faster, which did not pay (BENCHMARKS.md); untested on GPUs here
+    # torch.compile the model: off by default; on 2-core CPUs the demo's step ran 2-6% faster
+    # (Xeon, 52 s to compile) or within noise (EPYC), which did not pay (BENCHMARKS.md);
+    # untested on GPUs here
     compile: bool = False
     grad_checkpointing: bool = False
     log_every: int = bounded(10, ge=1)
