@@ -266,8 +266,9 @@ def profile_steps(job: str, overrides: Sequence[str], steps: int, warmup: int, t
 
 def ab(old: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Alternates child runs on `--new` (default: this tree) and `old`; medians of their
-    per-run median steps. Give `--new` a checkout of a commit (`git worktree add --detach`)
-    to keep edits made meanwhile out of the measurement."""
+    per-run median steps, and each round's old / new ratio. Give `--new` a checkout of a
+    commit (`git worktree add --detach`) to keep edits made meanwhile out of the
+    measurement."""
     trees = {"new": (args.new or REPO).resolve(), "old": old.resolve()}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
     loads = []
@@ -304,6 +305,15 @@ def ab(old: Path, args: argparse.Namespace) -> dict[str, Any]:
     # process CPU time per step is the steadier measure of the work.
     res["speedup"] = res["old"]["median_step_s"] / res["new"]["median_step_s"]
     res["speedup_cpu_time"] = res["old"]["median_cpu_s"] / res["new"]["median_cpu_s"]
+    # Each round's two runs ran minutes apart at most; on a VM whose speed drifts between
+    # rounds, their ratio is steadier than the ratio of the medians.
+    pairs = [
+        o["median_step_s"] / n["median_step_s"]
+        for o, n in zip(runs["old"], runs["new"], strict=True)
+    ]
+    res["per_round_speedup"] = [round(x, 3) for x in pairs]
+    res["median_round_speedup"] = statistics.median(pairs)
+    res["rounds_new_faster"] = sum(x > 1 for x in pairs)
     return res
 
 

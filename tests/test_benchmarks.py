@@ -125,3 +125,34 @@ def test_matmul_peak_is_flops_over_the_best_time(monkeypatch):
     assert got == pytest.approx(2 * 64**3 / 0.25 / 1e9)
     assert C.peak_share(2e9, 10.0, 40.0) == pytest.approx(0.5)
     assert C.peak_share(2e9, 10.0, None) is None
+
+
+def test_demo_step_ab_pairs_each_round_and_alternates_the_order(monkeypatch, tmp_path):
+    """`demo_step.py --ab` runs the two checkouts alternately (new first, then old first) and
+    reports, beside the ratio of medians, each round's ratio: on a machine whose speed drifts
+    between rounds those pairs are the steadier measure."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import demo_step as DS
+
+    steps = {"new": iter([0.10, 0.20, 0.12]), "old": iter([0.15, 0.18, 0.24])}
+    order = []
+
+    def fake_run(cmd, env, **kwargs):
+        name = "new" if env["PYTHONPATH"] == str((tmp_path / "new").resolve()) else "old"
+        order.append(name)
+        row = dict(median_step_s=next(steps[name]), median_cpu_s=0.1, batch=64)
+        row |= dict(gflop_per_step=1.0, peak_share_cpu=0.5, first_steps_s=[1.0])
+        row["matmul_peak_gflops"] = {"cpu": {"bf16": 100.0}}
+        return SimpleNamespace(stdout="log line\n" + json.dumps(row) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = SimpleNamespace(new=tmp_path / "new", job="pretrain", steps=2, warmup=1, threads=None)
+    args.set, args.old_set, args.rounds = [], [], 3
+    res = DS.ab(tmp_path / "old", args)
+    assert order == ["new", "old", "old", "new", "new", "old"]
+    assert res["per_round_speedup"] == [1.5, 0.9, 2.0]
+    assert res["median_round_speedup"] == pytest.approx(1.5)
+    assert res["rounds_new_faster"] == 2
+    assert res["speedup"] == pytest.approx(0.18 / 0.12)  # medians: old 0.18, new 0.12
