@@ -33,6 +33,12 @@ from beitdomain.models.residual import residual_add
 MimTarget = Literal["tokens", "pixels"]
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this code (torch >= 2.3; earlier: never known)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
 class BeitMIM(nn.Module):
     """BEiT pre-training model: a timm `Beit` with a mask token and a head on masked patches.
 
@@ -208,7 +214,7 @@ class BeitMIM(nn.Module):
                 num_masked = int(counts[0])
         elif (
             mask.device.type == "cpu"
-            and not torch.compiler.is_compiling()
+            and not _compiling()
             and bool((mask.sum(1) != num_masked).any())
         ):
             # Checked where it costs no device round trip (and no graph break under
