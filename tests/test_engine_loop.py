@@ -2,6 +2,9 @@
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,18 +229,18 @@ print(applied, (faults() - before) // 10)
 """
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("os"), "confstr")
-    or "glibc" not in (__import__("os").confstr("CS_GNU_LIBC_VERSION") or ""),
-    reason="glibc's malloc only",
-)
+def _glibc() -> bool:
+    try:
+        return "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")
+    except (AttributeError, ValueError, OSError):  # no confstr, or no such name here
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
 def test_a_cpu_trainer_reuses_freed_pages_instead_of_faulting_them_in_again():
     """With `keep_freed_cpu_memory` the pages a step freed serve the next step; with glibc's
     defaults thousands of them fault in again every step (the 51 MiB a step here allocates
     are 13,000 pages of 4 KiB). A user's own MALLOC_* settings are left alone."""
-    import os
-    import subprocess
-    import sys
 
     def run(mode: str, **env: str) -> tuple[str, int]:
         out = subprocess.run(
