@@ -324,6 +324,9 @@ class CurveConfig:
     # on each backbone's frozen features (seconds on a CPU); the verdict is against the
     # strongest arm without pre-training.
     baselines: bool = True
+    # Cells fine-tuned at a time (--workers overrides). None: one per visible GPU, else 1. On
+    # a CPU each of n workers keeps to 1/n of the cores, with one torch thread per core.
+    workers: int | None = bounded(None, ge=1)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import torch
 from helpers import FINETUNE_SETS, PRETRAIN_SETS, recipe, write_separable_set
 from PIL import Image
 
@@ -288,12 +289,19 @@ def test_lr_grid_seeds_first_tunes_once_per_fraction(setup, tmp_path):
 
 def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
     # With parallel workers the first seeds run in a wave of their own, so the other seeds find
-    # the lr they chose (two CPU worker processes stand in for two GPUs).
+    # the lr they chose (two CPU worker processes, from the recipe's curve.workers).
+    from dataclasses import replace
+
     import yaml
 
     r, out = _lr_grid_first(setup), tmp_path / "curve"
-    run_curve(r, out, device="cpu", quiet=True, workers=2)
+    run_curve(replace(r, curve=replace(r.curve, workers=2)), out, device="cpu", quiet=True)
     lead, follower = (out / "cells" / cell_name("scratch", "100%", s) for s in (0, 1))
+    # Each worker ran on its share of the cores, one torch thread per core.
+    slots = curve_engine.cell_slots("cpu", 2, 0)
+    shares = {len(c) for _, c in slots if c} or {torch.get_num_threads()}
+    for cell in (lead, follower):
+        assert json.loads((cell / "manifest.json").read_text())["cpu_threads"] in shares
     chosen = json.loads((lead / "results.json").read_text())["lr"]
     assert chosen in (0.0, 2.0e-3) and not list(follower.glob("lr-*"))
     saved = yaml.safe_load((follower / "recipe.yaml").read_text())["finetune"]
@@ -337,22 +345,66 @@ def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
     assert ran == [] and not (tmp_path / "c").exists()
 
 
-def test_a_worker_receives_a_recipe_not_a_file(monkeypatch, tmp_path):
+def test_a_worker_receives_a_recipe_not_a_file_and_runs_in_a_free_slot(monkeypatch, tmp_path):
     # The worker's argument pickles as it is (spawn), and it holds the Recipe object itself.
+    # The cell takes a free slot (device, cores) for its run, keeps to the slot's cores with
+    # one torch thread per core, and gives the slot back, also when the fine-tune fails.
     import pickle
+    import queue
 
     from beitdomain.config import Recipe, load_recipe
 
     r = load_recipe(sets=["curve.fractions=['100%']", "curve.seeds=[0]"])
     grid = parse_grid(r.curve, {"scratch": None})
     (cell,) = grid.cells()
-    args = (r, grid, cell, str(tmp_path), "cpu", False)
-    seen = []
+    args = (r, grid, cell, str(tmp_path), False)
+    free = queue.Queue()
+    free.put(("cpu", (5, 7)))
+    monkeypatch.setattr(curve_engine, "_FREE_SLOTS", free)
+    pinned, threads, seen = [], [], []
+    monkeypatch.setattr(curve_engine.os, "sched_setaffinity", lambda pid, c: pinned.append(c))
+    monkeypatch.setattr(curve_engine.torch, "set_num_threads", threads.append)
     monkeypatch.setattr(curve_engine, "finetune", lambda rr, d, **kw: seen.append((rr, d, kw)))
     curve_engine._run_cell(pickle.loads(pickle.dumps(args)))
     (got, folder, kw) = seen[0]
     assert isinstance(got, Recipe) and got.finetune.labels == "100%" and got.seed == 0
     assert folder == tmp_path / "cells" / cell.name and kw["trust_pickle"] is False
+    assert kw["device"] == "cpu" and pinned == [(5, 7)] and threads == [2]
+    assert free.get_nowait() == ("cpu", (5, 7))
+
+    def fail(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    free.put(("cuda:1", ()))
+    monkeypatch.setattr(curve_engine, "finetune", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        curve_engine._run_cell(args)
+    assert free.get_nowait() == ("cuda:1", ()) and pinned == [(5, 7)] and threads == [2]
+
+
+def test_cell_slots_split_the_cores_or_take_a_gpu_each(monkeypatch):
+    monkeypatch.setattr(curve_engine.os, "sched_getaffinity", lambda pid: {3, 0, 1, 2})
+    assert curve_engine.cell_slots("cpu", 2, 0) == [("cpu", (0, 1)), ("cpu", (2, 3))]
+    assert curve_engine.cell_slots("cpu", 3, 0) == [("cpu", (0,)), ("cpu", (1, 2)), ("cpu", (3,))]
+    six = [c for _, c in curve_engine.cell_slots("cpu", 6, 0)]
+    assert six == [(0,), (1,), (2,), (3,), (0,), (1,)]
+    assert curve_engine.cell_slots("cpu", 3, 2) == [("cuda:0", ()), ("cuda:1", ()), ("cuda:0", ())]
+    assert curve_engine.cell_slots("mps", 2, 0) == [("mps", ()), ("mps", ())]
+
+
+def test_parallel_cells_start_with_the_most_labels():
+    from beitdomain.config import load_recipe
+
+    sets = ["curve.fractions=['1%', '100%', '10%']", "curve.seeds=[0, 1]"]
+    cells = parse_grid(load_recipe(sets=sets).curve, {"a": None, "b": None}).cells()
+    order = curve_engine.largest_first(cells)
+    assert [c.labels.text for c in order] == ["100%"] * 4 + ["10%"] * 4 + ["1%"] * 4
+    ones = [c for c in cells if c.labels.text == "1%"]
+    assert [c for c in order if c.labels.text == "1%"] == ones
+    # Amounts of different kinds do not compare: the grid's order stays.
+    sets = ["curve.fractions=['5/class', '100%', '20']", "curve.seeds=[0]"]
+    mixed = parse_grid(load_recipe(sets=sets).curve, {"a": None}).cells()
+    assert curve_engine.largest_first(mixed) == mixed
 
 
 def test_the_curve_manifest_records_the_device_used_and_the_data(grid):

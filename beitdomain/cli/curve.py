@@ -71,7 +71,12 @@ def curve(
         str | None, typer.Option(help="balanced_accuracy (default), accuracy, auroc, macro_f1.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Cells in parallel (default: one per visible GPU).")
+        int | None,
+        typer.Option(
+            help="Cells fine-tuned at a time (default: curve.workers, else one per visible "
+            "GPU, 1 on a CPU). On a CPU the workers split the cores: with --workers 2 on 2 "
+            "cores each cell trains on one core."
+        ),
     ] = None,
     selection: opt.SelectionOpt = None,
     recipe: opt.RecipeOpt = None,

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -57,14 +58,66 @@ def _cell_recipe(recipe: Recipe, grid: CurveGrid, cell: Cell, out: Path | None =
     return replace(recipe, seed=cell.seed, finetune=replace(ft, labels=cell.labels.text, init=init))
 
 
-def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, str, bool]) -> None:
-    """One fine-tune in a worker process (when the grid is spread over GPUs)."""
-    recipe, grid, cell, out, device, trust_pickle = args
-    cell_recipe = _cell_recipe(recipe, grid, cell, Path(out))
-    cell_dir = Path(out) / "cells" / cell.name
-    finetune(
-        cell_recipe, cell_dir, device=device, resume=True, quiet=True, trust_pickle=trust_pickle
-    )
+# A worker process's queue of free slots (set by `_init_worker` in each worker).
+_FREE_SLOTS: Any = None
+
+
+def cell_slots(device: str, workers: int, n_gpu: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Where each of `workers` parallel cells runs: (device, CPU cores to keep to).
+
+    With GPUs, slot k gets GPU k modulo their number (no core pinning). On a CPU the cores this
+    process may use are split into `workers` contiguous shares, and a cell runs with as many
+    torch threads as its share has cores: two one-thread fine-tunes fill two cores better than
+    one two-thread fine-tune does, whose small ops each wait for both threads (BENCHMARKS.md).
+    With more workers than cores, the workers share cores one each, round robin.
+    """
+    if n_gpu:
+        return [(f"cuda:{k % n_gpu}", ()) for k in range(workers)]
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no pinning, the threads split alone
+        cores = []
+    if not cores or device != "cpu":
+        return [(device, ())] * workers
+    if workers > len(cores):
+        return [(device, (cores[k % len(cores)],)) for k in range(workers)]
+    bounds = [round(k * len(cores) / workers) for k in range(workers + 1)]
+    return [(device, tuple(cores[bounds[k] : bounds[k + 1]])) for k in range(workers)]
+
+
+def largest_first(cells: Sequence[Cell]) -> list[Cell]:
+    """`cells` with the most labels first (stable), where their label amounts are of one kind
+    (all fractions, all counts or all per-class counts); otherwise in their grid order.
+
+    A fine-tune's time grows with its labels (at the demo's size a 100% cell takes 3-4 times a
+    1% one), so with the largest first the workers finish together."""
+    if len({cell.labels.kind for cell in cells}) != 1:
+        return list(cells)
+    return sorted(cells, key=lambda cell: -cell.labels.value)
+
+
+def _init_worker(free_slots: Any) -> None:
+    global _FREE_SLOTS
+    _FREE_SLOTS = free_slots
+
+
+def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, bool]) -> None:
+    """One fine-tune in a worker process, in a slot no other running cell holds: a slot is
+    taken when the cell starts and given back when it ends, so a cell never shares a GPU (or
+    its cores) with another while one stands idle."""
+    recipe, grid, cell, out, trust_pickle = args
+    device, cores = _FREE_SLOTS.get()
+    try:
+        if cores:
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
+        cell_recipe = _cell_recipe(recipe, grid, cell, Path(out))
+        cell_dir = Path(out) / "cells" / cell.name
+        finetune(
+            cell_recipe, cell_dir, device=device, resume=True, quiet=True, trust_pickle=trust_pickle
+        )
+    finally:
+        _FREE_SLOTS.put((device, cores))
 
 
 def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> dict[str, str]:
@@ -154,7 +207,8 @@ def run_curve(
         recipe: `curve.fractions`, `curve.seeds`, `curve.inits` ({name: path or None}),
             `curve.metric`, and the fine-tuning settings every cell shares.
         out: run folder; re-running with the same folder continues the grid.
-        workers: parallel cells; default one per visible GPU (1 on CPU).
+        workers: cells at a time; default `curve.workers`, else one per visible GPU (1 on
+            a CPU). On a CPU the workers split the cores between them.
         trust_pickle: allow pickle-based initializations (they can run code).
     """
     c = recipe.curve
@@ -236,30 +290,35 @@ def _run_cells(
     todo = [cell for cell in cells if not (out / "cells" / cell.name / RESULTS_FILE).is_file()]
     log.info("curve: %d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     n_gpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    workers = workers or max(1, n_gpu)
-    if workers > 1 and todo:
-        # One process per device; cells of a device run one after another in its process.
-        # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
-        # other seeds read the learning rate they chose.
-        jobs = [
-            (recipes[cell.init], grid, cell, str(out), f"cuda:{k % n_gpu}" if n_gpu else "cpu")
-            for k, cell in enumerate(todo)
-        ]
-        lead = [c.lr_grid_seeds == "all" or grid.is_first_seed(cell) for cell in todo]
-        waves = [
-            [(*j, trust_pickle) for j, first in zip(jobs, lead) if first],
-            [(*j, trust_pickle) for j, first in zip(jobs, lead) if not first],
-        ]
-        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            for wave in waves:
-                for _ in pool.imap_unordered(_run_cell, wave):
-                    write_outputs(out, collect_rows(out, cells), c, grid)
-    else:
-        from rich.console import Console
-        from rich.progress import Progress
+    workers = workers or c.workers or max(1, n_gpu)
+    from rich.console import Console
+    from rich.progress import Progress
 
-        with Progress(disable=quiet, console=Console(stderr=True)) as bar:
-            task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
+    with Progress(disable=quiet, console=Console(stderr=True)) as bar:
+        task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
+        if workers > 1 and todo:
+            # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
+            # other seeds read the learning rate they chose.
+            # Within a wave the longest cells start first, so that the last one to finish
+            # does not run alone while the other workers wait (longest-processing-time order).
+            order = largest_first(todo)
+            lead = [c.lr_grid_seeds == "all" or grid.is_first_seed(cell) for cell in order]
+            jobs = [(recipes[cell.init], grid, cell, str(out), trust_pickle) for cell in order]
+            waves = [
+                [j for j, first in zip(jobs, lead) if first],
+                [j for j, first in zip(jobs, lead) if not first],
+            ]
+            ctx = mp.get_context("spawn")
+            free_slots = ctx.Queue()
+            for slot in cell_slots(resolved, workers, n_gpu):
+                free_slots.put(slot)
+            bar.update(task, description=f"curve cells ({workers} at a time)")
+            with ctx.Pool(workers, _init_worker, (free_slots,)) as pool:
+                for wave in waves:
+                    for _ in pool.imap_unordered(_run_cell, wave):
+                        write_outputs(out, collect_rows(out, cells), c, grid)
+                        bar.advance(task)
+        else:
             for cell in todo:
                 bar.update(
                     task,

@@ -47,6 +47,12 @@ from beitdomain.fileio import (
 log = logging.getLogger(__name__)
 
 
+def _torch_threads() -> int | None:
+    """torch's intra-op threads, where the caller has imported torch (this module does not)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -230,6 +236,8 @@ class RunDir:
             git_commit=_git_commit(),
             device=device,
             platform=platform.platform(),
+            # A CPU run's float sums depend on how many threads split them.
+            cpu_threads=_torch_threads(),
             data_fingerprint=data_fingerprint,
             started=previous.get("started", starts[0]),
             starts=starts,
