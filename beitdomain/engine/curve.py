@@ -67,8 +67,8 @@ def cell_slots(device: str, workers: int, n_gpu: int) -> list[tuple[str, tuple[i
 
     With GPUs, slot k gets GPU k modulo their number (no core pinning). On a CPU the cores this
     process may use are split into `workers` contiguous shares, and a cell runs with as many
-    torch threads as its share has cores: two one-thread fine-tunes fill two cores better than
-    one two-thread fine-tune does, whose small ops each wait for both threads (BENCHMARKS.md).
+    torch threads as its share has cores: on 2 cores one thread did 55-60% of two threads'
+    work per demo cell, so two one-thread cells at a time got more done (BENCHMARKS.md).
     With more workers than cores, the workers share cores one each, round robin.
     """
     if n_gpu:
