@@ -79,7 +79,7 @@ def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
     r = load_recipe("elpv-cpu")
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
     notice = demo.fp32_cpu_notice(r, "cpu")
-    assert notice and "1.6 times as long" in notice
+    assert notice and "1.75 times as long" in notice
     # The suggested --set values are valid and run half the cells of the recipe's grid.
     sets = re.findall(r"--set '([^']+)'", notice)
     assert sets == demo.FP32_FEWER_SEEDS

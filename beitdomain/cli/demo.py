@@ -33,7 +33,7 @@ def demo(
     pre-trained backbone and from scratch, beside logistic-regression baselines, and writes
     report.md and curve.png. The CPU recipe (elpv-cpu) took 11 and a half minutes on a
     quiet 2-core EPYC without AMX (two curve cells at a time) and 8 on a quiet 2-core Xeon
-    with AMX (one at a time); fp32 takes about 1.6 times as long.
+    with AMX (one at a time); fp32 takes about 1.75 times as long.
     With a GPU the GPU recipe (elpv-gpu: ViT-B/16 at 224 px) is used unless --recipe says
     otherwise.
     Re-running skips finished stages and resumes an interrupted one.

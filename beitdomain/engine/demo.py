@@ -89,8 +89,8 @@ def export_elpv(out: Path) -> Path:
 def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     """What to tell a user whose CPU will run the CPU recipe in fp32 (no native bf16), or None.
 
-    The recipe's time assumes bf16 autocast; fp32 took 1.6 times as long on the 2-core EPYC
-    where both were measured (14 and 23 minutes for the recipe of 2026-11; BENCHMARKS.md). The
+    The recipe's time assumes bf16 autocast; fp32 took 1.75 times as long on the 2-core EPYC
+    where both were measured (11 min 22 s and 19 min 58 s, 2026-12-03; BENCHMARKS.md). The
     notice names the seeds to drop for half the fine-tuning cells.
     """
     from beitdomain.engine import distributed as D
@@ -103,8 +103,8 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     fewer = apply_sets(recipe, FP32_FEWER_SEEDS)
     return (
         "this CPU trains in fp32 (it has no native bf16, or the recipe asks for fp32): the demo "
-        "takes about 1.6 times as long as with bf16 (over half an hour on 2 cores), most of it "
-        f"fine-tuning. Fewer seeds (wider error bars) run {cells_per_init(fewer)} fine-tuning "
+        "takes about 1.75 times as long as with bf16 (20 minutes on a quiet 2-core EPYC), half of "
+        f"it fine-tuning. Fewer seeds (wider error bars) run {cells_per_init(fewer)} fine-tuning "
         f"cells per initialization instead of {cells_per_init(recipe)}: "
         + " ".join(f"--set '{s}'" for s in FP32_FEWER_SEEDS)
     )
