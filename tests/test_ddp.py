@@ -1,9 +1,10 @@
 """DDP on CPU: `torchrun --nproc_per_node 2` with the gloo backend runs the real command line; both
 ranks end with bit-identical weights, and only rank 0 writes files.
 
-A small driver (written by the test) wraps three library functions before calling the CLI, so no
+A small driver (written by the test) wraps four library functions before calling the CLI, so no
 engine change is needed: `Trainer.fit` (each rank saves its final weights to a side folder),
-`fileio.atomic_open` and `MetricsLog.log` (each rank records what it wrote).
+`fileio.atomic_open` and `MetricsLog.log` (each rank records what it wrote), and
+`StepProgress.update` (the img/s each progress line would show).
 """
 
 from __future__ import annotations
@@ -67,12 +68,21 @@ def fit_and_dump(self, resume=False):
     return state
 
 loop.Trainer.fit = fit_and_dump
+_update = loop.StepProgress.update
+rates = []
+
+def recording_update(self, step, loss, ips):
+    rates.append([step, ips])
+    return _update(self, step, loss, ips)
+
+loop.StepProgress.update = recording_update
 sys.argv = ["beitdomain", *sys.argv[2:]]
 from beitdomain.cli.app import main
 try:
     main()
 finally:
     (side / f"writes{rank}.json").write_text(json.dumps(writes))
+    (side / f"rates{rank}.json").write_text(json.dumps(rates))
 """
 
 
@@ -137,8 +147,12 @@ def test_two_gloo_ranks_hold_identical_weights(kind, data, tmp_path):
     w1 = json.loads((side / "writes1.json").read_text())
     assert w1 == [], w1
     assert any("checkpoints/step-00000004.pt" in w for w in w0)
-    steps = [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-    assert steps == [1, 2, 3, 4]
+    logged = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    # the progress line's img/s is the global rate too, as logged (the same window, measured
+    # microseconds apart): not one rank's half of it
+    shown = dict(json.loads((side / "rates0.json").read_text()))
+    assert shown[4] == pytest.approx(logged[-1]["img_per_s"], rel=0.2)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     if kind == "pretrain":

@@ -240,7 +240,8 @@ class Trainer:
                 for micro in range(accum):
                     batch = self._to_device(next(batches))
                     self.state.batch_in_epoch += 1
-                    images += _batch_len(batch)
+                    # every rank trains on a batch of the same size: the global count
+                    images += _batch_len(batch) * self.dist.world_size
                     with (
                         D.maybe_no_sync(self.model, micro < accum - 1),
                         D.autocast(self.device, self.amp_dtype),
@@ -311,7 +312,7 @@ class Trainer:
                     self.log(
                         lr=lr,
                         **avg,
-                        img_per_s=images * self.dist.world_size / max(elapsed, 1e-9),
+                        img_per_s=images / max(elapsed, 1e-9),
                         nonfinite_skipped=self.state.nonfinite_total,
                     )
                     window, window_n, images, t_window = {}, 0, 0, time.perf_counter()
