@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
 
 import pytest
 import torch
@@ -350,7 +351,6 @@ def test_a_worker_receives_a_recipe_not_a_file_and_runs_in_a_free_slot(monkeypat
     # The cell takes a free slot (device, cores) for its run, keeps to the slot's cores with
     # one torch thread per core, and gives the slot back, also when the fine-tune fails.
     import pickle
-    import queue
 
     from beitdomain.config import Recipe, load_recipe
 
@@ -390,6 +390,30 @@ def test_cell_slots_split_the_cores_or_take_a_gpu_each(monkeypatch):
     assert six == [(0,), (1,), (2,), (3,), (0,), (1,)]
     assert curve_engine.cell_slots("cpu", 3, 2) == [("cuda:0", ()), ("cuda:1", ()), ("cuda:0", ())]
     assert curve_engine.cell_slots("mps", 2, 0) == [("mps", ()), ("mps", ())]
+
+
+def test_without_cpu_affinity_the_workers_split_the_thread_count(monkeypatch, tmp_path):
+    # macOS has no sched_getaffinity/sched_setaffinity: two workers on 8 cores take 4 threads
+    # each, unpinned, instead of 8 each.
+    monkeypatch.delattr(curve_engine.os, "sched_getaffinity", raising=False)
+    monkeypatch.delattr(curve_engine.os, "sched_setaffinity", raising=False)
+    monkeypatch.setattr(curve_engine.os, "cpu_count", lambda: 8)
+    slots = curve_engine.cell_slots("cpu", 2, 0)
+    assert slots == [("cpu", (0, 1, 2, 3)), ("cpu", (4, 5, 6, 7))]
+
+    from beitdomain.config import load_recipe
+
+    r = load_recipe(sets=["curve.fractions=['100%']", "curve.seeds=[0]"])
+    grid = parse_grid(r.curve, {"scratch": None})
+    (cell,) = grid.cells()
+    free = queue.Queue()
+    free.put(slots[1])
+    monkeypatch.setattr(curve_engine, "_FREE_SLOTS", free)
+    threads = []
+    monkeypatch.setattr(curve_engine.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(curve_engine, "finetune", lambda *a, **kw: None)
+    curve_engine._run_cell((r, grid, cell, str(tmp_path), False))
+    assert threads == [4] and free.get_nowait() == slots[1]
 
 
 def test_parallel_cells_start_with_the_most_labels():

@@ -69,16 +69,18 @@ def cell_slots(device: str, workers: int, n_gpu: int) -> list[tuple[str, tuple[i
     process may use are split into `workers` contiguous shares, and a cell runs with as many
     torch threads as its share has cores: on 2 cores one thread did 55-60% of two threads'
     work per demo cell, so two one-thread cells at a time got more done (BENCHMARKS.md).
-    With more workers than cores, the workers share cores one each, round robin.
+    With more workers than cores, the workers share cores one each, round robin. Where the
+    system has no CPU affinity (macOS) the shares are of `os.cpu_count()` and set only the
+    thread counts, so that n workers do not start n times the cores' threads.
     """
     if n_gpu:
         return [(f"cuda:{k % n_gpu}", ()) for k in range(workers)]
+    if device != "cpu":
+        return [(device, ())] * workers
     try:
         cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS: no pinning, the threads split alone
-        cores = []
-    if not cores or device != "cpu":
-        return [(device, ())] * workers
+    except AttributeError:  # macOS
+        cores = list(range(os.cpu_count() or 1))
     if workers > len(cores):
         return [(device, (cores[k % len(cores)],)) for k in range(workers)]
     bounds = [round(k * len(cores) / workers) for k in range(workers + 1)]
@@ -109,7 +111,8 @@ def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, bool]) -> None:
     device, cores = _FREE_SLOTS.get()
     try:
         if cores:
-            os.sched_setaffinity(0, cores)
+            if hasattr(os, "sched_setaffinity"):  # not on macOS: the thread count alone
+                os.sched_setaffinity(0, cores)
             torch.set_num_threads(len(cores))
         cell_recipe = _cell_recipe(recipe, grid, cell, Path(out))
         cell_dir = Path(out) / "cells" / cell.name
