@@ -26,7 +26,7 @@ from beitdomain.config import Recipe, apply_sets
 from beitdomain.engine.curve_baselines import BASELINES_FILE, baseline_rows
 from beitdomain.engine.curve_grid import Cell, CurveGrid, cell_name, parse_grid
 from beitdomain.engine.curve_report import ARMS_FILE, collect_rows, write_outputs
-from beitdomain.engine.distributed import resolve_device
+from beitdomain.engine.distributed import resolve_device, usable_cores
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.rundir import RunDir
@@ -77,10 +77,7 @@ def cell_slots(device: str, workers: int, n_gpu: int) -> list[tuple[str, tuple[i
         return [(f"cuda:{k % n_gpu}", ()) for k in range(workers)]
     if device != "cpu":
         return [(device, ())] * workers
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = list(range(os.cpu_count() or 1))
+    cores = usable_cores()
     if workers > len(cores):
         return [(device, (cores[k % len(cores)],)) for k in range(workers)]
     bounds = [round(k * len(cores) / workers) for k in range(workers + 1)]

@@ -194,6 +194,15 @@ def maybe_no_sync(model: nn.Module, skip_sync: bool) -> Iterator[None]:
         yield
 
 
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity); where the system has no affinity
+    (macOS, Windows), all of `os.cpu_count()`'s."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
 def default_num_workers(device: torch.device | None = None) -> int:
     """Loader workers per process, for a trainer on `device` (None: an accelerator).
 
@@ -207,10 +216,7 @@ def default_num_workers(device: torch.device | None = None) -> int:
     12% and its fine-tuning 21% more images per second than with one (BENCHMARKS.md; larger
     CPUs not measured).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
+    cores = len(usable_cores())
     per_proc = max(1, cores // max(1, dist_info().world_size))
     if device is not None and device.type == "cpu":
         free = per_proc - torch.get_num_threads()
