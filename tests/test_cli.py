@@ -108,3 +108,22 @@ def test_curve_init_set_option_parses_and_refuses_malformed_values():
         app, ["curve", "--init", "scratch", "--init-set", "finetune.optim.lr=1e-4"]
     )
     assert result.exit_code == 2 and "NAME:section.key=value" in result.output
+
+
+def test_a_mistyped_recipe_key_is_reported_before_torch_loads():
+    """Importing torch and timm takes seconds; a typo in --set must not wait for them."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from typer.testing import CliRunner
+from beitdomain.cli.app import app
+for command in ("pretrain", "finetune", "tokenizer train", "curve", "ablation"):
+    r = CliRunner().invoke(app, [*command.split(), "--set", "data.image_sise=64"])
+    assert r.exit_code == 2 and "image_sise" in r.output, (command, r.output)
+print(sorted(m for m in ("torch", "timm", "sklearn") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

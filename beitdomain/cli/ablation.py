@@ -98,8 +98,6 @@ def ablation(
 
         beitdomain ablation -r my-recipe --variants pixels,pixels-norm --no-scratch
     """
-    from beitdomain.engine.ablation import parse_variants, run_ablation
-
     r, out = load_job(
         ctx,
         "ablation",
@@ -112,6 +110,9 @@ def ablation(
             **opt.curve_options(fractions, seeds),
         },
     )
+    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
+    from beitdomain.engine.ablation import parse_variants, run_ablation
+
     result = run_job(
         ctx,
         run_ablation,

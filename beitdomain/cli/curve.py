@@ -113,8 +113,6 @@ def curve(
 
         beitdomain curve --init d=runs/pre --init scratch --init-set d:finetune.optim.lr=1e-4
     """
-    from beitdomain.engine.curve import run_curve
-
     r, out = load_job(
         ctx,
         "curve",
@@ -130,6 +128,9 @@ def curve(
             "finetune.selection": selection,
         },
     )
+    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
+    from beitdomain.engine.curve import run_curve
+
     result = run_job(
         ctx, run_curve, r, out, overwrite=overwrite, workers=workers, trust_pickle=trust_pickle
     )

@@ -62,8 +62,6 @@ def finetune(
 
         beitdomain finetune --data /data/xr --labels-csv labels.csv --init beit.pth --linear-probe
     """
-    from beitdomain.engine.finetune import finetune as run_finetune
-
     r, out = load_job(
         ctx,
         "finetune",
@@ -79,6 +77,9 @@ def finetune(
             **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
+    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
+    from beitdomain.engine.finetune import finetune as run_finetune
+
     res = run_job(
         ctx, run_finetune, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
     )

@@ -83,8 +83,6 @@ def pretrain(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from beitdomain.engine.pretrain import pretrain as run_pretrain
-
     r, out = load_job(
         ctx,
         "pretrain",
@@ -102,6 +100,9 @@ def pretrain(
             **opt.train_options("pretrain", steps, epochs, batch_size),
         },
     )
+    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
+    from beitdomain.engine.pretrain import pretrain as run_pretrain
+
     result = run_job(
         ctx, run_pretrain, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
     )

@@ -66,8 +66,6 @@ def train(
 
         beitdomain tokenizer train --data /data/rgb --dalle ~/dall_e --trust-pickle
     """
-    from beitdomain.engine.tokenizer import train_tokenizer
-
     r, out = load_job(
         ctx,
         "tokenizer",
@@ -84,6 +82,9 @@ def train(
             **opt.train_options("tokenizer", steps, epochs, batch_size),
         },
     )
+    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
+    from beitdomain.engine.tokenizer import train_tokenizer
+
     if dalle is not None:
         r = _start_from_dalle(r, dalle, out, trust_pickle)
     result = run_job(ctx, train_tokenizer, r, out, resume=resume, overwrite=overwrite)
