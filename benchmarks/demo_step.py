@@ -1,7 +1,8 @@
 """The demo's training steps through the library's own `Trainer`, timed or profiled.
 
 Run: ``python benchmarks/demo_step.py --job pretrain`` (or ``--job finetune``;
-``--profile`` prints torch.profiler's top ops by self CPU time instead of timing).
+``--profile`` prints torch.profiler's top ops by self CPU time instead of timing;
+``--op-times`` the wall time of every op and the matrix multiplies' share).
 
 What `beitdomain pretrain` / `finetune` run per batch for `recipes/elpv-cpu.yaml` (width 128,
 depth 4, 64 px, patch 8; tokenizer `tiny` at 32 px, 256 codes; batch 64 / 32), minus the data
@@ -264,6 +265,58 @@ def profile_steps(job: str, overrides: Sequence[str], steps: int, warmup: int, t
     return "\n".join(lines)
 
 
+MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def op_times(job: str, overrides: Sequence[str], steps: int, warmup: int, top: int) -> str:
+    """Wall time per ATen op over `steps` steps (each op timed as it returns), and the matrix
+    multiplies' sum: the part of the step that only faster matmuls shorten.
+
+    A CPU runs each op to completion before returning, so timing the dispatch times the op;
+    unlike torch.profiler this adds a few microseconds per op, not a share of each. The plain
+    step time, measured first without the timer, is the reference.
+    """
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpTimer(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ms: dict[str, float] = collections.defaultdict(float)
+            self.calls: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.ms[name] += 1e3 * (time.perf_counter() - t0)
+            self.calls[name] += 1
+            return out
+
+    trainer = build_trainer(job, overrides, warmup)
+    trainer.fit()
+    trainer.total_steps = warmup + steps
+    t0 = time.perf_counter()
+    trainer.fit()
+    plain = 1e3 * (time.perf_counter() - t0) / steps
+    timer = OpTimer()
+    trainer.total_steps = warmup + 2 * steps
+    with timer:
+        trainer.fit()
+    ops = sum(timer.ms.values()) / steps
+    mm = sum(timer.ms[k] for k in MATMULS) / steps
+    lines = [
+        f"{job}: step {plain:.1f} ms without the timer; under it, ops {ops:.1f} ms/step "
+        f"({sum(timer.calls.values()) // steps} calls), matrix multiplies {mm:.1f} ms",
+        "| op | ms/step | calls/step |",
+        "|---|---:|---:|",
+    ]
+    for name, ms in sorted(timer.ms.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {name} | {ms / steps:.2f} | {timer.calls[name] // steps} |")
+    return "\n".join(lines)
+
+
 def ab(old: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Alternates child runs on `--new` (default: this tree) and `old`; medians of their
     per-run median steps, and each round's old / new ratio. Give `--new` a checkout of a
@@ -323,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], help="recipe override (repeatable)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="torch.profiler's top ops")
+    p.add_argument("--op-times", action="store_true", help="wall time per op, and the matmuls' sum")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--ab", type=Path, default=None, help="older checkout to time against")
     p.add_argument("--new", type=Path, default=None, help="checkout timed as 'new' under --ab")
@@ -336,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.ab is not None:
         print(json.dumps(ab(args.ab, args), indent=1))
+    elif args.op_times:
+        print(op_times(args.job, args.set, args.steps, args.warmup, args.top))
     elif args.profile:
         print(profile_steps(args.job, args.set, args.steps, args.warmup, args.top))
     else:

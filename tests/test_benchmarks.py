@@ -156,3 +156,28 @@ def test_demo_step_ab_pairs_each_round_and_alternates_the_order(monkeypatch, tmp
     assert res["median_round_speedup"] == pytest.approx(1.5)
     assert res["rounds_new_faster"] == 2
     assert res["speedup"] == pytest.approx(0.18 / 0.12)  # medians: old 0.18, new 0.12
+
+
+def test_elementwise_times_each_pass_eager_and_compiled(capsys):
+    """`elementwise.py` compiles each element-wise pass, checks it computes what eager does,
+    and reports both times."""
+    import elementwise as EW
+
+    EW.main(["--batch", "2", "--tokens", "5", "--width", "8", "--heads", "2", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert "| pass | eager ms | compiled ms | compiled / eager | compile s |" in out
+    lines = out.splitlines()
+    rows = [r for r in lines if r.startswith("| ") and not r.startswith(("| pass", "| ---"))]
+    assert len(rows) == 4 and any(r.startswith("| GELU forward + backward |") for r in rows)
+
+
+def test_demo_step_op_times_lists_ops_and_the_matmul_sum():
+    import demo_step as DS
+
+    sets = ["pretrain.train.batch_size=4"]
+    text = DS.op_times("pretrain", sets, steps=1, warmup=1, top=50)
+    head = text.splitlines()[0]
+    ops = float(head.split("ops ")[1].split(" ms")[0])
+    mm = float(head.split("matrix multiplies ")[1].split(" ms")[0])
+    assert 0 < mm < ops
+    assert "| mm |" in text and "| addmm |" in text
