@@ -272,9 +272,10 @@ def op_times(job: str, overrides: Sequence[str], steps: int, warmup: int, top: i
     """Wall time per ATen op over `steps` steps (each op timed as it returns), and the matrix
     multiplies' sum: the part of the step that only faster matmuls shorten.
 
-    A CPU runs each op to completion before returning, so timing the dispatch times the op;
-    unlike torch.profiler this adds a few microseconds per op, not a share of each. The plain
-    step time, measured first without the timer, is the reference.
+    A CPU runs each op to completion before returning, so timing the dispatch times the op.
+    The timer's own Python call adds microseconds per op: in session 24 the ~1,000 ops of a
+    demo step summed to -12% to +9% of the step timed just before without the timer, which
+    is this VM's drift between runs. The plain step time is the reference for shares.
     """
     import collections
 
