@@ -110,7 +110,6 @@ def ablation(
             **opt.curve_options(fractions, seeds),
         },
     )
-    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
     from beitdomain.engine.ablation import parse_variants, run_ablation
 
     result = run_job(

@@ -151,7 +151,11 @@ def load_job(
     out: Path | None,
     options: dict[str, Any],
 ) -> tuple[Any, Path]:
-    """The recipe (as `load` builds it) and the run folder: `out`, or `default_out`."""
+    """The recipe (as `load` builds it) and the run folder: `out`, or `default_out`.
+
+    Light on purpose: a command calls it before importing its engine module (torch, timm,
+    scikit-learn: seconds), so a mistyped key is reported at once (`tests/test_cli.py`).
+    """
     r = load(ctx, recipe, sets, options)
     return r, out or default_out(r, command)
 

@@ -128,7 +128,6 @@ def curve(
             "finetune.selection": selection,
         },
     )
-    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
     from beitdomain.engine.curve import run_curve
 
     result = run_job(

@@ -77,7 +77,6 @@ def finetune(
             **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
-    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
     from beitdomain.engine.finetune import finetune as run_finetune
 
     res = run_job(

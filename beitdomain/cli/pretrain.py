@@ -100,7 +100,6 @@ def pretrain(
             **opt.train_options("pretrain", steps, epochs, batch_size),
         },
     )
-    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
     from beitdomain.engine.pretrain import pretrain as run_pretrain
 
     result = run_job(

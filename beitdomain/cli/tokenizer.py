@@ -82,7 +82,6 @@ def train(
             **opt.train_options("tokenizer", steps, epochs, batch_size),
         },
     )
-    # After the recipe: a mistyped key is reported before torch and timm load (seconds).
     from beitdomain.engine.tokenizer import train_tokenizer
 
     if dalle is not None:
