@@ -24,7 +24,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +83,10 @@ def cases(batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype) -
     }
 
 
-def median_ms(fn: Callable[..., Any], args: tuple, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def run(
-    batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype, calls: int, rounds: int
+    batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype, calls: int
 ) -> list[dict[str, Any]]:
+    cpu = torch.device("cpu")
     rows = []
     for name, (fn, args) in cases(batch, tokens, width, heads, dtype).items():
         compiled = torch.compile(fn, dynamic=False)
@@ -104,12 +95,13 @@ def run(
         compile_s = time.perf_counter() - t0
         # The same function in both forms: outputs agree to the dtype's rounding.
         torch.testing.assert_close(compiled(*args), fn(*args), rtol=0.05, atol=0.05)
-        eager, fused = [], []
-        for i in range(rounds):  # alternate, so drift hits both alike
-            pair = [(eager, fn), (fused, compiled)]
-            for out, f in pair if i % 2 == 0 else pair[::-1]:
-                out.append(median_ms(f, args, calls))
-        e, c = statistics.median(eager), statistics.median(fused)
+        times = C.interleaved_times(  # alternating, so drift hits both alike
+            {"eager": lambda f=fn, a=args: f(*a), "compiled": lambda g=compiled, a=args: g(*a)},
+            steps=calls,
+            warmup=2,
+            device=cpu,
+        )
+        e, c = (1e3 * statistics.median(times[k]["wall"]) for k in ("eager", "compiled"))
         rows.append(
             {
                 "pass": name,
@@ -129,15 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--calls", type=int, default=30, help="calls per timing")
-    p.add_argument("--rounds", type=int, default=4, help="alternating timings per form")
+    p.add_argument("--calls", type=int, default=120, help="timed calls per form")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    rows = run(a.batch, a.tokens, a.width, a.heads, dtype, a.calls, a.rounds)
+    rows = run(a.batch, a.tokens, a.width, a.heads, dtype, a.calls)
     cpu = torch.device("cpu")
     title = (
         f"{a.dtype}, batch {a.batch}, {a.tokens} tokens, width {a.width}, {a.heads} heads, "
