@@ -31,7 +31,7 @@ _EXPORTS = {
     "pretrain": "beitdomain.engine.pretrain",
     "finetune": "beitdomain.engine.finetune",
     "predict": "beitdomain.engine.predict",
-    "run_curve": "beitdomain.engine.curve",
+    "run_curve": "beitdomain.engine.curve.run",
     "load_backbone": "beitdomain.engine.represent",
     "FrozenBackbone": "beitdomain.engine.represent",
     "evaluate_representation": "beitdomain.engine.represent_eval",

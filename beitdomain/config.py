@@ -171,7 +171,7 @@ class TrainConfig:
     eval_every: int | None = bounded(None, ge=1)
     max_nonfinite: int = bounded(5, ge=1)  # consecutive non-finite losses before the run stops
     tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
-    # Experiment trackers that also receive every metrics record (engine/trackers.py); one not
+    # Experiment trackers that also receive every metrics record (engine/run/trackers.py); one not
     # installed is a warning, not an error.
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
     deterministic: bool = False

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from beitdomain.engine import distributed as D
+from beitdomain.engine.train import distributed as D
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.tokenizer.flops import count_params
 

@@ -157,15 +157,17 @@ def _finetune_parts(recipe: Any, dev: torch.device, n: int) -> tuple[nn.Module, 
 
 def build_trainer(job: str, overrides: Sequence[str], steps: int, hooks: Sequence[Any] = ()):
     """A `Trainer` for `steps` optimizer steps of the demo's `job` on synthetic batches."""
-    from beitdomain.engine import distributed as D
-    from beitdomain.engine.loop import Trainer
-    from beitdomain.engine.optim import build_adamw
+    from beitdomain.engine.train import distributed as D
+    from beitdomain.engine.train.loop import Trainer
+    from beitdomain.engine.train.optim import build_adamw
     from beitdomain.models.classifier import layer_decay_param_groups, param_groups_weight_decay
 
     try:
-        from beitdomain.engine.plan import build_loader, prepare_for_training
-    except ImportError:  # an --ab checkout from before engine/plan.py split off engine/loop.py
-        from beitdomain.engine.loop import build_loader, prepare_for_training
+        from beitdomain.engine.train.plan import build_loader, prepare_for_training
+    except (
+        ImportError
+    ):  # an --ab checkout from before engine/train/plan.py split off engine/train/loop.py
+        from beitdomain.engine.train.loop import build_loader, prepare_for_training
 
     dev = torch.device("cpu")
     recipe = _recipe(overrides)

@@ -30,7 +30,7 @@ import numpy as np
 
 from beitdomain.config import load_recipe
 from beitdomain.data.budget import carve_validation
-from beitdomain.engine.data import labeled_data
+from beitdomain.data.labeled import labeled_data
 from beitdomain.eval import baselines as B
 from beitdomain.eval.metrics import classification_metrics
 

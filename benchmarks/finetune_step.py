@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
 from beitdomain.config import OptimConfig
-from beitdomain.engine.distributed import keep_freed_cpu_memory
-from beitdomain.engine.optim import build_adamw
+from beitdomain.engine.train.distributed import keep_freed_cpu_memory
+from beitdomain.engine.train.optim import build_adamw
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier, layer_decay_param_groups
 from beitdomain.models.kernels import select_kernels

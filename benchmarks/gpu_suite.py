@@ -103,7 +103,7 @@ def loader_throughput(
     from beitdomain.data.index import scan
     from beitdomain.data.masking import BlockMaskGenerator
     from beitdomain.data.transforms import PretrainTransform
-    from beitdomain.engine.plan import build_loader
+    from beitdomain.engine.train.plan import build_loader
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,8 +184,8 @@ def pretrain_step_factory(
 ) -> Callable[[int], Callable[[], None]]:
     """`b -> step` for ours on one model and optimizer (built once)."""
     from beitdomain.config import OptimConfig
-    from beitdomain.engine.optim import build_adamw
     from beitdomain.engine.pretrain import MIMObjective
+    from beitdomain.engine.train.optim import build_adamw
     from beitdomain.models.classifier import param_groups_weight_decay
     from beitdomain.models.mim import BeitMIM
 
@@ -322,7 +322,7 @@ def run_suite(
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib / total), dev)
     if workers is None:
-        from beitdomain.engine.distributed import default_num_workers
+        from beitdomain.engine.train.distributed import default_num_workers
 
         workers = default_num_workers() if not quick else 0
     step = C.StepSettings(

@@ -45,9 +45,9 @@ import common as C
 
 from beitdomain.config import OptimConfig
 from beitdomain.data.masking import BlockMaskGenerator
-from beitdomain.engine.distributed import keep_freed_cpu_memory
-from beitdomain.engine.optim import build_adamw
 from beitdomain.engine.pretrain import MIMObjective
+from beitdomain.engine.train.distributed import keep_freed_cpu_memory
+from beitdomain.engine.train.optim import build_adamw
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.export import hf_config_dict

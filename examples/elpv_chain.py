@@ -14,7 +14,7 @@ from pathlib import Path
 from beitdomain.config import load_recipe
 from beitdomain.data.cache import build_cache
 from beitdomain.data.index import scan
-from beitdomain.engine.curve import run_curve
+from beitdomain.engine.curve.run import run_curve
 from beitdomain.engine.demo import export_elpv
 from beitdomain.engine.pretrain import pretrain
 from beitdomain.engine.tokenizer import train_tokenizer

@@ -235,7 +235,7 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any], what: str = "") ->
 def lose_newest_checkpoint(run: Path, *outputs: str) -> None:
     """Deletes `run`'s newest checkpoint (with its checksum sidecar) and the named files the
     finished run wrote (`outputs`), so that `resume=True` has to redo the last steps."""
-    from beitdomain.engine.checkpoint import CheckpointManager
+    from beitdomain.engine.run.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(run / "checkpoints")
     step = mgr.steps()[-1]

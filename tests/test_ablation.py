@@ -98,7 +98,7 @@ def test_a_rerun_skips_finished_variants_and_cells(ablation, data, monkeypatch):
         raise AssertionError("a finished variant was pre-trained again")
 
     monkeypatch.setattr("beitdomain.engine.pretrain.pretrain", no_training)
-    monkeypatch.setattr("beitdomain.engine.curve.finetune", no_training)
+    monkeypatch.setattr("beitdomain.engine.curve.run.finetune", no_training)
     run_ablation(_recipe(data), out, device="cpu", quiet=True)
     assert (out / "curve" / "curve.csv").read_bytes() == before
 

@@ -18,7 +18,7 @@ import finetune_step as FT  # noqa: E402
 import gpu_suite as GS  # noqa: E402
 import pretrain_step as PT  # noqa: E402
 
-from beitdomain.engine import distributed as D  # noqa: E402
+from beitdomain.engine.train import distributed as D  # noqa: E402
 
 TINY = ["--preset", "tiny", "--img-size", "64", "--batch", "2", "--device", "cpu"]
 TINY += ["--steps", "1", "--warmup", "0"]

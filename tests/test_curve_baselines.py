@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers import FINETUNE_SETS, recipe, write_separable_set
 
-from beitdomain.engine.curve_baselines import (
+from beitdomain.data.labeled import labeled_data
+from beitdomain.engine.curve.baselines import (
     PCA,
     PIXELS,
     baseline_rows,
@@ -14,7 +15,6 @@ from beitdomain.engine.curve_baselines import (
     probe_name,
     without_pretraining,
 )
-from beitdomain.engine.data import labeled_data
 
 
 @pytest.fixture(scope="module")

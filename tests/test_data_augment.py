@@ -25,9 +25,9 @@ pytest.importorskip("monai")
 
 from beitdomain.data.dataset import ImageDataset  # noqa: E402
 from beitdomain.data.transforms import AugmentError, UserAugment  # noqa: E402
-from beitdomain.engine.checkpoint import CheckpointManager  # noqa: E402
-from beitdomain.engine.metrics_log import read_metrics  # noqa: E402
 from beitdomain.engine.pretrain import pretrain  # noqa: E402
+from beitdomain.engine.run.checkpoint import CheckpointManager  # noqa: E402
+from beitdomain.engine.run.metrics_log import read_metrics  # noqa: E402
 
 MONAI_CHAIN = "augment_chain:build"
 

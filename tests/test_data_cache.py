@@ -150,7 +150,7 @@ def test_labels_csv_beside_a_cache_must_match_it(tmp_path: Path) -> None:
     """A cache keeps its manifest's labels; a different data.labels is refused, not ignored."""
     from helpers import recipe, write_labels_csv, write_separable_set
 
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
     from beitdomain.user import UserError
 
     root = write_separable_set(tmp_path / "data", per_class=6, size=32)

@@ -65,7 +65,7 @@ def test_persistent_workers_see_each_epoch(cache):
     import pickle
 
     from beitdomain.data.sampler import EpochIndex
-    from beitdomain.engine.plan import build_loader
+    from beitdomain.engine.train.plan import build_loader
 
     i = EpochIndex(5, epoch=3)
     assert i == 5 and pickle.loads(pickle.dumps(i)).epoch == 3

@@ -216,7 +216,7 @@ def test_finetune_data_keeps_patients_apart(tmp_path: Path):
     """labeled_data: no patient in two splits; labels.json-style summary counts groups."""
     from helpers import recipe
 
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
 
     root = tmp_path / "ct"
     for p in range(10):
@@ -254,7 +254,7 @@ def test_too_few_patients_fall_back_to_files_with_a_warning(tmp_path: Path, capl
     and a split by file, as before patient grouping."""
     from helpers import recipe
 
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
 
     root = tmp_path / "ct"
     for k in range(8):

@@ -8,8 +8,8 @@ import pytest
 from helpers import FINETUNE_SETS, recipe, write_separable_set
 
 from beitdomain.data.heldout import pretraining_items
-from beitdomain.engine.data import items_in_test_split, labeled_data
-from beitdomain.engine.data_source import image_source
+from beitdomain.data.labeled import items_in_test_split, labeled_data
+from beitdomain.data.source import image_source
 
 
 @pytest.fixture(scope="module")

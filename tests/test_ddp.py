@@ -28,7 +28,7 @@ from helpers import (
     write_tiny_tokenizer,
 )
 
-from beitdomain.engine.metrics_log import read_metrics
+from beitdomain.engine.run.metrics_log import read_metrics
 
 DRIVER = r"""
 import contextlib, json, os, sys
@@ -39,8 +39,8 @@ rank = int(os.environ["RANK"])
 writes = []
 
 import beitdomain.fileio as fio
-from beitdomain.engine import distributed as D, loop
-from beitdomain.engine.metrics_log import MetricsLog
+from beitdomain.engine.train import distributed as D, loop
+from beitdomain.engine.run.metrics_log import MetricsLog
 
 _open = fio.atomic_open
 

@@ -74,7 +74,7 @@ def test_real_package_is_found():
 
 def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
     from beitdomain.config import apply_sets, load_recipe
-    from beitdomain.engine import distributed
+    from beitdomain.engine.train import distributed
 
     r = load_recipe("elpv-cpu")
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)

@@ -12,12 +12,12 @@ import torch
 from helpers import FINETUNE_SETS, PRETRAIN_SETS, recipe, write_separable_set
 from PIL import Image
 
-import beitdomain.engine.curve as curve_engine
-from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.curve import run_curve
-from beitdomain.engine.curve_grid import Cell, cell_name, parse_grid
-from beitdomain.engine.loop import Trainer
+import beitdomain.engine.curve.run as curve_engine
+from beitdomain.engine.curve.grid import Cell, cell_name, parse_grid
+from beitdomain.engine.curve.run import run_curve
 from beitdomain.engine.pretrain import pretrain
+from beitdomain.engine.run.checkpoint import CheckpointManager
+from beitdomain.engine.train.loop import Trainer
 
 FRACTIONS = ["50%", "100%"]
 

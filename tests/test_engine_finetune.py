@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 
 from beitdomain.cli.app import app
 from beitdomain.data.splits import LabelSubsetError
-from beitdomain.engine.checkpoint import CheckpointManager
 from beitdomain.engine.finetune import finetune
-from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.predict import predict
+from beitdomain.engine.run.checkpoint import CheckpointManager
+from beitdomain.engine.run.metrics_log import read_metrics
 
 runner = CliRunner()
 
@@ -245,11 +245,11 @@ def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
 
     import torch
 
+    from beitdomain.data.labeled import labeled_data
     from beitdomain.data.transforms import FinetuneTransform
-    from beitdomain.engine import distributed as D
     from beitdomain.engine.build import build_classifier
-    from beitdomain.engine.data import labeled_data
     from beitdomain.engine.predict import load_weights
+    from beitdomain.engine.train import distributed as D
     from beitdomain.models.probe import fit_probe_head, pooled_features
 
     r = recipe(
@@ -335,7 +335,7 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
 
 def test_results_record_the_peak_learning_rate(ft_run, data, tmp_path):
     # "lr" is the schedule's peak: optim.lr when set, else the linear scaling rule (never None).
-    from beitdomain.engine.optim import peak_lr
+    from beitdomain.engine.train.optim import peak_lr
 
     out, res = ft_run
     assert res["lr"] == 2e-3 == json.loads((out / "results.json").read_text())["lr"]

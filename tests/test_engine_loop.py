@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from beitdomain.config import TrainConfig
-from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.loop import NonFiniteLossError, Trainer
-from beitdomain.engine.metrics_log import read_metrics
-from beitdomain.engine.plan import build_loader
-from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.rundir_guard import RunDirError
-from beitdomain.engine.schedule import cosine_lr
+from beitdomain.engine.run.checkpoint import CheckpointManager
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.guard import RunDirError
+from beitdomain.engine.run.metrics_log import read_metrics
+from beitdomain.engine.train.loop import NonFiniteLossError, Trainer
+from beitdomain.engine.train.plan import build_loader
+from beitdomain.engine.train.schedule import cosine_lr
 
 
 class Noisy(torch.utils.data.Dataset):
@@ -159,7 +159,7 @@ def test_cosine_schedule_shape():
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
-    from beitdomain.engine import distributed as D
+    from beitdomain.engine.train import distributed as D
 
     cpu = torch.device("cpu")
     assert D.resolve_precision("fp32", cpu) is None
@@ -174,8 +174,8 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 
 def test_short_epochs_load_in_the_main_process(monkeypatch):
-    from beitdomain.engine import distributed as D
-    from beitdomain.engine.plan import MIN_BATCHES_FOR_WORKERS
+    from beitdomain.engine.train import distributed as D
+    from beitdomain.engine.train.plan import MIN_BATCHES_FOR_WORKERS
 
     monkeypatch.setattr(D, "default_num_workers", lambda device=None: 3)
     short = build_loader(Noisy(n=6 * (MIN_BATCHES_FOR_WORKERS - 1)), 6, seed=0)
@@ -199,7 +199,7 @@ def test_short_epochs_load_in_the_main_process(monkeypatch):
 def test_default_num_workers_leaves_a_cpu_trainers_cores_to_it(
     monkeypatch, cores: int, threads: int, device: str | None, want: int
 ):
-    from beitdomain.engine import distributed as D
+    from beitdomain.engine.train import distributed as D
 
     monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(D.torch, "get_num_threads", lambda: threads)
@@ -209,7 +209,7 @@ def test_default_num_workers_leaves_a_cpu_trainers_cores_to_it(
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from beitdomain.engine import distributed as D
+from beitdomain.engine.train import distributed as D
 applied = D.keep_freed_cpu_memory() if sys.argv[1] == "keep" else False
 MB = 1 << 20
 def step():  # a training step's pattern: activations kept, then each one's gradient, freed

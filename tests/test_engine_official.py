@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from beitdomain.cli.app import app
 from beitdomain.config import load_recipe
-from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import export_run, pretrain
+from beitdomain.engine.run.metrics_log import read_metrics
 from beitdomain.models.backbone import get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import load_backbone_weights

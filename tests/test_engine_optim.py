@@ -1,11 +1,11 @@
-"""Tests for beitdomain.engine.optim.build_adamw: fused kernels, same updates as the reference."""
+"""Tests for engine.train.optim.build_adamw: fused kernels, same updates as the reference."""
 
 from __future__ import annotations
 
 import torch
 
 from beitdomain.config import OptimConfig
-from beitdomain.engine.optim import build_adamw
+from beitdomain.engine.train.optim import build_adamw
 
 
 def test_cpu_adamw_is_fused_and_steps_like_the_foreach_one() -> None:

@@ -23,9 +23,9 @@ from helpers import (
 from typer.testing import CliRunner
 
 from beitdomain.cli.app import app
-from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
+from beitdomain.engine.run.checkpoint import CheckpointManager
+from beitdomain.engine.run.metrics_log import read_metrics
 from beitdomain.user import UserError
 
 STEPS = 24

@@ -13,7 +13,7 @@ import torch
 from helpers import TOKENIZER_SETS, recipe, write_elpv_subset
 from PIL import Image
 
-from beitdomain.engine.metrics_log import read_metrics
+from beitdomain.engine.run.metrics_log import read_metrics
 from beitdomain.tokenizer import anneal_steps, gumbel_temperature, kl_weight
 from beitdomain.tokenizer.io import load_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from beitdomain.engine import estimate as E
+from beitdomain.engine.train import estimate as E
 from beitdomain.models.backbone import create_backbone, get_preset
 
 

@@ -108,7 +108,7 @@ def test_beitdomain_set_applies_to_every_command_and_explicit_set_wins(monkeypat
     ("command", "target"),
     [
         ("finetune", "beitdomain.engine.finetune.finetune"),
-        ("curve", "beitdomain.engine.curve.run_curve"),
+        ("curve", "beitdomain.engine.curve.run.run_curve"),
     ],
 )
 def test_selection_flag_sets_the_recipe_and_refuses_unknown_values(
@@ -137,7 +137,7 @@ def test_selection_flag_sets_the_recipe_and_refuses_unknown_values(
 @pytest.mark.parametrize(
     ("command", "target"),
     [
-        ("curve", "beitdomain.engine.curve.run_curve"),
+        ("curve", "beitdomain.engine.curve.run.run_curve"),
         ("ablation", "beitdomain.engine.ablation.run_ablation"),
     ],
 )

@@ -43,24 +43,23 @@ SHOWN_BY = {
     "data/splits.py": {"finetune", "curve"},
     "io/dicom.py": READ_IMAGES,
     "io/intensity.py": READ_IMAGES,
-    "engine/data.py": {*TRAIN, "curve", "ablation"},
-    "engine/data_source.py": {*TRAIN, "curve", "ablation"},
+    "data/labeled.py": {*TRAIN, "curve", "ablation"},
+    "data/source.py": {*TRAIN, "curve", "ablation"},
     # unlabeled_dataset: only the tokenizer and pre-training (the ablation's too) build it;
     # fine-tuning and the curve read labelled data, which its test-split refusal is not about
-    "engine/data_unlabeled.py": {"tokenizer train", "pretrain", "ablation"},
-    "engine/distributed.py": RECIPE | {"predict"},
-    "engine/estimate.py": TRAIN,  # the CPU time warning, said before training starts
+    "data/unlabeled.py": {"tokenizer train", "pretrain", "ablation"},
+    "engine/train/distributed.py": RECIPE | {"predict"},
+    "engine/train/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
     "engine/finetune.py": {"finetune", "curve"},
     "engine/predict.py": {"predict"},
-    "engine/lr_grid.py": {"finetune", "curve"},
     "engine/job.py": TRAIN,
-    "engine/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
+    "engine/train/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
     "engine/pretrain.py": {"pretrain", "ablation"},
-    "engine/curve.py": {"curve", "ablation"},
+    "engine/curve/run.py": {"curve", "ablation"},
     "engine/ablation.py": {"ablation"},
-    "engine/rundir.py": {*TRAIN, "curve"},
-    "engine/rundir_guard.py": {*TRAIN, "curve"},
+    "engine/run/folder.py": {*TRAIN, "curve"},
+    "engine/run/guard.py": {*TRAIN, "curve"},
     "models/convert.py": WEIGHTS,
     "models/hub.py": {"pretrain", "finetune", "curve"},
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
@@ -70,8 +69,8 @@ SHOWN_BY = {
 UNREACHABLE = {
     # curve opens its folder with resume=True or overwrite=True only, so neither the
     # "pass --resume ..." advice nor the contradiction message can reach it.
-    ("engine/rundir.py", "--resume", "curve"),
-    ("engine/rundir_guard.py", "--resume", "curve"),
+    ("engine/run/folder.py", "--resume", "curve"),
+    ("engine/run/guard.py", "--resume", "curve"),
     # data inspect reads with on_error='skip' and draws unreadable files as such.
     ("data/index.py", "--on-error", "data inspect"),
     ("io/dicom.py", "--on-error", "data inspect"),
@@ -80,7 +79,7 @@ UNREACHABLE = {
     ("config.py", "--trust-pickle", "demo"),
     # The ablation's curve always has its variants as inits, and it passes on only the
     # init_sets of those: neither --init message can reach it.
-    ("engine/curve.py", "--init", "ablation"),
+    ("engine/curve/run.py", "--init", "ablation"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MENTION = re.compile(r"beitdomain ((?:[a-z][a-z-]* ?){1,2})")
@@ -163,7 +162,11 @@ def test_every_hinted_flag_exists_on_the_commands_that_show_it():
     assert not problems, "\n".join(problems)
     stale = {(m, f, c) for m, f, c in UNREACHABLE if f in options[c]}
     assert not stale, f"exemptions for flags the command now has: {stale}"
-    assert {"engine/loop.py", "io/intensity.py", "data/index.py"} <= seen  # the walk found them
+    assert {
+        "engine/train/loop.py",
+        "io/intensity.py",
+        "data/index.py",
+    } <= seen  # the walk found them
 
 
 def test_training_commands_have_the_data_options_their_hints_name():

@@ -178,7 +178,7 @@ def test_unreadable_volume_is_a_reader_error(tmp_path: Path):
 def test_monai_is_imported_only_by_a_volume_read():
     code = (
         "import sys; from beitdomain.io import load_image; "
-        "from beitdomain.data.cache import CachedImages; import beitdomain.engine.data_unlabeled; "
+        "from beitdomain.data.cache import CachedImages; import beitdomain.data.unlabeled; "
         "assert 'monai' not in sys.modules, 'monai imported'; "
         f"load_image({ANAT!r}); assert 'monai' in sys.modules"
     )

@@ -10,8 +10,8 @@ import pytest
 from helpers import FINETUNE_SETS, recipe, write_separable_set
 
 from beitdomain.data.dataset import ImageDataset
-from beitdomain.engine.data import labeled_data
-from beitdomain.engine.data_source import image_source
+from beitdomain.data.labeled import labeled_data
+from beitdomain.data.source import image_source
 from beitdomain.engine.finetune import finetune
 from beitdomain.user import UserError
 
@@ -80,7 +80,7 @@ def test_outside_selection_is_the_split_validation_and_says_so(data):
 
 
 def test_no_test_image_reaches_pretraining_by_default(data):
-    from beitdomain.engine.data_unlabeled import unlabeled_dataset
+    from beitdomain.data.unlabeled import unlabeled_dataset
 
     r = recipe(FINETUNE_SETS, **{"data.root": str(data)})
     test = set(labeled_data(r, progress=False).test.indices.tolist())

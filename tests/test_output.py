@@ -139,7 +139,7 @@ def test_training_logs_plain_lines_to_stderr_in_a_batch_job(tmp_path):
 def test_missing_tracker_is_a_warning_naming_the_install(tmp_path, monkeypatch, caplog):
     import builtins
 
-    from beitdomain.engine.metrics_log import MetricsLog
+    from beitdomain.engine.run.metrics_log import MetricsLog
 
     real_import = builtins.__import__
 
@@ -159,7 +159,7 @@ def test_missing_tracker_is_a_warning_naming_the_install(tmp_path, monkeypatch, 
 
 
 def test_unknown_tracker_is_refused(tmp_path):
-    from beitdomain.engine.trackers import open_trackers
+    from beitdomain.engine.run.trackers import open_trackers
 
     with pytest.raises(ValueError, match="valid: tensorboard, mlflow, wandb"):
         open_trackers(["neptune"], tmp_path)
@@ -167,7 +167,7 @@ def test_unknown_tracker_is_refused(tmp_path):
 
 def test_mlflow_tracker_records_metrics_in_a_local_store(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
-    from beitdomain.engine.metrics_log import MetricsLog
+    from beitdomain.engine.run.metrics_log import MetricsLog
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     m = MetricsLog(tmp_path / "metrics.jsonl", trackers=["mlflow"], config={"optim": {"lr": 0.001}})
@@ -183,7 +183,7 @@ def test_mlflow_tracker_records_metrics_in_a_local_store(tmp_path, monkeypatch):
 
 def test_wandb_tracker_runs_offline_into_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from beitdomain.engine.metrics_log import MetricsLog
+    from beitdomain.engine.run.metrics_log import MetricsLog
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

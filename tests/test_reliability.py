@@ -45,12 +45,12 @@ from typer.testing import CliRunner
 import beitdomain.engine.pretrain as pretrain_engine
 from beitdomain.cli.app import app
 from beitdomain.data.index import ScanError
-from beitdomain.engine.checkpoint import CheckpointManager
-from beitdomain.engine.data import labeled_data
+from beitdomain.data.labeled import labeled_data
 from beitdomain.engine.finetune import finetune
-from beitdomain.engine.loop import NonFiniteLossError
-from beitdomain.engine.metrics_log import read_metrics
 from beitdomain.engine.pretrain import pretrain
+from beitdomain.engine.run.checkpoint import CheckpointManager
+from beitdomain.engine.run.metrics_log import read_metrics
+from beitdomain.engine.train.loop import NonFiniteLossError
 from beitdomain.models.convert import WeightsError, load_backbone_weights
 from beitdomain.user import UserError
 

@@ -129,7 +129,7 @@ def test_eval_knn_and_probe_beside_a_random_backbone(exported_run, tmp_path):
 
 
 def test_knn_monitor_logs_once_per_epoch(tmp_path):
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
     from beitdomain.engine.represent_eval import KnnMonitor
     from beitdomain.models.backbone import create_backbone, get_preset
 
@@ -170,7 +170,7 @@ def _knn_pretrain(
 def test_pretrain_logs_the_knn_monitor_each_epoch(tmp_path):
     from helpers import PRETRAIN_SETS
 
-    from beitdomain.engine.metrics_log import read_metrics
+    from beitdomain.engine.run.metrics_log import read_metrics
 
     data = write_separable_set(tmp_path / "data", per_class=8)
     out = tmp_path / "pre"

@@ -28,9 +28,9 @@ from helpers import (
     write_separable_set,
 )
 
-from beitdomain.engine.metrics_log import read_metrics
-from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.rundir_guard import RunDirError, RunLockedError, foreign_files, run_kind
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.guard import RunDirError, RunLockedError, foreign_files, run_kind
+from beitdomain.engine.run.metrics_log import read_metrics
 from beitdomain.engine.tokenizer import train_tokenizer
 from beitdomain.fileio import LOCK_FILE, RUN_MARKER, FolderLock, FolderLockedError
 
@@ -155,7 +155,7 @@ def test_overwrite_refuses_home_cwd_data_root_and_filesystem_root(
         r = recipe(PRETRAIN_SETS, **{"data.root": str(folder)})
     if which == "root":
         with pytest.raises(RunDirError, match="filesystem root"):
-            from beitdomain.engine.rundir_guard import _refuse_dangerous
+            from beitdomain.engine.run.guard import _refuse_dangerous
 
             _refuse_dangerous(Path("/"), {})
         return
@@ -318,7 +318,7 @@ def test_resume_of_a_completed_run_without_checkpoints_is_an_error(data, tmp_pat
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from beitdomain.engine.rundir import RunDir
+    from beitdomain.engine.run.folder import RunDir
     run = RunDir.open(sys.argv[1], kind="pretrain", resume=True)
     print("locked", flush=True)
     time.sleep(120)

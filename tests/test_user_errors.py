@@ -178,7 +178,7 @@ def test_a_recipe_cannot_grant_trust_to_a_pickle(files, tmp_path, where):
 
 
 def test_curve_seeds_option_is_a_list_of_seeds(monkeypatch, files):
-    import beitdomain.engine.curve as curve_engine
+    import beitdomain.engine.curve.run as curve_engine
 
     seen = {}
 

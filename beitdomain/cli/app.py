@@ -106,8 +106,8 @@ def environment_report(device_name: str = "auto") -> dict[str, str]:
     """Versions, device, CUDA/bf16 support and which optional codecs import."""
     import torch
 
-    from beitdomain.engine.distributed import resolve_device
-    from beitdomain.engine.rundir import versions
+    from beitdomain.engine.run.folder import versions
+    from beitdomain.engine.train.distributed import resolve_device
 
     rows: dict[str, str] = dict(versions())
     rows["platform"] = platform.platform()
@@ -123,7 +123,7 @@ def environment_report(device_name: str = "auto") -> dict[str, str]:
         )
         rows["bf16"] = str(torch.cuda.is_bf16_supported())
     else:
-        from beitdomain.engine.distributed import cpu_has_native_bf16
+        from beitdomain.engine.train.distributed import cpu_has_native_bf16
 
         rows["bf16"] = (
             "native on this CPU (precision=auto trains in bf16 autocast)"

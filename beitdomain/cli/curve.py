@@ -128,7 +128,7 @@ def curve(
             "finetune.selection": selection,
         },
     )
-    from beitdomain.engine.curve import run_curve
+    from beitdomain.engine.curve.run import run_curve
 
     result = run_job(
         ctx, run_curve, r, out, overwrite=overwrite, workers=workers, trust_pickle=trust_pickle

@@ -137,8 +137,8 @@ def inspect(
     """
     import torch
 
-    from beitdomain.engine.data_source import image_source
-    from beitdomain.engine.data_unlabeled import EvalViews
+    from beitdomain.data.source import image_source
+    from beitdomain.data.unlabeled import EvalViews
     from beitdomain.fileio import atomic_write_json
     from beitdomain.tokenizer import count_params, decoder_gflops, encoder_gflops
     from beitdomain.tokenizer.inspect import (

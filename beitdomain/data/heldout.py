@@ -4,7 +4,7 @@ A label-efficiency curve scores every fine-tune on the test split. If the tokeni
 BEiT pre-training saw those very images (without labels, but still), the pre-trained arm has
 had a look at the test set that no other arm had: transductive learning. By default
 `pretrain`, `tokenizer train` and `demo` leave the test images out (which they are:
-`beitdomain.engine.data.items_in_test_split`, the very split fine-tuning scores on);
+`beitdomain.data.labeled.items_in_test_split`, the very split fine-tuning scores on);
 `data.transductive: true` keeps them.
 """
 

@@ -156,9 +156,9 @@ def run_ablation(
     Returns:
         The curve's result (summary, label-efficiency statements) and each variant's run.
     """
-    from beitdomain.engine.curve import run_curve
+    from beitdomain.engine.curve.run import run_curve
     from beitdomain.engine.pretrain import pretrain
-    from beitdomain.engine.rundir import RunDir
+    from beitdomain.engine.run.folder import RunDir
 
     names = variants or list(VARIANTS)
     pretrained = dict(pretrained or {})

@@ -93,7 +93,7 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     where both were measured (11 min 22 s and 19 min 58 s, 2026-12-03; BENCHMARKS.md). The
     notice names the seeds to drop for half the fine-tuning cells.
     """
-    from beitdomain.engine import distributed as D
+    from beitdomain.engine.train import distributed as D
 
     if recipe.name != "elpv-cpu" or D.resolve_device(device).type != "cpu":
         return None
@@ -112,7 +112,7 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
 
 def cells_per_init(recipe: Recipe) -> int:
     """How many (fraction, seed) fine-tuning cells the curve runs for each initialization."""
-    from beitdomain.engine.curve_grid import parse_grid
+    from beitdomain.engine.curve.grid import parse_grid
 
     return len(parse_grid(recipe.curve, {"one": None}).cells())
 
@@ -130,9 +130,9 @@ def run_demo(
     """Export -> cache -> tokenizer -> pre-training -> curve (domain vs scratch) -> report."""
     from beitdomain.data.cache import build_cache
     from beitdomain.data.index import scan
-    from beitdomain.engine.curve import run_curve
+    from beitdomain.engine.curve.run import run_curve
     from beitdomain.engine.pretrain import pretrain
-    from beitdomain.engine.rundir import RunDir
+    from beitdomain.engine.run.folder import RunDir
     from beitdomain.engine.tokenizer import train_tokenizer
     from beitdomain.io import IntensitySpec
 

@@ -4,7 +4,7 @@ Mean-pooled patch features -> LayerNorm -> linear head (small init), layer-wise 
 path, label smoothing; the validation split picks the best checkpoint; the test split is scored
 once, at the end, with the best weights. The exact images used are written into the run folder.
 `predict` (engine/predict.py) applies a finished run to new images; `finetune.lr_grid` runs one
-fine-tune per learning rate (engine/lr_grid.py).
+fine-tune per learning rate (`finetune_lr_grid`, below).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import logging
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.config import Recipe
+from beitdomain.data.labeled import LabeledData, labeled_data
 from beitdomain.data.transforms import FinetuneTransform
-from beitdomain.engine import distributed as D
 from beitdomain.engine.build import backbone_config, build_classifier
-from beitdomain.engine.data import LabeledData, labeled_data
-from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BEST_FILE,
@@ -37,8 +37,10 @@ from beitdomain.engine.job import (
     JobOptions,
     is_finished,
 )
-from beitdomain.engine.loop import Trainer
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
+from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward_gflops
+from beitdomain.engine.train.loop import Trainer
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
@@ -230,8 +232,6 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     """
     ft = recipe.finetune
     if ft.lr_grid:
-        from beitdomain.engine.lr_grid import finetune_lr_grid
-
         return finetune_lr_grid(recipe, out, **options)
     job = Job.open("finetune", recipe, out, **options)
     # impossible label requests fail here, before any training
@@ -271,7 +271,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         job.device,
         eval_batch,
     )
-    layer_decay = ft.optim.layer_decay  # a curve's scratch arm has none (engine/curve.py)
+    layer_decay = ft.optim.layer_decay  # a curve's scratch arm has none (engine/curve/run.py)
     groups = layer_decay_param_groups(
         model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
     )
@@ -336,5 +336,71 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             )
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not draw training curves: %s", e)
+    job.finish({k: v for k, v in results.items() if k != "classes"})
+    return results
+
+
+# --- finetune.lr_grid: one fine-tune per learning rate, the best on validation is the result.
+# Each learning rate is an ordinary fine-tune in `out/lr-<value>/`; the one with the best
+# validation `finetune.select_metric` is copied into `out`, so `predict` and `curve` read a grid's
+# folder like any fine-tuning run. A grid that was cut off skips the learning rates it finished.
+
+# What a grid's chosen fine-tune leaves in the grid's own folder.
+CHOSEN_FILES = (
+    BEST_FILE,
+    "test_predictions.csv",
+    "confusion_matrix.png",
+    "labels_used.csv",
+    "labels.json",
+    "training_curves.png",
+    "head_probe.json",
+)
+
+
+def finetune_lr_grid(
+    recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
+) -> dict[str, Any]:
+    """Runs the grid in `out/lr-<value>/`; returns the chosen fine-tune's results plus
+    `lr_grid` (every learning rate's best validation score)."""
+    ft = recipe.finetune
+    job = Job.open("finetune", recipe, out, **options)
+    if labeled_data(recipe, progress=False, report_dir=job.path).val is None:  # before training
+        if recipe.finetune.selection == "none":
+            raise UserError(
+                f"finetune.lr_grid {list(ft.lr_grid)} picks a learning rate on validation, and "
+                "finetune.selection is 'none' (a fixed schedule: nothing to select on). Give one "
+                "lr (finetune.optim.lr), or set finetune.selection=carve (validate on a fifth of "
+                "the labels) or outside (the split's validation images, beyond the budget)"
+            )
+        raise UserError(
+            "finetune.lr_grid picks the learning rate on the validation split, and this run has "
+            "none: set data.val_fraction > 0, or give val rows in the labels CSV"
+        )
+    job.start()
+    tried: list[dict[str, Any]] = []
+    chosen: tuple[float, Path, dict[str, Any]] | None = None
+    for lr in ft.lr_grid:
+        sub = job.path / f"lr-{lr:g}"
+        one = replace(recipe, finetune=replace(ft, lr_grid=[], optim=replace(ft.optim, lr=lr)))
+        if (sub / RESULTS_FILE).is_file():  # finished before an interruption
+            res = json.loads((sub / RESULTS_FILE).read_text())
+        else:
+            res = finetune(one, sub, **{**options, "resume": True, "overwrite": False})
+        tried.append({"lr": lr, "val_best": res.get("val_best"), "best_step": res.get("best_step")})
+        if job.is_main and (chosen is None or res["val_best"] > chosen[2]["val_best"]):
+            chosen = (lr, sub, res)
+    results: dict[str, Any] = {}
+    if job.is_main and chosen is not None:
+        lr, sub, res = chosen
+        for name in CHOSEN_FILES:
+            if (sub / name).is_file():
+                shutil.copyfile(sub / name, job.path / name)
+        results = {**res, "lr": lr, "lr_grid": tried}
+        job.write_json(RESULTS_FILE, results)
+        job.say(
+            "lr grid: %s -> lr %g",
+            ", ".join(f"{t['lr']:g}: {t['val_best']:.4f}" for t in tried),
+            lr,
+        )
     job.finish({k: v for k, v in results.items() if k != "classes"})
     return results

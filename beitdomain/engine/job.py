@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from beitdomain.config import OptimConfig, Recipe, TrainConfig, recipe_to_dict
-from beitdomain.engine import distributed as D
-from beitdomain.engine.loop import LoopState, StepFn, Trainer
-from beitdomain.engine.optim import build_adamw, lr_schedule, peak_lr
-from beitdomain.engine.plan import RunPlan, plan_run, prepare_for_training
-from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.loop import LoopState, StepFn, Trainer
+from beitdomain.engine.train.optim import build_adamw, lr_schedule, peak_lr
+from beitdomain.engine.train.plan import RunPlan, plan_run, prepare_for_training
 from beitdomain.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)

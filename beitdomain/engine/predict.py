@@ -20,9 +20,9 @@ from torch import nn
 
 from beitdomain.config import load_recipe
 from beitdomain.data.transforms import FinetuneTransform
-from beitdomain.engine import distributed as D
 from beitdomain.engine.build import build_classifier
 from beitdomain.engine.job import BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
+from beitdomain.engine.train import distributed as D
 from beitdomain.fileio import atomic_write_text
 from beitdomain.models.probe import eval_outputs
 from beitdomain.user import UserError

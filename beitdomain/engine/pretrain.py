@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from beitdomain.config import Recipe
+from beitdomain.data.unlabeled import unlabeled_dataset
 from beitdomain.engine.build import backbone_config, mask_generator
-from beitdomain.engine.data_unlabeled import unlabeled_dataset
-from beitdomain.engine.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BACKBONE_META,
@@ -29,6 +28,7 @@ from beitdomain.engine.job import (
     Job,
     JobOptions,
 )
+from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convention import convention_of
@@ -189,7 +189,7 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
 def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
     """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
     the validation split (the test split when there is none) scored against it."""
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
     from beitdomain.engine.represent_eval import KnnMonitor
 
     try:
@@ -244,7 +244,7 @@ def export_run(
         The backbone file (fmt None) or the export folder.
     """
     from beitdomain.config import load_recipe
-    from beitdomain.engine.checkpoint import CheckpointManager
+    from beitdomain.engine.run.checkpoint import CheckpointManager
 
     run = Path(run)
     if not (run / RECIPE_FILE).is_file():

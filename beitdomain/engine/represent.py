@@ -21,7 +21,7 @@ from torch import nn
 
 from beitdomain.config import Recipe, load_recipe
 from beitdomain.data.transforms import FinetuneTransform
-from beitdomain.engine import distributed as D
+from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.user import UserError
 

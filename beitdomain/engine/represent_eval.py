@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from beitdomain.config import Recipe
-from beitdomain.engine import distributed as D
 from beitdomain.engine.represent import FrozenBackbone, random_like
+from beitdomain.engine.train import distributed as D
 from beitdomain.eval.representation import representation_scores
 from beitdomain.io import IntensitySpec
 from beitdomain.user import UserError
@@ -49,7 +49,7 @@ def evaluate_representation(
     Raises:
         UserError: unlabelled data, fewer than two classes, no test split.
     """
-    from beitdomain.engine.data import labeled_data
+    from beitdomain.data.labeled import labeled_data
 
     data = labeled_data(recipe, progress=progress)
     test = data.test if data.test is not None else data.val

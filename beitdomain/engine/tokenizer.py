@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from beitdomain.config import Recipe
-from beitdomain.engine import distributed as D
-from beitdomain.engine.data_unlabeled import unlabeled_dataset
-from beitdomain.engine.estimate import announce_cpu_time
+from beitdomain.data.unlabeled import unlabeled_dataset
 from beitdomain.engine.job import Job, JobOptions
-from beitdomain.engine.loop import Trainer
+from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.estimate import announce_cpu_time
+from beitdomain.engine.train.loop import Trainer
 from beitdomain.fileio import atomic_save
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from beitdomain.config import OptimConfig
-from beitdomain.engine.schedule import cosine_lr, scaled_lr
+from beitdomain.engine.train.schedule import cosine_lr, scaled_lr
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.config import CurveConfig
-from beitdomain.engine.curve_baselines import (
+from beitdomain.engine.curve.baselines import (
     BASELINES_FILE,
     baseline_settings,
     compare_with_strongest,
 )
-from beitdomain.engine.curve_grid import Cell, CurveGrid
+from beitdomain.engine.curve.grid import Cell, CurveGrid
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.eval.metrics import METRICS
 from beitdomain.eval.plots import plot_label_efficiency

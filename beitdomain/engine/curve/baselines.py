@@ -18,7 +18,7 @@ import numpy as np
 
 from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
-from beitdomain.engine.data import labeled_data
+from beitdomain.data.labeled import labeled_data
 from beitdomain.eval import baselines as B
 
 log = logging.getLogger(__name__)

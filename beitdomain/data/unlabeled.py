@@ -15,9 +15,9 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.heldout import pretraining_items
+from beitdomain.data.labeled import items_in_test_split
+from beitdomain.data.source import image_source
 from beitdomain.data.transforms import FinetuneTransform, training_transform
-from beitdomain.engine.data import items_in_test_split
-from beitdomain.engine.data_source import image_source
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)

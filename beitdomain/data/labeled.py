@@ -18,6 +18,7 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
 from beitdomain.data.dataset import ImageDataset
+from beitdomain.data.source import image_source
 from beitdomain.data.splits import (
     _SPLIT_ALIASES,
     LabelSubsetError,
@@ -27,7 +28,6 @@ from beitdomain.data.splits import (
     split_summary,
 )
 from beitdomain.data.transforms import FinetuneTransform, training_transform
-from beitdomain.engine.data_source import image_source
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.config import Recipe, dump_recipe
-from beitdomain.engine.metrics_log import read_metrics
-from beitdomain.engine.rundir_guard import (
+from beitdomain.engine.run.guard import (
     KIND_OUTPUTS,
     RunDirError,
     RunLockedError,
     check_folder,
     run_kind,
 )
+from beitdomain.engine.run.metrics_log import read_metrics
 from beitdomain.fileio import (
     LOCK_FILE,
     FolderLock,

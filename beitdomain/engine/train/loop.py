@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 
 from beitdomain.config import TrainConfig
 from beitdomain.data.sampler import ResumableBatchSampler
-from beitdomain.engine import distributed as D
-from beitdomain.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from beitdomain.engine.metrics_log import MetricsLog
-from beitdomain.engine.rundir import RunDir
-from beitdomain.engine.signals import stop_on_signals
+from beitdomain.engine.run.checkpoint import CheckpointManager, rng_state, set_rng_state
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.metrics_log import MetricsLog
+from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.signals import stop_on_signals
 from beitdomain.progress import StepProgress
 from beitdomain.user import UserError
 

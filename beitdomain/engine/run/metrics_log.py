@@ -18,7 +18,7 @@ class MetricsLog:
 
     On resume the lines past the resumed step are dropped first, so a run that was killed after
     logging step 130 but checkpointing step 100 does not log steps 101-130 twice. Trackers
-    (TensorBoard, MLflow, W&B: `beitdomain.engine.trackers`) get the same numbers; one that is
+    (TensorBoard, MLflow, W&B: `beitdomain.engine.run.trackers`) get the same numbers; one that is
     not installed is a warning.
     """
 
@@ -30,7 +30,7 @@ class MetricsLog:
         trackers: Sequence[str] = (),
         config: Mapping[str, Any] | None = None,
     ):
-        from beitdomain.engine.trackers import open_trackers
+        from beitdomain.engine.run.trackers import open_trackers
 
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
@@ -42,7 +42,7 @@ class MetricsLog:
         self._trackers = open_trackers(names, self.path.parent, config=config) if names else []
 
     def log(self, step: int, **values: Any) -> None:
-        from beitdomain.engine.trackers import numeric
+        from beitdomain.engine.run.trackers import numeric
 
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:

@@ -15,8 +15,8 @@ from beitdomain.config import Recipe
 from beitdomain.data.cache import CachedImages
 from beitdomain.data.dataset import ManifestImages
 from beitdomain.data.index import Manifest, read_labels_csv, scan
-from beitdomain.engine.distributed import dist_info
 from beitdomain.io import IntensitySpec
+from beitdomain.rank import dist_info
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)

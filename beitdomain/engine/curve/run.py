@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from beitdomain.config import Recipe, apply_sets
-from beitdomain.engine.curve_baselines import BASELINES_FILE, baseline_rows
-from beitdomain.engine.curve_grid import Cell, CurveGrid, cell_name, parse_grid
-from beitdomain.engine.curve_report import ARMS_FILE, collect_rows, write_outputs
-from beitdomain.engine.distributed import resolve_device, usable_cores
+from beitdomain.engine.curve.baselines import BASELINES_FILE, baseline_rows
+from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
+from beitdomain.engine.curve.report import ARMS_FILE, collect_rows, write_outputs
 from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
-from beitdomain.engine.rundir import RunDir
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
 from beitdomain.user import UserError
