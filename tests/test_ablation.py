@@ -97,7 +97,7 @@ def test_a_rerun_skips_finished_variants_and_cells(ablation, data, monkeypatch):
     def no_training(*a, **kw):
         raise AssertionError("a finished variant was pre-trained again")
 
-    monkeypatch.setattr("beitdomain.engine.pretrain.pretrain", no_training)
+    monkeypatch.setattr("beitdomain.engine.ablation.pretrain", no_training)
     monkeypatch.setattr("beitdomain.engine.curve.run.finetune", no_training)
     run_ablation(_recipe(data), out, device="cpu", quiet=True)
     assert (out / "curve" / "curve.csv").read_bytes() == before
@@ -140,7 +140,7 @@ def test_a_reused_run_is_not_pre_trained_again(ablation, data, tmp_path, monkeyp
     def record(recipe, folder, **kw):
         trained.append(folder)
 
-    monkeypatch.setattr("beitdomain.engine.pretrain.pretrain", record)
+    monkeypatch.setattr("beitdomain.engine.ablation.pretrain", record)
     run_ablation(
         _recipe(data, "curve.seeds=[0]"),
         tmp_path / "r",

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.config import Recipe, apply_sets, load_recipe
+from beitdomain.engine.build import backbone_config
+from beitdomain.engine.curve.run import run_curve
 from beitdomain.engine.job import is_finished
-from beitdomain.eval.report import read_csv
+from beitdomain.engine.pretrain import pretrain
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.eval.report import paired_gains, read_csv, summarize
 from beitdomain.fileio import atomic_write_text
 from beitdomain.user import UserError
 
@@ -106,7 +110,6 @@ def check_reused_run(folder: Path, name: str, recipe: Recipe) -> None:
     saved = folder / "recipe.yaml"
     if not saved.is_file():
         raise UserError(f"--pretrained {name}={folder}: no recipe.yaml to check the variant by")
-    from beitdomain.engine.build import backbone_config
 
     ran, want = load_recipe(saved), variant_recipe(recipe, name)
     pairs = []
@@ -156,9 +159,6 @@ def run_ablation(
     Returns:
         The curve's result (summary, label-efficiency statements) and each variant's run.
     """
-    from beitdomain.engine.curve.run import run_curve
-    from beitdomain.engine.pretrain import pretrain
-    from beitdomain.engine.run.folder import RunDir
 
     names = variants or list(VARIANTS)
     pretrained = dict(pretrained or {})
@@ -243,7 +243,6 @@ def ablation_report(rows: list[dict[str, Any]], names: list[str], metric: str) -
         names: the variants that ran.
         metric: the curve's metric column.
     """
-    from beitdomain.eval.report import paired_gains, summarize
 
     summary = summarize(rows)
     seen = dict.fromkeys(str(r["init"]) for r in summary)

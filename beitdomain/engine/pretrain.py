@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from beitdomain.config import Recipe
+from beitdomain.config import Recipe, load_recipe
+from beitdomain.data.labeled import labeled_data
 from beitdomain.data.unlabeled import unlabeled_dataset
 from beitdomain.engine.build import backbone_config, mask_generator
 from beitdomain.engine.job import (
@@ -28,6 +29,8 @@ from beitdomain.engine.job import (
     Job,
     JobOptions,
 )
+from beitdomain.engine.represent_eval import KnnMonitor
+from beitdomain.engine.run.checkpoint import CheckpointManager
 from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward_gflops
 from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
 from beitdomain.models.classifier import param_groups_weight_decay
@@ -189,8 +192,6 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
 def knn_monitor(recipe: Recipe, quiet: bool) -> Any:
     """The k-NN check of `pretrain.knn_every`: all labelled training images as the memory,
     the validation split (the test split when there is none) scored against it."""
-    from beitdomain.data.labeled import labeled_data
-    from beitdomain.engine.represent_eval import KnnMonitor
 
     try:
         data = labeled_data(recipe, labels="100%", progress=not quiet)
@@ -243,8 +244,6 @@ def export_run(
     Returns:
         The backbone file (fmt None) or the export folder.
     """
-    from beitdomain.config import load_recipe
-    from beitdomain.engine.run.checkpoint import CheckpointManager
 
     run = Path(run)
     if not (run / RECIPE_FILE).is_file():

@@ -21,8 +21,14 @@ from torch import nn
 
 from beitdomain.config import Recipe, load_recipe
 from beitdomain.data.transforms import FinetuneTransform
+from beitdomain.engine.build import build_classifier
+from beitdomain.engine.job import BACKBONE_FILE, BEST_FILE, RESULTS_FILE, is_finished
+from beitdomain.engine.predict import load_weights
 from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
+from beitdomain.models.backbone import backbone_config_of, create_backbone
+from beitdomain.models.convention import InputConvention, convention_of
+from beitdomain.models.convert import INPUT_META, TimmExport
 from beitdomain.user import UserError
 
 TIMM_META_KEY = "beitdomain.timm"  # safetensors metadata written by export_timm_backbone
@@ -179,9 +185,6 @@ def _input_convention(path: Path) -> Any:
     """The `InputConvention` an export carries in its metadata (None: written before it did)."""
     from safetensors import safe_open
 
-    from beitdomain.models.convention import InputConvention
-    from beitdomain.models.convert import INPUT_META
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     return InputConvention.from_dict(json.loads(meta[INPUT_META])) if INPUT_META in meta else None
@@ -204,8 +207,6 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     Raises:
         UserError: the path holds none of these, naming what was looked for.
     """
-    from beitdomain.engine.job import BACKBONE_FILE, is_finished
-    from beitdomain.models.convert import TimmExport
 
     path = Path(run)
     dev = D.resolve_device(device)
@@ -246,10 +247,6 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
 
 
 def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBackbone:
-    from beitdomain.engine.build import build_classifier
-    from beitdomain.engine.job import BEST_FILE, RESULTS_FILE
-    from beitdomain.engine.predict import load_weights
-    from beitdomain.models.convention import convention_of
 
     recipe = load_recipe(path / "recipe.yaml")
     classes = json.loads((path / RESULTS_FILE).read_text())["classes"]
@@ -275,7 +272,6 @@ def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBack
 def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:
     """A backbone of the same architecture with fresh random weights (timm's init): the
     reference a trained one's k-NN / probe score is read against."""
-    from beitdomain.models.backbone import backbone_config_of, create_backbone
 
     torch.manual_seed(seed)
     pooled = getattr(backbone.model, "global_pool", "") == "avg"

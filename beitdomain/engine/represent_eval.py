@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from beitdomain.config import Recipe
+from beitdomain.data.labeled import labeled_data
 from beitdomain.engine.represent import FrozenBackbone, random_like
 from beitdomain.engine.train import distributed as D
 from beitdomain.eval.representation import representation_scores
 from beitdomain.io import IntensitySpec
+from beitdomain.models.convention import convention_of
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ def evaluate_representation(
     Raises:
         UserError: unlabelled data, fewer than two classes, no test split.
     """
-    from beitdomain.data.labeled import labeled_data
 
     data = labeled_data(recipe, progress=progress)
     test = data.test if data.test is not None else data.val
@@ -108,7 +109,6 @@ class KnnMonitor:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def measure(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
-        from beitdomain.models.convention import convention_of
 
         owner = D.unwrap(self.backbone_of(D.unwrap(model)))
         bb = getattr(owner, "backbone", owner)

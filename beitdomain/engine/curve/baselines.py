@@ -19,7 +19,19 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.labeled import labeled_data
+from beitdomain.engine.build import build_classifier
 from beitdomain.eval import baselines as B
+from beitdomain.eval.report import (
+    STRONGEST,
+    as_reference,
+    label_efficiency,
+    paired_gains,
+    strongest_arms,
+    summarize,
+    verdict,
+)
+from beitdomain.models.convert import load_backbone_weights
+from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 PIXEL_SIZE = 32  # px: 1,024 inputs; at 64 px the demo's pixel baseline scored the same
@@ -72,9 +84,6 @@ def baseline_rows(
     baseline arm and every (label amount, seed) in `cells`, and the files each (label amount,
     seed) trained on (what a fine-tune's `labels_used.csv` lists as train)."""
     import torch
-
-    from beitdomain.engine.build import build_classifier
-    from beitdomain.models.convert import load_backbone_weights
 
     full = labeled_data(recipe, labels="100%", seed=0, progress=False, selection="none")
     if full.test is None:
@@ -137,16 +146,6 @@ def compare_with_strongest(
         paired gains, each with the arm it was paired against}, 'verdicts': [one sentence per
         pre-trained init]}. Empty lists when no arm without pre-training ran.
     """
-    from beitdomain.eval.report import (
-        STRONGEST,
-        as_reference,
-        label_efficiency,
-        paired_gains,
-        strongest_arms,
-        summarize,
-        verdict,
-    )
-    from beitdomain.user import UserError
 
     summary = summarize(rows)
     choice = strongest_arms(summary, metric, without_pretraining(inits))

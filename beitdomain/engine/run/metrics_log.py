@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from beitdomain.engine.run.trackers import numeric, open_trackers
 from beitdomain.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ class MetricsLog:
         trackers: Sequence[str] = (),
         config: Mapping[str, Any] | None = None,
     ):
-        from beitdomain.engine.run.trackers import open_trackers
 
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
@@ -42,7 +42,6 @@ class MetricsLog:
         self._trackers = open_trackers(names, self.path.parent, config=config) if names else []
 
     def log(self, step: int, **values: Any) -> None:
-        from beitdomain.engine.run.trackers import numeric
 
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:

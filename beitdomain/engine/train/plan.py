@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from beitdomain.config import TrainConfig
 from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.schedule import steps_for
 from beitdomain.models.kernels import select_kernels
 
 MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)
@@ -92,7 +93,6 @@ def plan_run(
     weights: Sequence[float] | None = None,
 ) -> RunPlan:
     """The loader (batch capped by the data, per process) and the run length in steps."""
-    from beitdomain.engine.train.schedule import steps_for
 
     dist = D.dist_info()
     batch = min(train.batch_size, max(1, len(dataset) // dist.world_size))
