@@ -167,3 +167,45 @@ class StepProgress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+class CountProgress:
+    """Progress over a count of units (the curve's cells, the baselines' fits): a rich bar on
+    a terminal, plain `desc done/total, elapsed, ETA` lines every `BEITDOMAIN_LOG_EVERY` seconds
+    (and at the end) otherwise, nothing when `quiet`. `start` units were done before (a resumed
+    run): the ETA counts only the rate of this run's own."""
+
+    def __init__(self, desc: str, total: int, start: int = 0, quiet: bool = False) -> None:
+        self.desc, self.total, self.done, self.quiet = desc, total, start, quiet
+        self.bar: Any = None
+        self.lines: PlainLines | None = None
+
+    def __enter__(self) -> CountProgress:
+        if self.quiet:
+            return self
+        if not stderr_is_terminal():
+            self.lines = PlainLines(self.desc, self.total, self.done)
+            log.info("%s", self.lines.line(self.done))  # the count before the first unit ends
+            return self
+        from rich.progress import Progress
+
+        self.bar = Progress(console=_console())
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.desc, total=self.total, completed=self.done)
+        return self
+
+    def describe(self, text: str) -> None:
+        """What is running now (the bar's label on a terminal; the plain lines keep `desc`)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.lines is not None:
+            self.lines.update(self.done)
+        elif self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import queue
 
 import pytest
@@ -489,3 +490,23 @@ def test_curve_runs_the_baselines_on_its_subsets_and_judges_against_the_stronges
     )
     assert any(line.startswith("- Arm `pixels-logreg`:") for line in report)
     assert not any("beyond each cell's budget" in line for line in report)
+
+
+def test_off_a_terminal_the_curve_and_its_baselines_print_progress_lines(
+    setup, tmp_path, monkeypatch, caplog
+):
+    # A batch job's stderr is a file: the curve said "N cells, 0 done" and then nothing until
+    # the end (a rich bar draws nothing off a terminal), and the baselines not one line.
+    monkeypatch.setenv("BEITDOMAIN_LOG_EVERY", "0")
+    monkeypatch.setattr("beitdomain.progress.stderr_is_terminal", lambda: False)
+    root, pre = setup
+    with caplog.at_level(logging.INFO, logger="beitdomain"):
+        run_curve(_curve_recipe(root, pre, baselines=True), tmp_path / "c", device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "beitdomain.progress"]
+    cells = [line for line in lines if line.startswith("curve cells ")]
+    assert [line.split(",")[0] for line in cells] == [
+        f"curve cells {k}/4 ({25 * k}%)" for k in range(5)
+    ]
+    assert all("elapsed" in line and "ETA" in line for line in cells)
+    fits = [line for line in lines if line.startswith("curve baselines: fits ")]
+    assert fits and fits[-1].startswith("curve baselines: fits 8/8 (100%)")

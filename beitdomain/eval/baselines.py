@@ -26,6 +26,7 @@ import numpy as np
 
 from beitdomain.data.budget import kfold_splits
 from beitdomain.eval.metrics import classification_metrics
+from beitdomain.progress import CountProgress
 from beitdomain.user import UserError
 
 # Log-spaced: pixels in [0, 1] want small C (4,096 correlated inputs), standardised probe
@@ -205,8 +206,10 @@ def run_baselines(
     cells: Sequence[tuple[str, float, int, np.ndarray]],
     test_idx: np.ndarray,
     classes: Sequence[str],
+    quiet: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every arm on every (labels spec, fraction, seed, subset) cell: curve rows.
+    """Every arm on every (labels spec, fraction, seed, subset) cell: curve rows; progress
+    over the fits on stderr unless `quiet`.
 
     The subsets are the curve's own (the caller passes the indices its fine-tunes trained on),
     so a baseline row and a fine-tune row of the same seed saw the same labels.
@@ -219,8 +222,10 @@ def run_baselines(
     from threadpoolctl import threadpool_limits
 
     rows = []
-    with threadpool_limits(limits=1, user_api="blas"):
+    fits = CountProgress("curve baselines: fits", len(arms) * len(cells), quiet=quiet)
+    with threadpool_limits(limits=1, user_api="blas"), fits:
         for arm in arms:
+            fits.describe(f"curve baselines: {arm.name}")
             for spec, fraction, seed, subset in cells:
                 m = fit_and_score(
                     arm.features,
@@ -246,4 +251,5 @@ def run_baselines(
                         },
                     }
                 )
+                fits.advance()
     return rows

@@ -79,6 +79,7 @@ def baseline_rows(
     cells: Sequence[tuple[str, int]],
     *,
     trust_pickle: bool = False,
+    quiet: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[str]]]:
     """Curve rows (init, labels, fraction, seed, n_labels, n_train, n_test, metrics, c) for every
     baseline arm and every (label amount, seed) in `cells`, and the files each (label amount,
@@ -101,6 +102,12 @@ def baseline_rows(
     pool = np.asarray(full.train_items)
     items = np.union1d(pool, test)
     pos = {int(i): k for k, i in enumerate(items)}
+    if not quiet:  # reading and embedding take minutes on thousands of images
+        log.info(
+            "curve baselines: %d images (train pool and test), pixels, PCA and %d frozen probes",
+            len(items),
+            len(inits),
+        )
     images = _images(full.test, items)  # the evaluation view, as the fine-tunes are scored
     labels = np.array([classes.index(str(full.test.source.label(int(i)))) for i in items])
     pixels = B.pixel_features(images, PIXEL_SIZE)
@@ -128,6 +135,7 @@ def baseline_rows(
         ],
         np.array([pos[int(i)] for i in test]),
         classes,
+        quiet=quiet,
     )
     n_train = subsets[0][1]["n_train"] if subsets else None
     for r in rows:

@@ -32,6 +32,7 @@ from beitdomain.engine.run.folder import RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
+from beitdomain.progress import CountProgress
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,9 @@ def _run_cells(
         # Seconds on a CPU, and on the very subsets the cells train on: before the cells, so
         # the report compares against them from the first finished cell on.
         pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
-        rows, used = baseline_rows(recipe, grid.inits, pairs, trust_pickle=trust_pickle)
+        rows, used = baseline_rows(
+            recipe, grid.inits, pairs, trust_pickle=trust_pickle, quiet=quiet
+        )
         write_csv(
             [{"labels": k[0], "seed": k[1], "path": f} for k, files in used.items() for f in files],
             out / "baselines_labels_used.csv",
@@ -291,11 +294,7 @@ def _run_cells(
     log.info("curve: %d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     n_gpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     workers = workers or c.workers or max(1, n_gpu)
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(disable=quiet, console=Console(stderr=True)) as bar:
-        task = bar.add_task("curve cells", total=len(cells), completed=len(cells) - len(todo))
+    with CountProgress("curve cells", len(cells), start=len(cells) - len(todo), quiet=quiet) as bar:
         if workers > 1 and todo:
             # With lr_grid_seeds 'first' the first seeds (which run the lr grid) go first: the
             # other seeds read the learning rate they chose.
@@ -312,18 +311,15 @@ def _run_cells(
             free_slots = ctx.Queue()
             for slot in cell_slots(resolved, workers, n_gpu):
                 free_slots.put(slot)
-            bar.update(task, description=f"curve cells ({workers} at a time)")
+            bar.describe(f"curve cells ({workers} at a time)")
             with ctx.Pool(workers, _init_worker, (free_slots,)) as pool:
                 for wave in waves:
                     for _ in pool.imap_unordered(_run_cell, wave):
                         write_outputs(out, collect_rows(out, cells), c, grid)
-                        bar.advance(task)
+                        bar.advance()
         else:
             for cell in todo:
-                bar.update(
-                    task,
-                    description=f"curve: {cell.init} {cell.labels.text} seed {cell.seed}",
-                )
+                bar.describe(f"curve: {cell.init} {cell.labels.text} seed {cell.seed}")
                 finetune(
                     _cell_recipe(recipes[cell.init], grid, cell, out),
                     out / "cells" / cell.name,
@@ -333,5 +329,5 @@ def _run_cells(
                     trust_pickle=trust_pickle,
                 )
                 write_outputs(out, collect_rows(out, cells), c, grid)
-                bar.advance(task)
+                bar.advance()
     return collect_rows(out, cells)
