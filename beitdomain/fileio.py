@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,6 +161,32 @@ class FolderLockedError(OSError, UserError):
     """Another live process writes into this folder (its PID is in the message)."""
 
 
+class LockFileError(UserError):
+    """The folder's lock path is a symbolic link or not a regular file (never opened)."""
+
+
+def check_lock_file(folder: str | Path) -> None:
+    """Refuses a `<folder>/.beitdomain.lock` that is a link or not a regular file: opening it
+    would truncate whatever it points at (the user's file), or block on a FIFO.
+
+    Raises:
+        LockFileError: naming the lock path.
+    """
+    path = Path(folder) / LOCK_FILE
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LockFileError(f"{path}: cannot check the lock file ({e}); nothing was written") from e
+    if not stat.S_ISREG(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise LockFileError(
+            f"{path} is {what}, not beitdomain's lock file; nothing was written. Remove it, or "
+            f"choose another folder with --out"
+        )
+
+
 def read_marker(folder: str | Path) -> dict[str, Any] | None:
     """The run marker of `folder` (kind, files written), or None when it has none."""
     p = Path(folder) / RUN_MARKER
@@ -214,7 +241,21 @@ class FolderLock:
             FolderLock._held[self._key] = (held[0], self._token)
             return self
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        check_lock_file(self.folder)
+        # O_NOFOLLOW: a link swapped in after the check fails (ELOOP) instead of truncating its
+        # target; O_NONBLOCK: a FIFO swapped in does not hang the open.
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EMLINK):
+                raise
+            check_lock_file(self.folder)  # names the link
+            raise LockFileError(f"{path} is a symbolic link; nothing was written") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            check_lock_file(self.folder)
+            raise LockFileError(f"{path} is not a regular file; nothing was written")
         try:
             _lock_fd(fd)
         except OSError as e:

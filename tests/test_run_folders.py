@@ -408,3 +408,26 @@ def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
     (old / "data" / "labels.csv").write_text("path,label,split\n")
     RunDir.open(old / "tokenizer", kind="tokenizer").close()
     assert run_kind(old) == "demo" and foreign_files(old) == []
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path):
+    from beitdomain.data.cache import CacheError, build_cache
+    from beitdomain.fileio import LockFileError
+
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("my thesis\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(thesis)
+    # a folder holding only a linked lock is not an empty folder
+    with pytest.raises(RunDirError, match=f"{LOCK_FILE} is a symbolic link"):
+        RunDir.open(out, kind="tokenizer")
+    with pytest.raises(LockFileError, match=str(out / LOCK_FILE)):
+        FolderLock(out).acquire()
+    with pytest.raises(CacheError, match="symbolic link"):
+        build_cache(tmp_path / "nowhere", out, size=16)
+    assert thesis.read_text() == "my thesis\n"
+    (out / LOCK_FILE).unlink()
+    os.mkfifo(out / LOCK_FILE)
+    with pytest.raises(RunDirError, match="not a regular file"):
+        RunDir.open(out, kind="tokenizer")

@@ -38,7 +38,9 @@ from beitdomain.fileio import (
     RUN_MARKER,
     FolderLock,
     FolderLockedError,
+    LockFileError,
     atomic_write_json,
+    check_lock_file,
     read_marker,
     sha256_file,
     write_marker,
@@ -349,6 +351,10 @@ def _check_cache_folder(out_dir: Path) -> None:
         if out_dir.exists():
             raise CacheError(f"{out_dir} is a file; give the cache a folder of its own")
         return
+    try:
+        check_lock_file(out_dir)  # a linked lock would truncate its target
+    except LockFileError as e:
+        raise CacheError(str(e)) from None
     ours = (out_dir / "cache.json").is_file() or (read_marker(out_dir) or {}).get("kind") == "cache"
     entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER))
     if entries and not ours:

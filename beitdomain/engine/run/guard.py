@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from beitdomain.config import Recipe
-from beitdomain.fileio import LOCK_FILE, RUN_MARKER, read_marker
+from beitdomain.fileio import LOCK_FILE, RUN_MARKER, LockFileError, check_lock_file, read_marker
 from beitdomain.user import UserError
 
 
@@ -191,6 +191,12 @@ def check_folder(
     Raises:
         RunDirError: the folder cannot be used as asked; nothing was changed.
     """
+    if path.is_dir():
+        try:
+            # A lock that is a link or not a file is not ours: the folder is not empty.
+            check_lock_file(path)
+        except LockFileError as e:
+            raise RunDirError(str(e)) from None
     entries = [p.name for p in path.iterdir()] if path.is_dir() else []
     if not [e for e in entries if e not in (LOCK_FILE, RUN_MARKER)]:
         return None  # missing, empty, or a run that died before writing anything
