@@ -390,9 +390,11 @@ def find_recipe(name_or_path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     shipped = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    close = difflib.get_close_matches(p.stem, shipped, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
     raise RecipeError(
         f"recipe '{name_or_path}' not found: not a file, and not a shipped recipe "
-        f"(shipped: {', '.join(shipped) or 'none found'})"
+        f"(shipped: {', '.join(shipped) or 'none found'}){hint}"
     )
 
 

@@ -38,6 +38,19 @@ def test_env_json_global_and_per_command():
         assert res.returncode == 0, res.stderr
         rows = json.loads(res.stdout)
         assert rows["beitdomain"] == __version__ and "device" in rows
+        # values keep their types: a boolean is true/false, a count a number
+        assert isinstance(rows["cuda available"], bool) and isinstance(rows["cpu threads"], int)
+
+
+def test_version_as_json():
+    res = bd("--json", "version")
+    assert res.returncode == 0 and json.loads(res.stdout) == {"beitdomain": __version__}
+
+
+def test_a_mistyped_recipe_name_gets_the_closest_shipped_one(tmp_path):
+    res = bd("finetune", "-r", "cpu-dicm", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "did you mean 'cpu-dicom'?" in " ".join(res.stderr.split())
+    assert not (tmp_path / "o").exists()
 
 
 def test_data_scan_stdout_is_the_summary_only_and_json_parses(tmp_path):

@@ -86,7 +86,9 @@ def main_options(
 @app.command()
 def version() -> None:
     """Print the beitdomain version."""
-    typer.echo(f"beitdomain {__version__}")
+    from beitdomain.cli.output import print_result
+
+    print_result(f"beitdomain {__version__}", {"beitdomain": __version__})
 
 
 _OPTIONAL_MODULES = {
@@ -155,7 +157,17 @@ def env(
     from beitdomain.cli.output import request_json
 
     request_json(json_output)
-    print_kv("beitdomain environment", environment_report(global_options(ctx).device))
+    rows = environment_report(global_options(ctx).device)
+    # JSON gets the values' own types (true, 8), the table their text
+    typed = {k: _typed(v) for k, v in rows.items()}
+    print_kv("beitdomain environment", rows, typed)
+
+
+def _typed(text: str) -> bool | int | str:
+    """`'True'` -> True, `'8'` -> 8; any other text unchanged."""
+    if text in ("True", "False"):
+        return text == "True"
+    return int(text) if text.isdigit() else text
 
 
 def _add_groups() -> None:
