@@ -96,7 +96,11 @@ class TokenizerMonitor:
     revived_total: int = 0
 
     def __post_init__(self) -> None:
-        self.usage = CodeUsage(self.model.vocab_size)
+        self.usage = CodeUsage(self.model.vocab_size, device=self._device())
+
+    def _device(self) -> torch.device:
+        """The model's device, where the counts live (NCCL all-reduces no CPU tensors)."""
+        return next(D.unwrap(self.model).parameters()).device
 
     def temperature(self, step: int) -> float:
         t = self.recipe.tokenizer
@@ -120,6 +124,7 @@ class TokenizerMonitor:
             and self.last_batch is not None
         ):
             if trainer.dist.enabled:  # every rank must decide on the same counts
+                self.usage.to(self._device())  # the model's device, even if it moved
                 torch.distributed.all_reduce(self.usage.counts)
             if trainer.dist.is_main:
                 with warnings.catch_warnings():  # logged once here; no second copy
@@ -158,7 +163,8 @@ class TokenizerMonitor:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"counts": self.usage.counts.clone(), "revived_total": self.revived_total}
+        counts = self.usage.counts.to("cpu", copy=True)  # loadable on any device
+        return {"counts": counts, "revived_total": self.revived_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.usage.counts.copy_(state["counts"])
@@ -214,7 +220,8 @@ def train_tokenizer(
             "psnr": psnr(o.recon.detach(), x.float()),
             "temperature": temp,
             "kl_weight": beta,
-            "code_usage": monitor.usage.fraction_used,
+            # a tensor: the trainer reads its metrics back once per step, not one by one
+            "code_usage": (monitor.usage.counts > 0).float().mean(),
         }
 
     groups = _decay_groups(model, t.optim.weight_decay)

@@ -49,8 +49,14 @@ class CodebookCollapseWarning(UserWarning):
 class CodeUsage:
     """Accumulates how often each of ``vocab_size`` codes is chosen.
 
+    The counts live on ``device`` (that of the model whose tokens are counted), so counting a
+    batch needs no host transfer and a multi-GPU run can all-reduce them over NCCL, which has
+    no CPU tensors. :meth:`update` moves them to the tokens' device if they differ, and
+    :meth:`to` moves them explicitly.
+
     Args:
         vocab_size: Number of codes K.
+        device: Where the counts live (default: the CPU).
 
     Example:
         >>> usage = CodeUsage(64)
@@ -59,11 +65,16 @@ class CodeUsage:
         0.03125
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str | None = None) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
         self.vocab_size = vocab_size
-        self.counts = torch.zeros(vocab_size, dtype=torch.long)
+        self.counts = torch.zeros(vocab_size, dtype=torch.long, device=device)
+
+    def to(self, device: torch.device | str) -> CodeUsage:
+        """Moves the counts to ``device`` (a no-op when they are there); returns ``self``."""
+        self.counts = self.counts.to(device)
+        return self
 
     def reset(self) -> None:
         """Forget all counts (e.g. at the start of each logging window)."""
@@ -77,8 +88,14 @@ class CodeUsage:
                 ``[0, K)``, or float logits ``[B, K, gh, gw]`` (their argmax over dim 1 is
                 counted).
 
+        The counts follow the tokens' device. On an accelerator the update makes no host sync
+        (a scatter-add rather than ``bincount``, whose CUDA kernel reads the maximum back), so
+        the ids' range is checked on the CPU only; out-of-range ids on a GPU fail in the
+        kernel's own index check instead.
+
         Raises:
-            ValueError: On logits whose dim 1 is not K, or token ids outside ``[0, K)``.
+            ValueError: On logits whose dim 1 is not K, or (on the CPU) token ids outside
+                ``[0, K)``.
         """
         x = tokens_or_logits.detach()
         if x.is_floating_point():
@@ -87,13 +104,18 @@ class CodeUsage:
                     f"logits must be [B, {self.vocab_size}, ...], got shape {tuple(x.shape)}."
                 )
             x = x.argmax(dim=1)
-        x = x.flatten().to("cpu", torch.long)
+        if x.device != self.counts.device:
+            self.to(x.device)
+        x = x.flatten().to(torch.long)
         if x.numel() == 0:
             return
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got [{lo}, {hi}].")
-        self.counts += torch.bincount(x, minlength=self.vocab_size)
+        if x.device.type == "cpu":
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}); got [{lo}, {hi}].")
+            self.counts += torch.bincount(x, minlength=self.vocab_size)
+        else:
+            self.counts.scatter_add_(0, x, torch.ones_like(x))
 
     @property
     def total(self) -> int:

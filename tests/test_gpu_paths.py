@@ -1,0 +1,78 @@
+"""Multi-GPU paths checked on the CPU: what NCCL is handed, and which `no_sync` is entered.
+
+The CPU tests run DDP over gloo, which takes CPU tensors and never sees a compiled DDP module
+during gradient accumulation, so two multi-GPU failures went unseen: the tokenizer's code counts
+were all-reduced as a CPU tensor (NCCL has none), and `torch.compile(DDP(m))` all-reduced the
+gradients of every micro-batch. These tests stand in for the GPU: the model on the `meta`
+device and a recorded all-reduce, and a one-process gloo group.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import TOKENIZER_SETS, recipe
+
+from beitdomain.tokenizer import CodeUsage, create_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Reduced(Exception):
+    """Raised by the fake all-reduce once it has seen its argument (stops the hook there)."""
+
+
+def test_code_counts_live_on_the_models_device_when_all_reduced(monkeypatch) -> None:
+    from beitdomain.engine.tokenizer import TokenizerMonitor
+
+    torch.manual_seed(0)
+    model = create_tokenizer("tiny").to("meta")  # stands in for a GPU: not the CPU
+    r = recipe(TOKENIZER_SETS)
+    monitor = TokenizerMonitor(model, r, total_steps=100, seed=0, out=None)
+    assert monitor.usage.counts.device == model.codebook.weight.device
+
+    seen: list[torch.device] = []
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise _Reduced
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monitor.last_batch = torch.zeros(1)
+    every = r.tokenizer.dead_code_every
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(step=every),
+        total_steps=100,
+        dist=SimpleNamespace(enabled=True, is_main=True),
+        model=model,
+    )
+    with pytest.raises(_Reduced):
+        monitor.on_step_end(trainer)
+    assert seen == [torch.device("meta")]
+
+
+def test_code_counts_follow_the_tokens_device() -> None:
+    usage = CodeUsage(8)
+    assert usage.counts.device.type == "cpu"
+    usage.update(torch.tensor([0, 1, 1], device="meta"))
+    assert usage.counts.device.type == "meta"
+    assert CodeUsage(8).to("meta").counts.device.type == "meta"
+    usage = CodeUsage(8)
+    usage.update(torch.tensor([[0, 1], [1, 7]]))
+    assert usage.counts.tolist() == [1, 2, 0, 0, 0, 0, 0, 1]
+
+
+def test_monitor_state_dict_is_on_the_cpu() -> None:
+    from beitdomain.engine.tokenizer import TokenizerMonitor
+
+    model = create_tokenizer("tiny")
+    monitor = TokenizerMonitor(model, recipe(TOKENIZER_SETS), total_steps=10, seed=0, out=None)
+    monitor.usage.update(torch.tensor([3, 3]))
+    state = monitor.state_dict()
+    assert state["counts"].device.type == "cpu"
+    monitor.usage.counts.zero_()  # the saved copy is not a view of the live counts
+    assert int(state["counts"][3]) == 2
+    monitor.load_state_dict(state)
+    assert int(monitor.usage.counts[3]) == 2
