@@ -13,8 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import TOKENIZER_SETS, recipe
+from torch import nn
 
+from beitdomain.engine.train import distributed as D
 from beitdomain.tokenizer import CodeUsage, create_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,3 +79,26 @@ def test_monitor_state_dict_is_on_the_cpu() -> None:
     assert int(state["counts"][3]) == 2
     monitor.load_state_dict(state)
     assert int(monitor.usage.counts[3]) == 2
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("gloo_group")
+def test_no_sync_reaches_ddp_under_torch_compile() -> None:
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+    compiled = torch.compile(ddp)  # as prepare_for_training wraps it; never called here
+    assert compiled is not ddp
+    with D.maybe_no_sync(compiled, skip_sync=True):
+        assert ddp.require_backward_grad_sync is False
+    assert ddp.require_backward_grad_sync is True
+    with D.maybe_no_sync(compiled, skip_sync=False):
+        assert ddp.require_backward_grad_sync is True

@@ -158,7 +158,14 @@ def wrap_ddp(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Modul
 
 @contextlib.contextmanager
 def maybe_no_sync(model: nn.Module, skip_sync: bool) -> Iterator[None]:
-    """Skips DDP's gradient all-reduce on the micro-steps before the last of an accumulation."""
+    """Skips DDP's gradient all-reduce on the micro-steps before the last of an accumulation.
+
+    With `train.compile` the trainer holds `torch.compile(DDP(m))`, an OptimizedModule around
+    the DDP module; its `no_sync` is the one to enter (the wrapper has none).
+    """
+    if skip_sync:
+        while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
     if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
