@@ -431,3 +431,31 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path):
     os.mkfifo(out / LOCK_FILE)
     with pytest.raises(RunDirError, match="not a regular file"):
         RunDir.open(out, kind="tokenizer")
+
+
+def test_overwrite_keeps_user_files_in_the_folders_a_run_writes(data, tmp_path):
+    out = tmp_path / "tok"
+    assert cli(*tok_args(data, out)).exit_code == 0
+    assert (out / "samples").is_dir() and any((out / "checkpoints").iterdir())
+    mine = [
+        "checkpoints/notes.txt",
+        "checkpoints/imgs/a.png",
+        "samples/keep/thesis.txt",
+        "wandb/my-notes.md",
+        "mlruns/notes.txt",
+        "tensorboard/readme.md",
+        "photos/.holiday.tmp",
+        ".draft.tmp",
+    ]
+    for rel in mine:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("mine")
+    # the run's own interrupted atomic writes stay the run's
+    (out / "checkpoints" / ".step-00000002.pt.abcd_123.tmp").write_text("cut short")
+    (out / ".manifest.json.x1y2z3w4.tmp").write_text("cut short")
+    assert foreign_files(out) == sorted(mine)
+    before = snapshot(out)
+    res = cli(*tok_args(data, out), "--overwrite")
+    assert res.exit_code == 2, res.output
+    assert "nothing was deleted" in res.text and "samples/keep/thesis.txt" in res.text
+    assert snapshot(out) == before

@@ -27,8 +27,13 @@ class RunLockedError(RunDirError):
     """Another process is writing the same run folder."""
 
 
-# What each kind of run writes (fnmatch patterns over the path inside the run folder, `*` also
-# crossing `/`); with the files recorded in the marker, this is what --overwrite may delete.
+# What each kind of run writes, as patterns over the path inside the run folder: each `/`-part
+# is an fnmatch pattern for one path component (its `*` never crosses `/`), and a last `**`
+# stands for one or more components. With the files recorded in the marker, this is what
+# --overwrite may delete; a pattern names only files the run itself writes, so a user's file
+# beside them (in checkpoints/, samples/, a tracker's folder) is foreign and --overwrite refuses.
+_STEP = "step-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]*"  # CheckpointManager's step-XXXXXXXX
+_MLFLOW_RUN = "[0-9a-f]" * 32  # MLflow's run ids: 32 hex digits
 COMMON_OUTPUTS = (
     RUN_MARKER,
     LOCK_FILE,
@@ -37,12 +42,21 @@ COMMON_OUTPUTS = (
     "metrics.jsonl",
     "quarantine.csv",
     "init_report.json",
-    "checkpoints/*",
-    "tensorboard/*",
-    "mlruns/*",  # train.trackers: MLflow's file store
-    "wandb/*",  # train.trackers: W&B's offline run
-    ".*.tmp",  # an atomic write cut short (kill -9)
-    "*/.*.tmp",
+    f"checkpoints/{_STEP}.pt",
+    f"checkpoints/{_STEP}.pt.json",
+    "tensorboard/events.out.tfevents.*",  # SummaryWriter's event files
+    "tensorboard/*/events.out.tfevents.*",  # add_hparams writes one folder per call
+    # train.trackers: MLflow's file store (experiment folders are numbered)
+    "mlruns/[0-9]*/meta.yaml",
+    f"mlruns/[0-9]*/{_MLFLOW_RUN}/**",
+    "mlruns/.trash/**",
+    # train.trackers: W&B's offline run
+    "wandb/offline-run-*/**",
+    "wandb/run-*/**",
+    "wandb/latest-run",
+    "wandb/debug.log",
+    "wandb/debug-internal.log",
+    "wandb/debug-cli.*.log",
 )
 KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
     "tokenizer": (
@@ -51,7 +65,7 @@ KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
         "eval.json",
         "reconstructions.png",
         "code_usage.png",
-        "samples/*",
+        f"samples/{_STEP}.png",  # the tokenizer's preview grids
     ),
     "pretrain": ("mim.safetensors", "backbone.safetensors", "backbone.json"),
     "finetune": (
@@ -66,7 +80,16 @@ KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
     ),
     "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
     "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
-    "demo": ("data/*", "cache/*", "report.md", "curve.png"),  # its stages are runs of their own
+    "demo": (  # its stages are runs of their own
+        "data/labels.csv",  # export_elpv: the labels and the images by class
+        "data/images/defective/*",
+        "data/images/functional/*",
+        "cache/images.npy",  # a cache from before markers (now a run of its own)
+        "cache/items.npy",
+        "cache/cache.json",
+        "report.md",
+        "curve.png",
+    ),
     "ablation": ("ablation.md",),  # its pre-training runs and its curve are runs of their own
     "run": (),  # a run of the Python API with no kind given
 }
@@ -86,6 +109,37 @@ _CLI = {
     "demo": "beitdomain demo",
     "ablation": "beitdomain ablation",
 }
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    """Whether the path `rel` matches `pattern` part by part (a last part `**`: one or more)."""
+    parts, pats = rel.split("/"), pattern.split("/")
+    if pats[-1] == "**":
+        pats = pats[:-1]
+        return len(parts) > len(pats) and all(map(fnmatch.fnmatchcase, parts, pats))
+    return len(parts) == len(pats) and all(map(fnmatch.fnmatchcase, parts, pats))
+
+
+def _tmp_target(rel: str) -> list[str]:
+    """The files an interrupted atomic write named `rel` was writing: `.<name>.tmp` or
+    mkstemp's `.<name>.<8 random>.tmp` beside `<name>` (empty when `rel` is no such file)."""
+    folder, _, name = rel.rpartition("/")
+    if not (name.startswith(".") and name.endswith(".tmp")) or len(name) <= len("..tmp"):
+        return []
+    stem = name[1 : -len(".tmp")]
+    targets = [stem]
+    base, dot, rand = stem.rpartition(".")
+    if dot and base and len(rand) == 8:
+        targets.append(base)
+    return [f"{folder}/{t}" if folder else t for t in targets]
+
+
+def is_run_output(rel: str, patterns: tuple[str, ...]) -> bool:
+    """Whether `rel` (a path inside a run folder) is a file a run writing `patterns` writes:
+    one of them, or the temporary file of an atomic write of one of them cut short (kill -9)."""
+    if any(_matches(rel, p) for p in patterns):
+        return True
+    return any(is_run_output(t, patterns) for t in _tmp_target(rel))
 
 
 def run_kind(path: str | Path) -> str | None:
@@ -142,7 +196,7 @@ def foreign_files(path: str | Path, kind: str | None = None) -> list[str]:
                 foreign += [f"{sub.relative_to(path).as_posix()}/{f}" for f in foreign_files(sub)]
         for name in filenames:
             rel = (here / name).relative_to(path).as_posix()
-            if rel not in recorded and not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+            if rel not in recorded and not is_run_output(rel, patterns):
                 foreign.append(rel)
     return sorted(foreign)
 
