@@ -31,6 +31,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from beitdomain.labels import LabelSubsetError, parse_labels_spec
 from beitdomain.user import UserError
 
 __all__ = [
@@ -474,12 +475,29 @@ def load_recipe(
         if value is not None:
             raw = _set_dotted(raw, key, value, source="command-line option")
     raw = _with_sets(raw, sets or [], "--set")
-    return _build(Recipe, raw, source=str(path) if path else "defaults", prefix="")
+    source = str(path) if path else "defaults"
+    return _check_label_specs(_build(Recipe, raw, source=source, prefix=""))
 
 
 def apply_sets(recipe: Recipe, sets: list[str], source: str = "--set") -> Recipe:
     """The recipe with `section.key=value` overrides applied, checked like `--set`."""
-    return _build(Recipe, _with_sets(recipe_to_dict(recipe), sets, source), source, prefix="")
+    built = _build(Recipe, _with_sets(recipe_to_dict(recipe), sets, source), source, prefix="")
+    return _check_label_specs(built)
+
+
+def _check_label_specs(recipe: Recipe) -> Recipe:
+    """`finetune.labels`, `curve.fractions` and `curve.fraction_seeds`' keys parsed now, so a
+    typo ('1pct') fails when the recipe loads instead of after a scan of the data."""
+    given = [("finetune.labels", recipe.finetune.labels)]
+    given += [("curve.fractions", f) for f in recipe.curve.fractions]
+    given += [("curve.fraction_seeds", f) for f in recipe.curve.fraction_seeds]
+    for key, value in given:
+        try:
+            parse_labels_spec(value)
+        except LabelSubsetError as e:
+            # the value may come from the file, an option or a --set: name the key, not a source
+            raise RecipeError(f"{key}: {e}") from None
+    return recipe
 
 
 def _with_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, Any]:

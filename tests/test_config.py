@@ -252,3 +252,18 @@ def test_random_numeric_values_load_or_name_the_key(tmp_path_factory, key, value
         assert key in str(e) or key.rsplit(".", 1)[-1] in str(e)
     else:
         assert r is not None
+
+
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (["finetune.labels=1pct"], "finetune.labels"),
+        (['curve.fractions=["1%", "5 pct"]'], "curve.fractions"),
+        (['curve.fraction_seeds={"ten%": [0]}'], "curve.fraction_seeds"),
+    ],
+)
+def test_a_label_amount_that_does_not_parse_fails_when_the_recipe_loads(sets, key):
+    # It used to pass the recipe and fail only once the data had been scanned.
+    with pytest.raises(RecipeError, match=key):
+        load_recipe(sets=sets)
+    assert load_recipe(sets=["finetune.labels=5/class"]).finetune.labels == "5/class"

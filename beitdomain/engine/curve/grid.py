@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from beitdomain.config import CurveConfig
-from beitdomain.data.splits import LabelSpec, parse_labels_spec
+from beitdomain.labels import LabelSpec, parse_labels_spec
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
