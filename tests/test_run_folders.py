@@ -459,3 +459,24 @@ def test_overwrite_keeps_user_files_in_the_folders_a_run_writes(data, tmp_path):
     assert res.exit_code == 2, res.output
     assert "nothing was deleted" in res.text and "samples/keep/thesis.txt" in res.text
     assert snapshot(out) == before
+
+
+def test_data_cache_refuses_a_folder_with_another_programs_cache_json(data, tmp_path):
+    from beitdomain.data.cache import CacheError, build_cache
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cache.json").write_text('{"version": 3}')
+    (site / "index.html").write_text("<html>")
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "cache.json").write_text('{"cache_version": 1, "entries": []}')
+    for folder in (site, only):
+        before = snapshot(folder)
+        with pytest.raises(CacheError, match=f"{folder / 'cache.json'} is not a cache record"):
+            build_cache(data["stripes"], folder, size=16)
+        assert snapshot(folder) == before
+    # a cache beitdomain wrote is still rebuilt in place
+    ours = tmp_path / "ours"
+    build_cache(data["stripes"], ours, size=16)
+    assert build_cache(data["stripes"], ours, size=16, force=True).reused is False

@@ -355,7 +355,19 @@ def _check_cache_folder(out_dir: Path) -> None:
         check_lock_file(out_dir)  # a linked lock would truncate its target
     except LockFileError as e:
         raise CacheError(str(e)) from None
-    ours = (out_dir / "cache.json").is_file() or (read_marker(out_dir) or {}).get("kind") == "cache"
+    meta = out_dir / "cache.json"
+    if meta.is_file() or meta.is_symlink():
+        # Another program's cache.json is not ours to replace: only the fields build_cache
+        # writes make it one of ours (a cache from before markers has no other sign).
+        if not _is_our_record(meta):
+            raise CacheError(
+                f"{meta} is not a cache record beitdomain wrote (no cache_version, settings, "
+                f"root, files and manifest_fingerprint), so the folder holds another program's "
+                f"files; nothing was written. Choose an empty or new folder with --out"
+            )
+        ours = True
+    else:
+        ours = (read_marker(out_dir) or {}).get("kind") == "cache"
     entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER))
     if entries and not ours:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
@@ -363,6 +375,25 @@ def _check_cache_folder(out_dir: Path) -> None:
             f"{out_dir} is not empty ({shown}) and is not a beitdomain cache; nothing was "
             f"written. Choose an empty or new folder with --out"
         )
+
+
+def _is_our_record(meta: Path) -> bool:
+    """Whether `meta` is a cache.json build_cache wrote (a regular file with its fields)."""
+    if meta.is_symlink():
+        return False
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("cache_version"), int)
+        and isinstance(info.get("settings"), dict)
+        and {"size", "dtype", "fit", "spec"} <= info["settings"].keys()
+        and isinstance(info.get("files"), list)
+        and isinstance(info.get("root"), str)
+        and "manifest_fingerprint" in info
+    )
 
 
 def _as_manifest(source: Any, on_error: str, workers: int, progress: bool) -> Manifest:
