@@ -171,3 +171,34 @@ def test_predict_skips_a_nan_tiff_and_writes_the_others(ft_run, data, tmp_path):
     assert res.exit_code == 0, res.output
     assert preds.read_text().count("nan.tif") == 1
     assert json.loads((ft_run / "results.json").read_text())["classes"]
+
+
+def test_tokenizer_encode_never_replaces_a_file_it_did_not_write(tmp_path):
+    # Two inputs named x.png wrote one x.npy (the first map lost), and a user's own x.npy in
+    # --out was replaced.
+    from PIL import Image
+
+    from beitdomain.engine.tokenizer import encode_files
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.user import UserError
+
+    torch.manual_seed(0)
+    tok = create_tokenizer("tiny", in_chans=1, input_size=32)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        inputs.append(tmp_path / folder / "x.png")
+        Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(inputs[-1])
+    out = tmp_path / "tm"
+    written = encode_files(tok, inputs, out)
+    assert [p.name for p in written] == ["a-x.npy", "b-x.npy"]
+    maps = [np.load(p) for p in written]
+    assert not np.array_equal(maps[0], maps[1])
+    encode_files(tok, inputs, out)  # its own files: a re-run replaces them
+    assert np.array_equal(np.load(written[0]), maps[0])
+    (tmp_path / "mine").mkdir()
+    np.save(tmp_path / "mine" / "x.npy", np.arange(3))
+    with pytest.raises(UserError, match="not written by 'tokenizer encode'"):
+        encode_files(tok, [inputs[0]], tmp_path / "mine")
+    assert np.array_equal(np.load(tmp_path / "mine" / "x.npy"), np.arange(3))

@@ -9,6 +9,7 @@ live ones (see `beitdomain.tokenizer.codebook`), and a collapse below 10% usage 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -26,7 +27,7 @@ from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import announce_cpu_time
 from beitdomain.engine.train.loop import Trainer
-from beitdomain.fileio import atomic_save
+from beitdomain.fileio import atomic_save, atomic_write_json
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
@@ -271,8 +272,59 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
+ENCODED_FILE = ".beitdomain-tokens.json"  # the token maps `tokenizer encode` wrote in a folder
+
+
+def _token_map_stems(paths: list[Path]) -> list[str]:
+    """`<name>` per input; inputs sharing a name get their folder in front (`a-x`, `b-x`) so
+    that no token map replaces another.
+
+    Raises:
+        UserError: if two inputs still share a name (same folder name and file name).
+    """
+    stems = [Path(p).stem for p in paths]
+    clash = {s for s in stems if stems.count(s) > 1}
+    stems = [f"{Path(p).parent.name}-{s}" if s in clash else s for p, s in zip(paths, stems)]
+    seen: dict[str, Path] = {}
+    for path, stem in zip(paths, stems):
+        if stem in seen:
+            raise UserError(
+                f"{seen[stem]} and {path} would both be written as {stem}.npy; encode them "
+                "into different --out folders"
+            )
+        seen[stem] = Path(path)
+    return stems
+
+
+def _check_encode_targets(out: Path, names: list[str]) -> set[str]:
+    """The names `tokenizer encode` wrote into `out` before (it may replace those); raises if
+    any other file would be replaced."""
+    record = out / ENCODED_FILE
+    ours: set[str] = set()
+    if record.is_file():
+        try:
+            ours = set(json.loads(record.read_text()))
+        except (ValueError, TypeError):
+            ours = set()
+    foreign = [n for n in names if (out / n).exists() and n not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise UserError(
+            f"{out}: {shown} already exist and were not written by 'tokenizer encode'; nothing "
+            "was written. Choose another --out folder, or move those files"
+        )
+    return ours
+
+
 def encode_files(model: DiscreteVAE, paths: list[Path], out: Path, png: bool = False) -> list[Path]:
-    """Token maps `[gh, gw]` for image files, saved as `<name>.npy` (one per frame)."""
+    """Token maps `[gh, gw]` for image files, saved as `<name>.npy` (one per frame).
+
+    Never replaces a file it did not write: inputs sharing a name get their folder's name in
+    front, and a file already in `out` is replaced only if an earlier encode wrote it (listed
+    in `out/.beitdomain-tokens.json`); anything else is refused before the first image is read.
+    """
     from matplotlib import colormaps
     from PIL import Image
 
@@ -282,23 +334,34 @@ def encode_files(model: DiscreteVAE, paths: list[Path], out: Path, png: bool = F
     cfg = model.config
     view = FinetuneTransform(train=False, image_size=cfg.input_size)
     spec = IntensitySpec(in_chans=cfg.in_chans)
+    stems = _token_map_stems(paths)
+    out = Path(out)
+    # Frames are known only once read: a volume's maps are <stem>-<k>; checked as written.
+    ours = _check_encode_targets(
+        out, [f"{s}{ext}" for s in stems for ext in ((".npy", ".png") if png else (".npy",))]
+    )
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if cfg.vocab_size <= 65536 else np.int32
     cmap = colormaps["nipy_spectral"]
     written = []
     model.eval()
-    for path in paths:
+    for path, base in zip(paths, stems):
         image, _ = load_image(path, spec)
         frames = image if image.ndim == 4 else image[None]
         x = torch.stack([torch.from_numpy(view(f)) for f in frames])
         tokens = model.encode(x).numpy().astype(dtype)  # [S, gh, gw]
         for k, t in enumerate(tokens):
-            stem = Path(path).stem + (f"-{k}" if len(tokens) > 1 else "")
-            target = out / f"{stem}.npy"
+            stem = base + (f"-{k}" if len(tokens) > 1 else "")
+            names = [f"{stem}.npy", *([f"{stem}.png"] if png else [])]
+            if len(tokens) > 1:
+                _check_encode_targets(out, [n for n in names if n not in ours])
+            ours.update(names)  # recorded before the write: a kill leaves no file unlisted
+            atomic_write_json(out / ENCODED_FILE, sorted(ours))
+            target = out / names[0]
             atomic_save(target, lambda f, t=t: np.save(f, t))
             written.append(target)
             if png:
                 rgb = (cmap(t / max(cfg.vocab_size - 1, 1))[..., :3] * 255).astype(np.uint8)
                 img = Image.fromarray(rgb).resize((t.shape[1] * 16, t.shape[0] * 16), Image.NEAREST)
-                atomic_save(out / f"{stem}.png", lambda f, img=img: img.save(f, format="PNG"))
+                atomic_save(out / names[1], lambda f, img=img: img.save(f, format="PNG"))
     return written
