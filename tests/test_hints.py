@@ -54,6 +54,9 @@ SHOWN_BY = {
     "engine/finetune.py": {"finetune", "curve"},
     "engine/predict.py": {"predict"},
     "engine/job.py": TRAIN,
+    "engine/tokenizer.py": {"tokenizer train", "tokenizer encode"},
+    # the run folder's lock: every command that writes a run folder or a cache
+    "fileio.py": {*TRAIN, "curve", "demo", "ablation", "data cache"},
     "engine/train/loop.py": TRAIN,  # curve and demo reword the interrupt (tested below)
     "engine/pretrain.py": {"pretrain", "ablation"},
     "engine/curve/run.py": {"curve", "ablation"},
