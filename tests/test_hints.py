@@ -65,6 +65,7 @@ SHOWN_BY = {
     "engine/run/guard.py": {*TRAIN, "curve"},
     "models/convert.py": WEIGHTS,
     "models/hub.py": {"pretrain", "finetune", "curve"},
+    "models/export.py": {"pretrain export"},
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
 }
 # (module, flag, command): messages the command cannot reach (or whose advice does not

@@ -4,6 +4,7 @@ preprocessing: random weights in each layout give beitdomain the same features o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,26 @@ def test_hf_export_loads_with_from_pretrained(tmp_path: Path, in_chans: int) -> 
         torch.testing.assert_close(
             ours.forward_features(x01), hf(pixel_values=pv).pooler_output, **TOL
         )
+
+
+@pytest.mark.parametrize("fmt", ["timm", "hf"])
+def test_an_export_never_replaces_a_config_json_it_did_not_write(tmp_path: Path, fmt: str) -> None:
+    # 'pretrain export --out app' replaced a web app's config.json.
+    from beitdomain.user import UserError
+
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+    export = export_timm if fmt == "timm" else export_hf
+    mim = _official_mim(1, tmp_path)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "config.json").write_text('{"name": "web app"}')
+    with pytest.raises(UserError, match="config.json already there"):
+        export(mim, app)
+    assert (app / "config.json").read_text() == '{"name": "web app"}'
+    assert sorted(p.name for p in app.iterdir()) == ["config.json"]
+    folder = export(mim, tmp_path / "ours")
+    export(mim, folder)  # its own export: replaced without a word
+    assert json.loads((folder / "config.json").read_text())[
+        "num_features" if fmt == "timm" else "hidden_size"
+    ]

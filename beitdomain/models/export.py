@@ -36,10 +36,41 @@ from beitdomain.models.convert import (
     _hf_name,
     pooled_backbone_state,
 )
+from beitdomain.user import UserError
 
 ExportFormat = Literal["timm", "hf"]
 TIMM_TEMPLATE = "beit_base_patch16_224"  # any registered BEiT: model_args set every dimension
 WEIGHTS = "model.safetensors"
+EXPORTED_FILE = ".beitdomain-export.json"  # the files an export wrote into its folder
+EXPORT_FILES: dict[str, tuple[str, ...]] = {
+    "timm": ("config.json", WEIGHTS),
+    "hf": ("config.json", WEIGHTS, "preprocessor_config.json"),
+}
+
+
+def _claim_export_folder(out: Path, fmt: ExportFormat) -> None:
+    """Creates `out` and records the files this export writes there, after checking that none
+    of them is a file an export did not write (a web app's config.json, say).
+
+    Raises:
+        UserError: such a file exists; nothing was written.
+    """
+    record = out / EXPORTED_FILE
+    ours: set[str] = set()
+    if record.is_file():
+        try:
+            ours = set(json.loads(record.read_text()))
+        except (ValueError, TypeError):
+            ours = set()
+    names = EXPORT_FILES[fmt]
+    foreign = [n for n in names if (out / n).exists() and n not in ours]
+    if foreign:
+        raise UserError(
+            f"{out}: {', '.join(foreign)} already there and not written by a beitdomain export; "
+            "nothing was written. Choose another --out folder (or an empty one)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(sorted(ours | set(names))) + "\n")
 
 
 def _pooled_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any, InputConvention]:
@@ -63,7 +94,7 @@ def export_timm(model: nn.Module, folder: str | Path) -> Path:
     """
     state, cfg, conv = _pooled_state(model)
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_export_folder(out, "timm")
     args = timm_model_args(cfg)
     pretrained_cfg = {
         "input_size": [conv.in_chans, conv.input_size, conv.input_size],
@@ -156,7 +187,7 @@ def export_hf(model: nn.Module, folder: str | Path) -> Path:
     if missing or unexpected:
         raise WeightsError(f"HF export incomplete: missing {missing}, unexpected {unexpected}")
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_export_folder(out, "hf")
     hf.save_pretrained(out)
     processor = transformers.BeitImageProcessor(
         do_resize=True,
