@@ -510,3 +510,12 @@ def test_off_a_terminal_the_curve_and_its_baselines_print_progress_lines(
     assert all("elapsed" in line and "ETA" in line for line in cells)
     fits = [line for line in lines if line.startswith("curve baselines: fits ")]
     assert fits and fits[-1].startswith("curve baselines: fits 8/8 (100%)")
+    # report.md states the schedule the cells ran (train.steps=4), not epochs and min_steps
+    arms = [
+        line
+        for line in (tmp_path / "c" / "report.md").read_text().splitlines()
+        if line.startswith(("- Arm `scratch`:", "- Arm `domain`:"))
+    ]
+    assert len(arms) == 2
+    assert all(", 4 steps," in a and a.endswith("the cells ran 4 steps") for a in arms)
+    assert not any("epochs" in a for a in arms)

@@ -64,6 +64,19 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def _with_steps_run(settings: dict[str, str], rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each arm's settings plus the optimizer steps its finished cells ran (from their results,
+    so the report never states a schedule the cells did not follow)."""
+    out = {}
+    for arm, how in settings.items():
+        steps = sorted({int(r["steps"]) for r in rows if r["init"] == arm and r.get("steps")})
+        if steps:
+            ran = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+            how = f"{how}; the cells ran {ran} steps"
+        out[arm] = how
+    return out
+
+
 def _splits_text(out: Path) -> str | None:
     """Images and groups per split, in words, from a finished cell (all cells share the split)."""
     for res_path in sorted((out / "cells").glob("*/results.json")):
@@ -145,7 +158,9 @@ def write_outputs(
             for k, v in inits.items()
         },
         "arm_settings": {
-            **(json.loads(arms.read_text()) if (arms := out / ARMS_FILE).is_file() else {}),
+            **_with_steps_run(
+                json.loads(arms.read_text()) if (arms := out / ARMS_FILE).is_file() else {}, rows
+            ),
             **(baseline_settings(inits) if base else {}),
         },
         "learning_rates": _lr_summary([r for r in rows if r["init"] in inits], c),

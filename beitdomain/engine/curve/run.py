@@ -128,10 +128,15 @@ def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> d
         ft = r.finetune
         decay = ft.optim.layer_decay
         lr = f"lr grid {list(ft.lr_grid)}" if ft.lr_grid else f"lr {ft.optim.lr or 'scaled'}"
+        tr = ft.train
+        schedule = (  # train.steps overrides epochs and min_steps
+            f"{tr.steps} steps"
+            if tr.steps
+            else f"{tr.epochs} epochs and at least {tr.min_steps} steps"
+        )
         out[name] = (
             f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection '{ft.selection}', "
-            f"{ft.train.epochs} epochs and at least {ft.train.min_steps} steps, batch "
-            f"{ft.train.batch_size}, head {ft.head_init}"
+            f"{schedule}, batch {tr.batch_size}, head {ft.head_init}"
         )
     return out
 
