@@ -38,6 +38,8 @@ def test_every_command_has_help(path):
     assert "Usage:" in result.output
     # help that teaches: more than a usage line
     assert len(result.output.strip().splitlines()) > 4
+    # rich reads ':A:' in 'range:A:B' as an emoji code: no help may turn text into emoji
+    assert not [ch for ch in result.output if 0x1F000 <= ord(ch) <= 0x1FAFF], result.output
 
 
 def test_help_paragraphs_wrap_to_the_terminal_and_keep_brackets():

@@ -47,7 +47,7 @@ FramesOpt = Annotated[
     typer.Option(
         "--frames",
         help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
-        "range:A:B (slices A to B-1).",
+        "range:START:STOP (slices START to STOP-1).",
     ),
 ]
 SliceAxisOpt = Annotated[
