@@ -269,3 +269,38 @@ def test_too_few_patients_fall_back_to_files_with_a_warning(tmp_path: Path, capl
         data = labeled_data(r, labels="100%", progress=False)
     assert "splitting by file, not by patient" in caplog.text
     assert len(data.files["test"]) == 2
+
+
+def test_a_label_budget_that_whole_groups_overshoot_is_said_not_hidden(tmp_path: Path, caplog):
+    # '--labels 10%' on 28 images in a few patients silently trained on 28.6% of them.
+    import logging
+
+    from helpers import FINETUNE_SETS, recipe
+    from PIL import Image
+
+    from beitdomain.data.labeled import labeled_data
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ["path,label,group"]
+    for g in range(8):  # 8 patients of 5 images, 4 per class
+        for k in range(5):
+            name = f"p{g}-{k}.png"
+            Image.fromarray(np.full((16, 16), 10 * g + k, np.uint8)).save(root / name)
+            rows.append(f"{name},{'a' if g % 2 else 'b'},P{g}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    r = recipe(
+        [*FINETUNE_SETS, "data.val_fraction=0.0", "data.test_fraction=0.25"],
+        **{"data.root": str(root), "data.labels": str(tmp_path / "labels.csv")},
+    )
+    with caplog.at_level(logging.WARNING, logger="beitdomain"):
+        ld = labeled_data(r, labels="10%", seed=0)
+    said = " ".join(rec.getMessage() for rec in caplog.records)
+    got = ld.subset["fraction"]
+    assert got > 0.15  # a whole patient is 5 of the 30 train images
+    assert f"asked 10%, got {100 * got:.1f}%" in said and "whole groups" in said
+    assert "the test split holds 10 images from only 2 groups" in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="beitdomain"):
+        labeled_data(r, labels="10%", seed=0, progress=False)  # the curve's quiet calls
+    assert not caplog.records

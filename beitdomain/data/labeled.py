@@ -28,6 +28,7 @@ from beitdomain.data.splits import (
     split_summary,
 )
 from beitdomain.data.transforms import FinetuneTransform, training_transform
+from beitdomain.labels import LabelSpec, parse_labels_spec
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,46 @@ def items_in_test_split(source: Any, recipe: Recipe) -> np.ndarray:
     else:
         test = set()
     return np.array([i for i, f in enumerate(file_of) if f in test], dtype=np.int64)
+
+
+MIN_SPLIT_GROUPS = 3  # fewer groups in a split: its score is one or two patients' score
+
+
+def _say_what_the_budget_got(spec: LabelSpec, subset: dict[str, Any]) -> None:
+    """Warns when whole groups made the label subset larger than asked (a label-efficiency
+    number must never overstate what a fraction bought), and when a split holds so few groups
+    that its score stands for one or two of them."""
+    splits = subset["splits"]
+    asked, got = spec.fraction, subset["fraction"]
+    if asked is not None and got > asked * 1.25 and got - asked > 0.005:
+        groups = splits["subset"]["groups"]
+        why = (
+            "whole groups are kept together"
+            if groups < subset["n_labels"]
+            else "every class keeps at least one image"
+        )
+        log.warning(
+            "labels: asked %s, got %.1f%% (%d of %d images, %d group%s): %s, so the subset is "
+            "larger than asked",
+            spec.text,
+            100 * got,
+            subset["n_labels"],
+            subset["n_train"],
+            groups,
+            "" if groups == 1 else "s",
+            why,
+        )
+    for name in ("train", "val", "test"):
+        row = splits.get(name) or {}
+        if 0 < row.get("groups", 0) < MIN_SPLIT_GROUPS and row.get("groups") != row.get("images"):
+            log.warning(
+                "the %s split holds %d images from only %d group%s: its scores stand for "
+                "that many patients (or wafers, slides), not for the images",
+                name,
+                row["images"],
+                row["groups"],
+                "" if row["groups"] == 1 else "s",
+            )
 
 
 def _item_group(source: Any, i: int) -> str | None:
@@ -197,6 +238,8 @@ def labeled_data(
     subset["splits"]["subset"] = split_summary(
         {"train": split["train"][chosen]}, fgroups, per_file
     )["train"]
+    if progress:
+        _say_what_the_budget_got(parse_labels_spec(spec), subset)
     # What selection may look at: by default only the subset's own labels (the budget).
     mode = selection or recipe.finetune.selection
     if mode not in FINETUNE_SELECTIONS:
