@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 # name -> module that defines it; one line per engine the CLI calls.
 _EXPORTS = {
-    "load_recipe": "beitdomain.config",
     "Recipe": "beitdomain.config",
     "IntensitySpec": "beitdomain.io",
     "load_image": "beitdomain.io",
@@ -39,10 +38,11 @@ _EXPORTS = {
     "probe_probs": "beitdomain.eval.representation",
 }
 
-__all__ = [*sorted(_EXPORTS), "embed"]
+__all__ = [*sorted(_EXPORTS), "configure_logging", "embed", "load_recipe"]
+_ENGINES = ("beitdomain.engine.", "beitdomain.data.")  # names whose work logs progress
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time names load lazily
-    from beitdomain.config import Recipe, load_recipe  # noqa: F401
+    from beitdomain.config import Recipe  # noqa: F401
     from beitdomain.engine.represent import FrozenBackbone, load_backbone  # noqa: F401
     from beitdomain.engine.represent_eval import evaluate_representation  # noqa: F401
 
@@ -51,9 +51,49 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'beitdomain.api' has no attribute {name!r}")
+    if module.startswith(_ENGINES):
+        configure_logging(only_if_unset=True)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function
     return value
+
+
+def configure_logging(quiet: bool = False, *, only_if_unset: bool = False) -> None:
+    """Progress and warnings on stderr as the CLI prints them (`quiet`: warnings only).
+
+    Called on first use of an engine when the script or notebook has set up no logging of its
+    own (no handler on the root or the `beitdomain` logger); call it with `quiet=True` to
+    silence progress, or configure `logging` yourself and it stays out of the way.
+    """
+    import logging
+    import sys
+
+    logger = logging.getLogger("beitdomain")
+    if only_if_unset and (logging.getLogger().handlers or logger.handlers):
+        return
+    for h in [h for h in logger.handlers if getattr(h, "_beitdomain_api", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    handler._beitdomain_api = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def load_recipe(
+    path: Any = None, options: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> Any:
+    """A recipe as the CLI builds it: the file (or shipped name), `options`, then
+    `$BEITDOMAIN_SET` and `sets` (so a script smoke-tests with the same variable as the CLI)."""
+    from beitdomain.config import ENV_SETS, apply_sets, env_sets
+    from beitdomain.config import load_recipe as _load
+
+    extra = env_sets()
+    if not extra:
+        return _load(path, options, sets)
+    return apply_sets(apply_sets(_load(path, options), extra, f"${ENV_SETS}"), sets or [])
 
 
 def __dir__() -> list[str]:

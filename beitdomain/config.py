@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -477,6 +478,14 @@ def load_recipe(
     raw = _with_sets(raw, sets or [], "--set")
     source = str(path) if path else "defaults"
     return _check_label_specs(_build(Recipe, raw, source=source, prefix=""))
+
+
+ENV_SETS = "BEITDOMAIN_SET"  # overrides for every command and API call, `;`-separated
+
+
+def env_sets() -> list[str]:
+    """The `section.key=value` overrides in $BEITDOMAIN_SET (`;`-separated)."""
+    return [s.strip() for s in os.environ.get(ENV_SETS, "").split(";") if s.strip()]
 
 
 def apply_sets(recipe: Recipe, sets: list[str], source: str = "--set") -> Recipe:

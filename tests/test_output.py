@@ -245,3 +245,29 @@ def test_readers_list_json():
     res = bd("--json", "readers", "list")
     names = {r["name"] for r in json.loads(res.stdout)}
     assert {"dicom", "tiff"} <= names
+
+
+def test_the_api_in_a_script_logs_like_the_cli_and_reads_beitdomain_set(tmp_path):
+    # A script calling api.* printed nothing (no handler) and ignored $BEITDOMAIN_SET.
+    data = write_separable_set(tmp_path / "d", per_class=3)
+    script = (
+        "from beitdomain import api\n"
+        f"api.scan({str(data)!r}, progress=True)\n"
+        "r = api.load_recipe(sets=['finetune.train.batch_size=4'])\n"
+        "print(r.finetune.labels, r.finetune.train.batch_size)\n"
+    )
+    env = cli_env(BEITDOMAIN_LOG_EVERY="0", BEITDOMAIN_SET="finetune.labels=5/class")
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["5/class", "4"]
+    assert "INFO" in res.stderr and "6/6" in res.stderr  # the scan's progress, as the CLI's
+    quiet = script.replace(
+        "from beitdomain import api\n",
+        "from beitdomain import api\napi.configure_logging(quiet=True)\n",
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", quiet], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0 and "INFO" not in res.stderr, res.stderr

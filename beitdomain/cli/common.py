@@ -114,7 +114,7 @@ def load(
     `BEITDOMAIN_SET` (overrides separated by `;`) applies to every command before its own
     --set, e.g. to smoke-test a pipeline script with a few steps per stage.
     """
-    from beitdomain.config import apply_sets, load_recipe
+    from beitdomain.config import ENV_SETS, apply_sets, env_sets, load_recipe
 
     opts = dict(options or {})
     seed = global_options(ctx).seed
@@ -125,16 +125,6 @@ def load(
         return load_recipe(recipe, opts, sets)
     r = apply_sets(load_recipe(recipe, opts), extra, source=f"${ENV_SETS}")
     return apply_sets(r, sets or [])
-
-
-ENV_SETS = "BEITDOMAIN_SET"
-
-
-def env_sets() -> list[str]:
-    """The `section.key=value` overrides in $BEITDOMAIN_SET (`;`-separated)."""
-    import os
-
-    return [s.strip() for s in os.environ.get(ENV_SETS, "").split(";") if s.strip()]
 
 
 def default_out(recipe: Any, command: str) -> Path:
