@@ -313,7 +313,7 @@ def test_lr_grid_seeds_first_across_worker_processes(setup, tmp_path):
 def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
     # '10%' and '0.1' are one label amount (as fractions and as fraction_seeds keys); a bad
     # amount anywhere in the list fails before the first cell trains.
-    from beitdomain.config import load_recipe
+    from beitdomain.config import RecipeError, load_recipe
     from beitdomain.data.splits import LabelSubsetError, parse_labels_spec
 
     c = load_recipe(
@@ -341,7 +341,11 @@ def test_grid_is_typed_and_parsed_before_any_cell(tmp_path, monkeypatch):
 
     ran = []
     monkeypatch.setattr(curve_engine, "finetune", lambda r, d, **kw: ran.append(d))
-    r = load_recipe(sets=["curve.fractions=['100%', 'abc']", "curve.inits={scratch: null}"])
+    # the recipe refuses it as it loads; a recipe changed in code after loading, at run_curve
+    with pytest.raises(RecipeError, match="'abc'"):
+        load_recipe(sets=["curve.fractions=['100%', 'abc']", "curve.inits={scratch: null}"])
+    r = load_recipe(sets=["curve.inits={scratch: null}"])
+    r.curve.fractions = ["100%", "abc"]
     with pytest.raises(LabelSubsetError, match="'abc'"):
         run_curve(r, tmp_path / "c", device="cpu", quiet=True)
     assert ran == [] and not (tmp_path / "c").exists()
