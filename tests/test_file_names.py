@@ -202,3 +202,22 @@ def test_tokenizer_encode_never_replaces_a_file_it_did_not_write(tmp_path):
     with pytest.raises(UserError, match="not written by 'tokenizer encode'"):
         encode_files(tok, [inputs[0]], tmp_path / "mine")
     assert np.array_equal(np.load(tmp_path / "mine" / "x.npy"), np.arange(3))
+
+
+def test_predict_never_writes_over_its_input_or_a_file_it_did_not_write(ft_run, data, tmp_path):
+    # 'predict RUN in.png --out in.png' replaced the image with a CSV.
+    img = tmp_path / "in.png"
+    img.write_bytes(sorted((data / "vertical").glob("*.png"))[0].read_bytes())
+    before = img.read_bytes()
+    res = cli("predict", str(ft_run), str(img), "-o", str(img))
+    assert res.exit_code != 0 and "one of the images to predict" in res.text
+    assert img.read_bytes() == before
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    res = cli("predict", str(ft_run), str(img), "-o", str(notes))
+    assert res.exit_code != 0 and "not a predictions CSV" in res.text
+    assert notes.read_text() == "my,own\n1,2\n"
+    preds = tmp_path / "p.csv"
+    for _ in range(2):  # its own predictions: a second run replaces them
+        assert cli("predict", str(ft_run), str(img), "-o", str(preds)).exit_code == 0
+    assert preds.read_text().startswith("path,frame,predicted,")

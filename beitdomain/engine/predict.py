@@ -81,6 +81,29 @@ def predict(
     return predict_files(run, inputs, out_csv, device, **options)[0]
 
 
+PREDICTIONS_HEADER = "path,frame,predicted,"  # how a predictions CSV starts
+
+
+def _check_predictions_target(out: Path, inputs: list[str]) -> None:
+    """Refuses an --out that is one of the inputs, or an existing file that is not a
+    predictions CSV (predict replaces only what it wrote), before the model loads."""
+    target = out.resolve()
+    for item in inputs:
+        if Path(item).is_file() and Path(item).resolve() == target:
+            raise UserError(f"--out {out} is one of the images to predict; nothing was written")
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                ours = f.read(len(PREDICTIONS_HEADER)).decode("utf-8", "replace")
+        except OSError:
+            ours = ""
+        if ours != PREDICTIONS_HEADER:
+            raise UserError(
+                f"--out {out} exists and is not a predictions CSV that predict wrote; nothing "
+                "was written. Choose another --out file"
+            )
+
+
 def predict_files(
     run: str | Path,
     inputs: list[str],
@@ -111,6 +134,7 @@ def predict_files(
         raise UserError(
             f"{run} is not a finished fine-tuning run (no {RESULTS_FILE} / {BEST_FILE})"
         )
+    _check_predictions_target(Path(out_csv), inputs)
     recipe = load_recipe(run / RECIPE_FILE)
     if nonfinite is not None:
         recipe = replace(recipe, data=replace(recipe.data, nonfinite=nonfinite))
