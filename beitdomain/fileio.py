@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -299,3 +299,16 @@ def _read_pid(fd: int) -> int | None:
         os.lseek(fd, 0, os.SEEK_SET)
         return int(os.read(fd, 32).decode().strip())
     return None
+
+
+def written_names(folder: Path, record: str, names: Iterable[str]) -> tuple[set[str], list[str]]:
+    """For an output folder that records what a command wrote in it (`folder/record`, a JSON
+    list of file names): the names recorded, and those of `names` that exist in `folder`
+    without being recorded (another program's files, which the command must not replace)."""
+    ours: set[str] = set()
+    if (folder / record).is_file():
+        try:
+            ours = {str(n) for n in json.loads((folder / record).read_text())}
+        except (ValueError, TypeError):  # damaged or foreign: nothing counts as written
+            ours = set()
+    return ours, [n for n in names if (folder / n).exists() and n not in ours]

@@ -9,7 +9,6 @@ live ones (see `beitdomain.tokenizer.codebook`), and a collapse below 10% usage 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -27,7 +26,7 @@ from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import announce_cpu_time
 from beitdomain.engine.train.loop import Trainer
-from beitdomain.fileio import atomic_save, atomic_write_json
+from beitdomain.fileio import atomic_save, atomic_write_json, written_names
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
@@ -299,14 +298,7 @@ def _token_map_stems(paths: list[Path]) -> list[str]:
 def _check_encode_targets(out: Path, names: list[str]) -> set[str]:
     """The names `tokenizer encode` wrote into `out` before (it may replace those); raises if
     any other file would be replaced."""
-    record = out / ENCODED_FILE
-    ours: set[str] = set()
-    if record.is_file():
-        try:
-            ours = set(json.loads(record.read_text()))
-        except (ValueError, TypeError):
-            ours = set()
-    foreign = [n for n in names if (out / n).exists() and n not in ours]
+    ours, foreign = written_names(out, ENCODED_FILE, names)
     if foreign:
         shown = ", ".join(foreign[:3]) + (
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""

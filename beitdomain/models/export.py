@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text, written_names
 from beitdomain.models.backbone import beit_kwargs
 from beitdomain.models.convention import InputConvention, convention_of
 from beitdomain.models.convert import (
@@ -55,22 +55,15 @@ def _claim_export_folder(out: Path, fmt: ExportFormat) -> None:
     Raises:
         UserError: such a file exists; nothing was written.
     """
-    record = out / EXPORTED_FILE
-    ours: set[str] = set()
-    if record.is_file():
-        try:
-            ours = set(json.loads(record.read_text()))
-        except (ValueError, TypeError):
-            ours = set()
     names = EXPORT_FILES[fmt]
-    foreign = [n for n in names if (out / n).exists() and n not in ours]
+    ours, foreign = written_names(out, EXPORTED_FILE, names)
     if foreign:
         raise UserError(
             f"{out}: {', '.join(foreign)} already there and not written by a beitdomain export; "
             "nothing was written. Choose another --out folder (or an empty one)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(sorted(ours | set(names))) + "\n")
+    atomic_write_text(out / EXPORTED_FILE, json.dumps(sorted(ours | set(names))) + "\n")
 
 
 def _pooled_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any, InputConvention]:
