@@ -254,7 +254,7 @@ def test_nested_runs_are_judged_by_their_own_marker(tmp_path):
 
 def test_files_a_user_adds_before_a_resume_are_not_recorded_as_the_runs(tmp_path):
     run = RunDir.open(tmp_path / "r", kind="finetune")
-    (run.path / "extra_output.bin").write_bytes(b"written by the run")
+    (run.path / "results.json").write_text("{}")  # written by the run
     run.close()
     time.sleep(0.01)
     user = run.path / "later.txt"
@@ -264,6 +264,36 @@ def test_files_a_user_adds_before_a_resume_are_not_recorded_as_the_runs(tmp_path
     run = RunDir.open(tmp_path / "r", kind="finetune", resume=True)
     run.close()
     assert foreign_files(tmp_path / "r") == ["later.txt"]
+
+
+def test_a_file_a_user_writes_during_the_run_is_not_the_runs(tmp_path):
+    # B3: the run's own files were every file modified after it started.
+    out = tmp_path / "r3"
+    run = RunDir.open(out, kind="tokenizer")
+    run.start("tokenizer train", None, "cpu")
+    (out / "tokenizer.json").write_text("{}")  # written by the run
+    (out / "NOTES.md").write_text("notes\n")  # by the user, while the run is going
+    (out / "samples").mkdir()
+    (out / "samples" / "mine.png").write_bytes(b"the user's")
+    run.finish()
+    files = json.loads((out / RUN_MARKER).read_text())["files"]
+    assert "tokenizer.json" in files and "manifest.json" in files
+    assert "NOTES.md" not in files and "samples/mine.png" not in files
+    assert foreign_files(out) == ["NOTES.md", "samples/mine.png"]
+    before = snapshot(out)
+    with pytest.raises(RunDirError, match="--overwrite refused.*NOTES.md") as e:
+        RunDir.open(out, kind="tokenizer", overwrite=True)
+    assert "nothing was deleted" in str(e.value)
+    assert snapshot(out) == before
+    # A marker that recorded the user's file (written before the rule) does not make it the run's
+    marker = json.loads((out / RUN_MARKER).read_text())
+    marker["files"] += ["NOTES.md", "samples/mine.png"]
+    (out / RUN_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(RunDirError, match="NOTES.md"):
+        RunDir.open(out, kind="tokenizer", overwrite=True)
+    assert (out / "NOTES.md").read_text() == "notes\n"
+    RunDir.open(out, kind="tokenizer", resume=True).close()  # the next run drops them
+    assert "NOTES.md" not in json.loads((out / RUN_MARKER).read_text())["files"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ from typing import Any
 
 from beitdomain.config import Recipe, dump_recipe
 from beitdomain.engine.run.guard import (
+    COMMON_OUTPUTS,
     KIND_OUTPUTS,
     RunDirError,
     RunLockedError,
     check_folder,
+    is_run_output,
     run_kind,
 )
 from beitdomain.engine.run.metrics_log import read_metrics
@@ -197,11 +199,16 @@ class RunDir:
         self._lock = None
 
     def _own_files(self) -> list[str]:
+        """The files this run (and the runs before it in this folder) wrote: those named like
+        what a run of its kind writes, recorded before or modified since it started. A file
+        modified during the run under any other name (a user's NOTES.md) is not the run's,
+        however recent, so --overwrite refuses the folder instead of deleting it."""
+        patterns = COMMON_OUTPUTS + KIND_OUTPUTS.get(self.kind, ())
         old = (read_marker(self.path) or {}).get("files", [])
         # 2 s of slack: file systems stamp mtimes with a coarse clock
         new = _files_since(self.path, self._since_ns - 2_000_000_000)
         return [
-            f for f in {*old, *new} if (self.path / f).exists() or os.path.lexists(self.path / f)
+            f for f in {*old, *new} if is_run_output(f, patterns) and os.path.lexists(self.path / f)
         ]
 
     # ---- manifest -------------------------------------------------------------------------

@@ -78,7 +78,16 @@ KIND_OUTPUTS: dict[str, tuple[str, ...]] = {
         "training_curves.png",
         "head_probe.json",
     ),
-    "curve": ("grid.json", "curve.csv", "summary.csv", "curve.png", "report.md"),
+    "curve": (
+        "grid.json",
+        "arms.json",  # curve.report.ARMS_FILE
+        "baselines.csv",  # curve.baselines.BASELINES_FILE
+        "baselines_labels_used.csv",
+        "curve.csv",
+        "summary.csv",
+        "curve.png",
+        "report.md",
+    ),
     "cache": ("images.npy", "items.npy", "cache.json", ".images.partial.npy"),
     "demo": (  # its stages are runs of their own
         "data/labels.csv",  # export_elpv: the labels and the images by class
@@ -174,14 +183,13 @@ def run_kind(path: str | Path) -> str | None:
 def foreign_files(path: str | Path, kind: str | None = None) -> list[str]:
     """Files in the run folder `path` that the run did not write (paths inside `path`).
 
-    A file is the run's own when its marker records it or it matches what a run of its kind
-    writes; a subfolder that is itself a run (a curve's cells, an lr grid's runs) is judged by
-    its own marker. Symbolic links are never followed.
+    A file is the run's own when it matches what a run of its kind writes; the files its marker
+    records count only where they match too (a marker written before this rule could record a
+    user's file written during the run). A subfolder that is itself a run (a curve's cells, an
+    lr grid's runs) is judged by its own marker. Symbolic links are never followed.
     """
     path = Path(path)
     kind = kind or run_kind(path) or "run"
-    marker = read_marker(path) or {}
-    recorded = set(marker.get("files", []))
     patterns = COMMON_OUTPUTS + KIND_OUTPUTS.get(kind, ())
     foreign: list[str] = []
     for dirpath, dirnames, filenames in os.walk(path):
@@ -196,7 +204,7 @@ def foreign_files(path: str | Path, kind: str | None = None) -> list[str]:
                 foreign += [f"{sub.relative_to(path).as_posix()}/{f}" for f in foreign_files(sub)]
         for name in filenames:
             rel = (here / name).relative_to(path).as_posix()
-            if rel not in recorded and not is_run_output(rel, patterns):
+            if not is_run_output(rel, patterns):
                 foreign.append(rel)
     return sorted(foreign)
 
