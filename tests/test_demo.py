@@ -92,3 +92,22 @@ def test_fp32_cpu_notice_only_where_the_cpu_recipe_runs_in_fp32(monkeypatch):
     assert demo.fp32_cpu_notice(r, "cpu") is not None  # asked for fp32
     r.name = "my-recipe"
     assert demo.fp32_cpu_notice(r, "cpu") is None  # times measured for elpv-cpu only
+
+
+def test_export_never_replaces_labels_it_did_not_write(tmp_path, monkeypatch):
+    pkg = fake_elpv(tmp_path)
+    monkeypatch.setattr(demo, "elpv_folder", lambda: pkg)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels.csv").write_text("path,label\nscan1.dcm,tumour\n")
+    with pytest.raises(demo.UserError, match=rf"{out / 'labels.csv'} is not the ELPV labels"):
+        demo.export_elpv(out)
+    assert (out / "labels.csv").read_text() == "path,label\nscan1.dcm,tumour\n"
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv"]  # no image copied either
+    # its own export, even one with another split, it rewrites
+    (out / "labels.csv").unlink()
+    demo.export_elpv(out)
+    mine = (out / "labels.csv").read_text()
+    (out / "labels.csv").write_text(mine.replace(",train", ",test"))
+    demo.export_elpv(out)
+    assert (out / "labels.csv").read_text() == mine

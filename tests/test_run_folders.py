@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -435,9 +436,38 @@ def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
     # a demo folder made before markers existed is still the demo's
     old = tmp_path / "old-demo"
     (old / "data").mkdir(parents=True)
-    (old / "data" / "labels.csv").write_text("path,label,split\n")
+    (old / "data" / "labels.csv").write_text(
+        "path,label,split\r\ndefective/cell0001.png,defective,train\r\n"
+        "functional/cell0012.png,functional,test\r\n"
+    )
     RunDir.open(old / "tokenizer", kind="tokenizer").close()
     assert run_kind(old) == "demo" and foreign_files(old) == []
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        "path,label\nscan1.dcm,tumour\n",
+        "path,label,split\n",  # no rows: nothing the demo exported
+        "path,label,split\ndefective/cell0001.png,functional,train\n",  # not its class
+        "path,label,split\ndefective/cell0001.png,defective,train\nscan1.dcm,tumour,test\n",
+    ],
+)
+def test_demo_refuses_a_project_folder_with_labels_it_did_not_write(data, tmp_path, labels):
+    # B4: data/labels.csv and one run subfolder made any folder an old demo, whose labels the
+    # demo then replaced with the ELPV export.
+    from beitdomain.engine.demo import run_demo
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "labels.csv").write_text(labels)
+    shutil.copytree(data["tok"], proj / "tokenizer")
+    assert run_kind(proj) is None
+    before = snapshot(proj)
+    with pytest.raises(RunDirError, match=rf"{proj} is not empty.*nothing was changed"):
+        run_demo(recipe([]), proj, device="cpu", quiet=True)
+    assert snapshot(proj) == before
+    assert (proj / "data" / "labels.csv").read_text() == labels
 
 
 def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -52,12 +53,25 @@ def elpv_folder() -> Path:
 
 
 def export_elpv(out: Path) -> Path:
-    """Copies the ELPV images into `out/images/<class>/` and writes `out/labels.csv`.
+    """Copies the ELPV images into `out/images/<class>/` and writes `out/labels.csv`. A
+    labels.csv already there is replaced only when the demo wrote it (an ELPV export).
 
     Returns:
         The images folder (the data root for every stage).
+
+    Raises:
+        UserError: `out/labels.csv` is not one the demo wrote; nothing was written.
     """
     from sklearn.model_selection import train_test_split
+
+    from beitdomain.engine.run.guard import DEMO_LABELS_HEADER, is_demo_labels
+
+    labels_csv = out / "labels.csv"
+    if os.path.lexists(labels_csv) and not is_demo_labels(labels_csv):
+        raise UserError(
+            f"{labels_csv} is not the ELPV labels the demo writes, so the demo will not replace "
+            f"it; nothing was written. Move it away, or give the demo a new folder with --out"
+        )
 
     src = elpv_folder()
     rows = []
@@ -74,7 +88,7 @@ def export_elpv(out: Path) -> Path:
     images = out / "images"
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label", "split"])
+    w.writerow(DEMO_LABELS_HEADER)
     for i, ((path, _, _), label) in enumerate(zip(rows, labels)):
         rel = Path(label) / Path(path).name
         target = images / rel
@@ -82,7 +96,7 @@ def export_elpv(out: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / path, target)
         w.writerow([rel.as_posix(), label, "train" if i in in_train else "test"])
-    atomic_write_text(out / "labels.csv", buf.getvalue())
+    atomic_write_text(labels_csv, buf.getvalue())
     return images
 
 

@@ -9,9 +9,11 @@ home folder and the recipe's inputs. `RunDir.open` asks `check_folder` before it
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 
 from beitdomain.config import Recipe
@@ -151,21 +153,49 @@ def is_run_output(rel: str, patterns: tuple[str, ...]) -> bool:
     return any(is_run_output(t, patterns) for t in _tmp_target(rel))
 
 
+# The labels.csv the demo's export_elpv writes: this header, then one row per ELPV cell image
+# under the folder of its class, with the class and the split.
+DEMO_LABELS_HEADER = ["path", "label", "split"]
+_DEMO_LABELS_ROW = re.compile(r"(defective|functional)/cell[0-9]{4}\.png")
+
+
+def is_demo_labels(path: str | Path) -> bool:
+    """Whether `path` is a labels.csv the demo wrote (its ELPV export), and not a user's."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            if next(rows, None) != DEMO_LABELS_HEADER:
+                return False
+            n = 0
+            for row in rows:
+                m = len(row) == 3 and _DEMO_LABELS_ROW.fullmatch(row[0])
+                if not m or row[1] != m.group(1) or row[2] not in ("train", "test"):
+                    return False
+                n += 1
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return n > 0
+
+
 def run_kind(path: str | Path) -> str | None:
     """The kind of beitdomain run in `path` (tokenizer, pretrain, ...), or None if it is none.
 
     A run is recognised by the marker only beitdomain writes; a run written before markers
     existed is recognised by its manifest.json (the command, versions and argv beitdomain
-    records there) beside its recipe.yaml, never by a file name alone.
+    records there) beside its recipe.yaml, and a demo's by the ELPV labels its export wrote,
+    never by a file name alone.
     """
     path = Path(path)
     marker = read_marker(path)
     if marker is not None:
         return str(marker.get("kind") or "run")
-    if (path / "data" / "labels.csv").is_file() and any(
+    if is_demo_labels(path / "data" / "labels.csv") and any(
         run_kind(path / stage) for stage in ("tokenizer", "pretrain", "curve")
     ):
-        return "demo"  # a demo folder from before markers: its stages are runs
+        return "demo"  # a demo folder from before markers: its ELPV export, its stages runs
     try:
         m = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
