@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,21 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 class RecipeError(UserError):
     """A recipe or override that cannot be used; the message says where and what would be valid."""
+
+
+# Seeds are mixed into generator seeds (seed * 1_000_003 + epoch) that torch and NumPy take
+# as 64-bit (NumPy's legacy seed: 32-bit) integers; a larger one fails mid-run, after the run
+# folder exists, with "Overflow when unpacking long long".
+SEED_MAX = 2**32 - 1
+# Any integer of a recipe ends up in a C integer somewhere (torch, NumPy, the OS).
+INT_MAX = 2**63 - 1
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)`, short for an integer too long to print (Python refuses > 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    return repr(value)
 
 
 def bounded(
@@ -126,7 +142,7 @@ class DataConfig:
     # labelled splits when the data has none: stratified, seeded
     val_fraction: float = bounded(0.1, ge=0, lt=1)
     test_fraction: float = bounded(0.2, ge=0, lt=1)
-    split_seed: int = bounded(0, ge=0)
+    split_seed: int = bounded(0, ge=0, le=SEED_MAX)
     # Pre-training and the tokenizer leave the test split's images out; true: use them too.
     transductive: bool = False
     # images of one group never sit in two splits; label subsets take whole groups
@@ -307,10 +323,10 @@ class CurveConfig:
     """The grid of fine-tunes behind a label-efficiency curve."""
 
     fractions: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "25%", "100%"])
-    seeds: list[int] = bounded(ge=0, default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = bounded(ge=0, le=SEED_MAX, default_factory=lambda: [0, 1, 2])
     # More seeds where labels are scarcest, e.g. {"1%": [0, 1, 2, 3, 4, 5]}: there the spread
     # between seeds is largest and each fine-tune is cheapest.
-    fraction_seeds: dict[str, list[int]] = bounded(ge=0, default_factory=dict)
+    fraction_seeds: dict[str, list[int]] = bounded(ge=0, le=SEED_MAX, default_factory=dict)
     inits: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
     # Per-initialization `--set` overrides, e.g. {domain: ["finetune.optim.lr=1e-4"]}: a
     # pre-trained backbone and a random one rarely want the same fine-tuning lr, and a fair
@@ -351,7 +367,7 @@ class Recipe:
     """A whole recipe; each command reads the sections it needs."""
 
     name: str | None = None
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -401,10 +417,13 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    except ValueError as e:  # a constructor's: an integer past Python's digit limit, a bad date
+        raise RecipeError(f"{path}: {_value_error(text, e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -412,6 +431,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
         )
     return data
+
+
+def _value_error(text: str, e: ValueError) -> str:
+    """What PyYAML's constructor refused, naming the line and key of an over-long integer."""
+    long = re.search(rf"\d{{{_LONG_DIGITS},}}", text)
+    if long is None:
+        return f"a value YAML cannot read: {e}"
+    lineno = text.count("\n", 0, long.start()) + 1
+    line = text.splitlines()[lineno - 1]
+    key = line[: line.find(":")].strip(" -") if ":" in line[: long.start()] else "?"
+    digits = len(long.group())
+    return (
+        f"line {lineno}: '{key}' holds an integer of {digits} digits; a recipe's integers "
+        f"must lie within +-{INT_MAX} (64 bits)"
+    )
+
+
+# Fewer digits than Python's int/str conversion limit (4300 by default) never fail.
+_LONG_DIGITS = 1000
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -530,6 +568,14 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except ValueError as e:  # an integer past Python's digit limit, a date like 2026-13-45
+        digits = sum(c.isdigit() for c in text)
+        if digits >= _LONG_DIGITS:
+            raise RecipeError(
+                f"--set {key}=<{digits} digits>: the value is too large: a recipe's "
+                f"integers must lie within +-{INT_MAX} (64 bits)"
+            ) from None
+        raise RecipeError(f"--set {item!r}: a value YAML cannot read: {e}") from None
     return key, value
 
 
@@ -602,7 +648,7 @@ def _check_range(f: dataclasses.Field, value: Any, source: str, key: str) -> Non
         return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
 
     valid = " and ".join(
-        f"{op} {bound:g}"
+        f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}"
         for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
         if bound is not None
     )
@@ -615,7 +661,7 @@ def _check_range(f: dataclasses.Field, value: Any, source: str, key: str) -> Non
         )
         if not ok:
             need = f"a finite number {valid}" if valid else "a finite number"
-            raise RecipeError(f"{source}: '{key}' = {value!r} is out of range: need {need}")
+            raise RecipeError(f"{source}: '{key}' = {_shown(value)} is out of range: need {need}")
     pair = isinstance(value, (list, tuple)) and len(value) == 2
     if f.metadata.get("ordered") and pair and value[0] > value[1]:
         raise RecipeError(
@@ -699,9 +745,14 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
 
     def bad(extra: str = "") -> RecipeError:
         return RecipeError(
-            f"{source}: '{key}' = {value!r} is not a valid {_type_name(hint)}{extra}"
+            f"{source}: '{key}' = {_shown(value)} is not a valid {_type_name(hint)}{extra}"
         )
 
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+        raise RecipeError(
+            f"{source}: '{key}' = {_shown(value)} is too large: a recipe's integers must lie "
+            f"within +-{INT_MAX} (64 bits)"
+        )
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
@@ -732,7 +783,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            return _coerce(hint, int(value), source, key)
         raise bad()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

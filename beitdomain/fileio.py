@@ -62,8 +62,14 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
         WriteError: when writing fails; the temporary file is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_dirs(path.parent, f"write {path}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only folder or file system, no permission, no inodes
+        raise WriteError(
+            e.errno,
+            f"could not write {path}: {e.strerror or e} in {path.parent} (nothing was written)",
+        ) from e
     try:
         # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 minus
         # the umask), so colleagues and services can read a shared run folder's weights.
@@ -84,6 +90,24 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def make_dirs(folder: str | Path, why: str = "") -> Path:
+    """`folder.mkdir(parents=True, exist_ok=True)`, failing with a `WriteError` naming it.
+
+    A read-only output (a mount, a folder without write permission) or a path through a file
+    then reads as one sentence ("could not create the folder x to write x/y: Permission
+    denied"), not a traceback. `why` says what the folder is for.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        to = f" to {why}" if why else ""
+        raise WriteError(
+            e.errno, f"could not create the folder {folder}{to}: {e.strerror or e}"
+        ) from e
+    return folder
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -249,7 +273,9 @@ class FolderLock:
             fd = os.open(path, flags, 0o666 & ~_umask())
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.EMLINK):
-                raise
+                raise WriteError(
+                    e.errno, f"could not create the lock {path}: {e.strerror or e}"
+                ) from e
             check_lock_file(self.folder)  # names the link
             raise LockFileError(f"{path} is a symbolic link; nothing was written") from e
         if not stat.S_ISREG(os.fstat(fd).st_mode):

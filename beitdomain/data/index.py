@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,31 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield p
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be an image without opening it, or None for a regular file.
+
+    Opening a named pipe blocks until something writes into it (a scan would hang forever),
+    and a device or socket is no image either; `os.stat` (links followed) tells without
+    opening. A folder (a DICOM series) and a missing file are left to the caller.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not an image file (it was not opened); remove it from the folder"
+
+
 def dicom_series_folders(paths: Sequence[str]) -> list[str]:
     """Collapses folders whose files are all DICOM into the folder (one series, one volume).
 
@@ -219,7 +245,9 @@ def dicom_series_folders(paths: Sequence[str]) -> list[str]:
     out: list[str] = []
     for folder, files in by_folder.items():
         try:
-            all_dicom = all(is_dicom(read_head(f, 256)) for f in files)
+            all_dicom = all(
+                not_a_regular_file(f) is None and is_dicom(read_head(f, 256)) for f in files
+            )
         except ReaderError:
             all_dicom = False
         out += [folder] if all_dicom and len(files) > 1 else files
@@ -245,6 +273,9 @@ def _probe(
     any training starts. With `salt`, a DICOM's info carries 'patient': an HMAC of its
     PatientID under the scan's salt (see `beitdomain.io.dicom.patient_digest`).
     """
+    special = not_a_regular_file(path)
+    if special is not None:
+        return path, None, special
     try:
         raw, meta = read_raw(path)
         if spec is not None:
@@ -342,6 +373,10 @@ def read_labels_csv(
             if split is not None and split not in VALID_SPLITS:
                 problems.append((where, f"split {split!r} is not one of {', '.join(VALID_SPLITS)}"))
                 continue
+            if "\0" in rel:  # no file name can hold one; resolve() would raise ValueError
+                shown = printable(rel).replace("\0", "\\0")
+                problems.append((where, f"the path '{shown}' holds a NUL character (\\0)"))
+                continue
             resolved = (root / rel).resolve()
             if not allow_outside_root and not resolved.is_relative_to(root_resolved):
                 problems.append(
@@ -358,6 +393,10 @@ def read_labels_csv(
                 problems.append((where, f"{rel!r} duplicates line {seen[resolved]}"))
                 continue
             seen[resolved] = lineno
+            special = not_a_regular_file(resolved)
+            if special is not None:
+                missing.append((rel, f"listed in {where} but {special}"))
+                continue
             if not (resolved.is_file() or (dicom_series and resolved.is_dir())):
                 why = f"listed in {where} but the file does not exist"
                 if not _is_utf8(rel):

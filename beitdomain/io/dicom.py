@@ -13,6 +13,8 @@ nothing written from ``meta`` can carry it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -37,12 +39,31 @@ def _pydicom():
     return pydicom
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silences pydicom's warnings and its log lines.
+
+    pydicom converts a value when it is first read (not when the file is read), and a value
+    that does not fit its VR (a PatientID stored as IS) is then printed in a warning *and* a
+    log line on the ``pydicom`` logger: a PHI leak on the console. Everything that touches a
+    dataset runs inside this.
+    """
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.disabled = True
+        try:
+            yield
+        finally:
+            logger.disabled = disabled
+
+
 def _dcmread(path: str | os.PathLike, **kwargs: Any) -> Any:
     """`pydicom.dcmread(path, force=True, **kwargs)` with pydicom's warnings silenced: a
     malformed file either reads or raises, and the caller words the error."""
     pydicom = _pydicom()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         return pydicom.dcmread(path, force=True, **kwargs)
 
 
@@ -144,6 +165,11 @@ def _safe_meta(ds: Any, path: str) -> dict[str, Any]:
 
 def read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
     """Decodes pixels of an already-read dataset into raw ``[S, C, H, W]`` plus meta."""
+    with _quiet():
+        return _read_dataset_pixels(ds, path)
+
+
+def _read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]]:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     cut = _truncated(ds, path)  # before decoding: the raw element still holds its length
@@ -254,7 +280,11 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict[str, 
     present, else by Instance Number. All slices must share rows and columns.
     """
     _pydicom()
-    folder = Path(folder)
+    with _quiet():
+        return _read_dicom_series(Path(folder))
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     slices = []
     for p in files:
@@ -316,13 +346,32 @@ def patient_digest(path: str | os.PathLike, salt: bytes) -> str | None:
             (p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), path
         )
     try:
-        ds = _dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        pid = str(ds.get("PatientID", "") or "").strip()
+        with _quiet():
+            ds = _dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+            pid = _raw_text(ds, 0x00100020)
     except Exception:
         return None
     if not pid:
         return None
-    return hmac.new(salt, pid.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return hmac.new(salt, pid, hashlib.sha256).hexdigest()
+
+
+def _raw_text(ds: Any, tag: int) -> bytes:
+    """An element's stored bytes, padding stripped, never converted through its VR.
+
+    Converting runs pydicom's validation, which prints a value that does not fit its VR (a
+    PatientID stored as IS or DS): the ID would reach the console. The bytes are the same
+    whichever VR the file declares, so one patient gets one digest.
+    """
+    if tag not in ds:
+        return b""
+    elem = ds.get_item(tag)
+    value = elem.value
+    if value is None:
+        return b""
+    if not isinstance(value, bytes):  # already converted (a dataset built in memory)
+        value = str(value).encode("utf-8", "surrogateescape")
+    return value.strip(b" \x00")
 
 
 class DicomReader(BaseReader):
