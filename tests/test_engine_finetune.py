@@ -44,12 +44,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ft_run(data, tmp_path_factory):
-    """A scratch fine-tune on horizontal-vs-vertical stripes, reading files directly (no cache)."""
+    """A scratch fine-tune on horizontal-vs-vertical stripes, reading files directly (no cache).
+    60 steps: a random backbone trains without layer decay and needs about 30 to separate them."""
     out = tmp_path_factory.mktemp("ftrun") / "run"
     # selection 'outside': the split's validation images pick the checkpoint (listed in
     # labels_used.csv), as before within-budget selection became the default
     r = recipe(
-        [*FINETUNE_SETS, "finetune.train.steps=20", "finetune.selection=outside"],
+        [*FINETUNE_SETS, "finetune.train.steps=60", "finetune.selection=outside"],
         **{"data.root": str(data)},
     )
     res = finetune(r, out, device="cpu", quiet=True)
@@ -111,7 +112,9 @@ def test_predict_reproduces_the_test_predictions(ft_run, data, tmp_path):
         g = got[str(data / e["path"])]
         assert g["predicted"] == e["predicted"]
         for c in ("p_horizontal", "p_vertical"):
-            assert float(g[c]) == pytest.approx(float(e[c]), abs=1e-5), (e["path"], c)
+            # bf16 autocast on this CPU, and predict's batches differ from the test split's:
+            # bf16 holds about 3 digits
+            assert float(g[c]) == pytest.approx(float(e[c]), abs=1e-3), (e["path"], c)
     # a folder works too, through the CLI
     res = runner.invoke(
         app, ["--device", "cpu", "predict", str(out), str(data), "--out", str(tmp_path / "d.csv")]
@@ -292,7 +295,7 @@ def test_lr_grid_keeps_the_learning_rate_validation_prefers(data, tmp_path):
     r = recipe(
         [
             *FINETUNE_SETS,
-            "finetune.train.steps=20",
+            "finetune.train.steps=60",
             "finetune.lr_grid=[0.0, 2.0e-3]",
             "finetune.selection=outside",
         ],

@@ -8,6 +8,7 @@ from beitdomain.config import Recipe
 from beitdomain.data.masking import build_mask_generator
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier
+from beitdomain.models.cnn import TimmClassifier, timm_arch
 from beitdomain.user import UserError
 
 
@@ -52,9 +53,21 @@ def mask_generator(recipe: Recipe, grid: tuple[int, int]) -> Any:
     return build_mask_generator(mk.kind, grid, mk.ratio, min_num_patches=mk.min_num_patches)
 
 
-def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier:
-    """The fine-tuning classifier: the recipe's backbone with `finetune`'s drop path and head."""
+def build_classifier(recipe: Recipe, num_classes: int) -> BeitClassifier | TimmClassifier:
+    """The fine-tuning classifier: the recipe's backbone with `finetune`'s drop path and head.
+
+    `finetune.init: timm:<arch>` builds that timm network from random weights instead (the
+    CNN a practitioner would train; `model` then only gives the channels).
+    """
     ft = recipe.finetune
+    arch = timm_arch(ft.init)
+    if arch is not None:
+        try:
+            return TimmClassifier(
+                arch, num_classes, in_chans=recipe.data.in_chans, drop_path=ft.drop_path or 0.0
+            )
+        except ValueError as e:
+            raise UserError(f"finetune.init {ft.init}: {e}") from None
     # Fine-tuning gives every block its own relative position table (BEiT's recipe); a shared
     # pre-trained table is copied into each by the weight loader.
     cfg = backbone_config(

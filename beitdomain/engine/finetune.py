@@ -39,12 +39,28 @@ from beitdomain.engine.job import (
 )
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
 from beitdomain.engine.train import distributed as D
-from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward_gflops
+from beitdomain.engine.train.estimate import (
+    announce_cpu_time,
+    backbone_forward_gflops,
+    model_forward_gflops,
+)
 from beitdomain.engine.train.loop import Trainer
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
-from beitdomain.models.classifier import BeitClassifier, freeze_backbone, layer_decay_param_groups
+from beitdomain.models.classifier import (
+    BeitClassifier,
+    freeze_backbone,
+    layer_decay_param_groups,
+    param_groups_weight_decay,
+)
+from beitdomain.models.cnn import (
+    TIMM_PREFIX,
+    TimmClassifier,
+    check_timm_arch,
+    freeze_timm_backbone,
+    timm_arch,
+)
 from beitdomain.models.convert import load_backbone_weights
 from beitdomain.models.hub import HF_PREFIX
 from beitdomain.models.hub import resolve_init as resolve_hub_init
@@ -59,9 +75,16 @@ SCRATCH = ("scratch", "none", "random")
 
 
 def resolve_init(init: str | None) -> str | None:
-    """`scratch` -> None; a pre-training run folder -> its exported backbone; else the path."""
+    """`scratch` -> None; a pre-training run folder -> its exported backbone; `timm:<arch>`
+    stays as it is (that timm network from random weights); else the path."""
     if init is None or init.lower() in SCRATCH:
         return None
+    arch = timm_arch(init)
+    if arch is not None:
+        try:
+            return TIMM_PREFIX + check_timm_arch(arch)
+        except ValueError as e:
+            raise UserError(f"--init {init}: {e}") from None
     p = Path(init)
     if p.is_dir() and is_finished(p, "pretrain"):
         return str(p / BACKBONE_FILE)
@@ -193,13 +216,18 @@ def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
     return loss
 
 
-def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier, Any]:
+def is_pretrained(init: str | None) -> bool:
+    """Whether a resolved init loads weights (not scratch, not a timm network from random)."""
+    return init is not None and timm_arch(init) is None
+
+
+def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier | TimmClassifier, Any]:
     """The classifier, its backbone loaded from `finetune.init`, its head from a probe if asked."""
     recipe, ft = job.recipe, job.recipe.finetune
     init = resolve_init(ft.init)
-    model = build_classifier(recipe, len(data.classes))
+    model = build_classifier(replace(recipe, finetune=replace(ft, init=init)), len(data.classes))
     report = None
-    if init is not None:
+    if init is not None and is_pretrained(init):
         report = load_backbone_weights(
             model,
             init,
@@ -210,7 +238,10 @@ def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier, Any]:
         )
         job.say("%s", report)
     if ft.linear_probe:
-        freeze_backbone(model)
+        if isinstance(model, TimmClassifier):
+            freeze_timm_backbone(model)
+        else:
+            freeze_backbone(model)
     model.to(job.device)
     if ft.head_init == "probe":  # (a resumed run then loads its checkpoint over this head)
         plain = copy.copy(data.train)  # the training labels without augmentation
@@ -252,12 +283,12 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         weights = (1.0 / np.maximum(counts[labels], 1)).tolist()
     plan = job.plan(data.train, weights=weights)
     if not job.quiet:  # a curve's cells run quietly; one warning per cell would drown the log
-        announce_cpu_time(
-            job,
-            plan.total_steps,
-            plan.global_batch,
-            backbone_forward_gflops(backbone_config(recipe)),
+        gflops = (
+            model_forward_gflops(model, recipe.data.in_chans, recipe.data.image_size)
+            if isinstance(model, TimmClassifier)
+            else backbone_forward_gflops(backbone_config(recipe))
         )
+        announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
     eval_batch = max(plan.loader.batch_sampler.batch_size, 32)
     every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
     hook = EvalHook(
@@ -271,10 +302,16 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         job.device,
         eval_batch,
     )
-    layer_decay = ft.optim.layer_decay  # a curve's scratch arm has none (engine/curve/run.py)
-    groups = layer_decay_param_groups(
-        model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
-    )
+    # Layer decay keeps pre-trained lower layers close to what they learned; a random backbone
+    # has nothing to keep (at depth 12 and 0.65 its patch embedding would train at 0.4% of the
+    # head's lr), so it trains every layer at the full lr, as unilm's and DeiT's scratch runs do.
+    layer_decay = ft.optim.layer_decay if is_pretrained(resolve_init(ft.init)) else None
+    if isinstance(model, TimmClassifier):
+        groups = param_groups_weight_decay(model, ft.optim.weight_decay)
+    else:
+        groups = layer_decay_param_groups(
+            model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
+        )
     trainer = job.trainer(model, plan, groups, _loss_fn(recipe, data, job.device), hooks=[hook])
     state = job.fit(trainer)
 

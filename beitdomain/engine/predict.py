@@ -24,6 +24,7 @@ from beitdomain.engine.build import build_classifier
 from beitdomain.engine.job import BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
 from beitdomain.engine.train import distributed as D
 from beitdomain.fileio import atomic_write_text
+from beitdomain.models.cnn import timm_arch
 from beitdomain.models.probe import eval_outputs
 from beitdomain.user import UserError
 
@@ -140,8 +141,10 @@ def predict_files(
         recipe = replace(recipe, data=replace(recipe.data, nonfinite=nonfinite))
     classes = json.loads((run / RESULTS_FILE).read_text())["classes"]
     dev = D.resolve_device(device)
+    init = recipe.finetune.init  # the weights come from the run; a timm:<arch> init names the net
+    arch_only = init if init is not None and timm_arch(init) is not None else None
     model = build_classifier(
-        replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
+        replace(recipe, finetune=replace(recipe.finetune, init=arch_only)), len(classes)
     )
     load_weights(model, run / BEST_FILE)
     model.to(dev).eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from beitdomain.eval.report import (
     summarize,
     verdict,
 )
+from beitdomain.models.cnn import timm_arch
 from beitdomain.models.convert import load_backbone_weights
 from beitdomain.user import UserError
 
@@ -63,8 +65,9 @@ def baseline_settings(inits: Mapping[str, str | None]) -> dict[str, str]:
 
 def without_pretraining(inits: Mapping[str, str | None]) -> list[str]:
     """The arms that had no pre-training: randomly initialised backbones (fine-tuned and
-    probed) and the pixel baselines. Anything loaded from weights counts as pre-trained."""
-    random = [name for name, path in inits.items() if path is None]
+    probed), timm networks from random weights (`timm:<arch>`) and the pixel baselines.
+    Anything loaded from weights counts as pre-trained."""
+    random = [name for name, path in inits.items() if path is None or timm_arch(path)]
     return [*random, PIXELS, PCA, *(probe_name(n) for n in random)]
 
 
@@ -119,8 +122,9 @@ def baseline_rows(
     ]
     for name, path in inits.items():
         torch.manual_seed(recipe.seed)  # a random backbone is the one seed 'seed' draws
-        model = build_classifier(recipe, len(classes)).eval()
-        if path is not None:
+        arm = replace(recipe, finetune=replace(recipe.finetune, init=path))
+        model = build_classifier(arm, len(classes)).eval()  # timm:<arch> builds that network
+        if path is not None and timm_arch(path) is None:
             load_backbone_weights(
                 model, path, in_chans=recipe.data.in_chans, trust_pickle=trust_pickle
             )

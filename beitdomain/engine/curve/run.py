@@ -26,7 +26,7 @@ from beitdomain.config import Recipe, apply_sets
 from beitdomain.engine.curve.baselines import BASELINES_FILE, baseline_rows
 from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
 from beitdomain.engine.curve.report import ARMS_FILE, collect_rows, write_outputs
-from beitdomain.engine.finetune import finetune, resolve_init
+from beitdomain.engine.finetune import finetune, is_pretrained, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.run.folder import RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
@@ -156,11 +156,9 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
     out = {}
     for name, path in inits.items():
         r = recipe
-        if path is None:
-            # Layer decay keeps pre-trained features near where pre-training left them (BEiT); a
-            # random backbone has nothing to keep (with 0.65 over depth 12 its patch embedding
-            # would train at 0.004x the head's lr). So a scratch arm trains every layer at the
-            # full lr, unless its curve.init_sets ask for decay.
+        if not is_pretrained(path):
+            # A random backbone trains without layer decay (finetune does the same on its own;
+            # said here so arms.json and report.md show it).
             r = replace(
                 r, finetune=replace(r.finetune, optim=replace(r.finetune.optim, layer_decay=None))
             )

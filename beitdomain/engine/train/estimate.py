@@ -55,6 +55,20 @@ def vit_forward_gflops(
     return 2 * (depth * macs_block + patch_macs) / 1e9
 
 
+def model_forward_gflops(model: torch.nn.Module, in_chans: int, image_size: int) -> float:
+    """Forward GFLOP per image of any module, counted by torch on one image (eval mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    param = next(model.parameters())
+    x = torch.zeros(1, in_chans, image_size, image_size, device=param.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was)
+    return counter.get_total_flops() / 1e9
+
+
 def backbone_forward_gflops(cfg: Any) -> float:
     """`vit_forward_gflops` of a `BackboneConfig`."""
     return vit_forward_gflops(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
