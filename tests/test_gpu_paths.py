@@ -102,3 +102,28 @@ def test_no_sync_reaches_ddp_under_torch_compile() -> None:
     assert ddp.require_backward_grad_sync is True
     with D.maybe_no_sync(compiled, skip_sync=False):
         assert ddp.require_backward_grad_sync is True
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": torch.zeros(2)}
+
+
+def test_a_short_epoch_on_a_gpu_gets_loader_workers(monkeypatch) -> None:
+    """elpv-gpu on two GPUs: 4 batches per rank per epoch still load in worker processes."""
+    from beitdomain.engine.train.plan import build_loader
+
+    monkeypatch.setattr(D, "usable_cores", lambda: list(range(16)))
+    gpu = torch.device("cuda")  # only named: the loader is built, never iterated
+    short = build_loader(_Items(4 * 256), 256, seed=0, device=gpu)
+    assert len(short.batch_sampler) == 4
+    assert short.num_workers == D.default_num_workers(gpu) == 8
+    assert short.persistent_workers  # started once for the run, not every epoch
+    # An explicit data.num_workers (the tiny test recipes' 0) is still obeyed.
+    assert build_loader(_Items(8), 4, seed=0, num_workers=0, device=gpu).num_workers == 0

@@ -22,8 +22,6 @@ from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.schedule import steps_for
 from beitdomain.models.kernels import select_kernels
 
-MIN_BATCHES_FOR_WORKERS = 8  # shorter epochs load in the main process (see build_loader)
-
 
 def build_loader(
     dataset: Any,
@@ -40,7 +38,11 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over a `ResumableBatchSampler` (what `Trainer` needs).
 
-    `num_workers=None` picks `default_num_workers(device)` for a trainer on `device`.
+    `num_workers=None` picks `default_num_workers(device)` for a trainer on `device`: what the
+    machine has to spare, whatever the epoch's length. A short epoch (elpv-gpu on two GPUs has
+    4 batches per rank) is no reason to load in the main process: the workers persist for the
+    run, so they start once, and each 256-image batch loaded in the trainer's process is time
+    the GPU idles.
 
     The loader gets its own torch.Generator so creating an iterator mid-epoch (on resume) does
     not consume the global RNG, which the model's dropout and drop-path draw from.
@@ -57,11 +59,6 @@ def build_loader(
         weights=weights,
     )
     workers = D.default_num_workers(device) if num_workers is None else num_workers
-    if num_workers is None and len(sampler) < MIN_BATCHES_FOR_WORKERS:
-        # An epoch of one or two batches (e.g. 18 labels at 1%) waits on the workers at every
-        # epoch's start: loading a few batches in the main process costs less. The batches are
-        # the same either way (augmentation is a function of seed, epoch and index).
-        workers = 0
     return DataLoader(
         dataset,
         batch_sampler=sampler,
