@@ -115,6 +115,7 @@ class _Items(torch.utils.data.Dataset):
         return {"x": torch.zeros(2)}
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 16 cores, as patched
 def test_a_short_epoch_on_a_gpu_gets_loader_workers(monkeypatch) -> None:
     """elpv-gpu on two GPUs: 4 batches per rank per epoch still load in worker processes."""
     from beitdomain.engine.train.plan import build_loader
@@ -127,3 +128,62 @@ def test_a_short_epoch_on_a_gpu_gets_loader_workers(monkeypatch) -> None:
     assert short.persistent_workers  # started once for the run, not every epoch
     # An explicit data.num_workers (the tiny test recipes' 0) is still obeyed.
     assert build_loader(_Items(8), 4, seed=0, num_workers=0, device=gpu).num_workers == 0
+
+
+def _job(tmp_path, rank: int, world_size: int = 2):
+    """A tokenizer `Job` as rank `rank` of `world_size` would hold it (no process group)."""
+    from beitdomain.engine.job import Job
+    from beitdomain.engine.run.folder import RunDir
+    from beitdomain.rank import DistInfo
+
+    info = DistInfo(rank=rank, world_size=world_size)
+    run = RunDir.open(tmp_path / f"rank{rank}", resume=True)
+    r = recipe(TOKENIZER_SETS, seed=5)
+    return Job("tokenizer", r, torch.device("cpu"), info, run, resume=False, quiet=True)
+
+
+def _trainer_of(job):
+    from beitdomain.engine.train.plan import RunPlan, build_loader
+
+    torch.manual_seed(job.recipe.seed)  # as Job.open seeds every rank
+    model = nn.Linear(2, 1)
+    loader = build_loader(_Items(8), 2, seed=job.recipe.seed, num_workers=0)
+    plan = RunPlan(loader, total_steps=2, global_batch=4)
+    trainer = job.trainer(model, plan, model.parameters(), lambda m, b: (m(b["x"]).sum(), {}))
+    return model, trainer
+
+
+def test_each_rank_draws_its_own_noise_and_rank_0_keeps_its_stream(tmp_path) -> None:
+    models, draws = [], []
+    for rank in (0, 1):
+        model, trainer = _trainer_of(_job(tmp_path, rank))
+        models.append(model.state_dict())
+        draws.append(torch.rand(4))  # what drop path and the Gumbel noise draw next
+        assert trainer.loader.batch_sampler.seed == 5  # the data order: the recipe's seed
+    # Every rank built the same model; after that their streams differ.
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert not torch.equal(draws[0], draws[1])
+    # Rank 0 (and a single process) goes on with the stream it was seeded with.
+    torch.manual_seed(5)
+    nn.Linear(2, 1)
+    assert torch.equal(draws[0], torch.rand(4))
+    assert D.rank_seed(5, 0) == 5
+    assert len({D.rank_seed(5, r) for r in range(8)} | {D.rank_seed(6, 1)}) == 9
+
+
+def test_a_cuda_job_turns_on_tf32_unless_fp32_is_asked_for(monkeypatch, tmp_path) -> None:
+    from beitdomain.engine.job import Job
+    from beitdomain.rank import DistInfo
+
+    cuda = torch.device("cuda")  # only named: nothing runs on it
+    monkeypatch.setattr(D, "resolve_device", lambda name="auto": cuda)
+    monkeypatch.setattr(D, "init_distributed", lambda device: DistInfo())
+    for precision, want in [("fp32", False), ("auto", True)]:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        r = recipe(TOKENIZER_SETS, **{"tokenizer.train.precision": precision})
+        job = Job.open("tokenizer", r, tmp_path / precision)
+        assert job.device == cuda
+        assert torch.backends.cuda.matmul.allow_tf32 is want
+        assert torch.backends.cudnn.allow_tf32 is want
+    assert not D.use_tf32(torch.device("cpu"), "auto")

@@ -114,7 +114,9 @@ class Job:
             is_main=info.is_main,
             recipe=recipe,
         )
-        D.seed_everything(recipe.seed, getattr(recipe, kind).train.deterministic)
+        train = getattr(recipe, kind).train
+        D.seed_everything(recipe.seed, train.deterministic)  # the same on every rank, see trainer
+        D.use_tf32(dev, train.precision)
         return cls(kind, recipe, dev, info, run, resume, quiet, trust_pickle)
 
     @property
@@ -187,8 +189,11 @@ class Job:
         opt, train = self.optim_config, self.train_config
         optimizer = build_adamw(param_groups, opt, self.device)
         self.peak_lr = peak_lr(opt, plan.global_batch)
+        trained = prepare_for_training(wrap(model) if wrap else model, train, self.device)
+        # Built and DDP-wrapped alike on every rank; from here each rank draws its own noise.
+        D.seed_this_rank(self.recipe.seed, self.dist)
         return Trainer(
-            model=prepare_for_training(wrap(model) if wrap else model, train, self.device),
+            model=trained,
             optimizer=optimizer,
             loader=plan.loader,
             step_fn=step_fn,

@@ -91,6 +91,48 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s own random stream: `seed` itself on rank 0 (so a single
+    process seeds exactly as it always did), a value drawn from `(seed, rank)` elsewhere."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_this_rank(seed: int, info: DistInfo) -> None:
+    """Gives every rank but rank 0 its own random stream (`rank_seed`).
+
+    Called once the model is built and DDP-wrapped: up to there every rank draws the same
+    numbers (the same initial weights), from there on drop path, dropout and the tokenizer's
+    Gumbel noise differ between ranks, as they would on one GPU over the global batch instead
+    of repeating one rank's draws on every other. Rank 0 keeps its stream untouched. The data
+    order is not drawn from these streams: the sampler and the augmentations have their own
+    generators, seeded by the recipe's seed alone.
+    """
+    if info.rank == 0:
+        return
+    s = rank_seed(seed, info.rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def use_tf32(device: torch.device, precision: str) -> bool:
+    """Lets the fp32 matmuls and convolutions on a CUDA device run on TF32 tensor cores.
+
+    Under bf16 autocast some matmuls stay fp32 (the tokenizer's codebook product, the dead-code
+    split), and on a GPU without bf16 all of them do; TF32 runs them on the tensor cores
+    (A100/H100: several times the fp32 rate) with a 10-bit mantissa, more than the bf16 the
+    rest of the step already uses. `train.precision=fp32` asks for IEEE fp32 and keeps it.
+    Returns whether TF32 was turned on.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles).
 
