@@ -92,3 +92,13 @@ def test_timm_inits_are_arms_without_pretraining():
 def test_an_unknown_architecture_is_refused_with_close_names():
     with pytest.raises(UserError, match="resnet18"):
         resolve_init("timm:resnet_18")
+
+
+def test_a_bare_timm_init_on_the_curve_is_named_by_its_architecture():
+    from beitdomain.cli.curve import parse_inits
+
+    assert parse_inits(["timm:resnet18", "scratch", "cnn=timm:resnet10t"]) == {
+        "resnet18": "timm:resnet18",
+        "scratch": None,
+        "cnn": "timm:resnet10t",
+    }

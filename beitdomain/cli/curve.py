@@ -15,13 +15,15 @@ app = typer.Typer()
 
 
 def parse_inits(values: list[str]) -> dict[str, str | None]:
-    """`name=path` or `scratch` -> {name: path or None}."""
+    """`name=path`, `scratch` or `timm:<arch>` -> {name: path or None}."""
     out: dict[str, str | None] = {}
     for v in values:
         if "=" in v:
             name, path = v.split("=", 1)
         elif v.lower() == "scratch":
             name, path = "scratch", None
+        elif v.lower().startswith("timm:"):  # a timm network from random weights, named by arch
+            name, path = v[len("timm:") :], v
         else:
             name, path = Path(v).name or v, v
         if not name:
@@ -51,8 +53,9 @@ def curve(
     init: Annotated[
         list[str] | None,
         typer.Option(
-            help="Repeatable: NAME=PATH (a pretrain run or checkpoint) or 'scratch'. "
-            "E.g. --init domain=runs/pre --init scratch --init imagenet=beit.pth"
+            help="Repeatable: NAME=PATH (a pretrain run or checkpoint), 'scratch', or "
+            "timm:ARCH (that timm network from random weights, e.g. a CNN). E.g. --init "
+            "domain=runs/pre --init scratch --init cnn=timm:resnet18 --init imagenet=beit.pth"
         ),
     ] = None,
     init_set: Annotated[

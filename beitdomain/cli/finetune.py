@@ -23,7 +23,8 @@ def finetune(
         str | None,
         typer.Option(
             help="Backbone: a pretrain run folder, an exported/official BEiT checkpoint "
-            "(.safetensors/.pth/HF folder) or 'scratch'."
+            "(.safetensors/.pth/HF folder), 'scratch', or timm:ARCH (any timm network from "
+            "random weights, e.g. timm:resnet18, the CNN to compare against)."
         ),
     ] = None,
     recipe: opt.RecipeOpt = None,
@@ -59,6 +60,8 @@ def finetune(
         beitdomain finetune --data /data/cells --init runs/pre --labels 1% --out runs/ft-1
 
         beitdomain finetune -r elpv-cpu --init scratch --labels 5/class
+
+        beitdomain finetune -r elpv-cpu --init timm:resnet18 --labels 10%
 
         beitdomain finetune --data /data/xr --labels-csv labels.csv --init beit.pth --linear-probe
     """
