@@ -187,3 +187,68 @@ def test_a_cuda_job_turns_on_tf32_unless_fp32_is_asked_for(monkeypatch, tmp_path
         assert torch.backends.cuda.matmul.allow_tf32 is want
         assert torch.backends.cudnn.allow_tf32 is want
     assert not D.use_tf32(torch.device("cpu"), "auto")
+
+
+def test_every_rank_embeds_its_share_of_the_knn_check(monkeypatch, tmp_path) -> None:
+    """Two ranks played in turn: each embeds half the images, and both score what one
+    process scores alone, so no rank waits in a collective while rank 0 embeds everything."""
+    from helpers import FINETUNE_SETS, write_separable_set
+
+    from beitdomain.data.labeled import labeled_data
+    from beitdomain.engine.represent import FrozenBackbone
+    from beitdomain.engine.represent_eval import KnnMonitor
+    from beitdomain.models.backbone import create_backbone, get_preset
+    from beitdomain.rank import DistInfo
+
+    data = write_separable_set(tmp_path / "data", per_class=6)
+    r = recipe(FINETUNE_SETS, **{"data.root": str(data)})
+    ld = labeled_data(r, progress=False)
+    test = ld.val or ld.test
+    torch.manual_seed(0)
+    bb = create_backbone(get_preset("tiny", in_chans=1), final_norm="tokens")
+    mon = KnnMonitor(lambda m: m, ld.train, test, ld.classes, 64, k=3)
+    alone = mon.measure(bb, torch.device("cpu"))
+
+    embedded: list[int] = []
+    embed = FrozenBackbone.embed_dataset
+    monkeypatch.setattr(
+        FrozenBackbone,
+        "embed_dataset",
+        lambda self, ds, *a, **kw: embedded.append(len(ds)) or embed(self, ds, *a, **kw),
+    )
+    shares: dict[int, list] = {0: [], 1: []}  # each rank's (X, y), train then test
+
+    def play(rank: int, others: list | None) -> dict:
+        monkeypatch.setattr(D, "dist_info", lambda: DistInfo(rank=rank, world_size=2))
+        calls = iter(range(2))
+
+        def gather(obj):
+            shares[rank].append(obj)
+            other = others[next(calls)] if others else obj
+            return [obj, other] if rank == 0 else [other, obj]
+
+        monkeypatch.setattr(D, "all_gather_object", gather)
+        return mon.measure(bb, torch.device("cpu"))
+
+    play(0, None)  # records rank 0's shares
+    embedded.clear()
+    as_rank1 = play(1, shares[0])
+    assert embedded == [len(ld.train) // 2, len(test) // 2]  # half of each set
+    as_rank0 = play(0, shares[1][-2:])
+    for key in ("balanced_accuracy", "accuracy"):
+        assert as_rank0[key] == as_rank1[key] == alone[key]
+
+    # The hook itself runs the check on a rank other than 0 too (it logs only on rank 0).
+    measured, logged = [], []
+    monkeypatch.setattr(mon, "measure", lambda model, device: measured.append(1) or alone)
+    trainer = SimpleNamespace(
+        model=bb,
+        device=torch.device("cpu"),
+        total_steps=1,
+        loader=SimpleNamespace(batch_sampler=[0]),
+        dist=DistInfo(rank=1, world_size=2),
+        state=SimpleNamespace(step=1, epoch=0, batch_in_epoch=1),
+        log=lambda **v: logged.append(v),
+    )
+    mon.on_step_end(trainer)
+    assert measured == [1] and logged == []

@@ -3,15 +3,17 @@
 `evaluate_representation` scores a backbone's frozen features on the labelled splits with a
 k-NN classifier or a linear probe (`beitdomain eval knn|probe`), beside a random backbone of
 the same shape so the number has a reference. `KnnMonitor` does the k-NN check during
-pre-training, once per epoch.
+pre-training, once per epoch; with several processes each embeds its share of the images.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +98,11 @@ class KnnMonitor:
         classes: class names.
         image_size: the evaluation view's side.
         every_epochs: epochs between checks.
+
+    Under torchrun every rank takes part: each embeds every `world_size`-th image, the
+    features are gathered, and each rank scores the same k-NN (rank 0 logs it). Were rank 0 to
+    embed both sets alone, the others would wait for it in their next step's all-reduce, and a
+    check longer than the process group's timeout would end the run.
     """
 
     backbone_of: Any
@@ -124,17 +131,13 @@ class KnnMonitor:
             mean=conv.mean,
             std=conv.std,
         )
+        info = D.dist_info()
         try:
-            scores = representation_scores(
-                "knn",
-                fb.embed_dataset(self.train),
-                fb.embed_dataset(self.test),
-                self.classes,
-                k=self.k,
-            )
+            train_xy = _embed_share(fb, self.train, info)
+            test_xy = _embed_share(fb, self.test, info)
         finally:
             bb.train(was)
-        return scores
+        return representation_scores("knn", train_xy, test_xy, self.classes, k=self.k)
 
     def on_step_end(self, trainer: Any) -> None:
         # An epoch has just ended when the sampler's batches are used up.
@@ -143,11 +146,13 @@ class KnnMonitor:
         last = state.step == trainer.total_steps
         if not (last or (ended and (state.epoch + 1) % self.every_epochs == 0)):
             return
-        if not trainer.dist.is_main or state.step == self.last_step:
+        if state.step == self.last_step:
             return
         self.last_step = state.step
-        m = self.measure(trainer.model, trainer.device)
+        m = self.measure(trainer.model, trainer.device)  # on every rank: each embeds a share
         self.history.append({"step": state.step, **m})
+        if not trainer.dist.is_main:
+            return
         trainer.log(knn_balanced_accuracy=m["balanced_accuracy"], knn_accuracy=m["accuracy"])
         log.info(
             "k-NN monitor after epoch %d (step %d): balanced accuracy %.3f (chance %.3f)",
@@ -156,3 +161,25 @@ class KnnMonitor:
             m["balanced_accuracy"],
             m["chance_balanced_accuracy"],
         )
+
+
+def _embed_share(
+    fb: FrozenBackbone, dataset: Any, info: D.DistInfo
+) -> tuple[np.ndarray, np.ndarray]:
+    """`fb.embed_dataset(dataset)` on every rank, each rank embedding every `world_size`-th
+    item (rank r: items r, r + w, ...); the shares are gathered back into the dataset's order.
+
+    A dataset without `indices` (not an `ImageDataset`), or with fewer items than ranks, is
+    embedded whole on every rank.
+    """
+    if not info.enabled or not hasattr(dataset, "indices") or len(dataset) < info.world_size:
+        return fb.embed_dataset(dataset)
+    share = copy.copy(dataset)
+    share.indices = np.asarray(dataset.indices)[info.rank :: info.world_size]
+    parts = D.all_gather_object(fb.embed_dataset(share))
+    x0, y0 = parts[0]
+    x = np.empty((len(dataset), *x0.shape[1:]), dtype=x0.dtype)
+    y = np.empty((len(dataset), *y0.shape[1:]), dtype=y0.dtype)
+    for r, (xr, yr) in enumerate(parts):
+        x[r :: info.world_size], y[r :: info.world_size] = xr, yr
+    return x, y

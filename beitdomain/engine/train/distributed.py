@@ -67,6 +67,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` for a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Averages scalar metrics over ranks (for logging)."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
