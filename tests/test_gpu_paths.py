@@ -252,3 +252,180 @@ def test_every_rank_embeds_its_share_of_the_knn_check(monkeypatch, tmp_path) -> 
     )
     mon.on_step_end(trainer)
     assert measured == [1] and logged == []
+
+
+@pytest.fixture
+def device_tensors(monkeypatch) -> list[str]:
+    """Records each `torch.tensor(...)` / `torch.as_tensor(...)` given a device: on a GPU, a
+    copy from the host that waits for the work queued before it."""
+    built: list[str] = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def record(*args, _real=real, _name=name, **kwargs):
+            if kwargs.get("device") is not None:
+                built.append(f"torch.{_name}(device={kwargs['device']})")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, record)
+    return built
+
+
+@pytest.mark.parametrize("target", ["tokens", "pixels"])
+def test_the_mim_loss_builds_no_tensor_from_the_host(device_tensors, target) -> None:
+    from beitdomain.models.backbone import get_preset
+    from beitdomain.models.mim import BeitMIM
+
+    torch.manual_seed(0)
+    mim = BeitMIM.from_config(get_preset("tiny", img_size=32), target=target, vocab_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :6] = True
+    tokens = torch.randint(0, 32, (2, 16)) if target == "tokens" else None
+    loss, metrics = mim.loss(images, mask, tokens, num_masked=6)
+    loss.backward()
+    assert device_tensors == []
+    assert metrics["num_masked"].dtype == torch.long and int(metrics["num_masked"]) == 12
+
+
+def test_a_steps_python_numbers_stay_on_the_host(device_tensors) -> None:
+    """The tokenizer's step returns its temperature and KL weight as Python floats."""
+    from beitdomain.config import TrainConfig
+    from beitdomain.engine.train.loop import Trainer
+    from beitdomain.engine.train.plan import build_loader
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+
+    def step_fn(m, b):
+        loss = m(b["x"]).pow(2).mean()
+        return loss, {"temperature": 0.1, "kl_weight": 3, "out": loss.detach()}
+
+    trainer = Trainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loader=build_loader(_Items(8), 2, seed=0, num_workers=0),
+        step_fn=step_fn,
+        lr_at=lambda s: 0.1,
+        total_steps=2,
+        train=TrainConfig(steps=2, accum_steps=2, log_every=1),
+        grad_clip=1.0,
+        device=torch.device("cpu"),
+        quiet=True,
+    )
+    trainer.fit()
+    assert device_tensors == []
+    # Averaged over the two micro-batches on the host, in float64: 0.1, not fp32's 0.10000000149.
+    assert trainer.last_metrics["temperature"] == 0.1
+    assert trainer.last_metrics["kl_weight"] == 3.0
+    assert list(trainer.last_metrics)[:3] == ["temperature", "kl_weight", "out"]
+
+
+class _HostReads:
+    """Counts the reads of tensor values back to the host (`int()`, `float()`, `bool()`,
+    `.item()`, `.tolist()`): on a GPU, each waits for the queue."""
+
+    def __init__(self, monkeypatch) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.n, self.active = 0, False
+        reads = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    reads.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            reads.n += reads.active
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __enter__(self):
+        self.active = True
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        self.mode.__exit__(*exc)
+
+
+def _collapsed_tokenizer():
+    torch.manual_seed(0)
+    model = create_tokenizer("tiny")
+    with torch.no_grad():
+        model.encoder.logits_conv.bias[0] = 100.0  # code 0 wins everywhere
+    return model
+
+
+def test_reseeding_dead_codes_reads_the_device_a_fixed_number_of_times(monkeypatch) -> None:
+    from beitdomain.tokenizer import reinit_dead_codes
+
+    samples = torch.rand(2, 3, 32, 32)
+    reads = []
+    for dead in (list(range(1, 9)), list(range(1, 64))):
+        model = _collapsed_tokenizer()
+        with _HostReads(monkeypatch) as r:
+            revived = reinit_dead_codes(
+                model, torch.tensor(dead), samples=samples, generator=torch.Generator()
+            )
+        assert revived.tolist() == dead
+        reads.append(r.n)
+    # dead ids, spread and winners, the seeds' order, every seed usable: 4 for any number
+    # of codes (4 per code before, each a wait on a GPU).
+    assert reads[0] == reads[1] <= 4
+
+
+@pytest.mark.parametrize("features", ["images", "a seed on its anchor"])
+def test_reseeding_on_the_device_equals_the_checked_split(monkeypatch, features) -> None:
+    import beitdomain.tokenizer.codebook as cb
+
+    torch.manual_seed(1)
+    if features == "images":
+        kwargs = {"samples": torch.rand(2, 3, 32, 32)}
+    else:  # the third feature is the mean of all three: code 0's anchor
+        a, b = torch.randn(64), torch.randn(64)
+        kwargs = {"features": torch.stack([a, b, (a + b) / 2])}
+    checked = []
+    split_with_checks = cb._split_with_checks
+    monkeypatch.setattr(
+        cb, "_split_with_checks", lambda *a: checked.append(1) or split_with_checks(*a)
+    )
+    runs = []
+    for on_device in (True, False):
+        if not on_device:
+            monkeypatch.setattr(cb, "_split_on_device", lambda *a: None)
+        model = _collapsed_tokenizer()
+        g = torch.Generator().manual_seed(3)
+        revived = cb.reinit_dead_codes(model, list(range(1, 64)), generator=g, **kwargs)
+        runs.append((revived.tolist(), model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    if features == "images":
+        assert checked == [1] and len(runs[0][0]) == 63  # only the forced checked run
+    else:
+        assert checked == [1, 1] and len(runs[0][0]) == 2  # the mean is no seed: fell back
+
+
+def test_a_tokenizer_run_builds_no_tensor_from_the_host(device_tensors, tmp_path) -> None:
+    """The real tokenizer job, two steps past a dead-code check: its step, the loop and the
+    monitor build no device tensor from Python values."""
+    import warnings
+
+    from helpers import write_elpv_subset
+
+    from beitdomain.engine.tokenizer import train_tokenizer
+
+    root = write_elpv_subset(tmp_path / "data", per_class=4)
+    sets = [*TOKENIZER_SETS, "tokenizer.train.steps=2", "tokenizer.dead_code_every=1"]
+    r = recipe(sets, **{"data.root": str(root)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # codebook-collapse warnings are expected this early
+        train_tokenizer(r, tmp_path / "run", device="cpu", quiet=True)
+    assert device_tensors == []

@@ -283,7 +283,9 @@ class BeitMIM(nn.Module):
             index = pos.view(*pos.shape, *([1] * (per_patch.dim() - 2)))
             return per_patch.gather(1, index.expand(-1, -1, *per_patch.shape[2:])).flatten(0, 1)
 
-        count = torch.tensor(preds.shape[0], device=preds.device)
+        # A fill on the device, not `torch.tensor(n, device=...)`: that copies from the host,
+        # which on a GPU waits for the forward queued before it.
+        count = torch.full((), preds.shape[0], dtype=torch.long, device=preds.device)
         if self.target == "pixels":
             target = at_masked(self.pixel_targets(images))  # [N, P]
             loss = F.mse_loss(preds.float(), target)

@@ -41,6 +41,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# A seed nearer its parent's anchor than this (times the features' spread) cannot split it.
+_SEED_APART = 1e-12
+
 
 class CodebookCollapseWarning(UserWarning):
     """Emitted when only a small fraction of the codebook is in use."""
@@ -244,42 +247,28 @@ def reinit_dead_codes(
 
     best, assign = (feats @ weight.T + bias).max(dim=1)  # [N], [N]: current winner per feature
     # anchors: [K, F], the mean feature each live code wins (zero for codes winning nothing).
-    counts = torch.bincount(assign, minlength=n_codes).clamp_min(1).to(feats.dtype)
+    won = torch.bincount(assign, minlength=n_codes)  # [K]: features each code wins
+    counts = won.clamp_min(1).to(feats.dtype)
     anchors = torch.zeros_like(weight).index_add_(0, assign, feats) / counts[:, None]
-    spread = float((feats - anchors[assign]).pow(2).sum(dim=1).mean())
+    spread_t = (feats - anchors[assign]).pow(2).sum(dim=1).mean()
+    # One host read for the call: the spread and which codes win features now. A code passed
+    # as dead that wins features after all is skipped; a code revived here only takes features
+    # from others, so that is the same as asking each code in turn.
+    spread, *won_host = torch.cat([spread_t.double().view(1), won.double()]).tolist()
     if spread <= 0.0:
         return torch.zeros(0, dtype=torch.long)  # all features identical: nothing to split
     alpha = margin / spread
 
     dead = set(torch.as_tensor(dead_idx, dtype=torch.long).flatten().tolist())
+    todo = [k for k in sorted(dead) if won_host[k] == 0]
     order = torch.randperm(feats.shape[0], generator=generator).tolist()
-    revived: list[int] = []
-    for k in sorted(dead):
-        if bool((assign == k).any()):
-            continue  # a code passed as dead that wins features after all
-        seed = None
-        while order:
-            j = order.pop()
-            q = int(assign[j])
-            d = feats[j] - anchors[q]  # [F]
-            if float(d @ d) > 1e-12 * spread:
-                seed = (j, q, d)
-                break
-        if seed is None:
-            break  # out of usable seeds; the rest stay dead until the next call
-        j, q, d = seed
-        # alpha * (|x - a|^2 - |x - h|^2) = 2 alpha (h - a).x - alpha (h - a).(h + a)
-        weight[k] = weight[q] + 2.0 * alpha * d
-        bias[k] = bias[q] - alpha * float(d @ (feats[j] + anchors[q]))
-        anchors[k] = feats[j]
-        # Same embedding as the parent: reconstructions do not change at the split.
-        codebook[k] = codebook[q]
-        # Only column k of the logits changed, so update the winners incrementally.
-        logit_k = feats @ weight[k] + bias[k]  # [N]
-        wins = logit_k > best
-        best = torch.where(wins, logit_k, best)
-        assign = torch.where(wins, torch.full_like(assign, k), assign)
-        revived.append(k)
+    state = (weight, bias, anchors, best, assign)
+    copies = [t.clone() for t in state]
+    split = _split_on_device(copies, feats, codebook, todo, list(order), alpha, spread)
+    if split is None:  # a seed sat on its parent's anchor: split code by code, reading each
+        revived = _split_with_checks(state, feats, codebook, todo, order, alpha, spread)
+    else:
+        (weight, bias, *_), revived = split
 
     conv.weight[:, :, 0, 0] = weight.to(conv.weight.dtype)
     conv.bias.copy_(bias.to(conv.bias.dtype))
@@ -314,3 +303,96 @@ def reset_optimizer_rows(
             # Per-element state has the parameter's shape; skip scalars such as `step`.
             if torch.is_tensor(value) and value.shape == p.shape:
                 value[code_idx.to(value.device)] = 0
+
+
+def _split_on_device(
+    state: list[torch.Tensor],
+    feats: torch.Tensor,
+    codebook: torch.Tensor,
+    todo: list[int],
+    order: list[int],
+    alpha: float,
+    spread: float,
+) -> tuple[list[torch.Tensor], list[int]] | None:
+    """Splits `todo`'s codes as `_split_with_checks` does, with no host read per code.
+
+    Each code takes the next seed of `order`, and the code that seed's feature belongs to (its
+    parent) is looked up on the device, so a GPU never waits for the host: the checked split
+    read four values back per code, and a check may revive thousands. What only the host could
+    decide, whether a seed sits on its parent's anchor (then it cannot split it, and the
+    checked split tries the next seed), is read once at the end; if one did, None is returned
+    with `codebook` untouched (`state` is a copy) for `_split_with_checks` to redo. Otherwise
+    the results equal the checked split's, bit for bit.
+
+    Returns:
+        `state` (weight, bias, anchors, best, assign) after the splits, and the codes revived.
+    """
+    weight, bias, anchors, best, assign = state
+    revived = todo[: min(len(todo), len(order))]
+    if not revived:
+        return state, []
+    root = torch.arange(weight.shape[0], device=weight.device)  # whose embedding each copies
+    apart = []  # per code: |seed - parent's anchor|^2
+    for k in revived:
+        j = order.pop()
+        q = assign[j : j + 1]  # [1]: the seed's current winner, on the device
+        a_q = anchors.index_select(0, q)[0]  # [F]
+        d = feats[j] - a_q  # [F]
+        apart.append(d @ d)
+        weight[k] = weight.index_select(0, q)[0] + 2.0 * alpha * d
+        # Like the checked split's `alpha * float(...)`: the product in float64, then float32.
+        bias[k : k + 1] = bias.index_select(0, q) - alpha * (d @ (feats[j] + a_q)).double()
+        anchors[k] = feats[j]
+        root[k : k + 1] = root.index_select(0, q)
+        logit_k = feats @ weight[k] + bias[k]  # [N]
+        wins = logit_k > best
+        best = torch.where(wins, logit_k, best)
+        assign = torch.where(wins, torch.full_like(assign, k), assign)
+    if not bool((torch.stack(apart).double() > _SEED_APART * spread).all()):  # one host read
+        return None
+    # Same embedding as the parent: reconstructions do not change at the split. A parent
+    # revived earlier in this call holds its own parent's, so every code copies its root's.
+    rows = torch.tensor(revived, dtype=torch.long).to(codebook.device)
+    codebook.index_copy_(0, rows, codebook.index_select(0, root[rows]))
+    return [weight, bias, anchors, best, assign], revived
+
+
+def _split_with_checks(
+    state: tuple[torch.Tensor, ...],
+    feats: torch.Tensor,
+    codebook: torch.Tensor,
+    todo: list[int],
+    order: list[int],
+    alpha: float,
+    spread: float,
+) -> list[int]:
+    """Splits `todo`'s codes in place, reading each seed's parent and distance on the host:
+    a seed on its parent's anchor is passed over for the next one. Four host reads per code;
+    `_split_on_device` gives the same results without them where no seed is passed over."""
+    weight, bias, anchors, best, assign = state
+    revived: list[int] = []
+    for k in todo:
+        seed = None
+        while order:
+            j = order.pop()
+            q = int(assign[j])
+            d = feats[j] - anchors[q]  # [F]
+            if float(d @ d) > _SEED_APART * spread:
+                seed = (j, q, d)
+                break
+        if seed is None:
+            break  # out of usable seeds; the rest stay dead until the next call
+        j, q, d = seed
+        # alpha * (|x - a|^2 - |x - h|^2) = 2 alpha (h - a).x - alpha (h - a).(h + a)
+        weight[k] = weight[q] + 2.0 * alpha * d
+        bias[k] = bias[q] - alpha * float(d @ (feats[j] + anchors[q]))
+        anchors[k] = feats[j]
+        # Same embedding as the parent: reconstructions do not change at the split.
+        codebook[k] = codebook[q]
+        # Only column k of the logits changed, so update the winners incrementally.
+        logit_k = feats @ weight[k] + bias[k]  # [N]
+        wins = logit_k > best
+        best = torch.where(wins, logit_k, best)
+        assign = torch.where(wins, torch.full_like(assign, k), assign)
+        revived.append(k)
+    return revived

@@ -235,8 +235,12 @@ class Trainer:
                 lr = self.set_lr(self.state.step)
                 losses = []
                 # Metrics stay tensors until one host transfer per step (each float() of a
-                # CUDA tensor waits for the GPU to finish its queue).
+                # CUDA tensor waits for the GPU to finish its queue). Python numbers (a
+                # schedule's temperature) stay on the host: made into a CUDA tensor, each
+                # would be a copy that waits for the queue too.
                 step_metrics: dict[str, torch.Tensor] = {}
+                host_metrics: dict[str, float] = {}
+                order: dict[str, None] = {}  # the step_fn's order of metric names
                 for micro in range(accum):
                     batch = self._to_device(next(batches))
                     self.state.batch_in_epoch += 1
@@ -250,8 +254,12 @@ class Trainer:
                     (loss.float() / accum).backward()
                     losses.append(loss.detach().float())
                     for k, v in m.items():
-                        v = torch.as_tensor(v, device=loss.device).detach().float() / accum
-                        step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+                        order[k] = None
+                        if isinstance(v, torch.Tensor):
+                            v = v.detach().float() / accum
+                            step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+                        else:
+                            host_metrics[k] = host_metrics.get(k, 0.0) + float(v) / accum
                 loss_value = torch.stack(losses).mean()
                 finite = torch.isfinite(loss_value)
                 grad_norm = None
@@ -268,7 +276,10 @@ class Trainer:
                 if grad_norm is not None:
                     values.append(grad_norm.float())
                 host = torch.stack([v.reshape(()).to(loss_value.device) for v in values]).tolist()
-                metrics_sum = dict(zip(names, host[2 : 2 + len(names)]))
+                from_device = dict(zip(names, host[2 : 2 + len(names)]))
+                metrics_sum = {
+                    k: from_device[k] if k in from_device else host_metrics[k] for k in order
+                }
                 finite_host, loss_host = host[0], host[1]
                 grad_host = host[-1] if grad_norm is not None else None
                 if finite_host == 0:
