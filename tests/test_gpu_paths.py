@@ -429,3 +429,98 @@ def test_a_tokenizer_run_builds_no_tensor_from_the_host(device_tensors, tmp_path
         warnings.simplefilter("ignore")  # codebook-collapse warnings are expected this early
         train_tokenizer(r, tmp_path / "run", device="cpu", quiet=True)
     assert device_tensors == []
+
+
+class _Ramp(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor([i / 8, 1.0 - i / 8])}
+
+
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("inductor: compiling the backward failed")
+
+
+class _Uncompilable:
+    """What the patched torch.compile returns: fails at the first call, or in its backward."""
+
+    def __init__(self, module: nn.Module, where: str) -> None:
+        self.module, self.where, self.calls = module, where, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.where == "call":
+            raise RuntimeError("inductor: no working C++ compiler")
+        return _FailInBackward.apply(self.module(*args, **kwargs))
+
+
+def _fit_linear(compile: bool) -> tuple[nn.Module, nn.Module]:
+    from beitdomain.config import TrainConfig
+    from beitdomain.engine.train.loop import Trainer
+    from beitdomain.engine.train.plan import build_loader, prepare_for_training
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    train = TrainConfig(steps=3, accum_steps=2, log_every=1, compile=compile)
+    trainer = Trainer(
+        model=prepare_for_training(model, train, torch.device("cpu")),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loader=build_loader(_Ramp(), 2, seed=0, num_workers=0),
+        step_fn=lambda m, b: ((m(b["x"]) - 1).pow(2).mean(), {}),
+        lr_at=lambda s: 0.1,
+        total_steps=3,
+        train=train,
+        grad_clip=None,
+        device=torch.device("cpu"),
+        quiet=True,
+    )
+    trainer.fit()
+    return model, trainer.model
+
+
+@pytest.mark.parametrize("where", ["torch.compile", "call", "backward"])
+def test_a_compile_failure_trains_on_eagerly_with_a_warning(monkeypatch, caplog, where) -> None:
+    from beitdomain.engine.train.plan import CompiledWithFallback
+
+    eager, _ = _fit_linear(compile=False)
+    fakes: list[_Uncompilable] = []
+
+    def fake_compile(module, **kwargs):
+        if where == "torch.compile":
+            raise RuntimeError("Dynamo is not supported on this Python")
+        fakes.append(_Uncompilable(module, where))
+        return fakes[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with caplog.at_level("WARNING"):
+        model, held = _fit_linear(compile=True)
+    warned = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError" in warned[0] and "eager" in warned[0]
+    assert torch.equal(model.weight, eager.weight) and torch.equal(model.bias, eager.bias)
+    if where != "torch.compile":
+        assert isinstance(held, CompiledWithFallback) and held.eager
+        assert fakes[0].calls == 1  # tried once, then never again
+        assert D.unwrap(held) is model
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(monkeypatch) -> None:
+    from beitdomain.config import TrainConfig
+    from beitdomain.engine.train.plan import prepare_for_training
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("the model's own bug")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: _Uncompilable(module, "call"))
+    held = prepare_for_training(Broken(), TrainConfig(compile=True), torch.device("cpu"))
+    with pytest.raises(ValueError, match="own bug"):
+        held(torch.zeros(1))
+    assert not held.eager  # still compiling: the failure was not compile's

@@ -212,10 +212,13 @@ def maybe_no_sync(model: nn.Module, skip_sync: bool) -> Iterator[None]:
     """Skips DDP's gradient all-reduce on the micro-steps before the last of an accumulation.
 
     With `train.compile` the trainer holds `torch.compile(DDP(m))`, an OptimizedModule around
-    the DDP module; its `no_sync` is the one to enter (the wrapper has none).
+    the DDP module (inside `plan.CompiledWithFallback`); the DDP module's `no_sync` is the one
+    to enter (the wrappers have none). Both wrappers hold what they wrap as `_orig_mod`.
     """
     if skip_sync:
-        while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        while not isinstance(model, nn.parallel.DistributedDataParallel) and hasattr(
+            model, "_orig_mod"
+        ):
             model = model._orig_mod
     if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():

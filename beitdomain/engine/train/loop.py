@@ -31,6 +31,7 @@ from beitdomain.engine.run.checkpoint import CheckpointManager, rng_state, set_r
 from beitdomain.engine.run.folder import RunDir
 from beitdomain.engine.run.metrics_log import MetricsLog
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.plan import CompiledWithFallback
 from beitdomain.engine.train.signals import stop_on_signals
 from beitdomain.progress import StepProgress
 from beitdomain.user import UserError
@@ -198,6 +199,34 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
+    def _forward_backward(
+        self, batch: Any, skip_sync: bool, accum: int
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One micro-batch's loss and backward; its (loss, metrics).
+
+        A compiled model whose backward fails to compile (torch compiles it at the first
+        backward) falls back to eager, and the micro-batch runs again: nothing of the failed
+        backward reached the gradients.
+        """
+        while True:
+            try:
+                with (
+                    D.maybe_no_sync(self.model, skip_sync),
+                    D.autocast(self.device, self.amp_dtype),
+                ):
+                    loss, m = self.step_fn(self.model, batch)
+                (loss.float() / accum).backward()
+            except Exception as err:
+                if not (
+                    isinstance(self.model, CompiledWithFallback) and self.model.can_fall_back(err)
+                ):
+                    raise
+                self.model.fall_back(err)
+                continue
+            if isinstance(self.model, CompiledWithFallback):
+                self.model.proven = True
+            return loss, m
+
     def log(self, **values: Any) -> None:
         """Writes a metrics record for the current step (rank 0 only)."""
         if self.metrics is not None and self.dist.is_main:
@@ -246,12 +275,7 @@ class Trainer:
                     self.state.batch_in_epoch += 1
                     # every rank trains on a batch of the same size: the global count
                     images += _batch_len(batch) * self.dist.world_size
-                    with (
-                        D.maybe_no_sync(self.model, micro < accum - 1),
-                        D.autocast(self.device, self.amp_dtype),
-                    ):
-                        loss, m = self.step_fn(self.model, batch)
-                    (loss.float() / accum).backward()
+                    loss, m = self._forward_backward(batch, micro < accum - 1, accum)
                     losses.append(loss.detach().float())
                     for k, v in m.items():
                         order[k] = None

@@ -8,6 +8,7 @@ kernels, DDP, compile).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from beitdomain.data.sampler import ResumableBatchSampler
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.schedule import steps_for
 from beitdomain.models.kernels import select_kernels
+
+log = logging.getLogger(__name__)
 
 
 def build_loader(
@@ -121,4 +124,68 @@ def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.dev
         D.keep_freed_cpu_memory()
     select_kernels(model, device)
     wrapped = D.wrap_ddp(model, device, D.dist_info())
-    return torch.compile(wrapped) if train.compile else wrapped
+    if not train.compile:
+        return wrapped
+    try:
+        compiled = torch.compile(wrapped)
+    except Exception as err:  # e.g. a Python version dynamo does not support yet
+        _warn_eager(err)
+        return wrapped
+    return CompiledWithFallback(wrapped, compiled)
+
+
+def _warn_eager(err: BaseException) -> None:
+    log.warning(
+        "train.compile: torch.compile failed (%s: %s); training goes on without it (eager), "
+        "as with train.compile=false",
+        type(err).__name__,
+        str(err).strip().splitlines()[0] if str(err).strip() else "",
+    )
+
+
+class CompiledWithFallback(nn.Module):
+    """`torch.compile(module)`, or `module` itself (eager) once compiling it failed.
+
+    torch.compile is lazy: it compiles at the first call (the backward at the first backward)
+    and again when shapes or modes change, so a missing compiler, an unsupported op or a
+    backend bug shows up then, not at `torch.compile`. What falls back, with one warning:
+    any failure of the first compiled call that the eager module does not repeat (the call is
+    run again eagerly, so an error of the model itself still raises, with no warning), and
+    torch's own compile errors (`torch._dynamo.exc.TorchDynamoException`) at any later call.
+    The trainer does the same for a failure in the backward (`fall_back`).
+
+    `_orig_mod` is the module (as on torch's OptimizedModule): `distributed.unwrap` and
+    `maybe_no_sync` find it, and it holds the parameters; the compiled wrapper is kept out of
+    the module tree so that they are not listed twice.
+    """
+
+    def __init__(self, module: nn.Module, compiled: Any) -> None:
+        super().__init__()
+        self._orig_mod = module
+        self.__dict__["compiled"] = compiled
+        self.eager = False  # True once compiling failed
+        self.proven = False  # True once a compiled call (forward and backward) succeeded
+
+    def can_fall_back(self, err: BaseException) -> bool:
+        """Whether `err`, raised by a call or its backward, is one to leave compiling for."""
+        if self.eager or not isinstance(err, Exception):
+            return False
+        return not self.proven or isinstance(err, torch._dynamo.exc.TorchDynamoException)
+
+    def fall_back(self, err: BaseException) -> None:
+        """Runs eagerly from now on, saying why once."""
+        if not self.eager:
+            self.eager = True
+            _warn_eager(err)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager:
+            return self._orig_mod(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:
+            if not self.can_fall_back(err):
+                raise
+            out = self._orig_mod(*args, **kwargs)  # an error of the model itself raises here
+            self.fall_back(err)
+            return out
