@@ -173,14 +173,13 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert isinstance(D.cpu_has_native_bf16(), bool)
 
 
-def test_short_epochs_load_in_the_main_process(monkeypatch):
+def test_short_epochs_get_the_machines_loader_workers(monkeypatch):
+    # issue 37 item 3: a 4-batch epoch on GPUs used to load in the trainer's process
     from beitdomain.engine.train import distributed as D
-    from beitdomain.engine.train.plan import MIN_BATCHES_FOR_WORKERS
 
     monkeypatch.setattr(D, "default_num_workers", lambda device=None: 3)
-    short = build_loader(Noisy(n=6 * (MIN_BATCHES_FOR_WORKERS - 1)), 6, seed=0)
-    long = build_loader(Noisy(n=6 * MIN_BATCHES_FOR_WORKERS), 6, seed=0)
-    assert short.num_workers == 0 and long.num_workers == 3
+    assert build_loader(Noisy(n=6 * 2), 6, seed=0).num_workers == 3
+    assert build_loader(Noisy(n=6 * 40), 6, seed=0).num_workers == 3
     # An explicit data.num_workers is obeyed whatever the epoch length.
     assert build_loader(Noisy(n=6), 6, seed=0, num_workers=2).num_workers == 2
 
