@@ -178,15 +178,19 @@ def test_a_cuda_job_turns_on_tf32_unless_fp32_is_asked_for(monkeypatch, tmp_path
     cuda = torch.device("cuda")  # only named: nothing runs on it
     monkeypatch.setattr(D, "resolve_device", lambda name="auto": cuda)
     monkeypatch.setattr(D, "init_distributed", lambda device: DistInfo())
-    for precision, want in [("fp32", False), ("auto", True)]:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        r = recipe(TOKENIZER_SETS, **{"tokenizer.train.precision": precision})
-        job = Job.open("tokenizer", r, tmp_path / precision)
-        assert job.device == cuda
-        assert torch.backends.cuda.matmul.allow_tf32 is want
-        assert torch.backends.cudnn.allow_tf32 is want
-    assert not D.use_tf32(torch.device("cpu"), "auto")
+    # torch's backend flags are not plain attributes (pytest's monkeypatch cannot undo them on
+    # every version): set and restored by hand, so no later test inherits them.
+    before = D.tf32_enabled()
+    try:
+        for precision, want in [("fp32", False), ("auto", True)]:
+            D.set_tf32(False)
+            r = recipe(TOKENIZER_SETS, **{"tokenizer.train.precision": precision})
+            job = Job.open("tokenizer", r, tmp_path / precision)
+            assert job.device == cuda
+            assert D.tf32_enabled() is want
+        assert not D.use_tf32(torch.device("cpu"), "auto")
+    finally:
+        D.set_tf32(before)
 
 
 def test_every_rank_embeds_its_share_of_the_knn_check(monkeypatch, tmp_path) -> None:

@@ -137,9 +137,29 @@ def use_tf32(device: torch.device, precision: str) -> bool:
     """
     if device.type != "cuda" or precision == "fp32":
         return False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    set_tf32(True)
     return True
+
+
+def set_tf32(on: bool) -> None:
+    """Turns TF32 for fp32 matmuls and convolutions on or off, through the `fp32_precision`
+    settings where torch has them (2.9 and newer; `allow_tf32` is deprecated there) and through
+    `allow_tf32` before."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = on
+        cudnn.allow_tf32 = on
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls and convolutions may run on TF32 (both must)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32" and cudnn.conv.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32 and cudnn.allow_tf32)
 
 
 def cpu_has_native_bf16() -> bool:
