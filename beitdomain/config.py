@@ -209,7 +209,7 @@ class TokenizerConfig:
     temperature_end: float = bounded(1.0 / 16, gt=0)
     # Anneal over this first part of the run, then hold temperature_end (DALL-E: 1/16 after 5%
     # of 3M updates), so the decoder also trains on the near-hard codes pre-training uses.
-    temperature_anneal_fraction: float = bounded(0.5, gt=0, le=1)
+    temperature_anneal_fraction: float = bounded(0.05, gt=0, le=1)
     # KL to the uniform prior, per token cell, against a reconstruction loss per pixel. DALL-E's
     # beta = 6.6 weighs sums (sub-pixels vs cells); per pixel that is 6.6 / (pixels per cell):
     # 6.6 / 64 = 0.1 at 8x downsampling; divided by the channel count when applied, as the
