@@ -41,6 +41,7 @@ from beitdomain.fileio import (
     LockFileError,
     atomic_write_json,
     check_lock_file,
+    make_dirs,
     read_marker,
     sha256_file,
     write_marker,
@@ -244,7 +245,7 @@ def build_cache(
         raise ValueError(f"size={size}; the working resolution should be >= the training size")
     out_dir = Path(out_dir)
     _check_cache_folder(out_dir)  # before a long scan
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, "write the cache")
     try:
         lock = FolderLock(out_dir).acquire("a cache")
     except FolderLockedError as e:

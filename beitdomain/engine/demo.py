@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from beitdomain.config import JOBS, Recipe, apply_sets
-from beitdomain.fileio import atomic_write_text
+from beitdomain.fileio import atomic_write_text, make_dirs
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def export_elpv(out: Path) -> Path:
         rel = Path(label) / Path(path).name
         target = images / rel
         if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent, "copy the ELPV images")
             shutil.copyfile(src / path, target)
         w.writerow([rel.as_posix(), label, "train" if i in in_train else "test"])
     atomic_write_text(labels_csv, buf.getvalue())

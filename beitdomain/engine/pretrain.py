@@ -32,7 +32,7 @@ from beitdomain.engine.job import (
 from beitdomain.engine.represent_eval import KnnMonitor
 from beitdomain.engine.run.checkpoint import CheckpointManager
 from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward_gflops
-from beitdomain.fileio import atomic_write_json, atomic_write_safetensors
+from beitdomain.fileio import atomic_write_json, atomic_write_safetensors, make_dirs
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convention import convention_of
 from beitdomain.models.convert import export_timm_backbone
@@ -273,7 +273,7 @@ def export_run(
         log.info("exported %s", folder)
         return folder
     folder = Path(out) if out is not None else run
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder, "export the backbone")
     path = write_pretrain_outputs(model, folder)
     log.info("exported %s", path)
     return path

@@ -26,7 +26,7 @@ from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import announce_cpu_time
 from beitdomain.engine.train.loop import Trainer
-from beitdomain.fileio import atomic_save, atomic_write_json, written_names
+from beitdomain.fileio import atomic_save, atomic_write_json, make_dirs, written_names
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
@@ -332,7 +332,7 @@ def encode_files(model: DiscreteVAE, paths: list[Path], out: Path, png: bool = F
     ours = _check_encode_targets(
         out, [f"{s}{ext}" for s in stems for ext in ((".npy", ".png") if png else (".npy",))]
     )
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, "write the token maps")
     dtype = np.uint16 if cfg.vocab_size <= 65536 else np.int32
     cmap = colormaps["nipy_spectral"]
     written = []

@@ -27,7 +27,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from beitdomain.fileio import atomic_write_safetensors, atomic_write_text, written_names
+from beitdomain.fileio import (
+    atomic_write_safetensors,
+    atomic_write_text,
+    make_dirs,
+    written_names,
+)
 from beitdomain.models.backbone import beit_kwargs
 from beitdomain.models.convention import InputConvention, convention_of
 from beitdomain.models.convert import (
@@ -62,7 +67,7 @@ def _claim_export_folder(out: Path, fmt: ExportFormat) -> None:
             f"{out}: {', '.join(foreign)} already there and not written by a beitdomain export; "
             "nothing was written. Choose another --out folder (or an empty one)"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, f"write the {fmt} export")
     atomic_write_text(out / EXPORTED_FILE, json.dumps(sorted(ours | set(names))) + "\n")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beitdomain.fileio import atomic_save
+from beitdomain.fileio import atomic_save, make_dirs
 from beitdomain.tokenizer.codebook import CodeUsage
 from beitdomain.tokenizer.dvae import DiscreteVAE, psnr
 
@@ -34,7 +34,7 @@ def save_reconstruction_grid(
         labels=("original", "from tokens"),
         title=title,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, f"write {path.name}")
     atomic_save(path, lambda f: img.save(f, format="PNG"))
     return path
 
@@ -77,6 +77,6 @@ def plot_code_usage(counts: list[int] | np.ndarray, path: Path, title: str = "")
     ax.set_ylabel("share of tokens")
     ax.set_title(f"{title} {100 * used:.1f}% of {len(c)} codes used".strip())
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, f"write {path.name}")
     atomic_save(path, lambda f: fig.savefig(f, format="png"))
     return path

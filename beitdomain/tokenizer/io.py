@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text, make_dirs
 from beitdomain.tokenizer.dvae import TOKENIZER_PRESETS, DiscreteVAE, DVAEConfig
 from beitdomain.user import UserError
 
@@ -75,7 +75,7 @@ def save_tokenizer(
         ``out_dir`` as a :class:`~pathlib.Path`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, "save the tokenizer")
     cfg = model.config
     meta = {
         "format": FORMAT_NAME,

@@ -1,0 +1,147 @@
+"""Issue 40 items B10, B11 (rest), B12: an output folder that cannot be created, a full disk
+under `data cache`, and a damaged cache are each one sentence naming the file, never a
+traceback (or a SIGBUS), and leave nothing half-written behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import PRETRAIN_SETS, cli, flat, recipe, said, write_tiny_tokenizer
+
+
+def _images(root: Path, n: int = 3, size: int = 16) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 255, (size, size), dtype=np.uint8)
+            Image.fromarray(img).save(root / label / f"{i}.png")
+    return root
+
+
+def _one_error_line(res, path: Path) -> None:
+    """The CLI said one `error:` sentence naming `path`, exited 2, and showed no traceback."""
+    assert res.exit_code == 2, (res.exception, res.output)
+    assert isinstance(res.exception, SystemExit), res.exception
+    assert "Traceback" not in res.output
+    text = flat(res.output)
+    assert text.startswith("error:") and text.count("error:") == 1, res.output
+    assert said(res.output, str(path)), res.output
+
+
+# --------------------------------------------------------------------------------------------
+# B11: an output folder that cannot be created (under a regular file: fails as root too)
+# --------------------------------------------------------------------------------------------
+
+
+def _pretrain_run(tmp_path: Path) -> Path:
+    """A pre-training run folder holding only what `pretrain export` reads: the recipe and
+    the MIM weights (a fresh tiny pixel-target model; no training needed)."""
+    from beitdomain.config import dump_recipe
+    from beitdomain.engine.job import MIM_FILE, RECIPE_FILE
+    from beitdomain.engine.pretrain import build_mim
+    from beitdomain.fileio import atomic_write_safetensors
+
+    r = recipe([*PRETRAIN_SETS, "model.target=pixels"])
+    model, _ = build_mim(r, 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_recipe(r, run / RECIPE_FILE)
+    atomic_write_safetensors(run / MIM_FILE, model.state_dict())
+    return run
+
+
+def _cli_data_cache(tmp_path: Path, out: Path):
+    return cli("data", "cache", str(_images(tmp_path / "data")), "--out", str(out), "--size", "16")
+
+
+def _cli_tokenizer_encode(tmp_path: Path, out: Path):
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    image = _images(tmp_path / "data", n=1) / "a" / "0.png"
+    return cli("tokenizer", "encode", str(tok), str(image), "--out", str(out))
+
+
+def _cli_pretrain_export(tmp_path: Path, out: Path):
+    return cli("pretrain", "export", str(_pretrain_run(tmp_path)), "--out", str(out))
+
+
+def _cli_pretrain_export_timm(tmp_path: Path, out: Path):
+    run = _pretrain_run(tmp_path)
+    return cli("pretrain", "export", str(run), "--format", "timm", "--out", str(out))
+
+
+def _save_tokenizer(tmp_path: Path, out: Path):
+    write_tiny_tokenizer(out)
+
+
+def _demo_images(tmp_path: Path, out: Path, monkeypatch):
+    from PIL import Image
+
+    from beitdomain.engine import demo
+
+    src = tmp_path / "elpv"
+    (src / "images").mkdir(parents=True)
+    lines = []
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(src / "images" / f"cell{i}.png")
+        lines.append(f"images/cell{i}.png {1.0 if i % 2 else 0.0} mono")
+    (src / "labels.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(demo, "elpv_folder", lambda: src)
+    demo.export_elpv(out)
+
+
+def _reconstruction_grid(tmp_path: Path, out: Path):
+    import torch
+
+    from beitdomain.tokenizer import create_tokenizer
+    from beitdomain.tokenizer.inspect import save_reconstruction_grid
+
+    model = create_tokenizer("tiny", in_chans=1, input_size=32)
+    save_reconstruction_grid(model, torch.rand(2, 1, 32, 32), out / "recon.png")
+
+
+def _code_usage_plot(tmp_path: Path, out: Path):
+    from beitdomain.tokenizer.inspect import plot_code_usage
+
+    plot_code_usage([3, 0, 1, 2], out / "usage.png")
+
+
+CLI_SITES = {
+    "data cache": _cli_data_cache,
+    "tokenizer encode": _cli_tokenizer_encode,
+    "pretrain export": _cli_pretrain_export,
+    "pretrain export --format timm": _cli_pretrain_export_timm,
+}
+LIBRARY_SITES = {
+    "save_tokenizer": _save_tokenizer,
+    "demo's ELPV copy": _demo_images,
+    "reconstruction grid": _reconstruction_grid,
+    "code usage plot": _code_usage_plot,
+}
+
+
+@pytest.mark.parametrize("site", [*CLI_SITES, *LIBRARY_SITES])
+def test_an_output_folder_that_cannot_be_created_is_one_sentence_naming_it(
+    site, tmp_path, monkeypatch
+):
+    from beitdomain.fileio import WriteError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a regular file, so no folder can be made under it (even as root)")
+    out = blocker / "out"
+    if site in CLI_SITES:
+        res = CLI_SITES[site](tmp_path, out)
+        _one_error_line(res, out)
+        assert said(res.output, "could not create the folder")
+        return
+    make = LIBRARY_SITES[site]
+    args = (tmp_path, out, monkeypatch) if make is _demo_images else (tmp_path, out)
+    with pytest.raises(WriteError) as e:
+        make(*args)
+    msg = str(e.value)
+    assert "could not create the folder" in msg and str(out) in msg and "\n" not in msg
+    assert blocker.read_text().startswith("a regular file")
