@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PRETRAIN_SETS, cli, flat, recipe, said, write_tiny_tokenizer
+from helpers import (
+    PRETRAIN_SETS,
+    TOKENIZER_SETS,
+    cli,
+    flat,
+    recipe,
+    said,
+    sets_to_args,
+    write_tiny_tokenizer,
+)
 
 
 def _images(root: Path, n: int = 3, size: int = 16) -> Path:
@@ -145,3 +154,125 @@ def test_an_output_folder_that_cannot_be_created_is_one_sentence_naming_it(
     msg = str(e.value)
     assert "could not create the folder" in msg and str(out) in msg and "\n" not in msg
     assert blocker.read_text().startswith("a regular file")
+
+
+# --------------------------------------------------------------------------------------------
+# B12: a damaged cache is refused as it opens, naming the file and what is wrong
+# --------------------------------------------------------------------------------------------
+
+
+def _cache(tmp_path: Path, name: str = "c") -> Path:
+    from beitdomain.data.cache import build_cache
+
+    data = tmp_path / "data"
+    if not data.is_dir():
+        _images(data)
+    return build_cache(data, tmp_path / name, size=40).cache_dir
+
+
+def _truncate_images(c: Path) -> None:
+    with open(c / "images.npy", "r+b") as f:
+        f.truncate(1000)  # 6 images of 40x40 need 9728 bytes
+
+
+def _shrink_images(c: Path) -> None:
+    np.save(c / "images.npy", np.load(c / "images.npy")[:2])  # a valid file, 2 of 6 rows
+
+
+def _images_of_another_dtype(c: Path) -> None:
+    np.save(c / "images.npy", np.load(c / "images.npy").astype(np.float32))
+
+
+def _items_past_the_images(c: Path) -> None:
+    items = np.load(c / "items.npy")
+    items[3, 0] = 99
+    np.save(c / "items.npy", items)
+
+
+def _items_past_the_files(c: Path) -> None:
+    items = np.load(c / "items.npy")
+    items[1, 1] = -1
+    np.save(c / "items.npy", items)
+
+
+def _items_pickled(c: Path) -> None:
+    np.save(c / "items.npy", np.array([object()] * 3, dtype=object), allow_pickle=True)
+
+
+def _items_of_another_shape(c: Path) -> None:
+    np.save(c / "items.npy", np.load(c / "items.npy")[:, :2])
+
+
+def _record_cut_short(c: Path) -> None:
+    text = (c / "cache.json").read_text()
+    (c / "cache.json").write_text(text[: len(text) // 2])
+
+
+DAMAGE = {
+    "images.npy truncated": (_truncate_images, "images.npy", "is cut short: 1000 bytes"),
+    "images.npy shrunk": (
+        _shrink_images,
+        "items.npy",
+        "points at image row 2 (images.npy holds 2)",
+    ),
+    "images.npy another dtype": (_images_of_another_dtype, "images.npy", "holds float32"),
+    "items.npy past the images": (
+        _items_past_the_images,
+        "items.npy",
+        "row 3 points at image row 99",
+    ),
+    "items.npy past the files": (_items_past_the_files, "items.npy", "row 1 points at file -1"),
+    "items.npy pickled": (_items_pickled, "items.npy", "cannot be read as an array"),
+    "items.npy another shape": (_items_of_another_shape, "items.npy", "not [N, 3]"),
+    "cache.json cut short": (_record_cut_short, "cache.json", "cannot be read as a cache record"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_damaged_cache_is_refused_as_it_opens_naming_the_file(damage, verify, tmp_path):
+    from beitdomain.data.cache import CachedImages, CacheError
+
+    c = _cache(tmp_path)
+    assert len(CachedImages(c)) == 6  # intact, it opens
+    spoil, file, what = DAMAGE[damage]
+    spoil(c)
+    with pytest.raises(CacheError) as e:
+        CachedImages(c, verify=verify)
+    msg = str(e.value)
+    assert str(c / file) in msg and what in msg, msg
+    assert "beitdomain data cache" in msg  # how to fix it
+
+
+def test_building_over_a_damaged_cache_rebuilds_it(tmp_path):
+    from beitdomain.data.cache import build_cache
+
+    c = _cache(tmp_path)
+    first = np.load(c / "images.npy")
+    _truncate_images(c)
+    again = build_cache(tmp_path / "data", c, size=40)
+    assert not again.reused  # a damaged cache is never taken for a fresh one
+    assert np.array_equal(np.load(c / "images.npy"), first)
+
+
+def test_training_on_a_damaged_cache_is_one_sentence_and_leaves_no_running_run(tmp_path):
+    import json
+
+    c = _cache(tmp_path)
+    _truncate_images(c)
+    out = tmp_path / "r12"
+    res = cli(
+        "tokenizer",
+        "train",
+        "--cache",
+        str(c),
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        *sets_to_args(TOKENIZER_SETS),
+    )
+    _one_error_line(res, c / "images.npy")
+    assert said(res.output, "is cut short")
+    manifest = out / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "running"

@@ -17,6 +17,8 @@ random-resized-crop does anyway), 'crop' (shorter side to ``size``, center crop)
 Invalidation: opening a cache compares every file's size and mtime (and sha256 when the cache
 was built with ``hash_files``) and the normalization settings, and refuses a stale cache with
 a message naming what changed. ``build_cache`` reuses a fresh cache and rebuilds a stale one.
+A damaged cache (``images.npy`` cut short or replaced, ``items.npy`` rows pointing outside it)
+is refused as it opens, naming the file, and rebuilt by ``build_cache``.
 """
 
 from __future__ import annotations
@@ -172,16 +174,38 @@ def check_cache(
     Settings left as None are not compared. With ``manifest``, files added to or removed
     from the dataset since the cache was built are reported too.
     """
-    cache_dir = Path(cache_dir)
+    return _cache_problems(Path(cache_dir), spec, size, dtype, fit, manifest)[0]
+
+
+def _cache_problems(
+    cache_dir: Path,
+    spec: IntensitySpec | None = None,
+    size: int | None = None,
+    dtype: str | None = None,
+    fit: str | None = None,
+    manifest: Manifest | None = None,
+    fresh: bool = True,
+) -> tuple[list[str], dict[str, Any] | None, np.ndarray | None]:
+    """`check_cache`'s reasons, with the record and the items array when they could be read
+    (so opening a cache reads each once). Without `fresh`, only the record and the arrays are
+    checked (a cache `build_cache` has just written or found fresh)."""
     meta_path = cache_dir / "cache.json"
     if not meta_path.is_file():
-        return [
-            f"{cache_dir}: no cache here (cache.json missing; build it with beitdomain data cache)"
-        ]
-    info = json.loads(meta_path.read_text())
+        why = "no cache here (cache.json missing; build it with beitdomain data cache)"
+        return [f"{cache_dir}: {why}"], None, None
+    if not _is_our_record(meta_path):
+        why = "cannot be read as a cache record (damaged, or not a cache)"
+        return [f"{meta_path} {why}"], None, None
+    info = json.loads(meta_path.read_text(encoding="utf-8"))
     if info.get("cache_version") != CACHE_VERSION:
-        return [f"cache format {info.get('cache_version')} != {CACHE_VERSION}; rebuild it"]
-    reasons = []
+        return (
+            [f"cache format {info.get('cache_version')} != {CACHE_VERSION}; rebuild it"],
+            info,
+            None,
+        )
+    reasons, items = _damage(cache_dir, info)
+    if not fresh:
+        return reasons, info, items
     cached = info["settings"]
     wanted = {
         "size": size if size is not None else cached["size"],
@@ -201,7 +225,89 @@ def check_cache(
         added = [e.path for e in manifest.entries if e.path not in cached_paths]
         if added:
             reasons.append(f"{len(added)} file(s) not in the cache, e.g. {added[0]}")
-    return reasons
+    return reasons, info, items
+
+
+def _damage(cache_dir: Path, info: dict[str, Any]) -> tuple[list[str], np.ndarray | None]:
+    """What is wrong with `images.npy` and `items.npy` (a copy cut short, a file replaced,
+    rows pointing outside the images), read from their headers and the small items array
+    only, so a bad cache is refused as it opens, not by a traceback mid-training.
+
+    Returns:
+        The problems, each naming its file, and the items array when it is usable.
+    """
+    images_path, items_path = cache_dir / "images.npy", cache_dir / "items.npy"
+    reasons: list[str] = []
+    shape = _images_header(images_path, info, reasons)
+    try:
+        items = np.load(items_path, allow_pickle=False)  # a pickle is refused, never run
+    except FileNotFoundError:
+        return [*reasons, f"{items_path} is missing"], None
+    except (OSError, ValueError, EOFError) as e:
+        return [*reasons, f"{items_path} cannot be read as an array ({e})"], None
+    if not isinstance(items, np.ndarray) or items.dtype.kind not in "iu" or items.ndim != 2:
+        what = f"{items.dtype} {list(items.shape)}" if isinstance(items, np.ndarray) else "npz"
+        return [*reasons, f"{items_path} holds {what}, not [N, 3] integers"], None
+    if items.shape[1] != 3:
+        return [*reasons, f"{items_path} has shape {list(items.shape)}, not [N, 3]"], None
+    if isinstance(info.get("count"), int) and len(items) != info["count"]:
+        reasons.append(f"{items_path} has {len(items)} rows; cache.json says {info['count']}")
+    # column: what it points at, how many there are (None: unknown), where that is said
+    limits = [
+        ("image row", shape[0] if shape else None, "images.npy holds"),
+        ("file", len(info["files"]), "cache.json lists"),
+        ("frame", None, ""),
+    ]
+    for col, (what, n, holds) in enumerate(limits):
+        values = items[:, col]
+        out = values < 0 if n is None else (values < 0) | (values >= n)
+        bad = np.flatnonzero(out)
+        if bad.size:
+            k = int(bad[0])
+            of = f" ({holds} {n})" if n is not None else ""
+            reasons.append(
+                f"{items_path} row {k} points at {what} {int(values[k])}{of}; "
+                f"{bad.size} row(s) out of range"
+            )
+    return reasons, (items if not reasons else None)
+
+
+def _images_header(path: Path, info: dict[str, Any], reasons: list[str]) -> tuple[int, ...] | None:
+    """The shape `path`'s .npy header declares when it fits the record and the file holds all
+    of it; otherwise None, with what is wrong added to `reasons`."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dt = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dt = npy.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format {version} is not one a cache writes")
+            offset, have = f.tell(), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        reasons.append(f"{path} is missing")
+        return None
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        reasons.append(f"{path} is not a readable .npy array ({e})")
+        return None
+    settings = info["settings"]
+    want = np.dtype(DTYPES.get(settings.get("dtype"), np.uint8))
+    frame = tuple(info.get("shape", [])[1:]) or None
+    if dt != want or fortran or len(shape) != 4 or (frame and tuple(shape[1:]) != frame):
+        expected = f"{want} [N, {', '.join(map(str, frame or ('C', 'size', 'size')))}]"
+        reasons.append(f"{path} holds {dt} {list(shape)}, not the cache's {expected}")
+        return None
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if have < need:
+        reasons.append(
+            f"{path} is cut short: {have} bytes, where its {shape[0]} images need {need} "
+            f"(a copy or a disk lost data)"
+        )
+        return None
+    return tuple(shape)
 
 
 def build_cache(
@@ -426,29 +532,28 @@ class CachedImages:
         fit: str | None = None,
         verify: bool = True,
     ) -> None:
-        """Opens a cache; with ``verify`` refuses it when files or requested settings differ.
+        """Opens a cache; with ``verify`` refuses it when files or requested settings differ,
+        and always when its arrays are damaged (checked from their headers and ``items.npy``).
 
         Raises:
             CacheError: naming what changed and how to rebuild.
         """
         self.cache_dir = Path(cache_dir)
-        if verify:
-            reasons = check_cache(self.cache_dir, spec, size, dtype, fit)
-            if reasons:
-                raise CacheError(
-                    f"{self.cache_dir}: cache cannot be used:\n  "
-                    + "\n  ".join(reasons)
-                    + "\nRebuild it with: beitdomain data cache ... --out "
-                    + str(self.cache_dir)
-                )
-        elif not (self.cache_dir / "cache.json").is_file():
-            raise CacheError(f"{self.cache_dir}: no cache here (cache.json missing)")
-        info = json.loads((self.cache_dir / "cache.json").read_text())
+        # Without `verify` the source files and settings are not compared, but a damaged
+        # images.npy / items.npy is refused all the same (it would fail mid-training).
+        reasons, info, items = _cache_problems(self.cache_dir, spec, size, dtype, fit, fresh=verify)
+        if reasons or info is None or items is None:
+            raise CacheError(
+                f"{self.cache_dir}: cache cannot be used:\n  "
+                + "\n  ".join(reasons)
+                + "\nRebuild it with: beitdomain data cache ... --out "
+                + str(self.cache_dir)
+            )
         self.root = info["root"]
         self.settings = info["settings"]
         self.files: list[dict[str, Any]] = info["files"]
         self.errors = [tuple(e) for e in info.get("errors", [])]
-        self.items = np.load(self.cache_dir / "items.npy")  # [N, 3]: row, file, frame
+        self.items = items  # [N, 3]: row, file, frame
         self._rows = self.items[:, 0]
         self.reused = False
         self._images: np.ndarray | None = None
