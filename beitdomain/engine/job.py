@@ -4,11 +4,16 @@ A job is its own `build` (data, model, loss) and `finish` (what it leaves behind
 
     job = Job.open("pretrain", recipe, out, **options)  # device, resume, overwrite, quiet, ...
     dataset, fingerprint = ...           # the job's data (its errors come before any write)
-    job.start(fingerprint)               # recipe.yaml + manifest (main process)
+    job.start(fingerprint)               # the run folder, its lock, recipe.yaml + manifest (main)
     plan = job.plan(dataset)             # loader and run length, from the job's own `train`
     trainer = job.trainer(model, plan, groups, step_fn, hooks=[...])  # its own `optim`
     job.fit(trainer)                     # a failure marks the manifest, then raises
     job.finish(result)                   # manifest "completed" (main), then a barrier
+
+`Job.open` checks the folder and writes nothing; the folder is created (locked, marked, and
+cleared by --overwrite) at the job's first write, `start` or `write_json`. A job refused before
+then (its data, labels, augmentations, tokenizer or model) leaves `out` as it found it, missing
+or not, and a start that fails in a folder it created removes what it wrote.
 
 Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain`,
 `recipe.finetune`), which all have the same `train` + `optim` shape.
@@ -17,6 +22,7 @@ Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +90,18 @@ class Job:
     recipe: Recipe
     device: torch.device
     dist: D.DistInfo
-    run: RunDir
+    opened: RunDir | None  # the run folder, once the job has written to it (see `run`)
     resume: bool
     quiet: bool
     trust_pickle: bool = False  # from the caller only: a recipe never grants trust
     peak_lr: float | None = None  # set by `trainer`: the schedule's highest learning rate
+    out: Path | None = None  # where `run` opens the folder (None: `opened` is given)
+    overwrite: bool = False
+    # When `open` found no run in `out`: the time it looked (None: a run was there), and
+    # whether `out` was missing (False) or empty (True; None: it held a died run's marker).
+    # A start failing in a missing or empty folder takes back what it wrote.
+    fresh_since_ns: int | None = None
+    found_empty: bool | None = None
 
     @classmethod
     def open(
@@ -103,21 +116,60 @@ class Job:
         quiet: bool = False,
         trust_pickle: bool = False,
     ) -> Job:
-        """Resolves the device, joins the process group, opens the run folder and seeds."""
+        """Resolves the device, joins the process group, checks the run folder and seeds.
+
+        Nothing is written: `out` is created at the job's first write (`start`).
+
+        Raises:
+            RunDirError: the folder cannot be used as asked (another kind of run, files the
+                run did not write, a run and neither --resume nor --overwrite).
+            RunLockedError: another process is writing the folder.
+        """
         dev = D.resolve_device(device)
         info = D.init_distributed(dev)
-        run = RunDir.open(  # refuses other kinds of run and folders it did not write; locks
-            out,
-            kind=kind,
-            resume=resume,
-            overwrite=overwrite,
-            is_main=info.is_main,
-            recipe=recipe,
-        )
+        out = Path(out)
+        found_empty: bool | None = None
+        fresh_since_ns: int | None = None
+        if info.is_main:  # refuses other kinds of run and folders it did not write
+            since = time.time_ns()
+            found = RunDir.check(out, kind=kind, resume=resume, overwrite=overwrite, recipe=recipe)
+            if found is None:
+                fresh_since_ns = since
+                if not (out.is_dir() and any(out.iterdir())):
+                    found_empty = out.is_dir()
         train = getattr(recipe, kind).train
         D.seed_everything(recipe.seed, train.deterministic)  # the same on every rank, see trainer
         D.use_tf32(dev, train.precision)
-        return cls(kind, recipe, dev, info, run, resume, quiet, trust_pickle)
+        return cls(
+            kind,
+            recipe,
+            dev,
+            info,
+            None,
+            resume,
+            quiet,
+            trust_pickle,
+            out=out,
+            overwrite=overwrite,
+            fresh_since_ns=fresh_since_ns,
+            found_empty=found_empty,
+        )
+
+    @property
+    def run(self) -> RunDir:
+        """The run folder, created and locked on first use (checked again under the lock)."""
+        if self.opened is None:
+            assert self.out is not None
+            self.opened = RunDir.open(  # refuses other kinds of run and folders it did not write
+                self.out,
+                kind=self.kind,
+                resume=self.resume,
+                overwrite=self.overwrite,
+                is_main=self.is_main,
+                recipe=self.recipe,
+                fresh_since_ns=self.fresh_since_ns,
+            )
+        return self.opened
 
     @property
     def train_config(self) -> TrainConfig:
@@ -129,7 +181,8 @@ class Job:
 
     @property
     def path(self) -> Path:
-        return self.run.path
+        """The run folder's path (it exists once the job has started)."""
+        return self.opened.path if self.opened is not None else Path(self.out or ".")
 
     @property
     def is_main(self) -> bool:
@@ -145,15 +198,24 @@ class Job:
         log.log(logging.DEBUG if self.quiet else logging.INFO, msg, *args)
 
     def start(self, data_fingerprint: str | None = None, **extra: Any) -> None:
-        """Writes recipe.yaml and the manifest's start fields (main process only)."""
-        if self.is_main:
-            self.run.start(
+        """Creates the run folder (see `RunDir.open`), then writes recipe.yaml and the
+        manifest's start fields (main process only). When writing them fails in a folder that
+        was missing or empty, what this start wrote is removed again."""
+        if not self.is_main:
+            return
+        run = self.run
+        try:
+            run.start(
                 COMMANDS[self.kind],
                 self.recipe,
                 str(self.device),
                 data_fingerprint=data_fingerprint,
                 **extra,
             )
+        except BaseException:
+            if self.found_empty is not None:
+                run.discard(remove_folder=not self.found_empty)
+            raise
 
     def write_json(self, name: str, obj: Any) -> None:
         """A JSON file in the run folder (main process only)."""

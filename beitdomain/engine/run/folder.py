@@ -118,6 +118,26 @@ def _delete_own_files(path: Path) -> None:
                     sub.rmdir()
 
 
+def _check_request(path: Path, kind: str, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; pick one")
+    if kind not in KIND_OUTPUTS:
+        raise ValueError(f"kind={kind!r}; valid: {', '.join(KIND_OUTPUTS)}")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a folder; choose a folder")
+
+
+def _check_unlocked(path: Path, kind: str) -> None:
+    """Refuses a folder another process is writing, leaving it as it was held. Only a folder
+    with a lock file can be held; one this process holds (an earlier run object's, which a
+    later `open` takes over) is not tried, as trying would release it."""
+    if (path / LOCK_FILE).is_file() and os.path.realpath(path) not in FolderLock._held:
+        try:
+            FolderLock(path).acquire(f"a {kind} run").release()
+        except FolderLockedError as e:
+            raise RunLockedError(e.strerror or str(e)) from None
+
+
 class RunDir:
     """A run's output folder. Create it with `RunDir.open`; the process holds its lock until
     `finish` (or a failure recorded by `recording_failures`, or `close`)."""
@@ -132,6 +152,32 @@ class RunDir:
         self._since_ns = time.time_ns()
         self.previous_status: str | None = None  # the manifest's status when the run was opened
 
+    @staticmethod
+    def check(
+        path: str | Path,
+        *,
+        kind: str = "run",
+        resume: bool = False,
+        overwrite: bool = False,
+        recipe: Recipe | None = None,
+    ) -> str | None:
+        """Everything `open` checks, writing nothing: a job asks this before it reads its data,
+        so a folder it cannot use is refused at once, and the folder is created (by `open`)
+        only once the data, the tokenizer and the model are known to be good.
+
+        Returns:
+            The kind of the run already in `path`; None for a missing or empty folder.
+
+        Raises:
+            RunDirError: the folder cannot be used as asked.
+            RunLockedError: another process is writing this folder (its PID is named).
+        """
+        path = Path(path)
+        _check_request(path, kind, resume, overwrite)
+        found = check_folder(path, kind, resume, overwrite, recipe)
+        _check_unlocked(path, kind)
+        return found
+
     @classmethod
     def open(
         cls,
@@ -142,6 +188,7 @@ class RunDir:
         overwrite: bool = False,
         is_main: bool = True,
         recipe: Recipe | None = None,
+        fresh_since_ns: int | None = None,
     ) -> RunDir:
         """Prepares `path` for a run of `kind` and takes its lock; nothing is written or deleted
         before every check has passed.
@@ -153,21 +200,20 @@ class RunDir:
           folder holding any file the run did not write, a folder that is not a beitdomain run,
           a filesystem root, the current or home folder and the recipe's inputs (or a folder
           above them), naming them.
+        - `fresh_since_ns`: the caller found the folder missing or empty at that time (`check`);
+          files named like the run's outputs written there since (the quarantine report of
+          reading its data) are the run's own, and `discard` removes them too.
 
         Raises:
             RunDirError: the folder cannot be used as asked; nothing was changed.
             RunLockedError: another process is writing this folder (its PID is named).
         """
         path = Path(path)
-        if resume and overwrite:
-            raise RunDirError("--resume and --overwrite contradict each other; pick one")
-        if kind not in KIND_OUTPUTS:
-            raise ValueError(f"kind={kind!r}; valid: {', '.join(KIND_OUTPUTS)}")
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"--out {path} is a file, not a folder; choose a folder")
         if not is_main:  # rank 0 checks, locks and writes; the others only use the folder
+            _check_request(path, kind, resume, overwrite)
             return cls(path, resumed=bool(resume and run_kind(path)), kind=kind)
-        check_folder(path, kind, resume, overwrite, recipe)
+        _check_request(path, kind, resume, overwrite)
+        check_folder(path, kind, resume, overwrite, recipe, fresh_since_ns)
         path.mkdir(parents=True, exist_ok=True)
         try:
             lock = FolderLock(path).acquire(f"a {kind} run")
@@ -175,7 +221,7 @@ class RunDir:
             raise RunLockedError(e.strerror or str(e)) from None
         try:
             # Checked again under the lock: another process may have changed the folder.
-            existing = check_folder(path, kind, resume, overwrite, recipe)
+            existing = check_folder(path, kind, resume, overwrite, recipe, fresh_since_ns)
             if existing is not None and overwrite:
                 _delete_own_files(path)
                 existing = None
@@ -185,9 +231,35 @@ class RunDir:
             lock.release()
             raise
         run = cls(path, resumed=bool(resume and existing), kind=kind)
+        if existing is None and fresh_since_ns is not None:
+            run._since_ns = min(run._since_ns, fresh_since_ns)
         run._lock = lock
         run.previous_status = run.read_manifest().get("status") if existing else None
         return run
+
+    def discard(self, remove_folder: bool) -> None:
+        """Undoes a start that failed in a folder that was missing or empty: deletes the files
+        this run wrote (named like its outputs and written since it began: `_own_files`), the
+        folders they leave empty and, with `remove_folder` (this run created the folder), the
+        folder itself once nothing else is in it; then releases the lock. Anything else
+        (a user's file written meanwhile) is left where it is."""
+        if self._lock is None:
+            return
+        since = self._since_ns - 2_000_000_000
+        for rel in sorted(self._own_files(), key=lambda f: (-f.count("/"), f)):
+            p = self.path / rel
+            with contextlib.suppress(OSError):
+                if p.lstat().st_mtime_ns >= since:
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            (self.path / LOCK_FILE).unlink()  # still held: no other process can be using it
+        self._lock.release()
+        self._lock = None
+        for dirpath, _, _ in sorted(os.walk(self.path), key=lambda w: -len(w[0])):
+            here = Path(dirpath)
+            if here != self.path or remove_folder:
+                with contextlib.suppress(OSError):
+                    here.rmdir()  # only when empty
 
     def close(self) -> None:
         """Records the files the run wrote and releases the folder's lock."""

@@ -274,11 +274,44 @@ def _refuse_dangerous(path: Path, protected: dict[str, Path]) -> None:
             )
 
 
+def written_since(path: Path, kind: str, since_ns: int) -> bool:
+    """Whether every file under `path` but its lock and marker is named like what a run of
+    `kind` writes and was written at or after `since_ns` (links count as files, and are never
+    followed)."""
+    patterns = COMMON_OUTPUTS + KIND_OUTPUTS.get(kind, ())
+    since = since_ns - 2_000_000_000  # file systems stamp mtimes with a coarse clock
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        dirnames[:] = [d for d in dirnames if d not in links]
+        for name in [*filenames, *links]:
+            p = here / name
+            if here == path and name in (LOCK_FILE, RUN_MARKER):
+                continue
+            try:
+                newer = p.lstat().st_mtime_ns >= since
+            except OSError:
+                return False
+            if not (newer and is_run_output(p.relative_to(path).as_posix(), patterns)):
+                return False
+    return True
+
+
 def check_folder(
-    path: Path, kind: str, resume: bool, overwrite: bool, recipe: Recipe | None
+    path: Path,
+    kind: str,
+    resume: bool,
+    overwrite: bool,
+    recipe: Recipe | None,
+    own_since_ns: int | None = None,
 ) -> str | None:
     """The kind of the run already in `path` (None for a missing or empty folder), or the
     reason the folder cannot be used, raised.
+
+    `own_since_ns`: the caller found no run in the folder at that time (a job checks its
+    folder before it reads its data); a folder holding, beside a lock and marker, only files
+    named like the run's outputs written since (the quarantine report of reading the data) is
+    still the caller's fresh one.
 
     Raises:
         RunDirError: the folder cannot be used as asked; nothing was changed.
@@ -292,6 +325,8 @@ def check_folder(
     entries = [p.name for p in path.iterdir()] if path.is_dir() else []
     if not [e for e in entries if e not in (LOCK_FILE, RUN_MARKER)]:
         return None  # missing, empty, or a run that died before writing anything
+    if own_since_ns is not None and written_since(path, kind, own_since_ns):
+        return None  # what this job wrote while it read its data, before opening the folder
     found = run_kind(path)
     name = _CLI.get(kind, "this command")
     if found is None:
