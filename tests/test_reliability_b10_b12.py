@@ -4,6 +4,8 @@ traceback (or a SIGBUS), and leave nothing half-written behind."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +278,75 @@ def test_training_on_a_damaged_cache_is_one_sentence_and_leaves_no_running_run(t
     assert said(res.output, "is cut short")
     manifest = out / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "running"
+
+
+# --------------------------------------------------------------------------------------------
+# B10: a full disk under `data cache` is a sentence, not a SIGBUS, and leaves no partial file
+# --------------------------------------------------------------------------------------------
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_under_data_cache_is_one_sentence_and_leaves_no_partial_file(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(os, "posix_fallocate", _no_space, raising=False)
+    out = tmp_path / "c"
+    res = _cli_data_cache(tmp_path, out)
+    _one_error_line(res, out / "images.npy")
+    assert said(res.output, "No space left on device", "MiB needed for 6 images", "MiB free")
+    left = {p.name for p in out.iterdir()}
+    assert not left & {".images.partial.npy", "images.npy", "items.npy", "cache.json"}, left
+
+
+def test_where_fallocate_is_not_supported_the_space_is_reserved_by_writing(tmp_path, monkeypatch):
+    from beitdomain.data.cache import build_cache
+
+    data = _images(tmp_path / "data")
+    expected = np.load(build_cache(data, tmp_path / "plain", size=40).cache_dir / "images.npy")
+    calls = []
+
+    def unsupported(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    c = build_cache(data, tmp_path / "written", size=40).cache_dir
+    assert calls == [6 * 40 * 40]  # asked for the pixels' bytes, then wrote them as zeros
+    assert np.array_equal(np.load(c / "images.npy"), expected)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_a_full_disk_met_while_writing_the_reserve_is_a_write_error(tmp_path, monkeypatch):
+    from beitdomain.data.cache import build_cache
+    from beitdomain.fileio import WriteError
+
+    real_fsync = os.fsync
+
+    def fsync(fd):  # a file system that allocates late says ENOSPC when the data is synced
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".images.partial.npy"):
+            _no_space()
+        real_fsync(fd)
+
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "c"
+    with pytest.raises(WriteError, match="No space left on device") as e:
+        build_cache(_images(tmp_path / "data"), out, size=40)
+    assert str(out / "images.npy") in str(e.value)
+    assert not (out / ".images.partial.npy").exists()
+
+
+def test_a_full_disk_writing_items_npy_is_a_write_error_naming_it(tmp_path, monkeypatch):
+    import beitdomain.data.cache as cache_mod
+    from beitdomain.fileio import WriteError
+
+    monkeypatch.setattr(cache_mod.np, "save", _no_space)
+    out = tmp_path / "c"
+    with pytest.raises(WriteError, match="No space left on device") as e:
+        cache_mod.build_cache(_images(tmp_path / "data"), out, size=40)
+    assert str(out / "items.npy") in str(e.value)
+    left = {p.name for p in out.iterdir()}
+    assert not left & {".images.partial.npy", "images.npy", "items.npy", "cache.json"}, left

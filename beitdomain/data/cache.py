@@ -24,6 +24,7 @@ is refused as it opens, naming the file, and rebuilt by ``build_cache``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -41,8 +42,11 @@ from beitdomain.fileio import (
     FolderLock,
     FolderLockedError,
     LockFileError,
+    WriteError,
+    atomic_open,
     atomic_write_json,
     check_lock_file,
+    free_bytes,
     make_dirs,
     read_marker,
     sha256_file,
@@ -357,6 +361,7 @@ def build_cache(
     except FolderLockedError as e:
         raise CacheError(e.strerror or str(e)) from None
     partial = out_dir / ".images.partial.npy"
+    renamed = False  # whether this build has put its images.npy in place
     try:
         manifest = _as_manifest(source, on_error, workers, progress)
         fresh = (out_dir / "cache.json").is_file() and not check_cache(
@@ -375,7 +380,7 @@ def build_cache(
         offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
         total = int(offsets[-1])
         shape = (total, spec.in_chans, size, size)
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=DTYPES[dtype], shape=shape)
+        images = _preallocated_array(partial, DTYPES[dtype], shape, out_dir / "images.npy")
         spec_dict = spec.to_dict()
         jobs = [
             (i, str(manifest.abspath(e)), spec_dict, size, dtype, fit, per_file[i])
@@ -436,16 +441,79 @@ def build_cache(
             "errors": [list(x) for x in errors],
         }
         os.replace(partial, out_dir / "images.npy")
-        np.save(out_dir / "items.npy", np.asarray(items, dtype=np.int64).reshape(-1, 3))
+        renamed = True
+        with atomic_open(out_dir / "items.npy") as f:
+            np.save(f, np.asarray(items, dtype=np.int64).reshape(-1, 3))
         atomic_write_json(out_dir / "cache.json", record)
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-built cache left behind
+        if renamed:  # without its cache.json this build's images.npy only fills the disk
+            for name in ("images.npy", "items.npy"):
+                (out_dir / name).unlink(missing_ok=True)
         raise
     finally:
         lock.release()
     cached = CachedImages(out_dir, verify=False)
     cached.reused = False
     return cached
+
+
+# posix_fallocate's answers for a file system that cannot reserve space (then zeros are written)
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def _preallocated_array(
+    partial: Path, dtype: Any, shape: tuple[int, ...], target: Path
+) -> np.memmap:
+    """A writable memory map of a new `partial` .npy whose disk space is reserved first.
+
+    A plain `open_memmap(mode="w+")` makes a sparse file: on a full disk the first write into
+    a page with no block behind it kills the process by SIGBUS, with no message. Reserving the
+    blocks up front (posix_fallocate, else writing zeros) turns a full disk into an OSError
+    here, before anything is decoded.
+
+    Raises:
+        WriteError: naming `target`, the space needed and what is free; `partial` is removed.
+    """
+    try:
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        offset, nbytes = images.offset, images.nbytes
+        del images  # nothing written through it yet: unmap before reserving the blocks
+        _reserve(partial, offset, nbytes)
+        return np.lib.format.open_memmap(partial, mode="r+")
+    except OSError as e:
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        with contextlib.suppress(OSError):
+            partial.unlink()  # at once: what is free is said without it (and it fills the disk)
+        try:
+            free = f", {free_bytes(partial.parent) / 2**20:.1f} MiB free"
+        except OSError:
+            free = ""
+        raise WriteError(
+            e.errno,
+            f"could not write the cache {target}: {e.strerror or e} ({need / 2**20:.1f} MiB needed "
+            f"for {shape[0]} images{free}); nothing was kept. Free some space, or choose "
+            f"another --out",
+        ) from e
+
+
+def _reserve(path: Path, offset: int, nbytes: int, chunk: int = 16 << 20) -> None:
+    """Allocates disk blocks for bytes `offset` .. `offset + nbytes` of `path` (kept zero)."""
+    with open(path, "r+b") as f:
+        fallocate = getattr(os, "posix_fallocate", None)
+        if fallocate is not None:
+            try:
+                fallocate(f.fileno(), offset, nbytes)
+                return
+            except OSError as e:
+                if e.errno not in _NO_FALLOCATE:
+                    raise
+        f.seek(offset)  # no fallocate here (or on this file system): write the zeros
+        zeros = bytes(min(chunk, nbytes))
+        for start in range(0, nbytes, chunk):
+            f.write(zeros[: min(chunk, nbytes - start)])
+        f.flush()
+        os.fsync(f.fileno())  # a file system that allocates late reports ENOSPC here
 
 
 def _check_cache_folder(out_dir: Path) -> None:
