@@ -1,6 +1,8 @@
 """A command refused before it starts leaves `--out` as it found it: no run folder, marker or
 lock for a missing one, nothing added to an empty one, the previous run intact for --overwrite;
-the refusal is one line and exit 2 (issue 39 item 4)."""
+the refusal is one line and exit 2 (issue 39 item 4). And what third-party libraries log or
+draw while a command reads or writes (pydicom's decoder tracebacks, transformers' progress
+bars) is folded into the file's reason or kept off the console (issue 39 item 6)."""
 
 from __future__ import annotations
 
@@ -153,3 +155,66 @@ def test_the_quarantine_report_written_before_the_start_is_the_runs_own(tmp_path
         run = RunDir.open(out, kind="finetune", fresh_since_ns=since)
         run.close()
         assert "quarantine.csv" in read_marker(out)["files"], died
+
+
+# --------------------------------------------------------------------------------------------
+# third-party output (issue 39 item 6)
+# --------------------------------------------------------------------------------------------
+
+
+def _corrupt_jpeg_dicom(dst: Path) -> Path:
+    """A bundled JPEG DICOM whose compressed frame is overwritten: every decoder fails, and
+    pydicom logs each failure with its traceback before raising."""
+    import pydicom
+    from helpers import bundled_dicom
+
+    ds = pydicom.dcmread(bundled_dicom("SC_rgb_jpeg_dcmtk.dcm"))
+    data = bytearray(ds.PixelData)
+    data[40:-40:7] = b"\xff" * len(data[40:-40:7])
+    ds.PixelData = bytes(data)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+    return dst
+
+
+def test_a_corrupt_dicom_is_one_reason_and_no_traceback(tmp_path):
+    import json
+    import shutil
+
+    from helpers import bundled_dicom, run_cli
+
+    root = tmp_path / "dicoms"
+    root.mkdir()
+    shutil.copy(bundled_dicom("CT_small.dcm"), root / "good.dcm")
+    _corrupt_jpeg_dicom(root / "bad.dcm")
+    # a process of its own: the scan's workers write to the real stderr
+    res = run_cli(
+        ["--json", "data", "scan", str(root), "--on-error", "skip", "--out", str(tmp_path / "m")]
+    )
+    assert res.returncode == 0, res.stderr
+    both = res.stdout + res.stderr
+    assert "Traceback" not in both and 'File "' not in both and "ERROR" not in both, both
+    assert res.stderr == "", res.stderr  # -q: warnings and errors only, and there are none
+    reasons = {Path(e["path"]).name: e["reason"] for e in json.loads(res.stdout)["unreadable"]}
+    assert list(reasons) == ["bad.dcm"]
+    assert reasons["bad.dcm"].startswith("cannot decode DICOM pixel data")
+    assert "BytesIO object at" not in reasons["bad.dcm"]  # the same reason on every scan
+
+
+def test_the_hf_export_draws_no_progress_bar(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    data = write_separable_set(tmp_path / "data", per_class=4)
+    pre = sets_to_args([*PRETRAIN_SETS, "model.target=pixels", "pretrain.train.steps=1"])
+    run = tmp_path / "pre"
+    assert invoke("pretrain", "--data", str(data), "--out", str(run), *pre).exit_code == 0
+    bars = hf_logging.is_progress_bar_enabled()
+    for quiet in (["--quiet"], []):  # -q, and stderr not a terminal (CliRunner's)
+        out = tmp_path / f"hf{len(quiet)}"
+        args = ["--device", "cpu", *quiet, "pretrain", "export", str(run), "--format", "hf"]
+        res = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert res.exit_code == 0, (res.output, res.exception)
+        assert "Writing model shards" not in res.output and "it/s" not in res.output, res.output
+        assert (out / "config.json").is_file()
+        assert hf_logging.is_progress_bar_enabled() is bars  # put back after the command

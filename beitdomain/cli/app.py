@@ -81,6 +81,41 @@ def main_options(
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     setup_logging(quiet)
+    from beitdomain.progress import stderr_is_terminal
+
+    if quiet or not stderr_is_terminal():
+        _no_hf_progress_bars(ctx)
+
+
+def _no_hf_progress_bars(ctx: typer.Context) -> None:
+    """No Hugging Face progress bars for this command (-q, or stderr not a terminal: a bar
+    there is lines of carriage returns), put back as they were when it ends.
+
+    transformers draws them through huggingface_hub's switch (its save_pretrained writes
+    "Writing model shards" in `pretrain export --format hf`), and reads that switch when it
+    is imported, so the switch is turned before any command imports transformers.
+    """
+    import os
+
+    try:
+        from huggingface_hub import utils as hub
+    except ImportError:  # transformers needs it: no huggingface_hub, no transformers bars
+        return
+    if hub.are_progress_bars_disabled() or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return  # off already, or the user chose with HF_HUB_DISABLE_PROGRESS_BARS
+    hub.disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # imported already: it keeps its own copy of the switch
+        hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        hf_logging = sys.modules.get("transformers.utils.logging")  # maybe imported since
+        if hf_logging is not None:
+            hf_logging.enable_progress_bar()  # (and huggingface_hub's)
+        else:
+            hub.enable_progress_bars()
+
+    ctx.call_on_close(restore)
 
 
 @app.command()

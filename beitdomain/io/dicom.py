@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +41,58 @@ def _pydicom():
     return pydicom
 
 
+class _DecoderLog(logging.Handler):
+    """What pydicom's pixel decoders logged: one line per record, for the file's reason.
+
+    A decoder that fails logs its exception with the traceback (``LOGGER.exception``) before
+    pydicom tries the next one; the reason of the file says the same in one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # only the decoders' own records: pydicom's value checks (the "pydicom" logger) can
+        # print an attribute's value, and a patient's ID must not reach an errors CSV
+        if not record.name.startswith("pydicom.pixels"):
+            return
+        with contextlib.suppress(Exception):
+            text = record.getMessage().strip()
+            if text:
+                self.lines.append(text.splitlines()[0])
+
+
 @contextlib.contextmanager
-def _quiet():
-    """Silences pydicom's warnings and its log lines.
+def _quiet() -> Iterator[_DecoderLog]:
+    """Silences pydicom's warnings and its log records; yields what its decoders logged.
 
     pydicom converts a value when it is first read (not when the file is read), and a value
     that does not fit its VR (a PatientID stored as IS) is then printed in a warning *and* a
-    log line on the ``pydicom`` logger: a PHI leak on the console. Everything that touches a
-    dataset runs inside this.
+    log line on the ``pydicom`` logger: a PHI leak on the console. A pixel decoder that fails
+    logs an ERROR with its traceback on a child logger (``pydicom.pixels.decoders.base``),
+    which ``disabled`` does not stop: the records go to a handler of this context instead of
+    on up to the console. Everything that touches a dataset runs inside this.
     """
     logger = logging.getLogger("pydicom")
-    disabled = logger.disabled
+    disabled, propagate = logger.disabled, logger.propagate
+    records = _DecoderLog()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.disabled = True
+        logger.propagate = False  # a child's record stops at `records`
+        logger.addHandler(records)
         try:
-            yield
+            yield records
         finally:
-            logger.disabled = disabled
+            logger.removeHandler(records)
+            logger.disabled, logger.propagate = disabled, propagate
+
+
+def _with_decoder_log(reason: str, lines: list[str]) -> str:
+    """`reason` with what the decoders logged that it does not already say."""
+    extra = [line for line in dict.fromkeys(lines) if line not in reason]
+    return f"{reason}; {'; '.join(extra[:3])}" if extra else reason
 
 
 def _dcmread(path: str | os.PathLike, **kwargs: Any) -> Any:
@@ -187,8 +223,7 @@ def _read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]
     check_size(path, rows * cols * frames * samples)
     meta = _safe_meta(ds, path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet() as decoder_log:
             arr = ds.pixel_array
     except Exception as e:
         msg = str(e)
@@ -203,6 +238,10 @@ def _read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]
         first = lines[0] if lines else type(e).__name__
         if first.endswith(":") and len(lines) > 1:
             first = f"{first} {'; '.join(lines[1:4])}"
+        first = _with_decoder_log(first, decoder_log.lines)
+        # Pillow names its buffer by address ("<_io.BytesIO object at 0x7f...>"): the same
+        # file would get another reason on every scan
+        first = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the encoded frame", first)
         if cut:
             first = f"{first}; {cut}"
         raise ReaderError(path, f"cannot decode DICOM pixel data ({ts}): {first}") from None
