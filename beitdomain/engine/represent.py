@@ -29,21 +29,10 @@ from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
 from beitdomain.models.convention import InputConvention, convention_of
 from beitdomain.models.convert import INPUT_META, TimmExport
+from beitdomain.models.probe import pooled_features
 from beitdomain.user import UserError
 
 TIMM_META_KEY = "beitdomain.timm"  # safetensors metadata written by export_timm_backbone
-
-
-def pooled_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Mean of the patch tokens after the final norm, `[B, D]`, for any timm `Beit` layout.
-
-    A classifier-layout backbone (`global_pool='avg'`) pools then applies `fc_norm`; a
-    pre-training backbone normalizes every token, and its patch tokens are averaged here.
-    """
-    if getattr(backbone, "global_pool", "") == "avg":
-        return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
-    tokens = backbone.forward_features(images)  # [B, prefix + L, D]
-    return tokens[:, getattr(backbone, "num_prefix_tokens", 1) :].mean(1)
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Classical baselines on exactly the label subsets of a curve: what a user would try first.
 
 A curve that shows domain pre-training beating a ViT trained from scratch says little if a
-logistic regression on the pixels does better still. Every arm here is a logistic regression
-(L2, `class_weight="balanced"`, as the fine-tunes weigh their loss) whose inverse
-regularisation C is chosen *within the label budget*: by stratified cross-validation inside
-the subset (`beitdomain.data.budget.kfold_splits`, the class-balanced likelihood of the pooled
-out-of-fold predictions), never on labels outside it. Arms differ only in their features:
+logistic regression on the pixels does better still. Every arm here is the one logistic probe
+(`beitdomain.models.probe.fit_logistic_probe`: L2, class-balanced, as the fine-tunes weigh their
+loss) whose inverse regularisation C is chosen *within the label budget*: by stratified
+cross-validation inside the subset (`beitdomain.data.budget.kfold_splits`, the class-balanced
+likelihood of the pooled out-of-fold predictions), never on labels outside it. Arms differ only
+in their features:
 
 * `pixels`: the evaluation view downsampled to `size` x `size`, intensities in [0, 1];
 * `pca`: those pixels projected on their first principal components, fitted on the unlabelled
@@ -20,84 +21,40 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from beitdomain.data.budget import kfold_splits
 from beitdomain.eval.metrics import classification_metrics
+from beitdomain.models import probe as P
+from beitdomain.models.probe import C_GRID, DEFAULT_C, ChosenC, LogisticProbe, fit_logistic_probe
 from beitdomain.progress import CountProgress
-from beitdomain.user import UserError
 
-# Log-spaced: pixels in [0, 1] want small C (4,096 correlated inputs), standardised probe
-# features larger; the grid covers both, and cross-validation inside the budget picks.
-C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-DEFAULT_C = 0.1  # when the subset is too small to cross-validate (no class with two labels)
-
-
-@dataclass(frozen=True)
-class ChosenC:
-    """The C cross-validation chose, and the pooled out-of-fold score of every candidate."""
-
-    c: float
-    scores: dict[float, float]
-    folds: int
-
-
-def _fit(x: np.ndarray, y: np.ndarray, c: float, standardize: bool, seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
-    steps = [StandardScaler(), clf] if standardize else [clf]
-    return make_pipeline(*steps).fit(x, y)
+# C_GRID, DEFAULT_C and ChosenC are the one probe's (`beitdomain.models.probe`), named here too.
+__all__ = [
+    "C_GRID",
+    "DEFAULT_C",
+    "BaselineArm",
+    "ChosenC",
+    "choose_c",
+    "fit_and_score",
+    "frozen_features",
+    "pca_features",
+    "pixel_features",
+    "run_baselines",
+]
 
 
-def choose_c(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    grid: Sequence[float] = C_GRID,
-    folds: int = 5,
-    seed: int = 0,
-    standardize: bool = False,
-    criterion: str = "log_loss",
-) -> ChosenC:
-    """C by stratified k-fold inside (x, y) only: the best pooled out-of-fold score.
+def _fit(x: np.ndarray, y: np.ndarray, c: float, standardize: bool, seed: int) -> LogisticProbe:
+    """The curve's estimator at one C: `fit_logistic_probe`, class-balanced (`seed` is that of
+    the cell; lbfgs draws nothing)."""
+    return fit_logistic_probe(x, y, c=c, class_balanced=True, standardize=standardize)
 
-    `criterion` "log_loss" (the default) scores the out-of-fold probabilities by their
-    class-balanced log-likelihood; "balanced_accuracy" their argmax. On the demo's subsets the
-    likelihood chose steadier Cs (raw pixels, 1% / 10%: 0.674 / 0.700 against 0.667 / 0.686).
-    Ties go to the smaller C (the simpler model). With no class of two labels there is nothing
-    to validate on, and `DEFAULT_C` is used.
-    """
-    from sklearn.metrics import balanced_accuracy_score, log_loss
 
-    y = np.asarray(y)
-    try:
-        splits = kfold_splits(np.arange(len(y)), y.tolist(), folds, seed)
-    except UserError:
-        return ChosenC(DEFAULT_C, {}, 0)
-    classes = np.unique(y)
-    weight = {k: len(y) / (len(classes) * np.sum(y == k)) for k in classes}
-    scores: dict[float, float] = {}
-    for c in sorted(grid):
-        prob = np.full((len(y), len(classes)), 1.0 / len(classes))
-        for s in splits:
-            if len(np.unique(y[s.fit])) < 2:  # a fold without both classes predicts its one
-                prob[s.val] = (classes == y[s.fit][0]).astype(float)
-                continue
-            m = _fit(x[s.fit], y[s.fit], c, standardize, seed)
-            prob[np.ix_(s.val, np.searchsorted(classes, m.classes_))] = m.predict_proba(x[s.val])
-        if criterion == "log_loss":
-            prob = prob / prob.sum(1, keepdims=True)
-            w = np.array([weight[k] for k in y])
-            scores[c] = -float(log_loss(y, prob, labels=classes, sample_weight=w))
-        else:
-            scores[c] = float(balanced_accuracy_score(y, classes[prob.argmax(1)]))
-    best = max(scores.values())
-    return ChosenC(min(c for c, v in scores.items() if v >= best - 1e-12), scores, len(splits))
+# C by cross-validation inside a subset: the one probe's `choose_c`, class-balanced, on the
+# features as they are unless `standardize=True` (see `beitdomain.models.probe.choose_c`).
+choose_c = partial(P.choose_c, class_balanced=True, standardize=False)
 
 
 def fit_and_score(
@@ -126,15 +83,10 @@ def fit_and_score(
     train_idx = np.asarray(train_idx, dtype=np.int64)
     y = np.asarray(labels)
     x_tr, y_tr = features[train_idx], y[train_idx]
+    # What `fit_logistic_probe(c="cv", class_balanced=True)` fits, in two steps so that every
+    # fit on the cell's labels goes through `_fit`.
     chosen = choose_c(x_tr, y_tr, grid=grid, folds=folds, seed=seed, standardize=standardize)
-    k = len(classes)
-    probs = np.zeros((len(test_idx), k))
-    present = np.unique(y_tr)
-    if len(present) < 2:  # one class: predict it (what any classifier fitted on it would do)
-        probs[:, present[0]] = 1.0
-    else:
-        model = _fit(x_tr, y_tr, chosen.c, standardize, seed)
-        probs[:, model.classes_] = model.predict_proba(features[test_idx])
+    probs = _fit(x_tr, y_tr, chosen.c, standardize, seed).probs(features[test_idx], len(classes))
     metrics = classification_metrics(y[test_idx], probs, list(classes))
     return {
         **metrics,

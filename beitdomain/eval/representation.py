@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from beitdomain.eval.metrics import classification_metrics
+from beitdomain.models.probe import fit_logistic_probe
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -64,27 +65,16 @@ def probe_probs(
     c: float = 0.1,
     balanced: bool = True,
 ) -> np.ndarray:
-    """Linear probe: L2 logistic regression on standardized features, `[N_test, K]` probabilities.
+    """Linear probe: the one logistic probe at a fixed C, `[N_test, K]` probabilities.
 
-    `c` is scikit-learn's inverse regularization strength (the same `probe_c` the LP-FT head
-    uses); `balanced` weighs classes inversely to their frequency, as balanced accuracy does.
-    A class with no training feature gets probability 0.
+    `fit_logistic_probe` (L2 logistic regression on standardized features): `c` is
+    scikit-learn's inverse regularization strength (the same `probe_c` the LP-FT head uses);
+    `balanced` (its `class_balanced`) weighs classes inversely to their frequency, as balanced
+    accuracy does. A class with no training feature gets probability 0.
     """
-    from sklearn.linear_model import LogisticRegression
-
     train_y = np.asarray(train_y, dtype=np.int64)
-    classes = np.unique(train_y)
-    out = np.zeros((len(test_x), num_classes))
-    if len(classes) < 2:  # one class seen: it is the only possible answer
-        out[:, classes[0] if len(classes) else 0] = 1.0
-        return out
-    mu = train_x.mean(0)
-    sigma = train_x.std(0) + 1e-6
-    clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None).fit(
-        (train_x - mu) / sigma, train_y
-    )
-    out[:, clf.classes_] = clf.predict_proba((np.asarray(test_x) - mu) / sigma)
-    return out
+    probe = fit_logistic_probe(train_x, train_y, c=c, class_balanced=balanced, standardize=True)
+    return probe.probs(np.asarray(test_x), num_classes)
 
 
 def representation_scores(
