@@ -27,8 +27,8 @@ from beitdomain.engine.predict import load_weights
 from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
-from beitdomain.models.convention import InputConvention, convention_of
-from beitdomain.models.convert import INPUT_META, TimmExport
+from beitdomain.models.convention import InputNorm, convention_of, read_convention
+from beitdomain.models.convert import TimmExport
 from beitdomain.models.probe import pooled_features
 from beitdomain.user import UserError
 
@@ -56,19 +56,23 @@ class FrozenBackbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crop_pct: float = 0.875
     # The weights' input convention: [0, 1] images become (x - mean) / std before the model
-    # (official BEiT weights: 0.5 / 0.5; beitdomain's own from scratch: 0 / 1).
+    # (official BEiT weights: 0.5 / 0.5; beitdomain's own from scratch: 0 / 1; None: 0 / 1).
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # `InputNorm`, the step beitdomain models start with, set from mean / std (a timm `Beit`
+    # has none).
+    input_norm: InputNorm = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        norm = InputNorm(self.in_chans)
+        norm.set(
+            self.mean if self.mean is not None else 0.0, self.std if self.std is not None else 1.0
+        )
+        self.input_norm = norm.to(self.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features `[B, D]` of a batch of [0, 1] images, the convention applied."""
-        x = images.to(self.device)
-        if self.mean is not None and self.std is not None:
-            c = x.shape[1]
-            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-            x = (x - mean) / std
-        return pooled_features(self.model, x)
+        return pooled_features(self.model, self.input_norm(images.to(self.device)))
 
     @property
     def in_chans(self) -> int:
@@ -170,15 +174,6 @@ def _timm_meta(path: Path) -> dict[str, Any] | None:
     return json.loads(meta[TIMM_META_KEY]) if TIMM_META_KEY in meta else None
 
 
-def _input_convention(path: Path) -> Any:
-    """The `InputConvention` an export carries in its metadata (None: written before it did)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return InputConvention.from_dict(json.loads(meta[INPUT_META])) if INPUT_META in meta else None
-
-
 def _recipe_of(folder: Path) -> Recipe | None:
     return load_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None
 
@@ -222,7 +217,10 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     model = TimmExport(weights, name, meta).create_model(num_classes=0)
     spec = IntensitySpec.from_config(recipe.data) if recipe else IntensitySpec()
     spec = replace(spec, in_chans=int(meta["in_chans"]), frames=frames)
-    conv = _input_convention(weights)
+    # An export written before the convention was recorded fed [0, 1] images as they are.
+    conv, _ = read_convention(
+        weights, fmt="beitdomain", in_chans=int(meta["in_chans"]), input_size=int(meta["img_size"])
+    )
     return FrozenBackbone(
         model.to(dev).eval(),
         spec,
@@ -230,8 +228,8 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
         str(weights),
         recipe,
         dev,
-        mean=conv.mean if conv else None,
-        std=conv.std if conv else None,
+        mean=conv.mean,
+        std=conv.std,
     )
 
 

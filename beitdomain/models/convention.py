@@ -16,16 +16,29 @@ official ones and timm / transformers apply the same normalization with their ow
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
+
+from beitdomain.user import UserError
 
 # (x - 0.5) / 0.5: unilm BEiT v1 (IMAGENET_INCEPTION_MEAN/STD), timm beit_*, HF microsoft/beit-*.
 OFFICIAL_MEAN = 0.5
 OFFICIAL_STD = 0.5
+# safetensors metadata key of beitdomain's exports: the InputConvention as JSON.
+INPUT_META = "beitdomain.input"
+# A beitdomain checkpoint's own record: the `InputNorm` buffers in its state dict.
+NORM_KEYS = ("input_norm.mean", "input_norm.std")
+
+
+class ConventionError(UserError):
+    """A checkpoint's input convention that cannot be read or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -154,3 +167,109 @@ def convention_of(model: nn.Module) -> InputConvention:
         return InputConvention.identity(chans, size)
     mean, std = norm.values()
     return InputConvention(chans, size, mean, std)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_metadata(path_or_state: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Side information of a checkpoint: safetensors metadata, HF `preprocessor_config.json`,
+    timm hub `config.json` (empty for in-memory state dicts and `.pth` files)."""
+    if isinstance(path_or_state, Mapping):
+        return {}
+    path = Path(path_or_state)
+    out: dict[str, Any] = {}
+    folder = path if path.is_dir() else path.parent
+    weights = path
+    if path.is_dir():
+        names = ("model.safetensors", "backbone.safetensors")
+        weights = next((path / n for n in names if (path / n).is_file()), path / names[0])
+        for name in ("preprocessor_config.json", "config.json"):
+            f = folder / name
+            if f.is_file():
+                try:
+                    out[name] = json.loads(f.read_text())
+                except json.JSONDecodeError as e:
+                    raise ConventionError(f"{f} is not valid JSON: {e}") from None
+    if weights.suffix == ".safetensors" and weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            out["safetensors"] = f.metadata() or {}
+    return out
+
+
+def read_convention(
+    source: str | Path | Mapping[str, Any],
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    fmt: str = "beitdomain",
+    in_chans: int | None = None,
+    input_size: int = 224,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+) -> tuple[InputConvention, str]:
+    """The input convention a checkpoint expects, and a few words on where it was read.
+
+    The first that says wins: the checkpoint's own `input_norm` buffers (in `state`), the
+    file's beitdomain metadata (`INPUT_META`), a Hugging Face `preprocessor_config.json`, a timm
+    hub `config.json`'s `pretrained_cfg`; failing all, a `beitdomain` checkpoint was trained on
+    [0, 1] as is (written before the convention was recorded) and any other `fmt` is assumed
+    to be the official BEiT (x - 0.5) / 0.5. A file with beitdomain's own safetensors metadata
+    (an export in timm's layout) is a beitdomain checkpoint whatever its key layout.
+
+    Args:
+        source: a checkpoint file, a folder (HF, timm hub) or an in-memory state dict.
+        state: its tensors in canonical (timm-style) names, when the caller has read them.
+        fmt: the checkpoint's format ("beitdomain", "timm", "hf", "unilm", ...).
+        in_chans: the checkpoint's channels (default: its patch embedding's, else 3).
+        input_size: the image side recorded with the convention.
+        mean: the caller's mean, which overrides what the checkpoint says (e.g. for a unilm
+            `.pth` file, which says nothing); `std` likewise.
+
+    Raises:
+        ConventionError: a recorded convention that is unreadable or does not fit `in_chans`.
+    """
+    state = state or {}
+    if in_chans is None:
+        w = state.get("patch_embed.proj.weight")
+        in_chans = int(w.shape[1]) if w is not None and w.ndim == 4 else 3
+
+    def conv(m: Any, s: Any, where: str) -> tuple[InputConvention, str]:
+        try:
+            mm = broadcast(mean if mean is not None else m, in_chans, "mean")
+            ss = broadcast(std if std is not None else s, in_chans, "std")
+            c = InputConvention(in_chans, input_size, mm, ss)
+        except ValueError as e:
+            raise ConventionError(f"input convention of {where}: {e}") from None
+        if mean is not None or std is not None:
+            where = "given by the caller (model.input_mean / model.input_std)"
+        return c, where
+
+    if all(k in state for k in NORM_KEYS):
+        return conv(state[NORM_KEYS[0]].tolist(), state[NORM_KEYS[1]].tolist(), "checkpoint")
+    meta = read_metadata(source)
+    raw = meta.get("safetensors", {}).get(INPUT_META)
+    if raw:
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConventionError(
+                f"{source}: metadata {INPUT_META} is not valid JSON: {e}"
+            ) from None
+        return conv(d["mean"], d["std"], "the file's beitdomain metadata")
+    pre = meta.get("preprocessor_config.json")
+    if isinstance(pre, Mapping) and "image_mean" in pre:
+        if pre.get("do_normalize", True):
+            return conv(pre["image_mean"], pre["image_std"], "preprocessor_config.json")
+        return conv(0.0, 1.0, "preprocessor_config.json (do_normalize false)")
+    cfg = meta.get("config.json")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("pretrained_cfg"), Mapping):
+        pc = cfg["pretrained_cfg"]
+        if "mean" in pc and "std" in pc:
+            return conv(pc["mean"], pc["std"], "config.json pretrained_cfg (timm)")
+    if any(k.startswith("beitdomain.") for k in meta.get("safetensors", {})):
+        fmt = "beitdomain"  # a beitdomain export in timm's layout (e.g. `beitdomain.timm`)
+    if fmt == "beitdomain":  # written before the convention was saved: [0, 1] as is
+        return conv(0.0, 1.0, "beitdomain checkpoint without a recorded convention: [0, 1]")
+    return conv(
+        OFFICIAL_MEAN, OFFICIAL_STD, f"official BEiT convention, assumed for a {fmt} checkpoint"
+    )

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.layers import resize_rel_pos_bias_table as timm_resize_rel_pos_bias_table
@@ -54,14 +54,18 @@ from torch import nn
 
 from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.backbone import backbone_config_of, beit_kwargs
-from beitdomain.models.convention import InputConvention, convention_of
+from beitdomain.models.convention import (
+    INPUT_META,
+    ConventionError,
+    InputConvention,
+    convention_of,
+    read_convention,
+)
+from beitdomain.models.convention import NORM_KEYS as _NORM_KEYS
 from beitdomain.user import UserError
 
 RPB = "relative_position_bias_table"
 SHARED_RPB = f"rel_pos_bias.{RPB}"
-# safetensors metadata key of beitdomain's exports: the InputConvention as JSON.
-INPUT_META = "beitdomain.input"
-_NORM_KEYS = ("input_norm.mean", "input_norm.std")
 # Target keys that are expected to be absent from a backbone checkpoint (fresh heads / norms).
 _FRESH = re.compile(r"^(head\.|lm_head\.|fc_norm\.|norm\.|mask_token$)")
 _BLOCK_RPB = re.compile(rf"^blocks\.(\d+)\.attn\.{RPB}$")
@@ -573,9 +577,15 @@ def load_backbone_weights(
         source_grid = source_grid or _hf_grid(hf_config)
         _compare_hf_config(hf_config, backbone, report)
 
-    src_conv, conv_source = _source_convention(
-        path_or_state, canon, fmt, hf_config, source_mean, source_std
-    )
+    size = 224
+    if hf_config is not None and isinstance(hf_config.get("image_size"), int):
+        size = hf_config["image_size"]
+    try:
+        src_conv, conv_source = read_convention(
+            path_or_state, state=canon, fmt=fmt, input_size=size, mean=source_mean, std=source_std
+        )
+    except ConventionError as e:
+        raise WeightsError(str(e)) from None
     for k in _NORM_KEYS:
         canon.pop(k, None)
     mean, std = src_conv.mean, src_conv.std
@@ -671,81 +681,6 @@ def _merge_equal_block_tables(
             f"the checkpoint's {len(tables)} per-block relative position tables are equal: "
             "merged exactly into the shared table"
         )
-
-
-def read_metadata(path_or_state: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Side information of a checkpoint: safetensors metadata, HF `preprocessor_config.json`,
-    timm hub `config.json` (empty for in-memory state dicts and `.pth` files)."""
-    if isinstance(path_or_state, Mapping):
-        return {}
-    path = Path(path_or_state)
-    out: dict[str, Any] = {}
-    folder = path if path.is_dir() else path.parent
-    weights = path
-    if path.is_dir():
-        names = ("model.safetensors", "backbone.safetensors")
-        weights = next((path / n for n in names if (path / n).is_file()), path / names[0])
-        for name in ("preprocessor_config.json", "config.json"):
-            f = folder / name
-            if f.is_file():
-                try:
-                    out[name] = json.loads(f.read_text())
-                except json.JSONDecodeError as e:
-                    raise WeightsError(f"{f} is not valid JSON: {e}") from None
-    if weights.suffix == ".safetensors" and weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            out["safetensors"] = f.metadata() or {}
-    return out
-
-
-def _source_convention(
-    path_or_state: str | Path | Mapping[str, Any],
-    canon: Mapping[str, torch.Tensor],
-    fmt: str,
-    hf_config: Mapping[str, Any] | None,
-    mean: tuple[float, ...] | float | None,
-    std: tuple[float, ...] | float | None,
-) -> tuple[InputConvention, str]:
-    """The checkpoint's own input convention, and a few words on where it came from."""
-    w = canon.get("patch_embed.proj.weight")
-    chans = int(w.shape[1]) if w is not None and w.ndim == 4 else 3
-    size = 224
-    if hf_config is not None and isinstance(hf_config.get("image_size"), int):
-        size = hf_config["image_size"]
-
-    def conv(m: Any, s: Any, where: str) -> tuple[InputConvention, str]:
-        from beitdomain.models.convention import broadcast
-
-        try:
-            mm = broadcast(mean if mean is not None else m, chans, "mean")
-            ss = broadcast(std if std is not None else s, chans, "std")
-            c = InputConvention(chans, size, mm, ss)
-        except ValueError as e:
-            raise WeightsError(f"input convention of {where}: {e}") from None
-        if mean is not None or std is not None:
-            where = "given by the caller (model.input_mean / model.input_std)"
-        return c, where
-
-    if all(k in canon for k in _NORM_KEYS):
-        return conv(canon[_NORM_KEYS[0]].tolist(), canon[_NORM_KEYS[1]].tolist(), "checkpoint")
-    meta = read_metadata(path_or_state)
-    raw = meta.get("safetensors", {}).get(INPUT_META)
-    if raw:
-        d = json.loads(raw)
-        return conv(d["mean"], d["std"], "the file's beitdomain metadata")
-    pre = meta.get("preprocessor_config.json")
-    if isinstance(pre, Mapping) and "image_mean" in pre:
-        if pre.get("do_normalize", True):
-            return conv(pre["image_mean"], pre["image_std"], "preprocessor_config.json")
-        return conv(0.0, 1.0, "preprocessor_config.json (do_normalize false)")
-    cfg = meta.get("config.json")
-    if isinstance(cfg, Mapping) and isinstance(cfg.get("pretrained_cfg"), Mapping):
-        pc = cfg["pretrained_cfg"]
-        if "mean" in pc and "std" in pc:
-            return conv(pc["mean"], pc["std"], "config.json pretrained_cfg (timm)")
-    if fmt == "beitdomain":  # written before the convention was saved: [0, 1] as is
-        return conv(0.0, 1.0, "beitdomain checkpoint without a recorded convention: [0, 1]")
-    return conv(0.5, 0.5, f"official BEiT convention, assumed for a {fmt} checkpoint")
 
 
 def _hf_grid(config: Mapping[str, Any]) -> tuple[int, int] | None:
