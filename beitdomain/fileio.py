@@ -30,7 +30,14 @@ def printable(text: str) -> str:
 
 
 class WriteError(OSError, UserError):
-    """A write that failed (disk full, permissions); the previous file is intact."""
+    """A write that failed (disk full, permissions); the previous file is intact.
+
+    Built as `WriteError(errno, message)`: `errno` stays readable, and the message, which
+    already says why, is all the user reads (no "[Errno 28]" before it).
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 def _fsync_dir(folder: Path) -> None:

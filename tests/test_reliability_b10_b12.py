@@ -148,6 +148,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_sentence_naming_it(
         res = CLI_SITES[site](tmp_path, out)
         _one_error_line(res, out)
         assert said(res.output, "could not create the folder")
+        assert "[Errno" not in res.output  # the sentence says why; no errno tag before it
         return
     make = LIBRARY_SITES[site]
     args = (tmp_path, out, monkeypatch) if make is _demo_images else (tmp_path, out)
@@ -155,6 +156,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_sentence_naming_it(
         make(*args)
     msg = str(e.value)
     assert "could not create the folder" in msg and str(out) in msg and "\n" not in msg
+    assert msg.startswith("could not") and e.value.errno == errno.ENOTDIR
     assert blocker.read_text().startswith("a regular file")
 
 
