@@ -102,3 +102,45 @@ def test_a_bare_timm_init_on_the_curve_is_named_by_its_architecture():
         "scratch": None,
         "cnn": "timm:resnet10t",
     }
+
+
+def test_a_random_cnn_s_batchnorm_is_set_from_the_images_before_its_probe_head(data, tmp_path):
+    """With the random net's running statistics (0, 1), eval-mode features (what the probe head
+    is fitted on) differ from the train-mode features of the first steps by orders of magnitude,
+    and the LP-FT head then starts at a huge loss (16,500 on ELPV with resnet18)."""
+    import copy
+
+    from beitdomain.data.labeled import labeled_data
+    from beitdomain.data.transforms import FinetuneTransform
+    from beitdomain.engine.build import build_classifier
+    from beitdomain.models.cnn import recalibrate_batchnorm
+
+    r = recipe(_sets("finetune.init=timm:resnet10t"), **{"data.root": str(data)})
+    torch.manual_seed(0)
+    model = build_classifier(r, 2)
+    train = copy.copy(labeled_data(r).train)
+    train.transform = FinetuneTransform(train=False, image_size=r.data.image_size)
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+
+    def gap() -> float:  # eval-mode vs train-mode (batch statistics) features, relative
+        model.eval()
+        with torch.no_grad():
+            ev = model.forward_features(images)
+            model.train()
+            tr = model.forward_features(images)
+        return float((ev - tr).norm() / tr.norm())
+
+    before = gap()
+    assert recalibrate_batchnorm(model, train, torch.device("cpu"), batch_size=len(train)) > 0
+    after = gap()
+    assert before > 0.5 and after < 0.05, (before, after)
+    assert model.training  # as it was (gap() left it in train mode)
+
+    # Through the job: the first logged loss of the LP-FT CNN run is of the order of ln 2.
+    out = tmp_path / "run"
+    sets = _sets(
+        "finetune.init=timm:resnet10t", "finetune.head_init=probe", "finetune.train.log_every=1"
+    )
+    finetune(recipe(sets, **{"data.root": str(data)}), out, device="cpu", quiet=True)
+    first = next(json.loads(line) for line in (out / "metrics.jsonl").open() if '"loss"' in line)
+    assert first["loss"] < 5.0, first

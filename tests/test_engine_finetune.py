@@ -253,7 +253,7 @@ def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
     from beitdomain.engine.build import build_classifier
     from beitdomain.engine.predict import load_weights
     from beitdomain.engine.train import distributed as D
-    from beitdomain.models.probe import fit_probe_head, pooled_features
+    from beitdomain.models.probe import dataset_features, fit_probe_head
 
     r = recipe(
         [
@@ -278,7 +278,7 @@ def test_finetune_with_a_probe_head_starts_from_the_probe(data, tmp_path):
     train = copy.copy(labeled_data(r, progress=False).train)
     train.transform = FinetuneTransform(train=False, image_size=r.data.image_size)
     amp = D.resolve_precision(r.finetune.train.precision, torch.device("cpu"))
-    X, y = pooled_features(model, train, torch.device("cpu"), amp_dtype=amp)
+    X, y = dataset_features(model, train, torch.device("cpu"), amp_dtype=amp)
     assert len(y) == saved["n"] == json.loads((run / "labels.json").read_text())["n_labels"]
     again = fit_probe_head(model, X, y, c=1.0, balanced=True)
     assert again["train_accuracy"] == saved["train_accuracy"]

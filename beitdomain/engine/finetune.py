@@ -59,12 +59,13 @@ from beitdomain.models.cnn import (
     TimmClassifier,
     check_timm_arch,
     freeze_timm_backbone,
+    recalibrate_batchnorm,
     timm_arch,
 )
 from beitdomain.models.convert import load_backbone_weights
 from beitdomain.models.hub import HF_PREFIX
 from beitdomain.models.hub import resolve_init as resolve_hub_init
-from beitdomain.models.probe import fit_probe_head, pooled_features
+from beitdomain.models.probe import dataset_features, fit_probe_head
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:
@@ -243,10 +244,18 @@ def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier | TimmClas
         else:
             freeze_backbone(model)
     model.to(job.device)
-    if ft.head_init == "probe":  # (a resumed run then loads its checkpoint over this head)
-        plain = copy.copy(data.train)  # the training labels without augmentation
-        plain.transform = FinetuneTransform(train=False, image_size=recipe.data.image_size)
-        X, y = pooled_features(model, plain, job.device, amp_dtype=job.amp_dtype)
+    plain = copy.copy(data.train)  # the training labels without augmentation
+    plain.transform = FinetuneTransform(train=False, image_size=recipe.data.image_size)
+    # A random CNN's BatchNorm statistics (0 and 1) describe no image: a probe head, or a
+    # frozen backbone's features, read them. (A resumed run loads its checkpoint over both.)
+    if (
+        isinstance(model, TimmClassifier)
+        and (ft.head_init == "probe" or ft.linear_probe)
+        and recalibrate_batchnorm(model, plain, job.device, amp_dtype=job.amp_dtype)
+    ):
+        job.say("BatchNorm statistics of the random network set from the training images")
+    if ft.head_init == "probe":
+        X, y = dataset_features(model, plain, job.device, amp_dtype=job.amp_dtype)
         probe = fit_probe_head(model, X, y, c=ft.probe_c, balanced=ft.class_weighting != "none")
         job.say("head from a linear probe: %s", probe)
         job.write_json("head_probe.json", probe)
