@@ -29,9 +29,10 @@ def test_unilm_init_statistics(in_chans: int) -> None:
         for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
             assert float(w.std()) == pytest.approx(EFFECTIVE / math.sqrt(2 * i), rel=0.08)
     assert float(bb.cls_token.abs().max()) <= 0.02 and float(model.mask_token.abs().max()) <= 0.02
-    # The patch conv as unilm's 3-channel default, whatever the channel count.
-    conv = bb.patch_embed.proj.weight
-    assert float(conv.std()) == pytest.approx(1 / math.sqrt(3 * 3 * 16 * 16), rel=0.05)
+    # The patch conv like every linear layer (unilm's _init_weights has a Conv2d branch).
+    conv = bb.patch_embed.proj
+    assert float(conv.weight.std()) == pytest.approx(EFFECTIVE, rel=0.05)
+    assert float(conv.weight.abs().max()) <= 0.02 + 1e-7 and not conv.bias.any()
     assert float(model.lm_head.bias.abs().max()) == 0.0
     assert float(bb.blocks[0].norm1.weight.min()) == 1.0
 

@@ -147,7 +147,7 @@ def test_loss_decreases_overfitting_fixed_batch() -> None:
     images, mask, tokens = _batch(b=4)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(30):
         loss, metrics = model.loss(images, mask, tokens)
         opt.zero_grad()
         loss.backward()

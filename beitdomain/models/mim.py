@@ -92,14 +92,7 @@ class BeitMIM(nn.Module):
     def from_config(cls, cfg: BackboneConfig, **options: Any) -> BeitMIM:
         """Builds the backbone from `cfg` (token-level final norm) and wraps it; `options` are
         the constructor's (`target`, `vocab_size`, `norm_pix_loss`)."""
-        backbone = create_backbone(cfg, final_norm="tokens")
-        # unilm's pre-training model initialises the patch embedding like every linear layer
-        # (truncated normal, std 0.02, zero bias); timm keeps PyTorch's conv default, wider at
-        # small fan-in (std 0.072 at a 1-channel 8 px patch) and with a random bias.
-        trunc_normal_(backbone.patch_embed.proj.weight, std=0.02)
-        if backbone.patch_embed.proj.bias is not None:
-            nn.init.zeros_(backbone.patch_embed.proj.bias)
-        return cls(backbone, **options)
+        return cls(create_backbone(cfg, final_norm="tokens"), **options)
 
     @property
     def num_patches(self) -> int:
