@@ -42,6 +42,7 @@ from beitdomain.fileio import (
     FolderLock,
     FolderLockedError,
     atomic_write_json,
+    make_dirs,
     read_marker,
     write_marker,
 )
@@ -214,7 +215,7 @@ class RunDir:
             return cls(path, resumed=bool(resume and run_kind(path)), kind=kind)
         _check_request(path, kind, resume, overwrite)
         check_folder(path, kind, resume, overwrite, recipe, fresh_since_ns)
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path, f"write the {kind} run")
         try:
             lock = FolderLock(path).acquire(f"a {kind} run")
         except FolderLockedError as e:
