@@ -9,7 +9,6 @@ linear `head`, `num_classes`), so LP-FT's probe head, evaluation and prediction 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 from typing import Any
 
@@ -19,6 +18,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from beitdomain.models.convention import InputNorm
+from beitdomain.models.precision import autocast
 
 TIMM_PREFIX = "timm:"
 
@@ -133,14 +133,9 @@ def recalibrate_batchnorm(
         m.momentum = None  # cumulative: the plain average over every batch
         m.train()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    cast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
     try:
         for batch in loader:
-            with cast:
+            with autocast(device, amp_dtype):
                 model.forward_features(batch["image"].to(device, non_blocking=True))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):

@@ -12,7 +12,6 @@ standardized by scikit-learn's `StandardScaler`, and differ only where they say 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from beitdomain.data.budget import kfold_splits
+from beitdomain.models.precision import autocast
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:  # scikit-learn is imported where a probe is fitted (it takes a second)
@@ -279,14 +279,9 @@ def eval_outputs(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=0
     )
-    cast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
     outs, labels, index = [], [], []
     for b in loader:
-        with cast:
+        with autocast(device, amp_dtype):
             outs.append(forward(b["image"].to(device, non_blocking=True)).float().cpu())
         labels.append(b["label"])
         index.append(b["index"])

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from beitdomain.models.precision import autocast as autocast  # the one context, re-exported
 from beitdomain.rank import DistInfo, dist_info
 from beitdomain.user import UserError
 
@@ -199,13 +200,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device when `dtype` is set; a null context otherwise."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
