@@ -21,3 +21,58 @@ def test_a_run_folder_that_cannot_be_made_is_a_write_error_naming_it(tmp_path):
         RunDir.open(tmp_path / "f" / "run", kind="pretrain")
     assert str(tmp_path / "f" / "run") in str(e.value)
     assert (tmp_path / "f").read_text() == "a file, not a folder"
+
+
+# --------------------------------------------------------------------------------------------
+# B17: --resume on other data is refused (or, when allowed, recorded beside the first data)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stripes(tmp_path_factory):
+    from helpers import write_separable_set
+
+    return write_separable_set(tmp_path_factory.mktemp("h40") / "stripes", per_class=6, size=32)
+
+
+def _tok_recipe(root, steps=2):
+    from helpers import TOKENIZER_SETS, recipe
+
+    sets = [*TOKENIZER_SETS, f"tokenizer.train.steps={steps}", "tokenizer.train.ckpt_every=1"]
+    return recipe(sets, **{"data.root": str(root)})
+
+
+def test_resume_on_other_data_is_refused_and_when_allowed_keeps_the_first_fingerprint(
+    stripes, tmp_path
+):
+    import json
+    import shutil
+
+    from helpers import lose_newest_checkpoint
+
+    from beitdomain.engine.run.folder import OtherDataError
+    from beitdomain.engine.tokenizer import train_tokenizer
+
+    out = tmp_path / "tok"
+    train_tokenizer(_tok_recipe(stripes), out, device="cpu", quiet=True)
+    lose_newest_checkpoint(out, "tokenizer.safetensors")
+    first = json.loads((out / "manifest.json").read_text())
+    other = shutil.copytree(stripes / "horizontal", tmp_path / "other" / "horizontal")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(OtherDataError) as e:
+        train_tokenizer(_tok_recipe(other.parent), out, device="cpu", quiet=True, resume=True)
+    assert first["data_fingerprint"][:16] in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    train_tokenizer(
+        _tok_recipe(other.parent), out, device="cpu", quiet=True, resume=True,
+        resume_other_data=True,
+    )  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "completed"
+    assert m["data_fingerprint"] == first["data_fingerprint"]
+    assert m["pretraining_data"] == first["pretraining_data"]
+    assert [o["data_fingerprint"] for o in m["other_data"]] != [first["data_fingerprint"]]
+    assert len(m["other_data"]) == 1
+    assert m["other_data"][0]["pretraining_data"] != first["pretraining_data"]
+

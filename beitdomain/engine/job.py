@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from beitdomain.config import OptimConfig, Recipe, TrainConfig, recipe_to_dict
-from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.folder import RunDir, check_same_data
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.loop import LoopState, StepFn, Trainer
 from beitdomain.engine.train.optim import build_adamw, lr_schedule, peak_lr
@@ -80,6 +80,7 @@ class JobOptions(TypedDict, total=False):
     overwrite: bool  # delete the run in `out` and start over
     quiet: bool  # no progress bars; the job's info lines at debug level
     trust_pickle: bool  # allow pickle-based weights (they can run code): trusted files only
+    resume_other_data: bool  # let --resume continue on data other than its checkpoints saw
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Job:
     # A start failing in a missing or empty folder takes back what it wrote.
     fresh_since_ns: int | None = None
     found_empty: bool | None = None
+    resume_other_data: bool = False
 
     @classmethod
     def open(
@@ -115,6 +117,7 @@ class Job:
         overwrite: bool = False,
         quiet: bool = False,
         trust_pickle: bool = False,
+        resume_other_data: bool = False,
     ) -> Job:
         """Resolves the device, joins the process group, checks the run folder and seeds.
 
@@ -153,6 +156,7 @@ class Job:
             overwrite=overwrite,
             fresh_since_ns=fresh_since_ns,
             found_empty=found_empty,
+            resume_other_data=resume_other_data,
         )
 
     @property
@@ -203,6 +207,8 @@ class Job:
         was missing or empty, what this start wrote is removed again."""
         if not self.is_main:
             return
+        if self.resume and self.opened is None:  # before the folder is opened: refused as found
+            check_same_data(self.path, data_fingerprint, self.resume_other_data)
         run = self.run
         try:
             run.start(

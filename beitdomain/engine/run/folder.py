@@ -139,6 +139,47 @@ def _check_unlocked(path: Path, kind: str) -> None:
             raise RunLockedError(e.strerror or str(e)) from None
 
 
+class OtherDataError(RunDirError):
+    """--resume would continue a run on data other than the data its checkpoints trained on."""
+
+
+def check_same_data(path: str | Path, data_fingerprint: str | None, allow: bool = False) -> None:
+    """Before a run in `path` resumes from a checkpoint: the data must be what it trained on.
+
+    A run's steps so far saw the images of its recorded `data_fingerprint`; resuming on other
+    images (another folder, files added, removed or changed) would mix the two silently. With
+    `allow` it goes on with a warning naming both, and the manifest keeps the first fingerprint
+    (`RunDir.start` lists the new one under `other_data`). Nothing is written here.
+
+    Raises:
+        OtherDataError: the data differ and `allow` is False; nothing was changed.
+    """
+    path = Path(path)
+    try:
+        first = json.loads((path / RunDir.MANIFEST).read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not (first and data_fingerprint) or first == data_fingerprint:
+        return
+    if not any((path / "checkpoints").glob("step-*.pt")):
+        return  # nothing to resume: training starts again from step 0 on these images
+    if allow:
+        log.warning(
+            "%s: resuming on other data: its checkpoints trained on data %s, this run reads "
+            "data %s; the manifest keeps the first and lists this one under other_data",
+            path,
+            first[:16],
+            data_fingerprint[:16],
+        )
+        return
+    raise OtherDataError(
+        f"{path} trained on other data (data fingerprint {first[:16]}) than --resume reads "
+        f"now ({data_fingerprint[:16]}): files were added, removed or changed, or the data "
+        f"option points elsewhere. Resume with the run's own data, choose a new --out, or "
+        f"allow it explicitly (resume_other_data=True) to record both"
+    )
+
+
 class RunDir:
     """A run's output folder. Create it with `RunDir.open`; the process holds its lock until
     `finish` (or a failure recorded by `recording_failures`, or `close`)."""
@@ -309,6 +350,14 @@ class RunDir:
             dump_recipe(recipe, self.path / "recipe.yaml")
         previous = self.read_manifest()
         starts = [*previous.get("starts", []), _now()]
+        first = previous.get("data_fingerprint")
+        if self.resumed and first and data_fingerprint and first != data_fingerprint:
+            # resumed on other data (allowed by the caller, see `check_same_data`): the record
+            # keeps what the first steps saw, and lists each start on other data after it
+            other = {"data_fingerprint": data_fingerprint, "started": starts[-1], **extra}
+            extra = {k: previous.get(k, v) for k, v in extra.items()}
+            extra["other_data"] = [*previous.get("other_data", []), other]
+            data_fingerprint = first
         self.write_manifest(
             command=command,
             argv=sys.argv,
