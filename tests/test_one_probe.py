@@ -121,5 +121,3 @@ def test_one_pooled_features_for_classifiers_backbones_and_datasets():
     X, y = dataset_features(model, dataset, torch.device("cpu"), batch_size=2)
     np.testing.assert_allclose(X, via_model.numpy(), atol=1e-6)
     assert X.dtype == np.float64 and y.tolist() == [0, 1, 0]
-    X2, _ = pooled_features(model, dataset, torch.device("cpu"))  # the former signature
-    np.testing.assert_array_equal(X, X2)

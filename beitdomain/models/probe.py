@@ -237,7 +237,7 @@ def fit_logistic_probe(
 # ----------------------------------------------------------------------------- features
 
 
-def pooled_features(model: nn.Module, images: Any, *args: Any, **kwargs: Any) -> Any:
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The features a linear head reads, `[B, D]`: patch tokens mean-pooled after the final norm.
 
     Args:
@@ -246,13 +246,8 @@ def pooled_features(model: nn.Module, images: Any, *args: Any, **kwargs: Any) ->
             in either layout (`images` already normalized): a classifier-layout backbone
             (`global_pool='avg'`) pools then applies `fc_norm`; a pre-training backbone
             normalizes every token, and its patch tokens are averaged here.
-        images: `[B, C, H, W]`.
-
-    A dataset in place of `images` (the former signature, `(model, dataset, device, ...)`) is
-    handed to `dataset_features`, which returns `(X, y)`; new code calls that directly.
+        images: `[B, C, H, W]`; a whole dataset goes through `dataset_features`.
     """
-    if not isinstance(images, torch.Tensor):
-        return dataset_features(model, images, *args, **kwargs)
     if hasattr(model, "input_norm"):
         return model.forward_features(images)
     if getattr(model, "global_pool", "") == "avg":
