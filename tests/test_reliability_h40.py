@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 # --------------------------------------------------------------------------------------------
@@ -76,3 +78,40 @@ def test_resume_on_other_data_is_refused_and_when_allowed_keeps_the_first_finger
     assert len(m["other_data"]) == 1
     assert m["other_data"][0]["pretraining_data"] != first["pretraining_data"]
 
+
+# --------------------------------------------------------------------------------------------
+# B15, B16: a CSV manifest holds any file name and opens from any folder
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_manifest_opens_from_another_folder_with_its_data_root(
+    stripes, tmp_path, monkeypatch, suffix
+):
+    from beitdomain.data.index import Manifest, scan
+
+    monkeypatch.chdir(stripes.parent)  # relative paths, as a user types them
+    out = tmp_path / "lists" / f"scan{suffix}"
+    scan(stripes.name).save(out)
+    monkeypatch.chdir(tmp_path)
+    m = Manifest.load(Path("lists") / out.name)
+    assert len(m) == 12
+    assert all(m.abspath(e).is_file() for e in m.entries)
+    assert Path(m.root).resolve() == stripes.resolve()
+
+
+def test_a_carriage_return_in_a_file_name_survives_a_csv_manifest(stripes, tmp_path):
+    import shutil
+
+    from beitdomain.data.index import Manifest, scan
+
+    root = shutil.copytree(stripes, tmp_path / "d")
+    shutil.copy(root / "horizontal" / "horizontal_000.png", root / "horizontal" / "x\ry.png")
+    (root / "vertical" / "vertical_000.png").write_bytes(b"not an image")
+    (root / "vertical" / "vertical_000.png").rename(root / "vertical" / "bad\r.png")
+    m = scan(root, on_error="skip")
+    m.save(tmp_path / "scan.csv")
+    back = Manifest.load(tmp_path / "scan.csv")
+    assert [e.path for e in back.entries] == [e.path for e in m.entries]
+    assert "horizontal/x\ry.png" in {e.path for e in back.entries}
+    assert [p for p, _ in back.errors] == ["vertical/bad\r.png"]

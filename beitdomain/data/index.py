@@ -110,20 +110,25 @@ class Manifest:
         Files that failed are written next to it as ``<name>.errors.csv`` (path, reason).
         """
         path = Path(path)
+        here = _root_from(path, self.root)
         if path.suffix.lower() == ".csv":
             buf = io.StringIO()
             fields = [f.name for f in dataclasses.fields(ManifestEntry)]
-            writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+            # the csv module's own line end (\r\n): it quotes a field holding \r or \n, which
+            # \n alone did not (a \r in a file name ended the row); `root` on every row, so
+            # the manifest opens from any folder
+            writer = csv.DictWriter(buf, fieldnames=[*fields, "root"])
             writer.writeheader()
             for e in self.entries:
                 row = dataclasses.asdict(e)
                 row["shape"] = "x".join(str(s) for s in e.shape)
-                writer.writerow(row)
+                writer.writerow({**row, "root": here})
             atomic_write_text(path, buf.getvalue())
         else:
             header = {
                 "manifest_version": MANIFEST_VERSION,
                 "root": str(self.root),
+                "root_from_manifest": here,
                 "count": len(self.entries),
                 "fingerprint": self.fingerprint(),
             }
@@ -136,7 +141,7 @@ class Manifest:
     def save_errors(self, path: str | os.PathLike) -> None:
         """Writes the quarantined files and reasons as CSV ``path,reason``."""
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        writer = csv.writer(buf)  # \r\n: a \r in a path is quoted (see `save`)
         writer.writerow(["path", "reason"])
         writer.writerows(self.errors)
         atomic_write_text(path, buf.getvalue())
@@ -156,10 +161,13 @@ class Manifest:
                 errors = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
         entries = []
         if path.suffix.lower() == ".csv":
+            stored = None
             with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 for row in csv.DictReader(f):
+                    stored = stored or row.get("root")
                     entries.append(_entry_from_row(row, path))
-            return cls(str(root or path.parent), entries, errors)
+            # an older CSV has no root: its own folder, as before
+            return cls(str(root or _root_at(path, stored) or path.parent), entries, errors)
         stored_root = None
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f):
@@ -167,10 +175,30 @@ class Manifest:
                     continue
                 obj = json.loads(line)
                 if n == 0 and "manifest_version" in obj:
-                    stored_root = obj.get("root")
+                    stored_root = _root_at(path, obj.get("root_from_manifest")) or obj.get("root")
                     continue
                 entries.append(ManifestEntry(**obj))
         return cls(str(root or stored_root or path.parent), entries, errors)
+
+
+def _root_from(manifest_path: Path, root: str | os.PathLike) -> str:
+    """The data root as a manifest at `manifest_path` records it: relative to the manifest's
+    own folder (the two can move together, and it opens from any working folder), absolute
+    where no relative path leads there (another drive)."""
+    where = Path(manifest_path).absolute().parent
+    try:
+        return Path(os.path.relpath(Path(root).absolute(), where)).as_posix()
+    except ValueError:
+        return str(Path(root).absolute())
+
+
+def _root_at(manifest_path: Path, recorded: str | None) -> str | None:
+    """The root a manifest recorded with `_root_from`, as a path from the working folder;
+    None when it records none, or the folder is not there (the manifest moved without it)."""
+    if not recorded:
+        return None
+    at = os.path.normpath(Path(manifest_path).parent / recorded)
+    return at if os.path.isdir(at) else None
 
 
 def errors_path(manifest_path: str | os.PathLike) -> Path:
