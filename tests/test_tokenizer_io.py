@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.tokenizer import create_tokenizer
+from beitdomain.tokenizer.dalle import UntrustedPickleError, import_dalle
 from beitdomain.tokenizer.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    UntrustedPickleError,
-    import_dalle,
     load_tokenizer,
     load_tokenizer_config,
     save_tokenizer,

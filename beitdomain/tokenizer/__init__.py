@@ -10,6 +10,7 @@ from beitdomain.tokenizer.codebook import (
     reinit_dead_codes,
     reset_optimizer_rows,
 )
+from beitdomain.tokenizer.dalle import UntrustedPickleError, import_dalle
 from beitdomain.tokenizer.dvae import (
     TOKENIZER_PRESETS,
     DiscreteVAE,
@@ -22,8 +23,6 @@ from beitdomain.tokenizer.dvae import (
 )
 from beitdomain.tokenizer.flops import count_params, decoder_gflops, encoder_gflops
 from beitdomain.tokenizer.io import (
-    UntrustedPickleError,
-    import_dalle,
     load_tokenizer,
     load_tokenizer_config,
     save_tokenizer,

@@ -2,7 +2,7 @@
 
 The architecture follows the dVAE of Ramesh et al. 2021 ("Zero-Shot Text-to-Image Generation"),
 the tokenizer BEiT was pre-trained with, so that the public OpenAI weights map onto the
-``"dalle"`` preset one tensor to one tensor (see :mod:`beitdomain.tokenizer.io`):
+``"dalle"`` preset one tensor to one tensor (see :mod:`beitdomain.tokenizer.dalle`):
 
 ```
 x in [0,1] ──map_pixels──► stem conv ──► groups of residual blocks (max-pool between groups)
