@@ -10,12 +10,15 @@ engine change is needed: `Trainer.fit` (each rank saves its final weights to a s
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import (
+    FINETUNE_SETS,
     PRETRAIN_SETS,
     REPO,
     TOKENIZER_SETS,
@@ -92,9 +95,13 @@ def data(tmp_path_factory):
     return write_elpv_subset(tmp / "cells", per_class=12), write_tiny_tokenizer(tmp / "tok")
 
 
-def _torchrun(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(
+    tmp_path, args: list[str], *, patches: str = "", timeout: float = 420
+) -> subprocess.CompletedProcess:
+    """The CLI under two gloo ranks through DRIVER; `patches` is code run before the CLI."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    cli = 'sys.argv = ["beitdomain"'
+    driver.write_text(DRIVER.replace(cli, patches + "\n" + cli))
     side = tmp_path / "side"
     side.mkdir()
     cmd = [
@@ -114,7 +121,23 @@ def _torchrun(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
         "--quiet",
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=cli_env(), cwd=REPO)
+    # its own session, so that a timeout ends the ranks too, not only torchrun
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
@@ -160,3 +183,50 @@ def test_two_gloo_ranks_hold_identical_weights(kind, data, tmp_path):
     else:  # the re-seeding really happened (and still left the ranks equal)
         revived = [m for m in read_metrics(out / "metrics.jsonl") if m.get("codes_revived")]
         assert revived and revived[0]["step"] == 2
+
+
+# Each rank's validation loss, made to disagree: rank 0's grows from the first evaluation on (it
+# would stop after 2 worse ones), rank 1's falls (it would never stop).
+DIVERGING_VAL = r"""
+from beitdomain.engine import finetune as ft
+calls = []
+
+def diverging_evaluate(self, trainer):
+    calls.append(trainer.state.step)
+    n = len(calls)
+    loss = 1.0 + n if rank == 0 else 1.0 / n
+    return {"loss": loss, "accuracy": 0.5, "balanced_accuracy": 0.5}
+
+ft.EvalHook.evaluate = diverging_evaluate
+"""
+
+
+@pytest.mark.slow
+def test_early_stopping_is_rank_0s_decision_on_every_rank(data, tmp_path):
+    # Ranks whose validation scores differ (nondeterministic kernels, a sharded evaluation) must
+    # still stop on the same step: a rank stopping alone leaves the others in an all-reduce.
+    cells, _ = data
+    out = tmp_path / "run"
+    sets = [
+        *FINETUNE_SETS,
+        "finetune.train.steps=8",
+        "finetune.train.eval_every=1",
+        "finetune.early_stopping=2",
+        "finetune.select_metric=loss",
+        "finetune.selection=outside",
+    ]
+    args = ["finetune", "--data", str(cells), "--init", "scratch", "--out", str(out)]
+    try:
+        res = _torchrun(tmp_path, [*args, *sets_to_args(sets)], patches=DIVERGING_VAL, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks hung: one stopped early and the other did not")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    side = tmp_path / "side"
+    r0, r1 = load_tensors(side / "rank0.safetensors"), load_tensors(side / "rank1.safetensors")
+    assert_same_tensors(r0, r1, "rank 0 vs rank 1")
+    results = json.loads((out / "results.json").read_text())
+    # rank 0's scores decided: best at step 1, two worse evaluations, stopped after step 3
+    assert results["steps"] == 3 and results["best_step"] == 1, results
+    assert "early stopping" in results["stopped_early"]
+    logged = [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert logged == [1, 2, 3]

@@ -134,10 +134,16 @@ class EvalHook:
         step = trainer.state.step
         if self.val is None or not (step % self.every == 0 or step == trainer.total_steps):
             return
+        # Every rank evaluates (none waits idle in a collective); rank 0 decides, and every
+        # rank takes its best score and stop from it, so all stop on the same step (a rank
+        # stopping alone would leave the others waiting in the next all-reduce).
         m = self.evaluate(trainer)
-        score = -m["loss"] if self.metric == "loss" else m.get(self.metric)
-        if score is None:  # e.g. AUROC undefined on this validation split
-            score = m["balanced_accuracy"]
+        if trainer.dist.is_main:
+            self._decide(step, m)
+        decision = D.broadcast_object({**self.state_dict(), "history": self.history[-1:]})
+        if not trainer.dist.is_main:
+            self.load_state_dict(decision)
+            self.history.extend(decision["history"])
         trainer.log(
             **{
                 f"val_{k}": m[k]
@@ -145,20 +151,27 @@ class EvalHook:
                 if m.get(k) is not None
             }
         )
+        if self.best_step == step:
+            if self.out is not None and trainer.dist.is_main:
+                save_weights(self.model, self.out / BEST_FILE)
+        elif self.patience is not None and self.bad_evals >= self.patience:
+            trainer.state.stop = True
+            trainer.state.stop_reason = (
+                f"early stopping: no better validation {self.metric} for {self.bad_evals} "
+                f"evaluations (best {self.best:.4f} at step {self.best_step})"
+            )
+            log.info("%s", trainer.state.stop_reason)
+
+    def _decide(self, step: int, m: dict[str, Any]) -> None:
+        """Records this evaluation's score and whether it is the best so far (rank 0's call)."""
+        score = -m["loss"] if self.metric == "loss" else m.get(self.metric)
+        if score is None:  # e.g. AUROC undefined on this validation split
+            score = m["balanced_accuracy"]
         self.history.append({"step": step, "score": score})
         if self.best is None or score > self.best:
             self.best, self.best_step, self.bad_evals = score, step, 0
-            if self.out is not None and trainer.dist.is_main:
-                save_weights(self.model, self.out / BEST_FILE)
         else:
             self.bad_evals += 1
-            if self.patience is not None and self.bad_evals >= self.patience:
-                trainer.state.stop = True
-                trainer.state.stop_reason = (
-                    f"early stopping: no better validation {self.metric} for {self.bad_evals} "
-                    f"evaluations (best {self.best:.4f} at step {self.best_step})"
-                )
-                log.info("%s", trainer.state.stop_reason)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
