@@ -197,22 +197,62 @@ def _write_labels_used(job: Job, data: LabeledData) -> None:
     job.write_json("labels.json", {**data.subset, "classes": data.classes})
 
 
-def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device):
+class SeededMixup:
+    """timm's `Mixup`, its draws from a stream a checkpoint restores (a trainer hook).
+
+    timm draws each batch's lambda, its mixup-or-cutmix choice and its box from NumPy's global
+    RNG, which no checkpoint holds, so a resumed run mixed other batches than the run it
+    continues. Here call n draws from NumPy's global RNG seeded from (seed, rank, n) for the
+    call alone (the global state is put back after): a checkpoint records n, every rank mixes
+    with its own draws, and the global RNG is left as it was.
+    """
+
+    def __init__(self, mixup: Any, seed: int, rank: int) -> None:
+        self.mixup, self.seed, self.rank, self.calls = mixup, seed % 2**63, rank, 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = np.random.SeedSequence([self.seed, self.rank, self.calls])
+        draws = np.random.RandomState(np.random.MT19937(seq)).get_state()
+        self.calls += 1
+        outer = np.random.get_state()
+        np.random.set_state(draws)
+        try:
+            return self.mixup(x, y)
+        finally:
+            np.random.set_state(outer)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.calls = int(s["calls"])
+
+
+def _mixup(recipe: Recipe, data: LabeledData, rank: int) -> SeededMixup | None:
+    """`finetune.mixup` / `finetune.cutmix` as a `SeededMixup`; None when both are off."""
+    ft = recipe.finetune
+    if ft.mixup <= 0 and ft.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    mixup = Mixup(
+        mixup_alpha=ft.mixup,
+        cutmix_alpha=ft.cutmix,
+        label_smoothing=ft.label_smoothing,
+        num_classes=len(data.classes),
+    )
+    return SeededMixup(mixup, recipe.seed, rank)
+
+
+def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device, mixup: SeededMixup | None):
     ft = recipe.finetune
     weight = None
     if ft.class_weighting == "loss":
         counts = torch.tensor(data.class_counts, dtype=torch.float32).clamp_min(1)
         weight = (counts.sum() / (len(counts) * counts)).to(device)
-    mixup = None
-    if ft.mixup > 0 or ft.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(
-            mixup_alpha=ft.mixup,
-            cutmix_alpha=ft.cutmix,
-            label_smoothing=ft.label_smoothing,
-            num_classes=len(data.classes),
-        )
 
     def loss(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = b["image"], b["label"]
@@ -334,7 +374,11 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         groups = layer_decay_param_groups(
             model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
         )
-    trainer = job.trainer(model, plan, groups, _loss_fn(recipe, data, job.device), hooks=[hook])
+    mixup = _mixup(recipe, data, job.dist.rank)
+    loss = _loss_fn(recipe, data, job.device, mixup)
+    # the hooks' order is their checkpoint key: the mixup stream comes after the EvalHook
+    hooks = [hook] if mixup is None else [hook, mixup]
+    trainer = job.trainer(model, plan, groups, loss, hooks=hooks)
     state = job.fit(trainer)
 
     results: dict[str, Any] = {}
