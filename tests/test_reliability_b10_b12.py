@@ -299,8 +299,7 @@ def test_a_full_disk_under_data_cache_is_one_sentence_and_leaves_no_partial_file
     res = _cli_data_cache(tmp_path, out)
     _one_error_line(res, out / "images.npy")
     assert said(res.output, "No space left on device", "MiB needed for 6 images", "MiB free")
-    left = {p.name for p in out.iterdir()}
-    assert not left & {".images.partial.npy", "images.npy", "items.npy", "cache.json"}, left
+    assert not out.exists()  # the build made the folder, and took it back with its files
 
 
 def test_where_fallocate_is_not_supported_the_space_is_reserved_by_writing(tmp_path, monkeypatch):
@@ -350,5 +349,4 @@ def test_a_full_disk_writing_items_npy_is_a_write_error_naming_it(tmp_path, monk
     with pytest.raises(WriteError, match="No space left on device") as e:
         cache_mod.build_cache(_images(tmp_path / "data"), out, size=40)
     assert str(out / "items.npy") in str(e.value)
-    left = {p.name for p in out.iterdir()}
-    assert not left & {".images.partial.npy", "images.npy", "items.npy", "cache.json"}, left
+    assert not out.exists()  # the build made the folder, and took it back with its files

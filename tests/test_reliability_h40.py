@@ -115,3 +115,49 @@ def test_a_carriage_return_in_a_file_name_survives_a_csv_manifest(stripes, tmp_p
     assert [e.path for e in back.entries] == [e.path for e in m.entries]
     assert "horizontal/x\ry.png" in {e.path for e in back.entries}
     assert [p for p, _ in back.errors] == ["vertical/bad\r.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# A failed `data cache` leaves --out as it found it
+# --------------------------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_a_failed_cache_build_leaves_no_folder_marker_or_lock_behind(stripes, tmp_path):
+    import shutil
+
+    from beitdomain.data.cache import build_cache
+    from beitdomain.data.index import ScanError
+
+    root = shutil.copytree(stripes, tmp_path / "d")
+    (root / "vertical" / "vertical_000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(ScanError):
+        build_cache(root, tmp_path / "new" / "c", size=16)
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScanError):
+        build_cache(root, tmp_path / "empty", size=16)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_failed_rebuild_keeps_the_old_cache_whole(stripes, tmp_path):
+    import shutil
+
+    from beitdomain.data.cache import CachedImages, build_cache
+    from beitdomain.data.index import ScanError, scan
+
+    root = shutil.copytree(stripes, tmp_path / "d")
+    build_cache(root, tmp_path / "c", size=16)
+    before = _tree(tmp_path / "c")
+    listed = scan(root)  # the file breaks after the scan: the build fails while decoding
+    (root / "vertical" / "vertical_000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(ScanError):
+        build_cache(listed, tmp_path / "c", size=24, on_error="fail")
+    assert _tree(tmp_path / "c") == before
+    assert len(CachedImages(tmp_path / "c", verify=False)) == 12  # its source changed since

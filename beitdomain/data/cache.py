@@ -355,6 +355,14 @@ def build_cache(
         raise ValueError(f"size={size}; the working resolution should be >= the training size")
     out_dir = Path(out_dir)
     _check_cache_folder(out_dir)  # before a long scan
+    # What was there before, so that a failed build leaves --out as it found it
+    made: list[Path] = []  # the folders make_dirs will create, deepest first
+    missing = out_dir
+    while not os.path.lexists(missing):
+        made.append(missing)
+        missing = missing.parent
+    had_marker = read_marker(out_dir) is not None
+    had_lock = os.path.lexists(out_dir / LOCK_FILE)
     make_dirs(out_dir, "write the cache")
     try:
         lock = FolderLock(out_dir).acquire("a cache")
@@ -372,9 +380,6 @@ def build_cache(
             cached.reused = True
             return cached
         write_marker(out_dir, "cache")
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / "cache.json").unlink()  # an interrupted rebuild must not look complete
-
         kept = [kept_frames(e.shape, e.reader, spec) for e in manifest.entries]
         per_file = [len(k) for k in kept]
         offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
@@ -440,6 +445,10 @@ def build_cache(
             "files": files,
             "errors": [list(x) for x in errors],
         }
+        # Until here a rebuild's old cache is whole; from here an interrupted one must not look
+        # complete, so its cache.json goes first
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / "cache.json").unlink()
         os.replace(partial, out_dir / "images.npy")
         renamed = True
         with atomic_open(out_dir / "items.npy") as f:
@@ -450,6 +459,13 @@ def build_cache(
         if renamed:  # without its cache.json this build's images.npy only fills the disk
             for name in ("images.npy", "items.npy"):
                 (out_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # what this build added to the folder
+            if not had_marker:
+                (out_dir / RUN_MARKER).unlink(missing_ok=True)
+            if not had_lock:
+                (out_dir / LOCK_FILE).unlink(missing_ok=True)  # held: no one else uses it
+            for folder in made:  # the folders it created, each only when empty
+                folder.rmdir()
         raise
     finally:
         lock.release()
