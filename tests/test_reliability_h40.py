@@ -161,3 +161,50 @@ def test_a_failed_rebuild_keeps_the_old_cache_whole(stripes, tmp_path):
         build_cache(listed, tmp_path / "c", size=24, on_error="fail")
     assert _tree(tmp_path / "c") == before
     assert len(CachedImages(tmp_path / "c", verify=False)) == 12  # its source changed since
+
+
+# --------------------------------------------------------------------------------------------
+# A failure after a job's start and before its training is recorded (or comes before the start)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_knn_check_without_labels_is_refused_before_the_run_starts(stripes, tmp_path):
+    import shutil
+
+    from helpers import PRETRAIN_SETS, recipe
+
+    from beitdomain.engine.pretrain import pretrain
+    from beitdomain.user import UserError
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(stripes.rglob("*.png"))):
+        shutil.copy(f, flat / f"{i}.png")  # no subfolders: no labels
+    sets = [*PRETRAIN_SETS, "model.target=pixels", "pretrain.knn_every=1", "pretrain.train.steps=1"]
+    r = recipe(sets, **{"data.root": str(flat), "data.image_size": 32})
+    with pytest.raises(UserError, match="needs labelled images"):
+        pretrain(r, tmp_path / "pre", device="cpu", quiet=True)
+    assert not (tmp_path / "pre").exists()
+
+
+def test_a_job_failing_between_its_start_and_its_training_is_marked_failed(
+    stripes, tmp_path, monkeypatch
+):
+    import json
+
+    import beitdomain.engine.job as job_mod
+    from beitdomain.engine.job import Job
+    from beitdomain.user import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("the plan cannot be made")
+
+    monkeypatch.setattr(job_mod, "plan_run", refuse)
+    job = Job.open("tokenizer", _tok_recipe(stripes), tmp_path / "t", device="cpu", quiet=True)
+    job.start("f" * 64)
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["status"] == "running"
+    with pytest.raises(UserError):
+        job.plan([])
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["status"] == "failed"
+    assert m["error"] == "UserError: the plan cannot be made"

@@ -13,7 +13,10 @@ A job is its own `build` (data, model, loss) and `finish` (what it leaves behind
 `Job.open` checks the folder and writes nothing; the folder is created (locked, marked, and
 cleared by --overwrite) at the job's first write, `start` or `write_json`. A job refused before
 then (its data, labels, augmentations, tokenizer or model) leaves `out` as it found it, missing
-or not, and a start that fails in a folder it created removes what it wrote.
+or not, and a start that fails in a folder it created removes what it wrote. From `start` on,
+a failure in `plan`, `trainer`, `write_json` or `fit` marks the manifest "failed" with its error
+before it raises; what a job can check without the folder (labels, a k-NN check's data) it
+checks before `start`.
 
 Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain`,
 `recipe.finetune`), which all have the same `train` + `optim` shape.
@@ -21,9 +24,10 @@ Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -223,21 +227,35 @@ class Job:
                 run.discard(remove_folder=not self.found_empty)
             raise
 
+    @contextlib.contextmanager
+    def recording_failures(self) -> Iterator[None]:
+        """Once the run has started (its manifest says "running"), a failure or Ctrl-C in the
+        body is written to the manifest ("failed" with the error, or "interrupted") before it
+        raises, so a run refused after its start (its plan, its trainer, a file it writes
+        before training) does not read as one still running."""
+        if self.opened is None or not self.is_main:
+            yield
+            return
+        with self.opened.recording_failures(self.is_main):
+            yield
+
     def write_json(self, name: str, obj: Any) -> None:
         """A JSON file in the run folder (main process only)."""
         if self.is_main:
-            atomic_write_json(self.path / name, obj)
+            with self.recording_failures():
+                atomic_write_json(self.path / name, obj)
 
     def plan(self, dataset: Any, weights: Sequence[float] | None = None) -> RunPlan:
         """The loader and run length from this job's `train` section."""
-        return plan_run(
-            dataset,
-            self.train_config,
-            seed=self.recipe.seed,
-            num_workers=self.recipe.data.num_workers,
-            device=self.device,
-            weights=weights,
-        )
+        with self.recording_failures():
+            return plan_run(
+                dataset,
+                self.train_config,
+                seed=self.recipe.seed,
+                num_workers=self.recipe.data.num_workers,
+                device=self.device,
+                weights=weights,
+            )
 
     def trainer(
         self,
@@ -254,6 +272,18 @@ class Job:
         `wrap` turns the model into what the loop calls (e.g. a loss module around it); the
         result is DDP-wrapped and compiled as `train` asks.
         """
+        with self.recording_failures():
+            return self._trainer(model, plan, param_groups, step_fn, hooks, wrap)
+
+    def _trainer(
+        self,
+        model: nn.Module,
+        plan: RunPlan,
+        param_groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter],
+        step_fn: StepFn,
+        hooks: Sequence[Any],
+        wrap: Callable[[nn.Module], nn.Module] | None,
+    ) -> Trainer:
         opt, train = self.optim_config, self.train_config
         optimizer = build_adamw(param_groups, opt, self.device)
         self.peak_lr = peak_lr(opt, plan.global_batch)
@@ -279,7 +309,7 @@ class Job:
 
     def fit(self, trainer: Trainer) -> LoopState:
         """Runs the loop (resuming when asked); a failure or Ctrl-C is written to the manifest."""
-        with self.run.recording_failures(self.is_main):
+        with self.recording_failures():
             return trainer.fit(resume=self.resume)
 
     def finish(self, result: dict[str, Any]) -> None:

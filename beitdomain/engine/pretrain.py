@@ -148,6 +148,8 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         progress=not job.quiet,
         report_dir=job.path,
     )
+    # its labels are read here, so a k-NN check that cannot run is refused before the start
+    hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
     job.start(fingerprint, pretraining_data=dataset.pretraining_data)  # test images in or out
     if report is not None:
         job.write_json("init_report.json", report.__dict__)
@@ -171,7 +173,6 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         frozen_gflops=encoder_gflops(tokenizer) if tokenizer is not None else 0.0,
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
-    hooks = [knn_monitor(recipe, job.quiet)] if recipe.pretrain.knn_every else []
     objective = partial(MIMObjective, num_masked=masks.num_masking)
     trainer = job.trainer(model, plan, groups, step_fn, wrap=objective, hooks=hooks)
     job.fit(trainer)
