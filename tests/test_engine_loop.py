@@ -128,8 +128,22 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
     assert t.state.step == 10 and t.state.nonfinite_total == 2
     t2 = make(tmp_path / "b", steps=10, train_kw={"max_nonfinite": 3})
     t2.step_fn = lambda m, b: (torch.tensor(float("inf"), requires_grad=True), {})
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as e:
         t2.fit()
+    # C1: no checkpoint was written, so none is said to be intact
+    assert "No checkpoint was written yet" in str(e.value)
+    assert "intact" not in str(e.value)
+    t3 = make(tmp_path / "c", steps=10, train_kw={"max_nonfinite": 2})
+    inner3, calls["n"] = t3.step_fn, 0
+
+    def nan_after_six(m, b):
+        calls["n"] += 1
+        loss, mets = inner3(m, b)
+        return (loss * float("nan") if calls["n"] > 6 else loss), mets
+
+    t3.step_fn = nan_after_six
+    with pytest.raises(NonFiniteLossError, match=r"checkpoint \(step 5\) is intact in"):
+        t3.fit()
 
 
 def test_rundir_refuses_overwrite_without_flag(tmp_path):

@@ -42,7 +42,7 @@ StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict
 
 
 class NonFiniteLossError(UserError):
-    """Too many consecutive non-finite losses; the last good checkpoint is intact."""
+    """Too many consecutive non-finite losses; the checkpoints written before are intact."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -142,6 +142,14 @@ class Trainer:
         if self.ckpt is not None and self.dist.is_main:
             self.ckpt.save(self.checkpoint_state(), self.state.step)
         D.barrier()
+
+    def _checkpoint_left(self) -> str:
+        """What a stopped run leaves to resume from, in a sentence."""
+        mgr = self.ckpt
+        steps = [s for s in mgr.steps() if mgr.verify(mgr.path_for(s)) is None] if mgr else []
+        if not steps or mgr is None:
+            return "No checkpoint was written yet, so there is nothing to resume from."
+        return f"The last good checkpoint (step {steps[-1]}) is intact in {mgr.folder}."
 
     def resume(self) -> bool:
         """Restores the newest usable checkpoint; False when there is none (a fresh start)."""
@@ -316,11 +324,9 @@ class Trainer:
                     if self.state.nonfinite_streak >= self.train.max_nonfinite:
                         raise NonFiniteLossError(
                             f"{self.state.nonfinite_streak} non-finite losses in a row at step "
-                            f"{self.state.step}; stopping. The last good checkpoint is intact in "
-                            f"{self.ckpt.folder if self.ckpt else '(no run folder)'}. Lower the lr "
-                            f"({self.desc}.optim.lr), set {self.desc}.optim.grad_clip, or look "
-                            "at the data with "
-                            "`beitdomain data inspect`."
+                            f"{self.state.step}; stopping. {self._checkpoint_left()} Lower the "
+                            f"lr ({self.desc}.optim.lr), set {self.desc}.optim.grad_clip, or "
+                            "look at the data with `beitdomain data inspect`."
                         )
                     continue
                 self.state.nonfinite_streak = 0
