@@ -208,3 +208,28 @@ def test_a_job_failing_between_its_start_and_its_training_is_marked_failed(
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert m["status"] == "failed"
     assert m["error"] == "UserError: the plan cannot be made"
+
+
+# --------------------------------------------------------------------------------------------
+# C2: a run resumed to the end does not keep the error of the start that stopped
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_run_resumed_to_completion_keeps_its_old_error_only_as_history(tmp_path):
+    import json
+
+    from beitdomain.engine.run.folder import RunDir
+
+    run = RunDir.open(tmp_path / "r", kind="pretrain")
+    run.start("pretrain", None, "cpu", data_fingerprint="a" * 64)
+    with pytest.raises(KeyboardInterrupt), run.recording_failures():
+        raise KeyboardInterrupt("interrupted at step 11 (SIGTERM)")
+    again = RunDir.open(tmp_path / "r", kind="pretrain", resume=True)
+    again.start("pretrain", None, "cpu", data_fingerprint="a" * 64)
+    again.finish(result={"steps": 20})
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["status"] == "completed"
+    assert "error" not in m
+    assert [(s["status"], s["error"]) for s in m["stops"]] == [
+        ("interrupted", "interrupted at step 11 (SIGTERM)")
+    ]

@@ -350,6 +350,12 @@ class RunDir:
             dump_recipe(recipe, self.path / "recipe.yaml")
         previous = self.read_manifest()
         starts = [*previous.get("starts", []), _now()]
+        if "error" in previous:  # how the last start stopped: history, not this run's state
+            stopped = {k: previous[k] for k in ("status", "error", "ended") if k in previous}
+            previous.pop("error")
+            previous.pop("ended", None)
+            previous["stops"] = [*previous.get("stops", []), stopped]
+            atomic_write_json(self.path / self.MANIFEST, previous)
         first = previous.get("data_fingerprint")
         if self.resumed and first and data_fingerprint and first != data_fingerprint:
             # resumed on other data (allowed by the caller, see `check_same_data`): the record
