@@ -22,7 +22,8 @@ from beitdomain.models.convention import (
     InputNorm,
     read_convention,
 )
-from beitdomain.models.convert import WeightsError, export_timm_backbone, load_backbone_weights
+from beitdomain.models.convert import WeightsError, load_backbone_weights
+from beitdomain.models.export import export_timm_backbone
 from beitdomain.models.mim import BeitMIM
 from beitdomain.models.probe import pooled_features
 from beitdomain.user import UserError

@@ -67,6 +67,7 @@ SHOWN_BY = {
     "models/hub.py": {"pretrain", "finetune", "curve"},
     "models/export.py": {"pretrain export"},
     "tokenizer/io.py": {"tokenizer train", "pretrain"},
+    "tokenizer/dalle.py": {"tokenizer import-dalle"},
 }
 # (module, flag, command): messages the command cannot reach (or whose advice does not
 # concern it), with why.

@@ -16,10 +16,10 @@ from beitdomain.models.backbone import create_backbone, get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.convert import (
     WeightsError,
-    export_timm_backbone,
     load_backbone_weights,
     resize_rel_pos_bias_table,
 )
+from beitdomain.models.export import export_timm_backbone
 from beitdomain.models.mim import BeitMIM
 
 CFG = get_preset("tiny", img_size=32)  # 4x4 grid, width 64, 2 blocks, 2 heads, shared bias

@@ -51,7 +51,7 @@ def exported_run(tmp_path):
     """A pre-training run folder's shape: recipe.yaml + backbone.safetensors (timm layout)."""
     from beitdomain.config import dump_recipe
     from beitdomain.engine.build import backbone_config
-    from beitdomain.models.convert import export_timm_backbone
+    from beitdomain.models.export import export_timm_backbone
     from beitdomain.models.mim import BeitMIM
 
     r = recipe(FINETUNE_SETS, **{"data.normalize": "percentile"})
@@ -213,7 +213,7 @@ def test_embed_applies_the_weights_input_convention(exported_run, tmp_path):
     """Official-BEiT-style weights expect (x - 0.5) / 0.5: an export carries it, and `embed`
     applies it (the timm model itself does not normalize)."""
     from beitdomain.engine.represent import load_backbone, pooled_features
-    from beitdomain.models.convert import export_timm_backbone
+    from beitdomain.models.export import export_timm_backbone
 
     run, mim = exported_run
     plain = load_backbone(run)

@@ -35,8 +35,7 @@ from beitdomain.engine.train.estimate import announce_cpu_time, backbone_forward
 from beitdomain.fileio import atomic_write_json, atomic_write_safetensors, make_dirs
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.convention import convention_of
-from beitdomain.models.convert import export_timm_backbone
-from beitdomain.models.export import ExportFormat, export_backbone
+from beitdomain.models.export import ExportFormat, export_backbone, export_timm_backbone
 from beitdomain.models.mim import BeitMIM
 from beitdomain.models.pretrained import build_pretraining_model, is_imported_dalle
 from beitdomain.tokenizer import DiscreteVAE, encoder_gflops

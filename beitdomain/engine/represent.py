@@ -28,11 +28,10 @@ from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
 from beitdomain.models.convention import InputNorm, convention_of, read_convention
-from beitdomain.models.convert import TimmExport
+from beitdomain.models.export import TIMM_META, TimmExport
 from beitdomain.models.probe import pooled_features
+from beitdomain.models.view import CROP_PCT, EvalView
 from beitdomain.user import UserError
-
-TIMM_META_KEY = "beitdomain.timm"  # safetensors metadata written by export_timm_backbone
 
 
 @dataclass
@@ -54,7 +53,7 @@ class FrozenBackbone:
     source: str
     recipe: Recipe | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    crop_pct: float = 0.875
+    crop_pct: float = CROP_PCT  # the evaluation view of fine-tuning and the exports
     # The weights' input convention: [0, 1] images become (x - mean) / std before the model
     # (official BEiT weights: 0.5 / 0.5; beitdomain's own from scratch: 0 / 1; None: 0 / 1).
     mean: tuple[float, ...] | None = None
@@ -88,9 +87,7 @@ class FrozenBackbone:
         c = self.in_chans
         return {
             "input_size": (c, self.image_size, self.image_size),
-            "interpolation": "bicubic",
-            "crop_pct": self.crop_pct,
-            "crop_mode": "center",
+            **EvalView(self.image_size, self.crop_pct).timm_cfg(),
             "mean": tuple(self.mean) if self.mean is not None else (0.0,) * c,
             "std": tuple(self.std) if self.std is not None else (1.0,) * c,
             "intensity": self.spec.to_dict(),
@@ -171,7 +168,7 @@ def _timm_meta(path: Path) -> dict[str, Any] | None:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta[TIMM_META_KEY]) if TIMM_META_KEY in meta else None
+    return json.loads(meta[TIMM_META]) if TIMM_META in meta else None
 
 
 def _recipe_of(folder: Path) -> Recipe | None:
@@ -210,7 +207,7 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     meta = _timm_meta(weights)
     if meta is None:
         raise UserError(
-            f"{weights} carries no '{TIMM_META_KEY}' metadata: export it with "
+            f"{weights} carries no '{TIMM_META}' metadata: export it with "
             f"`beitdomain pretrain export RUN` (timm layout) first"
         )
     name = meta.pop("model")

@@ -14,14 +14,14 @@ from beitdomain.models.classifier import (
     param_groups_weight_decay,
 )
 from beitdomain.models.convention import InputConvention, InputNorm, convention_of
-from beitdomain.models.convert import (
-    LoadReport,
+from beitdomain.models.convert import LoadReport, WeightsError, load_backbone_weights
+from beitdomain.models.export import (
     TimmExport,
-    WeightsError,
+    export_backbone,
+    export_hf,
+    export_timm,
     export_timm_backbone,
-    load_backbone_weights,
 )
-from beitdomain.models.export import export_backbone, export_hf, export_timm
 from beitdomain.models.hub import resolve_init
 from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM

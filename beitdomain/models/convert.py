@@ -1,4 +1,4 @@
-"""Load BEiT weights from local files (unilm, timm, Hugging Face, beitdomain) and export to timm.
+"""Load BEiT weights from local files (unilm, timm, Hugging Face, beitdomain) into a model.
 
 Every source is first rewritten into one *canonical* key space, timm's `Beit` keys plus unilm's
 pre-training extras `mask_token` and `lm_head.*` (and `head.*` for a classifier), then adapted to
@@ -52,16 +52,13 @@ from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from torch import nn
 
-from beitdomain.fileio import atomic_write_safetensors
-from beitdomain.models.backbone import backbone_config_of, beit_kwargs
+from beitdomain.models.backbone import backbone_config_of
+from beitdomain.models.convention import NORM_KEYS as _NORM_KEYS
 from beitdomain.models.convention import (
-    INPUT_META,
     ConventionError,
     InputConvention,
-    convention_of,
     read_convention,
 )
-from beitdomain.models.convention import NORM_KEYS as _NORM_KEYS
 from beitdomain.user import UserError
 
 RPB = "relative_position_bias_table"
@@ -718,52 +715,6 @@ def _compare_hf_config(config: Mapping[str, Any], backbone: Beit, report: LoadRe
 # ----------------------------------------------------------------------------- export
 
 
-@dataclass
-class TimmExport:
-    """Where an exported backbone is and how timm builds a matching model for it.
-
-    Attributes:
-        path: the `.safetensors` file.
-        model_name: a registered timm BEiT name; `model_kwargs` override its dimensions.
-        model_kwargs: keyword arguments for `timm.create_model` describing the architecture.
-    """
-
-    path: Path
-    model_name: str
-    model_kwargs: dict[str, Any]
-    input: InputConvention | None = None
-
-    @property
-    def pretrained_cfg_overlay(self) -> dict[str, Any]:
-        """Overlay for `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=...)`.
-
-        `input_size` declares the exported channel count, so timm adapts the patch embedding
-        correctly when `in_chans` differs; `num_classes=0` says the file has no head.
-        """
-        size = self.model_kwargs["img_size"]
-        out: dict[str, Any] = {
-            "file": str(self.path),
-            "input_size": (self.model_kwargs["in_chans"], size, size),
-            "num_classes": 0,
-        }
-        if self.input is not None:
-            out.update(mean=self.input.mean, std=self.input.std, crop_pct=1.0)
-        return out
-
-    def create_model(self, num_classes: int = 0, **overrides: Any) -> nn.Module:
-        """Builds the timm model with these weights (offline; reads only `path`)."""
-        import timm
-
-        kwargs = {**self.model_kwargs, **overrides}
-        return timm.create_model(
-            self.model_name,
-            pretrained=True,
-            pretrained_cfg_overlay=self.pretrained_cfg_overlay,
-            num_classes=num_classes,
-            **kwargs,
-        )
-
-
 def pooled_backbone_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
     """(CPU tensors in timm's classifier layout: per-block tables, fc_norm, no head; config)."""
     backbone, _, _ = _target_state(model)
@@ -778,37 +729,3 @@ def pooled_backbone_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], An
         state["fc_norm.weight"] = torch.ones(cfg.embed_dim)
         state["fc_norm.bias"] = torch.zeros(cfg.embed_dim)
     return state, cfg
-
-
-def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
-    """Writes a backbone as timm BEiT safetensors (no MIM head, no mask token).
-
-    The layout is that of timm's registered BEiT models: one relative position table per block
-    (a shared table is copied into each), `fc_norm` after mean pooling and no token `norm`. A
-    MIM backbone's token norm is not carried over (unilm and MAE fine-tuning also start `fc_norm`
-    fresh); `fc_norm` is written as a fresh LayerNorm (weight 1, bias 0) so timm finds every key.
-
-    Args:
-        model: a `BeitMIM`, `BeitClassifier` or timm `Beit`.
-        out_path: the `.safetensors` file to write.
-
-    Returns:
-        A `TimmExport`; `export.create_model(num_classes=N)` or
-        `timm.create_model(export.model_name, pretrained=True,
-        pretrained_cfg_overlay=export.pretrained_cfg_overlay, num_classes=N,
-        **export.model_kwargs)` loads it with only the new head missing.
-    """
-    state, cfg = pooled_backbone_state(model)
-    kwargs = beit_kwargs(cfg.replace(use_shared_rel_pos_bias=False, drop_path_rate=0.0))
-    kwargs.pop("drop_path_rate")
-    # Any registered BEiT works as the template: every dimension is overridden by kwargs.
-    name = "beit_base_patch16_224"
-    out = Path(out_path)
-    conv = convention_of(model)
-    meta = {
-        "format": "pt",
-        "beitdomain.timm": json.dumps({"model": name, **kwargs}),
-        INPUT_META: json.dumps(conv.to_dict()),
-    }
-    atomic_write_safetensors(out, state, metadata=meta)
-    return TimmExport(path=out, model_name=name, model_kwargs=kwargs, input=conv)

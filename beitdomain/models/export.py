@@ -4,13 +4,15 @@ Both carry the model's input convention (channels, size, mean and std of [0, 1] 
 library's own preprocessing feeds the weights what they were trained on:
 
 * timm: `config.json` in timm's hub format (architecture, `model_args`, `pretrained_cfg` with
-  `input_size`, `mean`, `std`, `num_classes: 0`) and `model.safetensors`. Loads with
+  `input_size`, `mean`, `std`, the evaluation view, `num_classes: 0`) and `model.safetensors`,
+  written by `export_timm_backbone`, the one timm writer (`backbone.safetensors` too). Loads with
   `timm.create_model("local-dir:<folder>", pretrained=True)`, or the same call with
   `pretrained_cfg_overlay=dict(file="<folder>/model.safetensors")`; `resolve_data_config` +
   `create_transform` give the matching transform.
 * Hugging Face: `config.json` (`BeitConfig`), `model.safetensors` and `preprocessor_config.json`
-  (`BeitImageProcessor`: resize to the input size, rescale to [0, 1], normalize with the model's
-  mean / std); loads with `BeitModel.from_pretrained(folder)` and
+  (`BeitImageProcessor`: the evaluation view of `models.view`, shorter side resized and a
+  centred square cut, then rescale to [0, 1] and normalize with the model's mean / std); loads
+  with `BeitModel.from_pretrained(folder)` and
   `AutoImageProcessor.from_pretrained(folder)`. transformers is needed only here (dev extra).
 
 The layout is the fine-tuning one of both libraries: mean pooling over patch tokens, then a
@@ -21,6 +23,7 @@ the pooled norm is written fresh (weight 1, bias 0), as BEiT fine-tuning starts 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,17 +37,14 @@ from beitdomain.fileio import (
     written_names,
 )
 from beitdomain.models.backbone import beit_kwargs
-from beitdomain.models.convention import InputConvention, convention_of
-from beitdomain.models.convert import (
-    INPUT_META,
-    WeightsError,
-    _hf_name,
-    pooled_backbone_state,
-)
+from beitdomain.models.convention import INPUT_META, InputConvention, convention_of
+from beitdomain.models.convert import WeightsError, _hf_name, pooled_backbone_state
+from beitdomain.models.view import EvalView
 from beitdomain.user import UserError
 
 ExportFormat = Literal["timm", "hf"]
 TIMM_TEMPLATE = "beit_base_patch16_224"  # any registered BEiT: model_args set every dimension
+TIMM_META = "beitdomain.timm"  # safetensors metadata: the template name + timm model_args
 WEIGHTS = "model.safetensors"
 EXPORTED_FILE = ".beitdomain-export.json"  # the files an export wrote into its folder
 EXPORT_FILES: dict[str, tuple[str, ...]] = {
@@ -84,39 +84,126 @@ def timm_model_args(cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
+def timm_pretrained_cfg(
+    in_chans: int, image_size: int, conv: InputConvention | None
+) -> dict[str, Any]:
+    """timm's `pretrained_cfg` for an export: its input, convention and evaluation view."""
+    out: dict[str, Any] = {
+        "input_size": [in_chans, image_size, image_size],
+        "fixed_input_size": True,
+        **EvalView(image_size).timm_cfg(),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    if conv is not None:
+        out.update(mean=list(conv.mean), std=list(conv.std))
+    return out
+
+
+@dataclass
+class TimmExport:
+    """Where an exported backbone is and how timm builds a matching model for it.
+
+    Attributes:
+        path: the `.safetensors` file.
+        model_name: a registered timm BEiT name; `model_kwargs` override its dimensions.
+        model_kwargs: keyword arguments for `timm.create_model` describing the architecture.
+        input: the weights' input convention (None: not recorded).
+    """
+
+    path: Path
+    model_name: str
+    model_kwargs: dict[str, Any]
+    input: InputConvention | None = None
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's `pretrained_cfg` of these weights (`timm_pretrained_cfg`)."""
+        args = self.model_kwargs
+        return timm_pretrained_cfg(int(args["in_chans"]), int(args["img_size"]), self.input)
+
+    @property
+    def pretrained_cfg_overlay(self) -> dict[str, Any]:
+        """Overlay for `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=...)`.
+
+        `input_size` declares the exported channel count, so timm adapts the patch embedding
+        correctly when `in_chans` differs; `num_classes=0` says the file has no head.
+        """
+        cfg = self.pretrained_cfg
+        if self.input is None:  # no convention recorded: leave timm's mean / std and view
+            cfg = {k: cfg[k] for k in ("input_size", "num_classes")}
+        return {"file": str(self.path), **cfg, "input_size": tuple(cfg["input_size"])}
+
+    def create_model(self, num_classes: int = 0, **overrides: Any) -> nn.Module:
+        """Builds the timm model with these weights (offline; reads only `path`)."""
+        import timm
+
+        kwargs = {**self.model_kwargs, **overrides}
+        return timm.create_model(
+            self.model_name,
+            pretrained=True,
+            pretrained_cfg_overlay=self.pretrained_cfg_overlay,
+            num_classes=num_classes,
+            **kwargs,
+        )
+
+
+def export_timm_backbone(model: nn.Module, out_path: str | Path) -> TimmExport:
+    """Writes a backbone as timm BEiT safetensors (no MIM head, no mask token): the one timm
+    writer, behind `backbone.safetensors` and the timm folder's `model.safetensors`.
+
+    The layout is that of timm's registered BEiT models: one relative position table per block
+    (a shared table is copied into each), `fc_norm` after mean pooling and no token `norm`. A
+    MIM backbone's token norm is not carried over (unilm and MAE fine-tuning also start `fc_norm`
+    fresh); `fc_norm` is written as a fresh LayerNorm (weight 1, bias 0) so timm finds every key.
+    The metadata records the architecture (`beitdomain.timm`) and the input convention.
+
+    Args:
+        model: a `BeitMIM`, `BeitClassifier` or timm `Beit`.
+        out_path: the `.safetensors` file to write.
+
+    Returns:
+        A `TimmExport`; `export.create_model(num_classes=N)` or
+        `timm.create_model(export.model_name, pretrained=True,
+        pretrained_cfg_overlay=export.pretrained_cfg_overlay, num_classes=N,
+        **export.model_kwargs)` loads it with only the new head missing.
+    """
+    return _write_timm_weights(*_pooled_state(model), Path(out_path))
+
+
+def _write_timm_weights(
+    state: dict[str, torch.Tensor], cfg: Any, conv: InputConvention, out: Path
+) -> TimmExport:
+    args = timm_model_args(cfg)
+    meta = {
+        "format": "pt",
+        TIMM_META: json.dumps({"model": TIMM_TEMPLATE, **args}),
+        INPUT_META: json.dumps(conv.to_dict()),
+    }
+    atomic_write_safetensors(out, state, metadata=meta)
+    return TimmExport(path=out, model_name=TIMM_TEMPLATE, model_kwargs=args, input=conv)
+
+
 def export_timm(model: nn.Module, folder: str | Path) -> Path:
     """Writes a timm model folder (`config.json` + `model.safetensors`); returns the folder.
 
     Load it with `timm.create_model(f"local-dir:{folder}", pretrained=True)`; the
-    `pretrained_cfg` it reads says `in_chans`, `input_size`, `mean`, `std` and `num_classes=0`.
+    `pretrained_cfg` it reads says `in_chans`, `input_size`, `mean`, `std`, the evaluation
+    view (`models.view`) and `num_classes=0`.
     """
-    state, cfg, conv = _pooled_state(model)
+    state, cfg, conv = _pooled_state(model)  # a model that is no BEiT fails before the folder
     out = Path(folder)
     _claim_export_folder(out, "timm")
-    args = timm_model_args(cfg)
-    pretrained_cfg = {
-        "input_size": [conv.in_chans, conv.input_size, conv.input_size],
-        "fixed_input_size": True,
-        "mean": list(conv.mean),
-        "std": list(conv.std),
-        "interpolation": "bicubic",
-        "crop_pct": 1.0,  # the model's size is the training size: resize, no extra crop
-        "crop_mode": "center",
-        "num_classes": 0,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "same as the source weights",
-    }
+    export = _write_timm_weights(state, cfg, conv, out / WEIGHTS)
     config = {
-        "architecture": TIMM_TEMPLATE,
+        "architecture": export.model_name,
         "num_classes": 0,
-        "num_features": cfg.embed_dim,
+        "num_features": export.model_kwargs["embed_dim"],
         "global_pool": "avg",
-        "model_args": args,
-        "pretrained_cfg": pretrained_cfg,
+        "model_args": export.model_kwargs,
+        "pretrained_cfg": {**export.pretrained_cfg, "license": "same as the source weights"},
     }
-    meta = {"format": "pt", INPUT_META: json.dumps(conv.to_dict())}
-    atomic_write_safetensors(out / WEIGHTS, state, metadata=meta)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
 
@@ -188,10 +275,7 @@ def export_hf(model: nn.Module, folder: str | Path) -> Path:
     _claim_export_folder(out, "hf")
     hf.save_pretrained(out)
     processor = transformers.BeitImageProcessor(
-        do_resize=True,
-        size={"height": conv.input_size, "width": conv.input_size},
-        resample=3,  # PIL bicubic, as timm's transform
-        do_center_crop=False,
+        **EvalView(conv.input_size).hf_processor_kwargs(),  # crops a non-square image as timm
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
