@@ -233,3 +233,27 @@ def test_a_run_resumed_to_completion_keeps_its_old_error_only_as_history(tmp_pat
     assert [(s["status"], s["error"]) for s in m["stops"]] == [
         ("interrupted", "interrupted at step 11 (SIGTERM)")
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# C3: '~' in --out is the home folder, as in the protected paths, never a folder named '~'
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_quoted_tilde_in_out_means_the_home_folder(stripes, tmp_path, monkeypatch):
+    from beitdomain.data.cache import build_cache
+    from beitdomain.engine.run.folder import RunDir
+    from beitdomain.engine.run.guard import RunDirError
+
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "thesis.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError):
+        RunDir.check("~", kind="pretrain")  # the home folder holds files the run did not write
+    run = RunDir.open("~/runs/p", kind="pretrain")
+    assert run.path == home / "runs" / "p" and run.path.is_dir()
+    run.close()
+    assert build_cache(stripes, "~/c", size=16).cache_dir == home / "c"
+    assert not (tmp_path / "~").exists()

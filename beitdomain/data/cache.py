@@ -353,7 +353,7 @@ def build_cache(
         raise ValueError(f"fit={fit!r}; valid: {', '.join(FITS)}")
     if size < 8:
         raise ValueError(f"size={size}; the working resolution should be >= the training size")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()  # a quoted '~/c' means the home folder
     _check_cache_folder(out_dir)  # before a long scan
     # What was there before, so that a failed build leaves --out as it found it
     made: list[Path] = []  # the folders make_dirs will create, deepest first

@@ -134,7 +134,7 @@ class Job:
         """
         dev = D.resolve_device(device)
         info = D.init_distributed(dev)
-        out = Path(out)
+        out = Path(out).expanduser()  # a quoted '~/runs/x' means the home folder
         found_empty: bool | None = None
         fresh_since_ns: int | None = None
         if info.is_main:  # refuses other kinds of run and folders it did not write

@@ -214,7 +214,7 @@ class RunDir:
             RunDirError: the folder cannot be used as asked.
             RunLockedError: another process is writing this folder (its PID is named).
         """
-        path = Path(path)
+        path = Path(path).expanduser()  # a quoted '~/runs/x' means the home folder
         _check_request(path, kind, resume, overwrite)
         found = check_folder(path, kind, resume, overwrite, recipe)
         _check_unlocked(path, kind)
@@ -250,7 +250,7 @@ class RunDir:
             RunDirError: the folder cannot be used as asked; nothing was changed.
             RunLockedError: another process is writing this folder (its PID is named).
         """
-        path = Path(path)
+        path = Path(path).expanduser()  # a quoted '~/runs/x' means the home folder
         if not is_main:  # rank 0 checks, locks and writes; the others only use the folder
             _check_request(path, kind, resume, overwrite)
             return cls(path, resumed=bool(resume and run_kind(path)), kind=kind)
