@@ -173,6 +173,28 @@ def test_predict_skips_a_nan_tiff_and_writes_the_others(ft_run, data, tmp_path):
     assert json.loads((ft_run / "results.json").read_text())["classes"]
 
 
+def test_predict_names_every_skipped_file_of_a_folder_one_way(ft_run, data, tmp_path):
+    """C4: a file the scan could not read and one that failed to load are both named from
+    inside the folder, as the predictions name its files."""
+    import shutil
+
+    import tifffile
+
+    folder = shutil.copytree(data / "vertical", tmp_path / "in" / "vertical")
+    arr = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    arr[3, 5] = np.nan
+    tifffile.imwrite(folder / "nan.tif", arr)  # scans, then fails to load (non-finite)
+    (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # fails the scan
+    preds = tmp_path / "p.csv"
+    res = cli("predict", str(ft_run), str(tmp_path / "in"), "-o", str(preds))
+    assert res.exit_code == 0, res.output
+    with open(preds, newline="") as f:
+        assert all(r["path"].startswith("vertical/") for r in csv.DictReader(f))
+    with open(tmp_path / "p.errors.csv", newline="") as f:
+        named = sorted(r["path"] for r in csv.DictReader(f))
+    assert named == ["vertical/cut.png", "vertical/nan.tif"]
+
+
 def test_tokenizer_encode_never_replaces_a_file_it_did_not_write(tmp_path):
     # Two inputs named x.png wrote one x.npy (the first map lost), and a user's own x.npy in
     # --out was replaced.

@@ -135,7 +135,8 @@ def predict_files(
         raise UserError(
             f"{run} is not a finished fine-tuning run (no {RESULTS_FILE} / {BEST_FILE})"
         )
-    _check_predictions_target(Path(out_csv), inputs)
+    out_csv = Path(out_csv).expanduser()  # a quoted '~/p.csv' means the home folder
+    _check_predictions_target(out_csv, inputs)
     recipe = load_recipe(run / RECIPE_FILE)
     if nonfinite is not None:
         recipe = replace(recipe, data=replace(recipe.data, nonfinite=nonfinite))
@@ -158,7 +159,8 @@ def predict_files(
         if p.is_dir():
             m = scan(p, on_error="skip")
             files += [(e.path, m.abspath(e)) for e in m.entries]
-            skipped += [(str(p / bad), why) for bad, why in m.errors]
+            # named as the predictions name the folder's files: from inside the folder
+            skipped += m.errors
         elif p.is_file():
             files.append((str(p), p))
         else:
@@ -190,6 +192,6 @@ def predict_files(
     atomic_write_text(out_csv, buf.getvalue())
     if skipped:
         err = io.StringIO()
-        csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *skipped])
+        csv.writer(err).writerows([("path", "reason"), *skipped])  # \r\n quotes a \r in a name
         atomic_write_text(errors_path(out_csv), err.getvalue())
     return Path(out_csv), skipped
