@@ -38,9 +38,13 @@ from beitdomain.tokenizer.flops import count_params
 REPO = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched
-# against `torch.cuda.get_device_name()` in this order (first hit wins).
+# against `torch.cuda.get_device_name()` in this order (first hit wins), so each variant comes
+# before the plain "H100" it contains.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    # "NVIDIA H100 NVL" (94 GB, PCIe card, 350-400 W): 1,671 TFLOP/s with sparsity on the spec
+    # table of https://www.nvidia.com/en-us/data-center/h100/, half of it dense
+    ("H100 NVL", 835.5),
     ("H100", 989.0),  # SXM / HBM3 (e.g. "NVIDIA H100 80GB HBM3")
     ("H200", 989.0),
     ("GH200", 989.0),
@@ -128,9 +132,13 @@ def default_peak_tflops(device: torch.device, dtype: torch.dtype | None) -> floa
     """The device's dense bf16 peak (TFLOP/s) when known and the run is bf16, else None."""
     if device.type != "cuda" or dtype != torch.bfloat16:
         return None
-    name = torch.cuda.get_device_name(device)
+    return known_peak_tflops(torch.cuda.get_device_name(device))
+
+
+def known_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of the GPU called `device_name`, when the table has it."""
     for key, peak in PEAK_BF16_TFLOPS:
-        if key in name:
+        if key in device_name:
             return peak
     return None
 

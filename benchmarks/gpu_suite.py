@@ -6,10 +6,15 @@ CPU smoke (tiny sizes, seconds): ``python benchmarks/gpu_suite.py --device cpu -
 
 Measurements (GPU-only ones print "skipped (no CUDA)" on CPU):
 
-1. Pre-training step, ViT-B/16 @ 224 + the 112 px tokenizer (default 'dalle', BEiT's) + AdamW,
-   bf16: ours (the last block on masked tokens) and Hugging Face
-   `BeitForMaskedImageModeling` in its default attention; img/s, MFU, peak memory, MiB/img.
-2. Fine-tuning step, ViT-B/16 @ 224, bf16: img/s, MFU, peak memory, MiB/img.
+By default the model the GPU recipes train (`--recipe elpv-gpu`: ViT-B/16 @ 224 on 1 channel,
+the 'base' tokenizer at 112 px with 8,192 codes; 117.95 GFLOP per image counted for the
+pre-training step). `--tokenizer dalle` with a 3-channel recipe gives BEiT's own setting
+(155.8 GFLOP per image).
+
+1. Pre-training step, the recipe's backbone + its tokenizer + AdamW, bf16: ours (the last
+   block on masked tokens) and Hugging Face `BeitForMaskedImageModeling` in its default
+   attention; img/s, MFU, peak memory, MiB/img.
+2. Fine-tuning step, the recipe's backbone, bf16: img/s, MFU, peak memory, MiB/img.
 3. Data loader from a decoded cache (synthetic images -> `build_cache` -> `ImageDataset` with
    `PretrainTransform` and the block mask generator -> `build_loader` with N workers), img/s,
    against what the pre-training step consumes.
@@ -49,13 +54,35 @@ SKIPPED = "skipped (no CUDA)"
 
 
 # ---- sizes -------------------------------------------------------------------------------
-def suite_sizes(quick: bool, tokenizer: str, batch: int | None) -> dict[str, Any]:
-    """Model and data sizes: the issue's ViT-B/16 setting, or tiny ones for a smoke run."""
+RECIPE = "elpv-gpu"  # the recipe whose model the suite measures by default
+
+
+def recipe_model(name: str = RECIPE) -> dict[str, Any]:
+    """The backbone preset, image size, channels and tokenizer (preset, codes) a recipe trains."""
+    from beitdomain.config import load_recipe
+
+    r = load_recipe(name)
+    return dict(
+        preset=r.model.preset,
+        img_size=r.data.image_size,
+        in_chans=r.data.in_chans,
+        tokenizer=r.tokenizer.preset,
+        vocab_size=r.tokenizer.vocab_size,
+    )
+
+
+def suite_sizes(
+    quick: bool, tokenizer: str | None, batch: int | None, recipe: str = RECIPE
+) -> dict[str, Any]:
+    """Model and data sizes: `recipe`'s model at batch 128 (`tokenizer` replaces its
+    tokenizer preset), or tiny ones for a smoke run."""
     if quick:
         return dict(
             preset="tiny",
             img_size=64,
-            tokenizer="tiny",
+            in_chans=1,
+            tokenizer=tokenizer or "tiny",
+            vocab_size=None,
             batch=batch or 4,
             steps=2,
             warmup=1,
@@ -64,10 +91,10 @@ def suite_sizes(quick: bool, tokenizer: str, batch: int | None) -> dict[str, Any
             loader_batch=4,
             attn_shape=(2, 2, 65, 32),  # B, heads, tokens, head_dim
         )
+    model = recipe_model(recipe)
     return dict(
-        preset="vit-base",
-        img_size=224,
-        tokenizer=tokenizer,
+        model,
+        tokenizer=tokenizer or model["tokenizer"],
         batch=batch or 128,
         steps=15,
         warmup=5,
@@ -189,8 +216,10 @@ def pretrain_step_factory(
     from beitdomain.models.classifier import param_groups_weight_decay
     from beitdomain.models.mim import BeitMIM
 
-    cfg = PT.backbone_config(sizes["preset"], img_size=sizes["img_size"])
-    tok = PT.build_tokenizer(sizes["tokenizer"], cfg.in_chans, device)
+    cfg = PT.backbone_config(
+        sizes["preset"], img_size=sizes["img_size"], in_chans=sizes["in_chans"]
+    )
+    tok = PT.build_tokenizer(sizes["tokenizer"], cfg.in_chans, device, sizes["vocab_size"])
     model = MIMObjective(BeitMIM.from_config(cfg, vocab_size=tok.vocab_size).to(device))
     ocfg = OptimConfig(lr=1e-4)
     opt = build_adamw(param_groups_weight_decay(model, 0.05), ocfg, device)
@@ -206,7 +235,9 @@ def pretrain_step_factory(
 def finetune_step_factory(
     sizes: dict[str, Any], device: torch.device, dtype: torch.dtype | None
 ) -> Callable[[int], Callable[[], None]]:
-    cfg = FT.finetune_config(sizes["preset"], img_size=sizes["img_size"])
+    cfg = FT.finetune_config(
+        sizes["preset"], img_size=sizes["img_size"], in_chans=sizes["in_chans"]
+    )
     model, opt = FT.build_finetune(cfg, 1000, device)
 
     def make(b: int) -> Callable[[], None]:
@@ -306,7 +337,8 @@ def run_suite(
     *,
     device: str = "auto",
     quick: bool = False,
-    tokenizer: str = "dalle",
+    recipe: str = RECIPE,
+    tokenizer: str | None = None,
     batch: int | None = None,
     workers: int | None = None,
     compile: bool = False,
@@ -317,7 +349,7 @@ def run_suite(
     """Runs every measurement and returns one JSON-able dict (see the module docstring)."""
     dev = C.resolve_device(device)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    sizes = suite_sizes(quick, tokenizer, batch)
+    sizes = suite_sizes(quick, tokenizer, batch, recipe)
     if dev.type == "cuda" and memory_gib:
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib / total), dev)
@@ -328,6 +360,7 @@ def run_suite(
     step = C.StepSettings(
         preset=sizes["preset"],
         img_size=sizes["img_size"],
+        in_chans=sizes["in_chans"],
         batch=sizes["batch"],
         steps=sizes["steps"],
         warmup=sizes["warmup"],
@@ -338,7 +371,8 @@ def run_suite(
     compiled = dataclasses.replace(step, compile=True)
     res: dict[str, Any] = {"env": C.env_info(dev), "sizes": sizes, "workers": workers}
 
-    _guard(res, "pretrain", lambda: PT.run(step, tokenizer=sizes["tokenizer"]))
+    tok = dict(tokenizer=sizes["tokenizer"], vocab_size=sizes["vocab_size"])
+    _guard(res, "pretrain", lambda: PT.run(step, **tok))
     C.free_memory(dev)
     _guard(res, "finetune", lambda: FT.run(step))
     C.free_memory(dev)
@@ -346,7 +380,7 @@ def run_suite(
         _guard(
             res,
             "pretrain_compiled",
-            lambda: PT.run(compiled, tokenizer=sizes["tokenizer"], include_hf=False),
+            lambda: PT.run(compiled, **tok, include_hf=False),
         )
         C.free_memory(dev)
         _guard(res, "finetune_compiled", lambda: FT.run(compiled))
@@ -410,8 +444,9 @@ def format_suite(res: dict[str, Any]) -> str:
     elif pre:
         cfg = pre["config"]
         what = (
-            f"{cfg['preset']}@{cfg['img_size']}, tokenizer {cfg['tokenizer']}@"
-            f"{cfg['tokenizer_size']}, batch {cfg['batch']}, {cfg['dtype']}"
+            f"{cfg['preset']}@{cfg['img_size']} on {cfg['in_chans']} ch, tokenizer "
+            f"{cfg['tokenizer']}@{cfg['tokenizer_size']} ({cfg['vocab_size']} codes), "
+            f"batch {cfg['batch']}, {cfg['dtype']}"
         )
         flops = f"{pre['ours']['gflops_per_img']:.1f} GFLOP/img counted"
         rows.append(_model_row("pretrain step, ours", pre["ours"], f"{what}; {flops}"))
@@ -494,7 +529,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
-    p.add_argument("--tokenizer", default="dalle", help="tokenizer preset (112 px view)")
+    p.add_argument(
+        "--recipe", default=RECIPE, help=f"the recipe whose model is measured (default {RECIPE})"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer preset (default: the recipe's; 'dalle')"
+    )
     p.add_argument("--batch", type=int, default=None, help="step batch (default 128)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores-1)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
