@@ -112,6 +112,16 @@ def _row_float(row: Mapping[str, Any], key: str) -> float | None:
     return None if math.isnan(v) else v
 
 
+CHANCE_TOLERANCE = 0.01  # a baseline within this of chance at every point is "at chance"
+
+
+def fraction_tick(fraction: float) -> str:
+    """A realised label fraction at two significant figures: 18 of 1,771 labels (1.02%) reads
+    1%, 8 of 28 (28.6%) reads 29%; the exact values are in curve.csv and report.md."""
+    pct = float(f"{100 * fraction:.2g}")
+    return f"{pct:g}%"
+
+
 def plot_label_efficiency(
     summary: Sequence[Mapping[str, Any]],
     out_png: str | Path,
@@ -120,11 +130,16 @@ def plot_label_efficiency(
     reference_init: str = "scratch",
     title: str | None = None,
     dashed: Iterable[str] = (),
+    chance: float | None = None,
 ) -> Path:
-    """Metric vs labelled fraction (log axis), one line per initialization with a ±std band.
+    """Metric vs labelled fraction (log axis), one line per initialization, with ±std error
+    bars where a point averages two seeds or more (a single seed has no spread to draw).
 
     Arms named in `dashed` (the classical baselines: logistic regressions on pixels or frozen
     features) are drawn as dashed lines without markers, so the fine-tuned arms stand out.
+    `chance` (the metric at chance level) is drawn as a dotted line; dashed arms at chance at
+    every point are named in its legend entry instead of as lines drawn over one another. The
+    y axis spans at least 0.2 and takes in the chance line, so noise is not zoomed into a gap.
 
     A secondary x axis on top gives the number of labelled images; a dashed horizontal line marks
     `reference_init` trained on 100% of the labels, when that cell exists.
@@ -168,20 +183,37 @@ def plot_label_efficiency(
     dashed_set = set(dashed)
     inits = sorted(by_init, key=lambda n: (n in dashed_set, n != reference_init, n))
     all_fracs: set[float] = set()
+    at_chance = [
+        n
+        for n in inits
+        if chance is not None
+        and n in dashed_set
+        and all(abs(p[1] - chance) <= CHANCE_TOLERANCE for p in by_init[n])
+    ]
+    shown_y: list[float] = []
     for i, name in enumerate(inits):
         pts = sorted(by_init[name])
         x = np.array([p[0] for p in pts])
         y = np.array([p[1] for p in pts])
         s = np.array([np.nan if p[2] is None else p[2] for p in pts])
         all_fracs.update(x.tolist())
+        if name in at_chance:
+            continue
+        shown_y += [*(y - np.nan_to_num(s)).tolist(), *(y + np.nan_to_num(s)).tolist()]
         color = colors[i % len(colors)]
         if name in dashed_set:
             ax.plot(x, y, color=color, label=name, lw=1.4, ls="--", marker=".", ms=4)
         else:
             ax.plot(x, y, marker=markers[i % len(markers)], color=color, label=name, lw=1.8, ms=6)
-        if np.isfinite(s).any() and name not in dashed_set:
-            s = np.nan_to_num(s)
-            ax.fill_between(x, y - s, y + s, color=color, alpha=0.18, lw=0)
+        spread = np.isfinite(s)  # only points over two seeds or more have a spread
+        if spread.any() and name not in dashed_set:
+            ax.errorbar(
+                x[spread], y[spread], yerr=s[spread], fmt="none", ecolor=color, capsize=3, lw=1
+            )
+    if chance is not None:
+        named = f": {', '.join(at_chance)}" if at_chance else ""
+        ax.axhline(chance, color="0.5", ls=":", lw=1.2, label=f"chance ({chance:.3f}){named}")
+        shown_y.append(chance)
     ref = [p for p in by_init.get(reference_init, []) if math.isclose(p[0], 1.0)]
     if ref:
         ax.axhline(
@@ -191,9 +223,16 @@ def plot_label_efficiency(
             lw=1.0,
             label=f"{reference_init} @ 100% ({ref[0][1]:.3f})",
         )
+    if ref:
+        shown_y.append(ref[0][1])
+    if shown_y:
+        lo, hi = min(shown_y), max(shown_y)
+        pad = max(0.03, (0.2 - (hi - lo)) / 2)
+        top = min(1.02, hi + pad)  # the metrics are in [0, 1]
+        ax.set_ylim(max(0.0, min(lo - pad, top - 0.2)), top)
     ax.set_xscale("log")
     ticks = sorted(all_fracs)
-    ax.set_xticks(ticks, [f"{100 * t:.3g}%" for t in ticks])  # 18/1771 -> 1.02%
+    ax.set_xticks(ticks, [fraction_tick(t) for t in ticks])
     ax.minorticks_off()
     lo, hi = min(ticks), max(ticks)
     ax.set_xlim(lo / 1.3, hi * 1.3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,13 +84,21 @@ def baseline_rows(
     *,
     trust_pickle: bool = False,
     quiet: bool = True,
+    report_dir: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[str]]]:
     """Curve rows (init, labels, fraction, seed, n_labels, n_train, n_test, metrics, c) for every
     baseline arm and every (label amount, seed) in `cells`, and the files each (label amount,
-    seed) trained on (what a fine-tune's `labels_used.csv` lists as train)."""
+    seed) trained on (what a fine-tune's `labels_used.csv` lists as train). Counts are of
+    images (files), as a fine-tune's are, also where a file holds several frames.
+    `report_dir`: where the quarantine report of unreadable files goes (the curve folder)."""
     import torch
 
-    full = labeled_data(recipe, labels="100%", seed=0, progress=False, selection="none")
+    def subset_of(spec: str, seed: int) -> Any:
+        return labeled_data(
+            recipe, labels=spec, seed=seed, progress=False, report_dir=report_dir, selection="none"
+        )
+
+    full = subset_of("100%", 0)
     if full.test is None:
         log.warning("no test split: the curve's baseline arms are skipped")
         return [], {}
@@ -97,7 +106,7 @@ def baseline_rows(
     test = np.asarray(full.test.indices)
     subsets, used = [], {}
     for spec, seed in cells:
-        ld = labeled_data(recipe, labels=spec, seed=seed, progress=False, selection="none")
+        ld = subset_of(spec, seed)
         subsets.append((spec, ld.subset, seed, np.asarray(ld.train_items)))
         used[(spec, seed)] = list(ld.files["train"])
     # Features for every item a subset or the test split holds (pool: the whole train split,
@@ -142,8 +151,14 @@ def baseline_rows(
         quiet=quiet,
     )
     n_train = subsets[0][1]["n_train"] if subsets else None
-    for r in rows:
+    subset_by = {(spec, seed): sub for spec, sub, seed, _ in subsets}
+    n_test = full.subset["splits"]["test"]["images"]
+    for r in rows:  # the fits count items (frames): the rows count images, as the cells do
+        sub = subset_by[(r["labels"], r["seed"])]
+        r["n_labels"] = sub["n_labels"]
+        r["label_groups"] = sub["splits"]["subset"]["groups"]
         r["n_train"] = n_train
+        r["n_test"] = n_test
     return rows, used
 
 

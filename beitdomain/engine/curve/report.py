@@ -17,16 +17,70 @@ from beitdomain.engine.curve.baselines import (
     BASELINES_FILE,
     baseline_settings,
     compare_with_strongest,
+    probe_name,
+    without_pretraining,
 )
 from beitdomain.engine.curve.grid import Cell, CurveGrid
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.eval.metrics import METRICS
 from beitdomain.eval.plots import plot_label_efficiency
-from beitdomain.eval.report import read_csv, summarize, write_csv, write_report
+from beitdomain.eval.report import chance_level, read_csv, summarize, write_csv, write_report
+from beitdomain.labels import parse_labels_spec
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
+MIN_SPLIT_GROUPS = 3  # fewer groups in a split: its score is one or two groups' score
+
+
+def differs_from_asked(asked: float | None, got: float) -> bool:
+    """Whether a realised label fraction differs from the asked one by more than rounding
+    (a tenth of it, at least 0.1 points): 18 of 1,771 images for 1% is 1.02%, the same; 4 of 24
+    for 15% is 16.7%, and 8 of 28 for 10% is 28.6%: not."""
+    return asked is not None and abs(got - asked) > max(0.1 * asked, 0.001)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def subset_warnings(labels: str, subset: dict[str, Any]) -> list[str]:
+    """What a label amount's subset (`LabeledData.subset`, or a cell's results.json) must say
+    so that a label-efficiency number never overstates: "asked 10%, got 28.6% (8 images, 1
+    group)" where whole groups (or one image per class) made it larger, and each split that
+    holds images from under `MIN_SPLIT_GROUPS` groups."""
+    out = []
+    splits = subset.get("splits") or {}
+    got, n = float(subset["fraction"]), int(subset["n_labels"])
+    if differs_from_asked(parse_labels_spec(labels).fraction, got):
+        groups = (splits.get("subset") or {}).get("groups")
+        why = (
+            "whole groups are kept together"
+            if groups and groups < n
+            else ("every class keeps at least one image")
+        )
+        out.append(
+            f"labels: asked {labels}, got {100 * got:.1f}% ({_plural(n, 'image')}"
+            + (f", {_plural(groups, 'group')}" if groups else "")
+            + f"; the train split holds {subset['n_train']}): {why}; the curve plots and "
+            f"reports {100 * got:.1f}%"
+        )
+    missing = [c for c, k in (subset.get("per_class") or {}).items() if k == 0]
+    if missing:
+        out.append(
+            f"labels: the {labels} subset holds no image of {', '.join(map(str, missing))}: "
+            "its cells cannot learn that class (give more labels, or smaller groups)"
+        )
+    for name in ("train", "val", "test"):
+        row = splits.get(name) or {}
+        groups = row.get("groups", 0)
+        if 0 < groups < MIN_SPLIT_GROUPS and groups != row.get("images"):
+            out.append(
+                f"the {name} split holds {row['images']} images from only "
+                f"{_plural(groups, 'group')}: its scores stand for that many patients (or "
+                "wafers, slides), not for the images"
+            )
+    return out
 
 
 def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
@@ -44,6 +98,8 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 f"data.test_fraction > 0 without a split column"
             )
         test = res["test"]
+        # Images (files) like n_labels and n_train; a multi-frame file is one image here.
+        n_test = ((res.get("splits") or {}).get("test") or {}).get("images") or test.get("n")
         rows.append(
             {
                 "init": cell.init,
@@ -51,29 +107,42 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 "fraction": res["fraction"],
                 "seed": cell.seed,
                 "lr": res.get("lr"),
-                "n_labels": res["n_labels"],
+                "n_labels": res["n_labels"],  # images (files), as n_train and n_test
+                "label_groups": ((res.get("splits") or {}).get("subset") or {}).get("groups"),
                 "n_train": res["n_train"],
                 "steps": res["steps"],
                 "best_step": res["best_step"],
                 "selection": res.get("selection"),
                 "layer_decay": res.get("layer_decay"),
-                "n_test": test.get("n"),
+                "n_test": n_test,
                 **{m: test.get(m) for m in METRICS},
             }
         )
     return rows
 
 
-def _with_steps_run(settings: dict[str, str], rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Each arm's settings plus the optimizer steps its finished cells ran (from their results,
-    so the report never states a schedule the cells did not follow)."""
+def _with_steps_run(settings: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each arm's settings with the optimizer steps its finished cells ran, per label amount
+    (from their results: the report never states a schedule the cells did not follow); the
+    recipe's schedule only while no cell of the arm has finished."""
     out = {}
     for arm, how in settings.items():
-        steps = sorted({int(r["steps"]) for r in rows if r["init"] == arm and r.get("steps")})
-        if steps:
-            ran = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
-            how = f"{how}; the cells ran {ran} steps"
-        out[arm] = how
+        if isinstance(how, str):  # arms.json of a curve from before the schedule was apart
+            how = {"settings": how, "schedule": ""}
+        mine = [r for r in rows if r["init"] == arm and r.get("steps")]
+        per: dict[str, set[int]] = {}
+        for r in sorted(mine, key=lambda r: float(r["fraction"])):
+            per.setdefault(str(r["labels"]), set()).add(int(r["steps"]))
+        ran = [f"{min(s)}" if len(s) == 1 else f"{min(s)}-{max(s)}" for s in per.values()]
+        if len(set(ran)) == 1:
+            schedule = f"{ran[0]} steps per cell"
+        elif ran:
+            schedule = "steps per cell " + ", ".join(
+                f"{labels}: {n}" for labels, n in zip(per, ran)
+            )
+        else:
+            schedule = f"{how['schedule']} (the recipe's; no cell has finished)"
+        out[arm] = f"{how['settings']}, {schedule}" if how["schedule"] or ran else how["settings"]
     return out
 
 
@@ -145,6 +214,7 @@ def write_outputs(
         n_train_total=n_train,
         reference_init=choice[full[0]] if full else "scratch",
         dashed=sorted({str(r["init"]) for r in base}),
+        chance=chance_level(metric, _n_classes(out, grid)),
     )
     selection = {str(r.get("selection")) for r in rows if r.get("selection")}
     context = {
@@ -165,7 +235,7 @@ def write_outputs(
         },
         "learning_rates": _lr_summary([r for r in rows if r["init"] in inits], c),
         "paired": honest["paired"],
-        "verdicts": honest["verdicts"],
+        "verdicts": [*honest["verdicts"], *_probe_on_top(summary, inits, metric)],
         "figure": "curve.png",
         "n_classes": _n_classes(out, grid),
     }
@@ -175,16 +245,18 @@ def write_outputs(
             "labels beyond each cell's budget (finetune.selection: outside): the low-label "
             "cells saw more labels than their fraction says."
         )
-    warnings = sorted(
-        {
-            w
-            for p in sorted((out / "cells").glob("*/results.json"))
-            for w in json.loads(p.read_text()).get("warnings", [])
-        }
-    )
+    results = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/results.json"))]
+    amounts, label_warnings = _label_amounts(results)
+    if amounts:
+        context["Label amounts (asked: got)"] = amounts
+    warnings = [
+        *label_warnings,
+        *sorted({w for res in results for w in res.get("warnings", [])}),
+    ]
     if warnings:
         context["Warning"] = "; ".join(warnings)
-        log.warning("curve: %s", "; ".join(warnings))
+    if cell_warnings := warnings[len(label_warnings) :]:  # the label amounts' are said at start
+        log.warning("curve: %s", "; ".join(cell_warnings))
     if splits := _splits_text(out):
         context["Splits (a group never spans two)"] = splits
     write_report(
@@ -195,6 +267,59 @@ def write_outputs(
         context,
     )
     return {"summary": summary, "efficiency": honest["efficiency"], "verdicts": honest["verdicts"]}
+
+
+def _probe_on_top(
+    summary: list[dict[str, Any]], inits: dict[str, str | None], metric: str
+) -> list[str]:
+    """A sentence for each pre-trained arm whose frozen probe (a logistic regression on its
+    frozen features) has the best mean of every arm at each fraction where it ran: then
+    fine-tuning lost what the frozen features already held, which the verdict against the
+    arms without pre-training does not say."""
+    best: dict[float, tuple[float, str]] = {}
+    for r in summary:
+        mean = r.get(f"{metric}_mean")
+        if mean is not None and (r["fraction"] not in best or mean > best[r["fraction"]][0]):
+            best[r["fraction"]] = (float(mean), str(r["init"]))
+    out = []
+    for name in inits:
+        if name in without_pretraining(inits):
+            continue
+        probe = probe_name(name)
+        mine = sorted(f for f, (_, arm) in best.items() if arm == probe)
+        ran = sorted({r["fraction"] for r in summary if r["init"] == probe})
+        if not ran or mine != ran:
+            continue
+        out.append(
+            f"{probe}, a logistic regression on the frozen features of `{name}`, is the top arm "
+            f"at every fraction ({', '.join(f'{100 * f:.3g}%' for f in ran)}): fine-tuning "
+            f"`{name}` scored below its own frozen features"
+        )
+    return out
+
+
+def _label_amounts(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """Each label amount as asked and as the cells got it ("1%: 1.02% (18 images); 10%: 28.6%
+    (8 images, 1 group)"), and the warnings of `subset_warnings`, each said once."""
+    parts, warnings = [], []
+    by_labels: dict[str, list[dict[str, Any]]] = {}
+    for res in results:
+        if res.get("labels") is not None and res.get("fraction") is not None:
+            by_labels.setdefault(str(res["labels"]), []).append(res)
+    for labels, group in sorted(by_labels.items(), key=lambda kv: kv[1][0]["fraction"]):
+        got = []  # seeds of one amount may draw groups of different sizes
+        for r in group:
+            n, g = int(r["n_labels"]), ((r.get("splits") or {}).get("subset") or {}).get("groups")
+            text = f"{100 * r['fraction']:.3g}% ({_plural(n, 'image')}" + (
+                f", {_plural(g, 'group')})" if g and g < n else ")"
+            )
+            if text not in got:
+                got.append(text)
+        parts.append(f"{labels}: {' or '.join(got)}")
+        for w in subset_warnings(labels, group[0]):
+            if w not in warnings:
+                warnings.append(w)
+    return "; ".join(parts), warnings
 
 
 def _n_classes(out: Path, grid: CurveGrid) -> int | None:

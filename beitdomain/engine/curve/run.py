@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,15 +24,22 @@ from typing import Any
 import torch
 
 from beitdomain.config import Recipe, apply_sets
+from beitdomain.data.labeled import labeled_data
 from beitdomain.engine.curve.baselines import BASELINES_FILE, baseline_rows
 from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
-from beitdomain.engine.curve.report import ARMS_FILE, collect_rows, write_outputs
+from beitdomain.engine.curve.report import (
+    ARMS_FILE,
+    collect_rows,
+    subset_warnings,
+    write_outputs,
+)
 from beitdomain.engine.finetune import finetune, is_pretrained, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.run.folder import RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
+from beitdomain.labels import LabelSpec
 from beitdomain.progress import CountProgress
 from beitdomain.user import UserError
 
@@ -121,8 +129,11 @@ def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, bool]) -> None:
         _FREE_SLOTS.put((device, cores))
 
 
-def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> dict[str, str]:
-    """How each fine-tuned arm ran, in words, for report.md."""
+def _arm_settings(
+    recipes: dict[str, Recipe], inits: dict[str, str | None]
+) -> dict[str, dict[str, str]]:
+    """How each fine-tuned arm is set to run, for report.md: its settings and the recipe's
+    schedule (the report states the steps the cells ran instead, once they have run)."""
     out = {}
     for name, r in recipes.items():
         ft = r.finetune
@@ -134,10 +145,11 @@ def _arm_settings(recipes: dict[str, Recipe], inits: dict[str, str | None]) -> d
             if tr.steps
             else f"{tr.epochs} epochs and at least {tr.min_steps} steps"
         )
-        out[name] = (
-            f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection '{ft.selection}', "
-            f"{schedule}, batch {tr.batch_size}, head {ft.head_init}"
-        )
+        out[name] = {
+            "settings": f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection "
+            f"'{ft.selection}', batch {tr.batch_size}, head {ft.head_init}",
+            "schedule": schedule,
+        }
     return out
 
 
@@ -195,6 +207,64 @@ def _cells_provenance(out: Path, cells: Sequence[Any]) -> dict[str, Any]:
     return out_fields
 
 
+def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, dict[str, Any]]:
+    """Draws every label amount's subset once (its first seed), before anything is written,
+    so an amount the data cannot hold ('1%' of 28 images) refuses the whole curve at once
+    instead of after the baselines, in a half-written folder. Warns where whole groups (or
+    one image per class) make a subset larger than asked, and where a split holds under 3
+    groups: the curve's cells run quietly, so this is where the user reads it.
+
+    Returns:
+        label amount -> its subset (`LabeledData.subset`: n_labels, n_train, fraction, splits).
+
+    Raises:
+        UserError / LabelSubsetError: unlabelled data, an amount the data cannot hold (named),
+            a subset without an image of some class.
+    """
+    subsets: dict[LabelSpec, dict[str, Any]] = {}
+    checked: set[tuple[str, str]] = set()
+    # The data's own warnings (skipped files, the split) come again from the baselines and the
+    # cells, which read the same data; and the quarantine report of unreadable files goes to a
+    # scratch folder (each cell writes its own): nothing is written outside --out, nor inside
+    # it before every check has passed.
+    data_log = logging.getLogger("beitdomain.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="beitdomain-check-") as scratch:
+            for r in recipes.values():
+                for spec in grid.fractions:
+                    key = (spec.text, r.finetune.selection)
+                    if key in checked:
+                        continue
+                    checked.add(key)
+                    ld = labeled_data(
+                        r,
+                        labels=spec.text,
+                        seed=grid.seeds[spec][0],
+                        progress=False,
+                        report_dir=Path(scratch),
+                        selection=r.finetune.selection,
+                    )
+                    subsets.setdefault(spec, ld.subset)
+                    missing = [c for c, k in ld.subset["per_class"].items() if k == 0]
+                    if missing:  # its cells could not learn the class, its baselines not fit
+                        raise UserError(
+                            f"labels {spec.text}: the subset of seed {grid.seeds[spec][0]} "
+                            f"holds no image of {', '.join(missing)} ({ld.subset['n_labels']} "
+                            "images, whole groups kept together); give a larger amount or "
+                            "'1/class'"
+                        )
+    finally:
+        data_log.setLevel(level)
+    said = dict.fromkeys(
+        w for spec, sub in subsets.items() for w in subset_warnings(spec.text, sub)
+    )
+    for line in said:  # a split's warning holds for every amount: once
+        log.warning("curve: %s", line)
+    return subsets
+
+
 def run_curve(
     recipe: Recipe,
     out: str | Path,
@@ -230,16 +300,19 @@ def run_curve(
     if c.lr_grid_seeds != "all":
         record["lr_grid_seeds"] = c.lr_grid_seeds
     grid_file = out / "grid.json"
-    # A re-run continues the grid; a folder holding anything but a curve run is refused.
-    run = RunDir.open(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
-    if grid_file.is_file():
+    # Everything is checked before the folder is created or changed (as every job does): a
+    # re-run continues the grid; a folder holding anything but a curve run, a different grid,
+    # or a label amount the data cannot hold leaves --out as it found it.
+    RunDir.check(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
+    if not overwrite and grid_file.is_file():  # --overwrite deletes the old grid
         previous = json.loads(grid_file.read_text())
         if previous != record and _any_cell_started(out):
-            run.close()
             raise UserError(
                 f"{out} holds a different grid ({previous}); continue it with the same "
                 f"settings, or pass --overwrite / another --out"
             )
+    check_cells(recipes, grid)
+    run = RunDir.open(out, kind="curve", resume=not overwrite, overwrite=overwrite, recipe=recipe)
     with run.recording_failures(), _curve_interrupts(out):
         rows = _run_cells(
             recipe, out, run, record, grid, recipes, device, quiet, workers, trust_pickle
@@ -286,7 +359,7 @@ def _run_cells(
         # the report compares against them from the first finished cell on.
         pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
         rows, used = baseline_rows(
-            recipe, grid.inits, pairs, trust_pickle=trust_pickle, quiet=quiet
+            recipe, grid.inits, pairs, trust_pickle=trust_pickle, quiet=quiet, report_dir=out
         )
         write_csv(
             [{"labels": k[0], "seed": k[1], "path": f} for k, files in used.items() for f in files],
