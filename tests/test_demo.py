@@ -111,3 +111,19 @@ def test_export_never_replaces_labels_it_did_not_write(tmp_path, monkeypatch):
     (out / "labels.csv").write_text(mine.replace(",train", ",test"))
     demo.export_elpv(out)
     assert (out / "labels.csv").read_text() == mine
+
+
+def test_the_demo_curve_runs_the_recipes_arms_beside_its_own_backbone(tmp_path):
+    from dataclasses import replace
+
+    from beitdomain.config import load_recipe
+
+    recipe = load_recipe("elpv-cpu")
+    inits = demo.demo_inits(recipe, tmp_path / "pretrain")
+    assert next(iter(inits)) == "domain" and inits["domain"] == str(tmp_path / "pretrain")
+    assert inits["scratch"] is None
+    # an arm the recipe adds (the CNN a practitioner would train) reaches the curve;
+    # a recipe's own "domain" entry gives way to the backbone the demo pre-trained
+    extra = replace(recipe.curve, inits={"domain": "elsewhere", "cnn": "timm:resnet10t"})
+    inits = demo.demo_inits(replace(recipe, curve=extra), tmp_path / "pretrain")
+    assert inits == {"domain": str(tmp_path / "pretrain"), "cnn": "timm:resnet10t"}

@@ -52,6 +52,14 @@ def elpv_folder() -> Path:
     return folder
 
 
+def demo_inits(recipe: Recipe, pre_dir: Path) -> dict[str, str | None]:
+    """The curve's arms: the domain backbone first, then the recipe's arms without pre-training
+    (`curve.inits`: scratch, and e.g. `cnn: timm:resnet18`); a recipe's own `domain` entry is
+    replaced by the backbone the demo just pre-trained."""
+    others = {k: v for k, v in recipe.curve.inits.items() if k != "domain"}
+    return {"domain": str(pre_dir), **others}
+
+
 def export_elpv(out: Path) -> Path:
     """Copies the ELPV images into `out/images/<class>/` and writes `out/labels.csv`. A
     labels.csv already there is replaced only when the demo wrote it (an ELPV export).
@@ -192,9 +200,7 @@ def run_demo(
         "5/5 label-efficiency curve: domain pre-training vs from scratch and the classical "
         "baselines"
     )
-    curve_recipe = replace(
-        recipe, curve=replace(recipe.curve, inits={"domain": str(pre_dir), "scratch": None})
-    )
+    curve_recipe = replace(recipe, curve=replace(recipe.curve, inits=demo_inits(recipe, pre_dir)))
     result = run_curve(curve_recipe, out / "curve", device=device, quiet=quiet)
     for name in ("report.md", "curve.png"):
         if (out / "curve" / name).is_file():
