@@ -313,13 +313,19 @@ def _is_hf(keys: list[str]) -> bool:
 
 
 def to_canonical(
-    state: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor], source: str = "the checkpoint"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str, list[str], list[str]]:
     """Rewrites a checkpoint's keys into timm `Beit` names (+ `mask_token`, `lm_head`, `head`).
 
     Returns:
         `(tensors, origin, format, ignored, unmapped)`: canonical tensors, canonical name ->
         original name, the detected format, derived entries skipped, and keys with no mapping.
+
+    Raises:
+        WeightsError: two of `source`'s tensors map to one name (one would be dropped): a
+            Hugging Face `BeitForMaskedImageModeling` saved with `use_mean_pooling: false`
+            normalizes its tokens twice (`beit.layernorm`, then `layernorm`), which a timm
+            `Beit` with one final norm cannot compute.
     """
     keys = list(state)
     stripped: dict[str, str] = {}
@@ -360,6 +366,8 @@ def to_canonical(
             qkv.setdefault(m.group(1), {})[m.group(2)] = state[k]
             origin.setdefault(f"{m.group(1)}.qkv.weight", k)
             continue
+        if canon in out:
+            raise WeightsError(_collision(source, origin[canon], k, canon))
         out[canon] = state[k]
         origin[canon] = k
     for prefix, parts in qkv.items():
@@ -368,6 +376,17 @@ def to_canonical(
             continue
         out[f"{prefix}.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out, origin, fmt, ignored, unmapped
+
+
+def _collision(source: str, first: str, second: str, canon: str) -> str:
+    if canon.startswith("norm.") and {first, second} == {f"beit.layer{canon}", f"layer{canon}"}:
+        return (
+            f"{source}: a Hugging Face BeitForMaskedImageModeling saved with use_mean_pooling: "
+            "false normalizes its tokens twice (beit.layernorm, then layernorm), which a BEiT "
+            "with one final norm cannot reproduce, so it is refused rather than loaded with one "
+            "of the two dropped"
+        )
+    return f"{source}: tensors {first} and {second} both map to {canon}; one of them would be lost"
 
 
 # ----------------------------------------------------------------------------- adapting
@@ -567,7 +586,7 @@ def load_backbone_weights(
             f"with in_chans={in_chans}"
         )
     state, hf_config, source = read_checkpoint(path_or_state, trust_pickle=trust_pickle)
-    canon, origin, fmt, ignored, unmapped = to_canonical(state)
+    canon, origin, fmt, ignored, unmapped = to_canonical(state, source)
     report = LoadReport(source=source, format=fmt, ignored=ignored, unexpected=list(unmapped))
     report.model_depth = len(backbone.blocks)
     if hf_config is not None:
