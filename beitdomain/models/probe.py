@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.data.budget import kfold_splits
@@ -238,22 +239,28 @@ def fit_logistic_probe(
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The features a linear head reads, `[B, D]`: patch tokens mean-pooled after the final norm.
+    """The features a linear head reads, `[B, D]`: patch tokens mean-pooled, then a LayerNorm.
 
     Args:
         model: a beitdomain classifier (`BeitClassifier`, `TimmClassifier`: its `input_norm`
             applies the weights' convention, so `images` are in [0, 1]), or a bare timm `Beit`
             in either layout (`images` already normalized): a classifier-layout backbone
-            (`global_pool='avg'`) pools then applies `fc_norm`; a pre-training backbone
-            normalizes every token, and its patch tokens are averaged here.
+            (`global_pool='avg'`) pools then applies `fc_norm`; a pre-training backbone gives
+            the features of its export (`models.export`, what `eval knn` and fine-tuning
+            start from): its patch tokens before the token norm, mean-pooled, then the fresh
+            `fc_norm` the export writes (a LayerNorm of weight 1 and bias 0). So the k-NN
+            check during pre-training scores what `eval knn` scores on the exported backbone.
         images: `[B, C, H, W]`; a whole dataset goes through `dataset_features`.
     """
     if hasattr(model, "input_norm"):
         return model.forward_features(images)
     if getattr(model, "global_pool", "") == "avg":
         return model.forward_head(model.forward_features(images), pre_logits=True)
-    tokens = model.forward_features(images)  # [B, prefix + L, D]
-    return tokens[:, getattr(model, "num_prefix_tokens", 1) :].mean(1)
+    (last,) = model.forward_intermediates(  # [B, L, D]: patch tokens, before the token norm
+        images, indices=1, norm=False, output_fmt="NLC", intermediates_only=True
+    )
+    pooled = last.mean(1)
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=getattr(model.norm, "eps", 1e-6))
 
 
 @torch.no_grad()
