@@ -29,6 +29,22 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# What a spreadsheet may run as a formula when a cell starts with it (OWASP, CSV injection)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(text: str) -> str:
+    """`text` for a CSV cell that a spreadsheet shows as text, never runs: a leading `'` before
+    a formula start (`=HYPERLINK(...)`, `+cmd|...`, `-`, `@`, tab, CR), and before a leading
+    `'` itself, so `from_spreadsheet_text` gives back exactly `text`."""
+    return "'" + text if text.startswith((*_FORMULA_STARTS, "'")) else text
+
+
+def from_spreadsheet_text(cell: str) -> str:
+    """The text `spreadsheet_text` wrote into `cell`."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 class WriteError(OSError, UserError):
     """A write that failed (disk full, permissions); the previous file is intact.
 

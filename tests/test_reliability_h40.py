@@ -257,3 +257,35 @@ def test_a_quoted_tilde_in_out_means_the_home_folder(stripes, tmp_path, monkeypa
     run.close()
     assert build_cache(stripes, "~/c", size=16).cache_dir == home / "c"
     assert not (tmp_path / "~").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# CSV outputs: a cell a spreadsheet would run as a formula is written as text (OWASP)
+# --------------------------------------------------------------------------------------------
+
+
+def test_spreadsheet_text_neutralises_formulas_and_round_trips():
+    from beitdomain.fileio import from_spreadsheet_text, spreadsheet_text
+
+    for text in ('=HYPERLINK("http://x")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\tx", "'q"):
+        assert spreadsheet_text(text).startswith("'")
+        assert from_spreadsheet_text(spreadsheet_text(text)) == text
+    assert spreadsheet_text("cls_a/000.png") == "cls_a/000.png"
+
+
+def test_a_csv_manifest_writes_formula_labels_as_text_and_reads_them_back(stripes, tmp_path):
+    import shutil
+
+    from beitdomain.data.index import Manifest, scan
+
+    root = tmp_path / "d"
+    shutil.copytree(stripes / "horizontal", root / "=HYPERLINK(1)")
+    shutil.copytree(stripes / "vertical", root / "@SUM(A1)")
+    m = scan(root)
+    m.save(tmp_path / "scan.csv")
+    text = (tmp_path / "scan.csv").read_text()
+    assert "\n=" not in text and ",=" not in text and ",@" not in text
+    assert ",'=HYPERLINK(1)," in text
+    back = Manifest.load(tmp_path / "scan.csv")
+    assert back.classes == ["=HYPERLINK(1)", "@SUM(A1)"]
+    assert [e.path for e in back.entries] == [e.path for e in m.entries]

@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.data.parallel import parallel_map
-from beitdomain.fileio import atomic_write_text, printable
+from beitdomain.fileio import (
+    atomic_write_text,
+    from_spreadsheet_text,
+    printable,
+    spreadsheet_text,
+)
 from beitdomain.io import IntensitySpec, ReaderError, read_raw
 from beitdomain.io.load import prepare
 from beitdomain.user import MissingPathError, UserError
@@ -122,6 +127,8 @@ class Manifest:
             for e in self.entries:
                 row = dataclasses.asdict(e)
                 row["shape"] = "x".join(str(s) for s in e.shape)
+                for k in _TEXT_COLUMNS:  # a file or label named '=HYPERLINK(..)' stays text
+                    row[k] = spreadsheet_text(row[k]) if row[k] is not None else None
                 writer.writerow({**row, "root": here})
             atomic_write_text(path, buf.getvalue())
         else:
@@ -143,7 +150,7 @@ class Manifest:
         buf = io.StringIO()
         writer = csv.writer(buf)  # \r\n: a \r in a path is quoted (see `save`)
         writer.writerow(["path", "reason"])
-        writer.writerows(self.errors)
+        writer.writerows((spreadsheet_text(p), spreadsheet_text(r)) for p, r in self.errors)
         atomic_write_text(path, buf.getvalue())
 
     @classmethod
@@ -158,7 +165,10 @@ class Manifest:
         err_file = errors_path(path)
         if err_file.is_file():
             with open(err_file, newline="", encoding="utf-8", errors="surrogateescape") as f:
-                errors = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
+                errors = [
+                    (from_spreadsheet_text(r["path"]), from_spreadsheet_text(r["reason"]))
+                    for r in csv.DictReader(f)
+                ]
         entries = []
         if path.suffix.lower() == ".csv":
             stored = None
@@ -207,7 +217,11 @@ def errors_path(manifest_path: str | os.PathLike) -> Path:
     return p.with_name(p.name.rsplit(".", 1)[0] + ".errors.csv")
 
 
+_TEXT_COLUMNS = ("path", "label", "split", "group")  # a CSV manifest's cells of free text
+
+
 def _entry_from_row(row: dict[str, str], path: Path) -> ManifestEntry:
+    row = {k: from_spreadsheet_text(v) if k in _TEXT_COLUMNS and v else v for k, v in row.items()}
     try:
         return ManifestEntry(
             path=row["path"],

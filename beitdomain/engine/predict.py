@@ -23,7 +23,7 @@ from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine.build import build_classifier
 from beitdomain.engine.job import BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
 from beitdomain.engine.train import distributed as D
-from beitdomain.fileio import atomic_write_text
+from beitdomain.fileio import atomic_write_text, spreadsheet_text
 from beitdomain.models.cnn import timm_arch
 from beitdomain.models.probe import eval_outputs
 from beitdomain.user import UserError
@@ -61,10 +61,10 @@ def write_predictions(
         path_i, frame = dataset.source.source(int(i))
         w.writerow(
             [
-                path_i,
+                spreadsheet_text(path_i),  # names and labels stay text in a spreadsheet
                 frame,
-                dataset.source.label(int(i)),
-                classes[int(p.argmax())],
+                spreadsheet_text(dataset.source.label(int(i))),
+                spreadsheet_text(classes[int(p.argmax())]),
                 *[f"{v:.6f}" for v in p],
             ]
         )
@@ -180,7 +180,15 @@ def predict_files(
             with D.autocast(dev, amp_dtype):  # the precision the test split was scored in
                 probs = model(x).float().softmax(-1).cpu().numpy()
             for k, p in enumerate(probs):
-                w.writerow([name, k, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+                predicted = classes[int(p.argmax())]
+                w.writerow(
+                    [
+                        spreadsheet_text(name),  # a name or label '=HYPERLINK(..)' stays text
+                        k,
+                        spreadsheet_text(predicted),
+                        *[f"{v:.6f}" for v in p],
+                    ]
+                )
     if skipped and on_error == "fail":
         raise ScanError(
             f"{len(skipped)} of {len(files) + len(skipped)} files could not be used:",
@@ -192,6 +200,7 @@ def predict_files(
     atomic_write_text(out_csv, buf.getvalue())
     if skipped:
         err = io.StringIO()
-        csv.writer(err).writerows([("path", "reason"), *skipped])  # \r\n quotes a \r in a name
+        rows = [(spreadsheet_text(a), spreadsheet_text(b)) for a, b in skipped]
+        csv.writer(err).writerows([("path", "reason"), *rows])  # \r\n quotes a \r in a name
         atomic_write_text(errors_path(out_csv), err.getvalue())
     return Path(out_csv), skipped
