@@ -5,6 +5,7 @@ Each command turns flags into one library call in ``beitdomain.data`` / ``beitdo
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from beitdomain.cli.common import global_options, handle_errors, load
 from beitdomain.cli.options import LabelsCsvOpt, SetOpt, deprecated
 from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
+log = logging.getLogger("beitdomain.cli")
 app = typer.Typer(
     help="Scan, cache and inspect image folders (DICOM, TIFF, PNG/JPEG/BMP, plugins).",
     no_args_is_help=True,
@@ -455,17 +457,7 @@ def _cache_settings_from_recipe(
 
     spec = IntensitySpec.from_config(r.data)
     wanted = spec.to_dict()
-    given = _spec(
-        flags["normalize"] or spec.normalize,
-        flags["window"] if flags["window"] is not None else wanted["window"],
-        flags["in_chans"] or spec.in_chans,
-        flags["frames"] or spec.frames,
-        flags["nonfinite"] or spec.nonfinite,
-        flags["channels"]
-        if flags["channels"] is not None
-        else (",".join(map(str, spec.channels)) if spec.channels else None),
-        flags["slice_axis"] or spec.slice_axis,
-    )
+    given = _given_over(spec, flags)
     clash = [
         f"--{k.replace('_', '-')} {flags[k]} (the recipe has {k}: {wanted[k]})"
         for k in flags
@@ -488,30 +480,101 @@ def inspect(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("sheet.png"),
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    normalize: NormalizeOpt = "auto",
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Show what this recipe's training will see: its normalization, window, "
+            "channels and frames (a flag that differs is used, with a warning).",
+        ),
+    ] = None,
+    sets: SetOpt = None,
+    normalize: NormalizeOpt = None,
     window: WindowOpt = None,
-    in_chans: InChansOpt = 1,
-    frames: FramesOpt = "all",
-    nonfinite: NonfiniteOpt = "error",
+    in_chans: InChansOpt = None,
+    frames: FramesOpt = None,
+    nonfinite: NonfiniteOpt = None,
     channels: ChannelsOpt = None,
-    slice_axis: SliceAxisOpt = "axial",
+    slice_axis: SliceAxisOpt = None,
 ) -> None:
     """Write a contact sheet: sampled images after normalization with intensity histograms.
 
-    Use it to check a window or percentile setting before caching or training.
+    Use it to check a window or percentile setting before caching or training. With --recipe
+    (and --set) it shows the normalization that recipe trains on, as `data cache --recipe`
+    builds it.
 
     Examples:
 
         beitdomain data inspect data/ct --window ct-lung --out lung.png
 
+        beitdomain data inspect scan.jsonl --recipe cpu-dicom --out sheet.png
+
         beitdomain data inspect cache/ct-lung --n 25
     """
     from beitdomain.data.inspect import contact_sheet
 
-    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    flags = {
+        "normalize": normalize,
+        "window": window,
+        "in_chans": in_chans,
+        "frames": frames,
+        "nonfinite": nonfinite,
+        "channels": channels,
+        "slice_axis": slice_axis,
+    }
+    if recipe is not None or sets:
+        spec = _spec_beside_recipe(load(ctx, recipe, sets), recipe, flags)
+    else:
+        spec = _spec(
+            normalize or "auto",
+            window,
+            in_chans or 1,
+            frames or "all",
+            nonfinite or "error",
+            channels,
+            slice_axis or "axial",
+        )
     src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})
+
+
+def _spec_beside_recipe(r: Any, name: str | None, flags: dict[str, Any]) -> Any:
+    """The recipe's normalization with the flags given over it, warning for each flag that
+    differs from it: the sheet then shows something the recipe's training will not see."""
+    from beitdomain.io import IntensitySpec
+
+    wanted = IntensitySpec.from_config(r.data).to_dict()
+    spec = _given_over(IntensitySpec.from_config(r.data), flags)
+    for k in flags:
+        if flags[k] is not None and spec.to_dict()[k] != wanted[k]:
+            log.warning(
+                "data inspect: --%s %s differs from the recipe %s (%s: %s): training with that "
+                "recipe will not see what this sheet shows",
+                k.replace("_", "-"),
+                flags[k],
+                name or "(defaults and --set)",
+                k,
+                wanted[k],
+            )
+    return spec
+
+
+def _given_over(spec: Any, flags: dict[str, Any]) -> Any:
+    """`spec` with the intensity flags that were given in place of its values."""
+    wanted = spec.to_dict()
+    return _spec(
+        flags["normalize"] or spec.normalize,
+        flags["window"] if flags["window"] is not None else wanted["window"],
+        flags["in_chans"] or spec.in_chans,
+        flags["frames"] or spec.frames,
+        flags["nonfinite"] or spec.nonfinite,
+        flags["channels"]
+        if flags["channels"] is not None
+        else (",".join(map(str, spec.channels)) if spec.channels else None),
+        flags["slice_axis"] or spec.slice_axis,
+    )
 
 
 @readers_app.callback()

@@ -124,16 +124,27 @@ def inspect(
     ctx: typer.Context,
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
     data: opt.DataOpt = None,
+    cache: opt.CacheOpt = None,
+    on_error: opt.OnErrorOpt = None,
     recipe: opt.RecipeOpt = None,
     sets: opt.SetOpt = None,
     n: Annotated[int, typer.Option(help="Images to evaluate on (sampled with the seed).")] = 256,
-    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and inspect.json.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the PNGs, inspect.json and the list of unreadable files "
+            "(default: inspect/ in the tokenizer's folder)."
+        ),
+    ] = None,
 ) -> None:
-    """Parameters and GFLOPs of a tokenizer; with --data, its code usage and PSNR on images.
+    """Parameters and GFLOPs of a tokenizer; with --data or --cache, its code usage and PSNR
+    on images. Everything it writes lands in --out.
 
-    Example:
+    Examples:
 
         beitdomain tokenizer inspect runs/tok --data /data/ct/test --out runs/tok/inspect
+
+        beitdomain tokenizer inspect runs/tok --cache ct-cache --on-error skip --out tok-check
     """
     import torch
 
@@ -158,11 +169,18 @@ def inspect(
         "encoder GFLOP/image": f"{encoder_gflops(model):.3f}",
         "decoder GFLOP/image": f"{decoder_gflops(model):.3f}",
     }
-    if data is not None:
+    if data is not None or cache is not None:
         import numpy as np
 
-        r = load(ctx, recipe, sets, {"data.root": str(data), "data.in_chans": cfg.in_chans})
-        source, _ = image_source(r)
+        folder = (
+            out
+            or Path(tokenizer if Path(tokenizer).is_dir() else Path(tokenizer).parent) / "inspect"
+        )
+        options = {**opt.data_options(data, cache, None, on_error), "data.in_chans": cfg.in_chans}
+        r = load(ctx, recipe, sets, options)
+        # With --on-error skip the unreadable files are listed in the output folder, not
+        # beside the data.
+        source, _ = image_source(r, report_dir=folder)
         idx = np.random.default_rng(r.seed).permutation(len(source))[:n]
         views = EvalViews(cfg.input_size, cfg.input_size)
         images = torch.stack([torch.from_numpy(views(source[int(i)], None)[1]) for i in idx])
@@ -176,15 +194,18 @@ def inspect(
                 "perplexity": f"{result['perplexity']:.1f}",
             }
         )
-        folder = (
-            out
-            or Path(tokenizer if Path(tokenizer).is_dir() else Path(tokenizer).parent) / "inspect"
-        )
         save_reconstruction_grid(model, images[:16], folder / "reconstructions.png")
         plot_code_usage(counts, folder / "code_usage.png")
-        atomic_write_json(
-            folder / "inspect.json", {**result, **{k: str(v) for k, v in rows.items()}}
-        )
+        numbers = {  # the table's values as numbers, not as the table displays them
+            "vocabulary": cfg.vocab_size,
+            "input": [cfg.in_chans, cfg.input_size, cfg.input_size],
+            "token_grid": [cfg.grid_size, cfg.grid_size],
+            "parameters": count_params(model),
+            "encoder_gflops_per_image": encoder_gflops(model),
+            "decoder_gflops_per_image": decoder_gflops(model),
+            "images": len(idx),
+        }
+        atomic_write_json(folder / "inspect.json", {**result, **numbers})
         rows["written"] = str(folder)
     print_kv(f"tokenizer {tokenizer}", rows)
 
