@@ -148,6 +148,7 @@ class DVAEConfig:
 # one 112 px image): tiny 0.05 M params (at 32 px: 0.006 GFLOP encoder); small 0.96 M,
 # 0.49 / 0.58 GFLOP encoder / decoder; base 29.5 M, 14.9 / 15.1; dalle 97.6 M (53.8 M encoder),
 # 52.1 / 59.0 -- the DALL-E encoder's published ~52 GFLOP at 112 px.
+# Each preset names what differs from DALL-E's, the config's defaults.
 TOKENIZER_PRESETS: dict[str, DVAEConfig] = {
     # Unit tests: 32 px -> 8x8 grid, 64 codes, 0.05 M parameters.
     "tiny": DVAEConfig(
@@ -160,34 +161,13 @@ TOKENIZER_PRESETS: dict[str, DVAEConfig] = {
         stem_kernel=3,
     ),
     # CPU demo on domain images: 112 px -> 14x14 grid (patch-16 ViT at 224 px), 1024 codes.
-    "small": DVAEConfig(
-        vocab_size=1024,
-        hidden=32,
-        n_blocks=1,
-        downsample=8,
-        input_size=112,
-        codebook_dim=64,
-        stem_kernel=5,
-    ),
-    # A domain tokenizer worth training on one GPU; BEiT's vocabulary size so MIM heads match.
-    "base": DVAEConfig(
-        vocab_size=8192,
-        hidden=128,
-        n_blocks=2,
-        downsample=8,
-        input_size=112,
-        codebook_dim=128,
-    ),
-    # Exactly the OpenAI DALL-E dVAE (n_hid 256, 2 blocks x 4 groups, K 8192, n_init 128), so
-    # `import_dalle` can map its weights one to one.
-    "dalle": DVAEConfig(
-        vocab_size=8192,
-        hidden=256,
-        n_blocks=2,
-        downsample=8,
-        input_size=112,
-        codebook_dim=128,
-    ),
+    "small": DVAEConfig(vocab_size=1024, hidden=32, n_blocks=1, codebook_dim=64, stem_kernel=5),
+    # A domain tokenizer worth training on one GPU: DALL-E's at half the width (BEiT's
+    # vocabulary size, so MIM heads match).
+    "base": DVAEConfig(hidden=128),
+    # Exactly the OpenAI DALL-E dVAE, the config's defaults (n_hid 256, 2 blocks x 4 groups,
+    # K 8192, n_init 128, 7 px stem), so `import_dalle` can map its weights one to one.
+    "dalle": DVAEConfig(),
 }
 
 
