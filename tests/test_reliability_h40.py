@@ -289,3 +289,23 @@ def test_a_csv_manifest_writes_formula_labels_as_text_and_reads_them_back(stripe
     back = Manifest.load(tmp_path / "scan.csv")
     assert back.classes == ["=HYPERLINK(1)", "@SUM(A1)"]
     assert [e.path for e in back.entries] == [e.path for e in m.entries]
+
+
+# --------------------------------------------------------------------------------------------
+# A cache's pixels carry a sampled checksum: a zeroed images.npy is refused as it opens
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_zeroed_cache_images_file_is_refused_as_it_opens(stripes, tmp_path):
+    import numpy as np
+
+    from beitdomain.data.cache import CachedImages, CacheError, build_cache
+
+    c = build_cache(stripes, tmp_path / "c", size=16).cache_dir
+    assert len(CachedImages(c)) == 12
+    images = np.load(c / "images.npy", mmap_mode="r+")
+    images[:] = 0  # what a bad disk leaves: the header intact, the pixels gone
+    images.flush()
+    del images
+    with pytest.raises(CacheError, match="sampled images differ"):
+        CachedImages(c, verify=False)

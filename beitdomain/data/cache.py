@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -273,7 +274,44 @@ def _damage(cache_dir: Path, info: dict[str, Any]) -> tuple[list[str], np.ndarra
                 f"{items_path} row {k} points at {what} {int(values[k])}{of}; "
                 f"{bad.size} row(s) out of range"
             )
+    sample = info.get("pixel_sample")
+    if (
+        not reasons
+        and shape is not None
+        and isinstance(sample, dict)
+        and sample.get("sha256")
+        and _pixel_digest(images_path, sample.get("rows", [])) != sample["sha256"]
+    ):
+        reasons.append(
+            f"{images_path}: the pixels of {len(sample.get('rows', []))} sampled images differ "
+            "from those written (sha256 in cache.json): the file was changed or damaged "
+            "(zeroed by a bad disk?)"
+        )
     return reasons, (items if not reasons else None)
+
+
+PIXEL_SAMPLES = 64  # images checked each time a cache opens: a few MiB read at most
+
+
+def _pixel_sample_rows(items: np.ndarray) -> list[int]:
+    """Up to PIXEL_SAMPLES image rows the items use, evenly spread, first and last included."""
+    used = np.unique(items[:, 0]) if len(items) else np.zeros(0, dtype=np.int64)
+    if len(used) <= PIXEL_SAMPLES:
+        return [int(r) for r in used]
+    picks = np.linspace(0, len(used) - 1, PIXEL_SAMPLES).round().astype(np.int64)
+    return [int(r) for r in used[np.unique(picks)]]
+
+
+def _pixel_digest(images_path: Path, rows: list[int]) -> str | None:
+    """sha256 over the bytes of `rows` of `images_path` (None when they cannot be read)."""
+    try:
+        images = np.load(images_path, mmap_mode="r")
+        h = hashlib.sha256()
+        for r in rows:
+            h.update(np.ascontiguousarray(images[int(r)]).tobytes())
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+    return h.hexdigest()
 
 
 def _images_header(path: Path, info: dict[str, Any], reasons: list[str]) -> tuple[int, ...] | None:
@@ -435,6 +473,8 @@ def build_cache(
             # Frame (slice) index within the source file, so a selection records which were kept.
             for k in range(per_file[i]):
                 items.append((int(offsets[i]) + k, file_index, int(kept[i][k])))
+        item_rows = np.asarray(items, dtype=np.int64).reshape(-1, 3)
+        rows = _pixel_sample_rows(item_rows)
         record = {  # built before anything is renamed into place
             "cache_version": CACHE_VERSION,
             "settings": _settings(spec, size, dtype, fit),
@@ -444,6 +484,9 @@ def build_cache(
             "manifest_fingerprint": manifest.fingerprint(),
             "files": files,
             "errors": [list(x) for x in errors],
+            # a sampled checksum of the pixels, checked as the cache opens (a zeroed or
+            # rewritten images.npy is refused instead of training silently)
+            "pixel_sample": {"rows": rows, "sha256": _pixel_digest(partial, rows)},
         }
         # Until here a rebuild's old cache is whole; from here an interrupted one must not look
         # complete, so its cache.json goes first
@@ -452,7 +495,7 @@ def build_cache(
         os.replace(partial, out_dir / "images.npy")
         renamed = True
         with atomic_open(out_dir / "items.npy") as f:
-            np.save(f, np.asarray(items, dtype=np.int64).reshape(-1, 3))
+            np.save(f, item_rows)
         atomic_write_json(out_dir / "cache.json", record)
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-built cache left behind
