@@ -231,5 +231,4 @@ def test_a_failed_cache_build_leaves_no_partial_file(stripes, tmp_path, monkeypa
     monkeypatch.setattr(cache_mod.np, "save", boom)
     with pytest.raises(OSError):
         build_cache(stripes, tmp_path / "c", size=32)
-    left = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert ".images.partial.npy" not in left and "cache.json" not in left
+    assert not (tmp_path / "c").exists()  # the build made the folder, and took it back
