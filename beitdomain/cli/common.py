@@ -121,10 +121,25 @@ def load(
     if seed is not None:
         opts["seed"] = seed
     extra = env_sets()
+    given = [*extra, *(sets or [])]
+    # As --seeds does: the seeds named are every cell's, so a smoke test setting
+    # curve.seeds=[0] does not still run the recipe's six seeds at 1% (a None option: the
+    # flags left it to the recipe).
+    if (
+        _sets_key(given, "curve.seeds")
+        and not _sets_key(given, "curve.fraction_seeds")
+        and opts.get("curve.fraction_seeds") is None
+    ):
+        opts["curve.fraction_seeds"] = {}
     if not extra:
         return load_recipe(recipe, opts, sets)
     r = apply_sets(load_recipe(recipe, opts), extra, source=f"${ENV_SETS}")
     return apply_sets(r, sets or [])
+
+
+def _sets_key(sets: list[str], key: str) -> bool:
+    """Whether one of the `--set` overrides sets `key`."""
+    return any(s.partition("=")[0].strip() == key for s in sets)
 
 
 def default_out(recipe: Any, command: str) -> Path:
