@@ -69,3 +69,10 @@ def test_tokenizer_inspect_reads_a_cache(files):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads((out / "inspect.json").read_text())["images"] == 4
+
+
+def test_data_inspect_says_which_files_it_left_out(files):
+    out = files["tmp"] / "corrupt-sheet.png"
+    res = invoke("data", "inspect", str(files["corrupt"]), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "1 unreadable file left out, e.g. horizontal/horizontal_000.png" in res.output

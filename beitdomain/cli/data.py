@@ -536,6 +536,14 @@ def inspect(
             slice_axis or "axial",
         )
     src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
+    skipped = list(getattr(src, "errors", None) or [])
+    if skipped:  # the sheet samples the others; a dropped volume must not go unsaid
+        log.warning(
+            "data inspect: %d unreadable file%s left out, e.g. %s: %s (`data scan` lists them all)",
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            *skipped[0],
+        )
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})
 
