@@ -277,8 +277,8 @@ def unsynced_throughput(
         "steps": steps,
         "batch": batch,
         "mfu": C.mfu(flops, img_per_s, peak_tflops) if flops else None,
-        "peak_gib": None,
-        "mem_per_img_mib": None,
+        "peak_gib": "",  # measured on the synced step's row
+        "mem_per_img_mib": "",
     }
 
 

@@ -9,11 +9,13 @@ engine change is needed: `Trainer.fit` (each rank saves its final weights to a s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +97,23 @@ def data(tmp_path_factory):
     return write_elpv_subset(tmp / "cells", per_class=12), write_tiny_tokenizer(tmp / "tok")
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux's /proc/PID/task/TID/children)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILLs `pid` and every process below it: torchrun starts each rank in a session of
+    its own, out of reach of a process-group kill, and a hung rank ignores SIGTERM."""
+    for p in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _torchrun(
     tmp_path, args: list[str], *, patches: str = "", timeout: float = 420
 ) -> subprocess.CompletedProcess:
@@ -121,21 +140,14 @@ def _torchrun(
         "--quiet",
         *args,
     ]
-    # its own session, so that a timeout ends the ranks too, not only torchrun
     with subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        start_new_session=True,
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO
     ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_tree(proc.pid)
+            proc.communicate(timeout=30)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
