@@ -117,3 +117,94 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     preds = (tmp_path / "predictions.csv").read_text().splitlines()
     assert preds[0] == "path,frame,predicted,p_mr,p_sc"
     assert {row.split(",")[0] for row in preds[1:]} == {"MR_small-0.dcm", "SC_rgb_rle-0.dcm"}
+
+
+VOLUMES_MARKER = "<!-- quickstart-volumes:"
+# The volumes quickstart's ct-dicom recipe (vit-base at 224 px) made tiny for a CPU test.
+VOLUMES_SMOKE = ";".join(
+    [
+        "data.num_workers=0",
+        "data.image_size=64",
+        "data.tokenizer_size=32",
+        "model.preset=tiny",
+        "tokenizer.preset=tiny",
+        "tokenizer.train.steps=2",
+        "tokenizer.train.batch_size=8",
+        "tokenizer.sample_every=1000",
+        "pretrain.train.steps=2",
+        "pretrain.train.batch_size=8",
+    ]
+)
+
+
+def block_steps(text: str, marker: str) -> list[tuple[str, str]]:
+    """The first bash block after `marker` as ('run', command) for each `beitdomain` line and
+    ('write', 'NAME\\ncontent') for each `cat > NAME <<'EOF'` here-document."""
+    block = re.search(r"```bash\n(.*?)```", text[text.index(marker) :], re.S)
+    assert block, f"README: no ```bash block after {marker}"
+    steps, lines = [], iter(block.group(1).splitlines())
+    for line in lines:
+        heredoc = re.fullmatch(r"cat > (\S+) <<'EOF'", line.strip())
+        if heredoc:
+            body = []
+            for more in lines:
+                if more.strip() == "EOF":
+                    break
+                body.append(more)
+            steps.append(("write", heredoc.group(1) + "\n" + "\n".join(body) + "\n"))
+        elif line.strip().startswith("beitdomain "):
+            steps.append(("run", line.split("  #")[0].strip()))
+    return steps
+
+
+def _nifti_folder(dst: Path) -> tuple[Path, Path]:
+    """nibabel's 3D test images (three copies each, renamed; one holds NaNs, so the scan's
+    --on-error skip has something to skip), labelled in two classes, a group per copy."""
+    from nibabel.testing import data_path
+
+    dst.mkdir(parents=True)
+    rows = []
+    for name, label in [
+        ("anatomical.nii", "a"),
+        ("reoriented_anat_moved.nii", "a"),
+        ("standard.nii.gz", "b"),
+        ("resampled_anat_moved.nii", "b"),  # NaN voxels: skipped
+    ]:
+        stem, ext = name.split(".", 1)
+        for k in range(3):
+            shutil.copy(Path(data_path) / name, dst / f"{stem}-{k}.{ext}")
+            rows.append((f"{stem}-{k}.{ext}", label, f"{stem}-{k}"))
+    labels = dst.parent / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label", "group"), *rows])
+    return dst, labels
+
+
+@pytest.mark.slow
+def test_the_readme_volumes_quickstart_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    data, labels = _nifti_folder(tmp_path / "data" / "ct-nifti")
+    subst = {"/data/ct-nifti": str(data), "labels.csv": str(labels)}
+    monkeypatch.chdir(tmp_path)  # relative outputs (scan.jsonl, ct-cache, runs/...) land here
+    steps = block_steps(README.read_text(), VOLUMES_MARKER)
+    assert [k for k, _ in steps].count("run") >= 5
+    for kind, step in steps:
+        if kind == "write":
+            name, content = step.split("\n", 1)
+            (tmp_path / name).write_text(content)
+            continue
+        args = [subst.get(a, a) for a in shlex.split(step)[1:]]
+        res = CliRunner().invoke(
+            app, ["--device", "cpu", "--quiet", *args], env={"BEITDOMAIN_SET": VOLUMES_SMOKE}
+        )
+        assert res.exit_code == 0, f"{step}\n{res.output[-3000:]}"
+    assert "resampled_anat_moved-0.nii" in (tmp_path / "scan.errors.csv").read_text()
+    cache = json.loads((tmp_path / "ct-cache" / "cache.json").read_text())
+    assert "ct-abdomen" in json.dumps(cache)
+    assert (tmp_path / "runs" / "tok" / "tokenizer.safetensors").is_file()
+    assert (tmp_path / "runs" / "pre" / "backbone.safetensors").is_file()
