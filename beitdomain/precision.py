@@ -1,7 +1,8 @@
 """The one mixed-precision context: every forward pass that may run in bf16 enters it.
 
-It lives below the engine so that models' own passes (BatchNorm recalibration, probe features)
-and the engine's training step share it; `beitdomain.engine.train.distributed` re-exports it.
+It lives below models and the engine (and imports nothing but torch), so that models' own passes
+(BatchNorm recalibration, probe features) and the engine's training step share it;
+`beitdomain.engine.train.distributed` re-exports it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import torch
 
 from beitdomain.engine.train import distributed as D
-from beitdomain.models.precision import autocast
+from beitdomain.precision import autocast
 
 
 def test_engine_autocast_is_the_models_one():

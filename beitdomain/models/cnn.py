@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from beitdomain.models.convention import InputNorm
-from beitdomain.models.precision import autocast
+from beitdomain.precision import autocast
 
 TIMM_PREFIX = "timm:"
 

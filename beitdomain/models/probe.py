@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.data.budget import kfold_splits
-from beitdomain.models.precision import autocast
+from beitdomain.precision import autocast
 from beitdomain.user import UserError
 
 if TYPE_CHECKING:  # scikit-learn is imported where a probe is fitted (it takes a second)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from beitdomain.models.precision import autocast as autocast  # the one context, re-exported
+from beitdomain.precision import autocast as autocast  # the one context, re-exported
 from beitdomain.rank import DistInfo, dist_info
 from beitdomain.user import UserError
 
