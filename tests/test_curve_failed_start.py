@@ -197,3 +197,21 @@ def test_old_arms_json_strings_still_read():
     assert _with_steps_run({"a": "fine-tuned, lr 1e-3"}, rows) == {
         "a": "fine-tuned, lr 1e-3, 5 steps per cell"
     }
+
+
+def test_one_label_amount_is_one_point_whatever_its_seeds_got():
+    from beitdomain.engine.curve.report import one_fraction_per_amount
+    from beitdomain.eval.report import summarize
+
+    rows = [  # whole groups: seed 0 got 4 of 40 images for 10%, seed 1 got 6
+        {"init": arm, "labels": "10%", "fraction": f, "seed": s, "n_labels": n, "acc": a}
+        for arm in ("scratch", "pixels-logreg")
+        for s, f, n, a in ((0, 0.1, 4, 0.6), (1, 0.15, 6, 0.7))
+    ] + [{"init": "scratch", "labels": "100%", "fraction": 1.0, "seed": 0, "n_labels": 40}]
+    fixed = one_fraction_per_amount(rows)
+    assert [r["fraction"] for r in fixed[:4]] == pytest.approx([0.125] * 4)
+    assert [r["seed_fraction"] for r in fixed[:2]] == [0.1, 0.15]
+    assert "seed_fraction" not in fixed[4]
+    cells = {(r["init"], r["fraction"]): r for r in summarize(fixed)}
+    assert cells[("scratch", 0.125)]["n_runs"] == 2  # one point over both seeds, not two
+    assert cells[("scratch", 0.125)]["n_labels"] == 5

@@ -146,6 +146,25 @@ def _with_steps_run(settings: dict[str, Any], rows: list[dict[str, Any]]) -> dic
     return out
 
 
+def one_fraction_per_amount(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose `fraction` is the mean fraction its label amount got over the seeds (and
+    `seed_fraction` the one its own seed got). Whole groups can give each seed's subset another
+    size; one label amount is then still one point of the curve, averaged over its seeds,
+    instead of a point per seed at the fractions they got."""
+    got: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("labels") is not None and r.get("fraction") not in (None, ""):
+            got.setdefault(str(r["labels"]), []).append(float(r["fraction"]))
+    out = []
+    for r in rows:
+        fracs = got.get(str(r.get("labels")))
+        if not fracs or len(set(fracs)) == 1:
+            out.append(r)
+            continue
+        out.append({**r, "fraction": sum(fracs) / len(fracs), "seed_fraction": r["fraction"]})
+    return out
+
+
 def _splits_text(out: Path) -> str | None:
     """Images and groups per split, in words, from a finished cell (all cells share the split)."""
     for res_path in sorted((out / "cells").glob("*/results.json")):
@@ -197,7 +216,7 @@ def write_outputs(
     metric, init_sets, inits = c.metric, c.init_sets, grid.inits
     base_file = out / BASELINES_FILE
     base = read_csv(base_file) if base_file.is_file() else []
-    rows = [*rows, *base]
+    rows = one_fraction_per_amount([*rows, *base])
     write_csv(rows, out / "curve.csv")
     if not rows:
         return {}
