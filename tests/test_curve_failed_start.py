@@ -33,6 +33,7 @@ def test_a_curve_refused_for_its_label_amounts_leaves_out_as_it_was(tmp_path):
         res = invoke(*args, "--out", str(out))
         assert res.exit_code == 2, res.output
         assert "1%" in res.output and "Traceback" not in res.output
+        assert "run with --fractions 100%" in res.output  # what this data can hold
         left = sorted(p.name for p in out.iterdir()) if out.exists() else None
         assert left == (None if name == "missing" else []), left  # no marker, lock or grid
 

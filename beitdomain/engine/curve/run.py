@@ -39,7 +39,7 @@ from beitdomain.engine.run.folder import RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
-from beitdomain.labels import LabelSpec
+from beitdomain.labels import LabelSpec, LabelSubsetError
 from beitdomain.progress import CountProgress
 from beitdomain.user import UserError
 
@@ -222,6 +222,7 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
             a subset without an image of some class.
     """
     subsets: dict[LabelSpec, dict[str, Any]] = {}
+    refused: dict[LabelSpec, str] = {}  # amount -> why the data cannot hold it
     checked: set[tuple[str, str]] = set()
     # The data's own warnings (skipped files, the split) come again from the baselines and the
     # cells, which read the same data; and the quarantine report of unreadable files goes to a
@@ -238,31 +239,54 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
                     if key in checked:
                         continue
                     checked.add(key)
-                    ld = labeled_data(
-                        r,
-                        labels=spec.text,
-                        seed=grid.seeds[spec][0],
-                        progress=False,
-                        report_dir=Path(scratch),
-                        selection=r.finetune.selection,
-                    )
+                    try:
+                        ld = labeled_data(
+                            r,
+                            labels=spec.text,
+                            seed=grid.seeds[spec][0],
+                            progress=False,
+                            report_dir=Path(scratch),
+                            selection=r.finetune.selection,
+                        )
+                    except LabelSubsetError as e:
+                        refused.setdefault(spec, str(e))
+                        continue
                     subsets.setdefault(spec, ld.subset)
                     missing = [c for c, k in ld.subset["per_class"].items() if k == 0]
                     if missing:  # its cells could not learn the class, its baselines not fit
-                        raise UserError(
+                        refused.setdefault(
+                            spec,
                             f"labels {spec.text}: the subset of seed {grid.seeds[spec][0]} "
                             f"holds no image of {', '.join(missing)} ({ld.subset['n_labels']} "
-                            "images, whole groups kept together); give a larger amount or "
-                            "'1/class'"
+                            "images, whole groups kept together)",
                         )
     finally:
         data_log.setLevel(level)
+    if refused:
+        raise UserError(_refusal(grid, refused))
     said = dict.fromkeys(
         w for spec, sub in subsets.items() for w in subset_warnings(spec.text, sub)
     )
     for line in said:  # a split's warning holds for every amount: once
         log.warning("curve: %s", line)
     return subsets
+
+
+def _refusal(grid: CurveGrid, refused: dict[LabelSpec, str]) -> str:
+    """The first amount's reason, and the --fractions this data holds among those asked."""
+    first = next(iter(refused.values())).rstrip(".")
+    held = [spec.text for spec in grid.fractions if spec not in refused]
+    if held:
+        advice = (
+            f"of curve.fractions {[s.text for s in grid.fractions]} this data holds "
+            f"{held}: run with --fractions {','.join(held)}, or add counts such as 1/class"
+        )
+    else:
+        advice = (
+            "this data holds none of curve.fractions: give counts, e.g. --fractions "
+            "1/class,4/class,100%"
+        )
+    return f"curve: {first}; {advice}"
 
 
 def run_curve(
