@@ -232,11 +232,13 @@ for name, args in jobs.items():
                "finetune": "ft"}[name] / "metrics.jsonl").read_text().splitlines()
                if l.strip()] if status == "ok" else []
     losses = [m["loss"] for m in metrics if "loss" in m]
+    rates = [m["img_per_s"] for m in metrics if "img_per_s" in m]
     report[name] = {
         "status": status,
         "seconds": round(time.perf_counter() - t0, 1),
         "steps": len(losses),
         "loss_first_last": [losses[0], losses[-1]] if losses else None,
+        "img_per_s_last": rates[-1] if rates else None,  # the trainer's own rate
         "syncs": sum(counts.values()) if cuda else None,
         "where": counts.most_common(12),
     }
@@ -254,7 +256,8 @@ for name, r in report.items():
     loss = f"loss {loss[0]:.3f} -> {loss[1]:.3f}" if loss else "no loss logged"
     syncs = ("syncs not counted (no CUDA)" if r["syncs"] is None else
              f"{r['syncs']} host syncs ({r['syncs'] / max(r['steps'], 1):.1f} per step)")
-    print(f"- {name}: {r['status']}, {r['seconds']} s, {r['steps']} steps, {loss}, {syncs}")
+    rate = f", {r['img_per_s_last']:,.0f} img/s logged last" if r["img_per_s_last"] else ""
+    print(f"- {name}: {r['status']}, {r['seconds']} s, {r['steps']} steps, {loss}{rate}, {syncs}")
     for where, n in r["where"]:
         print(f"    - {n} x {where}")
 EOF
