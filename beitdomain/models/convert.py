@@ -331,7 +331,8 @@ def to_canonical(
     stripped: dict[str, str] = {}
     for k in keys:
         name = k
-        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        # DDP / torch.compile wrappers, and the objective our pre-training checkpoints hold
+        for prefix in ("module.", "_orig_mod.", "mim."):
             name = name.removeprefix(prefix)
         stripped[k] = name
     fmt = "timm"
