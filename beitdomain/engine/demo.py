@@ -139,6 +139,68 @@ def cells_per_init(recipe: Recipe) -> int:
     return len(parse_grid(recipe.curve, {"one": None}).cells())
 
 
+def pretraining_length(
+    recipe: Recipe, pre_dir: Path, out: Path, *, quiet: bool = False
+) -> list[dict[str, Any]]:
+    """The pre-training run's kept checkpoints probed on the curve's label subsets (see
+    `engine.pretrain_length`); [] where the run kept fewer than two. Re-runs read the CSV."""
+    from beitdomain.engine.curve.grid import parse_grid
+    from beitdomain.engine.pretrain_length import (
+        CSV_NAME,
+        kept_checkpoints,
+        probe_along_pretraining,
+    )
+
+    if (out / CSV_NAME).is_file():
+        with open(out / CSV_NAME, newline="") as f:
+            return [
+                {k: (float(v) if k != "labels" and v else v) for k, v in row.items()}
+                for row in csv.DictReader(f)
+            ]
+    if len(kept_checkpoints(pre_dir)) < 2:
+        return []
+    cells = parse_grid(recipe.curve, recipe.curve.inits).cells()
+    pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
+    log.info("probing the pre-training run's checkpoints: would more pre-training help?")
+    return probe_along_pretraining(recipe, pre_dir, pairs, out, quiet=quiet)
+
+
+def length_section(table: list[dict[str, Any]]) -> str:
+    """report.md's section on pre-training length: the probe at each kept checkpoint."""
+    metric = next(k for k in table[0] if k.startswith("probe_") and k != "probe_std")
+    amounts = list(dict.fromkeys(r["labels"] for r in table))
+    steps = list(dict.fromkeys(int(r["step"]) for r in table))
+    by = {(int(r["step"]), r["labels"]): r for r in table}
+    lines = [
+        "## Would more pre-training still help?",
+        "",
+        f"A linear probe ({metric.removeprefix('probe_').replace('_', ' ')}, mean over the "
+        "curve's seeds) of each checkpoint the pre-training run kept, on the curve's own label "
+        "subsets; step 0 is a random backbone. `pretrain_length.png` draws it.",
+        "",
+        "| step | " + " | ".join(amounts) + " |",
+        "|---:|" + "---:|" * len(amounts),
+    ]
+    for step in steps:
+        lines.append(
+            f"| {step} | " + " | ".join(f"{by[(step, a)][metric]:.3f}" for a in amounts) + " |"
+        )
+    pixels = " / ".join(
+        f"{by[(steps[0], a)][metric.replace('probe_', 'pixels_')]:.3f}" for a in amounts
+    )
+    lines += ["", f"The logistic regression on pixels on the same subsets: {pixels}."]
+    for a in amounts:
+        last, prev = by[(steps[-1], a)][metric], by[(steps[-2], a)][metric]
+        best = max(steps[1:], key=lambda s: by[(s, a)][metric])
+        trend = (
+            "still rising at the last step: a longer run may pay"
+            if last > prev and best == steps[-1]
+            else f"best at step {best} of {steps[-1]}: more of the same run is unlikely to pay"
+        )
+        lines.append(f"- {a}: {trend}.")
+    return "\n".join(lines) + "\n"
+
+
 def _done(folder: Path) -> bool:
     import json
 
@@ -205,5 +267,12 @@ def run_demo(
     for name in ("report.md", "curve.png"):
         if (out / "curve" / name).is_file():
             shutil.copyfile(out / "curve" / name, out / name)
+    from beitdomain.engine.pretrain_length import PLOT_NAME
+
+    length = pretraining_length(curve_recipe, pre_dir, out / "pretrain_length", quiet=quiet)
+    if length and (out / "report.md").is_file():
+        shutil.copyfile(out / "pretrain_length" / PLOT_NAME, out / PLOT_NAME)
+        report = (out / "report.md").read_text() + "\n" + length_section(length)
+        atomic_write_text(out / "report.md", report)
     demo_run.close()
     return result
