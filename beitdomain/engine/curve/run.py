@@ -25,6 +25,7 @@ import torch
 
 from beitdomain.config import Recipe, apply_sets
 from beitdomain.data.labeled import labeled_data
+from beitdomain.data.source import image_source
 from beitdomain.engine.curve.baselines import BASELINES_FILE, baseline_rows
 from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
 from beitdomain.engine.curve.report import (
@@ -233,7 +234,9 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
     data_log.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="beitdomain-check-") as scratch:
+            scanned: list[tuple[Any, Any]] = []
             for r in recipes.values():
+                r = _scanned_once(r, Path(scratch), scanned)
                 for spec in grid.fractions:
                     key = (spec.text, r.finetune.selection)
                     if key in checked:
@@ -270,6 +273,23 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
     for line in said:  # a split's warning holds for every amount: once
         log.warning("curve: %s", line)
     return subsets
+
+
+def _scanned_once(r: Recipe, scratch: Path, scanned: list[tuple[Any, Any]]) -> Recipe:
+    """`r` reading a manifest of its folder scanned once into `scratch` (a folder of DICOMs
+    takes seconds to minutes to scan, and every label amount is drawn from it); a cache or a
+    manifest is read as it is. `scanned`: (data settings, their manifest's data settings)."""
+    d = r.data
+    if d.cache or d.manifest or not d.root:
+        return r
+    done = next((m for data, m in scanned if data == d), None)
+    if done is None:
+        source, _ = image_source(r, progress=False, report_dir=scratch)
+        path = scratch / f"manifest-{len(scanned)}.jsonl"
+        source.manifest.save(path)
+        done = replace(d, manifest=str(path))
+        scanned.append((d, done))
+    return replace(r, data=done)
 
 
 def _refusal(grid: CurveGrid, refused: dict[LabelSpec, str]) -> str:
