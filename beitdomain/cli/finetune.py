@@ -44,6 +44,7 @@ def finetune(
     sets: opt.SetOpt = None,
     out: opt.OutOpt = None,
     resume: opt.ResumeOpt = False,
+    resume_other_data: opt.ResumeOtherDataOpt = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Fine-tune a classifier on a few labels and score it on the held-out test split.
@@ -65,6 +66,7 @@ def finetune(
 
         beitdomain finetune --data /data/xr --labels-csv labels.csv --init beit.pth --linear-probe
     """
+    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
     r, out = load_job(
         ctx,
         "finetune",
@@ -83,7 +85,7 @@ def finetune(
     from beitdomain.engine.finetune import finetune as run_finetune
 
     res = run_job(
-        ctx, run_finetune, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
+        ctx, run_finetune, r, out, **resuming, overwrite=overwrite, trust_pickle=trust_pickle
     )
     if res:
         rows = {

@@ -50,6 +50,14 @@ ResumeOpt = Annotated[
         help="Continue the run in --out (a run of this command) from its newest checkpoint.",
     ),
 ]
+ResumeOtherDataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-other-data",
+        help="With --resume: go on although the data differ from what the run's checkpoints "
+        "trained on (a warning; the manifest keeps both data fingerprints).",
+    ),
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -156,6 +164,17 @@ def deprecated(old: str, new: str, old_value: Any, new_value: Any, why: str = ""
         raise typer.BadParameter(f"{old} is the old spelling of {new}; give only {new}")
     log.warning("%s is deprecated here: use %s%s", old, new, f" ({why})" if why else "")
     return old_value
+
+
+def resume_options(resume: bool, resume_other_data: bool) -> dict[str, bool]:
+    """The job options --resume and --resume-other-data set.
+
+    Raises:
+        typer.BadParameter: --resume-other-data without --resume.
+    """
+    if resume_other_data and not resume:
+        raise typer.BadParameter("--resume-other-data applies only with --resume")
+    return {"resume": resume, "resume_other_data": resume_other_data}
 
 
 def data_options(

@@ -63,6 +63,7 @@ def pretrain(
     sets: opt.SetOpt = None,
     out: opt.OutOpt = None,
     resume: opt.ResumeOpt = False,
+    resume_other_data: opt.ResumeOtherDataOpt = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Continue BEiT pre-training on your unlabeled images; no labels needed.
@@ -83,6 +84,7 @@ def pretrain(
     """
     if ctx.invoked_subcommand is not None:
         return
+    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
     r, out = load_job(
         ctx,
         "pretrain",
@@ -103,7 +105,7 @@ def pretrain(
     from beitdomain.engine.pretrain import pretrain as run_pretrain
 
     result = run_job(
-        ctx, run_pretrain, r, out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle
+        ctx, run_pretrain, r, out, **resuming, overwrite=overwrite, trust_pickle=trust_pickle
     )
     if result:
         rows = {"steps": result["steps"], "global batch": result["global_batch"]}

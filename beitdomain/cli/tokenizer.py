@@ -48,6 +48,7 @@ def train(
     sets: opt.SetOpt = None,
     out: opt.OutOpt = None,
     resume: opt.ResumeOpt = False,
+    resume_other_data: opt.ResumeOtherDataOpt = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Train a discrete VAE on your images, so BEiT's targets speak your domain's language.
@@ -66,6 +67,7 @@ def train(
 
         beitdomain tokenizer train --data /data/rgb --dalle ~/dall_e --trust-pickle
     """
+    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
     r, out = load_job(
         ctx,
         "tokenizer",
@@ -86,7 +88,7 @@ def train(
 
     if dalle is not None:
         r = _start_from_dalle(r, dalle, out, trust_pickle)
-    result = run_job(ctx, train_tokenizer, r, out, resume=resume, overwrite=overwrite)
+    result = run_job(ctx, train_tokenizer, r, out, **resuming, overwrite=overwrite)
     if result:
         print_run(
             "tokenizer",

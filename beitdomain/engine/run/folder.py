@@ -176,7 +176,7 @@ def check_same_data(path: str | Path, data_fingerprint: str | None, allow: bool 
         f"{path} trained on other data (data fingerprint {first[:16]}) than --resume reads "
         f"now ({data_fingerprint[:16]}): files were added, removed or changed, or the data "
         f"option points elsewhere. Resume with the run's own data, choose a new --out, or "
-        f"allow it explicitly (resume_other_data=True) to record both"
+        f"add --resume-other-data (resume_other_data=True in Python) to go on and record both"
     )
 
 
