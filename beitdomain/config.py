@@ -47,6 +47,7 @@ __all__ = [
     "PretrainConfig",
     "Recipe",
     "RecipeError",
+    "SegmentConfig",
     "TokenizerConfig",
     "TrainConfig",
     "bounded",
@@ -363,6 +364,28 @@ JOBS = ("tokenizer", "pretrain", "finetune")
 
 
 @dataclass
+class SegmentConfig:
+    """Segmentation: what a mask's values mean and the decoder on the backbone's blocks.
+
+    A mask is a label map, one file per image: pixel value i is `classes[i]`, and
+    `ignore_index` (e.g. 255) marks pixels no one annotated (no loss, no metric).
+    """
+
+    classes: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    ignore_index: int | None = bounded(None, ge=0)
+    # "progressive": the blocks' features upsampled 2x at a time, each merged with the next
+    # shallower block's, to the input size; "linear": one 1x1 conv on the concatenated blocks,
+    # upsampled bilinearly (the cheapest head, SETR-naive).
+    decoder: Literal["progressive", "linear"] = "progressive"
+    decoder_channels: int = bounded(64, ge=1)
+    # Blocks (0-based) whose tokens feed the decoder; None: 4 evenly spaced, ending at the last.
+    blocks: list[int] | None = bounded(None, ge=0)
+    # A folder mirroring data.root with one mask per image (same relative path; any image
+    # suffix); None: the `mask` column of data.labels.
+    masks: str | None = None
+
+
+@dataclass
 class Recipe:
     """A whole recipe; each command reads the sections it needs."""
 
@@ -375,6 +398,7 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 # Keys that a recipe used to have, and where they live now: named in the error, so an old

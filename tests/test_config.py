@@ -122,7 +122,8 @@ def test_recipe_sections_mirror_the_jobs():
     r = load_recipe()
     sections = [f.name for f in dataclasses.fields(r) if dataclasses.is_dataclass(f.type)]
     names = [f.name for f in dataclasses.fields(r)]
-    assert names[2:] == ["data", "model", "mask", "tokenizer", "pretrain", "finetune", "curve"]
+    first = ["data", "model", "mask", "tokenizer", "pretrain", "finetune", "curve"]
+    assert names[2:] == [*first, "segment"]
     assert not sections or set(sections) <= set(names)
     for job in JOBS:  # every job section has the same train + optim shape
         section = getattr(r, job)
