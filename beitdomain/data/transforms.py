@@ -262,6 +262,67 @@ class FinetuneTransform(_RandomView):
         return _chw(np.clip(out, 0.0, 1.0, out=out))
 
 
+class SegmentTransform(_RandomView):
+    """Segmentation view: ``transform(image [C, H, W], mask [H, W], rng) -> (view [C, size,
+    size] float32, mask view [size, size] int64)``.
+
+    Training: the crop box and flips of ``FinetuneTransform`` (the same draws from ``rng``, so
+    the image view is exactly the classification one), applied to the mask too, nearest
+    neighbour (a class index is never blended); the intensity jitter touches the image only.
+    Evaluation (``train=False``): image and mask resized whole to ``size x size``, so every
+    annotated pixel is scored (no center crop).
+    """
+
+    def __init__(
+        self,
+        train: bool,
+        image_size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        intensity: float = 0.1,
+    ) -> None:
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
+        self.train = train
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if mask.shape != image.shape[1:]:
+            raise ValueError(f"mask {list(mask.shape)} does not match image {list(image.shape)}")
+        _, height, width = image.shape
+        size = self.image_size
+        labels = mask.astype(np.int32, copy=False)  # cv2 resizes and flips int32, not int64
+        if not self.train:
+            interp = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_CUBIC
+            view = cv2.resize(_hwc(image), (size, size), interpolation=interp)
+            mview = cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+            out = IntensityJitter.apply(view, None)
+            return _chw(np.clip(out, 0.0, 1.0, out=out)), mview.astype(np.int64)
+        if rng is None:
+            raise ValueError("a training transform needs rng (np.random.default_rng(...))")
+        # The draws of _RandomView._crop_flip, in its order: box, then the two flips.
+        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
+        view = cv2.resize(
+            _hwc(image[:, top : top + h, left : left + w]),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
+        mview = cv2.resize(
+            np.ascontiguousarray(labels[top : top + h, left : left + w]),
+            (size, size),
+            interpolation=cv2.INTER_NEAREST_EXACT,
+        )
+        flip_h = rng.random() < self.hflip
+        flip_v = rng.random() < self.vflip
+        if flip_h or flip_v:
+            code = -1 if (flip_h and flip_v) else (1 if flip_h else 0)
+            view, mview = cv2.flip(view, code), cv2.flip(mview, code)
+        out = IntensityJitter.apply(view, self.jitter.sample(rng))
+        return _chw(np.clip(out, 0.0, 1.0, out=out)), mview.astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # The user's own pipelines: albumentations (serialized) or MONAI (an import path)
 # --------------------------------------------------------------------------------------------
