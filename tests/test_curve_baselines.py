@@ -69,3 +69,16 @@ def test_the_verdict_compares_against_the_strongest_arm_without_pretraining():
     (text,) = out["verdicts"]
     assert text.startswith("Domain pre-training ('domain') does not pay on this data")
     assert f"behind {PIXELS}" in text
+
+
+def test_a_timm_cnn_from_random_weights_is_judged_as_an_arm_without_pretraining():
+    inits = {"domain": "/weights.safetensors", "scratch": None, "cnn": "timm:resnet10t"}
+    rows = [
+        {"init": arm, "fraction": 0.1, "seed": seed, "n_labels": 177, "balanced_accuracy": v}
+        for seed in range(3)
+        for arm, v in (("domain", 0.70), ("scratch", 0.66), ("cnn", 0.72), (PIXELS, 0.69))
+    ]
+    out = compare_with_strongest(rows, inits, "balanced_accuracy")
+    assert out["choice"] == {0.1: "cnn"}  # the CNN is the reference to beat, not a pre-trained arm
+    assert list(out["paired"]) == ["domain"] and len(out["verdicts"]) == 1
+    assert "('domain')" in out["verdicts"][0] and "behind cnn" in out["verdicts"][0]

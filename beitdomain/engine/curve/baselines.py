@@ -189,9 +189,10 @@ def compare_with_strongest(
     out["reference_rows"] = ref
     with_ref = summarize([*rows, *ref])
     n_labels = {r["fraction"]: r.get("n_labels") for r in with_ref if r["init"] == STRONGEST}
-    for name, path in inits.items():
-        if path is None or not any(r["init"] == name for r in rows):
-            continue
+    random = set(without_pretraining(inits))
+    for name in inits:
+        if name in random or not any(r["init"] == name for r in rows):
+            continue  # a timm CNN from random weights is an arm without pre-training too
         try:
             out["efficiency"].append(label_efficiency(with_ref, metric, STRONGEST, name))
         except UserError as e:
