@@ -119,6 +119,10 @@ def length_table(
     return table
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def plot_length(table: Sequence[dict[str, Any]], metric: str, path: Path) -> None:
     """The probe's metric against pre-training steps, one line per label amount, with the
     pixel regression on the same subsets as a dashed line of the same colour."""
@@ -142,7 +146,7 @@ def plot_length(table: Sequence[dict[str, Any]], metric: str, path: Path) -> Non
             color=color,
             marker="o",
             capsize=3,
-            label=f"probe of the backbone, {amount} ({part[0]['seeds']} seeds)",
+            label=f"probe of the backbone, {amount} ({_seeds(part[0]['seeds'])})",
         )
         ax.axhline(
             part[0][f"pixels_{metric}"],
