@@ -58,3 +58,75 @@ def test_resume_other_data_without_resume_is_refused(stripes, tmp_path):
     assert res.exit_code != 0
     assert said(res.output, "--resume-other-data applies only with --resume"), res.output
     assert not (tmp_path / "ft").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-group label subsets hold an image of every class (or are refused, naming the class)
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped(tmp_path, per_group: int, train_groups: int):
+    """Two classes in groups of `per_group` images, `train_groups` groups of them in the train
+    split (a split column) and one group per class in test."""
+    import numpy as np
+    from helpers import FINETUNE_SETS, recipe
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir(parents=True)
+    rows = ["path,label,group,split"]
+    for g in range(train_groups + 2):
+        for k in range(per_group):
+            name = f"p{g}-{k}.png"
+            Image.fromarray(np.full((16, 16), 10 * g + k, np.uint8)).save(root / name)
+            split = "train" if g < train_groups else "test"
+            rows.append(f"{name},{'horizontal' if g % 2 else 'vertical'},P{g},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return recipe(
+        [*FINETUNE_SETS, "data.val_fraction=0.0"],
+        **{"data.root": str(root), "data.labels": str(tmp_path / "labels.csv")},
+    )
+
+
+def test_a_label_subset_by_whole_groups_holds_every_class(tmp_path, caplog):
+    import logging
+
+    from beitdomain.data.labeled import labeled_data
+    from beitdomain.data.splits import group_label_subset
+
+    labels = ["horizontal"] * 10 + ["vertical"] * 10
+    groups = [f"g{i // 5}" for i in range(20)]
+    for seed in range(5):
+        got = group_label_subset(labels, groups, "15%", seed)  # 3 labels, groups of 5
+        assert {labels[i] for i in got} == {"horizontal", "vertical"}
+        assert len(got) == 10
+    r = _grouped(tmp_path, per_group=5, train_groups=4)  # 20 train images, as in the issue
+    with caplog.at_level(logging.WARNING, logger="beitdomain"):
+        ld = labeled_data(r, labels="15%", seed=0)
+    assert ld.subset["per_class"] == {"horizontal": 5, "vertical": 5}
+    said = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "asked 15%, got 50.0%" in said
+
+
+def test_a_subset_only_all_groups_can_fill_is_refused_and_the_curve_names_what_works(tmp_path):
+    from beitdomain.config import load_recipe
+    from beitdomain.data.labeled import labeled_data
+    from beitdomain.engine.curve.grid import parse_grid
+    from beitdomain.engine.curve.run import check_cells
+    from beitdomain.labels import LabelSubsetError
+    from beitdomain.user import UserError
+
+    r = _grouped(tmp_path, per_group=5, train_groups=2)  # one group per class in train
+    with pytest.raises(LabelSubsetError, match=r"labels 30% .*class '\w+'.*--labels 100%"):
+        labeled_data(r, labels="30%", seed=0)
+    assert labeled_data(r, labels="100%", seed=0).subset["n_labels"] == 10
+
+    def check(fractions):
+        c = load_recipe(None, {}, [f"curve.fractions={fractions}", "curve.seeds=[0]"]).curve
+        return check_cells({"scratch": r}, parse_grid(c, {"scratch": None}))
+
+    with pytest.raises(UserError, match=r"this data holds \['100%'\]: run with --fractions 100%"):
+        check("[30%, 100%]")
+    r = _grouped(tmp_path / "four", per_group=5, train_groups=4)
+    subsets = check("[15%, 100%]")  # the curve's own check: every class in every subset
+    assert all(min(s["per_class"].values()) > 0 for s in subsets.values())

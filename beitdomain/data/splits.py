@@ -491,15 +491,21 @@ def group_label_subset(
     spec: str | LabelSpec,
     seed: int,
 ) -> np.ndarray:
-    """`label_subset` over whole groups: nested for a fixed seed, at least one group per class.
+    """`label_subset` over whole groups: nested for a fixed seed, an image of every class.
 
     Groups are ordered by `label_priority_order` over their (majority) labels; a subset of `n`
-    labels is the shortest prefix of that order holding at least `n` images, so a larger
-    request always contains a smaller one. '5/class' takes each class's groups in their seeded
-    order until the class has at least 5 images.
+    labels is the shortest prefix of that order holding at least `n` images and an image of
+    every class, so a larger request always contains a smaller one. Groups larger than the
+    budget make the subset larger than asked (`differs_from_asked` says when the caller should
+    warn). '5/class' takes each class's groups in their seeded order until the class has at
+    least 5 images.
 
     Returns:
         sorted int64 indices into `train_labels`.
+
+    Raises:
+        LabelSubsetError: an empty train split, a per-class count a class cannot meet, or an
+            amount below 100% for which only all groups hold every class (names the class).
     """
     spec = parse_labels_spec(spec)
     gid = canonical_groups(train_groups)
@@ -526,8 +532,40 @@ def group_label_subset(
         assert size is not None
         order = label_priority_order(glabels, seed)
         have = np.cumsum(sizes[order])
-        chosen = order[: int(np.searchsorted(have, size)) + 1].tolist()
-    return np.sort(np.concatenate([members[g] for g in chosen])).astype(np.int64)
+        n_groups = int(np.searchsorted(have, size)) + 1
+        every, last = _prefix_holding_every_class(train_labels, members, order)
+        if n_groups < every:  # a group larger than the budget: add groups until every class
+            if every == len(order) and size < len(train_labels):
+                raise LabelSubsetError(
+                    f"labels {spec.text} ({size} of {len(train_labels)} train images) cannot "
+                    f"hold an image of class '{last}' by whole groups: only all "
+                    f"{len(order)} groups together hold every class; use --labels 100%, or "
+                    f"smaller groups"
+                )
+            n_groups = every
+        chosen = order[:n_groups].tolist()
+    subset = np.sort(np.concatenate([members[g] for g in chosen])).astype(np.int64)
+    missing = sorted({str(y) for y in train_labels} - {str(train_labels[i]) for i in subset})
+    if missing:  # per-class counts take each class's own groups: a class no group's majority
+        raise LabelSubsetError(
+            f"labels {spec.text} by whole groups holds no image of class '{missing[0]}' (it is "
+            f"the most common label of no group): give a fraction such as 100% instead"
+        )
+    return subset
+
+
+def _prefix_holding_every_class(
+    labels: Sequence[Hashable], members: list[np.ndarray], order: np.ndarray
+) -> tuple[int, Hashable]:
+    """How many groups of `order` it takes to hold an image of every class, and the class the
+    last of them adds."""
+    left = {str(y) for y in labels}
+    for k, g in enumerate(order):
+        new = {str(labels[i]) for i in members[g]} & left
+        left -= new
+        if not left:
+            return k + 1, sorted(new)[0]
+    raise AssertionError("the groups hold every label")  # all groups hold all labels
 
 
 def split_summary(
