@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from beitdomain.models.backbone import get_preset
 from beitdomain.models.convert import WeightsError
-from beitdomain.models.hub import resolve_init
+from beitdomain.models.hub import locate_weights as resolve_init
 from beitdomain.models.pretrained import build_pretraining_model
 
 CFG = get_preset("tiny", img_size=32)

@@ -2,14 +2,84 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.data.masking import build_mask_generator
+from beitdomain.engine.job import BACKBONE_FILE, RECIPE_FILE, is_finished
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier
-from beitdomain.models.cnn import TimmClassifier, timm_arch
+from beitdomain.models.cnn import TIMM_PREFIX, TimmClassifier, check_timm_arch, timm_arch
+from beitdomain.models.convert import LoadReport, load_backbone_weights
+from beitdomain.models.hub import HF_PREFIX, locate_weights
 from beitdomain.user import UserError
+
+SCRATCH = ("scratch", "none", "random")
+
+
+def resolve_init(init: str | None) -> str | None:
+    """What an `--init` of any kind loads, for every job that takes one.
+
+    `scratch` (or `none`, `random`, None) -> None; `timm:<arch>` stays as it is (that timm
+    network from random weights, its name checked); a finished pre-training run folder -> its
+    exported backbone; a hub or timm BEiT name -> its local folder (`models.hub`); any other
+    existing file or folder -> its path.
+
+    Raises:
+        UserError: an unfinished run folder, an unknown architecture or a missing path;
+            `WeightsError` for a hub name that cannot be fetched.
+    """
+    if init is None or init.lower() in SCRATCH:
+        return None
+    arch = timm_arch(init)
+    if arch is not None:
+        try:
+            return TIMM_PREFIX + check_timm_arch(arch)
+        except ValueError as e:
+            raise UserError(f"--init {init}: {e}") from None
+    p = Path(init)
+    if p.is_dir() and is_finished(p, "pretrain"):
+        return str(p / BACKBONE_FILE)
+    if p.is_dir() and (p / RECIPE_FILE).is_file() and not (p / "config.json").is_file():
+        raise UserError(
+            f"{p} is a run folder without {BACKBONE_FILE}: it has not finished pre-training. "
+            f"Resume it (beitdomain pretrain --out {p} --resume) or export its newest checkpoint "
+            f"(beitdomain pretrain export {p})"
+        )
+    if not p.exists():
+        if init.startswith(HF_PREFIX) or init.startswith("beit"):  # hub / timm names
+            return locate_weights(init).path
+        raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
+    return str(p)
+
+
+def is_pretrained(init: str | None) -> bool:
+    """Whether a resolved init loads weights (not scratch, not a timm network from random)."""
+    return init is not None and timm_arch(init) is None
+
+
+def load_init(
+    model: nn.Module, init: str | None, recipe: Recipe, *, trust_pickle: bool = False
+) -> LoadReport | None:
+    """Loads a resolved `init` (`resolve_init`) into a classifier built for `recipe`.
+
+    The weights' input convention is the recipe's `model.input_mean` / `model.input_std`
+    where it states one, else what the file records. Scratch and `timm:<arch>` load nothing
+    (None).
+    """
+    if not is_pretrained(init):
+        return None
+    return load_backbone_weights(
+        model,
+        init,
+        in_chans=recipe.data.in_chans,
+        trust_pickle=trust_pickle,
+        source_mean=recipe.model.input_mean,
+        source_std=recipe.model.input_std,
+    )
 
 
 def backbone_config(

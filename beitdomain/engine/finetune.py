@@ -27,15 +27,18 @@ from torch import nn
 from beitdomain.config import Recipe
 from beitdomain.data.labeled import LabeledData, labeled_data
 from beitdomain.data.transforms import FinetuneTransform
-from beitdomain.engine.build import backbone_config, build_classifier
+from beitdomain.engine.build import (
+    backbone_config,
+    build_classifier,
+    is_pretrained,
+    load_init,
+    resolve_init,
+)
 from beitdomain.engine.job import (
-    BACKBONE_FILE,
     BEST_FILE,
-    RECIPE_FILE,
     RESULTS_FILE,
     Job,
     JobOptions,
-    is_finished,
 )
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
 from beitdomain.engine.train import distributed as D
@@ -55,16 +58,10 @@ from beitdomain.models.classifier import (
     param_groups_weight_decay,
 )
 from beitdomain.models.cnn import (
-    TIMM_PREFIX,
     TimmClassifier,
-    check_timm_arch,
     freeze_timm_backbone,
     recalibrate_batchnorm,
-    timm_arch,
 )
-from beitdomain.models.convert import load_backbone_weights
-from beitdomain.models.hub import HF_PREFIX
-from beitdomain.models.hub import resolve_init as resolve_hub_init
 from beitdomain.models.probe import dataset_features, fit_probe_head
 from beitdomain.user import UserError
 
@@ -72,34 +69,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
-SCRATCH = ("scratch", "none", "random")
-
-
-def resolve_init(init: str | None) -> str | None:
-    """`scratch` -> None; a pre-training run folder -> its exported backbone; `timm:<arch>`
-    stays as it is (that timm network from random weights); else the path."""
-    if init is None or init.lower() in SCRATCH:
-        return None
-    arch = timm_arch(init)
-    if arch is not None:
-        try:
-            return TIMM_PREFIX + check_timm_arch(arch)
-        except ValueError as e:
-            raise UserError(f"--init {init}: {e}") from None
-    p = Path(init)
-    if p.is_dir() and is_finished(p, "pretrain"):
-        return str(p / BACKBONE_FILE)
-    if p.is_dir() and (p / RECIPE_FILE).is_file() and not (p / "config.json").is_file():
-        raise UserError(
-            f"{p} is a run folder without {BACKBONE_FILE}: it has not finished pre-training. "
-            f"Resume it (beitdomain pretrain --out {p} --resume) or export its newest checkpoint "
-            f"(beitdomain pretrain export {p})"
-        )
-    if not p.exists():
-        if init.startswith(HF_PREFIX) or init.startswith("beit"):  # hub / timm names
-            return resolve_hub_init(init).path
-        raise UserError(f"--init {init}: no such file or folder (or use --init scratch)")
-    return str(p)
 
 
 @dataclass
@@ -270,26 +239,13 @@ def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device, mixup: See
     return loss
 
 
-def is_pretrained(init: str | None) -> bool:
-    """Whether a resolved init loads weights (not scratch, not a timm network from random)."""
-    return init is not None and timm_arch(init) is None
-
-
 def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier | TimmClassifier, Any]:
     """The classifier, its backbone loaded from `finetune.init`, its head from a probe if asked."""
     recipe, ft = job.recipe, job.recipe.finetune
     init = resolve_init(ft.init)
     model = build_classifier(replace(recipe, finetune=replace(ft, init=init)), len(data.classes))
-    report = None
-    if init is not None and is_pretrained(init):
-        report = load_backbone_weights(
-            model,
-            init,
-            in_chans=recipe.data.in_chans,
-            trust_pickle=job.trust_pickle,
-            source_mean=recipe.model.input_mean,
-            source_std=recipe.model.input_std,
-        )
+    report = load_init(model, init, recipe, trust_pickle=job.trust_pickle)
+    if report is not None:
         job.say("%s", report)
     if ft.linear_probe:
         if isinstance(model, TimmClassifier):

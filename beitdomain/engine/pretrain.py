@@ -20,7 +20,7 @@ from torch import nn
 from beitdomain.config import Recipe, load_recipe
 from beitdomain.data.labeled import labeled_data
 from beitdomain.data.unlabeled import unlabeled_dataset
-from beitdomain.engine.build import backbone_config, mask_generator
+from beitdomain.engine.build import backbone_config, is_pretrained, mask_generator, resolve_init
 from beitdomain.engine.job import (
     BACKBONE_FILE,
     BACKBONE_META,
@@ -103,6 +103,9 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
     `trust_pickle` allows a pickle-based `model.init` (it can run code: trusted files only).
     """
     m = recipe.model
+    init = resolve_init(m.init)  # fine-tuning's resolution: run folders, files, hub names
+    if init is not None and not is_pretrained(init):
+        raise UserError(f"model.init {m.init}: a timm network cannot be pre-trained with MIM")
     reuse = m.lm_head == "reuse"
     if m.lm_head == "auto" and m.init and recipe.tokenizer.path and m.target == "tokens":
         reuse = is_imported_dalle(load_tokenizer_extra(recipe.tokenizer.path))
@@ -111,7 +114,7 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
         target=m.target,
         vocab_size=vocab_size,
         norm_pix_loss=m.norm_pix_loss,
-        init=m.init,
+        init=init,
         trust_pickle=trust_pickle,
         rel_pos_bias=m.rel_pos_bias,
         reuse_lm_head=reuse,
@@ -119,6 +122,8 @@ def build_mim(recipe: Recipe, vocab_size: int, trust_pickle: bool = False) -> tu
         input_std=m.input_std,
     )
     if report is not None:
+        if init != m.init:
+            report.notes.append(f"{m.init} resolved to {init}")
         log.info("%s", report)
     return model, report
 

@@ -22,7 +22,7 @@ from beitdomain.models.export import (
     export_timm,
     export_timm_backbone,
 )
-from beitdomain.models.hub import resolve_init
+from beitdomain.models.hub import locate_weights
 from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM
 from beitdomain.models.pretrained import build_pretraining_model
@@ -49,7 +49,7 @@ __all__ = [
     "get_preset",
     "layer_decay_param_groups",
     "load_backbone_weights",
+    "locate_weights",
     "param_groups_weight_decay",
-    "resolve_init",
     "unilm_init_",
 ]

@@ -90,8 +90,10 @@ def _timm_cfg(name: str) -> Any | None:
         return None
 
 
-def resolve_init(init: str) -> ResolvedInit:
-    """A local path stays as it is; a hub or timm name becomes a local folder.
+def locate_weights(init: str) -> ResolvedInit:
+    """Where a checkpoint's weights are: a local path stays as it is; a hub or timm name
+    becomes a local folder. Every other kind of `--init` (scratch, `timm:<arch>`, run folders)
+    is `engine.build.resolve_init`'s, which calls this for names.
 
     Raises:
         WeightsError: an unknown name, a name not in the cache offline, or a failed download.

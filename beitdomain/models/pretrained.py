@@ -1,6 +1,6 @@
 """A MIM model started from official or own weights: the decisions around `load_backbone_weights`.
 
-* where the weights are (`models.hub.resolve_init`: a path, `hf-hub:org/name`, a timm name);
+* where the weights are (`models.hub.locate_weights`: a path, `hf-hub:org/name`, a timm name);
 * shared or per-block relative position tables (`rel_pos_bias="auto"` follows the checkpoint:
   per-block tables that differ need a per-block model; equal ones merge exactly);
 * the MIM head: reused only when its code ids are the new tokenizer's (an imported DALL-E),
@@ -28,7 +28,7 @@ from beitdomain.models.convert import (
     read_checkpoint,
     to_canonical,
 )
-from beitdomain.models.hub import resolve_init
+from beitdomain.models.hub import locate_weights
 from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM, MimTarget
 
@@ -74,7 +74,7 @@ def build_pretraining_model(
     Raises:
         WeightsError: unreadable or unfitting weights, unknown hub names.
     """
-    resolved = resolve_init(init) if init else None
+    resolved = locate_weights(init) if init else None
     if rel_pos_bias == "auto":
         per_block = resolved is not None and has_distinct_block_tables(
             resolved.path, trust_pickle=trust_pickle
