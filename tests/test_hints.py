@@ -51,6 +51,7 @@ SHOWN_BY = {
     "engine/train/distributed.py": RECIPE | {"predict"},
     "engine/train/estimate.py": TRAIN,  # the CPU time warning, said before training starts
     "engine/demo.py": {"demo"},
+    "engine/build.py": {"pretrain", "finetune", "curve"},
     "engine/finetune.py": {"finetune", "curve"},
     "engine/predict.py": {"predict"},
     "engine/job.py": TRAIN,
