@@ -130,3 +130,34 @@ def test_a_subset_only_all_groups_can_fill_is_refused_and_the_curve_names_what_w
     r = _grouped(tmp_path / "four", per_group=5, train_groups=4)
     subsets = check("[15%, 100%]")  # the curve's own check: every class in every subset
     assert all(min(s["per_class"].values()) > 0 for s in subsets.values())
+
+
+# --------------------------------------------------------------------------------------------
+# One rule for "the subset is not what was asked": a job's warning and the curve's agree
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_job_and_the_curve_warn_about_the_same_label_amounts(tmp_path, caplog):
+    import logging
+
+    from helpers import FINETUNE_SETS, recipe, write_separable_set
+
+    from beitdomain.data.labeled import labeled_data
+    from beitdomain.engine.curve.report import subset_warnings
+
+    data = write_separable_set(tmp_path / "d", per_class=12, size=16)  # 24 images, no groups
+    r = recipe(
+        [*FINETUNE_SETS, "data.val_fraction=0.0", "data.test_fraction=0.0"],
+        **{"data.root": str(data)},
+    )
+    said = {}
+    for amount, warned in (("15%", True), ("50%", False)):  # 4 of 24 is 16.7%; 12 is 50%
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="beitdomain"):
+            ld = labeled_data(r, labels=amount, seed=0)
+        job = [m for m in caplog.messages if m.startswith("labels: asked")]
+        curve = [w for w in subset_warnings(amount, ld.subset) if w.startswith("labels: asked")]
+        assert bool(job) == bool(curve) == warned, (amount, job, curve)
+        said[amount] = " ".join(job)
+    assert "asked 15%, got 16.7% (4 of 24 images" in said["15%"]
+    assert "a subset is whole images, so the subset is larger than asked" in said["15%"]

@@ -23,6 +23,7 @@ from beitdomain.data.splits import (
     _SPLIT_ALIASES,
     LabelSubsetError,
     describe_subset,
+    differs_from_asked,
     group_label_subset,
     group_split,
     split_summary,
@@ -116,16 +117,17 @@ def _say_what_the_budget_got(spec: LabelSpec, subset: dict[str, Any]) -> None:
     that its score stands for one or two of them."""
     splits = subset["splits"]
     asked, got = spec.fraction, subset["fraction"]
-    if asked is not None and got > asked * 1.25 and got - asked > 0.005:
+    if differs_from_asked(asked, got):  # the curve's rule too (`differs_from_asked`)
         groups = splits["subset"]["groups"]
-        why = (
-            "whole groups are kept together"
-            if groups < subset["n_labels"]
-            else "every class keeps at least one image"
-        )
+        if groups < subset["n_labels"]:
+            why = "whole groups are kept together"
+        elif subset["n_labels"] == len(subset.get("per_class") or ()):
+            why = "every class keeps at least one image"
+        else:
+            why = "a subset is whole images"
         log.warning(
             "labels: asked %s, got %.1f%% (%d of %d images, %d group%s): %s, so the subset is "
-            "larger than asked",
+            "%s than asked",
             spec.text,
             100 * got,
             subset["n_labels"],
@@ -133,6 +135,7 @@ def _say_what_the_budget_got(spec: LabelSpec, subset: dict[str, Any]) -> None:
             groups,
             "" if groups == 1 else "s",
             why,
+            "larger" if got > asked else "smaller",
         )
     for name in ("train", "val", "test"):
         row = splits.get(name) or {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from beitdomain.config import CurveConfig
+from beitdomain.data.splits import differs_from_asked
 from beitdomain.engine.curve.baselines import (
     BASELINES_FILE,
     baseline_settings,
@@ -31,13 +32,6 @@ from beitdomain.user import UserError
 log = logging.getLogger(__name__)
 ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
 MIN_SPLIT_GROUPS = 3  # fewer groups in a split: its score is one or two groups' score
-
-
-def differs_from_asked(asked: float | None, got: float) -> bool:
-    """Whether a realised label fraction differs from the asked one by more than rounding
-    (a tenth of it, at least 0.1 points): 18 of 1,771 images for 1% is 1.02%, the same; 4 of 24
-    for 15% is 16.7%, and 8 of 28 for 10% is 28.6%: not."""
-    return asked is not None and abs(got - asked) > max(0.1 * asked, 0.001)
 
 
 def _plural(n: int, word: str) -> str:
