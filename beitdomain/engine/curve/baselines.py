@@ -21,7 +21,7 @@ import numpy as np
 from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.labeled import labeled_data
-from beitdomain.engine.build import build_classifier
+from beitdomain.engine.build import build_classifier, load_init
 from beitdomain.eval import baselines as B
 from beitdomain.eval.report import (
     STRONGEST,
@@ -33,7 +33,6 @@ from beitdomain.eval.report import (
     verdict,
 )
 from beitdomain.models.cnn import timm_arch
-from beitdomain.models.convert import load_backbone_weights
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -133,10 +132,7 @@ def baseline_rows(
         torch.manual_seed(recipe.seed)  # a random backbone is the one seed 'seed' draws
         arm = replace(recipe, finetune=replace(recipe.finetune, init=path))
         model = build_classifier(arm, len(classes)).eval()  # timm:<arch> builds that network
-        if path is not None and timm_arch(path) is None:
-            load_backbone_weights(
-                model, path, in_chans=recipe.data.in_chans, trust_pickle=trust_pickle
-            )
+        load_init(model, path, recipe, trust_pickle=trust_pickle)  # as the arm's fine-tune
         feats = B.frozen_features(model.forward_features, images)
         arms.append(B.BaselineArm(probe_name(name), feats, standardize=True))
     rows = B.run_baselines(
