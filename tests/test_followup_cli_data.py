@@ -161,3 +161,29 @@ def test_a_job_and_the_curve_warn_about_the_same_label_amounts(tmp_path, caplog)
         said[amount] = " ".join(job)
     assert "asked 15%, got 16.7% (4 of 24 images" in said["15%"]
     assert "a subset is whole images, so the subset is larger than asked" in said["15%"]
+
+
+# --------------------------------------------------------------------------------------------
+# "--on-error skip" is advised where it applies: once when a scan stops, never in a skip report
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_on_error_hint_appears_only_where_the_scan_stopped(tmp_path):
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from beitdomain.data.index import ScanError, scan
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.PixelData  # a DICOM without an image (a report, a structure set)
+    ds.save_as(tmp_path / "nopix.dcm")
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 50 * i, np.uint8)).save(tmp_path / f"ok{i}.png")
+    ((name, reason),) = scan(tmp_path, on_error="skip").errors
+    assert name == "nopix.dcm" and "no pixel data" in reason
+    assert "on-error" not in reason  # the user passed --on-error skip already
+    with pytest.raises(ScanError) as e:
+        scan(tmp_path, on_error="fail")
+    assert str(e.value).count("--on-error skip") == 1

@@ -214,8 +214,10 @@ def _read_dataset_pixels(ds: Any, path: str) -> tuple[np.ndarray, dict[str, Any]
             raise ReaderError(path, cut)
         raise ReaderError(
             path,
+            # No "--on-error skip" here: the reason is also what the skip report lists, and
+            # every command that stops on it (--on-error fail) adds that hint once itself.
             "DICOM file has no pixel data (e.g. a report, RT structure set or DICOMDIR); "
-            "remove it from the image folder or use --on-error skip",
+            "remove it from the image folder",
         )
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     frames = int(ds.get("NumberOfFrames") or 1)
