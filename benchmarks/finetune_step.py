@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
 from beitdomain.config import OptimConfig
+from beitdomain.engine.finetune import ClassifierStep
 from beitdomain.engine.train.distributed import keep_freed_cpu_memory
 from beitdomain.engine.train.optim import build_adamw
 from beitdomain.models.backbone import BackboneConfig, get_preset
@@ -74,9 +74,11 @@ def make_finetune_step(
 ) -> Callable[[], None]:
     """A closure running one full fine-tuning step on the next batch."""
 
+    step = ClassifierStep()  # the job's own step (no class weights, smoothing or mixup)
+
     def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, labels = batch
-        return F.cross_entropy(model(images).float(), labels)
+        return step(model, {"image": images, "label": labels})[0]
 
     return C.cycling_step(loss, optimizer, batches, device, dtype)
 

@@ -45,7 +45,7 @@ import common as C
 
 from beitdomain.config import OptimConfig
 from beitdomain.data.masking import BlockMaskGenerator
-from beitdomain.engine.pretrain import MIMObjective
+from beitdomain.engine.pretrain import MIMObjective, MIMStep
 from beitdomain.engine.train.distributed import keep_freed_cpu_memory
 from beitdomain.engine.train.optim import build_adamw
 from beitdomain.models.backbone import BackboneConfig, get_preset
@@ -88,13 +88,6 @@ def build_tokenizer(
     # As engine/pretrain.load_frozen_tokenizer: cuDNN's and oneDNN's convolutions (and the
     # tokenizer's pooling) run faster in NHWC.
     return tok.to(memory_format=torch.channels_last)
-
-
-def tokenize(tok: DiscreteVAE, x: torch.Tensor) -> torch.Tensor:
-    """Visual tokens `[B, gh*gw]` as `engine.pretrain`'s step does (then usable by autograd)."""
-    with torch.inference_mode():
-        targets = tok.encode(x.contiguous(memory_format=torch.channels_last)).flatten(1)
-    return targets.clone()
 
 
 def build_hf_mim(cfg: BackboneConfig, vocab_size: int) -> nn.Module:
@@ -140,13 +133,11 @@ def make_batches(
 
 
 def ours_loss(objective: nn.Module, tok: DiscreteVAE, b: Batch) -> torch.Tensor:
-    targets = tokenize(tok, b["tok_image"])  # [B, L]
-    loss, _ = objective(b["image"], b["mask"], targets)
-    return loss
+    return MIMStep(tok)(objective, b)[0]  # the job's own step
 
 
 def hf_loss(model: nn.Module, tok: DiscreteVAE, b: Batch) -> torch.Tensor:
-    targets = tokenize(tok, b["tok_image"])  # [B, L]
+    targets = MIMStep(tok).targets(b)  # [B, L], as the job's step tokenizes
     # HF's MIM loss: logits for every patch, cross-entropy on logits[bool_masked_pos] vs labels.
     out = model(pixel_values=b["image"], bool_masked_pos=b["mask"], labels=targets[b["mask"]])
     return out.loss

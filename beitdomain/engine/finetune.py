@@ -216,27 +216,53 @@ def _mixup(recipe: Recipe, data: LabeledData, rank: int) -> SeededMixup | None:
     return SeededMixup(mixup, recipe.seed, rank)
 
 
-def _loss_fn(recipe: Recipe, data: LabeledData, device: torch.device, mixup: SeededMixup | None):
-    ft = recipe.finetune
-    weight = None
-    if ft.class_weighting == "loss":
-        counts = torch.tensor(data.class_counts, dtype=torch.float32).clamp_min(1)
-        weight = (counts.sum() / (len(counts) * counts)).to(device)
+class ClassifierStep:
+    """One fine-tuning step's loss on a batch: cross-entropy of the logits (float32), with
+    optional class weights and label smoothing; with mixup, the soft labels' cross-entropy on
+    even batches.
 
-    def loss(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    A `StepFn` (`step(model, batch) -> (loss, metrics)`): the job and
+    `benchmarks/finetune_step.py` run this one step.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        mixup: SeededMixup | None = None,
+    ) -> None:
+        self.weight = weight
+        self.label_smoothing = label_smoothing
+        self.mixup = mixup
+
+    @classmethod
+    def of(
+        cls, recipe: Recipe, data: LabeledData, device: torch.device, mixup: SeededMixup | None
+    ) -> ClassifierStep:
+        """The step `finetune.class_weighting` and `finetune.label_smoothing` ask for."""
+        ft = recipe.finetune
+        weight = None
+        if ft.class_weighting == "loss":
+            counts = torch.tensor(data.class_counts, dtype=torch.float32).clamp_min(1)
+            weight = (counts.sum() / (len(counts) * counts)).to(device)
+        return cls(weight, ft.label_smoothing, mixup)
+
+    def __call__(
+        self, model: nn.Module, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = b["image"], b["label"]
-        if mixup is not None and x.shape[0] % 2 == 0:
-            x, soft = mixup(x, y)
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            x, soft = self.mixup(x, y)
             logits = model(x)
             per = -(soft * F.log_softmax(logits.float(), -1))
-            if weight is not None:
-                per = per * weight
+            if self.weight is not None:
+                per = per * self.weight
             return per.sum(-1).mean(), {}
         logits = model(x)
-        ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=ft.label_smoothing)
+        ce = F.cross_entropy(
+            logits.float(), y, weight=self.weight, label_smoothing=self.label_smoothing
+        )
         return ce, {"train_acc": (logits.argmax(-1) == y).float().mean().detach()}
-
-    return loss
 
 
 def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier | TimmClassifier, Any]:
@@ -331,7 +357,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
         )
     mixup = _mixup(recipe, data, job.dist.rank)
-    loss = _loss_fn(recipe, data, job.device, mixup)
+    loss = ClassifierStep.of(recipe, data, job.device, mixup)
     # the hooks' order is their checkpoint key: the mixup stream comes after the EvalHook
     hooks = [hook] if mixup is None else [hook, mixup]
     trainer = job.trainer(model, plan, groups, loss, hooks=hooks)

@@ -66,6 +66,33 @@ class MIMObjective(nn.Module):
         return self.mim.loss(images, mask, targets, num_masked=self.num_masked)
 
 
+class MIMStep:
+    """One pre-training step's loss on a batch: the frozen tokenizer's visual tokens of the
+    tokenizer's view (none for pixel targets), then the wrapped `MIMObjective`.
+
+    A `StepFn` (`step(objective, batch) -> (loss, metrics)`): the job and
+    `benchmarks/pretrain_step.py` run this one step.
+    """
+
+    def __init__(self, tokenizer: DiscreteVAE | None) -> None:
+        self.tokenizer = tokenizer
+
+    def targets(self, b: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Visual tokens `[B, gh*gw]` of `b["tok_image"]`, usable by autograd; None for pixels."""
+        if self.tokenizer is None:
+            return None
+        with torch.inference_mode():
+            x = b["tok_image"].contiguous(memory_format=torch.channels_last)
+            targets = self.tokenizer.encode(x).flatten(1)  # [B, gh*gw] visual tokens
+        return targets.clone()  # leave inference mode for autograd
+
+    def __call__(
+        self, m: nn.Module, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, metrics = m(b["image"], b["mask"], self.targets(b))
+        return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
+
+
 def load_frozen_tokenizer(
     recipe: Recipe, device: torch.device, grid: tuple[int, int]
 ) -> DiscreteVAE:
@@ -158,16 +185,6 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     if report is not None:
         job.write_json("init_report.json", report.__dict__)
 
-    def step_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        targets = None
-        if tokenizer is not None:
-            with torch.inference_mode():
-                x = b["tok_image"].contiguous(memory_format=torch.channels_last)
-                targets = tokenizer.encode(x).flatten(1)  # [B, gh*gw] visual tokens
-            targets = targets.clone()  # leave inference mode for autograd
-        loss, metrics = m(b["image"], b["mask"], targets)
-        return loss, {k: v for k, v in metrics.items() if k in ("acc", "mse")}
-
     plan = job.plan(dataset)
     announce_cpu_time(
         job,
@@ -178,7 +195,7 @@ def pretrain(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     )
     groups = param_groups_weight_decay(model, recipe.pretrain.optim.weight_decay)
     objective = partial(MIMObjective, num_masked=masks.num_masking)
-    trainer = job.trainer(model, plan, groups, step_fn, wrap=objective, hooks=hooks)
+    trainer = job.trainer(model, plan, groups, MIMStep(tokenizer), wrap=objective, hooks=hooks)
     job.fit(trainer)
 
     result: dict[str, Any] = {
