@@ -108,7 +108,8 @@ def _start_from_dalle(r: Any, dalle: Path, out: Path, trust_pickle: bool) -> Any
     """The recipe with tokenizer.init at DALL-E's dVAE, converted once beside `out`."""
     from dataclasses import replace
 
-    from beitdomain.tokenizer.io import import_dalle, save_tokenizer
+    from beitdomain.tokenizer.dalle import import_dalle
+    from beitdomain.tokenizer.io import save_tokenizer
 
     converted = Path(out).parent / f"{Path(out).name}-dalle-init"
     if not (converted / "tokenizer.safetensors").is_file():
@@ -255,7 +256,8 @@ def import_dalle_cmd(
 
         beitdomain tokenizer import-dalle encoder.pkl decoder.pkl --out dalle-tok --trust-pickle
     """
-    from beitdomain.tokenizer.io import import_dalle, save_tokenizer
+    from beitdomain.tokenizer.dalle import import_dalle
+    from beitdomain.tokenizer.io import save_tokenizer
 
     model = import_dalle(encoder, decoder, trust_pickle=trust_pickle)
     save_tokenizer(model, out, extra={"source": "OpenAI DALL-E dVAE", "encoder": encoder.name})

@@ -225,12 +225,3 @@ def warn_size_change(trained: int, used: int, where: str) -> bool:
     )
     return True
 
-
-def __getattr__(name: str) -> Any:
-    # `beitdomain.cli.tokenizer` still imports the DALL-E import from here. It lives in
-    # beitdomain.tokenizer.dalle, which imports this module's errors, hence no top-level import.
-    if name in ("import_dalle", "UntrustedPickleError"):
-        from beitdomain.tokenizer import dalle
-
-        return getattr(dalle, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
