@@ -1,5 +1,7 @@
 """The evaluation view: how one image becomes the model's square input, written down once.
 
+Plain Python (no torch, no timm), so `data.transforms` and the exports both read it.
+
 Fine-tuning's evaluation, `predict`, `embed` and the k-NN and probe scores see an image through
 `beitdomain.data.transforms.FinetuneTransform(train=False)`: the shorter side resized (bicubic)
 to `round(image_size / crop_pct)`, the longer one in proportion, then a centred
@@ -28,6 +30,16 @@ class EvalView:
     def resize_side(self) -> int:
         """The shorter side before the crop, as `FinetuneTransform` rounds it."""
         return round(self.image_size / self.crop_pct)
+
+    def resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        """`(height, width)` of an `h x w` image once its shorter side is `resize_side`
+        (never under `image_size`, so the crop fits)."""
+        s = self.resize_side / min(h, w)
+        return max(self.image_size, round(h * s)), max(self.image_size, round(w * s))
+
+    def crop_origin(self, h: int, w: int) -> tuple[int, int]:
+        """`(top, left)` of the centred `image_size` square in a resized `h x w` image."""
+        return (h - self.image_size) // 2, (w - self.image_size) // 2
 
     def timm_cfg(self) -> dict[str, Any]:
         """The `pretrained_cfg` entries of this view.

@@ -18,7 +18,7 @@ from beitdomain.engine.represent import load_backbone
 from beitdomain.models.backbone import get_preset
 from beitdomain.models.export import export_hf, export_timm
 from beitdomain.models.mim import BeitMIM
-from beitdomain.models.view import EvalView
+from beitdomain.view import EvalView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

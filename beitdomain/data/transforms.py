@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from beitdomain.user import UserError
+from beitdomain.view import CROP_PCT, EvalView
 
 # Deterministic regardless of cv2's thread count, but a loader worker should not spawn a
 # thread pool per process on top of the DataLoader's own parallelism.
@@ -222,8 +223,9 @@ class FinetuneTransform(_RandomView):
     """Fine-tuning / evaluation view: ``transform(image [C, H, W], rng) -> [C, size, size]``.
 
     Training: random resized crop, flips and intensity jitter as in pre-training. Evaluation
-    (``train=False``): resize the shorter side to ``image_size / crop_pct`` and center-crop
-    (timm's convention), no randomness.
+    (``train=False``): `beitdomain.view.EvalView`, the shorter side resized to
+    ``round(image_size / crop_pct)`` and a centred square cut out (timm's convention), no
+    randomness.
     """
 
     def __init__(
@@ -235,7 +237,7 @@ class FinetuneTransform(_RandomView):
         hflip: float = 0.5,
         vflip: float = 0.0,
         intensity: float = 0.1,
-        crop_pct: float = 0.875,
+        crop_pct: float = CROP_PCT,
     ) -> None:
         super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
         self.train = train
@@ -245,13 +247,12 @@ class FinetuneTransform(_RandomView):
         size = self.image_size
         if not self.train:
             _, h, w = image.shape
-            short = round(size / self.crop_pct)
-            s = short / min(h, w)
-            nh, nw = max(size, round(h * s)), max(size, round(w * s))
+            ev = EvalView(size, self.crop_pct)  # the exports describe this same view
+            nh, nw = ev.resized_shape(h, w)
             hwc = _hwc(image)
             interp = cv2.INTER_AREA if nh < h else cv2.INTER_CUBIC
             resized = cv2.resize(hwc, (nw, nh), interpolation=interp)
-            y, x = (nh - size) // 2, (nw - size) // 2
+            y, x = ev.crop_origin(nh, nw)
             view = np.ascontiguousarray(resized[y : y + size, x : x + size])
             out = IntensityJitter.apply(view, None)
             return _chw(np.clip(out, 0.0, 1.0, out=out))

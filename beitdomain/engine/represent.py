@@ -30,8 +30,8 @@ from beitdomain.models.backbone import backbone_config_of, create_backbone
 from beitdomain.models.convention import InputNorm, convention_of, read_convention
 from beitdomain.models.export import TIMM_META, TimmExport
 from beitdomain.models.probe import pooled_features
-from beitdomain.models.view import CROP_PCT, EvalView
 from beitdomain.user import UserError
+from beitdomain.view import CROP_PCT, EvalView
 
 
 @dataclass

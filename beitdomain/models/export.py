@@ -10,7 +10,7 @@ library's own preprocessing feeds the weights what they were trained on:
   `pretrained_cfg_overlay=dict(file="<folder>/model.safetensors")`; `resolve_data_config` +
   `create_transform` give the matching transform.
 * Hugging Face: `config.json` (`BeitConfig`), `model.safetensors` and `preprocessor_config.json`
-  (`BeitImageProcessor`: the evaluation view of `models.view`, shorter side resized and a
+  (`BeitImageProcessor`: the evaluation view of `beitdomain.view`, shorter side resized and a
   centred square cut, then rescale to [0, 1] and normalize with the model's mean / std); loads
   with `BeitModel.from_pretrained(folder)` and
   `AutoImageProcessor.from_pretrained(folder)`. transformers is needed only here (dev extra).
@@ -39,8 +39,8 @@ from beitdomain.fileio import (
 from beitdomain.models.backbone import beit_kwargs
 from beitdomain.models.convention import INPUT_META, InputConvention, convention_of
 from beitdomain.models.convert import WeightsError, _hf_name, pooled_backbone_state
-from beitdomain.models.view import EvalView
 from beitdomain.user import UserError
+from beitdomain.view import EvalView
 
 ExportFormat = Literal["timm", "hf"]
 TIMM_TEMPLATE = "beit_base_patch16_224"  # any registered BEiT: model_args set every dimension
@@ -190,7 +190,7 @@ def export_timm(model: nn.Module, folder: str | Path) -> Path:
 
     Load it with `timm.create_model(f"local-dir:{folder}", pretrained=True)`; the
     `pretrained_cfg` it reads says `in_chans`, `input_size`, `mean`, `std`, the evaluation
-    view (`models.view`) and `num_classes=0`.
+    view (`beitdomain.view`) and `num_classes=0`.
     """
     state, cfg, conv = _pooled_state(model)  # a model that is no BEiT fails before the folder
     out = Path(folder)
