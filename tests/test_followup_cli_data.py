@@ -187,3 +187,24 @@ def test_the_on_error_hint_appears_only_where_the_scan_stopped(tmp_path):
     with pytest.raises(ScanError) as e:
         scan(tmp_path, on_error="fail")
     assert str(e.value).count("--on-error skip") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A label CSV whose paths repeat the data folder's name: one hint, not a line per file
+# --------------------------------------------------------------------------------------------
+
+
+def test_csv_paths_that_repeat_the_folder_name_get_one_hint(stripes, tmp_path):
+    from helpers import cli, said
+
+    files = sorted(p.relative_to(stripes.parent).as_posix() for p in stripes.rglob("*.png"))
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,label\n" + "".join(f"{f},{f.split('/')[1]}\n" for f in files))
+    assert len(files) == 12 and files[0].startswith("stripes/")
+    res = cli("data", "scan", str(stripes), "--labels-csv", str(csv_path),
+              "--out", str(tmp_path / "m.jsonl"))  # fmt: skip
+    assert res.exit_code != 0
+    fixed = files[0].removeprefix("stripes/")
+    assert said(res.output, f"'{files[0]}' should read '{fixed}'"), res.output
+    assert "does not exist" not in res.output  # not one line per file
+    assert not (tmp_path / "m.jsonl").exists()

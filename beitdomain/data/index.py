@@ -20,7 +20,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from beitdomain.data.parallel import parallel_map
@@ -448,7 +448,37 @@ def read_labels_csv(
             rows.append((resolved, label, split, group))
     if problems:
         raise ScanError(f"{csv_path}: {len(problems)} problem(s) in the labels CSV:", problems)
+    _check_paths_do_not_repeat_the_root(csv_path, root, rows, missing)
     return rows, missing
+
+
+def _check_paths_do_not_repeat_the_root(
+    csv_path: Path, root: Path, rows: list[Any], missing: list[tuple[str, str]]
+) -> None:
+    """One hint instead of a line per file when no listed file exists and every path starts
+    with the data folder's own name ('cells/a.png' under --data cells): paths written relative
+    to the folder above.
+
+    Raises:
+        ScanError: such a CSV, naming the prefix and one corrected path that exists.
+    """
+    if rows or not missing:
+        return
+    name = root.name
+    parts = [PurePosixPath(rel.replace("\\", "/")).parts for rel, _ in missing]
+    if not name or not all(len(p) > 1 and p[0] == name for p in parts):
+        return
+    tails = (PurePosixPath(*p[1:]) for p in parts)
+    fixed = next((t for t in tails if (root / t).exists()), None)
+    if fixed is None:
+        return
+    raise ScanError(
+        f"{csv_path}: none of its {len(missing)} paths exists under the data folder {root}, "
+        f"and every one starts with that folder's own name '{name}/': paths are relative to "
+        f"the data folder, so '{name}/{fixed}' should read '{fixed}' (remove the leading "
+        f"'{name}/' from the CSV, or give the folder above as the data folder)",
+        [],
+    )
 
 
 _ROW_FORMS = "'path,label[,split]' (or path,label,split,group)"
