@@ -13,6 +13,9 @@ from beitdomain.models.convert import load_backbone_weights
 from beitdomain.models.segment import BeitSegmenter, default_blocks, monai_unet
 
 # The 'tiny' preset at 32 px: 8 px patches, a 4 x 4 grid, 2 blocks of width 64, 1 channel.
+# Tiny models on a shared 2-core machine: one torch thread (conftest), no spin-waiting.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = get_preset("tiny", img_size=32, in_chans=1, use_shared_rel_pos_bias=False)
 
 
