@@ -38,7 +38,8 @@ from beitdomain.fileio import (
 )
 from beitdomain.models.backbone import beit_kwargs
 from beitdomain.models.convention import INPUT_META, InputConvention, convention_of
-from beitdomain.models.convert import WeightsError, _hf_name, pooled_backbone_state
+from beitdomain.models.convert import WeightsError, pooled_backbone_state
+from beitdomain.models.convert.keys import _hf_name
 from beitdomain.user import UserError
 from beitdomain.view import EvalView
 

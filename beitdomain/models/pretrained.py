@@ -20,7 +20,6 @@ import torch
 
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.models.convert import (
-    _BLOCK_RPB,
     SHARED_RPB,
     LoadReport,
     WeightsError,
@@ -28,6 +27,7 @@ from beitdomain.models.convert import (
     read_checkpoint,
     to_canonical,
 )
+from beitdomain.models.convert.report import _BLOCK_RPB
 from beitdomain.models.hub import locate_weights
 from beitdomain.models.init import unilm_init_
 from beitdomain.models.mim import BeitMIM, MimTarget
