@@ -79,6 +79,18 @@ def test_ignored_pixels_count_in_no_loss_term():
     assert not torch.equal(segment_loss(logits, target, 255), segment_loss(logits, changed, 255))
 
 
+def test_an_init_file_loads_into_the_beit_segmenter(tmp_path):
+    from helpers import timm_beit
+    from safetensors.torch import save_file
+
+    official = timm_beit(TINY32.replace(use_shared_rel_pos_bias=False), seed=3)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in official.state_dict().items()}, path)
+    model = build_segmenter("beit", TINY32, DISCS, init=path)
+    want = official.state_dict()["blocks.1.mlp.fc2.weight"]
+    assert torch.equal(model.backbone.blocks[1].mlp.fc2.weight, want)
+
+
 def test_the_unet_takes_no_init():
     with pytest.raises(UserError, match="takes no init"):
         build_segmenter("unet", TINY32, DISCS, init="runs/pre")
