@@ -216,3 +216,19 @@ def test_one_label_amount_is_one_point_whatever_its_seeds_got():
     cells = {(r["init"], r["fraction"]): r for r in summarize(fixed)}
     assert cells[("scratch", 0.125)]["n_runs"] == 2  # one point over both seeds, not two
     assert cells[("scratch", 0.125)]["n_labels"] == 5
+
+
+def test_a_curve_cell_cut_off_on_other_data_gets_the_curves_own_advice(monkeypatch, tmp_path):
+    import beitdomain.engine.curve.run as curve_run
+    from beitdomain.engine.run.folder import OtherDataError
+    from beitdomain.user import UserError
+
+    def other_data(*a, **kw):
+        raise OtherDataError("x trained on other data ... add --resume-other-data")
+
+    monkeypatch.setattr(curve_run, "finetune", other_data)
+    with pytest.raises(UserError) as e:
+        curve_run._finetune_cell(None, tmp_path / "cells" / "domain-10pct-s0", device="cpu",
+                                 trust_pickle=False)  # fmt: skip
+    assert "domain-10pct-s0" in str(e.value) and "--out" in str(e.value)
+    assert "--resume-other-data" not in str(e.value)

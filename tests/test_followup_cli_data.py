@@ -117,7 +117,7 @@ def test_a_subset_only_all_groups_can_fill_is_refused_and_the_curve_names_what_w
     from beitdomain.user import UserError
 
     r = _grouped(tmp_path, per_group=5, train_groups=2)  # one group per class in train
-    with pytest.raises(LabelSubsetError, match=r"labels 30% .*class '\w+'.*--labels 100%"):
+    with pytest.raises(LabelSubsetError, match=r"labels 30% .*class '\w+'.*100% of the\s+labels"):
         labeled_data(r, labels="30%", seed=0)
     assert labeled_data(r, labels="100%", seed=0).subset["n_labels"] == 10
 

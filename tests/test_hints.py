@@ -80,6 +80,9 @@ UNREACHABLE = {
     # curve opens its folder with resume=True or overwrite=True only, so neither the
     # "pass --resume ..." advice nor the contradiction message can reach it.
     ("engine/run/folder.py", "--resume", "curve"),
+    # a curve cell cut off on other data is refused with the curve's own advice
+    # (curve/run.py _finetune_cell), never with the jobs' --resume-other-data
+    ("engine/run/folder.py", "--resume-other-data", "curve"),
     ("engine/run/guard.py", "--resume", "curve"),
     # data inspect reads with on_error='skip' and draws unreadable files as such.
     ("data/index.py", "--on-error", "data inspect"),

@@ -547,8 +547,8 @@ def group_label_subset(
                 raise LabelSubsetError(
                     f"labels {spec.text} ({size} of {len(train_labels)} train images) cannot "
                     f"hold an image of class '{last}' by whole groups: only all "
-                    f"{len(order)} groups together hold every class; use --labels 100%, or "
-                    f"smaller groups"
+                    f"{len(order)} groups together hold every class; train on 100% of the "
+                    "labels, or make the groups smaller"
                 )
             n_groups = every
         chosen = order[:n_groups].tolist()

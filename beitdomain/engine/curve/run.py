@@ -36,7 +36,7 @@ from beitdomain.engine.curve.report import (
 )
 from beitdomain.engine.finetune import finetune, is_pretrained, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
-from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.folder import OtherDataError, RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
@@ -123,11 +123,25 @@ def _run_cell(args: tuple[Recipe, CurveGrid, Cell, str, bool]) -> None:
             torch.set_num_threads(len(cores))
         cell_recipe = _cell_recipe(recipe, grid, cell, Path(out))
         cell_dir = Path(out) / "cells" / cell.name
-        finetune(
-            cell_recipe, cell_dir, device=device, resume=True, quiet=True, trust_pickle=trust_pickle
-        )
+        _finetune_cell(cell_recipe, cell_dir, device=device, trust_pickle=trust_pickle)
     finally:
         _FREE_SLOTS.put((device, cores))
+
+
+def _finetune_cell(recipe: Recipe, cell_dir: Path, *, device: str, trust_pickle: bool) -> None:
+    """One cell's fine-tune, resumed where a previous curve run cut it off. A cell cut off on
+    other data than it reads now is refused with the curve's own advice: `curve` has no
+    --resume-other-data, and mixing two data sets inside one cell would mislabel the curve."""
+    try:
+        finetune(
+            recipe, cell_dir, device=device, resume=True, quiet=True, trust_pickle=trust_pickle
+        )
+    except OtherDataError:
+        raise UserError(
+            f"curve cell {cell_dir.name} was cut off while training on other data than the "
+            "curve reads now (the data fingerprint in its manifest differs): run the curve "
+            "again on the data it started with, or give it a new --out"
+        ) from None
 
 
 def _arm_settings(
@@ -440,12 +454,10 @@ def _run_cells(
         else:
             for cell in todo:
                 bar.describe(f"curve: {cell.init} {cell.labels.text} seed {cell.seed}")
-                finetune(
+                _finetune_cell(
                     _cell_recipe(recipes[cell.init], grid, cell, out),
                     out / "cells" / cell.name,
                     device=device,
-                    resume=True,
-                    quiet=True,
                     trust_pickle=trust_pickle,
                 )
                 write_outputs(out, collect_rows(out, cells), c, grid)
