@@ -384,15 +384,7 @@ def cache(
         )
         dicom_series = dicom_series or r.data.dicom_series
     else:
-        spec = _spec(
-            normalize or "auto",
-            window,
-            in_chans or 1,
-            frames or "all",
-            nonfinite or "error",
-            channels,
-            slice_axis or "axial",
-        )
+        spec = _spec_from_flags(flags)
     size = size or 256
     on_error = on_error or "fail"
     quiet = global_options(ctx).quiet
@@ -526,15 +518,7 @@ def inspect(
     if recipe is not None or sets:
         spec = _spec_beside_recipe(load(ctx, recipe, sets), recipe, flags)
     else:
-        spec = _spec(
-            normalize or "auto",
-            window,
-            in_chans or 1,
-            frames or "all",
-            nonfinite or "error",
-            channels,
-            slice_axis or "axial",
-        )
+        spec = _spec_from_flags(flags)
     src = _open_source(source, spec, on_error="skip", quiet=global_options(ctx).quiet)
     skipped = list(getattr(src, "errors", None) or [])
     if skipped:  # the sheet samples the others; a dropped volume must not go unsaid
@@ -546,6 +530,19 @@ def inspect(
         )
     path = contact_sheet(src, spec, out, n=n, seed=seed)
     print_result(f"contact sheet written to {path}", {"contact_sheet": str(path)})
+
+
+def _spec_from_flags(flags: dict[str, Any]) -> Any:
+    """The intensity spec of the flags alone (no recipe), each unset flag at its default."""
+    return _spec(
+        flags["normalize"] or "auto",
+        flags["window"],
+        flags["in_chans"] or 1,
+        flags["frames"] or "all",
+        flags["nonfinite"] or "error",
+        flags["channels"],
+        flags["slice_axis"] or "axial",
+    )
 
 
 def _spec_beside_recipe(r: Any, name: str | None, flags: dict[str, Any]) -> Any:
