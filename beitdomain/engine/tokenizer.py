@@ -163,8 +163,9 @@ class TokenizerMonitor:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        counts = self.usage.counts.to("cpu", copy=True)  # loadable on any device
-        return {"counts": counts, "revived_total": self.revived_total}
+        # a copy on the model's device: the trainer copies this after every step, and a copy to
+        # the host would wait for the GPU; checkpoints hold it on the CPU (Trainer.checkpoint_state)
+        return {"counts": self.usage.counts.clone(), "revived_total": self.revived_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.usage.counts.copy_(state["counts"])

@@ -13,8 +13,10 @@ so on CPU with deterministic kernels a resumed run ends bitwise equal to an unin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +51,28 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written."""
 
 
+def _cloned(tree: Any) -> Any:
+    """`tree` with its tensors copied (on their device: no host sync) and its containers new."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _cloned(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cloned(v) for v in tree)
+    return tree
+
+
+def _on_cpu(tree: Any) -> Any:
+    """`tree` with its tensors on the CPU, so a checkpoint's hook states load anywhere."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(v) for v in tree)
+    return tree
+
+
 @dataclass
 class LoopState:
     step: int = 0  # optimizer steps done
@@ -63,7 +87,9 @@ class LoopState:
 class Hook(Protocol):
     """Called after every optimizer step; may log, evaluate, save artefacts or stop the run.
 
-    Hooks with `state_dict`/`load_state_dict` have their state checkpointed and restored.
+    Hooks with `state_dict`/`load_state_dict` have their state checkpointed and restored. The
+    state may change during a step (a counter the step function advances): the trainer copies
+    it after every step, so a checkpoint written mid-step on a signal holds the finished step's.
     """
 
     def on_step_end(self, trainer: Trainer) -> None: ...
@@ -120,28 +146,108 @@ class Trainer:
             else None
         )
         self._stop_signal = threading.Event()
+        # Signals: the model and optimizer change only in an update (optimizer step to the
+        # step's checkpoint), under `_update`; what changes during a step (loop position, RNG,
+        # hook states) is copied into `_snapshot` after each one. A checkpoint of the last
+        # finished step can then be written at any moment outside an update.
+        self._update = threading.RLock()
+        self._in_update = False
+        self._snapshot: dict[str, Any] | None = None
+        self._saved_step = -1  # the step of the newest checkpoint this trainer wrote or read
+        self._signal_name = "a signal"
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    def _progress_state(self) -> dict[str, Any]:
+        """What changes during a step: the loop position, the RNG, the hooks' states."""
         hooks = {
             f"{i}:{type(h).__name__}": h.state_dict()
             for i, h in enumerate(self.hooks)
             if hasattr(h, "state_dict")
         }
         return {
-            "format": "beitdomain-checkpoint/1",
             "step": self.state.step,
-            "model": D.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "loop": dataclasses.asdict(self.state),
             "rng": rng_state(),
             "hooks": hooks,
         }
 
+    def checkpoint_state(self, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint of now, or of the finished step whose `_progress_state` is given."""
+        p = progress if progress is not None else self._progress_state()
+        return {
+            "format": "beitdomain-checkpoint/1",
+            "step": p["step"],
+            "model": D.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loop": p["loop"],
+            "rng": p["rng"],
+            "hooks": _on_cpu(p["hooks"]),
+        }
+
     def save_checkpoint(self) -> None:
         if self.ckpt is not None and self.dist.is_main:
             self.ckpt.save(self.checkpoint_state(), self.state.step)
+            self._saved_step = self.state.step
         D.barrier()
+
+    def _save_last_finished(self) -> None:
+        """Checkpoints the last finished step, once (rank 0; no barrier: called on a signal,
+        from the watcher thread or the main thread's handler)."""
+        with self._update:
+            snap = self._snapshot
+            if snap is None or self.ckpt is None or not self.dist.is_main:
+                return
+            if snap["step"] in (0, self._saved_step):
+                return  # nothing done yet, or already on disk
+            self.ckpt.save(self.checkpoint_state(snap), snap["step"])
+            self._saved_step = snap["step"]
+            log.warning(
+                "%s: checkpoint of step %d written to %s",
+                self._signal_name,
+                snap["step"],
+                self.ckpt.folder,
+            )
+
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[None]:
+        """An update: a signal's checkpoint waits for it; what it leaves is copied at its end."""
+        with self._update:
+            self._in_update = True
+            try:
+                yield
+                self._snapshot = _cloned(self._progress_state())  # also after a skipped step
+            finally:
+                self._in_update = False
+
+    def _on_wakeup(self, signum: int) -> None:
+        """The watcher thread: the checkpoint lands while the main thread may still be in a
+        long C++ call (a backward pass), inside a scheduler's grace period."""
+        self._signal_name = signal.Signals(signum).name
+        try:
+            self._save_last_finished()
+        except Exception:  # e.g. disk full; the main thread's stop tries again and says why
+            log.exception("%s: the checkpoint of the last finished step failed", self._signal_name)
+
+    def _on_signal(self, signum: int) -> None:
+        """The main thread's handler: outside an update, stop at once (single process; ranks of
+        a distributed run stop together at the step's end)."""
+        self._signal_name = signal.Signals(signum).name
+        if self._in_update or self.dist.world_size > 1:
+            return
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        self._save_last_finished()
+        step = self._snapshot["step"] if self._snapshot is not None else self.state.step
+        if step == 0 or self.ckpt is None:
+            raise Interrupted(
+                f"interrupted ({self._signal_name}) before the first step finished; "
+                "nothing to resume from: start the run again"
+            )
+        raise Interrupted(
+            f"interrupted ({self._signal_name}) at step {step}; checkpoint saved, "
+            "continue with --resume"
+        )
 
     def _checkpoint_left(self) -> str:
         """What a stopped run leaves to resume from, in a sentence."""
@@ -248,6 +354,8 @@ class Trainer:
             Interrupted: on SIGINT/SIGTERM, after checkpointing the last finished step.
         """
         resumed = self.resume() if resume else False
+        if resumed:
+            self._saved_step = self.state.step
         if self.run is not None and self.dist.is_main:
             self.metrics = MetricsLog(
                 self.run.path / "metrics.jsonl",
@@ -267,8 +375,19 @@ class Trainer:
         )
         self.model.train()
         params = list(self.model.parameters())  # walked once, not every step
-        with progress, stop_on_signals(self._stop_signal):
+        self._snapshot = _cloned(self._progress_state())
+        signals = stop_on_signals(self._stop_signal, self._on_signal, self._on_wakeup)
+        with progress, signals:
             while self.state.step < self.total_steps and not self.state.stop:
+                if self._stop_signal.is_set():  # it came during the last update
+                    if self.dist.world_size == 1:
+                        self._stop_now()
+                    if self.state.step % self.train.ckpt_every:  # every rank, as the barrier
+                        self.save_checkpoint()
+                    raise Interrupted(
+                        f"interrupted ({self._signal_name}) at step {self.state.step}; "
+                        "checkpoint saved, continue with --resume"
+                    )
                 lr = self.set_lr(self.state.step)
                 losses = []
                 # Metrics stay tensors until one host transfer per step (each float() of a
@@ -314,61 +433,56 @@ class Trainer:
                 }
                 finite_host, loss_host = host[0], host[1]
                 grad_host = host[-1] if grad_norm is not None else None
-                if finite_host == 0:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.nonfinite_streak += 1
-                    self.state.nonfinite_total += 1
-                    log.warning(
-                        "non-finite loss or gradient at step %d: step skipped", self.state.step
-                    )
-                    if self.state.nonfinite_streak >= self.train.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.state.nonfinite_streak} non-finite losses in a row at step "
-                            f"{self.state.step}; stopping. {self._checkpoint_left()} Lower the "
-                            f"lr ({self.desc}.optim.lr), set {self.desc}.optim.grad_clip, or "
-                            "look at the data with `beitdomain data inspect`."
+                # The update: the model and optimizer change, so a signal's checkpoint waits.
+                with self._updating():
+                    if finite_host == 0:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.state.nonfinite_streak += 1
+                        self.state.nonfinite_total += 1
+                        log.warning(
+                            "non-finite loss or gradient at step %d: step skipped", self.state.step
                         )
-                    continue
-                self.state.nonfinite_streak = 0
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.step += 1
-                metrics_sum["loss"] = loss_host
-                if grad_host is not None:
-                    metrics_sum["grad_norm"] = grad_host
-                for k, v in metrics_sum.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_n += 1
-                self.last_metrics = metrics_sum
-                progress.update(
-                    self.state.step,
-                    metrics_sum.get("loss"),
-                    images / max(1e-9, time.perf_counter() - t_window),
-                )
-                last = self.state.step == self.total_steps
-                if self.state.step % self.train.log_every == 0 or last:
-                    elapsed = time.perf_counter() - t_window
-                    avg = {k: v / window_n for k, v in window.items()}
-                    avg = D.all_reduce_mean(avg, self.device)
-                    self.log(
-                        lr=lr,
-                        **avg,
-                        img_per_s=images / max(elapsed, 1e-9),
-                        nonfinite_skipped=self.state.nonfinite_total,
+                        if self.state.nonfinite_streak >= self.train.max_nonfinite:
+                            raise NonFiniteLossError(
+                                f"{self.state.nonfinite_streak} non-finite losses in a row at step "
+                                f"{self.state.step}; stopping. {self._checkpoint_left()} Lower the "
+                                f"lr ({self.desc}.optim.lr), set {self.desc}.optim.grad_clip, or "
+                                "look at the data with `beitdomain data inspect`."
+                            )
+                        continue
+                    self.state.nonfinite_streak = 0
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state.step += 1
+                    metrics_sum["loss"] = loss_host
+                    if grad_host is not None:
+                        metrics_sum["grad_norm"] = grad_host
+                    for k, v in metrics_sum.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_n += 1
+                    self.last_metrics = metrics_sum
+                    progress.update(
+                        self.state.step,
+                        metrics_sum.get("loss"),
+                        images / max(1e-9, time.perf_counter() - t_window),
                     )
-                    window, window_n, images, t_window = {}, 0, 0, time.perf_counter()
-                for h in self.hooks:
-                    h.on_step_end(self)
-                done = last or self.state.stop
-                if done or self.state.step % self.train.ckpt_every == 0:
-                    self.save_checkpoint()
-                if self._stop_signal.is_set():
-                    if not (done or self.state.step % self.train.ckpt_every == 0):
+                    last = self.state.step == self.total_steps
+                    if self.state.step % self.train.log_every == 0 or last:
+                        elapsed = time.perf_counter() - t_window
+                        avg = {k: v / window_n for k, v in window.items()}
+                        avg = D.all_reduce_mean(avg, self.device)
+                        self.log(
+                            lr=lr,
+                            **avg,
+                            img_per_s=images / max(elapsed, 1e-9),
+                            nonfinite_skipped=self.state.nonfinite_total,
+                        )
+                        window, window_n, images, t_window = {}, 0, 0, time.perf_counter()
+                    for h in self.hooks:
+                        h.on_step_end(self)
+                    done = last or self.state.stop
+                    if done or self.state.step % self.train.ckpt_every == 0:
                         self.save_checkpoint()
-                    raise Interrupted(
-                        f"interrupted at step {self.state.step}; checkpoint saved, "
-                        f"continue with --resume"
-                    )
         if self.metrics is not None:
             self.metrics.close()
         return self.state
