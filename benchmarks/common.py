@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
+from beitdomain.engine.run.folder import git_commit
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.estimate import backbone_forward_gflops
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.tokenizer.flops import count_params
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched
 # against `torch.cuda.get_device_name()` in this order (first hit wins), so each variant comes
@@ -53,10 +53,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def resolve_device(name: str) -> torch.device:
-    """The library's device resolution (`engine.distributed.resolve_device`): 'auto' is CUDA
-    when available, else CPU; a CUDA device that torch cannot see is an error."""
-    return D.resolve_device(name)
+# The library's device resolution: 'auto' is CUDA when available, else CPU; a CUDA device that
+# torch cannot see is an error.
+resolve_device = D.resolve_device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -143,27 +142,24 @@ def known_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def git_commit() -> str:
-    """Short commit of the repository (with '+dirty' when tracked files changed), or 'unknown'."""
+def commit_label() -> str:
+    """The commit the run folders record (`engine.run.folder.git_commit`), short, with '+dirty'
+    when tracked files differ from it (a timing of uncommitted code is not that commit's), or
+    'unknown' outside a git checkout."""
+    commit = git_commit()
+    if commit is None:
+        return "unknown"
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
+            cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
+        dirty = ""
+    return commit[:7] + ("+dirty" if dirty else "")
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
@@ -172,7 +168,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_name(device),
         "torch": torch.__version__,
-        "commit": git_commit(),
+        "commit": commit_label(),
         "threads": torch.get_num_threads(),
     }
     with contextlib.suppress(ImportError):
@@ -269,30 +265,6 @@ def mfu(flops_per_img: float, img_per_s: float, peak_tflops: float | None) -> fl
     if not peak_tflops:
         return None
     return flops_per_img * img_per_s / (peak_tflops * 1e12)
-
-
-def vit_train_gflops(
-    *,
-    tokens: int,
-    dim: int,
-    depth: int,
-    mlp_ratio: float,
-    patch_pixels: int,
-    head_tokens: int,
-    head_out: int,
-) -> float:
-    """Analytic training GFLOP per image of a ViT: 3 x forward (backward = 2 x forward).
-
-    Forward per block: qkv 6ND^2 + proj 2ND^2 + MLP 4rND^2 + attention 4N^2D; patch embedding
-    2L(p^2 C)D; a head of `head_out` outputs on `head_tokens` tokens. For ViT-B/16 at 224 with no
-    head this gives 3 x 35.2 = 105.6, the "about 107 GFLOP" of issue 9 (which rounds in a
-    classifier head and the embeddings' backward, which we do not need).
-    """
-    n, d = tokens, dim
-    block = (8 + 4 * mlp_ratio) * n * d * d + 4 * n * n * d
-    patches = tokens - 1
-    fwd = depth * block + 2 * patches * patch_pixels * d + 2 * head_tokens * d * head_out
-    return 3 * fwd / 1e9
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -508,16 +480,15 @@ def model_facts(model: torch.nn.Module, flops_per_img: float) -> dict[str, Any]:
 
 
 def backbone_train_gflops(cfg: BackboneConfig, *, head_tokens: int, head_out: int) -> float:
-    """`vit_train_gflops` of a backbone config (class token included)."""
-    return vit_train_gflops(
-        tokens=cfg.num_patches + 1,
-        dim=cfg.embed_dim,
-        depth=cfg.depth,
-        mlp_ratio=cfg.mlp_ratio,
-        patch_pixels=cfg.patch_size**2 * cfg.in_chans,
-        head_tokens=head_tokens,
-        head_out=head_out,
-    )
+    """Analytic training GFLOP per image: 3 x forward (backward = 2 x forward) of the backbone,
+    by the engine's own count (`engine.train.estimate.backbone_forward_gflops`, what its CPU
+    time estimate uses), plus a head of `head_out` outputs on `head_tokens` tokens.
+
+    For ViT-B/16 at 224 with no head this gives 3 x 35.0 = 104.9, the "about 107 GFLOP" of
+    issue 9 (which rounds in a classifier head and the embeddings' backward).
+    """
+    head = 2 * head_tokens * cfg.embed_dim * head_out / 1e9
+    return 3 * (backbone_forward_gflops(cfg) + head)
 
 
 def step_config(

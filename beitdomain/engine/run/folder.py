@@ -60,7 +60,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the checkout beitdomain runs from (full hash), or None outside one."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -368,7 +369,7 @@ class RunDir:
             command=command,
             argv=sys.argv,
             versions=versions(),
-            git_commit=_git_commit(),
+            git_commit=git_commit(),
             device=device,
             platform=platform.platform(),
             # A CPU run's float sums depend on how many threads split them.
