@@ -283,6 +283,9 @@ class FinetuneConfig:
     """Low-label fine-tuning: which labels, which head, how regularised."""
 
     labels: str = "100%"  # '1%', '0.01', '200', '5/class'
+    # classify: one label per image; segment: a mask per image (the labels CSV's `mask`
+    # column, or segment.masks), label amounts counted in annotated images (engine/segment.py)
+    task: Literal["classify", "segment"] = "classify"
     init: str | None = None  # pre-training run dir, exported/official checkpoint; None: scratch
     linear_probe: bool = False
     label_smoothing: float = bounded(0.1, ge=0, lt=1)

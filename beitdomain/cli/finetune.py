@@ -19,6 +19,14 @@ app = typer.Typer()
 def finetune(
     ctx: typer.Context,
     labels: opt.LabelsAmountOpt = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="classify (one label per image) or segment (a mask per image: the labels "
+            "CSV's mask column; segment.classes names the mask values).",
+        ),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -76,12 +84,28 @@ def finetune(
         {
             **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
             "finetune.labels": labels,
+            "finetune.task": task,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
             "finetune.selection": selection,
             **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
+    if r.finetune.task == "segment":
+        from beitdomain.engine.segment import finetune_segment
+
+        res = run_job(
+            ctx,
+            finetune_segment,
+            r,
+            out,
+            **resuming,
+            overwrite=overwrite,
+            trust_pickle=trust_pickle,
+        )
+        if res:
+            _print_segment(out, res)
+        return
     from beitdomain.engine.finetune import finetune as run_finetune
 
     res = run_job(
@@ -99,6 +123,26 @@ def finetune(
                     rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
             rows["test images"] = test["n"]
         print_run("finetune", out, rows, res)
+
+
+def _print_segment(out: Path, res: dict) -> None:
+    """A segmentation run's summary: labels, then the test split's Dice and IoU."""
+    rows = {
+        "init": res["init"],
+        "labels": f"{res['n_labels']} of {res['n_train']} annotated images ({res['labels']})",
+    }
+    test = res.get("test")
+    if test:
+        fg = res["classes"][1:]
+        for k in ("mean_dice", "mean_iou"):
+            if test.get(k) is not None:
+                rows[f"test {k.replace('_', ' ')}"] = f"{100 * test[k]:.1f}%"
+        for c in fg:
+            d, i = test["dice"].get(c), test["iou"].get(c)
+            if d is not None and i is not None:
+                rows[f"test {c}"] = f"Dice {100 * d:.1f}%, IoU {100 * i:.1f}%"
+        rows["test images"] = test["n_images"]
+    print_run("finetune", out, rows, res)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from beitdomain.io import IntensitySpec, prepare, read_raw, select_slices
+from beitdomain.io import IntensitySpec, ReaderError, prepare, read_raw, select_slices
 from beitdomain.user import MissingPathError, UserError
 
 __all__ = [
@@ -113,9 +113,14 @@ def read_mask(
         MaskError: several channels (an RGB colour mask) or values that are not integers.
     """
     spec = spec or IntensitySpec()
-    raw, meta = read_raw(path)
-    raw, _ = select_slices(raw, meta, spec)
     of = f" (of image {image_path})" if image_path is not None else ""
+    try:
+        raw, meta = read_raw(path)
+    except ReaderError as e:
+        if image_path is None:
+            raise
+        raise MaskError(f"mask {path}{of} cannot be read: {e}") from None
+    raw, _ = select_slices(raw, meta, spec)
     if raw.shape[1] != 1:
         raise MaskError(
             f"mask {path}{of} has {raw.shape[1]} channels; a mask is a one-channel label map "
@@ -136,11 +141,14 @@ def load_pair(
     """The normalized image ``[S, C, H, W]`` (float32 in [0, 1]) and its mask ``[S, H, W]``.
 
     Raises:
-        MaskError: size or slice count differ, or values lie outside the classes.
-        ReaderError: either file cannot be read.
+        MaskError: either file cannot be read, size or slice count differ, or values lie
+            outside the classes (each names both files).
     """
-    raw, meta = read_raw(pair.image)
-    image, _ = prepare(raw, meta, spec, str(pair.image))
+    try:
+        raw, meta = read_raw(pair.image)
+        image, _ = prepare(raw, meta, spec, str(pair.image))
+    except ReaderError as e:
+        raise MaskError(f"image {pair.image} (of mask {pair.mask}) cannot be read: {e}") from None
     mask = read_mask(pair.mask, spec, pair.image)
     if mask.shape != (image.shape[0], *image.shape[2:]):
         what = "slices x height x width" if image.shape[0] > 1 or mask.shape[0] > 1 else "size"
@@ -261,3 +269,248 @@ def pairs_from_folder(
             f"(a mask has the image's relative path, or its stem with {', '.join(MASK_SUFFIXES)})"
         )
     return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe -> segmentation datasets: pairs, split by image file, the label subset
+# --------------------------------------------------------------------------------------------
+
+
+class MaskDataset:
+    """(image, mask) items through a `SegmentTransform`, as dicts of tensors:
+    ``{'image': [C, S, S] float32, 'mask': [S, S] int64, 'index': int64}``.
+
+    A training item's crop and flips come from a generator of ``(seed, epoch, item)``, as
+    `ImageDataset`'s do, so an epoch's batches are the same after a resume and with any number
+    of loader workers (`sampler.EpochIndex` carries the epoch to them).
+
+    Args:
+        items: every item of the data, ``(image [C, H, W], mask [H, W])``.
+        transform: `SegmentTransform` (train=True draws from the item's generator).
+        seed: base seed of the per-item generators.
+        indices: the items of this split (or label subset).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[np.ndarray, np.ndarray]],
+        transform: Any,
+        seed: int = 0,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        self.items = items
+        self.transform = transform
+        self.seed = int(seed)
+        self.indices = np.arange(len(items)) if indices is None else np.asarray(indices)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        src = int(self.indices[i])
+        image, mask = self.items[src]
+        if getattr(self.transform, "train", False):
+            epoch = int(getattr(i, "epoch", self.epoch))
+            view, mview = self.transform(
+                image, mask, np.random.default_rng([self.seed, epoch, src])
+            )
+        else:
+            view, mview = self.transform(image, mask)
+        return {
+            "image": torch.from_numpy(view),
+            "mask": torch.from_numpy(mview),
+            "index": torch.tensor(src, dtype=torch.int64),
+        }
+
+
+@dataclass
+class SegmentData:
+    """Everything a segmentation fine-tune needs to know about its masks.
+
+    `subset` is `splits.describe_subset` of the label subset (counted in annotated image
+    files), with the split summary and the selection mode, for labels.json and results.json.
+    `files` maps each split to the ``(image, mask)`` paths it holds (labels_used.csv).
+    """
+
+    train: MaskDataset
+    val: MaskDataset | None
+    test: MaskDataset | None
+    fingerprint: str
+    subset: dict[str, Any]
+    files: dict[str, list[tuple[str, str]]]
+    items: list[tuple[np.ndarray, np.ndarray]]  # every item; `item_file[k]` is its pair
+    item_file: np.ndarray
+
+
+def recipe_pairs(recipe: Any) -> list[MaskPair]:
+    """The recipe's (image, mask) pairs: `data.labels`'s `mask` column, else `segment.masks`
+    mirroring `data.root`.
+
+    Raises:
+        UserError: no data root, or neither a labels CSV nor a mask folder.
+    """
+    d, seg = recipe.data, recipe.segment
+    if not d.root:
+        raise UserError(
+            "finetune.task=segment needs data.root: the folder the labels CSV's "
+            "path and mask columns are relative to"
+        )
+    if d.labels:
+        return pairs_from_csv(d.labels, d.root, d.allow_outside_root)
+    if seg.masks:
+        root, masks = Path(d.root), Path(seg.masks).resolve()
+        images = [
+            p
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+            and not p.name.startswith(".")
+            and not p.resolve().is_relative_to(masks)
+            and p.suffix.lower() not in (".csv", ".json", ".txt", ".md", ".yaml", ".yml")
+        ]
+        return pairs_from_folder(images, root, masks)
+    raise UserError(
+        "finetune.task=segment needs masks: a labels CSV with path and mask columns "
+        "(data.labels) or segment.masks, a folder mirroring data.root"
+    )
+
+
+def _fingerprint(pairs: Sequence[MaskPair], root: Path, classes: MaskClasses) -> str:
+    import hashlib
+
+    h = hashlib.sha256(repr((classes.names, classes.ignore_index)).encode())
+    for p in pairs:
+        for f in (p.image, p.mask):
+            st = f.stat()
+            h.update(f"{_rel(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.split}\0{p.group}\n".encode())
+    return "masks:" + h.hexdigest()
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> SegmentData:
+    """Train (the label subset), val and test datasets of the recipe's (image, mask) pairs.
+
+    Every pair is read and checked first (`load_pair`: readable, its image's grid, values of
+    the classes), so a bad mask stops the job before its run folder exists. Splits are by image
+    file (the slices of a volume stay together) and keep groups together, as for
+    classification (`splits.group_split`, a split column used as given); `finetune.labels`
+    counts annotated image files (`splits.group_label_subset`, nested for a seed), and
+    `finetune.selection` carves validation out of the subset, uses the split's own, or none
+    (`budget.carve_validation`). Images are not stratified by what their masks hold: every
+    file counts as one annotated image.
+
+    Raises:
+        MaskError / UserError: a bad pair, impossible splits or label amounts.
+    """
+    from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
+    from beitdomain.data.splits import (
+        describe_subset,
+        group_label_subset,
+        group_split,
+        split_summary,
+    )
+    from beitdomain.data.transforms import SegmentTransform
+
+    d, ft = recipe.data, recipe.finetune
+    seed = recipe.seed if seed is None else seed
+    if d.augment:
+        raise UserError(
+            f"data.augment ({d.augment}) is not applied to masks yet; a segmentation fine-tune "
+            "takes data.crop_scale, hflip, vflip and intensity_jitter (unset data.augment)"
+        )
+    pairs = recipe_pairs(recipe)
+    root = Path(d.root)
+    spec = IntensitySpec.from_config(d)
+    items: list[tuple[np.ndarray, np.ndarray]] = []
+    item_file: list[int] = []
+    for k, pair in enumerate(pairs):  # every pair checked before anything is written
+        image, mask = load_pair(pair, spec, classes)
+        items.extend(zip(image, mask))
+        item_file.extend([k] * len(image))
+    files = np.asarray(item_file, dtype=np.int64)
+    given = [p.split for p in pairs]
+    if any(s is not None for s in given) and any(s is None for s in given):
+        missing = [_rel(p.image, root) for p in pairs if p.split is None][:5]
+        raise UserError(
+            f"the labels give a split for some images but not for {missing}; give a split for "
+            "every image or for none"
+        )
+    flabels = ["annotated"] * len(pairs)  # one stratum: a fraction counts annotated images
+    groups = [p.group for p in pairs]
+    split = group_split(
+        flabels,
+        groups,
+        d.val_fraction,
+        d.test_fraction,
+        d.split_seed,
+        given if given and given[0] is not None else None,
+    )
+    train = split["train"]
+    chosen = group_label_subset(
+        [flabels[i] for i in train], [groups[i] for i in train], ft.labels, seed
+    )
+    subset = describe_subset([flabels[i] for i in train], chosen, ft.labels, seed)
+    per_file = np.bincount(files, minlength=len(pairs))
+    subset["splits"] = split_summary(split, groups, per_file)
+    subset["splits"]["subset"] = split_summary({"train": train[chosen]}, groups, per_file)["train"]
+    mode = ft.selection
+    if mode not in FINETUNE_SELECTIONS:
+        raise UserError(f"finetune.selection {mode!r}: use one of {', '.join(FINETUNE_SELECTIONS)}")
+    fit, val_files = train[chosen], np.empty(0, dtype=np.int64)
+    if mode == "carve":
+        sel = carve_validation(
+            train[chosen], [flabels[i] for i in train[chosen]], CARVE_FRACTION, seed
+        )
+        fit, val_files = sel.fit, sel.val
+    elif mode == "outside":
+        val_files = split["val"]
+    subset["selection"] = mode
+    subset["n_fit"] = len(fit)
+    subset["n_selection"] = len(val_files)
+
+    def items_of(which: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(files, which))
+
+    size = d.image_size
+    augment = SegmentTransform(
+        train=True,
+        image_size=size,
+        scale=tuple(d.crop_scale),
+        hflip=d.hflip,
+        vflip=d.vflip,
+        intensity=d.intensity_jitter,
+    )
+    plain = SegmentTransform(train=False, image_size=size)
+
+    def dataset(which: np.ndarray, transform: Any) -> MaskDataset | None:
+        idx = items_of(which)
+        return MaskDataset(items, transform, seed, idx) if len(idx) else None
+
+    train_ds = dataset(fit, augment)
+    assert train_ds is not None  # a label subset holds at least one image
+
+    def named(which: np.ndarray) -> list[tuple[str, str]]:
+        return [(_rel(pairs[i].image, root), _rel(pairs[i].mask, root)) for i in sorted(which)]
+
+    return SegmentData(
+        train=train_ds,
+        val=dataset(val_files, plain),
+        test=dataset(split["test"], plain),
+        fingerprint=_fingerprint(pairs, root, classes),
+        subset=subset,
+        files={"train": named(fit), "val": named(val_files), "test": named(split["test"])},
+        items=items,
+        item_file=files,
+    )

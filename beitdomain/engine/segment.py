@@ -1,38 +1,72 @@
-"""A minimal segmentation fine-tune: (image, mask) pairs, N steps, per-class Dice and IoU.
+"""`beitdomain finetune --task segment`: a segmenter from a few annotated images.
 
-The first slice of issue 38, short of a job: no run folder, checkpoints, resume or CLI yet (those
-come from `engine.job` when `finetune --task segment` is wired). What it fixes already is the
-protocol the job will keep: every item's crop and flips come from a generator of
-``(seed, step, index)`` through `SegmentTransform`, so a run is a pure function of its inputs;
-the BEiT arm gets layer-wise lr decay and AdamW on the classifier's param groups, the U-Net
-arm plain AdamW; the loss is cross-entropy (ignored pixels left out) plus a soft Dice over the
-foreground classes, as MONAI's DiceCELoss, so a small lesion is not drowned by the background.
+A job like the classification fine-tune (`engine.job`: the run folder and its lock, `Trainer`,
+checkpoints, an exact `--resume`, results.json), on (image, mask) pairs (`data.masks`):
+
+* data: every pair read and checked before the run folder exists; split by image file, groups
+  kept together, `finetune.labels` counted in annotated images (`data.masks.segment_data`);
+* model: the BEiT segmenter (`models.segment`, init as for classification through
+  `engine.build.load_init`: scratch, a pre-training run, BEiT weights) or, with `--init unet`,
+  MONAI's U-Net from random weights, the baseline a practitioner would train;
+* loss: cross-entropy (ignored pixels left out) plus a soft Dice over the foreground classes, as
+  MONAI's DiceCELoss, so a small lesion is not drowned by the background; layer-wise lr decay
+  for a pre-trained backbone only, as for classification;
+* outputs: best.safetensors, results.json (per-class Dice and IoU and their foreground means on
+  the test split), contact_sheet.png (image / truth / prediction), labels_used.csv, labels.json.
+
+Each item's crop and flips come from a generator of ``(seed, epoch, item)`` and batches from the
+resumable sampler, so a resumed run ends equal to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beitdomain.data.masks import MaskClasses
-from beitdomain.data.transforms import SegmentTransform
-from beitdomain.engine.train.schedule import cosine_lr
+from beitdomain.config import Recipe
+from beitdomain.data.masks import MaskClasses, SegmentData, segment_data
+from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
+from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
+from beitdomain.engine.train import distributed as D
 from beitdomain.eval.segment_metrics import SegmentationMeter
+from beitdomain.eval.segment_sheet import contact_sheet
+from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.models.classifier import layer_decay_param_groups, param_groups_weight_decay
-from beitdomain.models.convert import load_backbone_weights
+from beitdomain.models.cnn import timm_arch
 from beitdomain.models.segment import BeitSegmenter, monai_unet
 from beitdomain.user import UserError
 
-__all__ = ["build_segmenter", "segment_finetune", "segment_loss"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-Pair = tuple[np.ndarray, np.ndarray]  # image [C, H, W] float32 in [0, 1], mask [H, W] int64
+    from beitdomain.engine.train.loop import Trainer
+
+__all__ = [
+    "SegmentEvalHook",
+    "SegmentStep",
+    "build_segmenter",
+    "evaluate_masks",
+    "finetune_segment",
+    "segment_loss",
+]
+
+log = logging.getLogger(__name__)
+
+UNET_INITS = ("unet", "monai:unet")  # --init values that train MONAI's U-Net from scratch
+SHEET_FILE = "contact_sheet.png"
+SHEET_ROWS = 8  # test images on the contact sheet
 
 
 def build_segmenter(
@@ -40,30 +74,20 @@ def build_segmenter(
     backbone: BackboneConfig,
     classes: MaskClasses,
     *,
-    init: str | Path | None = None,
     decoder: Literal["progressive", "linear"] = "progressive",
     channels: int = 64,
     blocks: Sequence[int] | None = None,
-    trust_pickle: bool = False,
 ) -> nn.Module:
-    """The BEiT segmenter (random, or `init` loaded by the classifier's weight loader) or the
-    from-scratch MONAI U-Net (which takes only `backbone.in_chans`).
-
-    Raises:
-        UserError: an init for the U-Net, or weights that do not fit the backbone.
-    """
+    """The BEiT segmenter from random weights (an init is loaded after, by
+    `engine.build.load_init`, as for the classifier) or the from-scratch MONAI U-Net (which
+    takes only `backbone.in_chans`)."""
     if arch == "unet":
-        if init is not None:
-            raise UserError(f"the U-Net baseline trains from scratch; it takes no init ({init})")
         return monai_unet(backbone.in_chans, classes.num_classes)
     # Fine-tuning gives every block its own relative position table (BEiT's recipe).
     cfg = backbone.replace(use_shared_rel_pos_bias=False)
-    model = BeitSegmenter.from_config(
+    return BeitSegmenter.from_config(
         cfg, classes.num_classes, blocks=blocks, decoder=decoder, channels=channels
     )
-    if init is not None:
-        load_backbone_weights(model, init, in_chans=cfg.in_chans, trust_pickle=trust_pickle)
-    return model
 
 
 def segment_loss(
@@ -87,105 +111,279 @@ def segment_loss(
     return ce + (1.0 - dice.mean())
 
 
-def _batch(
-    pairs: Sequence[Pair], indices: Sequence[int], transform: SegmentTransform, seed: int, step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    views = [
-        transform(*pairs[i], np.random.default_rng([seed, step, int(i)]))
-        if transform.train
-        else transform(*pairs[i])
-        for i in indices
-    ]
-    images = torch.from_numpy(np.stack([v for v, _ in views]))
-    masks = torch.from_numpy(np.stack([m for _, m in views]))
-    return images, masks
+class SegmentStep:
+    """One step's loss on a batch (`segment_loss` in float32): a `StepFn` for `Trainer`."""
+
+    def __init__(self, ignore_index: int | None = None) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, model: nn.Module, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return segment_loss(model(b["image"]).float(), b["mask"], self.ignore_index), {}
 
 
 @torch.no_grad()
-def evaluate_segmenter(
+def evaluate_masks(
     model: nn.Module,
-    pairs: Sequence[Pair],
+    dataset: Any,
     classes: MaskClasses,
-    image_size: int,
+    device: torch.device,
     batch_size: int = 16,
-) -> dict[str, Any]:
-    """Per-class Dice and IoU (pooled over `pairs`) of `model`'s predictions at `image_size`."""
-    transform = SegmentTransform(train=False, image_size=image_size)
+    amp_dtype: torch.dtype | None = None,
+    keep: int = 0,
+) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per-class Dice and IoU of `model` over every pixel of `dataset` (a `MaskDataset` with
+    an evaluation transform), and the first `keep` items as (image, truth, prediction)."""
     meter = SegmentationMeter(classes.names, classes.ignore_index)
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     was_training = model.training
     model.eval()
-    for start in range(0, len(pairs), batch_size):
-        images, masks = _batch(
-            pairs, range(start, min(start + batch_size, len(pairs))), transform, 0, 0
-        )
-        meter.update(model(images), masks)
+    for start in range(0, len(dataset), batch_size):
+        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([b["image"] for b in batch]).to(device)
+        masks = torch.stack([b["mask"] for b in batch])
+        with D.autocast(device, amp_dtype):
+            pred = model(images).float().argmax(1).cpu()
+        meter.update(pred, masks)
+        for x, y, p in zip(images.cpu().numpy(), masks.numpy(), pred.numpy()):
+            if len(kept) < keep:
+                kept.append((x, y, p))
     model.train(was_training)
-    return meter.compute()
+    return {**meter.compute(), "n_items": len(dataset)}, kept
 
 
-def segment_finetune(
-    model: nn.Module,
-    train: Sequence[Pair],
-    classes: MaskClasses,
-    *,
-    steps: int,
-    image_size: int,
-    val: Sequence[Pair] | None = None,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    min_lr: float = 1e-5,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.05,
-    layer_decay: float | None = None,
-    seed: int = 0,
-    augment: dict[str, Any] | None = None,
+def _score(metrics: dict[str, Any]) -> float:
+    """What selection maximizes: the foreground mean Dice (0 when no class could be scored)."""
+    v = metrics["mean_dice"]
+    return 0.0 if math.isnan(v) else float(v)
+
+
+@dataclass
+class SegmentEvalHook:
+    """Validates every `every` steps on mean foreground Dice; keeps the best weights in
+    best.safetensors; optional early stopping. Its state is checkpointed (exact resume)."""
+
+    model: nn.Module
+    val: Any
+    classes: MaskClasses
+    every: int
+    out: Path | None
+    patience: int | None
+    device: torch.device
+    batch_size: int
+    best: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.val is None or not (step % self.every == 0 or step == trainer.total_steps):
+            return
+        m, _ = evaluate_masks(
+            self.model, self.val, self.classes, self.device, self.batch_size, trainer.amp_dtype
+        )
+        score = _score(m)
+        self.history.append({"step": step, "mean_dice": score, "mean_iou": m["mean_iou"]})
+        if self.best is None or score > self.best:
+            self.best, self.best_step, self.bad_evals = score, step, 0
+            if self.out is not None and trainer.dist.is_main:
+                _save_weights(self.model, self.out / BEST_FILE)
+        else:
+            self.bad_evals += 1
+            if self.patience is not None and self.bad_evals >= self.patience:
+                trainer.state.stop = True
+                trainer.state.stop_reason = (
+                    f"early stopping: no better validation mean Dice for {self.bad_evals} "
+                    f"evaluations (best {self.best:.4f} at step {self.best_step})"
+                )
+        trainer.log(val_mean_dice=score, val_mean_iou=_finite(m["mean_iou"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.best, self.best_step = s["best"], int(s["best_step"])
+        self.bad_evals, self.history = int(s["bad_evals"]), list(s["history"])
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    atomic_write_safetensors(path, D.unwrap(model).state_dict())
+
+
+def _finite(v: Any) -> Any:
+    """NaN (a class nothing scored) as None, so results.json is strict JSON."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return v
+
+
+def _refuse_classification_options(recipe: Recipe) -> None:
+    """Options that only mean something for a classifier, set away from their defaults."""
+    ft = recipe.finetune
+    set_here = {
+        "finetune.linear_probe": ft.linear_probe,
+        "finetune.head_init=probe": ft.head_init == "probe",
+        "finetune.mixup": ft.mixup > 0,
+        "finetune.cutmix": ft.cutmix > 0,
+        "finetune.class_weighting": ft.class_weighting != "none",
+        "finetune.lr_grid": bool(ft.lr_grid),
+    }
+    named = [k for k, v in set_here.items() if v]
+    if named:
+        raise UserError(
+            f"{', '.join(named)}: not available with finetune.task=segment (a classifier's "
+            "option); unset it"
+        )
+
+
+def _arch_and_init(init: str | None) -> tuple[Literal["beit", "unet"], str | None, str]:
+    """(architecture, resolved init or None, the init's name for results.json)."""
+    if init is not None and init.lower() in UNET_INITS:
+        return "unet", None, "unet"
+    resolved = resolve_init(init)
+    if resolved is not None and timm_arch(resolved) is not None:
+        raise UserError(
+            f"finetune.init {init}: a timm network is a classifier here; a segmentation fine-tune takes "
+            "scratch, a pretrain run folder, BEiT weights, or unet (MONAI's U-Net from scratch)"
+        )
+    return "beit", resolved, resolved or "scratch"
+
+
+def _write_labels_used(job: Job, data: SegmentData) -> None:
+    if not job.is_main:
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "mask", "split"])
+    for split, files in data.files.items():
+        for image, mask in files:
+            w.writerow([image, mask, split])
+    atomic_write_text(job.path / "labels_used.csv", buf.getvalue())
+    job.write_json("labels.json", data.subset)
+
+
+def finetune_segment(
+    recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
 ) -> dict[str, Any]:
-    """Trains `model` on `train` for `steps` optimizer steps on the CPU and evaluates it.
+    """Fine-tunes a segmenter on `finetune.labels` of the train split's annotated images;
+    returns the test metrics (results.json).
 
-    Args:
-        model: `build_segmenter`'s BEiT segmenter or U-Net (trained in place).
-        train: ``(image [C, H, W], mask [H, W])`` pairs, e.g. `data.masks.load_pairs`.
-        classes: what the mask values mean.
-        steps: optimizer steps; each draws `batch_size` pairs (seeded).
-        image_size: side of the square views the model trains and is evaluated on.
-        val: pairs the returned metrics are computed on; None: `train` itself.
-        layer_decay: BEiT's layer-wise lr decay (0.65 when fine-tuning pre-trained weights);
-            None: one lr for every parameter.
-        augment: `SegmentTransform` options (scale, ratio, hflip, vflip, intensity).
+    `options` (`JobOptions`): device, resume, overwrite, quiet, trust_pickle.
 
-    Returns:
-        `segmentation_metrics` of the evaluated pairs, plus ``steps`` and ``train_loss`` (the
-        mean of the last 10 steps' losses).
+    Raises:
+        MaskError: a mask that is unreadable, not its image's size, or holds values outside
+            `segment.classes` (names both files), before the run folder is created.
+        UserError: classification-only options, an init that is not a BEiT backbone.
     """
-    if not train:
-        raise UserError("segment_finetune: no training pairs")
-    if steps < 1:
-        raise UserError(f"segment_finetune: steps={steps}; need at least 1")
-    torch.manual_seed(seed)
-    if layer_decay is not None and isinstance(model, BeitSegmenter):
-        groups = layer_decay_param_groups(model, lr, weight_decay, layer_decay)
+    ft, seg = recipe.finetune, recipe.segment
+    if ft.task != "segment":
+        raise UserError(f"finetune_segment: finetune.task is {ft.task!r}, not 'segment'")
+    _refuse_classification_options(recipe)
+    classes = MaskClasses.from_config(seg)
+    arch, init, init_name = _arch_and_init(ft.init)
+    size = recipe.data.image_size
+    if arch == "unet" and size % 8:
+        raise UserError(f"data.image_size={size}: the U-Net needs a multiple of 8 (e.g. 32, 64)")
+    job = Job.open("finetune", recipe, out, **options)
+    data = segment_data(recipe, classes)  # every mask checked here, before any write
+    cfg = backbone_config(
+        recipe, grad_checkpointing=ft.train.grad_checkpointing, drop_path=ft.drop_path
+    )
+    model = build_segmenter(
+        arch, cfg, classes, decoder=seg.decoder, channels=seg.decoder_channels, blocks=seg.blocks
+    )
+    report = load_init(model, init, recipe, trust_pickle=job.trust_pickle)
+    if report is not None:
+        job.say("%s", report)
+    model.to(job.device)
+    job.start(data.fingerprint, init=init_name, task="segment")
+    _write_labels_used(job, data)
+    if report is not None:
+        job.write_json("init_report.json", report.__dict__)
+
+    plan = job.plan(data.train)
+    eval_batch = max(plan.loader.batch_sampler.batch_size, 16)
+    every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
+    hook = SegmentEvalHook(
+        model, data.val, classes, every, job.path, ft.early_stopping, job.device, eval_batch
+    )
+    # As for classification: layer decay keeps what a pre-trained backbone learned; a random
+    # one (or the U-Net) trains every layer at the full lr.
+    layer_decay = ft.optim.layer_decay if is_pretrained(init) else None
+    if isinstance(model, BeitSegmenter):
+        groups = layer_decay_param_groups(
+            model, lr=1.0, weight_decay=ft.optim.weight_decay, layer_decay=layer_decay or 1.0
+        )
     else:
-        groups = param_groups_weight_decay(model, weight_decay)
-    for g in groups:
-        g.pop("param_names", None)
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    transform = SegmentTransform(train=True, image_size=image_size, **(augment or {}))
-    order = np.random.default_rng([seed, 2**31 - 1])  # which pairs each step draws
-    losses: list[float] = []
-    model.train()
-    for step in range(steps):
-        rate = cosine_lr(step, steps, lr, min_lr, warmup_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = rate * g.get("lr_scale", 1.0)
-        indices = order.integers(0, len(train), batch_size)
-        images, masks = _batch(train, indices, transform, seed, step)
-        loss = segment_loss(model(images), masks, classes.ignore_index)
-        if not torch.isfinite(loss):
-            raise UserError(f"segment_finetune: the loss is {loss.item()} at step {step}; lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        losses.append(loss.item())
-    metrics = evaluate_segmenter(model, val if val is not None else train, classes, image_size)
-    return {**metrics, "steps": steps, "train_loss": float(np.mean(losses[-10:]))}
+        groups = param_groups_weight_decay(model, ft.optim.weight_decay)
+    trainer = job.trainer(model, plan, groups, SegmentStep(classes.ignore_index), hooks=[hook])
+    state = job.fit(trainer)
+
+    results: dict[str, Any] = {}
+    if job.is_main:
+        if (job.path / BEST_FILE).is_file() and data.val is not None:
+            from beitdomain.engine.predict import load_weights
+
+            load_weights(model, job.path / BEST_FILE)
+        else:  # no validation: the final weights are the result
+            _save_weights(model, job.path / BEST_FILE)
+        sub = data.subset
+        results = {
+            "task": "segment",
+            "init": init_name,
+            "arch": arch,
+            "labels": sub["spec"],
+            "n_labels": sub["n_labels"],  # annotated image files
+            "n_train": sub["n_train"],
+            "fraction": sub["fraction"],
+            "splits": sub.get("splits"),
+            "seed": recipe.seed,
+            "lr": job.peak_lr,
+            "steps": state.step,
+            "best_step": hook.best_step or state.step,
+            "val_best": hook.best,
+            "select_metric": "mean_dice",
+            "selection": sub.get("selection"),
+            "layer_decay": layer_decay,
+            "stopped_early": state.stop_reason,
+            "classes": list(classes.names),
+            "ignore_index": classes.ignore_index,
+        }
+        results["warnings"] = warnings = []
+        shown = data.test
+        if data.test is None:
+            warnings.append(
+                "no test images, so no test metrics: the labels' split column has no 'test' "
+                "rows (or data.test_fraction is 0); add test rows to score the model"
+            )
+            shown = data.val or data.train
+        assert shown is not None
+        metrics, kept = evaluate_masks(
+            model, shown, classes, job.device, eval_batch, job.amp_dtype, keep=SHEET_ROWS
+        )
+        if data.test is not None:
+            metrics["n_images"] = len(data.files["test"])
+            results["test"] = _finite(metrics)
+        images, truths, preds = zip(*kept)
+        contact_sheet(images, truths, preds, job.path / SHEET_FILE, classes.ignore_index)
+        for w in warnings:
+            log.warning("%s: %s", job.path, w)
+        job.write_json(RESULTS_FILE, results)
+        try:
+            from beitdomain.eval.plots import plot_training_curves
+
+            keys = ["loss", "val_mean_dice"] if data.val is not None else ["loss"]
+            plot_training_curves(job.path / "metrics.jsonl", job.path / "training_curves.png", keys)
+        except Exception as e:  # a plot must never fail a finished run
+            log.warning("could not draw training curves: %s", e)
+    job.finish({k: v for k, v in results.items() if k != "classes"})
+    return results
