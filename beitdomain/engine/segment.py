@@ -252,8 +252,9 @@ def _arch_and_init(init: str | None) -> tuple[Literal["beit", "unet"], str | Non
     resolved = resolve_init(init)
     if resolved is not None and timm_arch(resolved) is not None:
         raise UserError(
-            f"finetune.init {init}: a timm network is a classifier here; a segmentation fine-tune takes "
-            "scratch, a pretrain run folder, BEiT weights, or unet (MONAI's U-Net from scratch)"
+            f"finetune.init {init}: a timm network is a classifier here; a segmentation "
+            "fine-tune takes scratch, a pretrain run folder, BEiT weights, or unet (MONAI's "
+            "U-Net from scratch)"
         )
     return "beit", resolved, resolved or "scratch"
 
