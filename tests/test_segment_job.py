@@ -283,3 +283,48 @@ def test_stardist_nuclei_fine_tune_as_a_job(tmp_path):
     # measured: nucleus Dice 0.86 with the plain loop of the first slice
     print(res["test"])
     assert res["test"]["dice"]["nucleus"] > 0.7, res["test"]
+
+
+def test_a_pretrain_run_folder_initializes_the_segmenter(tmp_path):
+    from helpers import PRETRAIN_SETS, write_tiny_tokenizer
+
+    from beitdomain.engine.pretrain import pretrain
+
+    data = write_discs(tmp_path / "discs", n=8)
+    pre = tmp_path / "pre"
+    r = load_recipe(
+        None,
+        {
+            "data.root": str(data / "img"),
+            "tokenizer.path": str(write_tiny_tokenizer(tmp_path / "t")),
+        },
+        [*PRETRAIN_SETS, "pretrain.train.steps=2"],
+    )
+    pretrain(r, pre, device="cpu", quiet=True)
+    # the pre-training's 64 px view (its tokenizer's 8x8 grid): the segmenter trains at 64 too
+    res = finetune_segment(
+        _recipe(data, "data.image_size=64", "finetune.train.steps=1", f"finetune.init={pre}"),
+        tmp_path / "seg",
+        device="cpu",
+        quiet=True,
+    )
+    assert res["init"] == str(pre / "backbone.safetensors") and res["layer_decay"] == 0.65
+    report = json.loads((tmp_path / "seg" / "init_report.json").read_text())
+    # every backbone tensor loaded; only the decoder (the segmenter's head) starts fresh
+    assert all(k.startswith("head.") for k in report["missing"]), report["missing"]
+    assert not report["mismatched"], report["mismatched"]
+    assert any(k.startswith("blocks.") for k in report["loaded"])
+
+
+def test_masks_from_a_folder_mirroring_the_data_root(tmp_path):
+    data = write_discs(tmp_path / "discs", n=8)
+    r = load_recipe(
+        None,
+        {"data.root": str(data / "img"), "segment.masks": str(data / "msk")},
+        [*SEGMENT_SETS, "finetune.task=segment", "finetune.train.steps=1"],
+    )
+    finetune_segment(r, tmp_path / "run", device="cpu", quiet=True)
+    used = (tmp_path / "run" / "labels_used.csv").read_text().splitlines()[1:]
+    assert len(used) == 4 + 2  # 4 train, 2 test (the 2 val images unused: selection none)
+    image, mask, _ = used[0].split(",")
+    assert Path(image).name == Path(mask).name and mask.startswith(str(data / "msk"))
