@@ -9,7 +9,7 @@ from torch import nn
 
 from beitdomain.config import Recipe
 from beitdomain.data.masking import build_mask_generator
-from beitdomain.engine.job import BACKBONE_FILE, RECIPE_FILE, is_finished
+from beitdomain.engine.job import BACKBONE_FILE, BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier
 from beitdomain.models.cnn import TIMM_PREFIX, TimmClassifier, check_timm_arch, timm_arch
@@ -25,8 +25,10 @@ def resolve_init(init: str | None) -> str | None:
 
     `scratch` (or `none`, `random`, None) -> None; `timm:<arch>` stays as it is (that timm
     network from random weights, its name checked); a finished pre-training run folder -> its
-    exported backbone; a hub or timm BEiT name -> its local folder (`models.hub`); any other
-    existing file or folder -> its path.
+    exported backbone; a finished fine-tuning run folder -> its best weights (BEiT's
+    intermediate fine-tuning: a related labelled set first, then the target; its head loads
+    where the number of classes is the same, as any classifier checkpoint's); a hub or timm
+    BEiT name -> its local folder (`models.hub`); any other existing file or folder -> its path.
 
     Raises:
         UserError: an unfinished run folder, an unknown architecture or a missing path;
@@ -43,11 +45,13 @@ def resolve_init(init: str | None) -> str | None:
     p = Path(init)
     if p.is_dir() and is_finished(p, "pretrain"):
         return str(p / BACKBONE_FILE)
+    if p.is_dir() and is_finished(p, "finetune"):
+        return str(p / BEST_FILE)
     if p.is_dir() and (p / RECIPE_FILE).is_file() and not (p / "config.json").is_file():
         raise UserError(
-            f"{p} is a run folder without {BACKBONE_FILE}: it has not finished pre-training. "
-            f"Resume it (beitdomain pretrain --out {p} --resume) or export its newest checkpoint "
-            f"(beitdomain pretrain export {p})"
+            f"{p} is a run folder without {BACKBONE_FILE} (or {BEST_FILE} and {RESULTS_FILE}): "
+            f"it has not finished pre-training (or fine-tuning). Resume it (beitdomain pretrain "
+            f"--out {p} --resume) or export its newest checkpoint (beitdomain pretrain export {p})"
         )
     if not p.exists():
         if init.startswith(HF_PREFIX) or init.startswith("beit"):  # hub / timm names

@@ -21,9 +21,8 @@ from torch import nn
 
 from beitdomain.config import Recipe, load_recipe
 from beitdomain.data.transforms import FinetuneTransform
-from beitdomain.engine.build import build_classifier
-from beitdomain.engine.job import BACKBONE_FILE, BEST_FILE, RESULTS_FILE, is_finished
-from beitdomain.engine.predict import load_weights
+from beitdomain.engine.build import build_classifier, is_pretrained, load_init, resolve_init
+from beitdomain.engine.job import BACKBONE_FILE, BEST_FILE, RESULTS_FILE
 from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
@@ -189,22 +188,20 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
         UserError: the path holds none of these, naming what was looked for.
     """
 
-    path = Path(run)
+    # Which file a run folder or path stands for is the one init resolver's (`resolve_init`);
+    # the architecture is the export's timm metadata, else the run's recipe.
     dev = D.resolve_device(device)
-    recipe = None
-    if path.is_dir() and (path / BACKBONE_FILE).is_file():
-        recipe, weights = _recipe_of(path), path / BACKBONE_FILE
-    elif path.is_dir() and is_finished(path, "finetune") and _recipe_of(path):
-        return _from_finetune_run(path, dev, frames)
-    elif path.is_file() and path.suffix == ".safetensors":
-        weights = path
-        recipe = _recipe_of(path.parent)
-    else:
+    resolved = resolve_init(str(run)) if Path(run).exists() else None
+    weights = Path(resolved) if is_pretrained(resolved) else None
+    if weights is None or weights.suffix != ".safetensors" or not weights.is_file():
         raise UserError(
             f"{run}: not a pre-training run (no {BACKBONE_FILE}), a finished fine-tuning run "
-            f"(no best.safetensors + recipe.yaml) or an exported .safetensors backbone"
+            f"(no {BEST_FILE} + {RESULTS_FILE}) or an exported .safetensors backbone"
         )
+    recipe = _recipe_of(weights.parent)
     meta = _timm_meta(weights)
+    if meta is None and recipe is not None and weights.name == BEST_FILE:
+        return _from_finetune_run(weights, recipe, dev, frames)
     if meta is None:
         raise UserError(
             f"{weights} carries no '{TIMM_META}' metadata: export it with "
@@ -230,22 +227,25 @@ def load_backbone(run: str | Path, device: str = "cpu", frames: str = "middle") 
     )
 
 
-def _from_finetune_run(path: Path, dev: torch.device, frames: str) -> FrozenBackbone:
-
-    recipe = load_recipe(path / "recipe.yaml")
-    classes = json.loads((path / RESULTS_FILE).read_text())["classes"]
+def _from_finetune_run(
+    weights: Path, recipe: Recipe, dev: torch.device, frames: str
+) -> FrozenBackbone:
+    """The backbone of a fine-tune's best weights, in the classifier its recipe builds."""
+    classes = json.loads((weights.parent / RESULTS_FILE).read_text())["classes"]
     model = build_classifier(
         replace(recipe, finetune=replace(recipe.finetune, init=None)), len(classes)
     )
-    load_weights(model, path / BEST_FILE)
+    # The run's own weights record the convention it ran with: the recipe's model.input_mean
+    # described its init's, and must not override it.
+    own = replace(recipe, model=replace(recipe.model, input_mean=None, input_std=None))
+    load_init(model, str(weights), own)
     spec = replace(IntensitySpec.from_config(recipe.data), frames=frames)
     conv = convention_of(model)
-    bb = model.backbone.to(dev).eval()
     return FrozenBackbone(
-        bb,
+        model.backbone.to(dev).eval(),
         spec,
         recipe.data.image_size,
-        str(path / BEST_FILE),
+        str(weights),
         recipe,
         dev,
         mean=conv.mean,
