@@ -23,6 +23,14 @@ from typing import Annotated, Any
 import typer
 
 from beitdomain import __version__
+from beitdomain.cli import ablation as ablation_cli
+from beitdomain.cli import curve as curve_cli
+from beitdomain.cli import data as data_cli
+from beitdomain.cli import demo as demo_cli
+from beitdomain.cli import eval as eval_cli
+from beitdomain.cli import finetune as finetune_cli
+from beitdomain.cli import pretrain as pretrain_cli
+from beitdomain.cli import tokenizer as tokenizer_cli
 from beitdomain.cli.common import GlobalOptions, global_options, setup_logging
 from beitdomain.cli.output import print_kv
 
@@ -206,48 +214,23 @@ def _typed(text: str) -> bool | int | str:
 
 
 def _add_groups() -> None:
-    """Registers the command groups that exist (each lives in its own module)."""
+    """Registers the command groups, each from its own module (imported at the top)."""
     groups = [
-        ("beitdomain.cli.data", "app", "data", "Scan, cache and inspect image folders."),
+        (data_cli.app, "data", "Scan, cache and inspect image folders."),
+        (data_cli.readers_app, "readers", "List image readers (built-in, plugins)."),
+        (tokenizer_cli.app, "tokenizer", "Train, inspect and use the tokenizer."),
+        (pretrain_cli.app, "pretrain", "BEiT masked image modeling on unlabeled images; export."),
         (
-            "beitdomain.cli.data",
-            "readers_app",
-            "readers",
-            "List image readers (built-in, plugins).",
-        ),
-        ("beitdomain.cli.tokenizer", "app", "tokenizer", "Train, inspect and use the tokenizer."),
-        (
-            "beitdomain.cli.pretrain",
-            "app",
-            "pretrain",
-            "BEiT masked image modeling on unlabeled images; export.",
-        ),
-        ("beitdomain.cli.finetune", "app", None, None),
-        (
-            "beitdomain.cli.eval",
-            "app",
+            eval_cli.app,
             "eval",
             "Check frozen features: k-NN and linear probe on the labelled splits.",
         ),
-        ("beitdomain.cli.curve", "app", None, None),
-        ("beitdomain.cli.ablation", "app", None, None),
-        ("beitdomain.cli.demo", "app", None, None),
     ]
-    for module, attr, name, help_text in groups:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue  # that command group is not part of this build
-            raise
-        sub = getattr(mod, attr, None)
-        if sub is None:
-            continue
-        if name is None:  # top-level commands (finetune, predict, curve, demo)
-            for cmd in sub.registered_commands:
-                app.registered_commands.append(cmd)
-        else:
-            app.add_typer(sub, name=name, help=help_text)
+    for sub, name, help_text in groups:
+        app.add_typer(sub, name=name, help=help_text)
+    # top-level commands: finetune, predict, curve, ablation, demo
+    for sub in (finetune_cli.app, curve_cli.app, ablation_cli.app, demo_cli.app):
+        app.registered_commands.extend(sub.registered_commands)
 
 
 def reflow_help(text: str) -> str:
