@@ -273,7 +273,10 @@ def _reflow_commands(typer_app: typer.Typer) -> None:
 
 def _flags_without_metavar() -> None:
     """On/off flags show no `<bool>` in --help, as if they took a value (typer 0.2x's rich help
-    prints each option's type, flags included; plain click prints none)."""
+    prints each option's type, flags included; plain click prints none).
+
+    A patch, not a setting: `metavar=""` on each of our flags hides theirs, but `--help` itself is
+    built by typer and showed `<bool>` in every command (typer 0.29.3, tried in issue 36)."""
     core = importlib.import_module("typer.core")
     option = getattr(core, "TyperOption", None)
     original = getattr(option, "display_type_rich", None)
