@@ -110,6 +110,26 @@ def test_the_cli_fine_tunes_a_segmenter_end_to_end(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["task"] == "segment"
 
+    # predict writes one PNG label map per image; on the test images they score as results.json
+    masks = tmp_path / "masks"
+    res = CliRunner().invoke(
+        app, ["--quiet", "predict", str(out), str(data / "img"), "-o", str(masks)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote 20 mask(s)" in res.output
+    from beitdomain.eval.segment_metrics import SegmentationMeter
+
+    meter = SegmentationMeter(["background", "disc"])
+    for row in used[1:]:
+        image, mask, split = row.split(",")
+        if split == "test":
+            pred = np.asarray(
+                Image.open(masks / Path(image).relative_to("img").with_suffix(".png"))
+            )
+            assert pred.shape == (32, 32) and pred.dtype == np.uint8
+            meter.update(pred.astype(np.int64), np.asarray(Image.open(data / mask), np.int64))
+    assert meter.compute()["dice"]["disc"] == pytest.approx(results["test"]["dice"]["disc"])
+
 
 def _bad_mask(data: Path, name: str, array: np.ndarray) -> None:
     Image.fromarray(array).save(data / "msk" / name)

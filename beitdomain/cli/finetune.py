@@ -151,9 +151,15 @@ def predict(
     ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="A finished fine-tuning run folder.")],
     inputs: Annotated[list[str], typer.Argument(help="Image files and/or folders.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write.")] = Path(
-        "predictions.csv"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="CSV to write (default predictions.csv); for a segmentation run, the folder "
+            "of mask PNGs (default masks).",
+        ),
+    ] = None,
     on_error: Annotated[
         str,
         typer.Option(
@@ -164,15 +170,39 @@ def predict(
     ] = "skip",
     nonfinite: opt.NonfiniteOpt = None,
 ) -> None:
-    """Predict classes for new images with a fine-tuned run (same readers and normalization).
+    """Predict classes (or masks) for new images with a fine-tuned run (same readers and
+    normalization).
 
     Writes one CSV row per image (per frame for multi-frame files): path, frame, predicted
-    class and one probability column per class.
+    class and one probability column per class. With a segmentation run (finetune --task
+    segment): one PNG label map per image or frame, pixel value = class index.
 
     Example:
 
         beitdomain predict runs/ft-1 /data/new_cells --out preds.csv
     """
+    from beitdomain.engine.segment import is_segment_run
+
+    if is_segment_run(run):
+        from beitdomain.engine.segment import predict_masks
+
+        folder = out or Path("masks")
+        written, skipped = predict_masks(
+            run,
+            inputs,
+            folder,
+            device=global_options(ctx).device,
+            on_error=on_error,
+            nonfinite=nonfinite,
+        )
+        lines = [f"wrote {len(written)} mask(s) to {folder}"]
+        lines += [f"skipped {name}: {why}" for name, why in skipped]
+        print_result(
+            "\n".join(lines),
+            {"masks": [str(p) for p in written], "skipped": [list(s) for s in skipped]},
+        )
+        return
+    out = out or Path("predictions.csv")
     from beitdomain.engine.predict import predict_files
 
     path, skipped = predict_files(

@@ -25,7 +25,7 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +59,8 @@ __all__ = [
     "build_segmenter",
     "evaluate_masks",
     "finetune_segment",
+    "is_segment_run",
+    "predict_masks",
     "segment_loss",
 ]
 
@@ -388,3 +390,121 @@ def finetune_segment(
             log.warning("could not draw training curves: %s", e)
     job.finish({k: v for k, v in results.items() if k != "classes"})
     return results
+
+
+def predict_masks(
+    run: str | Path,
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    device: str = "auto",
+    *,
+    on_error: str = "skip",
+    nonfinite: str | None = None,
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Writes a predicted mask (a PNG label map: pixel value = class index) for every 2D image
+    or frame of `inputs` (files and folders) with a finished segmentation run; returns the
+    written paths and the skipped files as (path, reason).
+
+    Each image goes through the run's reader settings and is resized whole to the run's
+    `data.image_size`, as its test split was; the logits are resized back (bilinear) to the
+    image's own size before the argmax, so the mask has the image's grid. ``a/x.tif`` is
+    written to ``out_dir/a/x.png``; frame k of a multi-frame file or volume to ``x_k.png``.
+
+    Raises:
+        UserError: not a finished segmentation run, a missing input, a bad option; with
+            ``on_error='fail'``, the first file that cannot be read.
+    """
+    import json
+
+    from PIL import Image
+
+    from beitdomain.config import load_recipe
+    from beitdomain.data.index import scan
+    from beitdomain.data.transforms import SegmentTransform
+    from beitdomain.engine.job import RECIPE_FILE, is_finished
+    from beitdomain.engine.predict import load_weights
+    from beitdomain.fileio import atomic_write_bytes
+    from beitdomain.io import IntensitySpec, ReaderError, load_image
+
+    if on_error not in ("fail", "skip"):
+        raise UserError(f"--on-error {on_error!r}; valid: fail, skip")
+    if nonfinite not in (None, "error", "zero"):
+        raise UserError(f"--nonfinite {nonfinite!r}; valid: error, zero")
+    run = Path(run)
+    if not is_finished(run, "finetune"):
+        raise UserError(
+            f"{run} is not a finished fine-tuning run (no {RESULTS_FILE} / {BEST_FILE})"
+        )
+    recipe = load_recipe(run / RECIPE_FILE)
+    if recipe.finetune.task != "segment":
+        raise UserError(f"{run} is a classification run; predict writes its CSV, not masks")
+    if nonfinite is not None:
+        recipe = replace(recipe, data=replace(recipe.data, nonfinite=nonfinite))
+    classes = MaskClasses.from_config(recipe.segment)
+    saved = json.loads((run / RESULTS_FILE).read_text())
+    arch: Literal["beit", "unet"] = "unet" if saved.get("arch") == "unet" else "beit"
+    seg = recipe.segment
+    cfg = backbone_config(recipe, drop_path=0.0)
+    model = build_segmenter(
+        arch, cfg, classes, decoder=seg.decoder, channels=seg.decoder_channels, blocks=seg.blocks
+    )
+    load_weights(model, run / BEST_FILE)
+    dev = D.resolve_device(device)
+    model.to(dev).eval()
+    amp_dtype = D.resolve_precision(recipe.finetune.train.precision, dev)
+    spec = IntensitySpec.from_config(recipe.data)
+    view = SegmentTransform(train=False, image_size=recipe.data.image_size)
+    files: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            m = scan(p, on_error=on_error)
+            files += [(e.path, m.abspath(e)) for e in m.entries]
+            skipped += m.errors
+        elif p.is_file():
+            files.append((p.name, p))
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    out_dir = Path(out_dir).expanduser()
+    dtype = np.uint8 if classes.num_classes <= 256 else np.uint16
+    written: list[Path] = []
+    with torch.no_grad():
+        for name, path in files:
+            try:
+                image, _ = load_image(path, spec)
+            except ReaderError as e:
+                if on_error == "fail":
+                    raise
+                skipped.append((name, e.reason))
+                continue
+            frames = image if image.ndim == 4 else image[None]  # [S, C, H, W]
+            height, width = frames.shape[-2:]
+            blank = np.zeros((height, width), np.int64)
+            x = torch.stack([torch.from_numpy(view(f, blank)[0]) for f in frames]).to(dev)
+            with D.autocast(dev, amp_dtype):
+                logits = model(x).float()
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear")
+            masks = logits.argmax(1).cpu().numpy().astype(dtype)
+            stem = Path(name).with_suffix("")
+            if stem.suffix.lower() == ".nii":  # x.nii.gz
+                stem = stem.with_suffix("")
+            for k, mask in enumerate(masks):
+                target = out_dir / (f"{stem}_{k}.png" if len(masks) > 1 else f"{stem}.png")
+                buf = io.BytesIO()
+                Image.fromarray(mask).save(buf, format="PNG")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(target, buf.getvalue())
+                written.append(target)
+    return written, skipped
+
+
+def is_segment_run(run: str | Path) -> bool:
+    """Whether `run` holds a finished segmentation fine-tune (its results.json says so)."""
+    import json
+
+    path = Path(run) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text()).get("task") == "segment"
+    except (OSError, ValueError, AttributeError):
+        return False
