@@ -348,3 +348,56 @@ def test_masks_from_a_folder_mirroring_the_data_root(tmp_path):
     assert len(used) == 4 + 2  # 4 train, 2 test (the 2 val images unused: selection none)
     image, mask, _ = used[0].split(",")
     assert Path(image).name == Path(mask).name and mask.startswith(str(data / "msk"))
+
+
+def test_the_readme_segmentation_quickstart_runs_as_written(tmp_path, monkeypatch):
+    """README's segmentation block, line for line; the data is generated discs, the run kept
+    tiny through `BEITDOMAIN_SET` (as README documents), `runs/pre` a 2-step pre-training."""
+    import re
+    import shlex
+
+    from helpers import PRETRAIN_SETS, REPO, write_tiny_tokenizer
+
+    from beitdomain.engine.pretrain import pretrain
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- quickstart-segment:")
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    assert block is not None
+    lines = [ln.split("  #")[0].strip() for ln in block.group(1).splitlines()]
+    commands = [ln for ln in lines if ln.startswith("beitdomain ")]
+    assert [c.split()[1] for c in commands] == ["finetune", "finetune", "predict"]
+
+    monkeypatch.chdir(tmp_path)
+    write_discs(Path("nuclei"), n=20)
+    Path("nuclei/new").mkdir()
+    for k in range(3):
+        Image.open(f"nuclei/img/{k:02d}.png").save(f"nuclei/new/{k}.png")
+    r = load_recipe(
+        None,
+        {"data.root": "nuclei/img", "tokenizer.path": str(write_tiny_tokenizer(Path("tok")))},
+        [*PRETRAIN_SETS, "pretrain.train.steps=2"],
+    )
+    pretrain(r, Path("runs/pre"), device="cpu", quiet=True)
+    tiny = [
+        "data.num_workers=0",
+        "data.image_size=64",  # the pre-training's view
+        "data.in_chans=1",
+        "model.preset=tiny",
+        "finetune.train.steps=4",
+        "finetune.train.min_steps=0",
+        "finetune.train.batch_size=4",
+        "segment.decoder_channels=16",
+    ]
+    monkeypatch.setenv("BEITDOMAIN_SET", ";".join(tiny))
+    for command in commands:
+        res = CliRunner().invoke(app, ["--device", "cpu", *shlex.split(command)[1:]])
+        assert res.exit_code == 0, f"{command}\n{res.output}"
+    for run, init in (("runs/seg-10", "runs/pre/backbone.safetensors"), ("runs/unet-10", "unet")):
+        results = json.loads(Path(run, "results.json").read_text())
+        assert results["init"] == init and set(results["test"]["dice"]) == {
+            "background",
+            "nucleus",
+        }
+        assert Path(run, "contact_sheet.png").is_file()
+    assert sorted(p.name for p in Path("masks").iterdir()) == ["0.png", "1.png", "2.png"]
