@@ -28,7 +28,7 @@ from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
 from beitdomain.models.convention import InputNorm, convention_of, read_convention
 from beitdomain.models.export import TIMM_META, TimmExport
-from beitdomain.models.probe import pooled_features
+from beitdomain.models.probe import eval_outputs, pooled_features
 from beitdomain.user import UserError
 from beitdomain.view import CROP_PCT, EvalView
 
@@ -60,6 +60,32 @@ class FrozenBackbone:
     # `InputNorm`, the step beitdomain models start with, set from mean / std (a timm `Beit`
     # has none).
     input_norm: InputNorm = field(init=False, repr=False)
+
+    @classmethod
+    def of_model(
+        cls,
+        owner: nn.Module,
+        spec: IntensitySpec,
+        image_size: int,
+        source: str,
+        recipe: Recipe | None = None,
+        device: torch.device | None = None,
+    ) -> FrozenBackbone:
+        """The backbone of a `BeitClassifier` / `BeitMIM` (or a bare timm `Beit`) in eval mode,
+        seeing images with the convention the model's `InputNorm` holds."""
+        device = device or torch.device("cpu")
+        conv = convention_of(owner)
+        bb = getattr(owner, "backbone", owner)
+        return cls(
+            bb.to(device).eval(),
+            spec,
+            image_size,
+            source,
+            recipe,
+            device,
+            mean=conv.mean,
+            std=conv.std,
+        )
 
     def __post_init__(self) -> None:
         norm = InputNorm(self.in_chans)
@@ -154,12 +180,8 @@ class FrozenBackbone:
         this backbone's evaluation view (no augmentation): `(X [N, D], y [N])`."""
         plain = copy.copy(dataset)
         plain.transform = self._view()
-        loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, num_workers=0)
-        xs, ys = [], []
-        for b in loader:
-            xs.append(self.features(b["image"]).float().cpu())
-            ys.append(b["label"])
-        return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+        x, y, _ = eval_outputs(self.features, self.model, plain, self.device, batch_size, None)
+        return x.numpy(), y
 
 
 def _timm_meta(path: Path) -> dict[str, Any] | None:
@@ -240,17 +262,7 @@ def _from_finetune_run(
     own = replace(recipe, model=replace(recipe.model, input_mean=None, input_std=None))
     load_init(model, str(weights), own)
     spec = replace(IntensitySpec.from_config(recipe.data), frames=frames)
-    conv = convention_of(model)
-    return FrozenBackbone(
-        model.backbone.to(dev).eval(),
-        spec,
-        recipe.data.image_size,
-        str(weights),
-        recipe,
-        dev,
-        mean=conv.mean,
-        std=conv.std,
-    )
+    return FrozenBackbone.of_model(model, spec, recipe.data.image_size, str(weights), recipe, dev)
 
 
 def random_like(backbone: FrozenBackbone, seed: int = 0) -> FrozenBackbone:

@@ -23,7 +23,6 @@ from beitdomain.engine.represent import FrozenBackbone, random_like
 from beitdomain.engine.train import distributed as D
 from beitdomain.eval.representation import representation_scores
 from beitdomain.io import IntensitySpec
-from beitdomain.models.convention import convention_of
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -119,17 +118,9 @@ class KnnMonitor:
 
         owner = D.unwrap(self.backbone_of(D.unwrap(model)))
         bb = getattr(owner, "backbone", owner)
-        conv = convention_of(owner)
         was = bb.training
-        fb = FrozenBackbone(
-            bb.eval(),
-            IntensitySpec(),
-            self.image_size,
-            "training",
-            None,
-            device,
-            mean=conv.mean,
-            std=conv.std,
+        fb = FrozenBackbone.of_model(
+            owner, IntensitySpec(), self.image_size, "training", None, device
         )
         info = D.dist_info()
         try:
