@@ -401,3 +401,32 @@ def test_the_readme_segmentation_quickstart_runs_as_written(tmp_path, monkeypatc
         }
         assert Path(run, "contact_sheet.png").is_file()
     assert sorted(p.name for p in Path("masks").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_volumes_split_by_file_and_their_slices_train_together(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "vols"
+    data.mkdir()
+    xx, yy, zz = np.mgrid[:32, :32, :6]
+    rows = ["path,mask,group"]
+    for k in range(8):
+        c = rng.uniform(10, 22, 3)
+        ball = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + 4 * (zz - 3) ** 2 < 36).astype(np.uint8)
+        scan = (ball * 100 + rng.normal(0, 5, ball.shape)).astype(np.float32)
+        nib.save(nib.Nifti1Image(scan, np.eye(4)), data / f"v{k}.nii.gz")
+        nib.save(nib.Nifti1Image(ball, np.eye(4)), data / f"v{k}_seg.nii.gz")
+        rows.append(f"v{k}.nii.gz,v{k}_seg.nii.gz,patient-{k // 2}")  # two scans a patient
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    r = _recipe(data, "finetune.train.steps=2", "finetune.labels=50%", "data.val_fraction=0")
+    res = finetune_segment(r, tmp_path / "run", device="cpu", quiet=True)
+    splits = res["splits"]
+    # 4 patients: the test fold holds whole patients; 50% of the rest counts volumes, not slices
+    assert splits["test"]["groups"] * 2 == splits["test"]["images"]
+    assert splits["test"]["items"] == 6 * splits["test"]["images"]
+    assert (
+        res["n_labels"] == splits["subset"]["images"]
+        and splits["subset"]["items"] == 6 * res["n_labels"]
+    )
+    assert res["test"]["n_items"] == splits["test"]["items"]
