@@ -32,7 +32,8 @@ def finetune(
         typer.Option(
             help="Backbone: a pretrain run folder, an exported/official BEiT checkpoint "
             "(.safetensors/.pth/HF folder), 'scratch', or timm:ARCH (any timm network from "
-            "random weights, e.g. timm:resnet18, the CNN to compare against)."
+            "random weights, e.g. timm:resnet18, the CNN to compare against). With --task "
+            "segment: unet, MONAI's U-Net from random weights."
         ),
     ] = None,
     recipe: opt.RecipeOpt = None,
@@ -55,7 +56,7 @@ def finetune(
     resume_other_data: opt.ResumeOtherDataOpt = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
-    """Fine-tune a classifier on a few labels and score it on the held-out test split.
+    """Fine-tune a classifier (--task segment: a segmenter) on a few labels; score it on test.
 
     The split (train/val/test) is fixed and stratified (data.split_seed) unless the labels CSV
     has a split column; --labels takes a stratified subset of the train split. By default the
@@ -73,6 +74,8 @@ def finetune(
         beitdomain finetune -r elpv-cpu --init timm:resnet18 --labels 10%
 
         beitdomain finetune --data /data/xr --labels-csv labels.csv --init beit.pth --linear-probe
+
+        beitdomain finetune --task segment --data /data/nuclei --labels-csv masks.csv --labels 10%
     """
     resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
     r, out = load_job(
