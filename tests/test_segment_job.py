@@ -430,3 +430,33 @@ def test_volumes_split_by_file_and_their_slices_train_together(tmp_path):
         and splits["subset"]["items"] == 6 * res["n_labels"]
     )
     assert res["test"]["n_items"] == splits["test"]["items"]
+
+
+def test_label_amounts_count_annotated_images_and_are_nested(tmp_path):
+    from beitdomain.data.masks import MaskClasses, segment_data
+
+    data = write_discs(tmp_path / "discs", n=24)
+    classes = MaskClasses(("background", "disc"))
+    chosen = {}
+    for amount in ("10%", "25%", "50%", "5"):
+        d = segment_data(_recipe(data, f"finetune.labels={amount}"), classes)
+        chosen[amount] = {image for image, _ in d.files["train"]}
+        assert d.subset["n_labels"] == len(chosen[amount]) == len(d.train)
+    # 24 images: 6 test, 5 val (unused), 13 train
+    assert [len(chosen[a]) for a in ("10%", "25%", "50%", "5")] == [1, 3, 7, 5]
+    assert chosen["10%"] <= chosen["25%"] <= chosen["5"] <= chosen["50%"]
+
+
+def test_ignored_pixels_pass_the_checks_and_count_nowhere(tmp_path):
+    data = write_discs(tmp_path / "discs", n=8)
+    for k in range(8):  # the top rows unannotated
+        mask = np.asarray(Image.open(data / "msk" / f"{k:02d}.png")).copy()
+        mask[:4] = 255
+        Image.fromarray(mask).save(data / "msk" / f"{k:02d}.png")
+    with pytest.raises(MaskError, match=r"values \[255\]"):
+        finetune_segment(_recipe(data, "finetune.train.steps=1"), tmp_path / "a", device="cpu")
+    r = _recipe(data, "finetune.train.steps=1", "segment.ignore_index=255")
+    res = finetune_segment(r, tmp_path / "run", device="cpu", quiet=True)
+    assert res["ignore_index"] == 255
+    # the test scores count the annotated pixels only: 28 of 32 rows of each test image
+    assert res["test"]["n_items"] == 2 and res["test"]["n_pixels"] == 2 * 28 * 32

@@ -152,7 +152,8 @@ def evaluate_masks(
             if len(kept) < keep:
                 kept.append((x, y, p))
     model.train(was_training)
-    return {**meter.compute(), "n_items": len(dataset)}, kept
+    scored = int(meter.confusion.sum())  # annotated pixels (the ignore index left out)
+    return {**meter.compute(), "n_items": len(dataset), "n_pixels": scored}, kept
 
 
 def _score(metrics: dict[str, Any]) -> float:
