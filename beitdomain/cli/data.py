@@ -464,9 +464,9 @@ def _cache_settings_from_recipe(
     return spec, size or cache_size_for(r.data.image_size), on_error or r.data.on_error, labels
 
 
-@app.command()
+@app.command("inspect")
 @handle_errors
-def inspect(
+def data_inspect(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder, manifest or cache folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("sheet.png"),

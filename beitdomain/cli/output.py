@@ -36,23 +36,23 @@ def request_json(value: bool) -> None:
         set_json(True)
 
 
-def _plain(v: Any) -> Any:
+def _json_ready(v: Any) -> Any:
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _json_ready(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [_json_ready(x) for x in v]
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN
     if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
-        return _plain(v.item())
+        return _json_ready(v.item())
     return v
 
 
 def print_json(data: Any) -> None:
     """`data` as indented JSON on stdout (paths as strings, NaN as null)."""
-    sys.stdout.write(json.dumps(_plain(data), indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_json_ready(data), indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

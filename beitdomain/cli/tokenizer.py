@@ -121,9 +121,9 @@ def _start_from_dalle(r: Any, dalle: Path, out: Path, trust_pickle: bool) -> Any
     return replace(r, tokenizer=replace(r.tokenizer, init=str(converted)))
 
 
-@app.command()
+@app.command("inspect")
 @handle_errors
-def inspect(
+def tokenizer_inspect(
     ctx: typer.Context,
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
     data: opt.DataOpt = None,

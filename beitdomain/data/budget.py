@@ -46,7 +46,7 @@ class SelectionSplit:
     val: np.ndarray | None
 
 
-def _members(labels: Sequence[Hashable], rng: np.random.Generator) -> list[np.ndarray]:
+def _class_members(labels: Sequence[Hashable], rng: np.random.Generator) -> list[np.ndarray]:
     """Positions of each class (classes in sorted order), each in a seeded order."""
     by: dict[str, list[int]] = {}
     for i, y in enumerate(labels):
@@ -82,7 +82,7 @@ def carve_validation(
         raise UserError(f"the validation share carved from the labels is {fraction}; use (0, 1)")
     rng = np.random.default_rng([seed, 11])
     val: list[np.ndarray] = []
-    for members in _members(labels, rng):
+    for members in _class_members(labels, rng):
         if len(members) >= 2:
             k = min(len(members) - 1, max(1, round(fraction * len(members))))
             val.append(members[:k])
@@ -114,7 +114,7 @@ def kfold_splits(
     if len(subset) != len(labels):
         raise ValueError(f"{len(subset)} indices but {len(labels)} labels")
     rng = np.random.default_rng([seed, 12])
-    members = _members(labels, rng)
+    members = _class_members(labels, rng)
     splittable = [m for m in members if len(m) >= 2]
     k = min([folds, *(len(m) for m in splittable)]) if splittable else 0
     if k < 2:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 FLAT_FRACTION = 0.98  # an image with this share of pixels at 0 or at 1 shows nothing
 
 
-def _short(name: str, width: int = 22) -> str:
+def _name_tail(name: str, width: int = 22) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
@@ -61,7 +61,7 @@ def _samples(
             if modalities is not None:
                 modalities.append(str(meta.get("modality") or ""))
         except ReaderError as e:
-            out.append((None, _title(str(path), label) + f"\n{_short(e.reason, 40)}"))
+            out.append((None, _title(str(path), label) + f"\n{_name_tail(e.reason, 40)}"))
             continue
         frame = None
         if image.ndim == 4:
@@ -72,7 +72,7 @@ def _samples(
 
 
 def _title(path: str, label: str | None, frame: int | None = None) -> str:
-    text = _short(printable(Path(path).name))
+    text = _name_tail(printable(Path(path).name))
     if frame:
         text += f" [{frame}]"
     return f"{text}\n{printable(label)}" if label is not None else text

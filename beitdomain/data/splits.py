@@ -383,7 +383,7 @@ def _group_labels(labels: Sequence[Hashable], gid: np.ndarray) -> list[Hashable]
     return out
 
 
-def _members(gid: np.ndarray) -> list[np.ndarray]:
+def _group_members(gid: np.ndarray) -> list[np.ndarray]:
     order = np.argsort(gid, kind="stable")
     bounds = np.flatnonzero(np.diff(gid[order])) + 1
     return [np.sort(m) for m in np.split(order, bounds)] if len(gid) else []
@@ -428,7 +428,7 @@ def group_split(
         side = np.empty(len(labels), dtype=object)
         for name, idx in out.items():
             side[idx] = name
-        for g, members in enumerate(_members(gid)):
+        for g, members in enumerate(_group_members(gid)):
             sides = sorted(set(side[members]))
             if len(sides) > 1:
                 example = next(x for x in groups if x is not None and gid[groups.index(x)] == g)
@@ -521,7 +521,7 @@ def group_label_subset(
         return label_subset(train_labels, spec, seed)
     if len(train_labels) == 0:
         raise LabelSubsetError("the train split is empty; there are no labels to subset")
-    members = _members(gid)
+    members = _group_members(gid)
     glabels = _group_labels(train_labels, gid)
     sizes = np.array([len(m) for m in members])
     if spec.kind == "per_class":

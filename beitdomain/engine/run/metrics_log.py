@@ -43,7 +43,7 @@ class MetricsLog:
 
     def log(self, step: int, **values: Any) -> None:
 
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": step, **{k: _as_number(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._trackers:
@@ -57,7 +57,7 @@ class MetricsLog:
         self._trackers = []
 
 
-def _plain(v: Any) -> Any:
+def _as_number(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):
         return v.item()
     return v
