@@ -460,3 +460,12 @@ def test_ignored_pixels_pass_the_checks_and_count_nowhere(tmp_path):
     assert res["ignore_index"] == 255
     # the test scores count the annotated pixels only: 28 of 32 rows of each test image
     assert res["test"]["n_items"] == 2 and res["test"]["n_pixels"] == 2 * 28 * 32
+
+
+def test_a_cache_is_refused_rather_than_read_without_masks(tmp_path):
+    from beitdomain.user import UserError
+
+    data = write_discs(tmp_path / "discs", n=8)
+    with pytest.raises(UserError, match=r"data.cache .* without their masks"):
+        finetune_segment(_recipe(data, f"data.cache={tmp_path}"), tmp_path / "r", device="cpu")
+    assert not (tmp_path / "r").exists()

@@ -26,13 +26,17 @@ from beitdomain.user import MissingPathError, UserError
 
 __all__ = [
     "MaskClasses",
+    "MaskDataset",
     "MaskError",
     "MaskPair",
+    "SegmentData",
     "load_pair",
     "load_pairs",
     "pairs_from_csv",
     "pairs_from_folder",
     "read_mask",
+    "recipe_pairs",
+    "segment_data",
 ]
 
 # Suffixes a mask in a mirrored folder may have (a JPEG image's mask is usually a PNG).
@@ -430,6 +434,13 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
             f"data.augment ({d.augment}) is not applied to masks yet; a segmentation fine-tune "
             "takes data.crop_scale, hflip, vflip and intensity_jitter (unset data.augment)"
         )
+    for key in ("cache", "manifest"):
+        if getattr(d, key):
+            raise UserError(
+                f"data.{key} ({getattr(d, key)}) holds images without their masks; a "
+                "segmentation fine-tune reads data.root and its labels CSV (unset data."
+                f"{key})"
+            )
     pairs = recipe_pairs(recipe)
     root = Path(d.root)
     spec = IntensitySpec.from_config(d)
