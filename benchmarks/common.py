@@ -31,9 +31,7 @@ from typing import Any
 
 import torch
 
-from beitdomain.engine.run.folder import git_commit
 from beitdomain.engine.train import distributed as D
-from beitdomain.engine.train.estimate import backbone_forward_gflops
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.tokenizer.flops import count_params
 
@@ -146,6 +144,10 @@ def commit_label() -> str:
     """The commit the run folders record (`engine.run.folder.git_commit`), short, with '+dirty'
     when tracked files differ from it (a timing of uncommitted code is not that commit's), or
     'unknown' outside a git checkout."""
+    # Imported here, as `backbone_train_gflops`'s count: `demo_step.py --ab` imports this file
+    # against older checkouts, which may not have them.
+    from beitdomain.engine.run.folder import git_commit
+
     commit = git_commit()
     if commit is None:
         return "unknown"
@@ -487,6 +489,8 @@ def backbone_train_gflops(cfg: BackboneConfig, *, head_tokens: int, head_out: in
     For ViT-B/16 at 224 with no head this gives 3 x 35.0 = 104.9, the "about 107 GFLOP" of
     issue 9 (which rounds in a classifier head and the embeddings' backward).
     """
+    from beitdomain.engine.train.estimate import backbone_forward_gflops
+
     head = 2 * head_tokens * cfg.embed_dim * head_out / 1e9
     return 3 * (backbone_forward_gflops(cfg) + head)
 

@@ -222,7 +222,7 @@ def time_steps(job: str, overrides: Sequence[str], steps: int, warmup: int) -> d
     timed = per_step[warmup:]
     cpu = np.diff([c0, *clock.cpu])[warmup:]
     flops = _step_flops(trainer)
-    peaks = {c: C.matmul_peaks(trainer.device, clock=c) for c in ("wall", "cpu")}
+    peaks = C.machine_peaks(trainer.device)
     dtype = "bf16" if trainer.amp_dtype == torch.bfloat16 else "fp32"
     return {
         "job": job,

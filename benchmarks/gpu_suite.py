@@ -73,39 +73,28 @@ def recipe_model(name: str = RECIPE) -> dict[str, Any]:
     )
 
 
-# A smoke run's sizes (the tiny model, a few images and steps), and a real run's apart from the
-# recipe's model.
-QUICK_SIZES: dict[str, Any] = dict(
-    preset="tiny",
-    img_size=64,
-    in_chans=1,
-    tokenizer="tiny",
-    vocab_size=None,
-    batch=4,
-    steps=2,
-    warmup=1,
-    loader_images=24,
-    loader_cache_size=72,
-    loader_batch=4,
-    attn_shape=(2, 2, 65, 32),  # B, heads, tokens, head_dim
-)
-FULL_SIZES: dict[str, Any] = dict(
-    batch=128,
-    steps=15,
-    warmup=5,
-    loader_images=1024,
-    loader_cache_size=256,
-    loader_batch=128,
-    attn_shape=(128, 12, 197, 64),
-)
+# Each size of a run: (smoke run, real run). A real run trains the recipe's model, a smoke run
+# `QUICK_MODEL`.
+RUN_SIZES: dict[str, tuple[Any, Any]] = {
+    "batch": (4, 128),
+    "steps": (2, 15),
+    "warmup": (1, 5),
+    "loader_images": (24, 1024),
+    "loader_cache_size": (72, 256),
+    "loader_batch": (4, 128),
+    "attn_shape": ((2, 2, 65, 32), (128, 12, 197, 64)),  # B, heads, tokens, head_dim
+}
+QUICK_MODEL = dict(preset="tiny", img_size=64, in_chans=1, tokenizer="tiny", vocab_size=None)
 
 
 def suite_sizes(
     quick: bool, tokenizer: str | None, batch: int | None, recipe: str = RECIPE
 ) -> dict[str, Any]:
-    """Model and data sizes: `recipe`'s model at batch 128, or `QUICK_SIZES` for a smoke run;
-    `tokenizer` replaces the tokenizer preset and `batch` the batch, where given."""
-    sizes = dict(QUICK_SIZES) if quick else recipe_model(recipe) | FULL_SIZES
+    """Model and data sizes: `recipe`'s model at batch 128, or `QUICK_MODEL` at `RUN_SIZES`'
+    smoke-run sizes; `tokenizer` replaces the tokenizer preset and `batch` the batch, where
+    given."""
+    sizes = dict(QUICK_MODEL) if quick else recipe_model(recipe)
+    sizes |= {key: pair[0 if quick else 1] for key, pair in RUN_SIZES.items()}
     if tokenizer:
         sizes["tokenizer"] = tokenizer
     if batch:
