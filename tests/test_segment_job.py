@@ -447,6 +447,16 @@ def test_label_amounts_count_annotated_images_and_are_nested(tmp_path):
     assert chosen["10%"] <= chosen["25%"] <= chosen["5"] <= chosen["50%"]
 
 
+def test_a_subset_larger_than_asked_is_said(tmp_path, caplog):
+    from beitdomain.data.masks import MaskClasses, segment_data
+
+    data = write_discs(tmp_path / "discs", n=24)
+    classes = MaskClasses(("background", "disc"))
+    with caplog.at_level("WARNING", logger="beitdomain.data.masks"):
+        segment_data(_recipe(data, "finetune.labels=10%"), classes)  # 1.3 of 13: one image
+    assert "asked 10%, got 7.7% (1 of 13 annotated images)" in caplog.text
+
+
 def test_ignored_pixels_pass_the_checks_and_count_nowhere(tmp_path):
     data = write_discs(tmp_path / "discs", n=8)
     for k in range(8):  # the top rows unannotated

@@ -13,6 +13,7 @@ values outside the classes, is a `MaskError` naming both files.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = [
     "recipe_pairs",
     "segment_data",
 ]
+
+log = logging.getLogger(__name__)
 
 # Suffixes a mask in a mirrored folder may have (a JPEG image's mask is usually a PNG).
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha", ".bmp")
@@ -421,11 +424,13 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
     from beitdomain.data.budget import CARVE_FRACTION, FINETUNE_SELECTIONS, carve_validation
     from beitdomain.data.splits import (
         describe_subset,
+        differs_from_asked,
         group_label_subset,
         group_split,
         split_summary,
     )
     from beitdomain.data.transforms import SegmentTransform
+    from beitdomain.labels import parse_labels_spec
 
     d, ft = recipe.data, recipe.finetune
     seed = recipe.seed if seed is None else seed
@@ -476,6 +481,18 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
     per_file = np.bincount(files, minlength=len(pairs))
     subset["splits"] = split_summary(split, groups, per_file)
     subset["splits"]["subset"] = split_summary({"train": train[chosen]}, groups, per_file)["train"]
+    asked = parse_labels_spec(ft.labels).fraction
+    if differs_from_asked(asked, subset["fraction"]):  # the classification fine-tune's rule
+        log.warning(
+            "labels: asked %s, got %.1f%% (%d of %d annotated images): %s",
+            ft.labels,
+            100 * subset["fraction"],
+            subset["n_labels"],
+            subset["n_train"],
+            "whole groups are kept together"
+            if subset["splits"]["subset"]["groups"] < subset["n_labels"]
+            else "a subset is whole images",
+        )
     mode = ft.selection
     if mode not in FINETUNE_SELECTIONS:
         raise UserError(f"finetune.selection {mode!r}: use one of {', '.join(FINETUNE_SELECTIONS)}")
