@@ -8,8 +8,8 @@ import pytest
 from helpers import PRETRAIN_SETS, recipe, write_separable_set
 
 from beitdomain.engine.curve.baselines import baseline_rows, probe_name
+from beitdomain.engine.curve.pretrain_length import kept_checkpoints, probe_along_pretraining
 from beitdomain.engine.pretrain import pretrain
-from beitdomain.engine.pretrain_length import kept_checkpoints, probe_along_pretraining
 from beitdomain.user import UserError
 
 CELLS = [("50%", 0), ("50%", 1), ("100%", 0)]

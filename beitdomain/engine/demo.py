@@ -25,7 +25,23 @@ from typing import Any
 import numpy as np
 
 from beitdomain.config import JOBS, Recipe, apply_sets
+from beitdomain.data.cache import build_cache
+from beitdomain.data.index import scan
+from beitdomain.engine.curve.grid import parse_grid
+from beitdomain.engine.curve.pretrain_length import (
+    CSV_NAME,
+    PLOT_NAME,
+    kept_checkpoints,
+    probe_along_pretraining,
+)
+from beitdomain.engine.curve.run import run_curve
+from beitdomain.engine.pretrain import pretrain
+from beitdomain.engine.run.folder import RunDir
+from beitdomain.engine.run.guard import DEMO_LABELS_HEADER, is_demo_labels
+from beitdomain.engine.tokenizer import train_tokenizer
+from beitdomain.engine.train import distributed as D
 from beitdomain.fileio import atomic_write_text, make_dirs
+from beitdomain.io import IntensitySpec
 from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
@@ -72,8 +88,6 @@ def export_elpv(out: Path) -> Path:
     """
     from sklearn.model_selection import train_test_split
 
-    from beitdomain.engine.run.guard import DEMO_LABELS_HEADER, is_demo_labels
-
     labels_csv = out / "labels.csv"
     if os.path.lexists(labels_csv) and not is_demo_labels(labels_csv):
         raise UserError(
@@ -115,8 +129,6 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
     where both were measured (11 min 22 s and 19 min 58 s, 2026-12-03; BENCHMARKS.md). The
     notice names the seeds to drop for half the fine-tuning cells.
     """
-    from beitdomain.engine.train import distributed as D
-
     if recipe.name != "elpv-cpu" or D.resolve_device(device).type != "cpu":
         return None
     precisions = {getattr(recipe, job).train.precision for job in JOBS}
@@ -134,8 +146,6 @@ def fp32_cpu_notice(recipe: Recipe, device: str = "auto") -> str | None:
 
 def cells_per_init(recipe: Recipe) -> int:
     """How many (fraction, seed) fine-tuning cells the curve runs for each initialization."""
-    from beitdomain.engine.curve.grid import parse_grid
-
     return len(parse_grid(recipe.curve, {"one": None}).cells())
 
 
@@ -143,14 +153,7 @@ def pretraining_length(
     recipe: Recipe, pre_dir: Path, out: Path, *, quiet: bool = False
 ) -> list[dict[str, Any]]:
     """The pre-training run's kept checkpoints probed on the curve's label subsets (see
-    `engine.pretrain_length`); [] where the run kept fewer than two. Re-runs read the CSV."""
-    from beitdomain.engine.curve.grid import parse_grid
-    from beitdomain.engine.pretrain_length import (
-        CSV_NAME,
-        kept_checkpoints,
-        probe_along_pretraining,
-    )
-
+    `engine.curve.pretrain_length`); [] where the run kept fewer than two. Re-runs read the CSV."""
     if (out / CSV_NAME).is_file():
         with open(out / CSV_NAME, newline="") as f:
             return [
@@ -212,14 +215,6 @@ def run_demo(
     recipe: Recipe, out: str | Path, *, device: str = "auto", quiet: bool = False
 ) -> dict[str, Any]:
     """Export -> cache -> tokenizer -> pre-training -> curve (domain vs scratch) -> report."""
-    from beitdomain.data.cache import build_cache
-    from beitdomain.data.index import scan
-    from beitdomain.engine.curve.run import run_curve
-    from beitdomain.engine.pretrain import pretrain
-    from beitdomain.engine.run.folder import RunDir
-    from beitdomain.engine.tokenizer import train_tokenizer
-    from beitdomain.io import IntensitySpec
-
     out = Path(out)
     # The demo's folder is a run of its own: re-running continues it, another folder is refused.
     demo_run = RunDir.open(out, kind="demo", resume=True)
@@ -267,8 +262,6 @@ def run_demo(
     for name in ("report.md", "curve.png"):
         if (out / "curve" / name).is_file():
             shutil.copyfile(out / "curve" / name, out / name)
-    from beitdomain.engine.pretrain_length import PLOT_NAME
-
     length = pretraining_length(curve_recipe, pre_dir, out / "pretrain_length", quiet=quiet)
     if length and (out / "report.md").is_file():
         shutil.copyfile(out / "pretrain_length" / PLOT_NAME, out / PLOT_NAME)

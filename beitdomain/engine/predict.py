@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from beitdomain.config import load_recipe
+from beitdomain.data.index import ScanError, errors_path, scan
 from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.engine.build import build_classifier
 from beitdomain.engine.job import BEST_FILE, RECIPE_FILE, RESULTS_FILE, is_finished
 from beitdomain.engine.train import distributed as D
-from beitdomain.fileio import atomic_write_text, spreadsheet_text
+from beitdomain.fileio import atomic_write_text, printable, spreadsheet_text
+from beitdomain.io import IntensitySpec, ReaderError, load_image
 from beitdomain.models.cnn import timm_arch
 from beitdomain.models.probe import eval_outputs
 from beitdomain.user import UserError
@@ -122,10 +124,6 @@ def predict_files(
     and listed in `<out>.errors.csv` (with `on_error='fail'` it stops the run instead, naming
     every such file).
     """
-    from beitdomain.data.index import ScanError, errors_path, scan
-    from beitdomain.fileio import printable
-    from beitdomain.io import IntensitySpec, ReaderError, load_image
-
     if on_error not in ("fail", "skip"):
         raise UserError(f"--on-error {on_error!r}; valid: fail, skip")
     if nonfinite not in (None, "error", "zero"):

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from beitdomain.config import Recipe
+from beitdomain.data.transforms import FinetuneTransform
 from beitdomain.data.unlabeled import unlabeled_dataset
 from beitdomain.engine.job import Job, JobOptions
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import announce_cpu_time
 from beitdomain.engine.train.loop import Trainer
 from beitdomain.fileio import atomic_save, atomic_write_json, make_dirs, written_names
+from beitdomain.io import IntensitySpec, load_image
 from beitdomain.tokenizer import (
     CodebookCollapseWarning,
     CodeUsage,
@@ -320,9 +322,6 @@ def encode_files(model: DiscreteVAE, paths: list[Path], out: Path, png: bool = F
     """
     from matplotlib import colormaps
     from PIL import Image
-
-    from beitdomain.data.transforms import FinetuneTransform
-    from beitdomain.io import IntensitySpec, load_image
 
     cfg = model.config
     view = FinetuneTransform(train=False, image_size=cfg.input_size)
