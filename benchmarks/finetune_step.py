@@ -27,13 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
-from beitdomain.config import OptimConfig
+from beitdomain.config import OptimConfig, TrainConfig
 from beitdomain.engine.finetune import ClassifierStep
-from beitdomain.engine.train.distributed import keep_freed_cpu_memory
 from beitdomain.engine.train.optim import build_adamw
+from beitdomain.engine.train.plan import prepare_for_training
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import BeitClassifier, layer_decay_param_groups
-from beitdomain.models.kernels import select_kernels
 
 # The sizes when the flags are not given.
 CPU_DEFAULTS = dict(preset="vit-small", depth=4, img_size=224, batch=8)
@@ -57,9 +56,8 @@ def build_finetune(
 ) -> tuple[BeitClassifier, torch.optim.Optimizer]:
     """The classifier on `device` and its layer-decay AdamW (BEiT's fine-tuning settings)."""
     model = BeitClassifier.from_config(cfg, num_classes).to(device).train()
-    select_kernels(model, device)  # as the library's `prepare_for_training`
-    if device.type == "cpu":  # as `prepare_for_training`
-        keep_freed_cpu_memory()
+    # the library's kernels and CPU allocator settings (`--compile` is the benchmark's own)
+    model = prepare_for_training(model, TrainConfig(), device)
     optim_cfg = OptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
     groups = layer_decay_param_groups(model, 1e-3, optim_cfg.weight_decay, layer_decay)
     return model, build_adamw(groups, optim_cfg, device)

@@ -43,15 +43,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
-from beitdomain.config import OptimConfig
+from beitdomain.config import OptimConfig, TrainConfig
 from beitdomain.data.masking import BlockMaskGenerator
 from beitdomain.engine.pretrain import MIMObjective, MIMStep
-from beitdomain.engine.train.distributed import keep_freed_cpu_memory
 from beitdomain.engine.train.optim import build_adamw
+from beitdomain.engine.train.plan import prepare_for_training
 from beitdomain.models.backbone import BackboneConfig, get_preset
 from beitdomain.models.classifier import param_groups_weight_decay
 from beitdomain.models.export import hf_config_dict
-from beitdomain.models.kernels import select_kernels
 from beitdomain.models.mim import BeitMIM
 from beitdomain.tokenizer.dvae import DiscreteVAE, tokenizer_config
 from beitdomain.tokenizer.flops import encoder_gflops
@@ -204,9 +203,9 @@ def run(
 
     models: dict[str, tuple[nn.Module, LossFn]] = {}
     ours = BeitMIM.from_config(cfg, vocab_size=vocab).to(dev).train()
-    select_kernels(ours, dev)  # as the library's `prepare_for_training`
-    if dev.type == "cpu":  # as `prepare_for_training`; process-wide, so for HF too
-        keep_freed_cpu_memory()
+    # the library's kernels and CPU allocator settings (process-wide, so HF's too); `--compile`
+    # is the benchmark's own, for both models
+    ours = prepare_for_training(ours, TrainConfig(), dev)
     models["ours"] = (MIMObjective(ours), ours_loss)
     if include_hf:
         hf = build_hf_mim(cfg, vocab).to(dev).train()
