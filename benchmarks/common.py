@@ -263,10 +263,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def mfu(flops_per_img: float, img_per_s: float, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilization in [0, 1], or None without a peak."""
-    if not peak_tflops:
-        return None
-    return flops_per_img * img_per_s / (peak_tflops * 1e12)
+    """Model FLOPs utilization in [0, 1]: the `peak_share` of the device's data-sheet peak
+    (TFLOP/s), or None without one."""
+    return peak_share(flops_per_img, img_per_s, peak_tflops * 1e3 if peak_tflops else None)
 
 
 def reset_peak_memory(device: torch.device) -> None:
