@@ -84,6 +84,16 @@ def _user_pipelines(cache: object, tmp: Path, seconds: float) -> list[tuple[str,
     from beitdomain.data.transforms import UserAugment
 
     rows = []
+
+    def add_row(label: str, augment: str) -> None:
+        ds = ImageDataset(cache, UserAugment(augment, 224, 112), seed=0)
+        rows.append(
+            (
+                f"{label} (data.augment, 224 + 112 views)",
+                _throughput(ds.__getitem__, len(ds), seconds),
+            )
+        )
+
     try:
         import albumentations as A
 
@@ -97,13 +107,7 @@ def _user_pipelines(cache: object, tmp: Path, seconds: float) -> list[tuple[str,
             ]
         )
         A.save(pipeline, str(path), data_format="json")
-        ds = ImageDataset(cache, UserAugment(str(path), 224, 112), seed=0)
-        rows.append(
-            (
-                "cached + albumentations file (data.augment, 224 + 112 views)",
-                _throughput(ds.__getitem__, len(ds), seconds),
-            )
-        )
+        add_row("cached + albumentations file", str(path))
     except ImportError:
         pass
     try:
@@ -121,13 +125,7 @@ def _user_pipelines(cache: object, tmp: Path, seconds: float) -> list[tuple[str,
             "RandScaleIntensity(factors=0.1, prob=0.8), RandAdjustContrast(prob=0.8)])\n"
         )
         sys.path.insert(0, str(tmp))
-        ds = ImageDataset(cache, UserAugment("bench_monai_chain:build", 224, 112), seed=0)
-        rows.append(
-            (
-                "cached + MONAI chain (data.augment, 224 + 112 views)",
-                _throughput(ds.__getitem__, len(ds), seconds),
-            )
-        )
+        add_row("cached + MONAI chain", "bench_monai_chain:build")
     except ImportError:
         pass
     return rows
