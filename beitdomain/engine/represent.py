@@ -26,7 +26,7 @@ from beitdomain.engine.job import BACKBONE_FILE, BEST_FILE, RESULTS_FILE
 from beitdomain.engine.train import distributed as D
 from beitdomain.io import IntensitySpec, load_image, normalize
 from beitdomain.models.backbone import backbone_config_of, create_backbone
-from beitdomain.models.convention import InputNorm, convention_of, read_convention
+from beitdomain.models.convention import InputNorm, convention_of, read_convention, read_metadata
 from beitdomain.models.export import TIMM_META, TimmExport
 from beitdomain.models.probe import eval_outputs, pooled_features
 from beitdomain.user import UserError
@@ -185,11 +185,9 @@ class FrozenBackbone:
 
 
 def _timm_meta(path: Path) -> dict[str, Any] | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[TIMM_META]) if TIMM_META in meta else None
+    """The timm architecture an export records in its safetensors metadata, if any."""
+    raw = read_metadata(path).get("safetensors", {}).get(TIMM_META)
+    return json.loads(raw) if raw else None
 
 
 def _recipe_of(folder: Path) -> Recipe | None:
