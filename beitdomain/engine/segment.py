@@ -315,6 +315,11 @@ def finetune_segment(
         job.write_json("init_report.json", report.__dict__)
 
     plan = job.plan(data.train)
+    if not job.quiet and job.device.type == "cpu":  # a long CPU run is said before it starts
+        from beitdomain.engine.train.estimate import announce_cpu_time, model_forward_gflops
+
+        gflops = model_forward_gflops(model, recipe.data.in_chans, size)
+        announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
     eval_batch = max(plan.loader.batch_sampler.batch_size, 16)
     every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
     hook = SegmentEvalHook(
