@@ -479,3 +479,45 @@ def test_a_cache_is_refused_rather_than_read_without_masks(tmp_path):
     with pytest.raises(UserError, match=r"data.cache .* without their masks"):
         finetune_segment(_recipe(data, f"data.cache={tmp_path}"), tmp_path / "r", device="cpu")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from beitdomain.engine import segment
+    from beitdomain.engine.train.loop import Interrupted
+
+    data = write_discs(tmp_path / "discs", n=12)
+    r = _recipe(
+        data,
+        "finetune.train.steps=6",
+        "finetune.train.deterministic=true",
+        "finetune.selection=outside",
+        "finetune.train.eval_every=2",
+    )
+    finetune_segment(r, tmp_path / "whole", device="cpu", quiet=True)
+    whole = CheckpointManager(tmp_path / "whole" / "checkpoints").load_latest()[1]["model"]
+
+    step_end = segment.SegmentEvalHook.on_step_end
+
+    def stop_at_4(self, trainer):
+        step_end(self, trainer)
+        if trainer.state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would
+
+    monkeypatch.setattr(segment.SegmentEvalHook, "on_step_end", stop_at_4)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        finetune_segment(r, run, device="cpu", quiet=True)
+    assert not (run / "results.json").exists()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(segment.SegmentEvalHook, "on_step_end", step_end)
+    finetune_segment(r, run, device="cpu", quiet=True, resume=True)
+    final = CheckpointManager(run / "checkpoints").load_latest()[1]["model"]
+    assert_same_tensors(final, whole, "final weights")
+    assert_same_tensors(
+        load_tensors(run / "best.safetensors"),
+        load_tensors(tmp_path / "whole" / "best.safetensors"),
+        "best weights",
+    )
