@@ -431,6 +431,15 @@ def test_volumes_split_by_file_and_their_slices_train_together(tmp_path):
     )
     assert res["test"]["n_items"] == splits["test"]["items"]
 
+    # predict writes a NIfTI label volume on the input's grid, with its affine
+    from beitdomain.engine.segment import predict_masks
+
+    written, skipped = predict_masks(tmp_path / "run", [str(data / "v0.nii.gz")], tmp_path / "p")
+    assert written == [tmp_path / "p" / "v0.nii.gz"] and not skipped
+    pred = nib.load(str(written[0]))
+    assert pred.shape == (32, 32, 6) and np.allclose(pred.affine, np.eye(4))
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
 
 def test_label_amounts_count_annotated_images_and_are_nested(tmp_path):
     from beitdomain.data.masks import MaskClasses, segment_data

@@ -159,3 +159,21 @@ def test_recipe_segment_section(tmp_path):
     path.write_text("segment:\n  decoder: upernet\n")
     with pytest.raises(RecipeError, match="segment.decoder"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_a_nifti_label_volume_round_trips_through_its_slices(tmp_path, axis):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    from beitdomain.data.masks import write_nifti_mask
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=(7, 5, 4)).astype(np.uint8)  # x, y, z
+    # an oblique, flipped grid (LPS-like, axes swapped): the writer must undo the reorientation
+    affine = np.array([[0, -2.0, 0, 10], [-1.5, 0, 0, 5], [0, 0, 3.0, -4], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "scan.nii.gz")
+    slices = read_mask(tmp_path / "scan.nii.gz", IntensitySpec(slice_axis=axis))
+    out = write_nifti_mask(tmp_path / "scan.nii.gz", slices, axis, tmp_path / "pred.nii.gz")
+    back = nib.load(str(out))
+    assert np.array_equal(np.asarray(back.dataobj), labels)
+    assert np.allclose(back.affine, affine)

@@ -542,3 +542,48 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         items=items,
         item_file=files,
     )
+
+
+def _axial_of(slices: np.ndarray, axis: str) -> np.ndarray:
+    """Undoes `io.volume.reslice` for label slices ``[S, H, W]`` (no channel axis): the axial
+    ``[Z, Y', X']`` they were cut from."""
+    if axis == "axial":
+        return slices
+    if axis == "coronal":  # [Y, Z', X'] <- axial [Z, Y', X'].transpose(1, 0, 2)[::-1, ::-1]
+        return slices[::-1, ::-1, :].transpose(1, 0, 2)
+    if axis == "sagittal":  # [X, Z', Y'] <- axial.transpose(2, 0, 1)[::-1, ::-1]
+        return slices[::-1, ::-1, :].transpose(1, 2, 0)
+    raise ValueError(f"slice_axis={axis!r}")
+
+
+def write_nifti_mask(
+    image_path: str | os.PathLike, slices: np.ndarray, slice_axis: str, out: str | os.PathLike
+) -> Path:
+    """Writes label slices ``[S, H, W]`` of the NIfTI volume `image_path` (cut along
+    `slice_axis` by the readers, every slice) as a label volume on the image's own voxel grid,
+    with its affine: the inverse of what `io.volume.read_volume` and `reslice` did.
+
+    Raises:
+        MaskError: the slices do not cover the volume's grid.
+    """
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    img = nib.load(str(image_path))
+    shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape[:2], 1)
+    ornt = io_orientation(img.affine)
+    axial = _axial_of(np.asarray(slices), slice_axis)  # [Z, Y', X']
+    ras = axial[:, ::-1, ::-1].transpose(2, 1, 0)  # [X, Y, Z] in RAS+ (read_volume's flips)
+    identity = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    grid = apply_orientation(ras, ornt_transform(identity, ornt))  # the file's own axis order
+    if grid.shape != tuple(shape):
+        raise MaskError(
+            f"{len(slices)} predicted slices of {list(np.asarray(slices).shape[1:])} do not "
+            f"cover the grid {list(shape)} of {image_path}"
+        )
+    dtype = np.uint8 if grid.max(initial=0) < 256 else np.uint16
+    labels = nib.Nifti1Image(np.ascontiguousarray(grid).astype(dtype), img.affine)
+    labels.set_qform(img.affine, code=1)
+    labels.set_sform(img.affine, code=1)
+    nib.save(labels, str(out))
+    return Path(out)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.config import Recipe
-from beitdomain.data.masks import MaskClasses, SegmentData, segment_data
+from beitdomain.data.masks import MaskClasses, SegmentData, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 UNET_INITS = ("unet", "monai:unet")  # --init values that train MONAI's U-Net from scratch
 SHEET_FILE = "contact_sheet.png"
 SHEET_ROWS = 8  # test images on the contact sheet
+PREDICT_BATCH = 16  # frames or slices predicted at a time
 
 
 def build_segmenter(
@@ -407,14 +408,17 @@ def predict_masks(
     on_error: str = "skip",
     nonfinite: str | None = None,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Writes a predicted mask (a PNG label map: pixel value = class index) for every 2D image
-    or frame of `inputs` (files and folders) with a finished segmentation run; returns the
-    written paths and the skipped files as (path, reason).
+    """Writes a predicted mask (pixel value = class index) for every image of `inputs` (files
+    and folders) with a finished segmentation run: a PNG label map per 2D image or frame, a
+    NIfTI label volume on the input's grid and affine per NIfTI volume; returns the written
+    paths and the skipped files as (path, reason).
 
     Each image goes through the run's reader settings and is resized whole to the run's
     `data.image_size`, as its test split was; the logits are resized back (bilinear) to the
     image's own size before the argmax, so the mask has the image's grid. ``a/x.tif`` is
-    written to ``out_dir/a/x.png``; frame k of a multi-frame file or volume to ``x_k.png``.
+    written to ``out_dir/a/x.png``, frame k of a multi-frame file (or of an NRRD/MetaImage
+    volume) to ``x_k.png``, ``a/v.nii.gz`` to ``out_dir/a/v.nii.gz``. Every frame and slice is
+    predicted, whatever the run's `data.frames`.
 
     Raises:
         UserError: not a finished segmentation run, a missing input, a bad option; with
@@ -458,7 +462,8 @@ def predict_masks(
     dev = D.resolve_device(device)
     model.to(dev).eval()
     amp_dtype = D.resolve_precision(recipe.finetune.train.precision, dev)
-    spec = IntensitySpec.from_config(recipe.data)
+    # every frame and slice: a volume's mask covers the whole volume
+    spec = replace(IntensitySpec.from_config(recipe.data), frames="all")
     view = SegmentTransform(train=False, image_size=recipe.data.image_size)
     files: list[tuple[str, Path]] = []
     skipped: list[tuple[str, str]] = []
@@ -478,7 +483,7 @@ def predict_masks(
     with torch.no_grad():
         for name, path in files:
             try:
-                image, _ = load_image(path, spec)
+                image, meta = load_image(path, spec)
             except ReaderError as e:
                 if on_error == "fail":
                     raise
@@ -487,14 +492,23 @@ def predict_masks(
             frames = image if image.ndim == 4 else image[None]  # [S, C, H, W]
             height, width = frames.shape[-2:]
             blank = np.zeros((height, width), np.int64)
-            x = torch.stack([torch.from_numpy(view(f, blank)[0]) for f in frames]).to(dev)
-            with D.autocast(dev, amp_dtype):
-                logits = model(x).float()
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear")
-            masks = logits.argmax(1).cpu().numpy().astype(dtype)
+            masks = np.empty((len(frames), height, width), dtype)
+            for start in range(0, len(frames), PREDICT_BATCH):
+                chunk = frames[start : start + PREDICT_BATCH]
+                x = torch.stack([torch.from_numpy(view(f, blank)[0]) for f in chunk]).to(dev)
+                with D.autocast(dev, amp_dtype):
+                    logits = model(x).float()
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear")
+                masks[start : start + len(chunk)] = logits.argmax(1).cpu().numpy()
             stem = Path(name).with_suffix("")
             if stem.suffix.lower() == ".nii":  # x.nii.gz
                 stem = stem.with_suffix("")
+            if meta.get("volume") and meta.get("format") == "nifti":
+                # a NIfTI label volume on the input's grid, with its affine
+                target = out_dir / f"{stem}.nii.gz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written.append(write_nifti_mask(path, masks, spec.slice_axis, target))
+                continue
             for k, mask in enumerate(masks):
                 target = out_dir / (f"{stem}_{k}.png" if len(masks) > 1 else f"{stem}.png")
                 buf = io.BytesIO()
