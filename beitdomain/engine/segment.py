@@ -437,9 +437,9 @@ def predict_masks(
     from beitdomain.io import IntensitySpec, ReaderError, load_image
 
     if on_error not in ("fail", "skip"):
-        raise UserError(f"--on-error {on_error!r}; valid: fail, skip")
+        raise UserError(f"on_error={on_error!r}; valid: fail, skip")
     if nonfinite not in (None, "error", "zero"):
-        raise UserError(f"--nonfinite {nonfinite!r}; valid: error, zero")
+        raise UserError(f"nonfinite={nonfinite!r}; valid: error, zero")
     run = Path(run)
     if not is_finished(run, "finetune"):
         raise UserError(
