@@ -530,3 +530,14 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path,
         load_tensors(tmp_path / "whole" / "best.safetensors"),
         "best weights",
     )
+
+
+def test_the_python_api_fine_tunes_a_segmenter_when_the_recipe_says_segment(tmp_path):
+    """`api.finetune` (engine.finetune.finetune) read finetune.task=segment as a classification
+    fine-tune of the masks' paths before; it is the segmentation job now, as on the CLI."""
+    from beitdomain import api
+
+    data = write_discs(tmp_path / "discs", n=12)
+    res = api.finetune(_recipe(data, "finetune.train.steps=6"), tmp_path / "run", quiet=True)
+    assert set(res["test"]["dice"]) == {"background", "disc"}
+    assert (tmp_path / "run" / "contact_sheet.png").is_file()

@@ -94,26 +94,14 @@ def finetune(
             **opt.train_options("finetune", steps, epochs, batch_size),
         },
     )
-    if r.finetune.task == "segment":
-        from beitdomain.engine.segment import finetune_segment
-
-        res = run_job(
-            ctx,
-            finetune_segment,
-            r,
-            out,
-            **resuming,
-            overwrite=overwrite,
-            trust_pickle=trust_pickle,
-        )
-        if res:
-            _print_segment(out, res)
-        return
     from beitdomain.engine.finetune import finetune as run_finetune
 
     res = run_job(
         ctx, run_finetune, r, out, **resuming, overwrite=overwrite, trust_pickle=trust_pickle
     )
+    if res and r.finetune.task == "segment":
+        _print_segment(out, res)
+        return
     if res:
         rows = {
             "init": res["init"],

@@ -41,6 +41,7 @@ from beitdomain.engine.job import (
     JobOptions,
 )
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
+from beitdomain.engine.segment import finetune_segment
 from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import (
     announce_cpu_time,
@@ -300,12 +301,16 @@ def _build_model(job: Job, data: LabeledData) -> tuple[BeitClassifier | TimmClas
 def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
     """Fine-tunes on `finetune.labels` of the train split; returns the test metrics.
 
+    With `finetune.task: segment` it is `engine.segment.finetune_segment` (masks as labels).
+
     Writes `results.json`, `confusion_matrix.png`, `test_predictions.csv`, `labels_used.csv`,
     `labels.json`, `best.safetensors`, `training_curves.png`, metrics and checkpoints.
     `options` (`JobOptions`): device, resume, overwrite, quiet, and trust_pickle, which allows
     a pickle-based `finetune.init` (it can run code: trusted files only).
     """
     ft = recipe.finetune
+    if ft.task == "segment":  # masks as labels: the same job on (image, mask) pairs
+        return finetune_segment(recipe, out, **options)
     if ft.lr_grid:
         return finetune_lr_grid(recipe, out, **options)
     job = Job.open("finetune", recipe, out, **options)
