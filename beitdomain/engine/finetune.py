@@ -10,8 +10,6 @@ fine-tune per learning rate (`finetune_lr_grid`, below).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import logging
 import shutil
@@ -51,7 +49,7 @@ from beitdomain.engine.train.estimate import (
 from beitdomain.engine.train.loop import Trainer
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
-from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
+from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.classifier import (
     BeitClassifier,
     freeze_backbone,
@@ -152,19 +150,6 @@ class EvalHook:
 
 def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write_safetensors(path, D.unwrap(model).state_dict())
-
-
-def _write_labels_used(job: Job, data: LabeledData) -> None:
-    if not job.is_main:
-        return
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "split"])
-    for split, files in data.files.items():
-        for f in files:
-            w.writerow([f, split])
-    atomic_write_text(job.path / "labels_used.csv", buf.getvalue())
-    job.write_json("labels.json", {**data.subset, "classes": data.classes})
 
 
 class SeededMixup:
@@ -319,7 +304,11 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     model, report = _build_model(job, data)
     init = resolve_init(ft.init) or "scratch"
     job.start(data.fingerprint, init=init)
-    _write_labels_used(job, data)
+    job.write_labels_used(
+        ["path", "split"],
+        ([f, split] for split, files in data.files.items() for f in files),
+        {**data.subset, "classes": data.classes},
+    )
     if report is not None:
         job.write_json("init_report.json", report.__dict__)
 

@@ -25,6 +25,8 @@ Each job reads only its own recipe section (`recipe.tokenizer`, `recipe.pretrain
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,7 +43,7 @@ from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.loop import LoopState, StepFn, Trainer
 from beitdomain.engine.train.optim import build_adamw, lr_schedule, peak_lr
 from beitdomain.engine.train.plan import RunPlan, plan_run, prepare_for_training
-from beitdomain.fileio import atomic_write_json
+from beitdomain.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,21 @@ class Job:
         if self.is_main:
             with self.recording_failures():
                 atomic_write_json(self.path / name, obj)
+
+    def write_labels_used(
+        self, columns: Sequence[str], rows: Iterable[Sequence[str]], labels: dict[str, Any]
+    ) -> None:
+        """`labels_used.csv` (one row per labelled item and its split) and `labels.json` (what
+        the label budget got): which labels a fine-tune saw, written before it trains."""
+        if not self.is_main:
+            return
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows(rows)
+        with self.recording_failures():
+            atomic_write_text(self.path / "labels_used.csv", buf.getvalue())
+        self.write_json("labels.json", labels)
 
     def plan(self, dataset: Any, weights: Sequence[float] | None = None) -> RunPlan:
         """The loader and run length from this job's `train` section."""

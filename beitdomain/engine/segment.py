@@ -20,7 +20,6 @@ resumable sampler, so a resumed run ends equal to an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import math
@@ -35,13 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdomain.config import Recipe
-from beitdomain.data.masks import MaskClasses, SegmentData, segment_data, write_nifti_mask
+from beitdomain.data.masks import MaskClasses, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
 from beitdomain.eval.segment_metrics import SegmentationMeter
-from beitdomain.eval.segment_sheet import contact_sheet
-from beitdomain.fileio import atomic_write_safetensors, atomic_write_text
+from beitdomain.eval.segment_sheet import mask_contact_sheet
+from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.models.classifier import layer_decay_param_groups, param_groups_weight_decay
 from beitdomain.models.cnn import timm_arch
@@ -263,19 +262,6 @@ def _arch_and_init(init: str | None) -> tuple[Literal["beit", "unet"], str | Non
     return "beit", resolved, resolved or "scratch"
 
 
-def _write_labels_used(job: Job, data: SegmentData) -> None:
-    if not job.is_main:
-        return
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "mask", "split"])
-    for split, files in data.files.items():
-        for image, mask in files:
-            w.writerow([image, mask, split])
-    atomic_write_text(job.path / "labels_used.csv", buf.getvalue())
-    job.write_json("labels.json", data.subset)
-
-
 def finetune_segment(
     recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]
 ) -> dict[str, Any]:
@@ -311,7 +297,11 @@ def finetune_segment(
         job.say("%s", report)
     model.to(job.device)
     job.start(data.fingerprint, init=init_name, task="segment")
-    _write_labels_used(job, data)
+    job.write_labels_used(
+        ["path", "mask", "split"],
+        ([image, mask, split] for split, files in data.files.items() for image, mask in files),
+        data.subset,
+    )
     if report is not None:
         job.write_json("init_report.json", report.__dict__)
 
@@ -384,7 +374,7 @@ def finetune_segment(
             metrics["n_images"] = len(data.files["test"])
             results["test"] = _finite(metrics)
         images, truths, preds = zip(*kept)
-        contact_sheet(images, truths, preds, job.path / SHEET_FILE, classes.ignore_index)
+        mask_contact_sheet(images, truths, preds, job.path / SHEET_FILE, classes.ignore_index)
         for w in warnings:
             log.warning("%s: %s", job.path, w)
         job.write_json(RESULTS_FILE, results)

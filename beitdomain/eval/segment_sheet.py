@@ -14,7 +14,7 @@ import numpy as np
 
 from beitdomain.fileio import atomic_write_bytes
 
-__all__ = ["PALETTE", "contact_sheet", "overlay"]
+__all__ = ["PALETTE", "mask_contact_sheet", "overlay"]
 
 # Foreground colours (class 1, 2, ...), repeated when there are more classes.
 PALETTE = np.array(
@@ -58,7 +58,7 @@ def overlay(
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def contact_sheet(
+def mask_contact_sheet(
     images: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],
     preds: Sequence[np.ndarray],
