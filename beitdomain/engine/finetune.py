@@ -40,16 +40,15 @@ from beitdomain.engine.job import (
 )
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
 from beitdomain.engine.segment import finetune_segment
-from beitdomain.engine.train import distributed as D
 from beitdomain.engine.train.estimate import (
     announce_cpu_time,
     backbone_forward_gflops,
     model_forward_gflops,
 )
 from beitdomain.engine.train.loop import Trainer
+from beitdomain.engine.train.selection import ValidationHook, save_weights
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
-from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.classifier import (
     BeitClassifier,
     freeze_backbone,
@@ -71,22 +70,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalHook:
-    """Validates every `every` steps; keeps the best weights; optional early stopping."""
+class EvalHook(ValidationHook):
+    """Validation of a classifier: `select_metric` on the validation split (`ValidationHook`)."""
 
-    model: BeitClassifier
-    val: Any
-    classes: list[str]
-    metric: str
-    every: int
-    out: Path | None
-    patience: int | None
-    device: torch.device
-    batch_size: int
-    best: float | None = None
-    best_step: int = 0
-    bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    metric: str = "balanced_accuracy"
+
+    @property
+    def metric_name(self) -> str:  # type: ignore[override]
+        return self.metric
 
     def evaluate(self, trainer: Trainer) -> dict[str, Any]:
         probs, y, _ = predict_probs(
@@ -98,58 +90,13 @@ class EvalHook:
         )
         return m
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        step = trainer.state.step
-        if self.val is None or not (step % self.every == 0 or step == trainer.total_steps):
-            return
-        # Every rank evaluates (none waits idle in a collective); rank 0 decides, and every
-        # rank takes its best score and stop from it, so all stop on the same step (a rank
-        # stopping alone would leave the others waiting in the next all-reduce).
-        m = self.evaluate(trainer)
-        if trainer.dist.is_main:
-            self._decide(step, m)
-        decision = D.broadcast_object({**self.state_dict(), "history": self.history[-1:]})
-        if not trainer.dist.is_main:
-            self.load_state_dict(decision)
-            self.history.extend(decision["history"])
-        trainer.log(
-            **{
-                f"val_{k}": m[k]
-                for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-                if m.get(k) is not None
-            }
-        )
-        if self.best_step == step:
-            if self.out is not None and trainer.dist.is_main:
-                save_weights(self.model, self.out / BEST_FILE)
-        elif self.patience is not None and self.bad_evals >= self.patience:
-            trainer.state.stop = True
-            trainer.state.stop_reason = (
-                f"early stopping: no better validation {self.metric} for {self.bad_evals} "
-                f"evaluations (best {self.best:.4f} at step {self.best_step})"
-            )
-            log.info("%s", trainer.state.stop_reason)
-
-    def _decide(self, step: int, m: dict[str, Any]) -> None:
-        """Records this evaluation's score and whether it is the best so far (rank 0's call)."""
+    def score(self, m: dict[str, Any]) -> float:
         score = -m["loss"] if self.metric == "loss" else m.get(self.metric)
-        if score is None:  # e.g. AUROC undefined on this validation split
-            score = m["balanced_accuracy"]
-        self.history.append({"step": step, "score": score})
-        if self.best is None or score > self.best:
-            self.best, self.best_step, self.bad_evals = score, step, 0
-        else:
-            self.bad_evals += 1
+        return m["balanced_accuracy"] if score is None else score  # AUROC can be undefined
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.best, self.best_step, self.bad_evals = s["best"], s["best_step"], s["bad_evals"]
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    atomic_write_safetensors(path, D.unwrap(model).state_dict())
+    def logged(self, m: dict[str, Any]) -> dict[str, float]:
+        keys = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
+        return {f"val_{k}": m[k] for k in keys if m.get(k) is not None}
 
 
 class SeededMixup:
@@ -332,13 +279,13 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     hook = EvalHook(
         model,
         data.val,
-        data.classes,
-        ft.select_metric,
         every,
-        job.path,
+        job.path / BEST_FILE,
         ft.early_stopping,
         job.device,
         eval_batch,
+        classes=data.classes,
+        metric=ft.select_metric,
     )
     # Layer decay keeps pre-trained lower layers close to what they learned; a random backbone
     # has nothing to keep (at depth 12 and 0.65 its patch embedding would train at 0.4% of the

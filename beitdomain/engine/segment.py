@@ -24,7 +24,7 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,9 +38,9 @@ from beitdomain.data.masks import MaskClasses, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.selection import ValidationHook, save_weights
 from beitdomain.eval.segment_metrics import SegmentationMeter
 from beitdomain.eval.segment_sheet import mask_contact_sheet
-from beitdomain.fileio import atomic_write_safetensors
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.models.classifier import layer_decay_param_groups, param_groups_weight_decay
 from beitdomain.models.cnn import timm_arch
@@ -163,61 +163,25 @@ def _score(metrics: dict[str, Any]) -> float:
 
 
 @dataclass
-class SegmentEvalHook:
-    """Validates every `every` steps on mean foreground Dice; keeps the best weights in
-    best.safetensors; optional early stopping. Its state is checkpointed (exact resume)."""
+class SegmentEvalHook(ValidationHook):
+    """Validation of a segmenter: the foreground mean Dice on the validation split
+    (`ValidationHook`: the best weights, early stopping, ranks agreeing)."""
 
-    model: nn.Module
-    val: Any
-    classes: MaskClasses
-    every: int
-    out: Path | None
-    patience: int | None
-    device: torch.device
-    batch_size: int
-    best: float | None = None
-    best_step: int = 0
-    bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    classes: MaskClasses | None = None
+    metric_name = "mean Dice"
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        step = trainer.state.step
-        if self.val is None or not (step % self.every == 0 or step == trainer.total_steps):
-            return
+    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
+        assert self.classes is not None
         m, _ = evaluate_masks(
             self.model, self.val, self.classes, self.device, self.batch_size, trainer.amp_dtype
         )
-        score = _score(m)
-        self.history.append({"step": step, "mean_dice": score, "mean_iou": m["mean_iou"]})
-        if self.best is None or score > self.best:
-            self.best, self.best_step, self.bad_evals = score, step, 0
-            if self.out is not None and trainer.dist.is_main:
-                _save_weights(self.model, self.out / BEST_FILE)
-        else:
-            self.bad_evals += 1
-            if self.patience is not None and self.bad_evals >= self.patience:
-                trainer.state.stop = True
-                trainer.state.stop_reason = (
-                    f"early stopping: no better validation mean Dice for {self.bad_evals} "
-                    f"evaluations (best {self.best:.4f} at step {self.best_step})"
-                )
-        trainer.log(val_mean_dice=score, val_mean_iou=_finite(m["mean_iou"]))
+        return m
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "best": self.best,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "history": list(self.history),
-        }
+    def score(self, m: dict[str, Any]) -> float:
+        return _score(m)
 
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.best, self.best_step = s["best"], int(s["best_step"])
-        self.bad_evals, self.history = int(s["bad_evals"]), list(s["history"])
-
-
-def _save_weights(model: nn.Module, path: Path) -> None:
-    atomic_write_safetensors(path, D.unwrap(model).state_dict())
+    def logged(self, m: dict[str, Any]) -> dict[str, float]:
+        return {"val_mean_dice": _score(m), "val_mean_iou": _finite(m["mean_iou"])}
 
 
 def _finite(v: Any) -> Any:
@@ -314,7 +278,14 @@ def finetune_segment(
     eval_batch = max(plan.loader.batch_sampler.batch_size, 16)
     every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
     hook = SegmentEvalHook(
-        model, data.val, classes, every, job.path, ft.early_stopping, job.device, eval_batch
+        model,
+        data.val,
+        every,
+        job.path / BEST_FILE,
+        ft.early_stopping,
+        job.device,
+        eval_batch,
+        classes=classes,
     )
     # As for classification: layer decay keeps what a pre-trained backbone learned; a random
     # one (or the U-Net) trains every layer at the full lr.
@@ -335,7 +306,7 @@ def finetune_segment(
 
             load_weights(model, job.path / BEST_FILE)
         else:  # no validation: the final weights are the result
-            _save_weights(model, job.path / BEST_FILE)
+            save_weights(model, job.path / BEST_FILE)
         sub = data.subset
         results = {
             "task": "segment",
