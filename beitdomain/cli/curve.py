@@ -50,12 +50,22 @@ def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
 @handle_errors
 def curve(
     ctx: typer.Context,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="classify (default) or segment: every cell fine-tunes a segmenter on masks "
+            "(the labels CSV's mask column), label amounts count annotated images, and the "
+            "curve compares foreground-mean Dice (IoU beside it).",
+        ),
+    ] = None,
     init: Annotated[
         list[str] | None,
         typer.Option(
             help="Repeatable: NAME=PATH (a pretrain run or checkpoint), 'scratch', or "
             "timm:ARCH (that timm network from random weights, e.g. a CNN). E.g. --init "
-            "domain=runs/pre --init scratch --init cnn=timm:resnet18 --init imagenet=beit.pth"
+            "domain=runs/pre --init scratch --init cnn=timm:resnet18 --init imagenet=beit.pth. "
+            "With --task segment: 'unet' (MONAI's U-Net from random weights) instead of timm."
         ),
     ] = None,
     init_set: Annotated[
@@ -71,7 +81,11 @@ def curve(
     ] = None,
     seeds: opt.SeedsOpt = None,
     metric: Annotated[
-        str | None, typer.Option(help="balanced_accuracy (default), accuracy, auroc, macro_f1.")
+        str | None,
+        typer.Option(
+            help="balanced_accuracy (default), accuracy, auroc, macro_f1 (classification; "
+            "a --task segment curve compares Dice)."
+        ),
     ] = None,
     workers: Annotated[
         int | None,
@@ -110,11 +124,17 @@ def curve(
     1% the seed-to-seed spread is largest and a fine-tune cheapest: curve.fraction_seeds runs
     more seeds there, e.g. --set 'curve.fraction_seeds={"1%": [0, 1, 2, 3, 4, 5]}'.
 
+    With --task segment the cells are segmentation fine-tunes on masks, scored in Dice; the
+    arms without pre-training are scratch and MONAI's U-Net (--init unet), and the classical
+    baselines, which classify whole images, are not run.
+
     Examples:
 
         beitdomain curve -r elpv-cpu --init domain=runs/pre --init scratch --fractions 1%,10%,100%
 
         beitdomain curve --init d=runs/pre --init scratch --init-set d:finetune.optim.lr=1e-4
+
+        beitdomain curve --task segment --labels-csv masks.csv --init d=runs/pre --init unet
     """
     r, out = load_job(
         ctx,
@@ -129,6 +149,7 @@ def curve(
             **opt.curve_options(fractions, seeds),
             "curve.metric": metric,
             "finetune.selection": selection,
+            "finetune.task": task,
         },
     )
     from beitdomain.engine.curve.run import run_curve

@@ -25,6 +25,8 @@ METRIC_LABELS = {
     "balanced_accuracy": "balanced accuracy",
     "macro_f1": "macro-F1",
     "auroc": "AUROC",
+    "mean_dice": "foreground-mean Dice",  # a segmentation curve's (engine/curve)
+    "mean_iou": "foreground-mean IoU",
 }
 
 

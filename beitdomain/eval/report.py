@@ -29,6 +29,8 @@ METRIC_NAMES = {
     "balanced_accuracy": "balanced accuracy",
     "macro_f1": "macro-F1",
     "auroc": "AUROC",
+    "mean_dice": "foreground-mean Dice",  # a segmentation curve's (engine/curve)
+    "mean_iou": "foreground-mean IoU",
 }
 
 

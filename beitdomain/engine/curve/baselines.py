@@ -22,6 +22,7 @@ from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.labeled import labeled_data
 from beitdomain.engine.build import build_classifier, load_init
+from beitdomain.engine.segment import UNET_INITS
 from beitdomain.eval import baselines as B
 from beitdomain.eval.report import (
     STRONGEST,
@@ -63,11 +64,22 @@ def baseline_settings(inits: Mapping[str, str | None]) -> dict[str, str]:
     return out
 
 
+def is_unet(init: str | None) -> bool:
+    """Whether an init trains MONAI's U-Net from random weights (a segmentation arm)."""
+    return init is not None and init.lower() in UNET_INITS
+
+
+def from_random_weights(init: str | None) -> bool:
+    """Whether a resolved init starts from random weights: scratch, a timm network
+    (`timm:<arch>`) or the U-Net. Anything loaded from weights counts as pre-trained."""
+    return init is None or timm_arch(init) is not None or is_unet(init)
+
+
 def without_pretraining(inits: Mapping[str, str | None]) -> list[str]:
     """The arms that had no pre-training: randomly initialised backbones (fine-tuned and
-    probed), timm networks from random weights (`timm:<arch>`) and the pixel baselines.
+    probed), timm networks and MONAI's U-Net from random weights, and the pixel baselines.
     Anything loaded from weights counts as pre-trained."""
-    random = [name for name, path in inits.items() if path is None or timm_arch(path)]
+    random = [name for name, path in inits.items() if from_random_weights(path)]
     return [*random, PIXELS, PCA, *(probe_name(n) for n in random)]
 
 

@@ -40,6 +40,8 @@ class CurveGrid:
     inits: dict[str, str | None]  # name -> resolved weights (None: random initialization)
     fractions: tuple[LabelSpec, ...]
     seeds: dict[LabelSpec, tuple[int, ...]]  # the seeds each fraction runs
+    # what every cell fine-tunes (`finetune.task`): a classifier, or a segmenter scored in Dice
+    task: str = "classify"
 
     def cells(self) -> list[Cell]:
         return [Cell(i, f, s) for i in self.inits for f in self.fractions for s in self.seeds[f]]
@@ -55,8 +57,9 @@ def cell_name(init: str, labels: str | LabelSpec, seed: int) -> str:
     return f"{init}-{safe}-s{seed}"
 
 
-def parse_grid(c: CurveConfig, inits: dict[str, str | None]) -> CurveGrid:
+def parse_grid(c: CurveConfig, inits: dict[str, str | None], task: str = "classify") -> CurveGrid:
     """Parses every label amount before any cell runs (a bad one fails the whole grid now).
+    `task`: `finetune.task` of every cell.
 
     Raises:
         LabelSubsetError: a label amount that is not one of the accepted forms.
@@ -81,4 +84,4 @@ def parse_grid(c: CurveConfig, inits: dict[str, str | None]) -> CurveGrid:
             list(c.fractions),
         )
     seeds = {f: tuple(extra.get(f) or c.seeds) for f in fractions}
-    return CurveGrid(dict(inits), tuple(fractions), seeds)
+    return CurveGrid(dict(inits), tuple(fractions), seeds, task)

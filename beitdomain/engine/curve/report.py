@@ -18,6 +18,7 @@ from beitdomain.engine.curve.baselines import (
     BASELINES_FILE,
     baseline_settings,
     compare_with_strongest,
+    is_unet,
     probe_name,
     without_pretraining,
 )
@@ -31,6 +32,8 @@ from beitdomain.user import UserError
 
 log = logging.getLogger(__name__)
 ARMS_FILE = "arms.json"  # how each fine-tuned arm ran, for report.md
+SEGMENT_METRIC = "mean_dice"  # a segmentation curve's metric; mean_iou is its second column
+SEGMENT_COLUMNS = ("mean_dice", "mean_iou")
 MIN_SPLIT_GROUPS = 3  # fewer groups in a split: its score is one or two groups' score
 
 
@@ -38,11 +41,18 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def subset_warnings(labels: str, subset: dict[str, Any]) -> list[str]:
+def curve_metric(c: CurveConfig, grid: CurveGrid) -> str:
+    """What the curve compares: `curve.metric` for classification; the foreground-mean Dice
+    of the test masks for segmentation (a cell's results.json `test.mean_dice`)."""
+    return SEGMENT_METRIC if grid.task == "segment" else c.metric
+
+
+def subset_warnings(labels: str, subset: dict[str, Any], task: str = "classify") -> list[str]:
     """What a label amount's subset (`LabeledData.subset`, or a cell's results.json) must say
     so that a label-efficiency number never overstates: "asked 10%, got 28.6% (8 images, 1
     group)" where whole groups (or one image per class) made it larger, and each split that
-    holds images from under `MIN_SPLIT_GROUPS` groups."""
+    holds images from under `MIN_SPLIT_GROUPS` groups. For `task` segment the images are
+    annotated images (a mask each), and a subset is whole images."""
     out = []
     splits = subset.get("splits") or {}
     got, n = float(subset["fraction"]), int(subset["n_labels"])
@@ -51,10 +61,13 @@ def subset_warnings(labels: str, subset: dict[str, Any]) -> list[str]:
         why = (
             "whole groups are kept together"
             if groups and groups < n
-            else ("every class keeps at least one image")
+            else "a subset is whole annotated images"
+            if task == "segment"
+            else "every class keeps at least one image"
         )
+        unit = "annotated image" if task == "segment" else "image"
         out.append(
-            f"labels: asked {labels}, got {100 * got:.1f}% ({_plural(n, 'image')}"
+            f"labels: asked {labels}, got {100 * got:.1f}% ({_plural(n, unit)}"
             + (f", {_plural(groups, 'group')}" if groups else "")
             + f"; the train split holds {subset['n_train']}): {why}; the curve plots and "
             f"reports {100 * got:.1f}%"
@@ -94,6 +107,10 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         test = res["test"]
         # Images (files) like n_labels and n_train; a multi-frame file is one image here.
         n_test = ((res.get("splits") or {}).get("test") or {}).get("images") or test.get("n")
+        if res.get("task") == "segment":
+            scores = _segment_scores(test, res.get("classes") or [], res.get("ignore_index"))
+        else:
+            scores = {m: test.get(m) for m in METRICS}
         rows.append(
             {
                 "init": cell.init,
@@ -109,10 +126,22 @@ def collect_rows(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 "selection": res.get("selection"),
                 "layer_decay": res.get("layer_decay"),
                 "n_test": n_test,
-                **{m: test.get(m) for m in METRICS},
+                **scores,
             }
         )
     return rows
+
+
+def _segment_scores(
+    test: dict[str, Any], classes: Sequence[str], ignore_index: int | None
+) -> dict[str, Any]:
+    """A segmentation cell's test scores: the foreground means of Dice and IoU (what the curve
+    compares), then each foreground class's Dice (`dice_<class>`)."""
+    out = {m: test.get(m) for m in SEGMENT_COLUMNS}
+    per_class = test.get("dice") or {}
+    for name in list(classes)[1:]:  # class 0 is the background, left out of the means
+        out[f"dice_{name}"] = per_class.get(name)
+    return out
 
 
 def _with_steps_run(settings: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -207,7 +236,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """curve.csv, summary.csv, curve.png and report.md from the finished rows (fine-tunes and
     the classical baseline arms, `baselines.csv`)."""
-    metric, init_sets, inits = c.metric, c.init_sets, grid.inits
+    metric, init_sets, inits = curve_metric(c, grid), c.init_sets, grid.inits
     base_file = out / BASELINES_FILE
     base = read_csv(base_file) if base_file.is_file() else []
     rows = one_fraction_per_amount([*rows, *base])
@@ -236,7 +265,11 @@ def write_outputs(
         "n_test": rows[0].get("n_test"),
         "n_train": n_train,
         "inits": {
-            k: (v or "random initialization")
+            k: (
+                "MONAI's U-Net, random initialization"
+                if is_unet(v)
+                else v or "random initialization"
+            )
             + (f"; fine-tuned with {', '.join(init_sets[k])}" if init_sets.get(k) else "")
             for k, v in inits.items()
         },
@@ -252,6 +285,8 @@ def write_outputs(
         "figure": "curve.png",
         "n_classes": _n_classes(out, grid),
     }
+    if grid.task == "segment":
+        context.update(_segment_notes(c, inits))
     if "outside" in selection:
         context["selection_note"] = (
             "Checkpoints and learning rates were chosen on the split's validation images, "
@@ -280,6 +315,25 @@ def write_outputs(
         context,
     )
     return {"summary": summary, "efficiency": honest["efficiency"], "verdicts": honest["verdicts"]}
+
+
+def _segment_notes(c: CurveConfig, inits: dict[str, str | None]) -> dict[str, str]:
+    """What report.md says of a segmentation curve's metric and of the arms it has not."""
+    notes = {
+        "Dice": "each cell's Dice and IoU per class from every annotated test pixel (pooled "
+        "over the test images), averaged over the foreground classes (the background left "
+        "out); curve.csv holds mean_dice, mean_iou and each foreground class's Dice",
+    }
+    if c.baselines:
+        random = [f"`{n}`" for n in without_pretraining(inits) if n in inits]
+        notes["Classical baselines"] = (
+            "not run: the logistic regressions on pixels, on their PCA and on frozen features "
+            "label whole images, not pixels, so a segmentation curve has no such arm; the arms "
+            "without pre-training are the fine-tunes from random weights ("
+            + (", ".join(random) or "none in this curve")
+            + ")"
+        )
+    return notes
 
 
 def _probe_on_top(
@@ -329,7 +383,7 @@ def _label_amounts(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
             if text not in got:
                 got.append(text)
         parts.append(f"{labels}: {' or '.join(got)}")
-        for w in subset_warnings(labels, group[0]):
+        for w in subset_warnings(labels, group[0], task=group[0].get("task", "classify")):
             if w not in warnings:
                 warnings.append(w)
     return "; ".join(parts), warnings

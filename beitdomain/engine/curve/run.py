@@ -26,7 +26,12 @@ import torch
 from beitdomain.config import Recipe, apply_sets
 from beitdomain.data.labeled import labeled_data
 from beitdomain.data.source import image_source
-from beitdomain.engine.curve.baselines import BASELINES_FILE, baseline_rows
+from beitdomain.engine.curve.baselines import (
+    BASELINES_FILE,
+    baseline_rows,
+    from_random_weights,
+    is_unet,
+)
 from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
 from beitdomain.engine.curve.report import (
     ARMS_FILE,
@@ -34,13 +39,14 @@ from beitdomain.engine.curve.report import (
     subset_warnings,
     write_outputs,
 )
-from beitdomain.engine.finetune import finetune, is_pretrained, resolve_init
+from beitdomain.engine.finetune import finetune, resolve_init
 from beitdomain.engine.job import RESULTS_FILE
 from beitdomain.engine.run.folder import OtherDataError, RunDir
 from beitdomain.engine.train.distributed import resolve_device, usable_cores
 from beitdomain.eval.report import write_csv
 from beitdomain.fileio import atomic_write_json
 from beitdomain.labels import LabelSpec, LabelSubsetError
+from beitdomain.models.cnn import timm_arch
 from beitdomain.progress import CountProgress
 from beitdomain.user import UserError
 
@@ -160,11 +166,21 @@ def _arm_settings(
             if tr.steps
             else f"{tr.epochs} epochs and at least {tr.min_steps} steps"
         )
-        out[name] = {
-            "settings": f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection "
-            f"'{ft.selection}', batch {tr.batch_size}, head {ft.head_init}",
-            "schedule": schedule,
-        }
+        if ft.task == "segment":  # no classification head; the network is what differs
+            net = (
+                "MONAI's U-Net from random weights"
+                if is_unet(inits[name])
+                else f"BEiT segmenter ({r.segment.decoder} decoder, "
+                f"{r.segment.decoder_channels} channels)"
+            )
+            how = f"{net}, fine-tuned, {lr}, layer decay {decay or 'none'}"
+            settings = f"{how}, selection '{ft.selection}', batch {tr.batch_size}"
+        else:
+            settings = (
+                f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection "
+                f"'{ft.selection}', batch {tr.batch_size}, head {ft.head_init}"
+            )
+        out[name] = {"settings": settings, "schedule": schedule}
     return out
 
 
@@ -183,9 +199,9 @@ def _init_recipes(recipe: Recipe, inits: dict[str, str | None]) -> dict[str, Rec
     out = {}
     for name, path in inits.items():
         r = recipe
-        if not is_pretrained(path):
-            # A random backbone trains without layer decay (finetune does the same on its own;
-            # said here so arms.json and report.md show it).
+        if from_random_weights(path):
+            # A random backbone (or the U-Net) trains without layer decay (finetune does the
+            # same on its own; said here so arms.json and report.md show it).
             r = replace(
                 r, finetune=replace(r.finetune, optim=replace(r.finetune.optim, layer_decay=None))
             )
@@ -249,7 +265,7 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
     try:
         with tempfile.TemporaryDirectory(prefix="beitdomain-check-") as scratch:
             scanned: list[tuple[Any, Any]] = []
-            for r in recipes.values():
+            for r in recipes.values() if grid.task != "segment" else ():
                 r = _scanned_once(r, Path(scratch), scanned)
                 for spec in grid.fractions:
                     key = (spec.text, r.finetune.selection)
@@ -277,16 +293,50 @@ def check_cells(recipes: dict[str, Recipe], grid: CurveGrid) -> dict[LabelSpec, 
                             f"holds no image of {', '.join(missing)} ({ld.subset['n_labels']} "
                             "images, whole groups kept together)",
                         )
+            if grid.task == "segment":
+                subsets, refused = _segment_subsets(recipes, grid)
     finally:
         data_log.setLevel(level)
     if refused:
         raise UserError(_refusal(grid, refused))
     said = dict.fromkeys(
-        w for spec, sub in subsets.items() for w in subset_warnings(spec.text, sub)
+        w for spec, sub in subsets.items() for w in subset_warnings(spec.text, sub, task=grid.task)
     )
     for line in said:  # a split's warning holds for every amount: once
         log.warning("curve: %s", line)
     return subsets
+
+
+def _segment_subsets(
+    recipes: dict[str, Recipe], grid: CurveGrid
+) -> tuple[dict[LabelSpec, dict[str, Any]], dict[LabelSpec, str]]:
+    """`check_cells` for a segmentation curve: each label amount's subset of annotated images
+    drawn as its cells draw it (`data.masks.segment_data`, which reads and checks every
+    (image, mask) pair first: a bad mask refuses the curve before --out is written).
+
+    Returns:
+        (label amount -> its subset, label amount -> why the data cannot hold it).
+    """
+    from beitdomain.data.masks import MaskClasses, segment_data
+
+    subsets: dict[LabelSpec, dict[str, Any]] = {}
+    refused: dict[LabelSpec, str] = {}
+    checked: set[tuple[str, str]] = set()
+    for r in recipes.values():
+        classes = MaskClasses.from_config(r.segment)
+        for spec in grid.fractions:
+            key = (spec.text, r.finetune.selection)
+            if key in checked:
+                continue
+            checked.add(key)
+            cell = replace(r, finetune=replace(r.finetune, labels=spec.text))
+            try:
+                sd = segment_data(cell, classes, seed=grid.seeds[spec][0])
+            except LabelSubsetError as e:
+                refused.setdefault(spec, str(e))
+                continue
+            subsets.setdefault(spec, sd.subset)
+    return subsets, refused
 
 
 def _scanned_once(r: Recipe, scratch: Path, scanned: list[tuple[Any, Any]]) -> Recipe:
@@ -347,10 +397,19 @@ def run_curve(
     if not c.inits:
         raise UserError("curve.inits is empty: give at least one --init (e.g. --init scratch)")
     out = Path(out)
-    inits = {name: resolve_init(path) for name, path in c.inits.items()}
-    grid = parse_grid(c, inits)  # every label amount parsed before any cell runs
+    task = recipe.finetune.task
+    inits = {name: _resolve_arm(name, path, task) for name, path in c.inits.items()}
+    if task == "segment" and c.metric != "balanced_accuracy":  # i.e. set away from its default
+        raise UserError(
+            f"curve.metric={c.metric}: a classification metric; a segmentation curve "
+            "(finetune.task=segment) compares the foreground-mean Dice of each cell's test "
+            "masks (IoU beside it in curve.csv): leave curve.metric unset"
+        )
+    grid = parse_grid(c, inits, task)  # every label amount parsed before any cell runs
     recipes = _init_recipes(recipe, inits)
     record: dict[str, Any] = {"fractions": c.fractions, "seeds": c.seeds, "inits": inits}
+    if task != "classify":  # a classification grid's record stays as before (it resumes)
+        record["task"] = task
     if c.init_sets:
         record["init_sets"] = {k: list(v) for k, v in c.init_sets.items()}
     if c.fraction_seeds:
@@ -378,6 +437,27 @@ def run_curve(
         result = write_outputs(out, rows, c, grid)
     run.finish(cells=len(rows), **_cells_provenance(out, grid.cells()))
     return {"rows": rows, **result}
+
+
+def _resolve_arm(name: str, init: str | None, task: str) -> str | None:
+    """What an arm's cells load (`resolve_init`); `unet` (MONAI's U-Net from random weights)
+    for a segmentation curve, where a timm classifier has no place."""
+    if is_unet(init):
+        if task != "segment":
+            raise UserError(
+                f"curve.inits.{name}={init}: MONAI's U-Net is a segmentation arm: it needs "
+                "finetune.task=segment (masks as labels: `beitdomain curve --task segment`), "
+                "or give a classifier's init"
+            )
+        return "unet"
+    resolved = resolve_init(init)
+    if task == "segment" and resolved is not None and timm_arch(resolved) is not None:
+        raise UserError(
+            f"curve.inits.{name}={init}: a timm network is a classifier; a segmentation curve "
+            "takes scratch, a pretrain run folder, BEiT weights, or unet (MONAI's U-Net from "
+            "scratch, the arm without pre-training a practitioner would train)"
+        )
+    return resolved
 
 
 @contextlib.contextmanager
@@ -412,7 +492,11 @@ def _run_cells(
     atomic_write_json(out / "grid.json", record)
     atomic_write_json(out / ARMS_FILE, _arm_settings(recipes, grid.inits))
     cells = grid.cells()
-    if c.baselines and not (out / BASELINES_FILE).is_file():
+    if c.baselines and grid.task == "segment":
+        # A logistic regression on pixels or frozen features labels whole images; a mask has
+        # no such arm here (report.md says so rather than showing one).
+        log.info("curve: no classical baselines for a segmentation curve (they classify images)")
+    elif c.baselines and not (out / BASELINES_FILE).is_file():
         # Seconds on a CPU, and on the very subsets the cells train on: before the cells, so
         # the report compares against them from the first finished cell on.
         pairs = list(dict.fromkeys((cell.labels.text, cell.seed) for cell in cells))
