@@ -157,6 +157,56 @@ def test_a_cut_off_segmentation_cell_resumes_to_the_uninterrupted_one(curve, tmp
     assert _rows(out / "curve.csv") == _rows(done / "curve.csv")
 
 
+def test_a_curve_killed_inside_a_segmentation_cell_resumes_to_the_uninterrupted_curve(
+    curve, tmp_path, monkeypatch
+):
+    """Killed right after the second cell's first checkpoint (step 3 of 6), the curve is run
+    again: the finished cell is skipped, the killed one resumes, and every cell ends as the
+    uninterrupted curve's did."""
+    import beitdomain.engine.curve.run as curve_engine
+    from beitdomain.engine.train.loop import Trainer
+
+    data, done = curve
+    out = tmp_path / "curve"
+    real = curve_engine.finetune
+
+    def killed_in_second_cell(r, cell_dir, **kw):
+        if cell_dir.name != "scratch-100pct-s0":
+            return real(r, cell_dir, **kw)
+        save = Trainer.save_checkpoint
+
+        def save_then_die(self):
+            save(self)
+            raise KeyboardInterrupt("simulated kill after the first checkpoint")
+
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(Trainer, "save_checkpoint", save_then_die)
+            return real(r, cell_dir, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(curve_engine, "finetune", killed_in_second_cell)
+        res = cli(*_curve_args(data, out))
+    assert res.exit_code != 0
+    cut = out / "cells" / "scratch-100pct-s0"
+    assert not (cut / "results.json").exists()
+    assert json.loads((cut / "manifest.json").read_text())["status"] == "interrupted"
+    mgr = CheckpointManager(cut / "checkpoints")
+    assert mgr.steps() == [3]
+    kept = mgr.path_for(3).stat().st_mtime_ns
+    first = (out / "cells" / "scratch-50pct-s0" / "results.json").stat().st_mtime_ns
+    res = cli(*_curve_args(data, out))
+    assert res.exit_code == 0, res.output
+    assert mgr.steps() == [3, 6] and mgr.path_for(3).stat().st_mtime_ns == kept  # resumed
+    assert (out / "cells" / "scratch-50pct-s0" / "results.json").stat().st_mtime_ns == first
+    for cell in ("scratch-100pct-s0", "unet-100pct-s0"):
+        assert_same_tensors(
+            CheckpointManager(out / "cells" / cell / "checkpoints").load_latest()[1]["model"],
+            CheckpointManager(done / "cells" / cell / "checkpoints").load_latest()[1]["model"],
+            cell,
+        )
+    assert _rows(out / "curve.csv") == _rows(done / "curve.csv")
+
+
 def test_a_unet_arm_is_refused_for_a_classification_curve(tmp_path):
     from helpers import write_separable_set
 
