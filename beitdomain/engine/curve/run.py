@@ -5,7 +5,8 @@ cell is an ordinary fine-tuning run in `cells/<init>-<labels>-s<seed>/`; its `re
 the record that the cell is done, so a re-run skips finished cells and resumes a cell that was
 cut off from its newest checkpoint.
 `curve.csv`, `summary.csv`, `curve.png` and `report.md` are rebuilt from the cells after each one
-(`curve_report`).
+(`report.write_outputs`). With `finetune.task: segment` every cell is a segmentation fine-tune
+(`engine.segment`, through `finetune`), `unet` is an arm, and no classical baseline runs.
 """
 
 from __future__ import annotations
