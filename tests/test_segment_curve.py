@@ -110,6 +110,7 @@ def test_the_cli_runs_a_segmentation_curve_in_dice(curve):
     assert "50%: 55.6% (5 images)" in report  # asked and got
     assert "asked 50%, got 55.6% (5 annotated images" in report
     assert "Initialization `unet`: MONAI's U-Net, random initialization" in report
+    assert "the same fixed split for every run" in report and "stratified" not in report
     assert "Classical baselines: not run" in report and "(`scratch`, `unet`)" in report
     assert "Metric: foreground-mean Dice on the test set" in report
     assert "pixels-logreg" not in report and "probe-" not in report

@@ -32,6 +32,7 @@ METRIC_NAMES = {
     "mean_dice": "foreground-mean Dice",  # a segmentation curve's (engine/curve)
     "mean_iou": "foreground-mean IoU",
 }
+SEGMENT_METRICS = ("mean_dice", "mean_iou")
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,7 +626,9 @@ def write_report(
     n_test = ctx.pop("n_test", None)
     if n_test is not None:
         lines.append(
-            f"- Test set: {n_test} images, the same fixed stratified split for every run "
+            f"- Test set: {n_test} images, the same fixed "
+            # masks have no class to stratify by: the segmentation split is by file and group
+            f"{'split' if metric in SEGMENT_METRICS else 'stratified split'} for every run "
             "(never used for training or checkpoint selection)."
         )
     n_train = ctx.pop("n_train", None)
