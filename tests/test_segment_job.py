@@ -541,3 +541,32 @@ def test_the_python_api_fine_tunes_a_segmenter_when_the_recipe_says_segment(tmp_
     res = api.finetune(_recipe(data, "finetune.train.steps=6"), tmp_path / "run", quiet=True)
     assert set(res["test"]["dice"]) == {"background", "disc"}
     assert (tmp_path / "run" / "contact_sheet.png").is_file()
+
+
+def test_pretraining_on_a_masks_csv_reads_its_images_and_leaves_the_test_split_out(tmp_path):
+    """A masks CSV (path,mask) was refused by the tokenizer and pre-training ('no label
+    column'), and without it every file under the folder, masks and test images included, was
+    pre-trained on. Now they read the pairs' images only, without the test split's."""
+    from beitdomain.data.masks import recipe_pairs, split_pairs
+    from beitdomain.data.unlabeled import unlabeled_dataset
+
+    data = write_discs(tmp_path / "discs", n=16)
+    r = _recipe(data)
+    pairs = recipe_pairs(r)
+    test = {pairs[i].image.resolve() for i in split_pairs(r, pairs)["test"]}
+    assert len(test) == 4  # data.test_fraction=0.25 of 16
+    train, _, _ = unlabeled_dataset(r, kind="pretrain", progress=False, report_dir=tmp_path)
+    seen = {Path(train.source.source(i)[0]).resolve() for i in train.indices}
+    assert len(seen) == 12 and not seen & test
+    assert all(p.parent.name == "img" for p in seen)  # no mask file is an image to pre-train on
+    # the segmentation fine-tune scores on exactly the images pre-training left out
+    seg = finetune_segment(r, tmp_path / "ft", quiet=True)
+    scored = {(data / p).resolve() for p, _ in _split_rows(tmp_path / "ft", "test")}
+    assert scored == test and seg["test"]["n_images"] == 4
+
+
+def _split_rows(run: Path, split: str) -> list[tuple[str, str]]:
+    import csv as _csv
+
+    with open(run / "labels_used.csv", newline="") as f:
+        return [(r["path"], r["mask"]) for r in _csv.DictReader(f) if r["split"] == split]

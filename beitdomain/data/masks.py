@@ -387,6 +387,48 @@ def recipe_pairs(recipe: Any) -> list[MaskPair]:
     )
 
 
+def split_pairs(recipe: Any, pairs: Sequence[MaskPair]) -> dict[str, np.ndarray]:
+    """The train / val / test positions of `pairs`, by image file with groups kept together
+    (`splits.group_split`; a split column used as given): the split a segmentation fine-tune
+    scores on, and what pre-training on the same images leaves out (`split_labels_csv`)."""
+    from beitdomain.data.splits import group_split
+
+    d = recipe.data
+    given = [p.split for p in pairs]
+    if any(s is not None for s in given) and any(s is None for s in given):
+        missing = [_rel(p.image, Path(d.root)) for p in pairs if p.split is None][:5]
+        raise UserError(
+            f"the labels give a split for some images but not for {missing}; give a split for "
+            "every image or for none"
+        )
+    return group_split(
+        ["annotated"] * len(pairs),  # one stratum: a fraction counts annotated images
+        [p.group for p in pairs],
+        d.val_fraction,
+        d.test_fraction,
+        d.split_seed,
+        given if given and given[0] is not None else None,
+    )
+
+
+def split_labels_csv(recipe: Any, out: Path) -> Path:
+    """Writes `out`, a `path,label,split,group` CSV of the masks' images (label `annotated`)
+    with the split the segmentation fine-tune will use, and returns it: the tokenizer and
+    pre-training read it like any labels CSV, so they see only the images (not the mask files
+    beside them) and leave the test split's out."""
+    pairs = recipe_pairs(recipe)
+    split = split_pairs(recipe, pairs)
+    of = {int(i): name for name, idx in split.items() for i in idx}
+    root = Path(recipe.data.root)
+    rows = [["path", "label", "split", "group"]]
+    for k, pair in enumerate(pairs):
+        rows.append([_rel(pair.image, root), "annotated", of.get(k, "train"), pair.group or ""])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return out
+
+
 def _fingerprint(pairs: Sequence[MaskPair], root: Path, classes: MaskClasses) -> str:
     import hashlib
 
@@ -426,7 +468,6 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         describe_subset,
         differs_from_asked,
         group_label_subset,
-        group_split,
         split_summary,
     )
     from beitdomain.data.transforms import SegmentTransform
@@ -456,23 +497,9 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         items.extend(zip(image, mask))
         item_file.extend([k] * len(image))
     files = np.asarray(item_file, dtype=np.int64)
-    given = [p.split for p in pairs]
-    if any(s is not None for s in given) and any(s is None for s in given):
-        missing = [_rel(p.image, root) for p in pairs if p.split is None][:5]
-        raise UserError(
-            f"the labels give a split for some images but not for {missing}; give a split for "
-            "every image or for none"
-        )
     flabels = ["annotated"] * len(pairs)  # one stratum: a fraction counts annotated images
     groups = [p.group for p in pairs]
-    split = group_split(
-        flabels,
-        groups,
-        d.val_fraction,
-        d.test_fraction,
-        d.split_seed,
-        given if given and given[0] is not None else None,
-    )
+    split = split_pairs(recipe, pairs)
     train = split["train"]
     chosen = group_label_subset(
         [flabels[i] for i in train], [groups[i] for i in train], ft.labels, seed

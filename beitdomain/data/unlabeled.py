@@ -7,6 +7,8 @@ unless `data.transductive`; the tokenizer keeps a small held-out set to be measu
 from __future__ import annotations
 
 import logging
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.heldout import pretraining_items
 from beitdomain.data.labeled import items_in_test_split
+from beitdomain.data.masks import split_labels_csv
 from beitdomain.data.source import image_source
 from beitdomain.data.transforms import FinetuneTransform, training_transform
 from beitdomain.user import UserError
@@ -59,7 +62,16 @@ def unlabeled_dataset(
         `{'image', 'tok_image'[, 'mask']}`; for the tokenizer both views are tokenizer-sized.
     """
     d = recipe.data
-    source, fingerprint = image_source(recipe, progress, report_dir)
+    if recipe.finetune.task == "segment" and not (d.cache or d.manifest):
+        # A masks CSV (or mask folder) names images and masks: pre-training reads the images
+        # only, with the split the segmentation fine-tune will score on (its test images out).
+        with tempfile.TemporaryDirectory(prefix="beitdomain-masks-") as tmp:
+            listed = split_labels_csv(recipe, Path(tmp) / "images.csv")
+            recipe = replace(recipe, data=replace(d, labels=str(listed)))
+            source, fingerprint = image_source(recipe, progress, report_dir)
+        d = recipe.data
+    else:
+        source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
     transform = training_transform(d, size, d.tokenizer_size)
     n = len(source)
