@@ -239,11 +239,13 @@ class Trainer:
     def _stop_now(self) -> None:
         self._save_last_finished()
         step = self._snapshot["step"] if self._snapshot is not None else self.state.step
-        if step == 0 or self.ckpt is None:
+        if step == 0:
             raise Interrupted(
                 f"interrupted ({self._signal_name}) before the first step finished; "
                 "nothing to resume from: start the run again"
             )
+        if self.ckpt is None:  # no run folder (a library call): nothing is written anywhere
+            raise Interrupted(f"interrupted ({self._signal_name}) at step {step}")
         raise Interrupted(
             f"interrupted ({self._signal_name}) at step {step}; checkpoint saved, "
             "continue with --resume"
