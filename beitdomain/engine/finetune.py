@@ -46,7 +46,7 @@ from beitdomain.engine.train.estimate import (
     model_forward_gflops,
 )
 from beitdomain.engine.train.loop import Trainer
-from beitdomain.engine.train.selection import ValidationHook, save_weights
+from beitdomain.engine.train.selection import ValidationHook, save_weights, validation_every
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.models.classifier import (
@@ -275,7 +275,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         )
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
     eval_batch = max(plan.loader.batch_sampler.batch_size, 32)
-    every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
+    every = validation_every(ft.train.eval_every, len(plan.loader), plan.total_steps)
     hook = EvalHook(
         model,
         data.val,

@@ -38,7 +38,7 @@ from beitdomain.data.masks import MaskClasses, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
-from beitdomain.engine.train.selection import ValidationHook, save_weights
+from beitdomain.engine.train.selection import ValidationHook, save_weights, validation_every
 from beitdomain.eval.segment_metrics import SegmentationMeter
 from beitdomain.eval.segment_sheet import mask_contact_sheet
 from beitdomain.models.backbone import BackboneConfig
@@ -276,7 +276,7 @@ def finetune_segment(
         gflops = model_forward_gflops(model, recipe.data.in_chans, size)
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
     eval_batch = max(plan.loader.batch_sampler.batch_size, 16)
-    every = ft.train.eval_every or max(len(plan.loader), plan.total_steps // 20)
+    every = validation_every(ft.train.eval_every, len(plan.loader), plan.total_steps)
     hook = SegmentEvalHook(
         model,
         data.val,

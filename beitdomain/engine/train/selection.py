@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def validation_every(eval_every: int | None, steps_per_epoch: int, total_steps: int) -> int:
+    """Steps between validations: `train.eval_every`, else once an epoch or 20 times a run,
+    whichever is rarer."""
+    return eval_every or max(steps_per_epoch, total_steps // 20)
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write_safetensors(path, D.unwrap(model).state_dict())
 
