@@ -172,6 +172,34 @@ def test_cosine_schedule_shape():
     assert lrs[-1] < 0.01
 
 
+def test_the_fine_tuning_schedule_scales_with_the_number_of_labels():
+    """cpu-base's fine-tune is `epochs` passes with a floor of `min_steps`, planned by the loader
+    training uses: the demo's 1% and 10% subsets (18 and 177 labels) get the floor, i.e. far
+    more passes over fewer labels, and 100% (1,771) its 10 epochs; `train.steps` overrides."""
+    import dataclasses
+
+    from beitdomain.config import load_recipe
+    from beitdomain.engine.train.plan import plan_run
+
+    train = load_recipe("cpu-base").finetune.train
+    assert (train.epochs, train.min_steps, train.batch_size) == (10, 250, 32)
+
+    def planned(n_labels, **over):
+        plan = plan_run(
+            Noisy(n_labels),
+            dataclasses.replace(train, **over),
+            seed=0,
+            num_workers=0,
+            device=torch.device("cpu"),
+        )
+        return plan.total_steps
+
+    assert [planned(n) for n in (18, 177, 1771)] == [250, 250, 550]  # 1771 // 32 = 55 a pass
+    assert planned(18, steps=40) == 40
+    assert planned(18, min_steps=0) == 10  # one 18-image batch a pass
+    assert planned(177, min_steps=0) == 50
+
+
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     from beitdomain.engine.train import distributed as D
 
