@@ -18,17 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from beitdomain.eval.report import METRIC_NAMES
 from beitdomain.fileio import atomic_write_bytes
-
-METRIC_LABELS = {
-    "accuracy": "accuracy",
-    "balanced_accuracy": "balanced accuracy",
-    "macro_f1": "macro-F1",
-    "auroc": "AUROC",
-    "mean_dice": "foreground-mean Dice",  # a segmentation curve's (engine/curve)
-    "mean_iou": "foreground-mean IoU",
-}
-
 
 # Legend entries that still fit inside the curve's axes without hiding what they label.
 LEGEND_INSIDE_MAX = 7
@@ -158,7 +149,7 @@ def plot_label_efficiency(
     Returns:
         The written path.
     """
-    label = METRIC_LABELS.get(metric, metric)
+    label = METRIC_NAMES.get(metric, metric)
     by_init: dict[str, list[tuple[float, float, float | None]]] = {}
     ratios = []
     for row in summary:
