@@ -284,16 +284,18 @@ def pairs_from_folder(
 
 
 class MaskDataset:
-    """(image, mask) items through a `SegmentTransform`, as dicts of tensors:
+    """(image, mask) items through a `SegmentTransform` (or the user's `UserSegmentAugment`),
+    as dicts of tensors:
     ``{'image': [C, S, S] float32, 'mask': [S, S] int64, 'index': int64}``.
 
-    A training item's crop and flips come from a generator of ``(seed, epoch, item)``, as
+    A training item's augmentation comes from a generator of ``(seed, epoch, item)``, as
     `ImageDataset`'s do, so an epoch's batches are the same after a resume and with any number
     of loader workers (`sampler.EpochIndex` carries the epoch to them).
 
     Args:
         items: every item of the data, ``(image [C, H, W], mask [H, W])``.
-        transform: `SegmentTransform` (train=True draws from the item's generator).
+        transform: `SegmentTransform` or `UserSegmentAugment` (train=True draws from the
+            item's generator).
         seed: base seed of the per-item generators.
         indices: the items of this split (or label subset).
     """
@@ -470,16 +472,11 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         group_label_subset,
         split_summary,
     )
-    from beitdomain.data.transforms import SegmentTransform
+    from beitdomain.data.transforms import SegmentTransform, segment_training_transform
     from beitdomain.labels import parse_labels_spec
 
     d, ft = recipe.data, recipe.finetune
     seed = recipe.seed if seed is None else seed
-    if d.augment:
-        raise UserError(
-            f"data.augment ({d.augment}) is not applied to masks yet; a segmentation fine-tune "
-            "takes data.crop_scale, hflip, vflip and intensity_jitter (unset data.augment)"
-        )
     for key in ("cache", "manifest"):
         if getattr(d, key):
             raise UserError(
@@ -487,6 +484,9 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
                 "segmentation fine-tune reads data.root and its labels CSV (unset data."
                 f"{key})"
             )
+    # data.augment (the user's pipeline, image and mask together) or the built-in one; built
+    # first, so a pipeline that cannot be loaded stops the job before every pair is read
+    augment = segment_training_transform(d, d.image_size, classes.num_classes, classes.ignore_index)
     pairs = recipe_pairs(recipe)
     root = Path(d.root)
     spec = IntensitySpec.from_config(d)
@@ -539,14 +539,6 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         return np.flatnonzero(np.isin(files, which))
 
     size = d.image_size
-    augment = SegmentTransform(
-        train=True,
-        image_size=size,
-        scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        vflip=d.vflip,
-        intensity=d.intensity_jitter,
-    )
     plain = SegmentTransform(train=False, image_size=size)
 
     def dataset(which: np.ndarray, transform: Any) -> MaskDataset | None:

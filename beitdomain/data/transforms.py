@@ -434,16 +434,26 @@ class UserAugment:
         self.image_size = image_size
         self.tokenizer_size = tokenizer_size
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> Any:
+    def _run(
+        self, image: np.ndarray, rng: np.random.Generator | None, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Any]:
+        """The pipeline reseeded from `rng` on `image` (and `mask`, albumentations' mask
+        target): (the augmented image in cv2 layout, float32; the pipeline's raw output)."""
         if rng is None:
             raise ValueError("a training transform needs rng (np.random.default_rng(...))")
         _seed_pipeline(self.kind, self.pipeline, int(rng.integers(2**31 - 1)))
         x = image.astype(np.float32, copy=False)
         if self.kind == "albumentations":
-            out = self.pipeline(image=np.ascontiguousarray(_hwc(x)))
+            targets = {"image": np.ascontiguousarray(_hwc(x))}
+            if mask is not None:
+                targets["mask"] = mask
+            out = self.pipeline(**targets)
         else:
             out = self.pipeline(np.array(x))  # a copy: MONAI may work in place
-        aug = _hwc(_as_chw(out, image.shape[0], self.kind))
+        return _hwc(_as_chw(out, image.shape[0], self.kind)), out
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> Any:
+        aug, _ = self._run(image, rng)
         size = self.image_size
         view = cv2.resize(aug, (size, size), interpolation=cv2.INTER_CUBIC)
         np.clip(view, 0.0, 1.0, out=view)
@@ -451,6 +461,95 @@ class UserAugment:
             return _chw(view)
         tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
         return _chw(view), _chw(tok)
+
+
+def _label_dtype(mask: np.ndarray) -> type:
+    """The narrowest of uint8, uint16, int32 that holds `mask`'s values: albumentations' (cv2's)
+    transforms take uint8 and uint16 with every interpolation, int32 with nearest only."""
+    lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+    if lo >= 0 and hi < 2**8:
+        return np.uint8
+    return np.uint16 if lo >= 0 and hi < 2**16 else np.int32
+
+
+class UserSegmentAugment(UserAugment):
+    """The user's albumentations pipeline on an image and its mask together, reproducibly.
+
+    ``transform(image [C, H, W], mask [H, W], rng) -> (view [C, size, size] float32, mask view
+    [size, size] int64)``. The mask goes in as albumentations' ``mask`` target, so geometric
+    transforms move it with the image (nearest neighbour: albumentations' default
+    ``mask_interpolation``) and pixel-level ones leave it alone; the pipeline is reseeded from
+    ``rng`` as `UserAugment` does for classification, so an item is a pure function of
+    (seed, epoch, index) and a resumed fine-tune sees the same batches. The output is resized
+    to ``image_size`` (image bicubic, mask nearest neighbour).
+
+    Args:
+        spec: `data.augment`: an albumentations pipeline file (a MONAI transform or other
+            callable sees only the image, so it is refused).
+        image_size: view size.
+        num_classes: the mask's classes are 0 .. num_classes - 1.
+        ignore_index: a mask value of no class that marks unannotated pixels (or None).
+
+    Raises:
+        AugmentError: `spec` is not an albumentations pipeline.
+    """
+
+    train = True  # MaskDataset hands it the item's generator
+
+    def __init__(
+        self, spec: str, image_size: int, num_classes: int, ignore_index: int | None = None
+    ) -> None:
+        super().__init__(spec, image_size)
+        if self.kind != "albumentations":
+            raise AugmentError(
+                f"data.augment = {spec!r} is a transform of images only, which would move an "
+                "image away from its mask; for segmentation give an albumentations pipeline "
+                "file (.json / .yaml from albumentations.save): its geometric transforms move "
+                "the mask with the image"
+            )
+        self.num_classes = int(num_classes)
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if mask.shape != image.shape[1:]:
+            raise ValueError(f"mask {list(mask.shape)} does not match image {list(image.shape)}")
+        labels = np.ascontiguousarray(mask, dtype=_label_dtype(mask))
+        aug, out = self._run(image, rng, labels)
+        mout = np.asarray(out["mask"])
+        if mout.ndim == 3 and mout.shape[-1] == 1:
+            mout = mout[..., 0]
+        if mout.shape != aug.shape[:2]:
+            raise AugmentError(
+                f"data.augment ({self.spec}) returned a mask of {list(mout.shape)} for an image "
+                f"of {list(aug.shape[:2])}; a mask must keep its image's grid"
+            )
+        self._check_values(mout)
+        size = self.image_size
+        view = cv2.resize(aug, (size, size), interpolation=cv2.INTER_CUBIC)
+        np.clip(view, 0.0, 1.0, out=view)
+        mview = cv2.resize(
+            mout.astype(np.int32, copy=False), (size, size), interpolation=cv2.INTER_NEAREST_EXACT
+        )
+        return _chw(view), mview.astype(np.int64)
+
+    def _check_values(self, mask: np.ndarray) -> None:
+        """Refuses values of no class: a pipeline that blends masks (linear mask
+        interpolation) or fills borders with a value of no class."""
+        bad = (mask < 0) | (mask >= self.num_classes)
+        if self.ignore_index is not None:
+            bad &= mask != self.ignore_index
+        if bad.any():
+            values = np.unique(mask[bad])[:5].tolist()
+            allowed = f"0..{self.num_classes - 1}"
+            if self.ignore_index is not None:
+                allowed += f" or the ignore index {self.ignore_index}"
+            raise AugmentError(
+                f"data.augment ({self.spec}) made mask values {values}, outside the classes "
+                f"{allowed}: masks must move with nearest neighbour (mask_interpolation=0) and "
+                "borders be filled with a class or the ignore index (fill_mask)"
+            )
 
 
 def training_transform(d: Any, image_size: int, tokenizer_size: int | None = None) -> Any:
@@ -474,3 +573,28 @@ def training_transform(d: Any, image_size: int, tokenizer_size: int | None = Non
     if tokenizer_size is None:
         return FinetuneTransform(train=True, image_size=image_size, **augment)
     return PretrainTransform(image_size=image_size, tokenizer_size=tokenizer_size, **augment)
+
+
+def segment_training_transform(
+    d: Any, image_size: int, num_classes: int, ignore_index: int | None = None
+) -> Any:
+    """The training view of an (image, mask) pair a recipe's `data` section asks for: its own
+    `data.augment` albumentations pipeline (`UserSegmentAugment`), or the built-in crop, flips
+    and intensity jitter (`SegmentTransform`).
+
+    Args:
+        d: the recipe's `data` section (any object with its field names).
+        image_size: view size.
+        num_classes: the mask's classes are 0 .. num_classes - 1.
+        ignore_index: the mask value of unannotated pixels, or None.
+    """
+    if d.augment:
+        return UserSegmentAugment(d.augment, image_size, num_classes, ignore_index)
+    return SegmentTransform(
+        train=True,
+        image_size=image_size,
+        scale=tuple(d.crop_scale),
+        hflip=d.hflip,
+        vflip=d.vflip,
+        intensity=d.intensity_jitter,
+    )
