@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -285,25 +286,38 @@ def _group_widths(cfg: DVAEConfig) -> list[int]:
     return [cfg.hidden * 2**g for g in range(cfg.n_groups)]
 
 
+def _residual_groups(
+    cfg: DVAEConfig,
+    n_in: int,
+    widths: list[int],
+    kernels: tuple[int, int, int, int],
+    resample: Callable[[], nn.Module],
+) -> nn.Sequential:
+    """The encoder's or decoder's body: a group of `cfg.n_blocks` residual blocks per width,
+    `resample()` (2x pooling or upsampling) between consecutive groups."""
+    n_layers = cfg.n_groups * cfg.n_blocks
+    groups = []
+    for g, width in enumerate(widths):
+        blocks: list[nn.Module] = []
+        for _ in range(cfg.n_blocks):
+            blocks.append(ResidualBlock(n_in, width, n_layers, kernels))
+            n_in = width
+        if g < len(widths) - 1:
+            blocks.append(resample())
+        groups.append(nn.Sequential(*blocks))
+    return nn.Sequential(*groups)
+
+
 class Encoder(nn.Module):
     """Image ``[B, C, H, W]`` (already mapped to ``[eps, 1-eps]``) -> features and logits."""
 
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         widths = _group_widths(cfg)
-        n_layers = cfg.n_groups * cfg.n_blocks
         self.stem = _conv(cfg.in_chans, widths[0], cfg.stem_kernel)
-        groups = []
-        n_in = widths[0]
-        for g, width in enumerate(widths):
-            blocks: list[nn.Module] = []
-            for _ in range(cfg.n_blocks):
-                blocks.append(ResidualBlock(n_in, width, n_layers, (3, 3, 3, 1)))
-                n_in = width
-            if g < len(widths) - 1:
-                blocks.append(nn.MaxPool2d(kernel_size=2))
-            groups.append(nn.Sequential(*blocks))
-        self.groups = nn.Sequential(*groups)
+        self.groups = _residual_groups(
+            cfg, widths[0], widths, (3, 3, 3, 1), lambda: nn.MaxPool2d(kernel_size=2)
+        )
         # Logits head: 1x1 conv on ReLU(features); the ReLU lives in `features` so that the
         # dead-code remedy sees exactly what this conv sees.
         self.head = _conv(widths[-1], cfg.vocab_size, 1)
@@ -330,18 +344,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         widths = _group_widths(cfg)[::-1]
-        n_layers = cfg.n_groups * cfg.n_blocks
-        groups = []
-        n_in = cfg.codebook_dim
-        for g, width in enumerate(widths):
-            blocks: list[nn.Module] = []
-            for _ in range(cfg.n_blocks):
-                blocks.append(ResidualBlock(n_in, width, n_layers, (1, 3, 3, 3)))
-                n_in = width
-            if g < len(widths) - 1:
-                blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
-            groups.append(nn.Sequential(*blocks))
-        self.groups = nn.Sequential(*groups)
+        self.groups = _residual_groups(
+            cfg,
+            cfg.codebook_dim,
+            widths,
+            (1, 3, 3, 3),
+            lambda: nn.Upsample(scale_factor=2, mode="nearest"),
+        )
         self.head = nn.Sequential(
             OrderedDict(relu=nn.ReLU(), conv=_conv(widths[-1], cfg.out_chans, 1))
         )
