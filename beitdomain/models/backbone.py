@@ -110,15 +110,22 @@ def get_preset(name: str, **changes: Any) -> BackboneConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
+# The network's shape: each `BackboneConfig` field (timm's `Beit` argument of the same name) and
+# its name in Hugging Face's `BeitConfig` (`models.export.hf_config_dict`).
+HF_SHAPE_NAMES = {
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "in_chans": "num_channels",
+    "embed_dim": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
+
+
 def beit_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
     """The keyword arguments of `timm.models.beit.Beit` (and `timm.create_model`) for `cfg`."""
     return dict(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
+        **{name: getattr(cfg, name) for name in HF_SHAPE_NAMES},
         mlp_ratio=cfg.mlp_ratio,
         qkv_bias=True,
         drop_path_rate=cfg.drop_path_rate,

@@ -36,7 +36,7 @@ from beitdomain.fileio import (
     make_dirs,
     written_names,
 )
-from beitdomain.models.backbone import beit_kwargs
+from beitdomain.models.backbone import HF_SHAPE_NAMES, beit_kwargs
 from beitdomain.models.convention import INPUT_META, InputConvention, convention_of
 from beitdomain.models.convert import WeightsError, pooled_backbone_state
 from beitdomain.models.convert.keys import _hf_name
@@ -212,12 +212,7 @@ def export_timm(model: nn.Module, folder: str | Path) -> Path:
 def hf_config_dict(cfg: Any) -> dict[str, Any]:
     """`BeitConfig` keyword arguments for the exported (mean-pooled, per-block bias) layout."""
     return dict(
-        image_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans,
-        hidden_size=cfg.embed_dim,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads,
+        **{hf: getattr(cfg, name) for name, hf in HF_SHAPE_NAMES.items()},
         intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
         hidden_act="gelu",  # exact erf GELU, as timm
         layer_norm_eps=1e-6,  # timm's LayerNorm eps (HF's default is 1e-12)
