@@ -180,3 +180,15 @@ def test_a_resumed_fine_tune_with_data_augment_ends_equal(tmp_path):
     )
     losses = [m["loss"] for m in read_metrics(tmp_path / "plain" / "metrics.jsonl") if "loss" in m]
     assert losses != [m["loss"] for m in first] and plain["test"] != first_res["test"]
+
+
+def test_a_cached_uint8_image_is_augmented_as_its_values_in_0_1(tmp_path):
+    """A cache holds uint8: the pipeline saw 0..255 as floats before, clipped to a white view
+    (classification's UserAugment too: the same call serves both)."""
+    spec = _save(tmp_path, A.HorizontalFlip(p=1.0))
+    image, mask = _coded_pair()
+    as_uint8 = np.round(image * 255).astype(np.uint8)
+    view, _ = UserSegmentAugment(spec, 32, 3)(as_uint8, mask, np.random.default_rng(0))
+    np.testing.assert_allclose(view[0], as_uint8[0, :, ::-1] / 255.0, atol=1e-6)
+    solo = UserAugment(spec, image_size=32)(as_uint8, np.random.default_rng(0))
+    np.testing.assert_array_equal(solo, view)

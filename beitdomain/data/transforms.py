@@ -442,7 +442,10 @@ class UserAugment:
         if rng is None:
             raise ValueError("a training transform needs rng (np.random.default_rng(...))")
         _seed_pipeline(self.kind, self.pipeline, int(rng.integers(2**31 - 1)))
+        # [0, 1] whatever the source holds: a cache's uint8 / uint16 values are scaled back
         x = image.astype(np.float32, copy=False)
+        if image.dtype in (np.uint8, np.uint16):
+            x = x * np.float32(_scale_of(image.dtype))
         if self.kind == "albumentations":
             targets = {"image": np.ascontiguousarray(_hwc(x))}
             if mask is not None:
