@@ -4,8 +4,11 @@ Layout of a cache folder::
 
     images.npy   [N, C, size, size] uint8 | uint16 | float16   (np.load(mmap_mode="r"))
     items.npy    [N, 3] int64: row in images.npy, file index, frame index
+    masks.npy    [N, size, size] uint8 | uint16 | int32, only in a cache of (image, mask) pairs
+                 (a segmentation recipe's): row k is image row k's label map, nearest neighbour
     cache.json   settings (size, dtype, fit, intensity spec), per-file size/mtime(/sha256),
-                 labels and splits; written last, so its presence means the cache is complete
+                 labels and splits (and each mask file's, and the classes); written last, so
+                 its presence means the cache is complete
 
 Working resolution: each frame is resized to ``size x size``. ``fit`` says how non-square
 images get there: 'squash' (default; keeps all content, the aspect change is within what
@@ -15,10 +18,11 @@ random-resized-crop does anyway), 'crop' (shorter side to ``size``, center crop)
 16-bit detail for wide windows/percentile ranges; float16 when values must stay continuous.
 
 Invalidation: opening a cache compares every file's size and mtime (and sha256 when the cache
-was built with ``hash_files``) and the normalization settings, and refuses a stale cache with
-a message naming what changed. ``build_cache`` reuses a fresh cache and rebuilds a stale one.
-A damaged cache (``images.npy`` cut short or replaced, ``items.npy`` rows pointing outside it)
-is refused as it opens, naming the file, and rebuilt by ``build_cache``.
+was built with ``hash_files``), its mask files alike, and the normalization settings, and
+refuses a stale cache with a message naming what changed. ``build_cache`` reuses a fresh
+cache and rebuilds a stale one. A damaged cache (``images.npy`` or ``masks.npy`` cut short or
+replaced, ``items.npy`` rows pointing outside it) is refused as it opens, naming the file, and
+rebuilt by ``build_cache``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,7 @@ from beitdomain.io import IntensitySpec, ReaderError, kept_frames, load_image
 
 CACHE_VERSION = 1
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
+MASK_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32}
 FITS = ("squash", "crop", "pad")
 
 
@@ -64,20 +70,67 @@ class CacheError(DataError):
     """The cache is missing, stale or was built with other settings; says what changed."""
 
 
+@dataclass(frozen=True)
+class CacheMasks:
+    """The masks a cache of (image, mask) pairs stores beside its images (``masks.npy``, one
+    label map per image row, nearest neighbour to the image's cached grid).
+
+    Attributes:
+        files: each image's mask file, keyed by the image's resolved path.
+        names: the classes (mask value i is ``names[i]``); every mask is checked against them
+            as it is cached, as the segmentation fine-tune checks it.
+        ignore_index: the mask value of unannotated pixels, or None.
+    """
+
+    files: Mapping[Path, Path]
+    names: tuple[str, ...]
+    ignore_index: int | None = None
+
+    @property
+    def dtype(self) -> str:
+        """The narrowest type that holds every class and the ignore index."""
+        values = [0, len(self.names) - 1, self.ignore_index or 0]
+        if min(values) >= 0 and max(values) < 2**8:
+            return "uint8"
+        return "uint16" if min(values) >= 0 and max(values) < 2**16 else "int32"
+
+    def record(self) -> dict[str, Any]:
+        """What cache.json says of the masks (compared when a fine-tune opens the cache)."""
+        return {"classes": list(self.names), "ignore_index": self.ignore_index, "dtype": self.dtype}
+
+
+def _fitted_shape(h: int, w: int, size: int, fit: str) -> tuple[int, int]:
+    """The (height, width) an ``h x w`` frame is resized to before `fit` crops or pads it."""
+    if fit == "squash":
+        return size, size
+    if fit == "crop":
+        s = size / min(h, w)
+        return max(size, round(h * s)), max(size, round(w * s))
+    if fit == "pad":
+        s = size / max(h, w)
+        return max(1, round(h * s)), max(1, round(w * s))
+    raise ValueError(f"fit={fit!r}; valid: {', '.join(FITS)}")
+
+
+def _crop_or_pad(out: np.ndarray, size: int, fit: str) -> np.ndarray:
+    """``[C, h, w]`` at `_fitted_shape` -> ``[C, size, size]``: centre crop or zero padding."""
+    c, new_h, new_w = out.shape
+    if fit == "crop":
+        y, x = (new_h - size) // 2, (new_w - size) // 2
+        return np.ascontiguousarray(out[:, y : y + size, x : x + size])
+    if fit == "pad":
+        padded = np.zeros((c, size, size), out.dtype)
+        y, x = (size - new_h) // 2, (size - new_w) // 2
+        padded[:, y : y + new_h, x : x + new_w] = out
+        return padded
+    return np.ascontiguousarray(out)
+
+
 def resize_square(image: np.ndarray, size: int, fit: str = "squash") -> np.ndarray:
     """Resizes ``[C, H, W]`` float32 to ``[C, size, size]`` (see module docstring for ``fit``)."""
     c, h, w = image.shape
     hwc = np.ascontiguousarray(image.transpose(1, 2, 0))  # cv2 wants [H, W, C]
-    if fit == "squash":
-        new_h = new_w = size
-    elif fit == "crop":
-        s = size / min(h, w)
-        new_h, new_w = max(size, round(h * s)), max(size, round(w * s))
-    elif fit == "pad":
-        s = size / max(h, w)
-        new_h, new_w = max(1, round(h * s)), max(1, round(w * s))
-    else:
-        raise ValueError(f"fit={fit!r}; valid: {', '.join(FITS)}")
+    new_h, new_w = _fitted_shape(h, w, size, fit)
     # INTER_AREA averages when shrinking (no aliasing); linear when enlarging.
     interp = cv2.INTER_AREA if new_h * new_w < h * w else cv2.INTER_LINEAR
     if c <= 4:
@@ -86,16 +139,17 @@ def resize_square(image: np.ndarray, size: int, fit: str = "squash") -> np.ndarr
         out = np.stack(
             [cv2.resize(hwc[..., k], (new_w, new_h), interpolation=interp) for k in range(c)], -1
         )
-    out = out.transpose(2, 0, 1)  # [C, new_h, new_w]
-    if fit == "crop":
-        y, x = (new_h - size) // 2, (new_w - size) // 2
-        return np.ascontiguousarray(out[:, y : y + size, x : x + size])
-    if fit == "pad":
-        padded = np.zeros((c, size, size), np.float32)
-        y, x = (size - new_h) // 2, (size - new_w) // 2
-        padded[:, y : y + new_h, x : x + new_w] = out
-        return padded
-    return np.ascontiguousarray(out)
+    return _crop_or_pad(out.transpose(2, 0, 1), size, fit)  # [C, new_h, new_w] in
+
+
+def resize_square_labels(mask: np.ndarray, size: int, fit: str = "squash") -> np.ndarray:
+    """A label map ``[H, W]`` on the grid `resize_square` gives its image: ``[size, size]``
+    int32, nearest neighbour (a class index is never blended), padding 0 (background)."""
+    h, w = mask.shape
+    new_h, new_w = _fitted_shape(h, w, size, fit)
+    labels = np.ascontiguousarray(mask, dtype=np.int32)  # cv2 resizes int32, not int64
+    out = cv2.resize(labels, (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT)
+    return _crop_or_pad(out.reshape(1, new_h, new_w), size, fit)[0]
 
 
 def quantize(image: np.ndarray, dtype: str) -> np.ndarray:
@@ -113,19 +167,42 @@ def dequantize_scale(dtype: np.dtype) -> float:
     )
 
 
-def _decode_file(args: tuple) -> tuple[int, np.ndarray | None, str | None]:
-    """Worker: one file -> ``[k, C, size, size]`` in the cache dtype. Module-level for pickling."""
-    index, path, spec_dict, size, dtype, fit, frames = args
-    try:
-        image, _ = load_image(path, IntensitySpec.from_config(spec_dict))
-    except ReaderError as e:
-        return index, None, e.reason
-    if image.ndim == 3:
-        image = image[None]
+def _decode_file(args: tuple) -> tuple[int, np.ndarray | None, str | None, np.ndarray | None]:
+    """Worker: one file -> ``[k, C, size, size]`` in the cache dtype, and with a mask (`pair`:
+    its path, the class names, the ignore index, the masks' dtype) its ``[k, size, size]``
+    label maps. Module-level for pickling.
+
+    Returns:
+        (index, images or None, why not, masks or None). A pair is read and checked as the
+        uncached segmentation fine-tune reads it (`masks.load_pair`: the image's grid, values
+        of the classes); its problem is the MaskError's message.
+    """
+    index, path, spec_dict, size, dtype, fit, frames, pair = args
+    spec = IntensitySpec.from_config(spec_dict)
+    masks = None
+    if pair is None:
+        try:
+            image, _ = load_image(path, spec)
+        except ReaderError as e:
+            return index, None, e.reason, None
+        if image.ndim == 3:
+            image = image[None]
+    else:
+        from beitdomain.data.masks import MaskClasses, MaskError, MaskPair, load_pair
+
+        mask_path, names, ignore_index, mask_dtype = pair
+        try:
+            image, labels = load_pair(
+                MaskPair(Path(path), Path(mask_path)), spec, MaskClasses(tuple(names), ignore_index)
+            )
+        except MaskError as e:
+            return index, None, str(e), None
+        masks = np.stack([resize_square_labels(m, size, fit) for m in labels]).astype(mask_dtype)
     if image.shape[0] != frames:
-        return index, None, f"has {image.shape[0]} frames but the manifest says {frames}; re-scan"
+        why = f"has {image.shape[0]} frames but the manifest says {frames}; re-scan"
+        return index, None, why, None
     out = np.stack([quantize(resize_square(f, size, fit), dtype) for f in image])
-    return index, out, None
+    return index, out, None, masks
 
 
 def _settings(spec: IntensitySpec, size: int, dtype: str, fit: str) -> dict[str, Any]:
@@ -173,13 +250,16 @@ def check_cache(
     dtype: str | None = None,
     fit: str | None = None,
     manifest: Manifest | None = None,
+    masks: CacheMasks | None = None,
 ) -> list[str]:
     """Reasons the cache cannot be used as is; empty when it is complete and fresh.
 
     Settings left as None are not compared. With ``manifest``, files added to or removed
-    from the dataset since the cache was built are reported too.
+    from the dataset since the cache was built are reported too; with ``masks``, a cache
+    without masks, or with other classes or other mask files. A cache's mask files are
+    always compared with the files on disk, as its images are.
     """
-    return _cache_problems(Path(cache_dir), spec, size, dtype, fit, manifest)[0]
+    return _cache_problems(Path(cache_dir), spec, size, dtype, fit, manifest, masks=masks)[0]
 
 
 def _cache_problems(
@@ -190,6 +270,7 @@ def _cache_problems(
     fit: str | None = None,
     manifest: Manifest | None = None,
     fresh: bool = True,
+    masks: CacheMasks | None = None,
 ) -> tuple[list[str], dict[str, Any] | None, np.ndarray | None]:
     """`check_cache`'s reasons, with the record and the items array when they could be read
     (so opening a cache reads each once). Without `fresh`, only the record and the arrays are
@@ -219,7 +300,8 @@ def _cache_problems(
         "spec": spec.to_dict() if spec is not None else cached["spec"],
     }
     reasons += [f"setting changed: {d}" for d in _diff_settings(cached, wanted)]
-    changes = _changed_files(Path(info["root"]), info["files"])
+    mask_files = [f["mask"] for f in info["files"] if isinstance(f.get("mask"), dict)]
+    changes = _changed_files(Path(info["root"]), [*info["files"], *mask_files])
     if changes:
         shown = changes[:10] + ([f"... and {len(changes) - 10} more"] if len(changes) > 10 else [])
         reasons.append(
@@ -230,7 +312,38 @@ def _cache_problems(
         added = [e.path for e in manifest.entries if e.path not in cached_paths]
         if added:
             reasons.append(f"{len(added)} file(s) not in the cache, e.g. {added[0]}")
+    if masks is not None:
+        reasons += _mask_differences(info, masks)
     return reasons, info, items
+
+
+def _mask_differences(info: dict[str, Any], masks: CacheMasks) -> list[str]:
+    """How a cache's masks differ from those asked for (none, other classes, other files)."""
+    cached = info.get("masks")
+    if not isinstance(cached, dict):
+        return ["the cache holds no masks (built without them); a segmentation recipe's needs them"]
+    wanted = masks.record()
+    out = [
+        f"setting changed: segment.{name}: {cached.get(key)!r} in the cache, "
+        f"{wanted[key]!r} requested"
+        for key, name in (("classes", "classes"), ("ignore_index", "ignore_index"))
+        if cached.get(key) != wanted[key]
+    ]
+    root = Path(info["root"])
+    wanted_pairs = {str(Path(i).resolve()): str(Path(m).resolve()) for i, m in masks.files.items()}
+    had = {
+        str((root / f["path"]).resolve()): str((root / f["mask"]["path"]).resolve())
+        for f in info["files"]
+        if isinstance(f.get("mask"), dict)
+    }
+    both = wanted_pairs.keys() | had.keys()
+    differ = sorted(k for k in both if wanted_pairs.get(k) != had.get(k))
+    if differ:
+        out.append(
+            f"{len(differ)} image(s) with another mask (or none) than in the cache, e.g. "
+            f"{differ[0]}: {had.get(differ[0])} in the cache, {wanted_pairs.get(differ[0])} asked"
+        )
+    return out
 
 
 def _damage(cache_dir: Path, info: dict[str, Any]) -> tuple[list[str], np.ndarray | None]:
@@ -244,6 +357,8 @@ def _damage(cache_dir: Path, info: dict[str, Any]) -> tuple[list[str], np.ndarra
     images_path, items_path = cache_dir / "images.npy", cache_dir / "items.npy"
     reasons: list[str] = []
     shape = _images_header(images_path, info, reasons)
+    if isinstance(info.get("masks"), dict):
+        _masks_header(cache_dir / "masks.npy", info, shape[0] if shape else None, reasons)
     try:
         items = np.load(items_path, allow_pickle=False)  # a pickle is refused, never run
     except FileNotFoundError:
@@ -287,6 +402,17 @@ def _damage(cache_dir: Path, info: dict[str, Any]) -> tuple[list[str], np.ndarra
             "from those written (sha256 in cache.json): the file was changed or damaged "
             "(zeroed by a bad disk?)"
         )
+    if (
+        not reasons
+        and isinstance(sample, dict)
+        and sample.get("masks_sha256")
+        and _pixel_digest(cache_dir / "masks.npy", sample.get("rows", [])) != sample["masks_sha256"]
+    ):
+        reasons.append(
+            f"{cache_dir / 'masks.npy'}: the masks of {len(sample.get('rows', []))} sampled "
+            "images differ from those written (sha256 in cache.json): the file was changed or "
+            "damaged"
+        )
     return reasons, (items if not reasons else None)
 
 
@@ -317,6 +443,34 @@ def _pixel_digest(images_path: Path, rows: list[int]) -> str | None:
 def _images_header(path: Path, info: dict[str, Any], reasons: list[str]) -> tuple[int, ...] | None:
     """The shape `path`'s .npy header declares when it fits the record and the file holds all
     of it; otherwise None, with what is wrong added to `reasons`."""
+    want = np.dtype(DTYPES.get(info["settings"].get("dtype"), np.uint8))
+    frame = tuple(info.get("shape", [])[1:]) or None
+    return _npy_header(path, want, frame, ("C", "size", "size"), reasons, "images")
+
+
+def _masks_header(
+    path: Path, info: dict[str, Any], rows: int | None, reasons: list[str]
+) -> tuple[int, ...] | None:
+    """`_images_header` for `masks.npy`: one ``[size, size]`` label map per image row."""
+    want = np.dtype(MASK_DTYPES.get(info["masks"].get("dtype"), np.uint8))
+    size = info["settings"].get("size")
+    shape = _npy_header(path, want, (size, size), ("size", "size"), reasons, "masks")
+    if shape is not None and rows is not None and shape[0] != rows:
+        reasons.append(f"{path} holds {shape[0]} masks for the {rows} images of images.npy")
+        return None
+    return shape
+
+
+def _npy_header(
+    path: Path,
+    want: np.dtype,
+    frame: tuple[int, ...] | None,
+    frame_names: tuple[str, ...],
+    reasons: list[str],
+    what: str,
+) -> tuple[int, ...] | None:
+    """The shape `path`'s .npy header declares when it is `want` ``[N, *frame]`` and the file
+    holds all of it; otherwise None, with what is wrong added to `reasons`."""
     from numpy.lib import format as npy
 
     try:
@@ -335,17 +489,15 @@ def _images_header(path: Path, info: dict[str, Any], reasons: list[str]) -> tupl
     except (OSError, ValueError, EOFError, SyntaxError) as e:
         reasons.append(f"{path} is not a readable .npy array ({e})")
         return None
-    settings = info["settings"]
-    want = np.dtype(DTYPES.get(settings.get("dtype"), np.uint8))
-    frame = tuple(info.get("shape", [])[1:]) or None
-    if dt != want or fortran or len(shape) != 4 or (frame and tuple(shape[1:]) != frame):
-        expected = f"{want} [N, {', '.join(map(str, frame or ('C', 'size', 'size')))}]"
+    ndim = 1 + len(frame_names)
+    if dt != want or fortran or len(shape) != ndim or (frame and tuple(shape[1:]) != frame):
+        expected = f"{want} [N, {', '.join(map(str, frame or frame_names))}]"
         reasons.append(f"{path} holds {dt} {list(shape)}, not the cache's {expected}")
         return None
     need = offset + int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if have < need:
         reasons.append(
-            f"{path} is cut short: {have} bytes, where its {shape[0]} images need {need} "
+            f"{path} is cut short: {have} bytes, where its {shape[0]} {what} need {need} "
             f"(a copy or a disk lost data)"
         )
         return None
@@ -364,6 +516,7 @@ def build_cache(
     on_error: str = "fail",
     progress: bool = False,
     force: bool = False,
+    masks: CacheMasks | None = None,
 ) -> CachedImages:
     """Decodes every image of ``source`` once into ``out_dir`` (see the module docstring).
 
@@ -380,9 +533,17 @@ def build_cache(
             cache.json under "errors".
         progress: Show a rich progress bar.
         force: Rebuild even if a fresh cache with the same settings exists.
+        masks: Each image's mask, stored beside it in ``masks.npy`` at the image's cached
+            grid (`resize_square_labels`: the same fit, nearest neighbour), every pair read
+            and checked as the segmentation fine-tune checks it; a bad pair fails the build
+            whatever ``on_error`` says (the fine-tune would refuse it too).
 
     Returns:
         The opened cache.
+
+    Raises:
+        MaskError: with ``masks``, an image without a mask or a pair that cannot serve (the
+            first named, with how many others failed).
     """
     spec = spec or IntensitySpec()
     if dtype not in DTYPES:
@@ -407,11 +568,13 @@ def build_cache(
     except FolderLockedError as e:
         raise CacheError(e.strerror or str(e)) from None
     partial = out_dir / ".images.partial.npy"
+    partial_masks = out_dir / ".masks.partial.npy"
     renamed = False  # whether this build has put its images.npy in place
     try:
         manifest = _as_manifest(source, on_error, workers, progress)
+        mask_of = _mask_files(manifest, masks)
         fresh = (out_dir / "cache.json").is_file() and not check_cache(
-            out_dir, spec, size, dtype, fit, manifest
+            out_dir, spec, size, dtype, fit, manifest, masks
         )
         if fresh and not force:
             cached = CachedImages(out_dir, verify=False)
@@ -424,9 +587,25 @@ def build_cache(
         total = int(offsets[-1])
         shape = (total, spec.in_chans, size, size)
         images = _preallocated_array(partial, DTYPES[dtype], shape, out_dir / "images.npy")
+        labels = None
+        if masks is not None:
+            labels = _preallocated_array(
+                partial_masks, MASK_DTYPES[masks.dtype], (total, size, size), out_dir / "masks.npy"
+            )
         spec_dict = spec.to_dict()
         jobs = [
-            (i, str(manifest.abspath(e)), spec_dict, size, dtype, fit, per_file[i])
+            (
+                i,
+                str(manifest.abspath(e)),
+                spec_dict,
+                size,
+                dtype,
+                fit,
+                per_file[i],
+                None
+                if masks is None
+                else (str(mask_of[i]), list(masks.names), masks.ignore_index, masks.dtype),
+            )
             for i, e in enumerate(manifest.entries)
         ]
         failed: dict[int, str] = {}
@@ -437,13 +616,24 @@ def build_cache(
             progress=progress,
             description="Decoding into the cache",
         )
-        for i, arr, reason in decoded:
+        for i, arr, reason, mask_arr in decoded:
             if arr is None:
                 failed[i] = reason or "unreadable"
                 continue
             images[offsets[i] : offsets[i + 1]] = arr
+            if labels is not None:
+                labels[offsets[i] : offsets[i + 1]] = mask_arr
         images.flush()
         del images
+        if labels is not None:
+            labels.flush()
+            del labels
+        if failed and masks is not None:  # a pair the fine-tune would refuse: no cache of it
+            from beitdomain.data.masks import MaskError
+
+            first = min(failed)
+            more = f" ({len(failed) - 1} more pair(s) failed too)" if len(failed) > 1 else ""
+            raise MaskError(f"{failed[first]}{more}; nothing was cached")
         errors = list(manifest.errors) + [
             (manifest.entries[i].path, r) for i, r in sorted(failed.items())
         ]
@@ -468,6 +658,8 @@ def build_cache(
             }
             if hash_files and manifest.abspath(e).is_file():  # not for series folders
                 entry["sha256"] = sha256_file(manifest.abspath(e))
+            if masks is not None:
+                entry["mask"] = _file_entry(mask_of[i], Path(manifest.root), hash_files)
             file_index = len(files)
             files.append(entry)
             # Frame (slice) index within the source file, so a selection records which were kept.
@@ -488,19 +680,27 @@ def build_cache(
             # rewritten images.npy is refused instead of training silently)
             "pixel_sample": {"rows": rows, "sha256": _pixel_digest(partial, rows)},
         }
+        if masks is not None:
+            record["masks"] = masks.record()
+            record["pixel_sample"]["masks_sha256"] = _pixel_digest(partial_masks, rows)
         # Until here a rebuild's old cache is whole; from here an interrupted one must not look
         # complete, so its cache.json goes first
         with contextlib.suppress(FileNotFoundError):
             (out_dir / "cache.json").unlink()
         os.replace(partial, out_dir / "images.npy")
         renamed = True
+        if masks is not None:
+            os.replace(partial_masks, out_dir / "masks.npy")
+        else:  # a rebuild without masks: an older build's masks.npy would only fill the disk
+            (out_dir / "masks.npy").unlink(missing_ok=True)
         with atomic_open(out_dir / "items.npy") as f:
             np.save(f, item_rows)
         atomic_write_json(out_dir / "cache.json", record)
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-built cache left behind
+        partial_masks.unlink(missing_ok=True)
         if renamed:  # without its cache.json this build's images.npy only fills the disk
-            for name in ("images.npy", "items.npy"):
+            for name in ("images.npy", "items.npy", "masks.npy"):
                 (out_dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # what this build added to the folder
             if not had_marker:
@@ -515,6 +715,46 @@ def build_cache(
     cached = CachedImages(out_dir, verify=False)
     cached.reused = False
     return cached
+
+
+def _mask_files(manifest: Manifest, masks: CacheMasks | None) -> list[Path]:
+    """The mask file of each manifest entry, in its order (empty without masks).
+
+    Raises:
+        MaskError: an image of the manifest that `masks` gives no mask.
+    """
+    if masks is None:
+        return []
+    by_image = {Path(k).resolve(): Path(v) for k, v in masks.files.items()}
+    out, unpaired = [], []
+    for e in manifest.entries:
+        found = by_image.get(manifest.abspath(e).resolve())
+        if found is None:
+            unpaired.append(e.path)
+        else:
+            out.append(found)
+    if unpaired:
+        from beitdomain.data.masks import MaskError
+
+        raise MaskError(
+            f"{len(unpaired)} image(s) of {manifest.root} have no mask to cache with them, e.g. "
+            f"{unpaired[0]}"
+        )
+    return out
+
+
+def _file_entry(path: Path, root: Path, hash_files: bool) -> dict[str, Any]:
+    """A file as cache.json records it: its path (relative to `root` when inside), size and
+    mtime (and sha256), what `_changed_files` compares."""
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        rel = str(path.resolve())
+    st_size, st_mtime_ns = path_stat(path)
+    entry: dict[str, Any] = {"path": rel, "size": st_size, "mtime_ns": st_mtime_ns}
+    if hash_files:
+        entry["sha256"] = sha256_file(path)
+    return entry
 
 
 # posix_fallocate's answers for a file system that cannot reserve space (then zeros are written)
@@ -684,6 +924,11 @@ class CachedImages:
         self._rows = self.items[:, 0]
         self.reused = False
         self._images: np.ndarray | None = None
+        # {classes, ignore_index, dtype} of the masks beside the images; None: no masks
+        self.mask_record: dict[str, Any] | None = (
+            info["masks"] if isinstance(info.get("masks"), dict) else None
+        )
+        self._masks: np.ndarray | None = None
 
     @property
     def images(self) -> np.ndarray:
@@ -691,6 +936,29 @@ class CachedImages:
         if self._images is None:
             self._images = np.load(self.cache_dir / "images.npy", mmap_mode="r")
         return self._images
+
+    @property
+    def masks(self) -> np.ndarray:
+        """The mapped label maps ``[rows, size, size]``, row k the mask of image row k.
+
+        Raises:
+            CacheError: the cache was built without masks.
+        """
+        if self.mask_record is None:
+            raise CacheError(f"{self.cache_dir}: the cache holds no masks")
+        if self._masks is None:
+            self._masks = np.load(self.cache_dir / "masks.npy", mmap_mode="r")
+        return self._masks
+
+    def mask(self, i: int) -> np.ndarray:
+        """Item ``i``'s mask ``[size, size]`` (a zero-copy view, the cache's mask dtype)."""
+        return np.asarray(self.masks[self._rows[i]])
+
+    def mask_path(self, i: int) -> str:
+        """Item ``i``'s mask file as cache.json records it (relative to the root when inside)."""
+        if self.mask_record is None:
+            raise CacheError(f"{self.cache_dir}: the cache holds no masks")
+        return self.files[self.items[i, 1]]["mask"]["path"]
 
     @property
     def spec(self) -> IntensitySpec:
@@ -731,4 +999,5 @@ class CachedImages:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_images"] = None  # never pickle the mapped data; re-map in the worker
+        state["_masks"] = None
         return state

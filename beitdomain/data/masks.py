@@ -13,10 +13,12 @@ values outside the classes, is a `MaskError` naming both files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,14 @@ from beitdomain.io import IntensitySpec, ReaderError, prepare, read_raw, select_
 from beitdomain.user import MissingPathError, UserError
 
 __all__ = [
+    "CachedPairs",
     "MaskClasses",
     "MaskDataset",
     "MaskError",
     "MaskPair",
     "SegmentData",
+    "cache_pairs",
+    "cached_pairs",
     "load_pair",
     "load_pairs",
     "pairs_from_csv",
@@ -353,7 +358,7 @@ class SegmentData:
     fingerprint: str
     subset: dict[str, Any]
     files: dict[str, list[tuple[str, str]]]
-    items: list[tuple[np.ndarray, np.ndarray]]  # every item; `item_file[k]` is its pair
+    items: Sequence[tuple[np.ndarray, np.ndarray]]  # every item; `item_file[k]` is its pair
     item_file: np.ndarray
 
 
@@ -432,8 +437,6 @@ def split_labels_csv(recipe: Any, out: Path) -> Path:
 
 
 def _fingerprint(pairs: Sequence[MaskPair], root: Path, classes: MaskClasses) -> str:
-    import hashlib
-
     h = hashlib.sha256(repr((classes.names, classes.ignore_index)).encode())
     for p in pairs:
         for f in (p.image, p.mask):
@@ -450,11 +453,181 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+# --------------------------------------------------------------------------------------------
+# Pairs in a cache: decoded once, each mask beside its image at the cached size
+# --------------------------------------------------------------------------------------------
+
+
+def cache_pairs(
+    recipe: Any,
+    out_dir: str | os.PathLike,
+    size: int,
+    dtype: str = "uint8",
+    fit: str = "squash",
+    workers: int = 0,
+    hash_files: bool = False,
+    progress: bool = False,
+    force: bool = False,
+) -> Any:
+    """`beitdomain data cache --recipe` for a segmentation recipe: the recipe's (image, mask)
+    pairs decoded once into `out_dir`, each mask beside its image at the image's cached size
+    (nearest neighbour), every pair read and checked as the fine-tune checks it. A fine-tune
+    with ``data.cache: out_dir`` then reads the pairs from it (`segment_data`).
+
+    The cache's files are the pairs' images in the labels' order, label ``annotated``, with
+    the split and group the labels give (none: the fine-tune draws the split, as without a
+    cache), so the splits and label subsets are those of the uncached fine-tune.
+
+    Args:
+        recipe: a recipe with `finetune.task: segment` (its data and segment sections).
+        out_dir: the cache folder.
+        size: the working resolution (the CLI's `cache_size_for(data.image_size)`).
+        dtype, fit, workers, hash_files, progress, force: as for `cache.build_cache`.
+
+    Returns:
+        The opened cache (`CachedImages`, with `.masks`).
+
+    Raises:
+        MaskError / UserError: a bad pair, no pairs; CacheError: --out is not a cache folder.
+    """
+    from beitdomain.data.cache import CacheMasks, build_cache
+    from beitdomain.data.index import scan
+
+    d = recipe.data
+    classes = MaskClasses.from_config(recipe.segment)
+    pairs = recipe_pairs(recipe)
+    root = Path(d.root)
+    spec = IntensitySpec.from_config(d)
+    with tempfile.TemporaryDirectory(prefix="beitdomain-masks-") as tmp:
+        listed = Path(tmp) / "images.csv"
+        with open(listed, "w", newline="") as f:
+            rows = [[_rel(p.image, root), "annotated", p.split or "", p.group or ""] for p in pairs]
+            csv.writer(f).writerows([["path", "label", "split", "group"], *rows])
+        manifest = scan(
+            root,
+            listed,
+            on_error="fail",
+            allow_outside_root=d.allow_outside_root,
+            workers=workers,
+            progress=progress,
+            spec=spec,
+            patient_groups=False,  # the labels' groups only, as the uncached fine-tune has
+            dicom_series=d.dicom_series,
+        )
+    order = {p.image.resolve(): k for k, p in enumerate(pairs)}  # a split depends on order
+    manifest.entries.sort(key=lambda e: order[manifest.abspath(e).resolve()])
+    masks = CacheMasks({p.image: p.mask for p in pairs}, classes.names, classes.ignore_index)
+    return build_cache(
+        manifest,
+        out_dir,
+        size=size,
+        dtype=dtype,
+        spec=spec,
+        fit=fit,
+        workers=workers,
+        hash_files=hash_files,
+        on_error="fail",
+        progress=progress,
+        force=force,
+        masks=masks,
+    )
+
+
+class CachedPairs(Sequence):
+    """A cache's items as ``(image [C, size, size], mask [size, size])`` in its dtypes (the
+    transforms scale a uint8 / uint16 image to [0, 1]); pickles without the mapped arrays."""
+
+    def __init__(self, cached: Any) -> None:
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, k: Any) -> tuple[np.ndarray, np.ndarray]:
+        return self.cached[k], self.cached.mask(k)
+
+
+def cached_pairs(recipe: Any, classes: MaskClasses) -> tuple[Any, list[MaskPair]]:
+    """Opens `data.cache` for a segmentation fine-tune: the cache and its pairs, in its order.
+
+    The rules of the classification path (`source.image_source`): a cache whose files (images
+    and masks) or normalization changed since it was built is refused, naming what changed;
+    the labels beside it (`data.labels` / `segment.masks`), when given, must name the pairs,
+    splits and groups it holds, and the recipe's classes must be those it was checked with.
+
+    Raises:
+        CacheError: no cache of pairs at `data.cache`, a stale or damaged one, other classes.
+        UserError: labels that do not match the cache's pairs.
+    """
+    from beitdomain.data.cache import CachedImages, CacheError
+
+    d = recipe.data
+    rebuild = f"beitdomain data cache --recipe RECIPE --out {d.cache}"
+    if not (Path(d.cache) / "cache.json").is_file():
+        raise CacheError(
+            f"data.cache ({d.cache}): no cache there, and a cache of images without their masks "
+            f"would not do; build one of this recipe's pairs: {rebuild}"
+        )
+    cached = CachedImages(d.cache, spec=IntensitySpec.from_config(d))
+    record = cached.mask_record
+    if record is None:
+        raise CacheError(
+            f"data.cache ({d.cache}) holds images without their masks; a segmentation "
+            f"fine-tune needs a cache of its pairs: {rebuild}"
+        )
+    differ = [
+        f"segment.{key}: {record.get(key)!r} in the cache, {want!r} in the recipe"
+        for key, want in (("classes", list(classes.names)), ("ignore_index", classes.ignore_index))
+        if record.get(key) != want
+    ]
+    if differ:
+        raise CacheError(
+            f"{d.cache}: cache cannot be used: its masks were checked with other classes ("
+            + "; ".join(differ)
+            + f"). Rebuild it with: {rebuild}"
+        )
+    root = Path(cached.root)
+    pairs = [
+        MaskPair(root / f["path"], root / f["mask"]["path"], f.get("split"), f.get("group"))
+        for f in cached.files
+    ]
+    if d.labels or recipe.segment.masks:
+        given = recipe_pairs(replace(recipe, data=replace(d, root=d.root or cached.root)))
+
+        def key(p: MaskPair) -> tuple[str, str, str | None, str | None]:
+            return (str(p.image.resolve()), str(p.mask.resolve()), p.split, p.group)
+
+        if [key(p) for p in given] != [key(p) for p in pairs]:
+            have = {key(p)[0]: key(p) for p in pairs}
+            shown = [
+                f"{_rel(p.image, root)}: cache has {have.get(key(p)[0], '-')}, labels have {key(p)}"
+                for p in given
+                if have.get(key(p)[0]) != key(p)
+            ][:5] or ["the same pairs in another order"]
+            raise UserError(
+                f"the labels ({d.labels or recipe.segment.masks}) do not name the pairs stored in "
+                f"the cache {d.cache}: first differences:\n  "
+                + "\n  ".join(shown)
+                + f"\nRebuild the cache with these labels: {rebuild}"
+            )
+    return cached, pairs
+
+
+def _cache_fingerprint(cache_dir: Path, classes: MaskClasses) -> str:
+    """The data of a fine-tune from a cache: its record (every file's size and mtime, the
+    settings) and the classes; another than the uncached one's, as its pixels differ."""
+    h = hashlib.sha256((cache_dir / "cache.json").read_bytes())
+    h.update(repr((classes.names, classes.ignore_index)).encode())
+    return "masks-cache:" + h.hexdigest()
+
+
 def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> SegmentData:
     """Train (the label subset), val and test datasets of the recipe's (image, mask) pairs.
 
     Every pair is read and checked first (`load_pair`: readable, its image's grid, values of
-    the classes), so a bad mask stops the job before its run folder exists. Splits are by image
+    the classes), so a bad mask stops the job before its run folder exists; with `data.cache`
+    the pairs come from a cache of them (`cache_pairs`: checked as they were cached, each
+    mask at its image's cached size), refused when stale (`cached_pairs`). Splits are by image
     file (the slices of a volume stay together) and keep groups together, as for
     classification (`splits.group_split`, a split column used as given); `finetune.labels`
     counts annotated image files (`splits.group_label_subset`, nested for a seed), and
@@ -477,26 +650,35 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
 
     d, ft = recipe.data, recipe.finetune
     seed = recipe.seed if seed is None else seed
-    for key in ("cache", "manifest"):
-        if getattr(d, key):
-            raise UserError(
-                f"data.{key} ({getattr(d, key)}) holds images without their masks; a "
-                "segmentation fine-tune reads data.root and its labels CSV (unset data."
-                f"{key})"
-            )
+    if d.manifest:
+        raise UserError(
+            f"data.manifest ({d.manifest}) holds images without their masks; a segmentation "
+            "fine-tune reads data.root and its labels CSV, or a cache of the pairs (data.cache "
+            "from `beitdomain data cache --recipe`) (unset data.manifest)"
+        )
     # data.augment (the user's pipeline, image and mask together) or the built-in one; built
     # first, so a pipeline that cannot be loaded stops the job before every pair is read
     augment = segment_training_transform(d, d.image_size, classes.num_classes, classes.ignore_index)
-    pairs = recipe_pairs(recipe)
-    root = Path(d.root)
     spec = IntensitySpec.from_config(d)
-    items: list[tuple[np.ndarray, np.ndarray]] = []
-    item_file: list[int] = []
-    for k, pair in enumerate(pairs):  # every pair checked before anything is written
-        image, mask = load_pair(pair, spec, classes)
-        items.extend(zip(image, mask))
-        item_file.extend([k] * len(image))
-    files = np.asarray(item_file, dtype=np.int64)
+    items: Sequence[tuple[np.ndarray, np.ndarray]]
+    if d.cache:  # decoded once, checked as it was cached; refused when stale
+        cached, pairs = cached_pairs(recipe, classes)
+        recipe = replace(recipe, data=replace(d, root=d.root or cached.root))
+        d = recipe.data
+        items = CachedPairs(cached)
+        files = np.asarray(cached.items[:, 1], dtype=np.int64)  # file k is pair k
+        fingerprint = _cache_fingerprint(Path(d.cache), classes)
+    else:
+        pairs = recipe_pairs(recipe)
+        loaded: list[tuple[np.ndarray, np.ndarray]] = []
+        item_file: list[int] = []
+        for k, pair in enumerate(pairs):  # every pair checked before anything is written
+            image, mask = load_pair(pair, spec, classes)
+            loaded.extend(zip(image, mask))
+            item_file.extend([k] * len(image))
+        items, files = loaded, np.asarray(item_file, dtype=np.int64)
+        fingerprint = _fingerprint(pairs, Path(d.root), classes)
+    root = Path(d.root)
     flabels = ["annotated"] * len(pairs)  # one stratum: a fraction counts annotated images
     groups = [p.group for p in pairs]
     split = split_pairs(recipe, pairs)
@@ -555,7 +737,7 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         train=train_ds,
         val=dataset(val_files, plain),
         test=dataset(split["test"], plain),
-        fingerprint=_fingerprint(pairs, root, classes),
+        fingerprint=fingerprint,
         subset=subset,
         files={"train": named(fit), "val": named(val_files), "test": named(split["test"])},
         items=items,
