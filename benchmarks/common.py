@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train import estimate as E
 from beitdomain.models.backbone import BackboneConfig
 from beitdomain.tokenizer.flops import count_params
 
@@ -79,22 +79,16 @@ def matmul_peak_gflops(
     repeats: int = 5,
     clock: str = "wall",
 ) -> float:
-    """This machine's own dense matmul rate: the best of `repeats` `n x n` `torch.matmul`s.
+    """This machine's own dense matmul rate: the best of `repeats` `n x n` `torch.matmul`s
+    (the engine's `measure_matmul_gflops`, one matmul a window, timed by `timed`).
 
     Measured in the calling process with its thread count, so a step's share of it says how
     close the step comes to what the hardware does on the one op it is made of. Best, not
     median: the peak is what an undisturbed matmul reaches (a shared machine only slows it).
-    `clock="cpu"` times by process CPU time (for one-thread runs on a loaded machine, where
-    the wall clock mostly measures the other jobs).
     """
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
-    best = float("inf")
-    for _ in range(repeats):
-        wall, cpu = timed(lambda: torch.matmul(a, b), device)
-        best = min(best, cpu if clock == "cpu" else wall)
-    return 2 * n**3 / best / 1e9
+    return E.measure_matmul_gflops(
+        dtype, 0.0, repeats, device=device, n=n, clock=clock, timer=timed
+    )
 
 
 def matmul_peaks(device: torch.device, clock: str = "wall") -> dict[str, float]:
@@ -188,19 +182,8 @@ def env_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def sync(device: torch.device) -> None:
-    """Waits for queued kernels, so a wall-clock interval covers the work it launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one call of `fn`, synchronized."""
-    sync(device)
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu
+sync = E.sync  # waits for queued kernels, so a wall-clock interval covers their work
+timed = E.timed  # (wall seconds, process CPU seconds) of one call, synchronized
 
 
 def interleaved_times(

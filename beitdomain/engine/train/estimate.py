@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,26 +33,67 @@ WARN_STEP_SECONDS = 60  # ...and so is one whose every step takes longer than th
 CPU_RECIPES = {"dicom": "cpu-dicom", "tiff": "cpu-tiff", "rgb": "cpu-rgb"}
 
 
+def sync(device: torch.device) -> None:
+    """Waits for queued kernels, so a wall-clock interval covers the work it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call of `fn`, synchronized."""
+    sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure_matmul_gflops(
+    dtype: torch.dtype = torch.float32,
+    seconds: float = 0.25,
+    windows: int = 5,
+    *,
+    device: torch.device | None = None,
+    n: int = 512,
+    clock: str = "wall",
+    timer: Callable[[Callable[[], Any], torch.device], tuple[float, float]] = timed,
+) -> float:
+    """This machine's dense `n x n` matrix-multiply rate in GFLOP/s, measured now.
+
+    The best of `windows` windows of back-to-back matmuls, each about `seconds / windows`
+    long (at least one matmul; `seconds=0`: one each). Best, not median: a moment of contention
+    (loader workers starting, another process) slows one window, not the rate; one 0.25 s
+    window once made the estimate 4x too long. `clock="cpu"` times by process CPU time (for
+    one-thread runs on a loaded machine, where the wall clock mostly measures the other jobs).
+    `timer` times one call, as `timed` does.
+    """
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: thread pool; oneDNN / cuBLAS pick their kernels
+    calls = 1
+    if seconds > 0:  # as many matmuls per window as fill it, from one timed call
+        wall, _ = timer(lambda: torch.matmul(a, b), device)
+        calls = max(1, math.ceil(seconds / windows / max(wall, 1e-9)))
+
+    def window() -> None:
+        for _ in range(calls):
+            torch.matmul(a, b)
+
+    best = math.inf
+    for _ in range(windows):
+        wall, cpu = timer(window, device)
+        best = min(best, cpu if clock == "cpu" else wall)
+    return 2 * n**3 * calls / max(best, 1e-9) / 1e9
+
+
 @functools.lru_cache(maxsize=4)
 def matmul_gflops(
     dtype: torch.dtype = torch.float32, seconds: float = 0.25, windows: int = 5
 ) -> float:
-    """This machine's matrix-multiply rate in GFLOP/s (measured once per process, ~0.3 s).
-
-    The best of `windows` short windows: a moment of contention (loader workers starting, another
-    process) slows one window, not the estimate; one 0.25 s window once made it 4x too long.
-    """
-    n = 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: thread pool, kernels
-    best = 0.0
-    for _ in range(windows):
-        count, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds / windows or count == 0:
-            a @ b
-            count += 1
-        best = max(best, 2 * n**3 * count / elapsed / 1e9)
-    return best
+    """This CPU's matrix-multiply rate in GFLOP/s, measured once per process (~0.3 s):
+    `measure_matmul_gflops` of 512 x 512 matmuls."""
+    return measure_matmul_gflops(dtype, seconds, windows)
 
 
 def vit_forward_gflops(
