@@ -341,7 +341,12 @@ class CurveConfig:
     # seeds fine-tune once at the lr that seed's validation split chose (tune once, then
     # repeat over seeds: the grid's cost is paid once per fraction, not once per seed).
     lr_grid_seeds: Literal["all", "first"] = "all"
-    metric: Literal["balanced_accuracy", "accuracy", "auroc", "macro_f1"] = "balanced_accuracy"
+    # What the curve compares (summary.csv, curve.png, the verdicts): a classification metric,
+    # or for a segmentation curve mean_dice or mean_iou, the foreground means of each cell's
+    # test masks (the default reads as mean_dice there; curve.csv holds both either way).
+    metric: Literal[
+        "balanced_accuracy", "accuracy", "auroc", "macro_f1", "mean_dice", "mean_iou"
+    ] = "balanced_accuracy"
     # The classical arms on the same subsets: logistic regressions on pixels, on their PCA, and
     # on each backbone's frozen features (seconds on a CPU); the verdict is against the
     # strongest arm without pre-training.

@@ -1,5 +1,6 @@
 """Segmentation on real files a package installs (issue 38): nilearn's MNI152 T1 template with
-its grey- and white-matter maps, as a 3-class tissue mask on slices of one volume.
+its grey- and white-matter maps, as a 3-class tissue mask on slices of one volume, fine-tuned
+and predicted, and a segmentation curve compared in IoU (curve.metric=mean_iou).
 
 The files are found with `importlib.util.find_spec` and read with nibabel; nilearn itself is
 never imported. (stardist's nuclei are in test_segment_engine.py and test_segment_job.py.)
@@ -7,13 +8,14 @@ never imported. (stardist's nuclei are in test_segment_engine.py and test_segmen
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import sets_to_args
+from helpers import cli, sets_to_args
 from typer.testing import CliRunner
 
 from beitdomain.cli.app import app
@@ -163,3 +165,63 @@ def test_mni152_tissue_segmentation_from_ten_percent_of_the_slabs(tmp_path):
     assert white > 0.6, white
     for axis in (1, 2):
         assert white > white_dice(pred, np.flip(truth, axis)) + 0.15, axis
+
+
+def test_a_segmentation_curve_compares_the_metric_it_is_given(tmp_path):
+    if _nilearn_data() is None:
+        pytest.skip("nilearn is not installed (pip install nilearn: its bundled MNI152 files)")
+    pytest.importorskip("monai")
+    data = tmp_path / "mni"
+    write_mni_slabs(data)
+    out = tmp_path / "curve"
+    res = cli(
+        "curve",
+        "--task",
+        "segment",
+        "--data",
+        str(data),
+        "--labels-csv",
+        str(data / "labels.csv"),
+        "--fractions",
+        "10%,100%",
+        "--seeds",
+        "0",
+        "--init",
+        "scratch",
+        "--metric",
+        "mean_iou",
+        "--out",
+        str(out),
+        *sets_to_args([*SETS, "finetune.train.steps=4"]),  # scores, not learning
+    )
+    assert res.exit_code == 0, res.output
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Label-efficiency report (foreground-mean IoU)"), report[:200]
+    assert "Metric: foreground-mean IoU on the test set" in report
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [float(r["fraction"]) for r in summary] == [3 / 28, 1.0]  # 10%: 3 of 28 slabs
+    for row in summary:  # both means are there; the report's table is in IoU
+        assert 0 <= float(row["mean_iou_mean"]) < float(row["mean_dice_mean"]) <= 1
+        assert f"{float(row['mean_iou_mean']):.3f}" in report
+        assert f"{float(row['mean_dice_mean']):.3f}" not in report
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "match"),
+    [
+        ("segment", "macro_f1", "curve.metric=macro_f1: a classification metric; a segmentation"),
+        ("classify", "mean_dice", "curve.metric=mean_dice: a segmentation metric; a classif"),
+    ],
+)
+def test_a_curve_metric_of_the_other_task_is_refused_first(tmp_path, task, metric, match):
+    from beitdomain.config import load_recipe
+    from beitdomain.engine.curve.run import run_curve
+    from beitdomain.user import UserError
+
+    r = load_recipe(
+        None, {"finetune.task": task, "curve.metric": metric, "curve.inits": {"scratch": None}}
+    )
+    with pytest.raises(UserError, match=match):
+        run_curve(r, tmp_path / "curve", device="cpu", quiet=True)
+    assert not (tmp_path / "curve").exists()

@@ -23,6 +23,7 @@ from typing import Any
 
 from beitdomain.config import Recipe
 from beitdomain.engine.curve.baselines import PIXELS, baseline_rows, probe_name
+from beitdomain.engine.curve.report import curve_metric
 from beitdomain.engine.run.checkpoint import CheckpointManager
 from beitdomain.fileio import atomic_save, atomic_write_text, make_dirs
 from beitdomain.user import UserError
@@ -63,6 +64,7 @@ def probe_along_pretraining(
     Raises:
         UserError: the run kept no checkpoint.
     """
+    metric = curve_metric(recipe.curve, "classify")  # probes classify whole images
     kept = kept_checkpoints(pre_dir)
     if not kept:
         raise UserError(
@@ -74,7 +76,7 @@ def probe_along_pretraining(
     if not quiet:
         log.info("probing %d checkpoints of %s on %d label subsets", len(kept), pre_dir, len(cells))
     rows, _ = baseline_rows(recipe, inits, cells, quiet=quiet)
-    table = length_table(rows, [0, *kept], recipe.curve.metric)
+    table = length_table(rows, [0, *kept], metric)
     out = Path(out)
     make_dirs(out)
     buf = io.StringIO()
@@ -82,7 +84,7 @@ def probe_along_pretraining(
     writer.writeheader()
     writer.writerows(table)
     atomic_write_text(out / CSV_NAME, buf.getvalue())
-    plot_length(table, recipe.curve.metric, out / PLOT_NAME)
+    plot_length(table, metric, out / PLOT_NAME)
     return table
 
 

@@ -41,10 +41,31 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def curve_metric(c: CurveConfig, grid: CurveGrid) -> str:
-    """What the curve compares: `curve.metric` for classification; the foreground-mean Dice
-    of the test masks for segmentation (a cell's results.json `test.mean_dice`)."""
-    return SEGMENT_METRIC if grid.task == "segment" else c.metric
+def curve_metric(c: CurveConfig, task: str) -> str:
+    """What a curve of `task` compares: `curve.metric`, a classification metric, or for
+    segmentation `mean_dice` (also where curve.metric is left at its classification default)
+    or `mean_iou`, the foreground means of the test masks (results.json `test.mean_dice`,
+    `test.mean_iou`).
+
+    Raises:
+        UserError: a classification metric for a segmentation curve, or the reverse.
+    """
+    if task == "segment":
+        if c.metric == "balanced_accuracy":  # the default: a segmentation curve's is Dice
+            return SEGMENT_METRIC
+        if c.metric in SEGMENT_COLUMNS:
+            return c.metric
+        raise UserError(
+            f"curve.metric={c.metric}: a classification metric; a segmentation curve "
+            f"(finetune.task=segment) compares {' or '.join(SEGMENT_COLUMNS)} of each cell's "
+            "test masks (both are in curve.csv)"
+        )
+    if c.metric in SEGMENT_COLUMNS:
+        raise UserError(
+            f"curve.metric={c.metric}: a segmentation metric; a classification curve compares "
+            f"one of {', '.join(METRICS)} (or run curve --task segment on masks)"
+        )
+    return c.metric
 
 
 def subset_warnings(labels: str, subset: dict[str, Any], task: str = "classify") -> list[str]:
@@ -236,7 +257,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """curve.csv, summary.csv, curve.png and report.md from the finished rows (fine-tunes and
     the classical baseline arms, `baselines.csv`)."""
-    metric, init_sets, inits = curve_metric(c, grid), c.init_sets, grid.inits
+    metric, init_sets, inits = curve_metric(c, grid.task), c.init_sets, grid.inits
     base_file = out / BASELINES_FILE
     base = read_csv(base_file) if base_file.is_file() else []
     rows = one_fraction_per_amount([*rows, *base])

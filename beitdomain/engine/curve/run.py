@@ -37,6 +37,7 @@ from beitdomain.engine.curve.grid import Cell, CurveGrid, cell_name, parse_grid
 from beitdomain.engine.curve.report import (
     ARMS_FILE,
     collect_rows,
+    curve_metric,
     subset_warnings,
     write_outputs,
 )
@@ -400,12 +401,7 @@ def run_curve(
     out = Path(out)
     task = recipe.finetune.task
     inits = {name: _resolve_arm(name, path, task) for name, path in c.inits.items()}
-    if task == "segment" and c.metric != "balanced_accuracy":  # i.e. set away from its default
-        raise UserError(
-            f"curve.metric={c.metric}: a classification metric; a segmentation curve "
-            "(finetune.task=segment) compares the foreground-mean Dice of each cell's test "
-            "masks (IoU beside it in curve.csv): leave curve.metric unset"
-        )
+    curve_metric(c, task)  # a metric of the task's, refused before anything is written
     grid = parse_grid(c, inits, task)  # every label amount parsed before any cell runs
     recipes = _init_recipes(recipe, inits)
     record: dict[str, Any] = {"fractions": c.fractions, "seeds": c.seeds, "inits": inits}
