@@ -11,7 +11,7 @@ from test_segment_job import _recipe, write_discs
 
 A = pytest.importorskip("albumentations")
 
-from beitdomain.data.masks import MaskDataset  # noqa: E402
+from beitdomain.data.masks import MaskClasses, MaskDataset  # noqa: E402
 from beitdomain.data.transforms import (  # noqa: E402
     AugmentError,
     SegmentTransform,
@@ -24,6 +24,9 @@ from beitdomain.engine.run.metrics_log import read_metrics  # noqa: E402
 from beitdomain.engine.segment import finetune_segment  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+TWO = MaskClasses(("background", "disc"))
+THREE = MaskClasses(("background", "a", "b"))
 
 
 def _save(tmp_path, *transforms, name="pipeline.json"):
@@ -58,7 +61,7 @@ def _decode(view: np.ndarray) -> np.ndarray:
     ids=["hflip", "vflip+rot90", "transpose+flip"],
 )
 def test_flips_and_rotations_move_image_and_mask_identically(tmp_path, transforms):
-    aug = UserSegmentAugment(_save(tmp_path, *transforms), image_size=32, num_classes=3)
+    aug = UserSegmentAugment(_save(tmp_path, *transforms), image_size=32, classes=THREE)
     image, mask = _coded_pair()
     moved = 0
     for item in range(6):
@@ -72,7 +75,7 @@ def test_flips_and_rotations_move_image_and_mask_identically(tmp_path, transform
 
 def test_a_rotation_keeps_mask_values_within_the_classes(tmp_path):
     spec = _save(tmp_path, A.Rotate(limit=40, p=1.0), A.RandomResizedCrop(size=(40, 40)))
-    aug = UserSegmentAugment(spec, image_size=32, num_classes=3)
+    aug = UserSegmentAugment(spec, image_size=32, classes=THREE)
     image, mask = _coded_pair()
     for item in range(8):
         view, mview = aug(image, mask, np.random.default_rng([0, 0, item]))
@@ -82,7 +85,7 @@ def test_a_rotation_keeps_mask_values_within_the_classes(tmp_path):
 
 def test_pixel_level_transforms_touch_the_image_only(tmp_path):
     spec = _save(tmp_path, A.RandomBrightnessContrast(p=1.0), A.GaussNoise(p=1.0))
-    aug = UserSegmentAugment(spec, image_size=32, num_classes=3)
+    aug = UserSegmentAugment(spec, image_size=32, classes=THREE)
     image, mask = _coded_pair()
     view, mview = aug(image, mask, np.random.default_rng([0, 0, 1]))
     np.testing.assert_array_equal(mview, mask)
@@ -91,12 +94,12 @@ def test_pixel_level_transforms_touch_the_image_only(tmp_path):
 
 def test_an_item_is_a_pure_function_of_seed_epoch_and_index(tmp_path):
     spec = _save(tmp_path, A.Rotate(limit=30, p=1.0), A.RandomBrightnessContrast(p=1.0))
-    aug = UserSegmentAugment(spec, image_size=24, num_classes=3)
+    aug = UserSegmentAugment(spec, image_size=24, classes=THREE)
     image, mask = _coded_pair()
     items = [_coded_pair(seed=k) for k in range(4)]
     ds = MaskDataset(items, aug, seed=5)
     first = [ds[i] for i in range(4)]
-    again = MaskDataset(items, UserSegmentAugment(spec, 24, 3), seed=5)
+    again = MaskDataset(items, UserSegmentAugment(spec, 24, THREE), seed=5)
     for i in reversed(range(4)):  # another pipeline object, another order: the same items
         item = again[i]
         assert np.array_equal(item["image"].numpy(), first[i]["image"].numpy())
@@ -111,27 +114,27 @@ def test_an_item_is_a_pure_function_of_seed_epoch_and_index(tmp_path):
 
 def test_a_blending_pipeline_and_an_image_only_transform_are_refused(tmp_path):
     blend = _save(tmp_path, A.Rotate(limit=45, p=1.0, mask_interpolation=1), name="b.json")
-    aug = UserSegmentAugment(blend, image_size=32, num_classes=2)
+    aug = UserSegmentAugment(blend, image_size=32, classes=TWO)
     mask = np.zeros((32, 32), np.int64)
     mask[8:24, 8:24] = 1
     with pytest.raises(AugmentError, match=r"b.json\) made mask values .* outside the classes"):
         # values 0..1 blended to ints stay 0/1; with 255 (ignore) next to 1 blends appear
-        UserSegmentAugment(blend, 32, 2, ignore_index=255)(
+        UserSegmentAugment(blend, 32, MaskClasses(TWO.names, 255))(
             np.zeros((1, 32, 32), np.float32),
             np.where(mask == 1, 255, 1),
             np.random.default_rng(0),
         )
     aug(np.zeros((1, 32, 32), np.float32), mask, np.random.default_rng(0))  # 0/1: passes
     with pytest.raises(AugmentError, match="transform of images only"):
-        UserSegmentAugment("augment_chain:build", 32, 2)
+        UserSegmentAugment("augment_chain:build", 32, TWO)
 
 
 def test_the_recipe_picks_the_users_pipeline_or_the_built_in_one(tmp_path):
     spec = _save(tmp_path, A.HorizontalFlip(p=1.0))
     data = write_discs(tmp_path / "discs", n=4)
     r = _recipe(data, f"data.augment={spec}")
-    assert isinstance(segment_training_transform(r.data, 32, 2), UserSegmentAugment)
-    plain = segment_training_transform(_recipe(data).data, 32, 2)
+    assert isinstance(segment_training_transform(r.data, 32, TWO), UserSegmentAugment)
+    plain = segment_training_transform(_recipe(data).data, 32, TWO)
     assert isinstance(plain, SegmentTransform) and plain.train
 
 
@@ -188,7 +191,7 @@ def test_a_cached_uint8_image_is_augmented_as_its_values_in_0_1(tmp_path):
     spec = _save(tmp_path, A.HorizontalFlip(p=1.0))
     image, mask = _coded_pair()
     as_uint8 = np.round(image * 255).astype(np.uint8)
-    view, _ = UserSegmentAugment(spec, 32, 3)(as_uint8, mask, np.random.default_rng(0))
+    view, _ = UserSegmentAugment(spec, 32, THREE)(as_uint8, mask, np.random.default_rng(0))
     np.testing.assert_allclose(view[0], as_uint8[0, :, ::-1] / 255.0, atol=1e-6)
     solo = UserAugment(spec, image_size=32)(as_uint8, np.random.default_rng(0))
     np.testing.assert_array_equal(solo, view)

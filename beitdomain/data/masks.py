@@ -85,20 +85,28 @@ class MaskClasses:
     def num_classes(self) -> int:
         return len(self.names)
 
+    def outside(self, mask: np.ndarray) -> list[int]:
+        """The first few values of `mask` that are neither a class nor the ignore index."""
+        bad = (mask < 0) | (mask >= self.num_classes)
+        if self.ignore_index is not None:
+            bad &= mask != self.ignore_index
+        return np.unique(mask[bad])[:5].tolist() if bad.any() else []
+
+    @property
+    def allowed(self) -> str:
+        """The values a mask may hold, for messages: ``0..1 (background, lesion)``."""
+        allowed = f"0..{self.num_classes - 1} ({', '.join(self.names)})"
+        if self.ignore_index is not None:
+            allowed += f" or the ignore index {self.ignore_index}"
+        return allowed
+
     def check(self, mask: np.ndarray, mask_path: str | Path, image_path: str | Path) -> None:
         """Refuses values that are neither a class nor the ignore index."""
-        values = np.unique(mask)
-        ok = (values >= 0) & (values < self.num_classes)
-        if self.ignore_index is not None:
-            ok |= values == self.ignore_index
-        if not ok.all():
-            bad = values[~ok][:5].tolist()
-            allowed = f"0..{self.num_classes - 1} ({', '.join(self.names)})"
-            if self.ignore_index is not None:
-                allowed += f" or the ignore index {self.ignore_index}"
+        bad = self.outside(mask)
+        if bad:
             raise MaskError(
                 f"mask {mask_path} (of image {image_path}) holds values {bad} outside the "
-                f"classes {allowed}; set segment.classes (and segment.ignore_index) to match"
+                f"classes {self.allowed}; set segment.classes (and segment.ignore_index) to match"
             )
 
 
@@ -658,7 +666,7 @@ def segment_data(recipe: Any, classes: MaskClasses, seed: int | None = None) -> 
         )
     # data.augment (the user's pipeline, image and mask together) or the built-in one; built
     # first, so a pipeline that cannot be loaded stops the job before every pair is read
-    augment = segment_training_transform(d, d.image_size, classes.num_classes, classes.ignore_index)
+    augment = segment_training_transform(d, d.image_size, classes)
     spec = IntensitySpec.from_config(d)
     items: Sequence[tuple[np.ndarray, np.ndarray]]
     if d.cache:  # decoded once, checked as it was cached; refused when stale

@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from beitdomain.data.masks import MaskClasses
 from beitdomain.user import UserError
 from beitdomain.view import CROP_PCT, EvalView
 
@@ -165,18 +166,31 @@ class _RandomView:
         self.hflip, self.vflip = hflip, vflip
         self.jitter = IntensityJitter(intensity)
 
-    def _crop_flip(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """image [C, H, W] -> the cropped, resized and flipped view [size, size(, C)] (cv2)."""
+    def _crop_flip(
+        self, image: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """image [C, H, W] -> the cropped, resized and flipped view [size, size(, C)] (cv2),
+        and `mask` [H, W] (int32) through the same crop and flips, nearest neighbour (a class
+        index is never blended), or None. The draws do not depend on the mask: box, flips."""
         _, height, width = image.shape
         top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
         crop = _hwc(image[:, top : top + h, left : left + w])
         size = self.image_size
         view = cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
+        mview = None
+        if mask is not None:
+            mview = cv2.resize(
+                np.ascontiguousarray(mask[top : top + h, left : left + w]),
+                (size, size),
+                interpolation=cv2.INTER_NEAREST_EXACT,
+            )
         flip_h = rng.random() < self.hflip
         flip_v = rng.random() < self.vflip
         if flip_h or flip_v:
-            view = cv2.flip(view, -1 if (flip_h and flip_v) else (1 if flip_h else 0))
-        return view
+            code = -1 if (flip_h and flip_v) else (1 if flip_h else 0)
+            view = cv2.flip(view, code)
+            mview = None if mview is None else cv2.flip(mview, code)
+        return view, mview
 
 
 class PretrainTransform(_RandomView):
@@ -207,7 +221,7 @@ class PretrainTransform(_RandomView):
     def __call__(
         self, image: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        view = self._crop_flip(image, rng)
+        view, _ = self._crop_flip(image, rng)
         tok = cv2.resize(view, (self.tokenizer_size,) * 2, interpolation=cv2.INTER_AREA)
         params = self.jitter.sample(rng)
         table = IntensityJitter.uint8_table(params) if view.dtype == np.uint8 else None
@@ -258,7 +272,7 @@ class FinetuneTransform(_RandomView):
             return _chw(np.clip(out, 0.0, 1.0, out=out))
         if rng is None:
             raise ValueError("a training transform needs rng (np.random.default_rng(...))")
-        view = self._crop_flip(image, rng)
+        view, _ = self._crop_flip(image, rng)
         out = IntensityJitter.apply(view, self.jitter.sample(rng))
         return _chw(np.clip(out, 0.0, 1.0, out=out))
 
@@ -303,23 +317,8 @@ class SegmentTransform(_RandomView):
             return _chw(np.clip(out, 0.0, 1.0, out=out)), mview.astype(np.int64)
         if rng is None:
             raise ValueError("a training transform needs rng (np.random.default_rng(...))")
-        # The draws of _RandomView._crop_flip, in its order: box, then the two flips.
-        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
-        view = cv2.resize(
-            _hwc(image[:, top : top + h, left : left + w]),
-            (size, size),
-            interpolation=cv2.INTER_CUBIC,
-        )
-        mview = cv2.resize(
-            np.ascontiguousarray(labels[top : top + h, left : left + w]),
-            (size, size),
-            interpolation=cv2.INTER_NEAREST_EXACT,
-        )
-        flip_h = rng.random() < self.hflip
-        flip_v = rng.random() < self.vflip
-        if flip_h or flip_v:
-            code = -1 if (flip_h and flip_v) else (1 if flip_h else 0)
-            view, mview = cv2.flip(view, code), cv2.flip(mview, code)
+        view, mview = self._crop_flip(image, rng, labels)  # the classification view's draws
+        assert mview is not None
         out = IntensityJitter.apply(view, self.jitter.sample(rng))
         return _chw(np.clip(out, 0.0, 1.0, out=out)), mview.astype(np.int64)
 
@@ -490,8 +489,8 @@ class UserSegmentAugment(UserAugment):
         spec: `data.augment`: an albumentations pipeline file (a MONAI transform or other
             callable sees only the image, so it is refused).
         image_size: view size.
-        num_classes: the mask's classes are 0 .. num_classes - 1.
-        ignore_index: a mask value of no class that marks unannotated pixels (or None).
+        classes: the values a mask may hold (`masks.MaskClasses`): its classes and the
+            ignore index.
 
     Raises:
         AugmentError: `spec` is not an albumentations pipeline.
@@ -499,9 +498,7 @@ class UserSegmentAugment(UserAugment):
 
     train = True  # MaskDataset hands it the item's generator
 
-    def __init__(
-        self, spec: str, image_size: int, num_classes: int, ignore_index: int | None = None
-    ) -> None:
+    def __init__(self, spec: str, image_size: int, classes: MaskClasses) -> None:
         super().__init__(spec, image_size)
         if self.kind != "albumentations":
             raise AugmentError(
@@ -510,8 +507,7 @@ class UserSegmentAugment(UserAugment):
                 "file (.json / .yaml from albumentations.save): its geometric transforms move "
                 "the mask with the image"
             )
-        self.num_classes = int(num_classes)
-        self.ignore_index = ignore_index
+        self.classes = classes
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
@@ -528,7 +524,14 @@ class UserSegmentAugment(UserAugment):
                 f"data.augment ({self.spec}) returned a mask of {list(mout.shape)} for an image "
                 f"of {list(aug.shape[:2])}; a mask must keep its image's grid"
             )
-        self._check_values(mout)
+        bad = self.classes.outside(mout)
+        if bad:  # a blending mask_interpolation, or borders filled with a value of no class
+            raise AugmentError(
+                f"data.augment ({self.spec}) made mask values {bad}, outside the classes "
+                f"{self.classes.allowed}: masks must move with nearest neighbour "
+                "(mask_interpolation=0) and borders be filled with a class or the ignore index "
+                "(fill_mask)"
+            )
         size = self.image_size
         view = cv2.resize(aug, (size, size), interpolation=cv2.INTER_CUBIC)
         np.clip(view, 0.0, 1.0, out=view)
@@ -536,23 +539,6 @@ class UserSegmentAugment(UserAugment):
             mout.astype(np.int32, copy=False), (size, size), interpolation=cv2.INTER_NEAREST_EXACT
         )
         return _chw(view), mview.astype(np.int64)
-
-    def _check_values(self, mask: np.ndarray) -> None:
-        """Refuses values of no class: a pipeline that blends masks (linear mask
-        interpolation) or fills borders with a value of no class."""
-        bad = (mask < 0) | (mask >= self.num_classes)
-        if self.ignore_index is not None:
-            bad &= mask != self.ignore_index
-        if bad.any():
-            values = np.unique(mask[bad])[:5].tolist()
-            allowed = f"0..{self.num_classes - 1}"
-            if self.ignore_index is not None:
-                allowed += f" or the ignore index {self.ignore_index}"
-            raise AugmentError(
-                f"data.augment ({self.spec}) made mask values {values}, outside the classes "
-                f"{allowed}: masks must move with nearest neighbour (mask_interpolation=0) and "
-                "borders be filled with a class or the ignore index (fill_mask)"
-            )
 
 
 def training_transform(d: Any, image_size: int, tokenizer_size: int | None = None) -> Any:
@@ -578,9 +564,7 @@ def training_transform(d: Any, image_size: int, tokenizer_size: int | None = Non
     return PretrainTransform(image_size=image_size, tokenizer_size=tokenizer_size, **augment)
 
 
-def segment_training_transform(
-    d: Any, image_size: int, num_classes: int, ignore_index: int | None = None
-) -> Any:
+def segment_training_transform(d: Any, image_size: int, classes: MaskClasses) -> Any:
     """The training view of an (image, mask) pair a recipe's `data` section asks for: its own
     `data.augment` albumentations pipeline (`UserSegmentAugment`), or the built-in crop, flips
     and intensity jitter (`SegmentTransform`).
@@ -588,11 +572,10 @@ def segment_training_transform(
     Args:
         d: the recipe's `data` section (any object with its field names).
         image_size: view size.
-        num_classes: the mask's classes are 0 .. num_classes - 1.
-        ignore_index: the mask value of unannotated pixels, or None.
+        classes: the values a mask may hold (its classes, the ignore index).
     """
     if d.augment:
-        return UserSegmentAugment(d.augment, image_size, num_classes, ignore_index)
+        return UserSegmentAugment(d.augment, image_size, classes)
     return SegmentTransform(
         train=True,
         image_size=image_size,
