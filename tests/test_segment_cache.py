@@ -182,3 +182,32 @@ def test_a_damaged_masks_file_is_refused_as_the_cache_opens(discs, tmp_path):
     with pytest.raises(CacheError, match=r"masks.npy is cut short"):
         CachedImages(cache)
     assert cache_pairs(_recipe(discs), cache, size=40).reused is False  # rebuilt
+
+
+def test_volumes_are_cached_slice_by_slice_with_their_masks(tmp_path):
+    """A NIfTI volume and its label volume: every slice a row, each mask slice beside its image
+    slice; groups and the split the uncached fine-tune draws are kept."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "vols"
+    data.mkdir()
+    xx, yy, zz = np.mgrid[:32, :32, :4]
+    rows = ["path,mask,group"]
+    for k in range(8):
+        c = rng.uniform(10, 22, 3)
+        ball = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + 4 * (zz - 2) ** 2 < 36).astype(np.uint8)
+        scan_ = (ball * 100 + rng.normal(0, 5, ball.shape)).astype(np.float32)
+        nib.save(nib.Nifti1Image(scan_, np.eye(4)), data / f"v{k}.nii.gz")
+        nib.save(nib.Nifti1Image(ball, np.eye(4)), data / f"v{k}_seg.nii.gz")
+        rows.append(f"v{k}.nii.gz,v{k}_seg.nii.gz,patient-{k // 2}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    no_val = "data.val_fraction=0"  # 4 patients: a test split only
+    cached = cache_pairs(_recipe(data, no_val), tmp_path / "cache", size=32)
+    assert len(cached) == 8 * 4 and cached.masks.shape == (32, 32, 32)
+    without = segment_data(_recipe(data, no_val), CLASSES)
+    with_cache = segment_data(_cached(data, tmp_path / "cache", no_val), CLASSES)
+    assert with_cache.files == without.files and with_cache.subset == without.subset
+    np.testing.assert_array_equal(with_cache.item_file, without.item_file)
+    for k in range(32):  # 32 px: the cached size is the slices' own, so the masks are equal
+        np.testing.assert_array_equal(with_cache.items[k][1], without.items[k][1])
+        assert np.abs(with_cache.items[k][0] / 255.0 - without.items[k][0]).max() <= 0.5 / 255
