@@ -201,3 +201,29 @@ def test_a_seg_error_is_a_user_error_naming_the_file(tmp_path):
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 16)
     with pytest.raises(UserError, match=r"broken.dcm"):
         read_dicom_seg(bad)
+
+
+def test_a_seg_is_a_mask_in_a_segmentation_pair(tmp_path):
+    """`data.masks` reads a SEG beside its DICOM image: the label map of that image's frames,
+    checked against the image's grid and the recipe's classes like any mask."""
+    from beitdomain.data.masks import MaskClasses, MaskError, MaskPair, load_pair
+    from beitdomain.io import IntensitySpec
+
+    image = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    image.save_as(tmp_path / "ct.dcm")
+    yy, xx = np.mgrid[:128, :128]
+    organ = ((yy - 64) ** 2 + (xx - 60) ** 2 < 900).astype(np.uint8)
+    seg = _seg(tmp_path, [organ], [1], [(str(image.SOPInstanceUID), None)])
+    classes = MaskClasses(names=("background", "liver"))
+    pixels, mask = load_pair(MaskPair(tmp_path / "ct.dcm", seg), IntensitySpec(), classes)
+    assert pixels.shape == (1, 1, 128, 128) and mask.shape == (1, 128, 128)
+    assert np.array_equal(mask[0], organ)
+
+    other = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.99"
+    other.save_as(tmp_path / "other.dcm")
+    with pytest.raises(MaskError, match=r"mask .*seg\.dcm \(of image .*other\.dcm\) cannot be"):
+        load_pair(MaskPair(tmp_path / "other.dcm", seg), IntensitySpec(), classes)
+    two = _seg(tmp_path, [organ], [2], [(str(image.SOPInstanceUID), None)], name="two.dcm")
+    with pytest.raises(MaskError, match=r"two\.dcm"):  # segment 2: no such class
+        load_pair(MaskPair(tmp_path / "ct.dcm", two), IntensitySpec(), classes)

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from beitdomain.io import IntensitySpec, ReaderError, prepare, read_raw, select_slices
+from beitdomain.io import (
+    IntensitySpec,
+    ReaderError,
+    prepare,
+    read_raw,
+    select_frames,
+    select_slices,
+)
+from beitdomain.io.dicom_seg import is_dicom_seg, read_seg_mask
 from beitdomain.user import MissingPathError, UserError
 
 __all__ = [
@@ -48,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Suffixes a mask in a mirrored folder may have (a JPEG image's mask is usually a PNG).
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha", ".bmp", ".dcm")
 
 
 class MaskError(UserError):
@@ -126,7 +134,9 @@ def read_mask(
     """A label map as int64 ``[S, H, W]``: one channel, integer values, no normalization.
 
     Volumes are sliced like their image (``spec.slice_axis``, ``spec.frames``), so slice k of
-    the mask lies on slice k of the image.
+    the mask lies on slice k of the image. A DICOM Segmentation object (SEG) gives the label
+    map of its image's frames, found by the image's SOP Instance UID (`io.dicom_seg`): segment
+    number k is class k.
 
     Raises:
         ReaderError: the file cannot be read.
@@ -134,6 +144,14 @@ def read_mask(
     """
     spec = spec or IntensitySpec()
     of = f" (of image {image_path})" if image_path is not None else ""
+    if is_dicom_seg(path):
+        try:
+            labels = read_seg_mask(path, image_path)  # [S, H, W] int64, S = the image's frames
+        except ReaderError as e:
+            if image_path is None:
+                raise
+            raise MaskError(f"mask {path}{of} cannot be read: {e}") from None
+        return select_frames(labels[:, None], spec.frames)[:, 0]
     try:
         raw, meta = read_raw(path)
     except ReaderError as e:
