@@ -211,3 +211,26 @@ def test_volumes_are_cached_slice_by_slice_with_their_masks(tmp_path):
     for k in range(32):  # 32 px: the cached size is the slices' own, so the masks are equal
         np.testing.assert_array_equal(with_cache.items[k][1], without.items[k][1])
         assert np.abs(with_cache.items[k][0] / 255.0 - without.items[k][0]).max() <= 0.5 / 255
+
+
+def test_pre_training_from_a_cache_of_pairs_leaves_the_same_test_images_out(discs, tmp_path):
+    """Pre-training (and the tokenizer) read a segmentation recipe's cache of pairs: its
+    images, without the masks CSV's label-column check, and without the images of the test
+    split the fine-tune scores on, as the uncached pre-training leaves them out."""
+    from beitdomain.data.unlabeled import unlabeled_dataset
+
+    cache = tmp_path / "cache"
+    cache_pairs(_recipe(discs), cache, size=40)
+
+    def files_seen(recipe):
+        ds, _, _ = unlabeled_dataset(recipe, "pretrain", progress=False)
+        return sorted(ds.source.source(int(i))[0] for i in ds.indices), ds.pretraining_data
+
+    cached, record = files_seen(_cached(discs, cache))
+    uncached, _ = files_seen(_recipe(discs))
+    test = segment_data(_recipe(discs), CLASSES).files["test"]
+    assert record["n_test_excluded"] == len(test) > 0
+    assert cached == uncached and not set(cached) & {image for image, _ in test}
+    assert len(cached) == 8 - len(test)
+    everything, record = files_seen(_cached(discs, cache, "data.transductive=true"))
+    assert len(everything) == 8 and record["n_test_excluded"] == 0

@@ -18,7 +18,7 @@ from beitdomain.config import Recipe
 from beitdomain.data.dataset import ImageDataset
 from beitdomain.data.heldout import pretraining_items
 from beitdomain.data.labeled import items_in_test_split
-from beitdomain.data.masks import split_labels_csv
+from beitdomain.data.masks import MaskClasses, cached_pairs, split_labels_csv, split_pairs
 from beitdomain.data.source import image_source
 from beitdomain.data.transforms import FinetuneTransform, training_transform
 from beitdomain.user import UserError
@@ -70,6 +70,12 @@ def unlabeled_dataset(
             recipe = replace(recipe, data=replace(d, labels=str(listed)))
             source, fingerprint = image_source(recipe, progress, report_dir)
         d = recipe.data
+    elif recipe.finetune.task == "segment" and d.cache:
+        # A cache of pairs (`data cache` of a segmentation recipe): its images, without the
+        # masks CSV's check for a label column; the test split is the fine-tune's, by pair.
+        source, fingerprint = image_source(
+            replace(recipe, data=replace(d, labels=None)), progress, report_dir
+        )
     else:
         source, fingerprint = image_source(recipe, progress, report_dir)
     size = d.tokenizer_size if kind == "tokenizer" else d.image_size
@@ -79,7 +85,12 @@ def unlabeled_dataset(
         raise UserError("the data holds no images")
     # The test split's images stay out unless transductive pre-training is asked for: the
     # curve scores every arm on them, and only this one would have seen them.
-    test = np.empty(0, dtype=np.int64) if d.transductive else items_in_test_split(source, recipe)
+    if d.transductive:
+        test = np.empty(0, dtype=np.int64)
+    elif recipe.finetune.task == "segment" and d.cache:
+        test = _cached_pairs_in_test_split(recipe)
+    else:
+        test = items_in_test_split(source, recipe)
     usable, record = pretraining_items(n, test, d.transductive)
     if len(usable) == 0:
         raise UserError(
@@ -114,3 +125,14 @@ def unlabeled_dataset(
         )
     train.pretraining_data = record  # for the run's manifest: transductive or not, how many
     return train, held_ds, fingerprint
+
+
+def _cached_pairs_in_test_split(recipe: Recipe) -> np.ndarray:
+    """Sorted item indices of a cache of (image, mask) pairs whose image is in the test split
+    the segmentation fine-tune scores on (`masks.split_pairs`, as `segment_data` draws it from
+    the same cache); the cache is checked as the fine-tune checks it (`masks.cached_pairs`)."""
+    cached, pairs = cached_pairs(recipe, MaskClasses.from_config(recipe.segment))
+    d = recipe.data
+    split = split_pairs(replace(recipe, data=replace(d, root=d.root or cached.root)), pairs)
+    files = np.asarray(cached.items[:, 1], dtype=np.int64)  # file k is pair k
+    return np.flatnonzero(np.isin(files, split["test"])).astype(np.int64)
