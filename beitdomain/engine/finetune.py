@@ -46,7 +46,7 @@ from beitdomain.engine.train.estimate import (
     model_forward_gflops,
 )
 from beitdomain.engine.train.loop import Trainer
-from beitdomain.engine.train.selection import ValidationHook, save_weights, validation_every
+from beitdomain.engine.train.selection import ValidationHook, save_weights
 from beitdomain.eval.metrics import classification_metrics
 from beitdomain.eval.plots import plot_confusion_matrix, plot_training_curves
 from beitdomain.models.classifier import (
@@ -274,19 +274,18 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             else backbone_forward_gflops(backbone_config(recipe))
         )
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
-    eval_batch = max(plan.loader.batch_sampler.batch_size, 32)
-    every = validation_every(ft.train.eval_every, len(plan.loader), plan.total_steps)
-    hook = EvalHook(
+    hook = EvalHook.for_fine_tune(
         model,
         data.val,
-        every,
+        plan,
+        ft,
         job.path / BEST_FILE,
-        ft.early_stopping,
         job.device,
-        eval_batch,
+        32,
         classes=data.classes,
         metric=ft.select_metric,
     )
+    eval_batch = hook.batch_size
     # Layer decay keeps pre-trained lower layers close to what they learned; a random backbone
     # has nothing to keep (at depth 12 and 0.65 its patch embedding would train at 0.4% of the
     # head's lr), so it trains every layer at the full lr, as unilm's and DeiT's scratch runs do.

@@ -38,7 +38,7 @@ from beitdomain.data.masks import MaskClasses, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
-from beitdomain.engine.train.selection import ValidationHook, save_weights, validation_every
+from beitdomain.engine.train.selection import ValidationHook, save_weights
 from beitdomain.eval.segment_metrics import SegmentationMeter
 from beitdomain.eval.segment_sheet import mask_contact_sheet
 from beitdomain.models.backbone import BackboneConfig
@@ -275,17 +275,8 @@ def finetune_segment(
 
         gflops = model_forward_gflops(model, recipe.data.in_chans, size)
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
-    eval_batch = max(plan.loader.batch_sampler.batch_size, 16)
-    every = validation_every(ft.train.eval_every, len(plan.loader), plan.total_steps)
-    hook = SegmentEvalHook(
-        model,
-        data.val,
-        every,
-        job.path / BEST_FILE,
-        ft.early_stopping,
-        job.device,
-        eval_batch,
-        classes=classes,
+    hook = SegmentEvalHook.for_fine_tune(
+        model, data.val, plan, ft, job.path / BEST_FILE, job.device, 16, classes=classes
     )
     # As for classification: layer decay keeps what a pre-trained backbone learned; a random
     # one (or the U-Net) trains every layer at the full lr.
@@ -339,7 +330,7 @@ def finetune_segment(
             shown = data.val or data.train
         assert shown is not None
         metrics, kept = evaluate_masks(
-            model, shown, classes, job.device, eval_batch, job.amp_dtype, keep=SHEET_ROWS
+            model, shown, classes, job.device, hook.batch_size, job.amp_dtype, keep=SHEET_ROWS
         )
         if data.test is not None:
             metrics["n_images"] = len(data.files["test"])

@@ -59,6 +59,25 @@ class ValidationHook:
 
     metric_name = "score"  # in the early-stopping message
 
+    @classmethod
+    def for_fine_tune(
+        cls,
+        model: nn.Module,
+        val: Any,
+        plan: Any,
+        finetune: Any,
+        best_path: Path,
+        device: torch.device,
+        min_batch: int,
+        **task: Any,
+    ) -> ValidationHook:
+        """The hook of a fine-tuning job that trains on `plan` (a `RunPlan`): the cadence of
+        `validation_every`, `finetune.early_stopping` as patience, evaluation batches of at
+        least `min_batch` images; `task` holds the subclass's own fields (its classes...)."""
+        every = validation_every(finetune.train.eval_every, len(plan.loader), plan.total_steps)
+        batch = max(plan.loader.batch_sampler.batch_size, min_batch)
+        return cls(model, val, every, best_path, finetune.early_stopping, device, batch, **task)
+
     def evaluate(self, trainer: Trainer) -> dict[str, Any]:
         """The validation split's metrics."""
         raise NotImplementedError
