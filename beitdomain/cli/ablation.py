@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,20 @@ from beitdomain.cli.common import handle_errors, load_job, run_job
 from beitdomain.cli.output import print_efficiency
 
 app = typer.Typer()
+
+
+@dataclass(frozen=True)
+class AblationRunFlags(opt.RunFlags):
+    """The run flags, where --overwrite starts only the curve over."""
+
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start the curve over (its cells are deleted); finished pre-training runs "
+            "are kept and reused.",
+        ),
+    ] = False
 
 
 def parse_pretrained(values: list[str]) -> dict[str, str]:
@@ -29,6 +44,7 @@ def parse_pretrained(values: list[str]) -> dict[str, str]:
 
 @app.command()
 @handle_errors
+@opt.grouped
 def ablation(
     ctx: typer.Context,
     variants: Annotated[
@@ -62,22 +78,8 @@ def ablation(
     ] = None,
     seeds: opt.SeedsOpt = None,
     recipe: opt.RecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
-    on_error: opt.OnErrorOpt = None,
-    nonfinite: opt.NonfiniteOpt = None,
-    transductive: opt.TransductiveOpt = False,
-    sets: opt.SetOpt = None,
-    out: opt.OutOpt = None,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Start the curve over (its cells are deleted); finished pre-training runs "
-            "are kept and reused.",
-        ),
-    ] = False,
+    data: opt.DataFlags = opt.offers(),
+    run: AblationRunFlags = opt.offers("sets", "out", "overwrite"),
     trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Re-run BEiT's ablations on your images: blockwise vs random masking, tokens vs pixels.
@@ -102,10 +104,9 @@ def ablation(
         ctx,
         "ablation",
         recipe,
-        sets,
-        out,
+        run,
         {
-            **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
+            **data.options(),
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             **opt.curve_options(fractions, seeds),
         },
@@ -120,7 +121,7 @@ def ablation(
         variants=parse_variants(variants),
         pretrained=parse_pretrained(pretrained) if pretrained else None,
         scratch=scratch,
-        overwrite=overwrite,
+        overwrite=run.overwrite,
         trust_pickle=trust_pickle,
     )
     print_efficiency(out, result, f"report.md and curve.png in {Path(out) / 'curve'}")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from beitdomain.cli.options import RunFlags
 from beitdomain.user import UserError
 
 console = Console(stderr=True)
@@ -149,20 +150,16 @@ def default_out(recipe: Any, command: str) -> Path:
 
 
 def load_job(
-    ctx: typer.Context,
-    command: str,
-    recipe: str | None,
-    sets: list[str] | None,
-    out: Path | None,
-    options: dict[str, Any],
+    ctx: typer.Context, command: str, recipe: str | None, run: RunFlags, options: dict[str, Any]
 ) -> tuple[Any, Path]:
-    """The recipe (as `load` builds it) and the run folder: `out`, or `default_out`.
+    """The recipe (as `load` builds it, with `run.sets`) and the run folder: `run.out`, or
+    `default_out`.
 
     Light on purpose: a command calls it before importing its engine module (torch, timm,
     scikit-learn: seconds), so a mistyped key is reported at once (`tests/test_cli.py`).
     """
-    r = load(ctx, recipe, sets, options)
-    return r, out or default_out(r, command)
+    r = load(ctx, recipe, run.sets, options)
+    return r, run.out or default_out(r, command)
 
 
 def run_job(ctx: typer.Context, job: Callable[..., Any], r: Any, out: Path, **kwargs: Any) -> Any:

@@ -48,6 +48,7 @@ def parse_init_sets(values: list[str]) -> dict[str, list[str]]:
 
 @app.command()
 @handle_errors
+@opt.grouped
 def curve(
     ctx: typer.Context,
     task: Annotated[
@@ -98,14 +99,8 @@ def curve(
     ] = None,
     selection: opt.SelectionOpt = None,
     recipe: opt.RecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
-    on_error: opt.OnErrorOpt = None,
-    nonfinite: opt.NonfiniteOpt = None,
-    sets: opt.SetOpt = None,
-    out: opt.OutOpt = None,
-    overwrite: opt.OverwriteOpt = False,
+    data: opt.DataFlags = opt.offers("data", "cache", "labels_csv", "on_error", "nonfinite"),
+    run: opt.RunFlags = opt.offers("sets", "out", "overwrite"),
     trust_pickle: opt.TrustPickleOpt = False,
 ) -> None:
     """Fine-tune at several label fractions x seeds x initializations and draw the curve.
@@ -140,10 +135,9 @@ def curve(
         ctx,
         "curve",
         recipe,
-        sets,
-        out,
+        run,
         {
-            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
+            **data.options(),
             "curve.inits": parse_inits(init) if init else None,
             "curve.init_sets": parse_init_sets(init_set) if init_set else None,
             **opt.curve_options(fractions, seeds),
@@ -155,6 +149,6 @@ def curve(
     from beitdomain.engine.curve.run import run_curve
 
     result = run_job(
-        ctx, run_curve, r, out, overwrite=overwrite, workers=workers, trust_pickle=trust_pickle
+        ctx, run_curve, r, out, overwrite=run.overwrite, workers=workers, trust_pickle=trust_pickle
     )
     print_efficiency(out, result, f"curve.png, summary.csv and report.md in {out}")

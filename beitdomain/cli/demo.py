@@ -58,7 +58,7 @@ def demo(
     if recipe is None:
         on_gpu = g.device.startswith("cuda") or (g.device == "auto" and torch.cuda.is_available())
         recipe = "elpv-gpu" if on_gpu else "elpv-cpu"
-    r = load(ctx, recipe, sets, opt.data_options(transductive=transductive))
+    r = load(ctx, recipe, sets, opt.DataFlags(transductive=transductive).options())
     console.print(f"beitdomain demo: recipe {recipe}, output in {out}")
     try:
         result = run_job(ctx, run_demo, r, out)

@@ -16,6 +16,7 @@ app = typer.Typer()
 
 @app.command()
 @handle_errors
+@opt.grouped
 def finetune(
     ctx: typer.Context,
     labels: opt.LabelsAmountOpt = None,
@@ -37,24 +38,14 @@ def finetune(
         ),
     ] = None,
     recipe: opt.RecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    on_error: opt.OnErrorOpt = None,
-    nonfinite: opt.NonfiniteOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
+    data: opt.DataFlags = opt.offers("data", "cache", "on_error", "nonfinite", "labels_csv"),
     linear_probe: Annotated[
         bool, typer.Option("--linear-probe", help="Freeze the backbone; train only the head.")
     ] = False,
     selection: opt.SelectionOpt = None,
-    steps: opt.StepsOpt = None,
-    epochs: opt.EpochsOpt = None,
-    batch_size: opt.BatchOpt = None,
+    train: opt.TrainFlags = opt.offers(),
     trust_pickle: opt.TrustPickleOpt = False,
-    sets: opt.SetOpt = None,
-    out: opt.OutOpt = None,
-    resume: opt.ResumeOpt = False,
-    resume_other_data: opt.ResumeOtherDataOpt = False,
-    overwrite: opt.OverwriteOpt = False,
+    run: opt.RunFlags = opt.offers(),
 ) -> None:
     """Fine-tune a classifier (--task segment: a segmenter) on a few labels; score it on test.
 
@@ -77,27 +68,26 @@ def finetune(
 
         beitdomain finetune --task segment --data /data/nuclei --labels-csv masks.csv --labels 10%
     """
-    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
+    resuming = run.resuming()  # checked before any work
     r, out = load_job(
         ctx,
         "finetune",
         recipe,
-        sets,
-        out,
+        run,
         {
-            **opt.data_options(data, cache, labels_csv, on_error, nonfinite),
+            **data.options(),
             "finetune.labels": labels,
             "finetune.task": task,
             "finetune.init": init,
             "finetune.linear_probe": linear_probe or None,
             "finetune.selection": selection,
-            **opt.train_options("finetune", steps, epochs, batch_size),
+            **train.options("finetune"),
         },
     )
     from beitdomain.engine.finetune import finetune as run_finetune
 
     res = run_job(
-        ctx, run_finetune, r, out, **resuming, overwrite=overwrite, trust_pickle=trust_pickle
+        ctx, run_finetune, r, out, **resuming, overwrite=run.overwrite, trust_pickle=trust_pickle
     )
     if res and r.finetune.task == "segment":
         _print_segment(out, res)

@@ -8,19 +8,30 @@ alias that still works and says what to type instead.
 Each is declared once here and used as a parameter's type (`recipe: opt.RecipeOpt = None`). A
 default of None means "not given": the recipe's value stands. A command whose flag means
 something narrower (`eval --recipe`, `data scan --on-error`) declares its own beside it.
+
+Flags that travel together (the data section, a job's train section, the run folder) are also
+declared once as a group: a dataclass whose fields are the flags, taken by a command as one
+parameter (`data: opt.DataFlags = opt.offers("data", "cache")`) under `@opt.grouped`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 log = logging.getLogger("beitdomain.cli")
+F = TypeVar("F", bound=Callable[..., Any])
 
-# The recipe and the run folder: every job command has them.
+# The recipe and its overrides: every job command has them (the run folder: `RunFlags`).
 RecipeOpt = Annotated[
     str | None,
     typer.Option(
@@ -39,33 +50,6 @@ SetOpt = Annotated[
         "--set finetune.train.steps=500.",
     ),
 ]
-OutOpt = Annotated[
-    Path | None,
-    typer.Option("--out", "-o", help="Run folder (default: runs/<recipe name>-<command>)."),
-]
-ResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        help="Continue the run in --out (a run of this command) from its newest checkpoint.",
-    ),
-]
-ResumeOtherDataOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume-other-data",
-        help="With --resume: go on although the data differ from what the run's checkpoints "
-        "trained on (a warning; the manifest keeps both data fingerprints).",
-    ),
-]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite",
-        help="Delete the files the previous run in --out wrote and start over (refused when "
-        "the folder holds anything else).",
-    ),
-]
 TrustPickleOpt = Annotated[
     bool,
     typer.Option(
@@ -74,7 +58,7 @@ TrustPickleOpt = Annotated[
     ),
 ]
 
-# The recipe's data section (`data_options` turns them into recipe keys).
+# The recipe's data section (`DataFlags` groups them).
 DataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Folder of images (sets data.root); labels from subfolders."),
@@ -132,15 +116,6 @@ TransductiveOpt = Annotated[
     ),
 ]
 
-# A job's train section (`train_options` turns them into recipe keys).
-StepsOpt = Annotated[
-    int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
-]
-EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs over the data.")]
-BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
-]
-
 # A curve's grid (`curve`, `ablation`; `curve_options` turns them into recipe keys).
 SeedsOpt = Annotated[
     str | None,
@@ -166,47 +141,6 @@ def deprecated(old: str, new: str, old_value: Any, new_value: Any, why: str = ""
     return old_value
 
 
-def resume_options(resume: bool, resume_other_data: bool) -> dict[str, bool]:
-    """The job options --resume and --resume-other-data set.
-
-    Raises:
-        typer.BadParameter: --resume-other-data without --resume.
-    """
-    if resume_other_data and not resume:
-        raise typer.BadParameter("--resume-other-data applies only with --resume")
-    return {"resume": resume, "resume_other_data": resume_other_data}
-
-
-def data_options(
-    data: Path | None = None,
-    cache: Path | None = None,
-    labels_csv: Path | None = None,
-    on_error: str | None = None,
-    nonfinite: str | None = None,
-    transductive: bool = False,
-) -> dict[str, Any]:
-    """The recipe's `data.*` keys the data flags set; None leaves the recipe's value."""
-    return {
-        "data.root": str(data) if data else None,
-        "data.cache": str(cache) if cache else None,
-        "data.labels": str(labels_csv) if labels_csv else None,
-        "data.on_error": on_error,
-        "data.nonfinite": nonfinite,
-        "data.transductive": True if transductive else None,
-    }
-
-
-def train_options(
-    job: str, steps: int | None, epochs: float | None, batch_size: int | None
-) -> dict[str, Any]:
-    """The recipe's `<job>.train.*` keys that --steps, --epochs and --batch-size set."""
-    return {
-        f"{job}.train.steps": steps,
-        f"{job}.train.epochs": epochs,
-        f"{job}.train.batch_size": batch_size,
-    }
-
-
 def curve_options(fractions: str | None, seeds: str | None) -> dict[str, Any]:
     """The recipe's `curve.fractions` and `curve.seeds` that --fractions and --seeds set.
 
@@ -229,3 +163,149 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds):
         raise typer.BadParameter(f"--seeds {text!r}: expected seeds >= 0 like 0,1,2")
     return seeds
+
+
+# --------------------------------------------------------------------------------------------
+# Groups of flags
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Offered:
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+
+
+def offers(*names: str, **defaults: Any) -> Any:
+    """The default of a group parameter: which of the group's flags the command has, in the
+    order its --help lists them (none named: all, in the group's order), and any default of
+    the command's own (`data scan` shows `--normalize auto`, `data cache` none)."""
+    return _Offered(names, defaults)
+
+
+def grouped(fn: F) -> F:
+    """Lets a command take a flag group (a dataclass of options) as one parameter.
+
+    Typer sees the group's fields as ordinary parameters in place of the group's parameter;
+    the command receives the group, built from their values. The flags, their help and their
+    order in --help are those of the fields.
+    """
+    sig = inspect.signature(fn, eval_str=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, tuple[str, ...]]] = {}
+    for p in sig.parameters.values():
+        if not isinstance(p.default, _Offered):
+            params.append(p)
+            continue
+        group = p.annotation
+        fields = {f.name: f for f in dataclasses.fields(group)}
+        types = typing.get_type_hints(group, include_extras=True)
+        names = p.default.names or tuple(fields)
+        for name in names:
+            default = p.default.defaults.get(name, fields[name].default)
+            params.append(inspect.Parameter(name, p.kind, default=default, annotation=types[name]))
+        groups[p.name] = (group, names)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for name, (group, names) in groups.items():
+            kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    wrapper.__annotations__["return"] = sig.return_annotation
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DataFlags:
+    """The recipe's data section as flags; `options()` turns them into recipe keys."""
+
+    data: DataOpt = None
+    cache: CacheOpt = None
+    labels_csv: LabelsCsvOpt = None
+    on_error: OnErrorOpt = None
+    nonfinite: NonfiniteOpt = None
+    transductive: TransductiveOpt = False
+
+    def options(self, **apart: Any) -> dict[str, Any]:
+        """The recipe's `data.*` keys the flags set; None leaves the recipe's value.
+
+        `apart`: the values of the group's flags that a command lists elsewhere in its --help
+        (`pretrain` has --knn-every between them).
+        """
+        d = dataclasses.replace(self, **apart)
+        return {
+            "data.root": str(d.data) if d.data else None,
+            "data.cache": str(d.cache) if d.cache else None,
+            "data.labels": str(d.labels_csv) if d.labels_csv else None,
+            "data.on_error": d.on_error,
+            "data.nonfinite": d.nonfinite,
+            "data.transductive": True if d.transductive else None,
+        }
+
+
+@dataclass(frozen=True)
+class TrainFlags:
+    """A job's train section as flags; `options(job)` turns them into recipe keys."""
+
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Optimizer steps (overrides epochs).")
+    ] = None
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs over the data.")] = None
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help="Images per step, per process.")
+    ] = None
+
+    def options(self, job: str) -> dict[str, Any]:
+        """The recipe's `<job>.train.*` keys that --steps, --epochs and --batch-size set."""
+        return {
+            f"{job}.train.steps": self.steps,
+            f"{job}.train.epochs": self.epochs,
+            f"{job}.train.batch_size": self.batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The recipe overrides and the run folder: what a job command starts from."""
+
+    sets: SetOpt = None
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder (default: runs/<recipe name>-<command>)."),
+    ] = None
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out (a run of this command) from its newest checkpoint.",
+        ),
+    ] = False
+    resume_other_data: Annotated[
+        bool,
+        typer.Option(
+            "--resume-other-data",
+            help="With --resume: go on although the data differ from what the run's "
+            "checkpoints trained on (a warning; the manifest keeps both data fingerprints).",
+        ),
+    ] = False
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the files the previous run in --out wrote and start over (refused "
+            "when the folder holds anything else).",
+        ),
+    ] = False
+
+    def resuming(self) -> dict[str, bool]:
+        """The job options --resume and --resume-other-data set.
+
+        Raises:
+            typer.BadParameter: --resume-other-data without --resume.
+        """
+        if self.resume_other_data and not self.resume:
+            raise typer.BadParameter("--resume-other-data applies only with --resume")
+        return {"resume": self.resume, "resume_other_data": self.resume_other_data}

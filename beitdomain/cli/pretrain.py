@@ -19,12 +19,11 @@ app = typer.Typer(
 
 @app.callback()
 @handle_errors
+@opt.grouped
 def pretrain(
     ctx: typer.Context,
     recipe: opt.RecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
+    data: opt.DataFlags = opt.offers("data", "cache", "labels_csv"),
     knn_every: Annotated[
         int | None,
         typer.Option(
@@ -55,16 +54,10 @@ def pretrain(
     target: Annotated[
         str | None, typer.Option(help="tokens (BEiT) or pixels: the target ablation.")
     ] = None,
-    steps: opt.StepsOpt = None,
-    epochs: opt.EpochsOpt = None,
-    batch_size: opt.BatchOpt = None,
+    train: opt.TrainFlags = opt.offers(),
     trust_pickle: opt.TrustPickleOpt = False,
     transductive: opt.TransductiveOpt = False,
-    sets: opt.SetOpt = None,
-    out: opt.OutOpt = None,
-    resume: opt.ResumeOpt = False,
-    resume_other_data: opt.ResumeOtherDataOpt = False,
-    overwrite: opt.OverwriteOpt = False,
+    run: opt.RunFlags = opt.offers(),
 ) -> None:
     """Continue BEiT pre-training on your unlabeled images; no labels needed.
 
@@ -84,28 +77,27 @@ def pretrain(
     """
     if ctx.invoked_subcommand is not None:
         return
-    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
+    resuming = run.resuming()  # checked before any work
     r, out = load_job(
         ctx,
         "pretrain",
         recipe,
-        sets,
-        out,
+        run,
         {
-            **opt.data_options(data, cache, labels_csv, on_error, nonfinite, transductive),
+            **data.options(on_error=on_error, nonfinite=nonfinite, transductive=transductive),
             "pretrain.knn_every": knn_every,
             "tokenizer.path": str(tokenizer) if tokenizer else None,
             "model.init": str(init) if init else None,
             "model.preset": preset,
             "mask.kind": mask_kind,
             "model.target": target,
-            **opt.train_options("pretrain", steps, epochs, batch_size),
+            **train.options("pretrain"),
         },
     )
     from beitdomain.engine.pretrain import pretrain as run_pretrain
 
     result = run_job(
-        ctx, run_pretrain, r, out, **resuming, overwrite=overwrite, trust_pickle=trust_pickle
+        ctx, run_pretrain, r, out, **resuming, overwrite=run.overwrite, trust_pickle=trust_pickle
     )
     if result:
         rows = {"steps": result["steps"], "global batch": result["global_batch"]}

@@ -19,13 +19,11 @@ app = typer.Typer(
 
 @app.command()
 @handle_errors
+@opt.grouped
 def train(
     ctx: typer.Context,
     recipe: opt.RecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    on_error: opt.OnErrorOpt = None,
-    nonfinite: opt.NonfiniteOpt = None,
+    data: opt.DataFlags = opt.offers("data", "cache", "on_error", "nonfinite"),
     preset: Annotated[
         str | None, typer.Option(help="Size preset: tiny, small (CPU), base (GPU), dalle.")
     ] = None,
@@ -42,14 +40,8 @@ def train(
     ] = None,
     trust_pickle: opt.TrustPickleOpt = False,
     transductive: opt.TransductiveOpt = False,
-    steps: opt.StepsOpt = None,
-    epochs: opt.EpochsOpt = None,
-    batch_size: opt.BatchOpt = None,
-    sets: opt.SetOpt = None,
-    out: opt.OutOpt = None,
-    resume: opt.ResumeOpt = False,
-    resume_other_data: opt.ResumeOtherDataOpt = False,
-    overwrite: opt.OverwriteOpt = False,
+    train: opt.TrainFlags = opt.offers(),
+    run: opt.RunFlags = opt.offers(),
 ) -> None:
     """Train a discrete VAE on your images, so BEiT's targets speak your domain's language.
 
@@ -67,28 +59,25 @@ def train(
 
         beitdomain tokenizer train --data /data/rgb --dalle ~/dall_e --trust-pickle
     """
-    resuming = opt.resume_options(resume, resume_other_data)  # checked before any work
+    resuming = run.resuming()  # checked before any work
     r, out = load_job(
         ctx,
         "tokenizer",
         recipe,
-        sets,
-        out,
+        run,
         {
-            **opt.data_options(
-                data, cache, on_error=on_error, nonfinite=nonfinite, transductive=transductive
-            ),
+            **data.options(transductive=transductive),
             "tokenizer.preset": preset,
             "tokenizer.vocab_size": vocab_size,
             "tokenizer.init": str(init) if init else None,
-            **opt.train_options("tokenizer", steps, epochs, batch_size),
+            **train.options("tokenizer"),
         },
     )
     from beitdomain.engine.tokenizer import train_tokenizer
 
     if dalle is not None:
         r = _start_from_dalle(r, dalle, out, trust_pickle)
-    result = run_job(ctx, train_tokenizer, r, out, **resuming, overwrite=overwrite)
+    result = run_job(ctx, train_tokenizer, r, out, **resuming, overwrite=run.overwrite)
     if result:
         print_run(
             "tokenizer",
@@ -123,12 +112,11 @@ def _start_from_dalle(r: Any, dalle: Path, out: Path, trust_pickle: bool) -> Any
 
 @app.command("inspect")
 @handle_errors
+@opt.grouped
 def tokenizer_inspect(
     ctx: typer.Context,
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder or tokenizer.safetensors.")],
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    on_error: opt.OnErrorOpt = None,
+    data: opt.DataFlags = opt.offers("data", "cache", "on_error"),
     recipe: opt.RecipeOpt = None,
     sets: opt.SetOpt = None,
     n: Annotated[int, typer.Option(help="Images to evaluate on (sampled with the seed).")] = 256,
@@ -172,14 +160,14 @@ def tokenizer_inspect(
         "encoder GFLOP/image": f"{encoder_gflops(model):.3f}",
         "decoder GFLOP/image": f"{decoder_gflops(model):.3f}",
     }
-    if data is not None or cache is not None:
+    if data.data is not None or data.cache is not None:
         import numpy as np
 
         folder = (
             out
             or Path(tokenizer if Path(tokenizer).is_dir() else Path(tokenizer).parent) / "inspect"
         )
-        options = {**opt.data_options(data, cache, None, on_error), "data.in_chans": cfg.in_chans}
+        options = {**data.options(), "data.in_chans": cfg.in_chans}
         r = load(ctx, recipe, sets, options)
         # With --on-error skip the unreadable files are listed in the output folder, not
         # beside the data.
