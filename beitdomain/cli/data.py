@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from beitdomain.cli.common import global_options, handle_errors, load
-from beitdomain.cli.options import LabelsCsvOpt, SetOpt, deprecated
+from beitdomain.cli.options import LabelsCsvOpt, SetOpt, deprecated, grouped, offers
 from beitdomain.cli.output import json_requested, print_json, print_result, request_json
 
 log = logging.getLogger("beitdomain.cli")
@@ -26,48 +27,6 @@ readers_app = typer.Typer(
     help="Image readers: built-in and installed plugins.", no_args_is_help=True
 )
 
-NormalizeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--normalize",
-        help="auto (DICOM: recipe/file window, else percentile), window, percentile, dtype.",
-    ),
-]
-WindowOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--window",
-        help="Preset (ct-lung, ct-bone, ct-brain, ct-soft-tissue, ct-abdomen, ct-liver, "
-        "ct-mediastinum) or CENTER,WIDTH; negative centers need '=': --window=-600,1500.",
-    ),
-]
-InChansOpt = Annotated[
-    int | None, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
-]
-FramesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--frames",
-        help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
-        "range:START:STOP (slices START to STOP-1).",
-    ),
-]
-SliceAxisOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
-    ),
-]
-ChannelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--channels",
-        help="Samples to keep from multi-band files (TIFF bands, 4D volumes), e.g. 0,1,2 or 3.",
-    ),
-]
-NonfiniteOpt = Annotated[
-    str | None, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
-]
 OnErrorOpt = Annotated[
     str | None,
     typer.Option(
@@ -91,6 +50,54 @@ SeriesOpt = Annotated[
         help="A folder holding only DICOMs is one volume (slices ordered by position).",
     ),
 ]
+
+
+@dataclass(frozen=True)
+class IntensityFlags:
+    """How pixels become the network's input (`IntensitySpec`); None: not given."""
+
+    normalize: Annotated[
+        str | None,
+        typer.Option(
+            "--normalize",
+            help="auto (DICOM: recipe/file window, else percentile), window, percentile, dtype.",
+        ),
+    ] = None
+    window: Annotated[
+        str | None,
+        typer.Option(
+            "--window",
+            help="Preset (ct-lung, ct-bone, ct-brain, ct-soft-tissue, ct-abdomen, ct-liver, "
+            "ct-mediastinum) or CENTER,WIDTH; negative centers need '=': --window=-600,1500.",
+        ),
+    ] = None
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", help="1: RGB -> luminance; 3: grayscale replicated.")
+    ] = None
+    frames: Annotated[
+        str | None,
+        typer.Option(
+            "--frames",
+            help="Multi-frame files and volumes: all (one item each), middle, first, every:K, "
+            "range:START:STOP (slices START to STOP-1).",
+        ),
+    ] = None
+    nonfinite: Annotated[
+        str | None, typer.Option("--nonfinite", help="NaN/Inf in float images: error or zero.")
+    ] = None
+    channels: Annotated[
+        str | None,
+        typer.Option(
+            "--channels",
+            help="Samples to keep from multi-band files (TIFF bands, 4D volumes), e.g. 0,1,2 or 3.",
+        ),
+    ] = None
+    slice_axis: Annotated[
+        str | None,
+        typer.Option(
+            "--slice-axis", help="Volumes (NIfTI, NRRD, MetaImage): axial, coronal or sagittal."
+        ),
+    ] = None
 
 
 def parse_channels(text: str | None) -> tuple[int, ...] | None:
@@ -234,6 +241,7 @@ def _open_source(
 
 @app.command()
 @handle_errors
+@grouped
 def scan(
     ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Data folder, scanned recursively.")],
@@ -247,13 +255,9 @@ def scan(
         bool, typer.Option("--allow-outside-root", help="Let CSV paths leave DIR.")
     ] = False,
     workers: WorkersOpt = 0,
-    normalize: NormalizeOpt = "auto",
-    window: WindowOpt = None,
-    in_chans: InChansOpt = 1,
-    frames: FramesOpt = "all",
-    nonfinite: NonfiniteOpt = "error",
-    channels: ChannelsOpt = None,
-    slice_axis: SliceAxisOpt = "axial",
+    intensity: IntensityFlags = offers(
+        normalize="auto", in_chans=1, frames="all", nonfinite="error", slice_axis="axial"
+    ),
     group_column: GroupColumnOpt = "group",
     dicom_series: SeriesOpt = False,
     json_output: Annotated[
@@ -285,7 +289,7 @@ def scan(
     )
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter(f"--on-error {on_error!r}; valid: fail, skip")
-    spec = _spec(normalize, window, in_chans, frames, nonfinite, channels, slice_axis)
+    spec = _spec(**asdict(intensity))
     manifest = scan_folder(
         root,
         labels,
@@ -311,6 +315,7 @@ def scan(
 
 @app.command()
 @handle_errors
+@grouped
 def cache(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder or manifest (.jsonl/.csv).")],
@@ -337,13 +342,7 @@ def cache(
         ),
     ] = None,
     sets: SetOpt = None,
-    normalize: NormalizeOpt = None,
-    window: WindowOpt = None,
-    in_chans: InChansOpt = None,
-    frames: FramesOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    channels: ChannelsOpt = None,
-    slice_axis: SliceAxisOpt = None,
+    intensity: IntensityFlags = offers(),
     dicom_series: SeriesOpt = False,
     workers: WorkersOpt = 0,
     hash_files: Annotated[
@@ -367,15 +366,7 @@ def cache(
     """
     from beitdomain.data.cache import build_cache
 
-    flags = {
-        "normalize": normalize,
-        "window": window,
-        "in_chans": in_chans,
-        "frames": frames,
-        "nonfinite": nonfinite,
-        "channels": channels,
-        "slice_axis": slice_axis,
-    }
+    flags = asdict(intensity)
     labels_csv = None
     if recipe is not None or sets:
         r = load(ctx, recipe, sets)
@@ -466,6 +457,7 @@ def _cache_settings_from_recipe(
 
 @app.command("inspect")
 @handle_errors
+@grouped
 def data_inspect(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Data folder, manifest or cache folder.")],
@@ -482,13 +474,7 @@ def data_inspect(
         ),
     ] = None,
     sets: SetOpt = None,
-    normalize: NormalizeOpt = None,
-    window: WindowOpt = None,
-    in_chans: InChansOpt = None,
-    frames: FramesOpt = None,
-    nonfinite: NonfiniteOpt = None,
-    channels: ChannelsOpt = None,
-    slice_axis: SliceAxisOpt = None,
+    intensity: IntensityFlags = offers(),
 ) -> None:
     """Write a contact sheet: sampled images after normalization with intensity histograms.
 
@@ -506,15 +492,7 @@ def data_inspect(
     """
     from beitdomain.data.inspect import contact_sheet
 
-    flags = {
-        "normalize": normalize,
-        "window": window,
-        "in_chans": in_chans,
-        "frames": frames,
-        "nonfinite": nonfinite,
-        "channels": channels,
-        "slice_axis": slice_axis,
-    }
+    flags = asdict(intensity)
     if recipe is not None or sets:
         spec = _spec_beside_recipe(load(ctx, recipe, sets), recipe, flags)
     else:
