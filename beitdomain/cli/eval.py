@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -39,20 +40,22 @@ BaselineOpt = Annotated[
 ScoresOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the scores as JSON.")]
 
 
+@dataclass(frozen=True)
+class ScoringFlags:
+    """What k-NN and the linear probe score on (the data, the labels) and where it goes."""
+
+    recipe: DataRecipeOpt = None
+    data: opt.DataOpt = None
+    cache: opt.CacheOpt = None
+    labels_csv: opt.LabelsCsvOpt = None
+    labels: opt.LabelsAmountOpt = None
+    baseline: BaselineOpt = True
+    sets: opt.SetOpt = None
+    out: ScoresOutOpt = None
+
+
 def _run(
-    ctx: typer.Context,
-    method: str,
-    run: Path,
-    recipe: str | None,
-    data: Path | None,
-    cache: Path | None,
-    labels_csv: Path | None,
-    labels: str | None,
-    baseline: bool,
-    sets: list[str] | None,
-    out: Path | None,
-    k: int = 20,
-    c: float = 0.1,
+    ctx: typer.Context, method: str, run: Path, flags: ScoringFlags, k: int = 20, c: float = 0.1
 ) -> None:
     from beitdomain.cli.output import json_requested, print_json
     from beitdomain.engine.represent import load_backbone
@@ -61,17 +64,15 @@ def _run(
 
     g = global_options(ctx)
     bb = load_backbone(run, device=g.device)
+    recipe = flags.recipe
     if recipe is None and bb.recipe is not None:
         recipe = str(Path(bb.source).parent / "recipe.yaml")
-    r = load(
-        ctx,
-        recipe,
-        sets,
-        {**opt.data_options(data, cache, labels_csv), "finetune.labels": labels or "100%"},
-    )
+    options = opt.DataFlags(flags.data, flags.cache, flags.labels_csv).options()
+    r = load(ctx, recipe, flags.sets, {**options, "finetune.labels": flags.labels or "100%"})
     res = evaluate_representation(
-        bb, r, (method,), baseline=baseline, k=k, c=c, progress=not g.quiet
+        bb, r, (method,), baseline=flags.baseline, k=k, c=c, progress=not g.quiet
     )
+    out = flags.out
     if out is not None:
         atomic_write_json(out, res)
     if json_requested():
@@ -123,18 +124,12 @@ def _print_scores(method: str, res: dict, out: Path | None) -> None:
 
 @app.command()
 @handle_errors
+@opt.grouped
 def knn(
     ctx: typer.Context,
     run: RunArg,
     k: Annotated[int, typer.Option("--k", help="Neighbours (cosine similarity, weighted).")] = 20,
-    recipe: DataRecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
-    labels: opt.LabelsAmountOpt = None,
-    baseline: BaselineOpt = True,
-    sets: opt.SetOpt = None,
-    out: ScoresOutOpt = None,
+    flags: ScoringFlags = opt.offers(),
 ) -> None:
     """k-NN classification of the test split on frozen features of the training labels.
 
@@ -147,25 +142,19 @@ def knn(
 
         beitdomain eval knn runs/pre --labels-csv labels.csv --labels 10% --out knn.json
     """
-    _run(ctx, "knn", run, recipe, data, cache, labels_csv, labels, baseline, sets, out, k=k)
+    _run(ctx, "knn", run, flags, k=k)
 
 
 @app.command()
 @handle_errors
+@opt.grouped
 def probe(
     ctx: typer.Context,
     run: RunArg,
     c: Annotated[
         float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")
     ] = 0.1,
-    recipe: DataRecipeOpt = None,
-    data: opt.DataOpt = None,
-    cache: opt.CacheOpt = None,
-    labels_csv: opt.LabelsCsvOpt = None,
-    labels: opt.LabelsAmountOpt = None,
-    baseline: BaselineOpt = True,
-    sets: opt.SetOpt = None,
-    out: ScoresOutOpt = None,
+    flags: ScoringFlags = opt.offers(),
 ) -> None:
     """Linear probe: a logistic regression on frozen features, scored on the test split.
 
@@ -175,4 +164,4 @@ def probe(
 
         beitdomain --json eval probe runs/pre/backbone.safetensors -r my-recipe
     """
-    _run(ctx, "probe", run, recipe, data, cache, labels_csv, labels, baseline, sets, out, c=c)
+    _run(ctx, "probe", run, flags, c=c)
