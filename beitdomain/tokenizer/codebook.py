@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -263,12 +264,12 @@ def reinit_dead_codes(
     todo = [k for k in sorted(dead) if won_host[k] == 0]
     order = torch.randperm(feats.shape[0], generator=generator).tolist()
     state = (weight, bias, anchors, best, assign)
-    copies = [t.clone() for t in state]
-    split = _split_on_device(copies, feats, codebook, todo, list(order), alpha, spread)
-    if split is None:  # a seed sat on its parent's anchor: split code by code, reading each
-        revived = _split_with_checks(state, feats, codebook, todo, order, alpha, spread)
+    splits = _Splits(feats, codebook, todo, alpha, spread)
+    on_device = _split_on_device([t.clone() for t in state], splits, list(order))
+    if on_device is None:  # a seed sat on its parent's anchor: split code by code, reading each
+        revived = _split_with_checks(state, splits, order)
     else:
-        (weight, bias, *_), revived = split
+        (weight, bias, *_), revived = on_device
 
     conv.weight[:, :, 0, 0] = weight.to(conv.weight.dtype)
     conv.bias.copy_(bias.to(conv.bias.dtype))
@@ -305,14 +306,19 @@ def reset_optimizer_rows(
                 value[code_idx.to(value.device)] = 0
 
 
+class _Splits(NamedTuple):
+    """What both ways of splitting live codes are given; `order` (the seeds) and the winners'
+    `state` (weight, bias, anchors, best, assign) are what a split changes."""
+
+    feats: torch.Tensor  # [N, F]: the features the logits conv sees
+    codebook: torch.Tensor  # [K, D]: a revived code's embedding becomes its parent's
+    todo: list[int]  # the dead codes to revive, in order
+    alpha: float  # margin / spread: the new logit's slope
+    spread: float  # mean squared distance of a feature to its code's anchor
+
+
 def _split_on_device(
-    state: list[torch.Tensor],
-    feats: torch.Tensor,
-    codebook: torch.Tensor,
-    todo: list[int],
-    order: list[int],
-    alpha: float,
-    spread: float,
+    state: list[torch.Tensor], splits: _Splits, order: list[int]
 ) -> tuple[list[torch.Tensor], list[int]] | None:
     """Splits `todo`'s codes as `_split_with_checks` does, with no host read per code.
 
@@ -328,6 +334,7 @@ def _split_on_device(
         `state` (weight, bias, anchors, best, assign) after the splits, and the codes revived.
     """
     weight, bias, anchors, best, assign = state
+    feats, codebook, todo, alpha, spread = splits
     revived = todo[: min(len(todo), len(order))]
     if not revived:
         return state, []
@@ -358,18 +365,13 @@ def _split_on_device(
 
 
 def _split_with_checks(
-    state: tuple[torch.Tensor, ...],
-    feats: torch.Tensor,
-    codebook: torch.Tensor,
-    todo: list[int],
-    order: list[int],
-    alpha: float,
-    spread: float,
+    state: tuple[torch.Tensor, ...], splits: _Splits, order: list[int]
 ) -> list[int]:
     """Splits `todo`'s codes in place, reading each seed's parent and distance on the host:
     a seed on its parent's anchor is passed over for the next one. Four host reads per code;
     `_split_on_device` gives the same results without them where no seed is passed over."""
     weight, bias, anchors, best, assign = state
+    feats, codebook, todo, alpha, spread = splits
     revived: list[int] = []
     for k in todo:
         seed = None
