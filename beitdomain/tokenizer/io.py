@@ -224,4 +224,3 @@ def warn_size_change(trained: int, used: int, where: str) -> bool:
         used,
     )
     return True
-
