@@ -234,3 +234,23 @@ def test_pre_training_from_a_cache_of_pairs_leaves_the_same_test_images_out(disc
     assert len(cached) == 8 - len(test)
     everything, record = files_seen(_cached(discs, cache, "data.transductive=true"))
     assert len(everything) == 8 and record["n_test_excluded"] == 0
+
+
+def test_data_cache_with_a_segmentation_recipe_caches_the_pairs(tmp_path):
+    """`beitdomain data cache DIR --recipe ... --set finetune.task=segment`: the pairs of the
+    labels' mask column, which a fine-tune with data.cache then reads (as README says)."""
+    from helpers import sets_to_args
+    from test_segment_job import SEGMENT_SETS
+    from typer.testing import CliRunner
+
+    from beitdomain.cli.app import app
+
+    data = write_discs(tmp_path / "discs", n=8, size=48)
+    sets = [*SEGMENT_SETS, "finetune.task=segment", f"data.labels={data / 'labels.csv'}"]
+    args = ["cache", str(data), "--out", str(tmp_path / "c"), *sets_to_args(sets)]
+    res = CliRunner().invoke(app, ["--quiet", "data", *args])
+    assert res.exit_code == 0, res.output
+    cached = CachedImages(tmp_path / "c")
+    assert cached.masks.shape == (8, 40, 40)  # cache_size_for(32): 5/4 of the crop size
+    with_cache = segment_data(_cached(data, tmp_path / "c"), CLASSES)
+    assert with_cache.files == segment_data(_recipe(data), CLASSES).files

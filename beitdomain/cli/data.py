@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -363,11 +363,15 @@ def cache(
         beitdomain data cache scan.jsonl --recipe cpu-dicom --out cache/ct
 
         beitdomain data cache cells.jsonl --out cache/cells --dtype uint16
+
+    With a segmentation recipe (finetune.task: segment) the labels' mask column is cached
+    too, each mask beside its image at the cached size (nearest neighbour).
     """
     from beitdomain.data.cache import build_cache
 
     flags = asdict(intensity)
     labels_csv = None
+    r = None
     if recipe is not None or sets:
         r = load(ctx, recipe, sets)
         spec, size, on_error, labels_csv = _cache_settings_from_recipe(
@@ -379,33 +383,36 @@ def cache(
     size = size or 256
     on_error = on_error or "fail"
     quiet = global_options(ctx).quiet
-    source_obj: Any = source
-    if source.is_dir():
-        from beitdomain.data.index import scan as scan_folder
-
-        # The scan normalizes too, so every bad file is named before the long cache pass.
-        source_obj = scan_folder(
-            source,
-            labels_csv,
-            on_error=on_error,
-            workers=workers,
-            progress=not quiet,
-            spec=spec,
-            dicom_series=dicom_series,
-        )
-    cached = build_cache(
-        source_obj,
-        out,
+    build = dict(
         size=size,
         dtype=dtype,
-        spec=spec,
         fit=fit,
         workers=workers,
         hash_files=hash_files,
-        on_error=on_error,
         progress=not quiet,
         force=force,
     )
+    if r is not None and r.finetune.task == "segment":
+        # (image, mask) pairs from the labels' mask column: each mask stored beside its image
+        from beitdomain.data.masks import cache_pairs
+
+        cached = cache_pairs(replace(r, data=replace(r.data, root=str(source))), out, **build)
+    else:
+        source_obj: Any = source
+        if source.is_dir():
+            from beitdomain.data.index import scan as scan_folder
+
+            # The scan normalizes too, so every bad file is named before the long cache pass.
+            source_obj = scan_folder(
+                source,
+                labels_csv,
+                on_error=on_error,
+                workers=workers,
+                progress=not quiet,
+                spec=spec,
+                dicom_series=dicom_series,
+            )
+        cached = build_cache(source_obj, out, spec=spec, on_error=on_error, **build)
     verb = "up to date" if cached.reused else "written"
     shape = "x".join(map(str, cached.images.shape[1:]))
     result = {
