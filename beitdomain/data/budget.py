@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from beitdomain.data.splits import class_members
 from beitdomain.user import UserError
 
 SELECTION_MODES = ("carve", "kfold", "none", "outside")
@@ -46,12 +47,11 @@ class SelectionSplit:
     val: np.ndarray | None
 
 
-def _class_members(labels: Sequence[Hashable], rng: np.random.Generator) -> list[np.ndarray]:
-    """Positions of each class (classes in sorted order), each in a seeded order."""
-    by: dict[str, list[int]] = {}
-    for i, y in enumerate(labels):
-        by.setdefault(str(y), []).append(i)
-    return [rng.permutation(np.asarray(by[c], dtype=np.int64)) for c in sorted(by)]
+def _shuffled_by_class(labels: Sequence[Hashable], rng: np.random.Generator) -> list[np.ndarray]:
+    """Positions of each class (classes in sorted order of their names), each in an order
+    drawn from `rng`."""
+    by_name = class_members([str(y) for y in labels])
+    return [rng.permutation(members) for members in by_name.values()]
 
 
 def carve_validation(
@@ -82,7 +82,7 @@ def carve_validation(
         raise UserError(f"the validation share carved from the labels is {fraction}; use (0, 1)")
     rng = np.random.default_rng([seed, 11])
     val: list[np.ndarray] = []
-    for members in _class_members(labels, rng):
+    for members in _shuffled_by_class(labels, rng):
         if len(members) >= 2:
             k = min(len(members) - 1, max(1, round(fraction * len(members))))
             val.append(members[:k])
@@ -114,7 +114,7 @@ def kfold_splits(
     if len(subset) != len(labels):
         raise ValueError(f"{len(subset)} indices but {len(labels)} labels")
     rng = np.random.default_rng([seed, 12])
-    members = _class_members(labels, rng)
+    members = _shuffled_by_class(labels, rng)
     splittable = [m for m in members if len(m) >= 2]
     k = min([folds, *(len(m) for m in splittable)]) if splittable else 0
     if k < 2:

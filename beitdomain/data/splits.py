@@ -45,7 +45,7 @@ _SPLIT_ALIASES = {
 # --------------------------------------------------------------------------------------------
 
 
-def _class_members(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
+def class_members(labels: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
     """Indices of each class, classes in sorted order (so the result does not depend on the
     order in which classes first appear)."""
     members: dict[Hashable, list[int]] = {}
@@ -62,7 +62,7 @@ def _class_permutations(labels: Sequence[Hashable], seed: int) -> dict[Hashable,
     """One seeded permutation of each class's members; it depends on the seed and the class
     list only, never on how many labels are later requested (the root of nesting)."""
     rng = np.random.default_rng(seed)
-    return {c: rng.permutation(idx) for c, idx in _class_members(labels).items()}
+    return {c: rng.permutation(idx) for c, idx in class_members(labels).items()}
 
 
 def _fmt_counts(counts: dict[Hashable, int]) -> str:
@@ -113,7 +113,7 @@ def _split_from_column(
             )
         out[name].append(i)
     in_train = {labels[i] for i in out["train"]}
-    missing = [str(c) for c in _class_members(labels) if c not in in_train]
+    missing = [str(c) for c in class_members(labels) if c not in in_train]
     if missing:
         raise LabelSubsetError(
             f"the split column puts no image of class(es) {', '.join(missing)} in train; "
@@ -337,7 +337,7 @@ def describe_subset(
          'per_class_available': {class: n}}; class keys are strings (JSON keys).
     """
     idx = np.asarray(indices, dtype=np.int64)
-    available = {str(c): len(m) for c, m in _class_members(train_labels).items()}
+    available = {str(c): len(m) for c, m in class_members(train_labels).items()}
     chosen = Counter(str(train_labels[i]) for i in idx)
     return {
         "spec": None if spec is None else parse_labels_spec(spec).text,
