@@ -84,8 +84,8 @@ def curve(
     metric: Annotated[
         str | None,
         typer.Option(
-            help="balanced_accuracy (default), accuracy, auroc, macro_f1 (classification; "
-            "a --task segment curve compares Dice)."
+            help="balanced_accuracy (default), accuracy, auroc, macro_f1 (classification); "
+            "mean_dice (default) or mean_iou for a --task segment curve."
         ),
     ] = None,
     workers: Annotated[
