@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from beitdomain.data.index import DataError, Manifest, ScanError, path_stat, scan
+from beitdomain.data.mask_files import MaskClasses, MaskError, MaskPair, load_pair
 from beitdomain.data.parallel import parallel_map
 from beitdomain.fileio import (
     LOCK_FILE,
@@ -188,8 +189,6 @@ def _decode_file(args: tuple) -> tuple[int, np.ndarray | None, str | None, np.nd
         if image.ndim == 3:
             image = image[None]
     else:
-        from beitdomain.data.masks import MaskClasses, MaskError, MaskPair, load_pair
-
         mask_path, names, ignore_index, mask_dtype = pair
         try:
             image, labels = load_pair(
@@ -629,8 +628,6 @@ def build_cache(
             labels.flush()
             del labels
         if failed and masks is not None:  # a pair the fine-tune would refuse: no cache of it
-            from beitdomain.data.masks import MaskError
-
             first = min(failed)
             more = f" ({len(failed) - 1} more pair(s) failed too)" if len(failed) > 1 else ""
             raise MaskError(f"{failed[first]}{more}; nothing was cached")
@@ -734,8 +731,6 @@ def _mask_files(manifest: Manifest, masks: CacheMasks | None) -> list[Path]:
         else:
             out.append(found)
     if unpaired:
-        from beitdomain.data.masks import MaskError
-
         raise MaskError(
             f"{len(unpaired)} image(s) of {manifest.root} have no mask to cache with them, e.g. "
             f"{unpaired[0]}"

@@ -31,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from beitdomain.data.masks import MaskClasses
+from beitdomain.data.mask_files import MaskClasses
 from beitdomain.user import UserError
 from beitdomain.view import CROP_PCT, EvalView
 

@@ -26,6 +26,7 @@ import torch
 
 from beitdomain.config import Recipe, apply_sets
 from beitdomain.data.labeled import labeled_data
+from beitdomain.data.masks import MaskClasses, segment_data
 from beitdomain.data.source import image_source
 from beitdomain.engine.curve.baselines import (
     BASELINES_FILE,
@@ -319,8 +320,6 @@ def _segment_subsets(
     Returns:
         (label amount -> its subset, label amount -> why the data cannot hold it).
     """
-    from beitdomain.data.masks import MaskClasses, segment_data
-
     subsets: dict[LabelSpec, dict[str, Any]] = {}
     refused: dict[LabelSpec, str] = {}
     checked: set[tuple[str, str]] = set()
