@@ -63,7 +63,7 @@ def curve_metric(c: CurveConfig, task: str) -> str:
     if c.metric in SEGMENT_COLUMNS:
         raise UserError(
             f"curve.metric={c.metric}: a segmentation metric; a classification curve compares "
-            f"one of {', '.join(METRICS)} (or run curve --task segment on masks)"
+            f"one of {', '.join(METRICS)} (on masks, run `beitdomain curve --task segment`)"
         )
     return c.metric
 
