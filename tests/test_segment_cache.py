@@ -254,3 +254,6 @@ def test_data_cache_with_a_segmentation_recipe_caches_the_pairs(tmp_path):
     assert cached.masks.shape == (8, 40, 40)  # cache_size_for(32): 5/4 of the crop size
     with_cache = segment_data(_cached(data, tmp_path / "c"), CLASSES)
     assert with_cache.files == segment_data(_recipe(data), CLASSES).files
+    skip = CliRunner().invoke(app, ["data", *args, "--on-error", "skip", "--force"])
+    assert skip.exit_code != 0 and "--on-error skip" in skip.output
+    assert "does not apply to (image, mask) pairs" in " ".join(skip.output.split())

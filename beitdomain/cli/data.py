@@ -17,6 +17,7 @@ import typer
 from beitdomain.cli.common import global_options, handle_errors, load
 from beitdomain.cli.options import LabelsCsvOpt, SetOpt, deprecated, grouped, offers
 from beitdomain.cli.output import json_requested, print_json, print_result, request_json
+from beitdomain.user import UserError
 
 log = logging.getLogger("beitdomain.cli")
 app = typer.Typer(
@@ -396,7 +397,14 @@ def cache(
         # (image, mask) pairs from the labels' mask column: each mask stored beside its image
         from beitdomain.data.masks import cache_pairs
 
-        cached = cache_pairs(replace(r, data=replace(r.data, root=str(source))), out, **build)
+        if on_error == "skip":  # a skipped image would leave its mask's fine-tune short of it
+            raise UserError(
+                "data cache: --on-error skip (data.on_error) does not apply to (image, mask) "
+                "pairs: every pair is checked and a bad one stops the cache, naming both files; "
+                "fix or remove it from the labels CSV"
+            )
+        data = replace(r.data, root=str(source), dicom_series=dicom_series)
+        cached = cache_pairs(replace(r, data=data), out, **build)
     else:
         source_obj: Any = source
         if source.is_dir():
@@ -443,7 +451,6 @@ def _cache_settings_from_recipe(
     """(spec, size, on_error, labels CSV) for `data cache --recipe`: the recipe's data section,
     so training with that recipe accepts the cache. A flag that contradicts it is an error."""
     from beitdomain.io import IntensitySpec
-    from beitdomain.user import UserError
 
     spec = IntensitySpec.from_config(r.data)
     wanted = spec.to_dict()
