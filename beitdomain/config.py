@@ -135,8 +135,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = bounded((0.2, 1.0), gt=0, le=1, ordered=True)
     hflip: float = bounded(0.5, ge=0, le=1)
     vflip: float = bounded(0.0, ge=0, le=1)
+    # rows and columns swapped; with both flips at 0.5, 0.5 draws all 8 square symmetries
+    transpose: float = bounded(0.0, ge=0, le=1)
     intensity_jitter: float = bounded(0.1, ge=0, le=1)
-    # the user's own pipeline instead of the four above: an albumentations file saved with
+    # the user's own pipeline instead of the five above: an albumentations file saved with
     # albumentations.save (.json/.yaml) or 'package.module:name' of a (MONAI) transform or a
     # function building one; reseeded per item from (seed, epoch, index)
     augment: str | None = None

@@ -98,3 +98,46 @@ def test_finetune_train_and_eval():
     e1, e2 = ev(img), ev(img, np.random.default_rng(9))
     np.testing.assert_array_equal(e1, e2)  # evaluation ignores randomness
     assert e1.shape == (1, 32, 32) and e1.min() >= 0 and e1.max() <= 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_transpose_always_swaps_rows_and_columns(channels):
+    img = _image(np.uint8, channels, size=32)
+    full = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, intensity=0.0)
+    plain = FinetuneTransform(train=True, image_size=32, **full)(img, np.random.default_rng(0))
+    t = FinetuneTransform(train=True, image_size=32, transpose=1.0, **full)
+    view = t(img, np.random.default_rng(0))
+    np.testing.assert_array_equal(view, plain.transpose(0, 2, 1))
+    pre, tok = PretrainTransform(32, 16, transpose=1.0, **full)(img, np.random.default_rng(0))
+    np.testing.assert_array_equal(pre, view)
+    assert tok.shape == (channels, 16, 16)
+
+
+def test_flips_and_transpose_draw_all_eight_symmetries_evenly():
+    img = np.arange(16 * 16, dtype=np.float32).reshape(1, 16, 16) / 256
+    t = FinetuneTransform(
+        train=True, image_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, vflip=0.5,
+        intensity=0.0, transpose=0.5,
+    )
+    corners = {}
+    for seed in range(800):
+        v = t(img, np.random.default_rng(seed))[0]
+        key = (round(float(v[0, 0]), 3), round(float(v[0, -1]), 3))  # fixes the symmetry
+        corners[key] = corners.get(key, 0) + 1
+    assert len(corners) == 8, corners
+    assert min(corners.values()) > 60, corners  # 100 expected each
+
+
+def test_transpose_off_leaves_the_random_stream_as_it_was():
+    # recipes without transpose draw exactly what they drew before it existed
+    img = _image(size=40)
+    kw = dict(image_size=32, hflip=0.5, vflip=0.5, intensity=0.2)
+    for seed in range(5):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        FinetuneTransform(train=True, **kw)(img, a)
+        FinetuneTransform(train=True, transpose=0.0, **kw)(img, b)
+        c = np.random.default_rng(seed)
+        FinetuneTransform(train=True, transpose=0.5, **kw)(img, c)
+        after_a, after_b, after_c = a.random(), b.random(), c.random()
+        assert after_a == after_b
+        assert after_c != after_a  # one more draw when it is on

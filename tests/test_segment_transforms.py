@@ -58,3 +58,14 @@ def test_evaluation_resizes_the_whole_image_and_mask():
     assert np.array_equal(mview, mask[::2, ::2])
     with pytest.raises(ValueError, match="does not match"):
         SegmentTransform(train=False, image_size=32)(image, mask[:10])
+
+
+def test_transpose_moves_the_mask_with_the_image():
+    image, mask = _quadrants(32)
+    t = SegmentTransform(
+        train=True, image_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0, vflip=0,
+        intensity=0.0, transpose=1.0,
+    )
+    view, mview = t(image, mask, np.random.default_rng(0))
+    assert np.array_equal(mview, mask.T)
+    assert np.mean(np.rint(view[0] * 3) == mview) > 0.9

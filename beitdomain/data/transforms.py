@@ -150,7 +150,12 @@ def _curve(x: np.ndarray, params: tuple[float, float, float]) -> np.ndarray:
 
 class _RandomView:
     """What both training views share: a random resized crop, bicubic to ``image_size``, random
-    flips, and the intensity jitter (sampled by the caller, after the flips)."""
+    flips, and the intensity jitter (sampled by the caller, after the flips).
+
+    ``transpose`` swaps the view's rows and columns (a reflection across the diagonal). With
+    ``hflip`` and ``vflip`` at 0.5 and ``transpose`` at 0.5 every one of the square's eight
+    symmetries (rotations by 90 degrees included) is equally likely. Its draw is taken only
+    when ``transpose`` > 0, so recipes without it see the same random stream as before."""
 
     def __init__(
         self,
@@ -160,10 +165,11 @@ class _RandomView:
         hflip: float,
         vflip: float,
         intensity: float,
+        transpose: float = 0.0,
     ) -> None:
         self.image_size = image_size
         self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.hflip, self.vflip = hflip, vflip
+        self.hflip, self.vflip, self.transpose = hflip, vflip, transpose
         self.jitter = IntensityJitter(intensity)
 
     def _crop_flip(
@@ -190,6 +196,9 @@ class _RandomView:
             code = -1 if (flip_h and flip_v) else (1 if flip_h else 0)
             view = cv2.flip(view, code)
             mview = None if mview is None else cv2.flip(mview, code)
+        if self.transpose > 0 and rng.random() < self.transpose:
+            view = np.ascontiguousarray(np.swapaxes(view, 0, 1))
+            mview = None if mview is None else np.ascontiguousarray(mview.T)
         return view, mview
 
 
@@ -212,10 +221,11 @@ class PretrainTransform(_RandomView):
         hflip: float = 0.5,
         vflip: float = 0.0,
         intensity: float = 0.1,
+        transpose: float = 0.0,
     ) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop scale {scale}; need 0 < low <= high <= 1")
-        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity, transpose)
         self.tokenizer_size = tokenizer_size
 
     def __call__(
@@ -252,8 +262,9 @@ class FinetuneTransform(_RandomView):
         vflip: float = 0.0,
         intensity: float = 0.1,
         crop_pct: float = CROP_PCT,
+        transpose: float = 0.0,
     ) -> None:
-        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity, transpose)
         self.train = train
         self.crop_pct = crop_pct
 
@@ -297,8 +308,9 @@ class SegmentTransform(_RandomView):
         hflip: float = 0.5,
         vflip: float = 0.0,
         intensity: float = 0.1,
+        transpose: float = 0.0,
     ) -> None:
-        super().__init__(image_size, scale, ratio, hflip, vflip, intensity)
+        super().__init__(image_size, scale, ratio, hflip, vflip, intensity, transpose)
         self.train = train
 
     def __call__(
@@ -558,6 +570,7 @@ def training_transform(d: Any, image_size: int, tokenizer_size: int | None = Non
         "hflip": d.hflip,
         "vflip": d.vflip,
         "intensity": d.intensity_jitter,
+        "transpose": d.transpose,
     }
     if tokenizer_size is None:
         return FinetuneTransform(train=True, image_size=image_size, **augment)
@@ -583,4 +596,5 @@ def segment_training_transform(d: Any, image_size: int, classes: MaskClasses) ->
         hflip=d.hflip,
         vflip=d.vflip,
         intensity=d.intensity_jitter,
+        transpose=d.transpose,
     )
