@@ -116,8 +116,14 @@ def test_transpose_always_swaps_rows_and_columns(channels):
 def test_flips_and_transpose_draw_all_eight_symmetries_evenly():
     img = np.arange(16 * 16, dtype=np.float32).reshape(1, 16, 16) / 256
     t = FinetuneTransform(
-        train=True, image_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, vflip=0.5,
-        intensity=0.0, transpose=0.5,
+        train=True,
+        image_size=16,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        hflip=0.5,
+        vflip=0.5,
+        intensity=0.0,
+        transpose=0.5,
     )
     corners = {}
     for seed in range(800):

@@ -63,8 +63,14 @@ def test_evaluation_resizes_the_whole_image_and_mask():
 def test_transpose_moves_the_mask_with_the_image():
     image, mask = _quadrants(32)
     t = SegmentTransform(
-        train=True, image_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0, vflip=0,
-        intensity=0.0, transpose=1.0,
+        train=True,
+        image_size=32,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        hflip=0,
+        vflip=0,
+        intensity=0.0,
+        transpose=1.0,
     )
     view, mview = t(image, mask, np.random.default_rng(0))
     assert np.array_equal(mview, mask.T)
