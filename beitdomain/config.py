@@ -293,6 +293,9 @@ class FinetuneConfig:
     label_smoothing: float = bounded(0.1, ge=0, lt=1)
     mixup: float = bounded(0.0, ge=0)
     cutmix: float = bounded(0.0, ge=0)
+    # decay of an average of the weights over steps (timm's ModelEmaV3, warmed up): the average
+    # is what validation scores and the run keeps. 0: off, the final (or best) weights
+    ema: float = bounded(0.0, ge=0, lt=1)
     class_weighting: Literal["none", "loss", "sampler"] = "none"
     # validations without improvement before stopping
     early_stopping: int | None = bounded(None, ge=1)

@@ -40,6 +40,7 @@ from beitdomain.engine.job import (
 )
 from beitdomain.engine.predict import load_weights, predict_probs, write_predictions
 from beitdomain.engine.segment import finetune_segment
+from beitdomain.engine.train.ema import weight_ema
 from beitdomain.engine.train.estimate import (
     announce_cpu_time,
     backbone_forward_gflops,
@@ -274,8 +275,9 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             else backbone_forward_gflops(backbone_config(recipe))
         )
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
+    ema = weight_ema(model, ft.ema)  # after the head's probe: it averages from the start
     hook = EvalHook.for_fine_tune(
-        model,
+        model if ema is None else ema.module,  # validation scores and keeps the average
         data.val,
         plan,
         ft,
@@ -298,8 +300,10 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
         )
     mixup = _mixup(recipe, data, job.dist.rank)
     loss = ClassifierStep.of(recipe, data, job.device, mixup)
-    # the hooks' order is their checkpoint key: the mixup stream comes after the EvalHook
-    hooks = [hook] if mixup is None else [hook, mixup]
+    # the hooks' order is their checkpoint key: the mixup stream comes after the EvalHook; the
+    # average, when there is one, before it (it is updated first, so validation sees this step)
+    hooks = [] if ema is None else [ema]
+    hooks += [hook] if mixup is None else [hook, mixup]
     trainer = job.trainer(model, plan, groups, loss, hooks=hooks)
     state = job.fit(trainer)
 
@@ -307,7 +311,9 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
     if job.is_main:
         if (job.path / BEST_FILE).is_file():
             load_weights(model, job.path / BEST_FILE)
-        else:  # no validation split: the final weights are the result
+        else:  # no validation split: the final weights (or their average) are the result
+            if ema is not None:
+                ema.copy_to(model)
             save_weights(model, job.path / BEST_FILE)
         results = {
             "init": init,
@@ -324,6 +330,7 @@ def finetune(recipe: Recipe, out: str | Path, **options: Unpack[JobOptions]) -> 
             "select_metric": ft.select_metric,
             "selection": data.subset.get("selection"),  # what selection looked at
             "layer_decay": layer_decay,
+            "ema": ft.ema or None,
             "stopped_early": state.stop_reason,
             "classes": data.classes,
         }

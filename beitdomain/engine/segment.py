@@ -38,6 +38,7 @@ from beitdomain.data.masks import MaskClasses, segment_data, write_nifti_mask
 from beitdomain.engine.build import backbone_config, is_pretrained, load_init, resolve_init
 from beitdomain.engine.job import BEST_FILE, RESULTS_FILE, Job, JobOptions
 from beitdomain.engine.train import distributed as D
+from beitdomain.engine.train.ema import weight_ema
 from beitdomain.engine.train.selection import ValidationHook, save_weights
 from beitdomain.eval.segment_metrics import SegmentationMeter
 from beitdomain.eval.segment_sheet import mask_contact_sheet
@@ -275,8 +276,16 @@ def finetune_segment(
 
         gflops = model_forward_gflops(model, recipe.data.in_chans, size)
         announce_cpu_time(job, plan.total_steps, plan.global_batch, gflops)
+    ema = weight_ema(model, ft.ema)
     hook = SegmentEvalHook.for_fine_tune(
-        model, data.val, plan, ft, job.path / BEST_FILE, job.device, 16, classes=classes
+        model if ema is None else ema.module,  # validation scores and keeps the average
+        data.val,
+        plan,
+        ft,
+        job.path / BEST_FILE,
+        job.device,
+        16,
+        classes=classes,
     )
     # As for classification: layer decay keeps what a pre-trained backbone learned; a random
     # one (or the U-Net) trains every layer at the full lr.
@@ -287,7 +296,8 @@ def finetune_segment(
         )
     else:
         groups = param_groups_weight_decay(model, ft.optim.weight_decay)
-    trainer = job.trainer(model, plan, groups, SegmentStep(classes.ignore_index), hooks=[hook])
+    hooks = [hook] if ema is None else [ema, hook]  # the average first, as for classification
+    trainer = job.trainer(model, plan, groups, SegmentStep(classes.ignore_index), hooks=hooks)
     state = job.fit(trainer)
 
     results: dict[str, Any] = {}
@@ -296,7 +306,9 @@ def finetune_segment(
             from beitdomain.engine.predict import load_weights
 
             load_weights(model, job.path / BEST_FILE)
-        else:  # no validation: the final weights are the result
+        else:  # no validation: the final weights (or their average) are the result
+            if ema is not None:
+                ema.copy_to(model)
             save_weights(model, job.path / BEST_FILE)
         sub = data.subset
         results = {
