@@ -67,3 +67,26 @@ def test_an_ema_run_keeps_the_average_and_resumes_bitwise(tmp_path):
     lose_newest_checkpoint(run, "results.json")  # steps 4-6 run again, from step 3's state
     finetune(r, run, device="cpu", quiet=True, resume=True)
     assert_same_tensors(load_tensors(run / "best.safetensors"), kept, "kept weights")
+
+
+def test_a_segmentation_run_keeps_the_average_too(tmp_path):
+    from test_segment_job import _recipe, write_discs
+
+    from beitdomain.engine.segment import finetune_segment
+
+    data = write_discs(tmp_path / "discs", n=12)
+    r = _recipe(
+        data,
+        "finetune.train.steps=6",
+        "finetune.train.deterministic=true",
+        "finetune.selection=none",
+        "finetune.ema=0.9",
+    )
+    run = tmp_path / "run"
+    finetune_segment(r, run, device="cpu", quiet=True)
+    ck = CheckpointManager(run / "checkpoints").load_latest()[1]
+    (average,) = [v["weights"] for k, v in ck["hooks"].items() if k.endswith("WeightEma")]
+    kept = load_tensors(run / "best.safetensors")
+    assert_same_tensors(kept, {k: average[k] for k in kept}, "kept weights vs the average")
+    live = ck["model"]
+    assert any(not torch.equal(kept[k], live[k]) for k in kept if kept[k].is_floating_point())
