@@ -90,3 +90,14 @@ def test_a_segmentation_run_keeps_the_average_too(tmp_path):
     assert_same_tensors(kept, {k: average[k] for k in kept}, "kept weights vs the average")
     live = ck["model"]
     assert any(not torch.equal(kept[k], live[k]) for k in kept if kept[k].is_floating_point())
+
+
+def test_the_curve_report_says_when_its_cells_keep_the_average():
+    from helpers import recipe as make_recipe
+
+    from beitdomain.engine.curve.run import _arm_settings
+
+    on, off = make_recipe(["finetune.ema=0.99"]), make_recipe([])
+    got = _arm_settings({"on": on, "off": off}, {"on": None, "off": None})
+    assert got["on"]["settings"].endswith(", weight average (EMA) decay 0.99")
+    assert "EMA" not in got["off"]["settings"]

@@ -183,6 +183,8 @@ def _arm_settings(
                 f"fine-tuned, {lr}, layer decay {decay or 'none'}, selection "
                 f"'{ft.selection}', batch {tr.batch_size}, head {ft.head_init}"
             )
+        if ft.ema:  # the cells keep an average of their weights, not the last step's
+            settings += f", weight average (EMA) decay {ft.ema}"
         out[name] = {"settings": settings, "schedule": schedule}
     return out
 
